@@ -1,0 +1,112 @@
+// lowrank._C: the pybind11 module. Typed signatures, sizes re-checked in the launchers, C++
+// exceptions become Python exceptions (std::invalid_argument -> ValueError), the GIL is released
+// while kernels run. Python (lowrank/_validate.py) builds the Matrix views from torch tensors.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "lora.h"
+
+namespace py = pybind11;
+using namespace lowrank;
+
+namespace lowrank::cpu {
+std::vector<std::string> supported_isas();
+std::string active_isa();
+void set_isa(const std::string& name);
+}  // namespace lowrank::cpu
+
+#ifdef LOWRANK_WITH_CUDA
+namespace lowrank::cuda {
+int device_count();
+int runtime_version();
+}  // namespace lowrank::cuda
+#endif
+
+static Matrix opt(const std::optional<Matrix>& m) { return m ? *m : Matrix{}; }
+
+static LoraRowsArgs lora_rows_args(const Matrix& out, const Matrix& x, const Matrix& w,
+                                   const std::optional<Matrix>& bias, const std::optional<Matrix>& v,
+                                   const std::optional<Matrix>& e, float scale) {
+  LoraRowsArgs a;
+  a.out = out;
+  a.x = x;
+  a.w = w;
+  a.bias = opt(bias);
+  a.v = opt(v);
+  a.e = opt(e);
+  a.scale = scale;
+  return a;
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "lowrank kernels (CPU and, when built, CUDA). Use lowrank.ops, not this module.";
+
+  py::enum_<DType>(m, "DType")
+      .value("float32", DType::float32)
+      .value("bfloat16", DType::bfloat16)
+      .value("float16", DType::float16)
+      .value("uint8", DType::uint8);
+
+  py::class_<Matrix>(m, "Matrix", "A strided row-major view: element (i, j) at ptr + (i*ld + j)*itemsize")
+      .def(py::init([](std::uintptr_t ptr, int64_t rows, int64_t cols, int64_t ld, DType dtype, int device) {
+             check(rows >= 0 && cols >= 0, "Matrix: negative size");
+             return Matrix{ptr, rows, cols, ld, dtype, device};
+           }),
+           py::arg("ptr"), py::arg("rows"), py::arg("cols"), py::arg("ld"), py::arg("dtype"), py::arg("device"))
+      .def_readonly("rows", &Matrix::rows)
+      .def_readonly("cols", &Matrix::cols)
+      .def_readonly("ld", &Matrix::ld)
+      .def_readonly("dtype", &Matrix::dtype)
+      .def_readonly("device", &Matrix::device);
+
+  m.def(
+      "lora_rows_cpu",
+      [](const Matrix& out, const Matrix& x, const Matrix& w, const std::optional<Matrix>& bias,
+         const std::optional<Matrix>& v, const std::optional<Matrix>& e, float scale, int num_threads) {
+        LoraRowsArgs a = lora_rows_args(out, x, w, bias, v, e, scale);
+        py::gil_scoped_release nogil;
+        lora_rows_cpu(a, num_threads);
+      },
+      "out[m,n] = x[m]·w[n] + scale * v[m]·e[n] + bias[n] (fp32 accumulation)", py::arg("out"), py::arg("x"),
+      py::arg("w"), py::arg("bias"), py::arg("v"), py::arg("e"), py::arg("scale"), py::arg("num_threads"));
+
+#ifdef LOWRANK_WITH_CUDA
+  m.def(
+      "lora_rows_cuda",
+      [](const Matrix& out, const Matrix& x, const Matrix& w, const std::optional<Matrix>& bias,
+         const std::optional<Matrix>& v, const std::optional<Matrix>& e, float scale, std::uintptr_t stream) {
+        LoraRowsArgs a = lora_rows_args(out, x, w, bias, v, e, scale);
+        py::gil_scoped_release nogil;
+        lora_rows_cuda(a, stream);
+      },
+      "CUDA version of lora_rows_cpu; runs on `stream` (a raw cudaStream_t)", py::arg("out"), py::arg("x"),
+      py::arg("w"), py::arg("bias"), py::arg("v"), py::arg("e"), py::arg("scale"), py::arg("stream"));
+#endif
+
+  m.def("supported_cpu_isas", &cpu::supported_isas, "CPU kernel variants this CPU can run");
+  m.def("cpu_isa", &cpu::active_isa, "the CPU kernel variant in use");
+  m.def("set_cpu_isa", &cpu::set_isa, py::arg("isa"), "force a CPU kernel variant this CPU supports");
+  m.attr("kLoraRowsMaxM") = kLoraRowsMaxM;
+
+  m.def("build_info", [] {
+    py::dict d;
+    d["version"] = LOWRANK_VERSION;
+    d["cpu_variants_compiled"] = std::vector<std::string>{"portable", "avx2", "avx512"};
+#ifdef LOWRANK_WITH_CUDA
+    d["cuda_compiled"] = true;
+    d["cuda_architectures"] = std::string(LOWRANK_CUDA_ARCHS);
+    d["cuda_runtime_version"] = cuda::runtime_version();
+    d["cuda_device_count"] = cuda::device_count();
+#else
+    d["cuda_compiled"] = false;
+    d["cuda_architectures"] = std::string();
+    d["cuda_runtime_version"] = 0;
+    d["cuda_device_count"] = 0;
+#endif
+    return d;
+  });
+}

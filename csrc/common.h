@@ -1,0 +1,64 @@
+// Types shared by every launcher: a dtype tag, a strided row-major matrix view, and the error
+// helper that turns bad arguments into Python ValueErrors (pybind11 maps std::invalid_argument).
+#pragma once
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace lowrank {
+
+enum class DType : int { float32 = 0, bfloat16 = 1, float16 = 2, uint8 = 3 };
+
+inline const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::float32: return "float32";
+    case DType::bfloat16: return "bfloat16";
+    case DType::float16: return "float16";
+    case DType::uint8: return "uint8";
+  }
+  return "?";
+}
+
+inline int dtype_size(DType t) {
+  switch (t) {
+    case DType::float32: return 4;
+    case DType::bfloat16: return 2;
+    case DType::float16: return 2;
+    case DType::uint8: return 1;
+  }
+  return 0;
+}
+
+// A row-major matrix view: element (i, j) lives at ptr + (i * ld + j) * dtype_size(dtype).
+// ld ("leading dimension") lets kernels read slices such as VeRA's A[:r, :in] without copies.
+struct Matrix {
+  std::uintptr_t ptr = 0;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t ld = 0;
+  DType dtype = DType::float32;
+  int device = -1;  // -1: CPU, >= 0: CUDA device index
+
+  template <class T>
+  T* data() const { return reinterpret_cast<T*>(ptr); }
+};
+
+[[noreturn]] inline void fail(const std::string& msg) { throw std::invalid_argument(msg); }
+
+inline void check(bool ok, const std::string& msg) {
+  if (!ok) fail(msg);
+}
+
+// Re-checks what the Python validation helper already checked; the binding is the last line
+// before raw pointers, so it never trusts its caller.
+inline void check_matrix(const Matrix& m, const char* name, int64_t rows, int64_t cols) {
+  check(m.rows == rows && m.cols == cols,
+        std::string(name) + ": expected shape [" + std::to_string(rows) + ", " + std::to_string(cols) +
+            "], got [" + std::to_string(m.rows) + ", " + std::to_string(m.cols) + "]");
+  check(m.ld >= m.cols || m.rows <= 1,
+        std::string(name) + ": leading dimension " + std::to_string(m.ld) + " is smaller than its " +
+            std::to_string(m.cols) + " columns");
+  check(m.ptr != 0 || m.rows == 0 || m.cols == 0, std::string(name) + ": null data pointer");
+}
+
+}  // namespace lowrank

@@ -1,0 +1,95 @@
+// Picks the CPU kernel variant at run time: AVX-512 where the CPU and OS support it, else AVX2+FMA,
+// else portable C++. LOWRANK_CPU_ISA (or set_cpu_isa) may force a lower one, e.g. for tests.
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "cpu/thread_pool.h"
+#include "lora.h"
+
+namespace lowrank::cpu {
+
+#define LOWRANK_DECLARE_ISA(ns)                                \
+  namespace ns {                                               \
+  void lora_rows(const LoraRowsArgs& a, int num_threads);      \
+  }
+LOWRANK_DECLARE_ISA(portable)
+LOWRANK_DECLARE_ISA(avx2)
+LOWRANK_DECLARE_ISA(avx512)
+#undef LOWRANK_DECLARE_ISA
+
+struct Variant {
+  const char* name;
+  void (*lora_rows)(const LoraRowsArgs&, int);
+};
+
+static const Variant kVariants[] = {
+    {"portable", &portable::lora_rows},
+    {"avx2", &avx2::lora_rows},
+    {"avx512", &avx512::lora_rows},
+};
+
+static bool cpu_supports(const std::string& name) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (name == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (name == "avx512")
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  return name == "portable";
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+  for (const Variant& v : kVariants)
+    if (cpu_supports(v.name)) out.push_back(v.name);
+  return out;
+}
+
+static const Variant* best_variant() {
+  const Variant* best = &kVariants[0];
+  for (const Variant& v : kVariants)
+    if (cpu_supports(v.name)) best = &v;
+  return best;
+}
+
+static const Variant* find_variant(const std::string& name) {
+  for (const Variant& v : kVariants)
+    if (name == v.name) return &v;
+  return nullptr;
+}
+
+static const Variant*& active() {
+  static const Variant* chosen = [] {
+    const char* env = std::getenv("LOWRANK_CPU_ISA");
+    if (env && *env) {
+      const Variant* v = find_variant(env);
+      if (v && cpu_supports(v->name)) return v;
+    }
+    return best_variant();
+  }();
+  return chosen;
+}
+
+std::string active_isa() { return active()->name; }
+
+void set_isa(const std::string& name) {
+  const Variant* v = find_variant(name);
+  check(v != nullptr, "isa: unknown CPU kernel variant '" + name + "' (portable, avx2, avx512)");
+  check(cpu_supports(name), "isa: this CPU cannot run the '" + name + "' kernels");
+  active() = v;
+}
+
+}  // namespace lowrank::cpu
+
+namespace lowrank {
+
+void lora_rows_cpu(const LoraRowsArgs& a, int num_threads) {
+  validate_lora_rows(a, /*cuda=*/false);
+  if (a.out.rows == 0 || a.out.cols == 0) return;
+  cpu::active()->lora_rows(a, num_threads);
+}
+
+}  // namespace lowrank

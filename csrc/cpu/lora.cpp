@@ -1,0 +1,148 @@
+// Fused LoRA rows on the CPU (compiled once per instruction set; see simd.h).
+//
+//   out[m, n] = sum_k x[m, k] * w[n, k]  +  scale * sum_j v[m, j] * e[n, j]  +  bias[n]
+//
+//   x    [M, K]  fp32 (the Python side converts bf16 activations once: M*K is small)
+//   w    [N, K]  fp32 or bf16, rows of the base weight W (or of A, for the down projection)
+//   v    [M, R]  fp32, u = A x for the LoRA term (optional)
+//   e    [N, R]  fp32 or bf16, rows of B (optional)
+//   bias [N]     w's dtype (optional)
+//   out  [M, N]  fp32 or bf16; accumulation is fp32, one rounding at the end
+//
+// This is the few-token path (M up to ~16): memory-bound at M=1, where the whole job is to stream w
+// once at the machine's read bandwidth, and FMA-bound by M=16. Work splits over tiles of NR rows of
+// w; each tile keeps NR x MR fp32 vector accumulators in registers. When M > MR the K loop is
+// blocked (KC) so the NR rows of the current block stay in L1 while every MR-row group of x passes
+// over them. The adapter term for a row is a dot of length R done right after, while e's row is hot.
+#include <cstdint>
+
+#include "cpu/simd.h"
+#include "cpu/thread_pool.h"
+#include "lora.h"
+
+namespace lowrank::cpu::LOWRANK_ISA {
+
+// NR x MR accumulators + NR w vectors must fit the register file (16 ymm for AVX2, 32 zmm).
+// NR=4 rows gives four concurrent read streams per thread, which kept the hardware prefetcher busy
+// enough to reach ~full bandwidth at M=1 here; MR=3 (AVX2) / 4 (AVX-512) fills the remaining registers.
+constexpr int NR = 4;
+#if defined(__AVX512F__)
+constexpr int MR = 4;
+#else
+constexpr int MR = 3;
+#endif
+constexpr int64_t KC = 1024;          // K block when M > MR: NR rows x 4 KiB (fp32) = 16 KiB of L1
+constexpr int64_t ROWS_PER_TASK = 64; // dynamic scheduling grain: 64 rows x 16 KiB = 1 MiB of fp32 W
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// acc[i][m] += sum_{k in [k0, k1)} w_i[k] * x_m[k] for the vector part; returns via partial sums.
+template <int MRT, class TW>
+inline void micro_tile(const TW* const* wrow, const float* x, int64_t ldx, int64_t k0, int64_t k1,
+                       float sums[NR][MR]) {
+  constexpr int W = Vec::width;
+  Vec acc[NR][MRT];
+  for (int i = 0; i < NR; ++i)
+    for (int m = 0; m < MRT; ++m) acc[i][m] = vzero();
+  int64_t k = k0;
+  for (; k + W <= k1; k += W) {
+    Vec wv[NR];
+    for (int i = 0; i < NR; ++i) wv[i] = vload(wrow[i] + k);
+    for (int m = 0; m < MRT; ++m) {
+      Vec xv = vload(x + m * ldx + k);
+      for (int i = 0; i < NR; ++i) acc[i][m] = vfma(wv[i], xv, acc[i][m]);
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int m = 0; m < MRT; ++m) sums[i][m] += vsum(acc[i][m]);
+  for (; k < k1; ++k)
+    for (int i = 0; i < NR; ++i) {
+      float wk = load_scalar(wrow[i] + k);
+      for (int m = 0; m < MRT; ++m) sums[i][m] += wk * x[m * ldx + k];
+    }
+}
+
+template <class TW>
+inline void tile_dispatch(int mr, const TW* const* wrow, const float* x, int64_t ldx, int64_t k0,
+                          int64_t k1, float sums[NR][MR]) {
+  switch (mr) {
+    case 1: micro_tile<1>(wrow, x, ldx, k0, k1, sums); break;
+    case 2: micro_tile<2>(wrow, x, ldx, k0, k1, sums); break;
+    case 3: micro_tile<3>(wrow, x, ldx, k0, k1, sums); break;
+#if defined(__AVX512F__)
+    case 4: micro_tile<4>(wrow, x, ldx, k0, k1, sums); break;
+#endif
+  }
+}
+
+template <class TW, class TE, class TO>
+struct RowsJob {
+  const LoraRowsArgs* a;
+
+  void run_rows(int64_t n_begin, int64_t n_end) const {
+    const LoraRowsArgs& A = *a;
+    const int64_t M = A.x.rows, K = A.x.cols, R = A.v.ptr ? A.v.cols : 0;
+    const float* x = A.x.data<float>();
+    const TW* w = A.w.data<TW>();
+    const TW* bias = A.bias.ptr ? A.bias.data<TW>() : nullptr;
+    const float* v = A.v.ptr ? A.v.data<float>() : nullptr;
+    const TE* e = A.e.ptr ? A.e.data<TE>() : nullptr;
+    TO* out = A.out.data<TO>();
+    const int64_t kc = M <= MR ? (K > 0 ? K : 1) : KC;
+
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += NR) {
+      const int nr = int(min64(NR, n_end - n0));
+      const TW* wrow[NR];
+      for (int i = 0; i < NR; ++i) wrow[i] = w + (n0 + (i < nr ? i : 0)) * A.w.ld;  // pad with row n0
+      float sums[(kLoraRowsMaxM + MR - 1) / MR][NR][MR];  // [m-group][row][m]
+      for (int64_t g = 0; g * MR < M; ++g)
+        for (int i = 0; i < NR; ++i)
+          for (int m = 0; m < MR; ++m) sums[g][i][m] = 0.f;
+      for (int64_t k0 = 0; k0 < K; k0 += kc) {
+        const int64_t k1 = min64(K, k0 + kc);
+        for (int64_t m0 = 0, g = 0; m0 < M; m0 += MR, ++g)
+          tile_dispatch(int(min64(MR, M - m0)), wrow, x + m0 * A.x.ld, A.x.ld, k0, k1, sums[g]);
+      }
+      for (int i = 0; i < nr; ++i) {
+        const int64_t n = n0 + i;
+        const float b = bias ? load_scalar(bias + n) : 0.f;
+        for (int64_t m = 0; m < M; ++m) {
+          float y = sums[m / MR][i][m % MR];
+          if (v) y += A.scale * dot(v + m * A.v.ld, e + n * A.e.ld, R);
+          store_scalar(out + m * A.out.ld + n, y + b);
+        }
+      }
+    }
+  }
+
+  static void task(void* ctx, int64_t t) {
+    auto* job = static_cast<const RowsJob*>(ctx);
+    const int64_t N = job->a->w.rows;
+    const int64_t begin = t * ROWS_PER_TASK;
+    job->run_rows(begin, min64(N, begin + ROWS_PER_TASK));
+  }
+};
+
+template <class TW, class TE, class TO>
+void run(const LoraRowsArgs& a, int num_threads) {
+  RowsJob<TW, TE, TO> job{&a};
+  const int64_t n_tasks = (a.w.rows + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+  parallel_for(n_tasks, num_threads, &RowsJob<TW, TE, TO>::task, &job);
+}
+
+// Entry point for this instruction set; dtypes already validated by the caller.
+void lora_rows(const LoraRowsArgs& a, int num_threads) {
+  const bool w_bf16 = a.w.dtype == DType::bfloat16;
+  const bool e_bf16 = a.e.ptr ? a.e.dtype == DType::bfloat16 : w_bf16;
+  const bool o_bf16 = a.out.dtype == DType::bfloat16;
+  if (!w_bf16) return run<float, float, float>(a, num_threads);
+  if (o_bf16) {
+    if (e_bf16) return run<bf16_t, bf16_t, bf16_t>(a, num_threads);
+    return run<bf16_t, float, bf16_t>(a, num_threads);
+  }
+  if (e_bf16) return run<bf16_t, bf16_t, float>(a, num_threads);
+  return run<bf16_t, float, float>(a, num_threads);
+}
+
+
+}  // namespace lowrank::cpu::LOWRANK_ISA

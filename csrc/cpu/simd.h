@@ -1,0 +1,133 @@
+// A minimal fp32 SIMD vocabulary, one definition per instruction set. Kernel sources are written
+// once against it and compiled three times (CMake object libraries lowrank_cpu_{portable,avx2,avx512}),
+// each inside its own namespace `lowrank::cpu::LOWRANK_ISA`, so the three copies never collide
+// (no ODR merging of differently-compiled inline code).
+//
+// Vec::width lanes of fp32; loads from fp32 and bf16 (bf16 -> fp32 is exact: a 16-bit shift).
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#if !defined(LOWRANK_ISA)
+#error "LOWRANK_ISA must name the instruction set namespace (portable, avx2, avx512)"
+#endif
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace lowrank::cpu::LOWRANK_ISA {
+
+using bf16_t = uint16_t;
+
+inline float bf16_to_float(bf16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// Round to nearest even; NaN stays NaN (quiet).
+inline bf16_t float_to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return bf16_t(u >> 16);
+}
+
+inline float load_scalar(const float* p) { return *p; }
+inline float load_scalar(const bf16_t* p) { return bf16_to_float(*p); }
+inline void store_scalar(float* p, float v) { *p = v; }
+inline void store_scalar(bf16_t* p, float v) { *p = float_to_bf16(v); }
+
+#if defined(__AVX512F__)
+constexpr const char* kIsaName = "avx512";
+struct Vec {
+  static constexpr int width = 16;
+  __m512 v;
+};
+inline Vec vzero() { return {_mm512_setzero_ps()}; }
+inline Vec vload(const float* p) { return {_mm512_loadu_ps(p)}; }
+inline Vec vload(const bf16_t* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
+}
+inline Vec vfma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline Vec vadd(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline float vsum(Vec a) { return _mm512_reduce_add_ps(a.v); }
+inline void vprefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
+#elif defined(__AVX2__)
+constexpr const char* kIsaName = "avx2";
+struct Vec {
+  static constexpr int width = 8;
+  __m256 v;
+};
+inline Vec vzero() { return {_mm256_setzero_ps()}; }
+inline Vec vload(const float* p) { return {_mm256_loadu_ps(p)}; }
+inline Vec vload(const bf16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))};
+}
+inline Vec vfma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline Vec vadd(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline float vsum(Vec a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline void vprefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
+#else
+// Portable C++: plain arrays the compiler may vectorize for whatever the baseline target offers.
+constexpr const char* kIsaName = "portable";
+struct Vec {
+  static constexpr int width = 8;
+  float v[8];
+};
+inline Vec vzero() { return Vec{}; }
+inline Vec vload(const float* p) {
+  Vec r;
+  for (int i = 0; i < 8; ++i) r.v[i] = p[i];
+  return r;
+}
+inline Vec vload(const bf16_t* p) {
+  Vec r;
+  for (int i = 0; i < 8; ++i) r.v[i] = bf16_to_float(p[i]);
+  return r;
+}
+inline Vec vfma(Vec a, Vec b, Vec c) {
+  for (int i = 0; i < 8; ++i) c.v[i] += a.v[i] * b.v[i];
+  return c;
+}
+inline Vec vadd(Vec a, Vec b) {
+  for (int i = 0; i < 8; ++i) a.v[i] += b.v[i];
+  return a;
+}
+inline float vsum(Vec a) {
+  float s = 0.f;
+  for (int i = 0; i < 8; ++i) s += a.v[i];
+  return s;
+}
+inline void vprefetch(const void* p) { __builtin_prefetch(p); }
+#endif
+
+// dot(a[0:n], b[0:n]) in fp32, vectorized with a scalar tail.
+template <class TB>
+inline float dot(const float* a, const TB* b, int64_t n) {
+  constexpr int W = Vec::width;
+  Vec acc0 = vzero(), acc1 = vzero();
+  int64_t k = 0;
+  for (; k + 2 * W <= n; k += 2 * W) {
+    acc0 = vfma(vload(a + k), vload(b + k), acc0);
+    acc1 = vfma(vload(a + k + W), vload(b + k + W), acc1);
+  }
+  for (; k + W <= n; k += W) acc0 = vfma(vload(a + k), vload(b + k), acc0);
+  float s = vsum(vadd(acc0, acc1));
+  for (; k < n; ++k) s += a[k] * load_scalar(b + k);
+  return s;
+}
+
+}  // namespace lowrank::cpu::LOWRANK_ISA

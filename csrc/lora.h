@@ -1,0 +1,66 @@
+// Fused LoRA row kernels: the launchers that csrc/cpu/lora.cpp and csrc/cuda/lora.cu implement.
+//
+//   out[m, n] = sum_k x[m, k] * w[n, k]  +  scale * sum_j v[m, j] * e[n, j]  +  bias[n]
+//
+// With w = W (base weight), v = u = A x (fp32), e = B it is the LoRA forward y = xWᵀ + s·(xAᵀ)Bᵀ + b,
+// streaming W once; with w = A and no v/e/bias it is the down projection u = x Aᵀ in fp32.
+// Accumulation is fp32; the result is rounded once to out's dtype.
+#pragma once
+#include "common.h"
+
+namespace lowrank {
+
+struct LoraRowsArgs {
+  Matrix out;   // [M, N]  float32 or w's dtype
+  Matrix x;     // [M, K]  float32 (CPU); float32 or w's dtype (CUDA)
+  Matrix w;     // [N, K]  float32 / bfloat16 (CPU), + float16 (CUDA)
+  Matrix bias;  // [1, N]  w's dtype, or ptr == 0 for none
+  Matrix v;     // [M, R]  float32, or ptr == 0 for no adapter term
+  Matrix e;     // [N, R]  float32 or w's dtype
+  float scale = 1.0f;
+};
+
+// The fused path is for few tokens; more rows go to a GEMM (the Python dispatcher decides).
+constexpr int64_t kLoraRowsMaxM = 64;
+
+// Validates shapes and dtypes; throws std::invalid_argument naming the argument.
+inline void validate_lora_rows(const LoraRowsArgs& a, bool cuda) {
+  const int64_t M = a.x.rows, K = a.x.cols, N = a.w.rows;
+  check(M <= kLoraRowsMaxM, "x: the fused row kernel takes at most " + std::to_string(kLoraRowsMaxM) +
+                                " rows, got " + std::to_string(M));
+  check_matrix(a.w, "w", N, K);
+  check_matrix(a.out, "out", M, N);
+  check_matrix(a.x, "x", M, K);
+  const bool w_ok = a.w.dtype == DType::float32 || a.w.dtype == DType::bfloat16 ||
+                    (cuda && a.w.dtype == DType::float16);
+  check(w_ok, std::string("w: unsupported dtype ") + dtype_name(a.w.dtype));
+  check(a.x.dtype == DType::float32 || (cuda && a.x.dtype == a.w.dtype),
+        std::string("x: expected float32") + (cuda ? " or w's dtype" : "") + ", got " + dtype_name(a.x.dtype));
+  check(a.out.dtype == DType::float32 || a.out.dtype == a.w.dtype,
+        std::string("out: expected float32 or w's dtype, got ") + dtype_name(a.out.dtype));
+  if (a.bias.ptr) {
+    check_matrix(a.bias, "bias", 1, N);
+    check(a.bias.dtype == a.w.dtype, std::string("bias: expected w's dtype, got ") + dtype_name(a.bias.dtype));
+  }
+  check((a.v.ptr == 0) == (a.e.ptr == 0), "v and e: give both or neither");
+  if (a.v.ptr) {
+    const int64_t R = a.v.cols;
+    check_matrix(a.v, "v", M, R);
+    check_matrix(a.e, "e", N, R);
+    check(a.v.dtype == DType::float32, std::string("v: expected float32, got ") + dtype_name(a.v.dtype));
+    check(a.e.dtype == DType::float32 || a.e.dtype == a.w.dtype,
+          std::string("e: expected float32 or w's dtype, got ") + dtype_name(a.e.dtype));
+  }
+  const int dev = a.w.device;
+  check(cuda ? dev >= 0 : dev == -1, std::string("w: on the wrong device for this launcher"));
+  for (const Matrix* m : {&a.out, &a.x, &a.bias, &a.v, &a.e})
+    check(m->ptr == 0 || m->device == dev, "all tensors must be on w's device");
+}
+
+void lora_rows_cpu(const LoraRowsArgs& a, int num_threads);
+
+#ifdef LOWRANK_WITH_CUDA
+void lora_rows_cuda(const LoraRowsArgs& a, std::uintptr_t stream);
+#endif
+
+}  // namespace lowrank

@@ -1,0 +1,16 @@
+"""lowrank: parameter-efficient fine-tuning (LoRA, VeRA, QLoRA) as drop-in nn.Modules backed by
+hand-written C++ (CPU) and CUDA kernels.
+
+    import lowrank
+    layer = lowrank.LoRALinear(4096, 4096, r=16, alpha=32)       # or LoRALinear.from_linear(linear)
+    lowrank.info()                                               # what was built, what runs here
+"""
+
+from . import _C
+from ._info import info
+from .autograd import LoRALinearFunction
+from .layers import LoRALinear
+
+__version__ = _C.build_info()["version"]
+
+__all__ = ["LoRALinear", "LoRALinearFunction", "info", "__version__"]

@@ -1,0 +1,27 @@
+"""``lowrank.info()`` / ``python -m lowrank info``: what was built and what this machine can run."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _C
+
+
+def info() -> dict:
+    """Version, torch version, CUDA build and devices, the CPU kernel variant chosen, threads."""
+    b = _C.build_info()
+    gpu_usable = bool(b["cuda_compiled"]) and torch.cuda.is_available() and b["cuda_device_count"] > 0
+    return {
+        "version": b["version"],
+        "torch": torch.__version__,
+        "cuda_kernels_compiled": bool(b["cuda_compiled"]),
+        "cuda_architectures": b["cuda_architectures"] or None,
+        "cuda_runtime_version": b["cuda_runtime_version"] or None,
+        "gpu_usable": gpu_usable,
+        "gpu_name": torch.cuda.get_device_name(0) if gpu_usable else None,
+        "cpu_kernel_variant": _C.cpu_isa(),
+        "cpu_variants_supported": list(_C.supported_cpu_isas()),
+        "cpu_variants_compiled": list(b["cpu_variants_compiled"]),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,5 @@
+"""Drop-in ``nn.Module``s, one file per method."""
+
+from .lora import LoRALinear
+
+__all__ = ["LoRALinear"]

@@ -1,0 +1,168 @@
+"""``LoRALinear``: a drop-in ``nn.Linear`` with a LoRA adapter, ``y = x Wᵀ + b + s·B A dropout(x)``.
+
+Follows PEFT's definition so adapters interoperate: ``lora_A.weight`` [r, in] Kaiming-uniform,
+``lora_B.weight`` [out, r] zeros (a fresh adapter is the identity), ``s = alpha / r`` or
+``alpha / sqrt(r)`` with rsLoRA, dropout on the adapter input only. The base ``weight``/``bias``
+keep ``nn.Linear``'s names, are frozen, and a plain ``nn.Linear`` state dict loads into the layer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..autograd import LoRALinearFunction
+
+
+class LoRAFactor(nn.Module):
+    """Holds one adapter factor as ``.weight`` so keys read ``lora_A.weight`` as in PEFT files.
+
+    Not an ``nn.Linear``: code that swaps every ``nn.Linear`` of a model must not recurse into it.
+    """
+
+    def __init__(self, rows: int, cols: int, device=None, dtype=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(rows, cols, device=device, dtype=dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, {self.weight.shape[1]}"
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable low-rank update, computed by fused kernels.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as ``nn.Linear``.
+        r: adapter rank (>= 1).
+        alpha: LoRA alpha; the update is scaled by ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA).
+        dropout: dropout probability on the adapter's input (the base path never sees dropout).
+        use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilized LoRA).
+        adapter_dtype: dtype of ``lora_A``/``lora_B`` (default: the base dtype). ``torch.float32``
+            with a bf16 base keeps the trainable factors and their optimizer updates in fp32.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        r: int = 8,
+        alpha: float = 8.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        adapter_dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_from(base.weight, base.bias, r, alpha, dropout, use_rslora, adapter_dtype)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        r: int = 8,
+        alpha: float = 8.0,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        adapter_dtype: Optional[torch.dtype] = None,
+    ) -> "LoRALinear":
+        """Wrap an existing ``nn.Linear``: its ``weight``/``bias`` parameters are shared, not copied,
+        and frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._init_from(linear.weight, linear.bias, r, alpha, dropout, use_rslora, adapter_dtype)
+        return self
+
+    def _init_from(self, weight, bias, r, alpha, dropout, use_rslora, adapter_dtype) -> None:
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"r: expected a positive int, got {r!r}")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+            raise TypeError(f"alpha: expected a number, got {type(alpha).__name__}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+        if not weight.dtype.is_floating_point:
+            raise TypeError(f"weight: expected a floating-point base weight, got {weight.dtype}")
+        self.out_features, self.in_features = weight.shape
+        self.r = r
+        self.alpha = float(alpha)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
+        self.weight = weight
+        self.weight.requires_grad_(False)
+        self.bias = bias
+        if bias is not None:
+            self.bias.requires_grad_(False)
+        factory = dict(device=weight.device, dtype=adapter_dtype or weight.dtype)
+        self.lora_A = LoRAFactor(r, self.in_features, **factory)
+        self.lora_B = LoRAFactor(self.out_features, r, **factory)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.reset_lora_parameters()
+        self.register_load_state_dict_post_hook(LoRALinear._allow_base_only_state_dict)
+
+    def reset_lora_parameters(self) -> None:
+        """PEFT's default init: A Kaiming-uniform (a=√5, as nn.Linear), B zeros."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @staticmethod
+    def _allow_base_only_state_dict(module, incompatible_keys) -> None:
+        # An nn.Linear checkpoint has no adapter: keep the fresh (identity) adapter instead of failing.
+        missing = incompatible_keys.missing_keys
+        prefix_keys = [k for k in missing if k.endswith(("lora_A.weight", "lora_B.weight"))]
+        by_prefix = {}
+        for k in prefix_keys:
+            by_prefix.setdefault(k.rsplit("lora_", 1)[0], []).append(k)
+        for keys in by_prefix.values():
+            if len(keys) == 2:
+                for k in keys:
+                    missing.remove(k)
+
+    # ------------------------------------------------------------------------------------------
+    def delta_weight(self) -> Tensor:
+        """``s·B A`` in fp32 (the dense update this adapter stands for)."""
+        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the base weight (``W += s·B A``); forward then is one plain GEMM."""
+        if self.merged:
+            raise RuntimeError("merge: the adapter is already merged")
+        self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (``W -= s·B A``), exact up to one rounding of W's dtype."""
+        if not self.merged:
+            raise RuntimeError("unmerge: the adapter is not merged")
+        self.weight.copy_((self.weight.float() - self.delta_weight()).to(self.weight.dtype))
+        self.merged = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return F.linear(x, self.weight, self.bias)
+        adapter_input = None
+        if isinstance(self.lora_dropout, nn.Dropout) and self.training:
+            adapter_input = self.lora_dropout(x)
+        y, _ = LoRALinearFunction.apply(
+            x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, adapter_input
+        )
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}, rslora={self.use_rslora}, "
+            f"merged={self.merged}"
+        )

@@ -1,0 +1,26 @@
+"""The op registry: every lowrank op is a ``torch.library`` custom op (``torch.ops.lowrank.*``) with
+a schema, a fake kernel, CPU and CUDA kernels and a pure-PyTorch reference kernel (``*_reference``).
+
+LoRA (lowrank/ops/lora.py): lora_linear_forward, lora_linear_backward_adapter,
+lora_linear_backward_input.
+"""
+
+from . import lora
+from .lora import (
+    lora_linear_backward_adapter,
+    lora_linear_backward_adapter_reference,
+    lora_linear_backward_input,
+    lora_linear_backward_input_reference,
+    lora_linear_forward,
+    lora_linear_forward_reference,
+)
+
+__all__ = [
+    "lora",
+    "lora_linear_forward",
+    "lora_linear_forward_reference",
+    "lora_linear_backward_adapter",
+    "lora_linear_backward_adapter_reference",
+    "lora_linear_backward_input",
+    "lora_linear_backward_input_reference",
+]

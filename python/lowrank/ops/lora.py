@@ -1,0 +1,301 @@
+"""LoRA ops: schema, reference, fake, CPU and CUDA kernels, all in one place.
+
+    y = x Wᵀ + bias + s · (x_a Aᵀ) Bᵀ          x: [..., K], W: [N, K], A: [r, K], B: [N, r]
+
+``x_a`` is the adapter's input: ``x`` itself, or ``dropout(x)`` (PEFT applies dropout to the adapter
+path only). ``u = x_a Aᵀ`` is accumulated and returned in fp32; the backward needs it, and only it
+and the inputs, never anything the size of ``y``.
+
+Ops (``torch.ops.lowrank.*``):
+
+- ``lora_linear_forward(x, weight, bias, lora_a, lora_b, scale, adapter_input) -> (y, u)``
+- ``lora_linear_backward_adapter(grad_y, adapter_input, u, lora_a, lora_b, scale) -> (grad_a, grad_b, g)``
+  with ``g = s · grad_y B`` (fp32), the gradient reaching ``u``
+- ``lora_linear_backward_input(grad_y, weight, g, lora_a) -> grad_x = grad_y W + g A``
+
+Kernels: few tokens (M up to the measured crossover) take the fused row kernel, which streams W once
+and adds the adapter term in the same pass; many tokens take the best GEMM with the adapter
+accumulated into its output (``addmm``). dtypes: fp32/bf16 on CPU, fp32/bf16/fp16 on CUDA; anything
+else (fp16 on CPU, fp64, other devices) runs the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _C
+from .._validate import check_tensor, cuda_stream, last_dim_contiguous, matrix, optional_matrix
+from . import _gemm, _runtime
+
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_CPU_NATIVE = (torch.float32, torch.bfloat16)
+_CUDA_NATIVE = (torch.float32, torch.bfloat16, torch.float16)
+HAS_CUDA_KERNELS = hasattr(_C, "lora_rows_cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks (shared by every kernel, the fake one included, so bad input fails at trace time)
+# ---------------------------------------------------------------------------------------------
+def _check_forward(x, weight, bias, lora_a, lora_b, scale, adapter_input) -> None:
+    check_tensor("x", x, dtypes=_FLOATS)
+    if x.dim() < 1:
+        raise ValueError("x: expected at least 1 dimension, got a scalar")
+    k = x.shape[-1]
+    check_tensor("weight", weight, dtypes=(x.dtype,), device=x.device, ndim=2)
+    n = weight.shape[0]
+    if weight.shape[1] != k:
+        raise ValueError(f"weight: expected [out, {k}] to match x's last dimension {k}, got {list(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=(x.dtype,), device=x.device, shape=(n,))
+    check_tensor("lora_a", lora_a, dtypes=(x.dtype, torch.float32), device=x.device, ndim=2)
+    r = lora_a.shape[0]
+    if lora_a.shape[1] != k:
+        raise ValueError(f"lora_a: expected [r, {k}], got {list(lora_a.shape)}")
+    check_tensor("lora_b", lora_b, dtypes=(lora_a.dtype,), device=x.device, shape=(n, r))
+    if not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
+    if adapter_input is not None:
+        check_tensor("adapter_input", adapter_input, dtypes=(x.dtype,), device=x.device, shape=tuple(x.shape))
+
+
+def _check_backward_adapter(grad_y, adapter_input, u, lora_a, lora_b, scale) -> None:
+    check_tensor("lora_a", lora_a, dtypes=_FLOATS, ndim=2)
+    r, k = lora_a.shape
+    check_tensor("lora_b", lora_b, dtypes=(lora_a.dtype,), device=lora_a.device, ndim=2)
+    n = lora_b.shape[0]
+    if lora_b.shape[1] != r:
+        raise ValueError(f"lora_b: expected [out, {r}], got {list(lora_b.shape)}")
+    check_tensor("grad_y", grad_y, dtypes=_FLOATS, device=lora_a.device)
+    if grad_y.dim() < 1 or grad_y.shape[-1] != n:
+        raise ValueError(f"grad_y: expected [..., {n}], got {list(grad_y.shape)}")
+    lead = tuple(grad_y.shape[:-1])
+    check_tensor("adapter_input", adapter_input, dtypes=(grad_y.dtype,), device=lora_a.device, shape=lead + (k,))
+    check_tensor("u", u, dtypes=(torch.float32,), device=lora_a.device, shape=lead + (r,))
+
+
+def _check_backward_input(grad_y, weight, g, lora_a) -> None:
+    check_tensor("grad_y", grad_y, dtypes=_FLOATS)
+    check_tensor("weight", weight, dtypes=(grad_y.dtype,), device=grad_y.device, ndim=2)
+    n, k = weight.shape
+    if grad_y.dim() < 1 or grad_y.shape[-1] != n:
+        raise ValueError(f"grad_y: expected [..., {n}] to match weight [out={n}, in={k}], got {list(grad_y.shape)}")
+    if (g is None) != (lora_a is None):
+        raise ValueError("g and lora_a: give both or neither")
+    if g is not None:
+        check_tensor("lora_a", lora_a, dtypes=(grad_y.dtype, torch.float32), device=grad_y.device, ndim=2)
+        r = lora_a.shape[0]
+        if lora_a.shape[1] != k:
+            raise ValueError(f"lora_a: expected [r, {k}], got {list(lora_a.shape)}")
+        check_tensor("g", g, dtypes=(torch.float32,), device=grad_y.device, shape=tuple(grad_y.shape[:-1]) + (r,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference kernels: the spec. fp32 accumulation (fp64 stays fp64), one rounding at the end.
+# ---------------------------------------------------------------------------------------------
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def lora_linear_forward_reference(x, weight, bias, lora_a, lora_b, scale, adapter_input):
+    _check_forward(x, weight, bias, lora_a, lora_b, scale, adapter_input)
+    acc = _acc(x.dtype)
+    xa = x if adapter_input is None else adapter_input
+    u = xa.to(acc) @ lora_a.to(acc).t()
+    y = x.to(acc) @ weight.to(acc).t() + scale * (u @ lora_b.to(acc).t())
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype), u.to(torch.float32)
+
+
+def lora_linear_backward_adapter_reference(grad_y, adapter_input, u, lora_a, lora_b, scale):
+    _check_backward_adapter(grad_y, adapter_input, u, lora_a, lora_b, scale)
+    acc = _acc(grad_y.dtype)
+    n, (r, k) = lora_b.shape[0], lora_a.shape
+    dy = grad_y.reshape(-1, n).to(acc)
+    xa = adapter_input.reshape(-1, k).to(acc)
+    u2 = u.reshape(-1, r).to(acc)
+    grad_b = scale * dy.t() @ u2
+    g = scale * dy @ lora_b.to(acc)
+    grad_a = g.t() @ xa
+    return grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), g.to(torch.float32).reshape(u.shape)
+
+
+def lora_linear_backward_input_reference(grad_y, weight, g, lora_a):
+    _check_backward_input(grad_y, weight, g, lora_a)
+    acc = _acc(grad_y.dtype)
+    dx = grad_y.to(acc) @ weight.to(acc)
+    if g is not None:
+        dx = dx + g.to(acc) @ lora_a.to(acc)
+    return dx.to(grad_y.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schemas. The decorated bodies are the default kernel (any device): the reference.
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("lowrank::lora_linear_forward", mutates_args=())
+def lora_linear_forward(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scale: float,
+    adapter_input: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """``(y, u)``: ``y = x Wᵀ + bias + scale·u Bᵀ`` in x's dtype, ``u = x_a Aᵀ`` in fp32."""
+    return lora_linear_forward_reference(x, weight, bias, lora_a, lora_b, scale, adapter_input)
+
+
+@torch.library.custom_op("lowrank::lora_linear_backward_adapter", mutates_args=())
+def lora_linear_backward_adapter(
+    grad_y: Tensor, adapter_input: Tensor, u: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_a, grad_b, g)``: ``g = s·grad_y B`` (fp32), ``grad_b = s·grad_yᵀ u``, ``grad_a = gᵀ x_a``."""
+    return lora_linear_backward_adapter_reference(grad_y, adapter_input, u, lora_a, lora_b, scale)
+
+
+@torch.library.custom_op("lowrank::lora_linear_backward_input", mutates_args=())
+def lora_linear_backward_input(grad_y: Tensor, weight: Tensor, g: Optional[Tensor], lora_a: Optional[Tensor]) -> Tensor:
+    """``grad_x = grad_y W + g A`` in grad_y's dtype."""
+    return lora_linear_backward_input_reference(grad_y, weight, g, lora_a)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake (shape-only) kernels for torch.compile / meta tensors.
+# ---------------------------------------------------------------------------------------------
+@lora_linear_forward.register_fake
+def _(x, weight, bias, lora_a, lora_b, scale, adapter_input):
+    _check_forward(x, weight, bias, lora_a, lora_b, scale, adapter_input)
+    lead = tuple(x.shape[:-1])
+    return x.new_empty(lead + (weight.shape[0],)), x.new_empty(lead + (lora_a.shape[0],), dtype=torch.float32)
+
+
+@lora_linear_backward_adapter.register_fake
+def _(grad_y, adapter_input, u, lora_a, lora_b, scale):
+    _check_backward_adapter(grad_y, adapter_input, u, lora_a, lora_b, scale)
+    return torch.empty_like(lora_a), torch.empty_like(lora_b), torch.empty_like(u)
+
+
+@lora_linear_backward_input.register_fake
+def _(grad_y, weight, g, lora_a):
+    _check_backward_input(grad_y, weight, g, lora_a)
+    return grad_y.new_empty(tuple(grad_y.shape[:-1]) + (weight.shape[1],))
+
+
+# ---------------------------------------------------------------------------------------------
+# Native kernels
+# ---------------------------------------------------------------------------------------------
+def _fused_rows(out, x, w, bias, v, e, scale) -> None:
+    """out = x wᵀ + scale·v eᵀ + bias through the C++/CUDA row kernel (all 2-D, validated here)."""
+    args = (
+        matrix("out", out),
+        matrix("x", x),
+        matrix("weight", w),
+        optional_matrix("bias", bias),
+        optional_matrix("u", v),
+        optional_matrix("lora_b", e),
+        float(scale),
+    )
+    if out.device.type == "cuda":
+        with torch.cuda.device(out.device):
+            _C.lora_rows_cuda(*args, cuda_stream(out))
+    else:
+        _C.lora_rows_cpu(*args, _runtime.num_threads())
+
+
+def _use_fused(x: Tensor, m: int) -> bool:
+    if x.device.type == "cpu":
+        return x.dtype in _CPU_NATIVE and m <= _runtime.CPU_FUSED_MAX_M[x.dtype]
+    return HAS_CUDA_KERNELS and x.dtype in _CUDA_NATIVE and m <= _runtime.CUDA_FUSED_MAX_M
+
+
+def _forward_native(x, weight, bias, lora_a, lora_b, scale, adapter_input):
+    _check_forward(x, weight, bias, lora_a, lora_b, scale, adapter_input)
+    native = _CPU_NATIVE if x.device.type == "cpu" else _CUDA_NATIVE
+    if x.dtype not in native or (x.device.type == "cuda" and not HAS_CUDA_KERNELS):
+        return lora_linear_forward_reference(x, weight, bias, lora_a, lora_b, scale, adapter_input)
+    lead, k, n, r = tuple(x.shape[:-1]), x.shape[-1], weight.shape[0], lora_a.shape[0]
+    x2 = last_dim_contiguous(x.reshape(-1, k))
+    xa2 = x2 if adapter_input is None else last_dim_contiguous(adapter_input.reshape(-1, k))
+    m = x2.shape[0]
+    weight, lora_a, lora_b = (last_dim_contiguous(t) for t in (weight, lora_a, lora_b))
+    if _use_fused(x, m):
+        # CPU kernels read fp32 activations: widen a bf16 x once (M*K elements, small here).
+        cpu = x.device.type == "cpu"
+        x_in = x2.float() if cpu else x2
+        xa_in = x_in if adapter_input is None else (xa2.float() if cpu else xa2)
+        u = _runtime.empty(m, r, dtype=torch.float32, device=x.device)
+        if not cpu and lora_a.dtype != x.dtype:  # CUDA row kernel reads x in w's dtype
+            xa_in = xa_in.to(lora_a.dtype)
+        _fused_rows(u, xa_in, lora_a, None, None, None, 1.0)
+        y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
+        _fused_rows(y, x_in, weight, bias, u, lora_b, scale)
+    else:
+        y, u = _forward_gemm(x2, xa2, weight, bias, lora_a, lora_b, scale)
+    return y.reshape(lead + (n,)), u.reshape(lead + (r,))
+
+
+def _forward_gemm(x2, xa2, weight, bias, lora_a, lora_b, scale):
+    """Many tokens: base GEMM, adapter accumulated into its output with addmm."""
+    if _gemm.upcast_tiles_needed(weight):
+        x32 = x2.float()
+        xa32 = x32 if xa2 is x2 else xa2.float()
+        u = torch.mm(xa32, lora_a.float().t())
+        y32 = _gemm.linear_t_fp32(x32, weight)
+        y32.addmm_(u, lora_b.float().t(), alpha=scale)
+        if bias is not None:
+            y32.add_(bias)
+        y = torch.empty(y32.shape, dtype=x2.dtype, device=x2.device)
+        y.copy_(y32)
+        return y, u
+    u = torch.mm(xa2.to(lora_a.dtype), lora_a.t())
+    if u.dtype != torch.float32:
+        u = u.float()
+    y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+    y.addmm_(u.to(y.dtype), lora_b.t().to(y.dtype), alpha=scale)
+    return y, u
+
+
+def _backward_adapter_native(grad_y, adapter_input, u, lora_a, lora_b, scale):
+    _check_backward_adapter(grad_y, adapter_input, u, lora_a, lora_b, scale)
+    if grad_y.dtype == torch.float64:
+        return lora_linear_backward_adapter_reference(grad_y, adapter_input, u, lora_a, lora_b, scale)
+    n, (r, k) = lora_b.shape[0], lora_a.shape
+    dy = grad_y.reshape(-1, n)
+    dy32 = dy if dy.dtype == torch.float32 else dy.float()
+    u2 = u.reshape(-1, r)
+    b32 = lora_b if lora_b.dtype == torch.float32 else lora_b.float()
+    # Scale folded into the GEMMs (alpha), no extra passes.
+    grad_b = torch.addmm(b32, dy32.t(), u2, beta=0.0, alpha=scale)
+    g = torch.addmm(u2, dy32, b32, beta=0.0, alpha=scale)
+    xa = adapter_input.reshape(-1, k)
+    grad_a = torch.mm(g.t(), xa if xa.dtype == torch.float32 else xa.float())
+    return grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), g.reshape(u.shape)
+
+
+def _backward_input_native(grad_y, weight, g, lora_a):
+    _check_backward_input(grad_y, weight, g, lora_a)
+    if grad_y.dtype == torch.float64:
+        return lora_linear_backward_input_reference(grad_y, weight, g, lora_a)
+    n, k = weight.shape
+    lead = tuple(grad_y.shape[:-1])
+    dy = grad_y.reshape(-1, n)
+    g2 = None if g is None else g.reshape(-1, g.shape[-1])
+    if _gemm.upcast_tiles_needed(weight):
+        dx32 = _gemm.matmul_fp32(dy.float(), weight)
+        if g2 is not None:
+            dx32.addmm_(g2, lora_a.float())
+        return dx32.to(grad_y.dtype).reshape(lead + (k,))
+    dx = torch.mm(dy, weight)
+    if g2 is not None:
+        dx.addmm_(g2.to(dx.dtype), lora_a.to(dx.dtype))
+    return dx.reshape(lead + (k,))
+
+
+for _device in ("cpu", "cuda"):
+    lora_linear_forward.register_kernel(_device)(_forward_native)
+    lora_linear_backward_adapter.register_kernel(_device)(_backward_adapter_native)
+    lora_linear_backward_input.register_kernel(_device)(_backward_input_native)
