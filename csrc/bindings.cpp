@@ -90,7 +90,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("supported_cpu_isas", &cpu::supported_isas, "CPU kernel variants this CPU can run");
   m.def("cpu_isa", &cpu::active_isa, "the CPU kernel variant in use");
   m.def("set_cpu_isa", &cpu::set_isa, py::arg("isa"), "force a CPU kernel variant this CPU supports");
-  m.attr("kLoraRowsMaxM") = kLoraRowsMaxM;
 
   m.def("build_info", [] {
     py::dict d;

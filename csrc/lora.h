@@ -20,14 +20,9 @@ struct LoraRowsArgs {
   float scale = 1.0f;
 };
 
-// The fused path is for few tokens; more rows go to a GEMM (the Python dispatcher decides).
-constexpr int64_t kLoraRowsMaxM = 64;
-
 // Validates shapes and dtypes; throws std::invalid_argument naming the argument.
 inline void validate_lora_rows(const LoraRowsArgs& a, bool cuda) {
   const int64_t M = a.x.rows, K = a.x.cols, N = a.w.rows;
-  check(M <= kLoraRowsMaxM, "x: the fused row kernel takes at most " + std::to_string(kLoraRowsMaxM) +
-                                " rows, got " + std::to_string(M));
   check_matrix(a.w, "w", N, K);
   check_matrix(a.out, "out", M, N);
   check_matrix(a.x, "x", M, K);

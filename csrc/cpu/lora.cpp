@@ -31,6 +31,7 @@ constexpr int MR = 4;
 #else
 constexpr int MR = 3;
 #endif
+constexpr int64_t kRowsPerPass = 64;  // token rows per pass over w (see run())
 constexpr int64_t KC = 1024;          // K block when M > MR: NR rows x 4 KiB (fp32) = 16 KiB of L1
 constexpr int64_t ROWS_PER_TASK = 64; // dynamic scheduling grain: 64 rows x 16 KiB = 1 MiB of fp32 W
 
@@ -75,6 +76,9 @@ inline void tile_dispatch(int mr, const TW* const* wrow, const float* x, int64_t
   }
 }
 
+template <class T> struct IsFloat { static constexpr bool value = false; };
+template <> struct IsFloat<float> { static constexpr bool value = true; };
+
 template <class TW, class TE, class TO>
 struct RowsJob {
   const LoraRowsArgs* a;
@@ -89,19 +93,31 @@ struct RowsJob {
     const TE* e = A.e.ptr ? A.e.data<TE>() : nullptr;
     TO* out = A.out.data<TO>();
     const int64_t kc = M <= MR ? (K > 0 ? K : 1) : KC;
+    // bf16 rows re-read by more than one x-row group are widened once per K block (measured at
+    // M=16, 4096x11008: 17.5 ms converting in the inner loop vs fp32's 11.7 ms).
+    const bool widen_block = !IsFloat<TW>::value && M > MR;
+    alignas(64) float wide[NR][KC];
 
     for (int64_t n0 = n_begin; n0 < n_end; n0 += NR) {
       const int nr = int(min64(NR, n_end - n0));
       const TW* wrow[NR];
       for (int i = 0; i < NR; ++i) wrow[i] = w + (n0 + (i < nr ? i : 0)) * A.w.ld;  // pad with row n0
-      float sums[(kLoraRowsMaxM + MR - 1) / MR][NR][MR];  // [m-group][row][m]
+      float sums[(kRowsPerPass + MR - 1) / MR][NR][MR];  // [m-group][row][m]
       for (int64_t g = 0; g * MR < M; ++g)
         for (int i = 0; i < NR; ++i)
           for (int m = 0; m < MR; ++m) sums[g][i][m] = 0.f;
       for (int64_t k0 = 0; k0 < K; k0 += kc) {
         const int64_t k1 = min64(K, k0 + kc);
-        for (int64_t m0 = 0, g = 0; m0 < M; m0 += MR, ++g)
-          tile_dispatch(int(min64(MR, M - m0)), wrow, x + m0 * A.x.ld, A.x.ld, k0, k1, sums[g]);
+        if (widen_block) {
+          // Several x-row groups will pass over this block: widen bf16 to fp32 once, not per group.
+          for (int i = 0; i < NR; ++i) widen(wide[i], wrow[i] + k0, k1 - k0);
+          const float* wide_rows[NR] = {wide[0], wide[1], wide[2], wide[3]};
+          for (int64_t m0 = 0, g = 0; m0 < M; m0 += MR, ++g)
+            tile_dispatch(int(min64(MR, M - m0)), wide_rows, x + m0 * A.x.ld + k0, A.x.ld, 0, k1 - k0, sums[g]);
+        } else {
+          for (int64_t m0 = 0, g = 0; m0 < M; m0 += MR, ++g)
+            tile_dispatch(int(min64(MR, M - m0)), wrow, x + m0 * A.x.ld, A.x.ld, k0, k1, sums[g]);
+        }
       }
       for (int i = 0; i < nr; ++i) {
         const int64_t n = n0 + i;
@@ -125,9 +141,23 @@ struct RowsJob {
 
 template <class TW, class TE, class TO>
 void run(const LoraRowsArgs& a, int num_threads) {
-  RowsJob<TW, TE, TO> job{&a};
-  const int64_t n_tasks = (a.w.rows + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-  parallel_for(n_tasks, num_threads, &RowsJob<TW, TE, TO>::task, &job);
+  // More than kRowsPerPass token rows: one pass over w per block of rows. Streaming w again per 64
+  // rows costs ~5 ms of DRAM traffic per pass (4096x11008 fp32) against ~40 ms of FMAs, and keeps
+  // every block's x rows in L2 (measured M=512 fp32: 309 ms, vs 386 ms for torch's MKL GEMM).
+  for (int64_t m0 = 0; m0 < a.x.rows; m0 += kRowsPerPass) {
+    LoraRowsArgs part = a;
+    const int64_t rows = min64(kRowsPerPass, a.x.rows - m0);
+    part.x.rows = part.out.rows = rows;
+    part.x.ptr += m0 * a.x.ld * sizeof(float);
+    part.out.ptr += m0 * a.out.ld * sizeof(TO);
+    if (a.v.ptr) {
+      part.v.rows = rows;
+      part.v.ptr += m0 * a.v.ld * sizeof(float);
+    }
+    RowsJob<TW, TE, TO> job{&part};
+    const int64_t n_tasks = (a.w.rows + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
+    parallel_for(n_tasks, num_threads, &RowsJob<TW, TE, TO>::task, &job);
+  }
 }
 
 // Entry point for this instruction set; dtypes already validated by the caller.

@@ -53,6 +53,7 @@ inline Vec vload(const bf16_t* p) {
   __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
 }
+inline void vstore(float* p, Vec a) { _mm512_storeu_ps(p, a.v); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 inline Vec vadd(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline float vsum(Vec a) { return _mm512_reduce_add_ps(a.v); }
@@ -70,6 +71,7 @@ inline Vec vload(const bf16_t* p) {
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))};
 }
+inline void vstore(float* p, Vec a) { _mm256_storeu_ps(p, a.v); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
 inline Vec vadd(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
 inline float vsum(Vec a) {
@@ -98,6 +100,9 @@ inline Vec vload(const bf16_t* p) {
   for (int i = 0; i < 8; ++i) r.v[i] = bf16_to_float(p[i]);
   return r;
 }
+inline void vstore(float* p, Vec a) {
+  for (int i = 0; i < 8; ++i) p[i] = a.v[i];
+}
 inline Vec vfma(Vec a, Vec b, Vec c) {
   for (int i = 0; i < 8; ++i) c.v[i] += a.v[i] * b.v[i];
   return c;
@@ -113,6 +118,14 @@ inline float vsum(Vec a) {
 }
 inline void vprefetch(const void* p) { __builtin_prefetch(p); }
 #endif
+
+// dst[0:n] = float(src[0:n]), vectorized with a scalar tail.
+template <class T>
+inline void widen(float* dst, const T* src, int64_t n) {
+  int64_t k = 0;
+  for (; k + Vec::width <= n; k += Vec::width) vstore(dst + k, vload(src + k));
+  for (; k < n; ++k) dst[k] = load_scalar(src + k);
+}
 
 // dot(a[0:n], b[0:n]) in fp32, vectorized with a scalar tail.
 template <class TB>

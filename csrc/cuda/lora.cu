@@ -1,4 +1,4 @@
-// Fused LoRA rows on CUDA, the few-token path (M <= 64; the Python dispatcher sends more to cuBLAS).
+// Fused LoRA rows on CUDA, the few-token path (the Python dispatcher sends many tokens to cuBLAS).
 //
 //   out[m, n] = sum_k x[m, k] * w[n, k]  +  scale * sum_j v[m, j] * e[n, j]  +  bias[n]
 //
