@@ -74,6 +74,18 @@ PYBIND11_MODULE(_C, m) {
       "out[m,n] = x[m]·w[n] + scale * v[m]·e[n] + bias[n] (fp32 accumulation)", py::arg("out"), py::arg("x"),
       py::arg("w"), py::arg("bias"), py::arg("v"), py::arg("e"), py::arg("scale"), py::arg("num_threads"));
 
+  m.def(
+      "lora_input_grad_cpu",
+      [](const Matrix& out, const Matrix& dy, const Matrix& w, const std::optional<Matrix>& g,
+         const std::optional<Matrix>& a, const Matrix& workspace, int num_threads) {
+        LoraInputGradArgs p{out, dy, w, opt(g), opt(a), workspace};
+        py::gil_scoped_release nogil;
+        lora_input_grad_cpu(p, num_threads);
+      },
+      "out[m,k] = dy[m]·w[:,k] + g[m]·a[:,k] (fp32 accumulation; workspace: fp32 [tasks*M, K])",
+      py::arg("out"), py::arg("dy"), py::arg("w"), py::arg("g"), py::arg("a"), py::arg("workspace"),
+      py::arg("num_threads"));
+
 #ifdef LOWRANK_WITH_CUDA
   m.def(
       "lora_rows_cuda",

@@ -54,6 +54,47 @@ inline void validate_lora_rows(const LoraRowsArgs& a, bool cuda) {
 
 void lora_rows_cpu(const LoraRowsArgs& a, int num_threads);
 
+// The input gradient of the LoRA linear, streaming W once (few-token backward):
+//
+//   out[m, k] = sum_n dy[m, n] * w[n, k]  +  sum_j g[m, j] * a[j, k]
+//
+// with g = s·dy B (fp32, [M, R]) and a = A ([R, K]). The rows of w and a are split over tasks;
+// each task accumulates into its own fp32 slice of `workspace`, and the slices are summed at the end.
+struct LoraInputGradArgs {
+  Matrix out;        // [M, K]  float32 or w's dtype
+  Matrix dy;         // [M, N]  float32
+  Matrix w;          // [N, K]  float32 / bfloat16
+  Matrix g;          // [M, R]  float32, or ptr == 0 for no adapter term
+  Matrix a;          // [R, K]  float32 or w's dtype
+  Matrix workspace;  // [tasks * M, K] float32, tasks >= 1; its row count picks the task count
+};
+
+inline void validate_lora_input_grad(const LoraInputGradArgs& p) {
+  const int64_t M = p.dy.rows, N = p.w.rows, K = p.w.cols;
+  check_matrix(p.dy, "dy", M, N);
+  check_matrix(p.out, "out", M, K);
+  check(p.w.dtype == DType::float32 || p.w.dtype == DType::bfloat16,
+        std::string("w: unsupported dtype ") + dtype_name(p.w.dtype));
+  check(p.dy.dtype == DType::float32, std::string("dy: expected float32, got ") + dtype_name(p.dy.dtype));
+  check(p.out.dtype == DType::float32 || p.out.dtype == p.w.dtype,
+        std::string("out: expected float32 or w's dtype, got ") + dtype_name(p.out.dtype));
+  check((p.g.ptr == 0) == (p.a.ptr == 0), "g and a: give both or neither");
+  if (p.g.ptr) {
+    check_matrix(p.g, "g", M, p.g.cols);
+    check_matrix(p.a, "a", p.g.cols, K);
+    check(p.g.dtype == DType::float32, std::string("g: expected float32, got ") + dtype_name(p.g.dtype));
+    check(p.a.dtype == DType::float32 || p.a.dtype == p.w.dtype,
+          std::string("a: expected float32 or w's dtype, got ") + dtype_name(p.a.dtype));
+  }
+  check(p.workspace.dtype == DType::float32 && p.workspace.cols == K && M > 0 &&
+            p.workspace.rows >= M && p.workspace.rows % M == 0 && p.workspace.ld == K,
+        "workspace: expected a contiguous float32 [tasks * M, K] buffer");
+  for (const Matrix* m : {&p.out, &p.dy, &p.w, &p.g, &p.a, &p.workspace})
+    check(m->ptr == 0 || m->device == -1, "lora_input_grad_cpu: every tensor must be on the CPU");
+}
+
+void lora_input_grad_cpu(const LoraInputGradArgs& a, int num_threads);
+
 #ifdef LOWRANK_WITH_CUDA
 void lora_rows_cuda(const LoraRowsArgs& a, std::uintptr_t stream);
 #endif

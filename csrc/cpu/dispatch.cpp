@@ -12,6 +12,7 @@ namespace lowrank::cpu {
 #define LOWRANK_DECLARE_ISA(ns)                                \
   namespace ns {                                               \
   void lora_rows(const LoraRowsArgs& a, int num_threads);      \
+  void lora_input_grad(const LoraInputGradArgs& a, int num_threads); \
   }
 LOWRANK_DECLARE_ISA(portable)
 LOWRANK_DECLARE_ISA(avx2)
@@ -21,12 +22,13 @@ LOWRANK_DECLARE_ISA(avx512)
 struct Variant {
   const char* name;
   void (*lora_rows)(const LoraRowsArgs&, int);
+  void (*lora_input_grad)(const LoraInputGradArgs&, int);
 };
 
 static const Variant kVariants[] = {
-    {"portable", &portable::lora_rows},
-    {"avx2", &avx2::lora_rows},
-    {"avx512", &avx512::lora_rows},
+    {"portable", &portable::lora_rows, &portable::lora_input_grad},
+    {"avx2", &avx2::lora_rows, &avx2::lora_input_grad},
+    {"avx512", &avx512::lora_rows, &avx512::lora_input_grad},
 };
 
 static bool cpu_supports(const std::string& name) {
@@ -90,6 +92,12 @@ void lora_rows_cpu(const LoraRowsArgs& a, int num_threads) {
   validate_lora_rows(a, /*cuda=*/false);
   if (a.out.rows == 0 || a.out.cols == 0) return;
   cpu::active()->lora_rows(a, num_threads);
+}
+
+void lora_input_grad_cpu(const LoraInputGradArgs& a, int num_threads) {
+  validate_lora_input_grad(a);
+  if (a.out.rows == 0 || a.out.cols == 0) return;
+  cpu::active()->lora_input_grad(a, num_threads);
 }
 
 }  // namespace lowrank

@@ -48,6 +48,7 @@ struct Vec {
   __m512 v;
 };
 inline Vec vzero() { return {_mm512_setzero_ps()}; }
+inline Vec vset1(float f) { return {_mm512_set1_ps(f)}; }
 inline Vec vload(const float* p) { return {_mm512_loadu_ps(p)}; }
 inline Vec vload(const bf16_t* p) {
   __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
@@ -66,6 +67,7 @@ struct Vec {
   __m256 v;
 };
 inline Vec vzero() { return {_mm256_setzero_ps()}; }
+inline Vec vset1(float f) { return {_mm256_set1_ps(f)}; }
 inline Vec vload(const float* p) { return {_mm256_loadu_ps(p)}; }
 inline Vec vload(const bf16_t* p) {
   __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -90,6 +92,11 @@ struct Vec {
   float v[8];
 };
 inline Vec vzero() { return Vec{}; }
+inline Vec vset1(float f) {
+  Vec r;
+  for (int i = 0; i < 8; ++i) r.v[i] = f;
+  return r;
+}
 inline Vec vload(const float* p) {
   Vec r;
   for (int i = 0; i < 8; ++i) r.v[i] = p[i];

@@ -31,3 +31,6 @@ def num_threads() -> int:
 CPU_FUSED_MAX_M = {torch.float32: 64, torch.bfloat16: 64}
 # CUDA: one warp per output row re-reads w per 8 x rows; cuBLAS wins above ~16 rows.
 CUDA_FUSED_MAX_M = 16
+
+# Largest M for the CPU few-token input-gradient kernel (dx = dy W + g A streaming W by rows).
+CPU_INPUT_GRAD_MAX_M = 64

@@ -284,6 +284,24 @@ def _backward_input_native(grad_y, weight, g, lora_a):
     lead = tuple(grad_y.shape[:-1])
     dy = grad_y.reshape(-1, n)
     g2 = None if g is None else g.reshape(-1, g.shape[-1])
+    m = dy.shape[0]
+    if grad_y.device.type == "cpu" and grad_y.dtype in _CPU_NATIVE and 0 < m <= _runtime.CPU_INPUT_GRAD_MAX_M:
+        # Few tokens: stream W once by rows, partial sums per task (csrc/cpu/lora_input_grad.cpp).
+        dy32 = last_dim_contiguous(dy if dy.dtype == torch.float32 else dy.float())
+        weight = last_dim_contiguous(weight)
+        tasks = _runtime.num_threads()
+        workspace = torch.empty(tasks * m, k, dtype=torch.float32)
+        dx = _runtime.empty(m, k, dtype=grad_y.dtype, device=grad_y.device)
+        _C.lora_input_grad_cpu(
+            matrix("out", dx),
+            matrix("grad_y", dy32),
+            matrix("weight", weight),
+            optional_matrix("g", None if g2 is None else last_dim_contiguous(g2)),
+            optional_matrix("lora_a", None if lora_a is None else last_dim_contiguous(lora_a)),
+            matrix("workspace", workspace),
+            tasks,
+        )
+        return dx.reshape(lead + (k,))
     if _gemm.upcast_tiles_needed(weight):
         dx32 = _gemm.matmul_fp32(dy.float(), weight)
         if g2 is not None:
