@@ -23,7 +23,7 @@ _DTYPES = {
 
 
 def _names(dtypes: Iterable[torch.dtype]) -> str:
-    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+    return ", ".join(dict.fromkeys(str(d).replace("torch.", "") for d in dtypes))
 
 
 def check_tensor(

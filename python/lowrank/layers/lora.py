@@ -150,6 +150,8 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     def forward(self, x: Tensor) -> Tensor:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         adapter_input = None

@@ -21,6 +21,7 @@ else (fp16 on CPU, fp64, other devices) runs the reference.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -113,10 +114,10 @@ def lora_linear_forward_reference(x, weight, bias, lora_a, lora_b, scale, adapte
 def lora_linear_backward_adapter_reference(grad_y, adapter_input, u, lora_a, lora_b, scale):
     _check_backward_adapter(grad_y, adapter_input, u, lora_a, lora_b, scale)
     acc = _acc(grad_y.dtype)
-    n, (r, k) = lora_b.shape[0], lora_a.shape
-    dy = grad_y.reshape(-1, n).to(acc)
-    xa = adapter_input.reshape(-1, k).to(acc)
-    u2 = u.reshape(-1, r).to(acc)
+    n, (r, k), m = lora_b.shape[0], lora_a.shape, math.prod(grad_y.shape[:-1])
+    dy = grad_y.reshape(m, n).to(acc)
+    xa = adapter_input.reshape(m, k).to(acc)
+    u2 = u.reshape(m, r).to(acc)
     grad_b = scale * dy.t() @ u2
     g = scale * dy @ lora_b.to(acc)
     grad_a = g.t() @ xa
@@ -176,7 +177,7 @@ def _(x, weight, bias, lora_a, lora_b, scale, adapter_input):
 @lora_linear_backward_adapter.register_fake
 def _(grad_y, adapter_input, u, lora_a, lora_b, scale):
     _check_backward_adapter(grad_y, adapter_input, u, lora_a, lora_b, scale)
-    return torch.empty_like(lora_a), torch.empty_like(lora_b), torch.empty_like(u)
+    return lora_a.new_empty(lora_a.shape), lora_b.new_empty(lora_b.shape), u.new_empty(u.shape)
 
 
 @lora_linear_backward_input.register_fake
@@ -218,10 +219,13 @@ def _forward_native(x, weight, bias, lora_a, lora_b, scale, adapter_input):
     if x.dtype not in native or (x.device.type == "cuda" and not HAS_CUDA_KERNELS):
         return lora_linear_forward_reference(x, weight, bias, lora_a, lora_b, scale, adapter_input)
     lead, k, n, r = tuple(x.shape[:-1]), x.shape[-1], weight.shape[0], lora_a.shape[0]
-    x2 = last_dim_contiguous(x.reshape(-1, k))
-    xa2 = x2 if adapter_input is None else last_dim_contiguous(adapter_input.reshape(-1, k))
-    m = x2.shape[0]
+    m = math.prod(lead)
+    if m == 0 or k == 0 or n == 0:  # empty tensors may have no data pointer: nothing for a kernel
+        return lora_linear_forward_reference(x, weight, bias, lora_a, lora_b, scale, adapter_input)
+    x2 = last_dim_contiguous(x.reshape(m, k))
+    xa2 = x2 if adapter_input is None else last_dim_contiguous(adapter_input.reshape(m, k))
     weight, lora_a, lora_b = (last_dim_contiguous(t) for t in (weight, lora_a, lora_b))
+    bias = None if bias is None else bias.contiguous()
     if _use_fused(x, m):
         # CPU kernels read fp32 activations: widen a bf16 x once (M*K elements, small here).
         cpu = x.device.type == "cpu"
@@ -251,27 +255,46 @@ def _forward_gemm(x2, xa2, weight, bias, lora_a, lora_b, scale):
         y = torch.empty(y32.shape, dtype=x2.dtype, device=x2.device)
         y.copy_(y32)
         return y, u
-    u = torch.mm(xa2.to(lora_a.dtype), lora_a.t())
-    if u.dtype != torch.float32:
-        u = u.float()
+    if x2.dtype == torch.float32:
+        u = torch.mm(xa2, lora_a.t() if lora_a.dtype == torch.float32 else lora_a.float().t())
+        y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+        y.addmm_(u, lora_b.t() if lora_b.dtype == torch.float32 else lora_b.float().t(), alpha=scale)
+        return y, u
+    # bf16/fp16 GEMMs (CUDA, or CPUs with native bf16): u in fp32 from fp32 operands (M*K + r*K
+    # widened, small next to W), and the adapter product accumulated into y's GEMM output with u and B
+    # each split into two 16-bit halves (hi + lo), so nothing is rounded to 16 bits before the sum:
+    # y += s·[u_hi u_lo u_hi]·[B_hi B_hi B_lo]ᵀ, a rank-3r update instead of an M x N fp32 temporary.
+    u = torch.mm(xa2.float(), lora_a.float().t())
     y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
-    y.addmm_(u.to(y.dtype), lora_b.t().to(y.dtype), alpha=scale)
+    u_hi, u_lo = _split_16bit(u, y.dtype)
+    if lora_b.dtype == y.dtype:
+        left, right = torch.cat([u_hi, u_lo], 1), torch.cat([lora_b, lora_b], 1)
+    else:
+        b_hi, b_lo = _split_16bit(lora_b, y.dtype)
+        left, right = torch.cat([u_hi, u_lo, u_hi], 1), torch.cat([b_hi, b_hi, b_lo], 1)
+    y.addmm_(left, right.t(), alpha=scale)
     return y, u
+
+
+def _split_16bit(t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``t ≈ hi + lo`` with both in the 16-bit ``dtype`` (16 significant bits together)."""
+    hi = t.to(dtype)
+    return hi, (t.float() - hi.float()).to(dtype)
 
 
 def _backward_adapter_native(grad_y, adapter_input, u, lora_a, lora_b, scale):
     _check_backward_adapter(grad_y, adapter_input, u, lora_a, lora_b, scale)
     if grad_y.dtype == torch.float64:
         return lora_linear_backward_adapter_reference(grad_y, adapter_input, u, lora_a, lora_b, scale)
-    n, (r, k) = lora_b.shape[0], lora_a.shape
-    dy = grad_y.reshape(-1, n)
+    n, (r, k), m = lora_b.shape[0], lora_a.shape, math.prod(grad_y.shape[:-1])
+    dy = grad_y.reshape(m, n)
     dy32 = dy if dy.dtype == torch.float32 else dy.float()
-    u2 = u.reshape(-1, r)
+    u2 = u.reshape(m, r)
     b32 = lora_b if lora_b.dtype == torch.float32 else lora_b.float()
     # Scale folded into the GEMMs (alpha), no extra passes.
     grad_b = torch.addmm(b32, dy32.t(), u2, beta=0.0, alpha=scale)
     g = torch.addmm(u2, dy32, b32, beta=0.0, alpha=scale)
-    xa = adapter_input.reshape(-1, k)
+    xa = adapter_input.reshape(m, k)
     grad_a = torch.mm(g.t(), xa if xa.dtype == torch.float32 else xa.float())
     return grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), g.reshape(u.shape)
 
@@ -282,13 +305,18 @@ def _backward_input_native(grad_y, weight, g, lora_a):
         return lora_linear_backward_input_reference(grad_y, weight, g, lora_a)
     n, k = weight.shape
     lead = tuple(grad_y.shape[:-1])
-    dy = grad_y.reshape(-1, n)
-    g2 = None if g is None else g.reshape(-1, g.shape[-1])
+    dy = grad_y.reshape(math.prod(lead), n)
+    g2 = None if g is None else g.reshape(dy.shape[0], g.shape[-1])
     m = dy.shape[0]
-    if grad_y.device.type == "cpu" and grad_y.dtype in _CPU_NATIVE and 0 < m <= _runtime.CPU_INPUT_GRAD_MAX_M:
+    if m == 0 or k == 0 or n == 0:
+        return lora_linear_backward_input_reference(grad_y, weight, g, lora_a)
+    if grad_y.device.type == "cpu" and grad_y.dtype in _CPU_NATIVE and m <= _runtime.CPU_INPUT_GRAD_MAX_M:
         # Few tokens: stream W once by rows, partial sums per task (csrc/cpu/lora_input_grad.cpp).
+        # Every tensor whose pointer the kernel gets is held in a local until it returns.
         dy32 = last_dim_contiguous(dy if dy.dtype == torch.float32 else dy.float())
         weight = last_dim_contiguous(weight)
+        g2 = None if g2 is None else last_dim_contiguous(g2)
+        lora_a = None if lora_a is None else last_dim_contiguous(lora_a)
         tasks = _runtime.num_threads()
         workspace = torch.empty(tasks * m, k, dtype=torch.float32)
         dx = _runtime.empty(m, k, dtype=grad_y.dtype, device=grad_y.device)
@@ -296,8 +324,8 @@ def _backward_input_native(grad_y, weight, g, lora_a):
             matrix("out", dx),
             matrix("grad_y", dy32),
             matrix("weight", weight),
-            optional_matrix("g", None if g2 is None else last_dim_contiguous(g2)),
-            optional_matrix("lora_a", None if lora_a is None else last_dim_contiguous(lora_a)),
+            optional_matrix("g", g2),
+            optional_matrix("lora_a", lora_a),
             matrix("workspace", workspace),
             tasks,
         )
@@ -317,3 +345,100 @@ for _device in ("cpu", "cuda"):
     lora_linear_forward.register_kernel(_device)(_forward_native)
     lora_linear_backward_adapter.register_kernel(_device)(_backward_adapter_native)
     lora_linear_backward_input.register_kernel(_device)(_backward_input_native)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd. The forward op's formula is the one LoRALinearFunction uses (lowrank/autograd.py);
+# the two backward ops are (bi)linear, so their own derivatives are written with plain torch ops
+# (double backward, and opcheck with requires-grad inputs).
+# ---------------------------------------------------------------------------------------------
+def forward_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, lora_a, lora_b, scale, adapter_input = inputs
+    _, u = output
+    ctx.scale = scale
+    ctx.has_dropout = adapter_input is not None
+    ctx.has_bias = bias is not None
+    ctx.x_shape = tuple(x.shape)
+    xa = x if adapter_input is None else adapter_input
+    # x itself only when W needs a gradient; the adapter needs x_a and u. Nothing the size of y.
+    ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, xa, weight, lora_a, lora_b, u)
+
+
+def forward_backward(ctx, grad_y: Tensor, _grad_u: Optional[Tensor]):
+    x, xa, weight, lora_a, lora_b, u = ctx.saved_tensors
+    need_x, need_w, need_bias, need_a, need_b, _, need_xa = ctx.needs_input_grad
+    grad_y = grad_y.contiguous()
+    grad_x = grad_w = grad_bias = grad_a = grad_b = grad_xa = None
+    g = None
+    if need_a or need_b or need_x or need_xa:
+        grad_a, grad_b, g = torch.ops.lowrank.lora_linear_backward_adapter(grad_y, xa, u, lora_a, lora_b, ctx.scale)
+    if need_x:
+        if ctx.has_dropout:  # the adapter's gradient flows to dropout(x), not to x directly
+            grad_x = torch.ops.lowrank.lora_linear_backward_input(grad_y, weight, None, None)
+        else:
+            grad_x = torch.ops.lowrank.lora_linear_backward_input(grad_y, weight, g, lora_a)
+    if need_xa and ctx.has_dropout:
+        grad_xa = (g @ lora_a.float()).to(xa.dtype)
+    n, k = weight.shape
+    m = math.prod(ctx.x_shape[:-1])
+    if need_w:
+        grad_w = grad_y.reshape(m, n).t().mm(x.reshape(m, k))
+    if need_bias and ctx.has_bias:
+        grad_bias = grad_y.reshape(m, n).sum(0)
+    return grad_x, grad_w, grad_bias, grad_a if need_a else None, grad_b if need_b else None, None, grad_xa
+
+
+def _backward_adapter_setup_context(ctx, inputs, output) -> None:
+    grad_y, adapter_input, u, lora_a, lora_b, scale = inputs
+    _, _, g = output
+    ctx.scale = scale
+    ctx.save_for_backward(grad_y, adapter_input, u, lora_b, g)
+
+
+def _backward_adapter_backward(ctx, gg_a, gg_b, gg_g):
+    # (grad_a, grad_b, g) = (gᵀ x_a, s·dyᵀ u, s·dy B): bilinear in (dy, x_a, u, B).
+    grad_y, xa, u, lora_b, g = ctx.saved_tensors
+    s, n, r, k = ctx.scale, lora_b.shape[0], lora_b.shape[1], xa.shape[-1]
+    m = math.prod(grad_y.shape[:-1])
+    dy, xa2, u2, g2 = grad_y.reshape(m, n).float(), xa.reshape(m, k).float(), u.reshape(m, r), g.reshape(m, r)
+    gg_a = torch.zeros(r, k, device=u.device) if gg_a is None else gg_a.float()
+    gg_b = torch.zeros(n, r, device=u.device) if gg_b is None else gg_b.float()
+    gg_g = torch.zeros(m, r, device=u.device) if gg_g is None else gg_g.reshape(m, r).float()
+    total_g = gg_g + xa2 @ gg_a.t()  # everything that reaches g, through g itself and through grad_a
+    d_dy = s * (total_g @ lora_b.float().t() + u2 @ gg_b.t())
+    d_xa = g2 @ gg_a
+    d_u = s * (dy @ gg_b)
+    d_b = s * (dy.t() @ total_g)
+    return (
+        d_dy.to(grad_y.dtype).reshape(grad_y.shape),
+        d_xa.to(xa.dtype).reshape(xa.shape),
+        d_u.reshape(u.shape),
+        None,
+        d_b.to(lora_b.dtype),
+        None,
+    )
+
+
+def _backward_input_setup_context(ctx, inputs, output) -> None:
+    grad_y, weight, g, lora_a = inputs
+    ctx.save_for_backward(grad_y, weight, g, lora_a)
+
+
+def _backward_input_backward(ctx, gg_x):
+    # grad_x = dy W + g A: linear in each argument.
+    grad_y, weight, g, lora_a = ctx.saved_tensors
+    n, k = weight.shape
+    m = math.prod(grad_y.shape[:-1])
+    ggx = gg_x.reshape(m, k).float()
+    d_dy = (ggx @ weight.float().t()).to(grad_y.dtype).reshape(grad_y.shape)
+    d_w = (grad_y.reshape(m, n).float().t() @ ggx).to(weight.dtype)
+    d_g = d_a = None
+    if g is not None:
+        d_g = (ggx @ lora_a.float().t()).reshape(g.shape)
+        d_a = (g.reshape(m, -1).t() @ ggx).to(lora_a.dtype)
+    return d_dy, d_w, d_g, d_a
+
+
+lora_linear_forward.register_autograd(forward_backward, setup_context=forward_setup_context)
+lora_linear_backward_adapter.register_autograd(_backward_adapter_backward, setup_context=_backward_adapter_setup_context)
+lora_linear_backward_input.register_autograd(_backward_input_backward, setup_context=_backward_input_setup_context)

@@ -1,0 +1,179 @@
+"""Shared test setup: NaN-poisoned kernel outputs, devices, CPU kernel variants, seeding, and the
+precision-derived comparison every numeric test uses.
+
+Poisoning: LOWRANK_POISON_OUTPUTS=1 is set before lowrank is imported, so every output buffer a
+native kernel writes starts as NaN; an element a kernel forgets to write fails the comparison
+instead of passing with whatever the allocator left there.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["LOWRANK_POISON_OUTPUTS"] = "1"
+
+import zlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lowrank import _C  # noqa: E402  (imported after the env var above, so poisoning is on)
+from lowrank.ops import _runtime  # noqa: E402
+from lowrank.ops import lora as lora_ops  # noqa: E402
+
+_runtime.poison_outputs = True  # in case lowrank was imported before this file ran
+
+HAS_CUDA = bool(torch.cuda.is_available() and lora_ops.HAS_CUDA_KERNELS)
+
+# "cpu" always; "cuda" only where a GPU is usable and lowrank was built with CUDA kernels.
+devices = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+
+_CUDA_SKIP = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and lowrank's CUDA kernels")
+
+
+def device_param(device: str, *values, id=None):
+    """A pytest.param for ``device`` (first value) that skips cleanly when it is cuda and none is usable."""
+    marks = [pytest.mark.cuda, _CUDA_SKIP] if device == "cuda" else []
+    return pytest.param(device, *values, marks=marks, id=id)
+
+
+# Native dtypes per device (fp16 has native kernels on CUDA only; on CPU it runs the reference).
+NATIVE_DTYPES = {"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch.bfloat16, torch.float16)}
+
+_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _SHORT[dtype]
+
+
+def device_dtype_params():
+    """(device, dtype) pairs for every native dtype on cpu and cuda; cuda ones skip without a GPU."""
+    return [
+        device_param(dev, dt, id=f"{dev}-{dtype_name(dt)}") for dev in ("cpu", "cuda") for dt in NATIVE_DTYPES[dev]
+    ]
+
+
+@pytest.fixture(params=list(_C.supported_cpu_isas()))
+def cpu_isa(request):
+    """Runs the test once per CPU kernel variant this CPU supports; restores the original after."""
+    original = _C.cpu_isa()
+    _C.set_cpu_isa(request.param)
+    assert _C.cpu_isa() == request.param
+    try:
+        yield request.param
+    finally:
+        _C.set_cpu_isa(original)
+
+
+@pytest.fixture(autouse=True)
+def _seed_per_test(request):
+    """Fresh random data per test, reproducible from the test's id."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+# Every M goes to a fused kernel when its crossover is set this high; none does at -1 (not even M=0).
+_ALWAYS, _NEVER = 1 << 30, -1
+
+
+@pytest.fixture
+def force_path(monkeypatch):
+    """``force_path("fused" | "gemm")``: make the dispatcher send every M to the fused row kernels
+    (forward) and the few-token input-gradient kernel (backward), or to the GEMM path."""
+
+    def force(path: str) -> None:
+        if path not in ("fused", "gemm"):
+            raise ValueError(path)
+        limit = _ALWAYS if path == "fused" else _NEVER
+        monkeypatch.setattr(_runtime, "CPU_FUSED_MAX_M", {dt: limit for dt in _runtime.CPU_FUSED_MAX_M})
+        monkeypatch.setattr(_runtime, "CUDA_FUSED_MAX_M", limit)
+        if hasattr(_runtime, "CPU_INPUT_GRAD_MAX_M"):
+            monkeypatch.setattr(_runtime, "CPU_INPUT_GRAD_MAX_M", limit)
+
+    return force
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Names of the native kernels (lowrank._C.lora_*) called during the test, in call order."""
+    calls = []
+    for name in [n for n in dir(_C) if n.startswith("lora_")]:
+        original = getattr(_C, name)
+
+        def spy(*args, _original=original, _name=name):
+            calls.append(_name)
+            return _original(*args)
+
+        monkeypatch.setattr(_C, name, spy)
+    return calls
+
+
+# ---------------------------------------------------------------------------------------------
+# Precision-derived comparison
+# ---------------------------------------------------------------------------------------------
+# The kernel's largest error against the float64 result may be at most ERROR_FACTOR times the largest
+# error of the pure-PyTorch reference computed in the same dtype, plus a floor of one fp32 rounding
+# (unit roundoff 2^-24) of the largest |term| sum (``magnitude``: the same float64 formula evaluated on
+# the inputs' absolute values). The floor only matters where the reference happens to be exact or,
+# for a handful of outputs, lucky; it is 2^16 times below one bf16 rounding of the same terms.
+ERROR_FACTOR = 3.0
+FP32_UNIT_ROUNDOFF = 2.0**-24
+
+
+def max_error(got: torch.Tensor, exact: torch.Tensor) -> float:
+    if got.numel() == 0:
+        return 0.0
+    return (got.double() - exact.double()).abs().max().item()
+
+
+def assert_error_within(name: str, got, same_dtype_ref, exact, magnitude=None, *, factor: float = ERROR_FACTOR) -> None:
+    """``got`` (kernel) is no further from ``exact`` (float64) than ``factor`` x the reference's own error."""
+    assert got.shape == exact.shape, f"{name}: shape {tuple(got.shape)} != expected {tuple(exact.shape)}"
+    assert got.dtype == same_dtype_ref.dtype, f"{name}: dtype {got.dtype} != reference dtype {same_dtype_ref.dtype}"
+    if got.numel() == 0:
+        return
+    assert torch.isfinite(got).all(), f"{name}: non-finite values (an output element was never written?)"
+    scale = (exact if magnitude is None else magnitude).double().abs().max().item()
+    floor = FP32_UNIT_ROUNDOFF * scale
+    err = max_error(got, exact)
+    err_ref = max_error(same_dtype_ref, exact)
+    bound = factor * err_ref + floor
+    assert err <= bound, (
+        f"{name}: max error {err:.3g} vs float64 exceeds {factor:g} x the same-dtype reference's "
+        f"{err_ref:.3g} + floor {floor:.3g} (term magnitude {scale:.3g})"
+    )
+
+
+def absolute(t):
+    """|t| in float64 (None stays None; a float becomes its absolute value)."""
+    if t is None:
+        return None
+    if isinstance(t, (int, float)):
+        return abs(t)
+    return t.detach().double().abs()
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain-PyTorch LoRA (the oracle when run in float64; PyTorch's own error when run in a low dtype)
+# ---------------------------------------------------------------------------------------------
+def plain_lora_linear(x, weight, bias, lora_a, lora_b, scale, adapter_input=None):
+    """``y = x Wᵀ + bias + s·(x_a Aᵀ) Bᵀ`` with plain torch ops (differentiable), in the inputs' dtypes."""
+    xa = x if adapter_input is None else adapter_input
+    base = torch.nn.functional.linear(x, weight, bias)
+    u = torch.nn.functional.linear(xa.to(lora_a.dtype), lora_a)
+    return base + scale * torch.nn.functional.linear(u, lora_b).to(base.dtype)
+
+
+def fp64(t):
+    """A float64 copy of ``t`` (None stays None)."""
+    return None if t is None else t.detach().double()
+
+
+def lora_forward_fp64(x, weight, bias, lora_a, lora_b, scale, adapter_input=None):
+    """The exact answer for the given (already rounded) inputs: ``(y, u)`` in float64."""
+    xa = fp64(x if adapter_input is None else adapter_input)
+    u = xa @ fp64(lora_a).t()
+    y = fp64(x) @ fp64(weight).t() + scale * (u @ fp64(lora_b).t())
+    if bias is not None:
+        y = y + fp64(bias)
+    return y, u
