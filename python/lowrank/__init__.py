@@ -6,6 +6,8 @@ hand-written C++ (CPU) and CUDA kernels.
     lowrank.info()                                               # what was built, what runs here
 """
 
+import torch  # noqa: F401  (first: _C's libgomp.so.1 must bind to the OpenMP runtime torch loaded)
+
 from . import _C
 from ._info import info
 from .autograd import LoRALinearFunction
