@@ -85,7 +85,7 @@ def force_path(monkeypatch):
         if path not in ("fused", "gemm"):
             raise ValueError(path)
         limit = _ALWAYS if path == "fused" else _NEVER
-        monkeypatch.setattr(_runtime, "CPU_FUSED_MAX_M", {dt: limit for dt in _runtime.CPU_FUSED_MAX_M})
+        monkeypatch.setattr(_runtime, "CPU_FUSED_MAX_M", {dt: limit for dt in (torch.float32, torch.bfloat16)})
         monkeypatch.setattr(_runtime, "CUDA_FUSED_MAX_M", limit)
         if hasattr(_runtime, "CPU_INPUT_GRAD_MAX_M"):
             monkeypatch.setattr(_runtime, "CPU_INPUT_GRAD_MAX_M", limit)

@@ -25,12 +25,33 @@ def num_threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-# Largest token count M that takes the fused row kernels; above it the GEMM path wins.
-# Measured with benchmarks/bench_crossover.py (4096 -> 11008, 2 threads, this CPU, see README):
-# fp32: fused beats MKL up to M = 64 (the kernel's limit); bf16: fused wins at every M <= 64.
-CPU_FUSED_MAX_M = {torch.float32: 64, torch.bfloat16: 64}
-# CUDA: one warp per output row re-reads w per 8 x rows; cuBLAS wins above ~16 rows.
+# Largest token count M that takes the CPU fused row kernels; above it the GEMM path runs.
+# Measured here (AMD EPYC, AVX2, 2 threads, 4096 -> 11008, r=16, interleaved medians,
+# benchmarks/bench_crossover.py): the fused kernel beats torch's MKL GEMM at every M measured,
+# fp32 13.7 vs 52.2 ms at M=16, 40.6 vs 93.6 at M=64, 317 vs 386 at M=512; bf16 (against the
+# tile-widened fp32 GEMM) 14.8 vs 22.0 at M=16, 326 vs 388 at M=512. So on AVX2 there is no
+# crossover. The AVX-512 and portable variants were not measured (no AVX-512 CPU here); they keep
+# the fused path to M <= 64, the few-token regime it was written for.
+_UNBOUNDED = 1 << 62
+CPU_FUSED_MAX_M_BY_ISA = {"avx2": _UNBOUNDED, "avx512": 64, "portable": 64}
+# Tests and benchmarks may pin a limit for every variant: {dtype: max M}; None uses the table above.
+CPU_FUSED_MAX_M = None
+
+
+def cpu_fused_max_m(dtype: torch.dtype) -> int:
+    if CPU_FUSED_MAX_M is not None:
+        return CPU_FUSED_MAX_M[dtype]
+    from .. import _C
+
+    return CPU_FUSED_MAX_M_BY_ISA.get(_C.cpu_isa(), 64)
+
+
+# CUDA: one warp per output row re-reads W once per 8 x rows; above ~16 rows cuBLAS should win
+# (not yet measured on a GPU).
 CUDA_FUSED_MAX_M = 16
 
-# Largest M for the CPU few-token input-gradient kernel (dx = dy W + g A streaming W by rows).
-CPU_INPUT_GRAD_MAX_M = 64
+# Largest M for the CPU few-token input-gradient kernel (dx = dy W + g A, W streamed by rows).
+# Measured as above: kernel vs torch GEMM (tile-widened for bf16), fp32 23.0 vs 33.3 ms at M=16,
+# 39.1 vs 37.2 at 24, 42.2 vs 42.8 at 32, 64.2 vs 53.3 at 48; bf16 34.8 vs 36.8 at 24,
+# 43.5 vs 40.5 at 32. Crossover ~24-32.
+CPU_INPUT_GRAD_MAX_M = 24

@@ -209,7 +209,7 @@ def _fused_rows(out, x, w, bias, v, e, scale) -> None:
 
 def _use_fused(x: Tensor, m: int) -> bool:
     if x.device.type == "cpu":
-        return x.dtype in _CPU_NATIVE and m <= _runtime.CPU_FUSED_MAX_M[x.dtype]
+        return x.dtype in _CPU_NATIVE and m <= _runtime.cpu_fused_max_m(x.dtype)
     return HAS_CUDA_KERNELS and x.dtype in _CUDA_NATIVE and m <= _runtime.CUDA_FUSED_MAX_M
 
 
