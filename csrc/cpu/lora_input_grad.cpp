@@ -26,28 +26,10 @@ constexpr int64_t REDUCE_COLS = 512;
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// P[m, 0:kb] += sum_i c[i] * rows[i][0:kb] for one x row m.
-template <int NBT>
-inline void fold_rows(float* P, const float* const* rows, const float* c, int64_t kb) {
-  constexpr int W = Vec::width;
-  Vec cv[NBT];
-  for (int i = 0; i < NBT; ++i) cv[i] = vset1(c[i]);
-  int64_t k = 0;
-  for (; k + W <= kb; k += W) {
-    Vec acc = vload(P + k);
-    for (int i = 0; i < NBT; ++i) acc = vfma(cv[i], vload(rows[i] + k), acc);
-    vstore(P + k, acc);
-  }
-  for (; k < kb; ++k) {
-    float acc = P[k];
-    for (int i = 0; i < NBT; ++i) acc += c[i] * rows[i][k];
-    P[k] = acc;
-  }
-}
-
-// Same for bf16 rows read directly (M == 1: each row is used once, widening would only add stores).
-template <int NBT>
-inline void fold_rows(float* P, const bf16_t* const* rows, const float* c, int64_t kb) {
+// P[m, 0:kb] += sum_i c[i] * rows[i][0:kb] for one x row m. Rows are fp32 (or bf16 read directly
+// when M == 1: each row is used once, and widening it first would only add stores).
+template <int NBT, class T>
+inline void fold_rows(float* P, const T* const* rows, const float* c, int64_t kb) {
   constexpr int W = Vec::width;
   Vec cv[NBT];
   for (int i = 0; i < NBT; ++i) cv[i] = vset1(c[i]);
