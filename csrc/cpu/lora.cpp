@@ -9,11 +9,13 @@
 //   bias [N]     w's dtype (optional)
 //   out  [M, N]  fp32 or bf16; accumulation is fp32, one rounding at the end
 //
-// This is the few-token path (M up to ~16): memory-bound at M=1, where the whole job is to stream w
-// once at the machine's read bandwidth, and FMA-bound by M=16. Work splits over tiles of NR rows of
-// w; each tile keeps NR x MR fp32 vector accumulators in registers. When M > MR the K loop is
-// blocked (KC) so the NR rows of the current block stay in L1 while every MR-row group of x passes
-// over them. The adapter term for a row is a dot of length R done right after, while e's row is hot.
+// Memory-bound at M=1, where the whole job is to stream w once at the machine's read bandwidth, and
+// FMA-bound from M~16 on. Work splits over tiles of NR rows of w; each tile keeps NR x MR fp32 vector
+// accumulators in registers. When M > MR the K loop is blocked (KC) so the NR rows of the current
+// block stay in L1 while every MR-row group of x passes over them; beyond 64 token rows, w is
+// streamed again per 64 rows (run()). On AVX2 this beat torch's MKL GEMM at every M measured
+// (ops/_runtime.py), so there it serves many tokens too. The adapter term for a row is a dot of
+// length R done right after, while e's row is hot.
 #include <cstdint>
 
 #include "cpu/simd.h"
