@@ -52,11 +52,11 @@ PYBIND11_MODULE(_C, m) {
       .value("uint8", DType::uint8);
 
   py::class_<Matrix>(m, "Matrix", "A strided row-major view: element (i, j) at ptr + (i*ld + j)*itemsize")
+      // Positional only: built several times per layer call, keyword matching would cost more.
       .def(py::init([](std::uintptr_t ptr, int64_t rows, int64_t cols, int64_t ld, DType dtype, int device) {
-             check(rows >= 0 && cols >= 0, "Matrix: negative size");
-             return Matrix{ptr, rows, cols, ld, dtype, device};
-           }),
-           py::arg("ptr"), py::arg("rows"), py::arg("cols"), py::arg("ld"), py::arg("dtype"), py::arg("device"))
+        check(rows >= 0 && cols >= 0, "Matrix: negative size");
+        return Matrix{ptr, rows, cols, ld, dtype, device};
+      }))
       .def_readonly("rows", &Matrix::rows)
       .def_readonly("cols", &Matrix::cols)
       .def_readonly("ld", &Matrix::ld)
