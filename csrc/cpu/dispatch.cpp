@@ -4,7 +4,6 @@
 #include <string>
 #include <vector>
 
-#include "cpu/thread_pool.h"
 #include "lora.h"
 
 namespace lowrank::cpu {

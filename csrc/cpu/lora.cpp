@@ -17,9 +17,10 @@
 // (ops/_runtime.py), so there it serves many tokens too. The adapter term for a row is a dot of
 // length R done right after, while e's row is hot.
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/simd.h"
-#include "cpu/thread_pool.h"
+#include "cpu/parallel_for.h"
 #include "lora.h"
 
 namespace lowrank::cpu::LOWRANK_ISA {
@@ -78,9 +79,6 @@ inline void tile_dispatch(int mr, const TW* const* wrow, const float* x, int64_t
   }
 }
 
-template <class T> struct IsFloat { static constexpr bool value = false; };
-template <> struct IsFloat<float> { static constexpr bool value = true; };
-
 template <class TW, class TE, class TO>
 struct RowsJob {
   const LoraRowsArgs* a;
@@ -97,7 +95,7 @@ struct RowsJob {
     const int64_t kc = M <= MR ? (K > 0 ? K : 1) : KC;
     // bf16 rows re-read by more than one x-row group are widened once per K block (measured at
     // M=16, 4096x11008: 17.5 ms converting in the inner loop vs fp32's 11.7 ms).
-    const bool widen_block = !IsFloat<TW>::value && M > MR;
+    const bool widen_block = !std::is_same<TW, float>::value && M > MR;
     alignas(64) float wide[NR][KC];
 
     for (int64_t n0 = n_begin; n0 < n_end; n0 += NR) {

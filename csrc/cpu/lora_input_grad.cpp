@@ -12,9 +12,10 @@
 // memory operand (NB=8 -> 9 loads per 8 FMAs). bf16 rows are widened once per K block when M > 1.
 // Then the partials are summed column block by column block, and rounded once to out's dtype.
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu/simd.h"
-#include "cpu/thread_pool.h"
+#include "cpu/parallel_for.h"
 #include "lora.h"
 
 namespace lowrank::cpu::LOWRANK_ISA {
@@ -60,15 +61,12 @@ inline void fold_dispatch(int nb, float* P, const T* const* rows, const float* c
   }
 }
 
-template <class T> struct IsFloat { static constexpr bool value = false; };
-template <> struct IsFloat<float> { static constexpr bool value = true; };
-
 // P[M, K] += coef[:, r0:r1] · src[r0:r1, :]
 template <class T>
 void fold_range(float* P, int64_t M, int64_t K, const T* src, int64_t ld_src, const float* coef, int64_t ld_coef,
                 int64_t r0, int64_t r1) {
   alignas(64) float wide[NB][KB];
-  const bool widen_block = !IsFloat<T>::value && M > 1;
+  const bool widen_block = !std::is_same<T, float>::value && M > 1;
   for (int64_t n0 = r0; n0 < r1; n0 += NB) {
     const int nb = int(min64(NB, r1 - n0));
     const T* rows[NB];

@@ -17,18 +17,17 @@ import torch
 
 # Workspace size: 1 Mi floats (4 MiB) per tile; it stays in the 16 MiB L3 while the GEMM packs it.
 _TILE_FLOATS = 1 << 20
-_workspaces: dict = {}
-_workspace_lock = threading.Lock()
+# One buffer per (thread, device): two threads never share one, and a thread's buffers go with it.
+_per_thread = threading.local()
 
 
 def _workspace(numel: int, device: torch.device) -> torch.Tensor:
-    """A flat fp32 buffer of at least ``numel`` elements, reused across calls on ``device``."""
-    key = (device.type, device.index, threading.get_ident())
-    with _workspace_lock:
-        buf = _workspaces.get(key)
-        if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=torch.float32, device=device)
-            _workspaces[key] = buf
+    """A flat fp32 buffer of at least ``numel`` elements, reused across this thread's calls on ``device``."""
+    buffers = _per_thread.__dict__.setdefault("buffers", {})
+    key = (device.type, device.index)
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[key] = torch.empty(numel, dtype=torch.float32, device=device)
     return buf[:numel]
 
 

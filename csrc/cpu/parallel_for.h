@@ -1,4 +1,4 @@
-// Parallel loops for the CPU kernels, on the OpenMP runtime torch itself uses (thread_pool.cpp).
+// Parallel loops for the CPU kernels, on the OpenMP runtime torch itself uses (parallel_for.cpp).
 // The caller passes the thread count torch uses (torch.get_num_threads()), so lowrank never runs
 // more threads than torch would: our kernels run between torch ops, on the same threads.
 #pragma once
