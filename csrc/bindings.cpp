@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "lora.h"
+#include "nf4.h"
 
 namespace py = pybind11;
 using namespace lowrank;
@@ -97,6 +98,87 @@ PYBIND11_MODULE(_C, m) {
       },
       "CUDA version of lora_rows_cpu; runs on `stream` (a raw cudaStream_t)", py::arg("out"), py::arg("x"),
       py::arg("w"), py::arg("bias"), py::arg("v"), py::arg("e"), py::arg("scale"), py::arg("stream"));
+#endif
+
+  // ---- NF4 -------------------------------------------------------------------------------------
+  py::class_<Nf4Weight>(m, "Nf4Weight", "A packed NF4 weight: raw addresses of codes and scales, shape, block sizes")
+      .def(py::init([](std::uintptr_t codes, int64_t rows, int64_t cols, int64_t blocksize, std::uintptr_t absmax,
+                       std::uintptr_t qabsmax, std::uintptr_t code2, std::uintptr_t absmax2, std::uintptr_t offset,
+                       int64_t blocksize2, int device) {
+        Nf4Weight w{codes, rows, cols, blocksize, absmax, qabsmax, code2, absmax2, offset, blocksize2, device};
+        validate_nf4_weight(w, "weight");
+        return w;
+      }))
+      .def_readonly("rows", &Nf4Weight::rows)
+      .def_readonly("cols", &Nf4Weight::cols)
+      .def_readonly("blocksize", &Nf4Weight::blocksize);
+
+  m.def(
+      "nf4_quantize_cpu",
+      [](std::uintptr_t input, DType dtype, int64_t n, int64_t blocksize, std::uintptr_t codes, std::uintptr_t absmax,
+         int num_threads) {
+        Nf4QuantizeArgs a{input, dtype, n, blocksize, codes, absmax, 0, -1};
+        py::gil_scoped_release nogil;
+        nf4_quantize_cpu(a, num_threads);
+      },
+      "NF4 codes (2 per byte, first in the high nibble) and fp32 absmax of n contiguous values");
+  m.def(
+      "nf4_double_quant_cpu",
+      [](std::uintptr_t absmax, int64_t n, std::uintptr_t offset, std::uintptr_t code2, int64_t blocksize2,
+         std::uintptr_t qabsmax, std::uintptr_t absmax2, int num_threads) {
+        Nf4DoubleQuantArgs a{absmax, n, offset, code2, blocksize2, qabsmax, absmax2, -1};
+        py::gil_scoped_release nogil;
+        nf4_double_quant_cpu(a, num_threads);
+      },
+      "8-bit codes of absmax - offset in blocks of blocksize2, nearest entry of code2");
+  m.def(
+      "nf4_dequantize_cpu",
+      [](const Nf4Weight& w, int64_t row0, const Matrix& out, int num_threads) {
+        Nf4DequantizeArgs a{w, row0, out};
+        py::gil_scoped_release nogil;
+        nf4_dequantize_cpu(a, num_threads);
+      },
+      "out[i, :] = dequant(W)[row0 + i, :] (fp32 decode, one rounding to out's dtype)");
+  m.def(
+      "nf4_rows_cpu",
+      [](const Matrix& out, const Matrix& x, const Nf4Weight& w, const std::optional<Matrix>& bias,
+         const std::optional<Matrix>& v, const std::optional<Matrix>& e, float scale, int num_threads) {
+        Nf4RowsArgs a{out, x, w, opt(bias), opt(v), opt(e), scale};
+        py::gil_scoped_release nogil;
+        nf4_rows_cpu(a, num_threads);
+      },
+      "out[m,n] = x[m]·dequant(W)[n] + bias[n] + scale * v[m]·e[n] (fp32 accumulation)");
+
+#ifdef LOWRANK_WITH_CUDA
+  m.def(
+      "nf4_quantize_cuda",
+      [](std::uintptr_t input, DType dtype, int64_t n, int64_t blocksize, std::uintptr_t codes, std::uintptr_t absmax,
+         std::uintptr_t status, int device, std::uintptr_t stream) {
+        Nf4QuantizeArgs a{input, dtype, n, blocksize, codes, absmax, status, device};
+        py::gil_scoped_release nogil;
+        nf4_quantize_cuda(a, stream);
+      });
+  m.def(
+      "nf4_double_quant_cuda",
+      [](std::uintptr_t absmax, int64_t n, std::uintptr_t offset, std::uintptr_t code2, int64_t blocksize2,
+         std::uintptr_t qabsmax, std::uintptr_t absmax2, int device, std::uintptr_t stream) {
+        Nf4DoubleQuantArgs a{absmax, n, offset, code2, blocksize2, qabsmax, absmax2, device};
+        py::gil_scoped_release nogil;
+        nf4_double_quant_cuda(a, stream);
+      });
+  m.def("nf4_dequantize_cuda", [](const Nf4Weight& w, int64_t row0, const Matrix& out, std::uintptr_t stream) {
+    Nf4DequantizeArgs a{w, row0, out};
+    py::gil_scoped_release nogil;
+    nf4_dequantize_cuda(a, stream);
+  });
+  m.def(
+      "nf4_rows_cuda",
+      [](const Matrix& out, const Matrix& x, const Nf4Weight& w, const std::optional<Matrix>& bias,
+         const std::optional<Matrix>& v, const std::optional<Matrix>& e, float scale, std::uintptr_t stream) {
+        Nf4RowsArgs a{out, x, w, opt(bias), opt(v), opt(e), scale};
+        py::gil_scoped_release nogil;
+        nf4_rows_cuda(a, stream);
+      });
 #endif
 
   m.def("supported_cpu_isas", &cpu::supported_isas, "CPU kernel variants this CPU can run");

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "lora.h"
+#include "nf4.h"
 
 namespace lowrank::cpu {
 
@@ -12,6 +13,10 @@ namespace lowrank::cpu {
   namespace ns {                                               \
   void lora_rows(const LoraRowsArgs& a, int num_threads);      \
   void lora_input_grad(const LoraInputGradArgs& a, int num_threads); \
+  void nf4_quantize(const Nf4QuantizeArgs& a, int num_threads);       \
+  void nf4_double_quant(const Nf4DoubleQuantArgs& a, int num_threads); \
+  void nf4_dequantize(const Nf4DequantizeArgs& a, int num_threads);   \
+  void nf4_rows(const Nf4RowsArgs& a, int num_threads);               \
   }
 LOWRANK_DECLARE_ISA(portable)
 LOWRANK_DECLARE_ISA(avx2)
@@ -22,12 +27,19 @@ struct Variant {
   const char* name;
   void (*lora_rows)(const LoraRowsArgs&, int);
   void (*lora_input_grad)(const LoraInputGradArgs&, int);
+  void (*nf4_quantize)(const Nf4QuantizeArgs&, int);
+  void (*nf4_double_quant)(const Nf4DoubleQuantArgs&, int);
+  void (*nf4_dequantize)(const Nf4DequantizeArgs&, int);
+  void (*nf4_rows)(const Nf4RowsArgs&, int);
 };
 
 static const Variant kVariants[] = {
-    {"portable", &portable::lora_rows, &portable::lora_input_grad},
-    {"avx2", &avx2::lora_rows, &avx2::lora_input_grad},
-    {"avx512", &avx512::lora_rows, &avx512::lora_input_grad},
+    {"portable", &portable::lora_rows, &portable::lora_input_grad, &portable::nf4_quantize, &portable::nf4_double_quant,
+     &portable::nf4_dequantize, &portable::nf4_rows},
+    {"avx2", &avx2::lora_rows, &avx2::lora_input_grad, &avx2::nf4_quantize, &avx2::nf4_double_quant,
+     &avx2::nf4_dequantize, &avx2::nf4_rows},
+    {"avx512", &avx512::lora_rows, &avx512::lora_input_grad, &avx512::nf4_quantize, &avx512::nf4_double_quant,
+     &avx512::nf4_dequantize, &avx512::nf4_rows},
 };
 
 static bool cpu_supports(const std::string& name) {
@@ -97,6 +109,30 @@ void lora_input_grad_cpu(const LoraInputGradArgs& a, int num_threads) {
   validate_lora_input_grad(a);
   if (a.out.rows == 0 || a.out.cols == 0) return;
   cpu::active()->lora_input_grad(a, num_threads);
+}
+
+void nf4_quantize_cpu(const Nf4QuantizeArgs& a, int num_threads) {
+  validate_nf4_quantize(a, /*cuda=*/false);
+  if (a.n == 0) return;
+  cpu::active()->nf4_quantize(a, num_threads);
+}
+
+void nf4_double_quant_cpu(const Nf4DoubleQuantArgs& a, int num_threads) {
+  validate_nf4_double_quant(a, /*cuda=*/false);
+  if (a.n == 0) return;
+  cpu::active()->nf4_double_quant(a, num_threads);
+}
+
+void nf4_dequantize_cpu(const Nf4DequantizeArgs& a, int num_threads) {
+  validate_nf4_dequantize(a, /*cuda=*/false);
+  if (a.out.rows == 0 || a.out.cols == 0) return;
+  cpu::active()->nf4_dequantize(a, num_threads);
+}
+
+void nf4_rows_cpu(const Nf4RowsArgs& a, int num_threads) {
+  validate_nf4_rows(a, /*cuda=*/false);
+  if (a.out.rows == 0 || a.out.cols == 0) return;
+  cpu::active()->nf4_rows(a, num_threads);
 }
 
 }  // namespace lowrank

@@ -3,6 +3,7 @@ hand-written C++ (CPU) and CUDA kernels.
 
     import lowrank
     layer = lowrank.LoRALinear(4096, 4096, r=16, alpha=32)       # or LoRALinear.from_linear(linear)
+    qlayer = lowrank.QLoRALinear.from_linear(linear, r=16)       # NF4 base + LoRA (QLoRA)
     lowrank.info()                                               # what was built, what runs here
 """
 
@@ -10,9 +11,18 @@ import torch  # noqa: F401  (first: _C's libgomp.so.1 must bind to the OpenMP ru
 
 from . import _C
 from ._info import info
-from .autograd import LoRALinearFunction
-from .layers import LoRALinear
+from .autograd import LoRALinearFunction, NF4LinearFunction
+from .layers import LoRALinear, NF4Linear, QLoRALinear, quantize_nf4
 
 __version__ = _C.build_info()["version"]
 
-__all__ = ["LoRALinear", "LoRALinearFunction", "info", "__version__"]
+__all__ = [
+    "LoRALinear",
+    "LoRALinearFunction",
+    "NF4Linear",
+    "NF4LinearFunction",
+    "QLoRALinear",
+    "quantize_nf4",
+    "info",
+    "__version__",
+]

@@ -1,5 +1,6 @@
 """Drop-in ``nn.Module``s, one file per method."""
 
 from .lora import LoRALinear
+from .nf4 import NF4Linear, QLoRALinear, quantize_nf4
 
-__all__ = ["LoRALinear"]
+__all__ = ["LoRALinear", "NF4Linear", "QLoRALinear", "quantize_nf4"]

@@ -84,31 +84,35 @@ class LoRALinear(nn.Module):
         return self
 
     def _init_from(self, weight, bias, r, alpha, dropout, use_rslora, adapter_dtype) -> None:
+        if not weight.dtype.is_floating_point:
+            raise TypeError(f"weight: expected a floating-point base weight, got {weight.dtype}")
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.weight.requires_grad_(False)
+        self.bias = bias
+        if bias is not None:
+            self.bias.requires_grad_(False)
+        self._init_adapter(r, alpha, dropout, use_rslora, weight.device, adapter_dtype or weight.dtype)
+        self.merged = False
+        self.register_load_state_dict_post_hook(LoRALinear._allow_base_only_state_dict)
+
+    def _init_adapter(self, r, alpha, dropout, use_rslora, device, dtype) -> None:
+        """Validates the LoRA options and creates ``lora_A``/``lora_B``/``lora_dropout`` on ``self``
+        (which has ``in_features``/``out_features``); shared with QLoRALinear."""
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise ValueError(f"r: expected a positive int, got {r!r}")
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
             raise TypeError(f"alpha: expected a number, got {type(alpha).__name__}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
-        if not weight.dtype.is_floating_point:
-            raise TypeError(f"weight: expected a floating-point base weight, got {weight.dtype}")
-        self.out_features, self.in_features = weight.shape
         self.r = r
         self.alpha = float(alpha)
         self.use_rslora = bool(use_rslora)
         self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
-        self.weight = weight
-        self.weight.requires_grad_(False)
-        self.bias = bias
-        if bias is not None:
-            self.bias.requires_grad_(False)
-        factory = dict(device=weight.device, dtype=adapter_dtype or weight.dtype)
-        self.lora_A = LoRAFactor(r, self.in_features, **factory)
-        self.lora_B = LoRAFactor(self.out_features, r, **factory)
+        self.lora_A = LoRAFactor(r, self.in_features, device=device, dtype=dtype)
+        self.lora_B = LoRAFactor(self.out_features, r, device=device, dtype=dtype)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
-        self.reset_lora_parameters()
-        self.register_load_state_dict_post_hook(LoRALinear._allow_base_only_state_dict)
+        LoRALinear.reset_lora_parameters(self)
 
     def reset_lora_parameters(self) -> None:
         """PEFT's default init: A Kaiming-uniform (a=√5, as nn.Linear), B zeros."""

@@ -3,9 +3,12 @@ a schema, a fake kernel, CPU and CUDA kernels and a pure-PyTorch reference kerne
 
 LoRA (lowrank/ops/lora.py): lora_linear_forward, lora_linear_backward_adapter,
 lora_linear_backward_input.
+
+NF4 / QLoRA (lowrank/ops/nf4.py): nf4_quantize, nf4_double_quant, nf4_dequantize, nf4_linear_forward,
+nf4_linear_backward_input.
 """
 
-from . import lora
+from . import lora, nf4
 from .lora import (
     lora_linear_backward_adapter,
     lora_linear_backward_adapter_reference,
@@ -17,6 +20,7 @@ from .lora import (
 
 __all__ = [
     "lora",
+    "nf4",
     "lora_linear_forward",
     "lora_linear_forward_reference",
     "lora_linear_backward_adapter",

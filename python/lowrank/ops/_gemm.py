@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -48,39 +48,57 @@ def _tile_rows(k: int) -> int:
     return max(16, _TILE_FLOATS // max(k, 1))
 
 
-def linear_t_fp32(x32: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x32 @ weight.T`` in fp32 for any float ``weight`` [N, K]; x32 is fp32 [M, K].
+def linear_tiles_fp32(x32: torch.Tensor, n: int, k: int, fill: Callable[[int, torch.Tensor], None]) -> torch.Tensor:
+    """``x32 @ Wᵀ`` in fp32 for a weight [n, k] that ``fill(n0, tile)`` writes into fp32 row tiles.
 
-    Returns an fp32 [M, N] tensor (a transposed view of an [N, M] buffer when tiled).
+    Returns an fp32 [M, n] tensor: a transposed view of an [n, M] buffer, so each tile's product
+    lands in contiguous rows.
     """
-    n, k = weight.shape
-    if weight.dtype == torch.float32:
-        return torch.mm(x32, weight.t())
     rows = _tile_rows(k)
-    ws = _workspace(min(rows, n) * k, weight.device)
+    ws = _workspace(min(rows, n) * k, x32.device)
     y_t = torch.empty(n, x32.shape[0], dtype=torch.float32, device=x32.device)
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
         tile = ws[: (n1 - n0) * k].view(n1 - n0, k)
-        tile.copy_(weight[n0:n1])
+        fill(n0, tile)
         torch.mm(tile, x32.t(), out=y_t[n0:n1])
     return y_t.t()
 
 
-def matmul_fp32(dy32: torch.Tensor, weight: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``dy32 @ weight`` in fp32 for any float ``weight`` [N, K]; dy32 is fp32 [M, N]."""
-    n, k = weight.shape
-    if weight.dtype == torch.float32:
-        return torch.mm(dy32, weight, out=out) if out is not None else torch.mm(dy32, weight)
+def matmul_tiles_fp32(
+    dy32: torch.Tensor, n: int, k: int, fill: Callable[[int, torch.Tensor], None], out: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``dy32 @ W`` in fp32 ([M, k]) for a weight [n, k] that ``fill(n0, tile)`` writes into row tiles."""
     rows = _tile_rows(k)
-    ws = _workspace(min(rows, n) * k, weight.device)
+    ws = _workspace(min(rows, n) * k, dy32.device)
     dx = out if out is not None else torch.empty(dy32.shape[0], k, dtype=torch.float32, device=dy32.device)
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
         tile = ws[: (n1 - n0) * k].view(n1 - n0, k)
-        tile.copy_(weight[n0:n1])
+        fill(n0, tile)
         if n0 == 0:
             torch.mm(dy32[:, n0:n1], tile, out=dx)
         else:
             dx.addmm_(dy32[:, n0:n1], tile)
     return dx
+
+
+def _copy_rows(weight: torch.Tensor) -> Callable[[int, torch.Tensor], None]:
+    return lambda n0, tile: tile.copy_(weight[n0 : n0 + tile.shape[0]])
+
+
+def linear_t_fp32(x32: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x32 @ weight.T`` in fp32 for any float ``weight`` [N, K]; x32 is fp32 [M, K].
+
+    Returns an fp32 [M, N] tensor (a transposed view of an [N, M] buffer when tiled).
+    """
+    if weight.dtype == torch.float32:
+        return torch.mm(x32, weight.t())
+    return linear_tiles_fp32(x32, *weight.shape, _copy_rows(weight))
+
+
+def matmul_fp32(dy32: torch.Tensor, weight: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``dy32 @ weight`` in fp32 for any float ``weight`` [N, K]; dy32 is fp32 [M, N]."""
+    if weight.dtype == torch.float32:
+        return torch.mm(dy32, weight, out=out) if out is not None else torch.mm(dy32, weight)
+    return matmul_tiles_fp32(dy32, *weight.shape, _copy_rows(weight), out=out)

@@ -55,3 +55,17 @@ CUDA_FUSED_MAX_M = 16
 # 39.1 vs 37.2 at 24, 42.2 vs 42.8 at 32, 64.2 vs 53.3 at 48; bf16 34.8 vs 36.8 at 24,
 # 43.5 vs 40.5 at 32. Crossover ~24-32.
 CPU_INPUT_GRAD_MAX_M = 24
+
+# NF4: largest M for the fused dequant-GEMV rows kernel (csrc/cpu/nf4.cpp); above it W is dequantized
+# tile by tile into an fp32 workspace for torch's GEMM. Tests and benchmarks may pin it
+# (NF4_CPU_FUSED_MAX_M); see benchmarks/bench_crossover.py for the measurement.
+NF4_CPU_FUSED_MAX_M_BY_ISA = {"avx2": 32, "avx512": 32, "portable": 4}
+NF4_CPU_FUSED_MAX_M = None
+
+
+def nf4_cpu_fused_max_m() -> int:
+    if NF4_CPU_FUSED_MAX_M is not None:
+        return NF4_CPU_FUSED_MAX_M
+    from .. import _C
+
+    return NF4_CPU_FUSED_MAX_M_BY_ISA.get(_C.cpu_isa(), 4)

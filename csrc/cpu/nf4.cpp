@@ -1,0 +1,614 @@
+// NF4 on the CPU (compiled once per instruction set; see simd.h): quantization with double-quantized
+// scales, dequantization, and the fused dequant-GEMV rows kernel for few tokens.
+//
+// Decoding is exact: the fp32 code book is looked up, never rounded to 16 bits. On AVX2 the lookup
+// is four byte-plane table shuffles (vpshufb: byte j of every table entry in one register) plus two
+// rounds of unpacking that reassemble the fp32 bits, 32 values per round; a vpermps lookup measured
+// 1.7x slower here (Zen 2). The unpacking leaves the values in a fixed scrambled order inside each
+// group of 64; the rows kernel permutes x the same way once per call instead of unscrambling W.
+//
+//   rows kernel:  out[m, n] = sum_k x[m, k] * W[n, k] + bias[n] + scale * v[m]·e[n]
+//   M = 1:        each row's codes are decoded in registers and dotted with x on the spot; the
+//                 block scale is applied once per group of 64 (sum_k t[q] x, then * absmax).
+//   M > 1:        NR rows x KC columns are decoded (scaled) into an L1 buffer, then an NR x MR
+//                 register tile runs over every MR-row group of x.
+//   other shapes: (in % 64 != 0, or no AVX2) each row is decoded into a buffer in natural order.
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "cpu/parallel_for.h"
+#include "cpu/simd.h"
+#include "nf4.h"
+
+namespace lowrank::cpu::LOWRANK_ISA {
+
+static const float kTable[16] = LOWRANK_NF4_TABLE;
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ffu, u;
+  if (exp == 0x1f) {
+    u = sign | 0x7f800000u | (man << 13);
+  } else if (exp != 0) {
+    u = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    u = sign;
+  } else {  // subnormal: normalize
+    int e = -1;
+    do { ++e; man <<= 1; } while (!(man & 0x400u));
+    u = sign | (uint32_t(112 - e) << 23) | ((man & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float load_any(std::uintptr_t base, DType t, int64_t i) {
+  switch (t) {
+    case DType::float32: return reinterpret_cast<const float*>(base)[i];
+    case DType::bfloat16: return bf16_to_float(reinterpret_cast<const bf16_t*>(base)[i]);
+    case DType::float16: return half_to_float(reinterpret_cast<const uint16_t*>(base)[i]);
+    default: return 0.f;
+  }
+}
+
+inline uint8_t nibble(const uint8_t* codes, int64_t flat) {
+  const uint8_t b = codes[flat >> 1];
+  return (flat & 1) ? uint8_t(b & 15) : uint8_t(b >> 4);
+}
+
+// =================================================================================================
+// Quantization
+// =================================================================================================
+struct QuantCtx {
+  const Nf4QuantizeArgs* a;
+  int64_t blocks_per_task;
+  float mid[15];
+  std::atomic<bool> nonfinite{false};
+};
+
+// Code of one scaled value: how many midpoints lie strictly below it (bucketize, right=False).
+inline uint8_t code_of(float s, const float* mid) {
+  int c = 0;
+  for (int i = 0; i < 15; ++i) c += mid[i] < s;
+  return uint8_t(c);
+}
+
+#if defined(__AVX2__)
+// Codes of 8 values already scaled: how many midpoints lie strictly below each (as int32 lanes).
+inline __m256i codes8(__m256 s, const __m256* mids) {
+  __m256i c = _mm256_setzero_si256();
+  for (int j = 0; j < 15; ++j)  // the mask is -1 where mid < s: subtracting it counts it
+    c = _mm256_sub_epi32(c, _mm256_castps_si256(_mm256_cmp_ps(mids[j], s, _CMP_LT_OQ)));
+  return c;
+}
+
+// 16 codes (two vectors of int32 lanes, element order) -> 8 packed bytes, the even element high.
+inline void pack16(__m256i c0, __m256i c1, uint8_t* dst) {
+  // int32 -> int16 (packs works per 128-bit lane, permute4x64 restores the order) -> uint8
+  const __m256i w = _mm256_permute4x64_epi64(_mm256_packs_epi32(c0, c1), 0xD8);
+  const __m128i b = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));  // e0..e15
+  // as 16-bit words: e_even in the low byte, e_odd in the high one -> (e_even << 4) | e_odd
+  const __m128i pair = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x00ff)), 4), _mm_srli_epi16(b, 8));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(dst), _mm_packus_epi16(pair, pair));
+}
+#endif
+
+// Codes of the n values of one block (scaled by 1/absmax, or divided for the partial last block),
+// packed as nibbles starting at flat index f0 (even: blocks never start mid-byte).
+static void quantize_block(const float* v, int64_t n, int64_t f0, bool partial, float am_eff, const float* mid,
+                           uint8_t* codes) {
+  const float inv = 1.0f / am_eff;
+  uint8_t* dst = codes + f0 / 2;
+  int64_t i = 0;
+#if defined(__AVX2__)
+  if (!partial) {
+    const __m256 vinv = _mm256_set1_ps(inv), lo = _mm256_set1_ps(-1.f), hi = _mm256_set1_ps(1.f);
+    __m256 mids[15];
+    for (int j = 0; j < 15; ++j) mids[j] = _mm256_set1_ps(mid[j]);
+    for (; i + 16 <= n; i += 16) {
+      const __m256 s0 = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(v + i), vinv), lo), hi);
+      const __m256 s1 = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(_mm256_loadu_ps(v + i + 8), vinv), lo), hi);
+      pack16(codes8(s0, mids), codes8(s1, mids), dst + i / 2);
+    }
+  }
+#endif
+  for (; i < n; i += 2) {
+    float s0 = partial ? v[i] / am_eff : v[i] * inv;
+    s0 = std::min(std::max(s0, -1.f), 1.f);
+    // An odd-length tensor's last byte holds one value; bitsandbytes pads the scaled values with
+    // a 0.0, so its low nibble is the code of 0 (7).
+    float s1 = 0.f;
+    if (i + 1 < n) {
+      s1 = partial ? v[i + 1] / am_eff : v[i + 1] * inv;
+      s1 = std::min(std::max(s1, -1.f), 1.f);
+    }
+    const uint8_t b = uint8_t((code_of(s0, mid) << 4) | code_of(s1, mid));
+    dst[i / 2] = b;
+  }
+}
+
+// max |v| over n values, and whether all are finite.
+static float block_absmax(const float* v, int64_t n, bool* finite) {
+  int64_t i = 0;
+  float am = 0.f;
+  bool ok = true;
+#if defined(__AVX2__)
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 big = _mm256_set1_ps(3.402823466e38f);
+  __m256 vm = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 a = _mm256_and_ps(_mm256_loadu_ps(v + i), absmask);
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, big, _CMP_NLE_UQ));  // > FLT_MAX, or NaN
+    vm = _mm256_max_ps(vm, a);
+  }
+  alignas(32) float t[8];
+  _mm256_store_ps(t, vm);
+  for (float x : t) am = std::max(am, x);
+  ok = _mm256_movemask_ps(bad) == 0;
+#endif
+  for (; i < n; ++i) {
+    const float x = std::fabs(v[i]);
+    ok &= x <= 3.402823466e38f;  // false for inf and NaN
+    am = std::max(am, x);
+  }
+  *finite = ok;
+  return am;
+}
+
+static void quantize_task(void* p, int64_t task) {
+  auto& c = *static_cast<QuantCtx*>(p);
+  const Nf4QuantizeArgs& a = *c.a;
+  const int64_t bs = a.blocksize, nb = (a.n + bs - 1) / bs;
+  const int64_t b0 = task * c.blocks_per_task, b1 = min64(nb, b0 + c.blocks_per_task);
+  auto* codes = reinterpret_cast<uint8_t*>(a.codes);
+  auto* absmax = reinterpret_cast<float*>(a.absmax);
+  float buf[4096];
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t f0 = b * bs, len = min64(bs, a.n - f0);
+    const float* v;
+    if (a.dtype == DType::float32) {
+      v = reinterpret_cast<const float*>(a.input) + f0;
+    } else if (a.dtype == DType::bfloat16) {
+      widen(buf, reinterpret_cast<const bf16_t*>(a.input) + f0, len);
+      v = buf;
+    } else {
+      for (int64_t i = 0; i < len; ++i) buf[i] = half_to_float(reinterpret_cast<const uint16_t*>(a.input)[f0 + i]);
+      v = buf;
+    }
+    bool finite = true;
+    const float am = block_absmax(v, len, &finite);
+    if (!finite) {
+      c.nonfinite.store(true, std::memory_order_relaxed);
+      return;
+    }
+    // bitsandbytes: scales clamp(absmax, 1e-38); a full block stores the raw absmax, the partial
+    // last block the clamped one.
+    const bool partial = len < bs;
+    const float am_eff = std::max(am, 1e-38f);
+    absmax[b] = partial ? am_eff : am;
+    quantize_block(v, len, f0, partial, am_eff, c.mid, codes);
+  }
+}
+
+void nf4_quantize(const Nf4QuantizeArgs& a, int num_threads) {
+  QuantCtx c;
+  c.a = &a;
+  for (int i = 0; i < 15; ++i) c.mid[i] = (kTable[i] + kTable[i + 1]) / 2.0f;
+  const int64_t nb = (a.n + a.blocksize - 1) / a.blocksize;
+  c.blocks_per_task = std::max<int64_t>(1, (int64_t(1) << 16) / a.blocksize);  // ~64K values per task
+  parallel_for((nb + c.blocks_per_task - 1) / c.blocks_per_task, num_threads, quantize_task, &c);
+  check(!c.nonfinite.load(), "weight: contains NaN or infinity; NF4 cannot represent it");
+}
+
+// Nested (double) quantization of the absmax values, with bitsandbytes' CPU arithmetic (its 8-bit
+// blockwise quantizer): a = absmax - offset; s = a * (1 / max|a|) over the block; s is mapped to one
+// of 65536 evenly spaced bins, i = uint16((s + 1) * 0.5 * 65535 + 0.5), and the bin to the code2 entry
+// nearest to its centre -1 + 2i/65535 (midpoints (c[j] + c[j+1]) / 2, a tie to the lower code).
+// Binning makes the boundary between two codes land up to half a bin (1.5e-5) off their midpoint,
+// so an exact nearest-code search would disagree with bitsandbytes' bytes for ~0.2% of the scales.
+// A block whose values all equal the offset (max|a| = 0) gets code 0, as in bitsandbytes.
+constexpr int kBins = 65536;
+
+struct DqCtx {
+  const Nf4DoubleQuantArgs* a;
+  uint8_t bin_code[kBins];
+};
+
+static void build_bins(const float* code, uint8_t* bin_code) {
+  float mid[255];
+  for (int j = 0; j < 255; ++j) mid[j] = 0.5f * (code[j] + code[j + 1]);
+  int c = 0;
+  for (int i = 0; i < kBins; ++i) {
+    const float centre = -1.0f + (2.0f * float(i)) / float(kBins - 1);
+    while (c < 255 && mid[c] < centre) ++c;
+    bin_code[i] = uint8_t(c);
+  }
+}
+
+static void double_quant_task(void* p, int64_t blk) {
+  const DqCtx& c = *static_cast<DqCtx*>(p);
+  const Nf4DoubleQuantArgs& a = *c.a;
+  const float* am = reinterpret_cast<const float*>(a.absmax);
+  const float off = *reinterpret_cast<const float*>(a.offset);
+  auto* q = reinterpret_cast<uint8_t*>(a.qabsmax);
+  const int64_t i0 = blk * a.blocksize2, i1 = min64(a.n, i0 + a.blocksize2);
+  float m = 0.f;
+  for (int64_t i = i0; i < i1; ++i) m = std::max(m, std::fabs(am[i] - off));
+  reinterpret_cast<float*>(a.absmax2)[blk] = m;
+  if (m == 0.f) {
+    for (int64_t i = i0; i < i1; ++i) q[i] = 0;
+    return;
+  }
+  const float inv = 1.0f / m;
+  for (int64_t i = i0; i < i1; ++i) {
+    volatile float s = (am[i] - off) * inv;  // volatile: each step rounded to fp32, no FMA
+    const float sc = std::min(std::max(float(s), -1.0f), 1.0f);
+    volatile float t = (sc + 1.0f) * 0.5f;
+    volatile float u = t * float(kBins - 1);
+    const float bin = u + 0.5f;
+    q[i] = c.bin_code[uint16_t(bin)];
+  }
+}
+
+void nf4_double_quant(const Nf4DoubleQuantArgs& a, int num_threads) {
+  auto c = std::make_unique<DqCtx>();
+  c->a = &a;
+  build_bins(reinterpret_cast<const float*>(a.code2), c->bin_code);
+  parallel_for((a.n + a.blocksize2 - 1) / a.blocksize2, num_threads, double_quant_task, c.get());
+}
+
+// =================================================================================================
+// Decoding helpers
+// =================================================================================================
+// Scalar: W[row, k0:k1] (flat index f = row * cols + k) into dst, scaled, natural order.
+static void decode_span_scalar(const Nf4Weight& w, int64_t row, int64_t k0, int64_t k1, float* dst) {
+  const uint8_t* codes = w.codes_ptr();
+  int64_t f = row * w.cols + k0;
+  const int64_t fend = row * w.cols + k1;
+  while (f < fend) {
+    const int64_t b = f / w.blocksize, bend = min64(fend, (b + 1) * w.blocksize);
+    const float a = nf4_block_absmax(w, b);
+    for (; f < bend; ++f) *dst++ = kTable[nibble(codes, f)] * a;
+  }
+}
+
+#if defined(__AVX2__)
+inline float hsum(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// The table as four byte planes, each repeated in both 128-bit lanes (vpshufb works per lane).
+struct Planes {
+  __m256i p[4];
+  Planes() {
+    alignas(32) uint8_t b[4][32];
+    for (int i = 0; i < 32; ++i) {
+      uint32_t u;
+      std::memcpy(&u, &kTable[i & 15], 4);
+      for (int j = 0; j < 4; ++j) b[j][i] = uint8_t(u >> (8 * j));
+    }
+    for (int j = 0; j < 4; ++j) p[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(b[j]));
+  }
+};
+
+// 32 nibble indices (one per byte of idx) -> 4 vectors of fp32 table values. Output order: f[0]
+// holds idx bytes 0-3 (lane 0) and 16-19 (lane 1), f[1] bytes 4-7 and 20-23, f[2] 8-11 and 24-27,
+// f[3] 12-15 and 28-31.
+inline void lookup32(const Planes& P, __m256i idx, __m256 f[4]) {
+  const __m256i b0 = _mm256_shuffle_epi8(P.p[0], idx), b1 = _mm256_shuffle_epi8(P.p[1], idx);
+  const __m256i b2 = _mm256_shuffle_epi8(P.p[2], idx), b3 = _mm256_shuffle_epi8(P.p[3], idx);
+  const __m256i l01 = _mm256_unpacklo_epi8(b0, b1), h01 = _mm256_unpackhi_epi8(b0, b1);
+  const __m256i l23 = _mm256_unpacklo_epi8(b2, b3), h23 = _mm256_unpackhi_epi8(b2, b3);
+  f[0] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23));
+  f[1] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23));
+  f[2] = _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23));
+  f[3] = _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23));
+}
+
+// One group of 64 elements (32 bytes) -> 8 vectors of table values in "group order": v[0..3] are the
+// even elements (high nibbles), v[4..7] the odd ones, each in lookup32's byte order.
+inline void decode_group(const Planes& P, const uint8_t* p, __m256 v[8]) {
+  const __m256i by = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i m4 = _mm256_set1_epi8(15);
+  lookup32(P, _mm256_and_si256(_mm256_srli_epi16(by, 4), m4), v);
+  lookup32(P, _mm256_and_si256(by, m4), v + 4);
+}
+
+// Position (within its group of 64) of the element that lands in slot s of the group order.
+inline int group_source(int s) {
+  const int h = s / 32, j = s % 32;          // h: 0 even elements, 1 odd; j: slot in lookup32 order
+  const int f = j / 8, i = j % 8;            // vector f, lane slot i
+  const int byte = i < 4 ? f * 4 + i : 16 + f * 4 + (i - 4);
+  return 2 * byte + h;
+}
+
+// The scale vector for a group: one absmax for blocks >= 64; for blocksize 32 lane 0 holds the
+// first 32 elements (block 2g) and lane 1 the second (block 2g+1), matching lookup32's lanes.
+inline __m256 group_scale(const Nf4Weight& w, int64_t flat0) {
+  if (w.blocksize >= 64) return _mm256_set1_ps(nf4_block_absmax(w, flat0 / w.blocksize));
+  const int64_t b = flat0 / w.blocksize;
+  return _mm256_setr_m128(_mm_set1_ps(nf4_block_absmax(w, b)), _mm_set1_ps(nf4_block_absmax(w, b + 1)));
+}
+#endif
+
+// =================================================================================================
+// Dequantization: out[i, :] = W[row0 + i, :]
+// =================================================================================================
+struct DequantCtx {
+  const Nf4DequantizeArgs* a;
+  int64_t rows_per_task;
+};
+
+template <class TO>
+static void store_row(TO* dst, const float* src, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) store_scalar(dst + k, src[k]);
+}
+
+static void dequant_task(void* p, int64_t task) {
+  auto& c = *static_cast<DequantCtx*>(p);
+  const Nf4DequantizeArgs& a = *c.a;
+  const Nf4Weight& w = a.w;
+  const int64_t K = w.cols, i0 = task * c.rows_per_task, i1 = min64(a.out.rows, i0 + c.rows_per_task);
+  std::vector<float> tmp;
+  const bool f32 = a.out.dtype == DType::float32;
+  if (!f32) tmp.resize(size_t(K));
+#if defined(__AVX2__)
+  static const Planes P;
+  // The fast path decodes whole groups of 64 in natural order; it needs rows made of whole groups.
+  const bool fast = K % 64 == 0 && (w.blocksize >= 64 || w.blocksize == 32);
+#endif
+  for (int64_t i = i0; i < i1; ++i) {
+    const int64_t row = a.row0 + i;
+    float* dst = f32 ? a.out.data<float>() + i * a.out.ld : tmp.data();
+#if defined(__AVX2__)
+    if (fast) {
+      const uint8_t* codes = w.codes_ptr() + row * K / 2;
+      for (int64_t g = 0; g < K; g += 64) {
+        __m256 v[8];
+        decode_group(P, codes + g / 2, v);
+        const __m256 s = group_scale(w, row * K + g);
+        // Unscramble: lookup32 vector f holds bytes {4f..4f+3} (lane 0) and {16+4f..} (lane 1);
+        // even elements 2*byte come from v[0..3], odd ones from v[4..7].
+        for (int f = 0; f < 4; ++f) {
+          const __m256 e = _mm256_mul_ps(v[f], s), o = _mm256_mul_ps(v[4 + f], s);
+          const __m256 lo = _mm256_unpacklo_ps(e, o), hi = _mm256_unpackhi_ps(e, o);  // pairs per lane
+          // lane 0 of lo/hi: elements 8f .. 8f+7; lane 1: 32+8f .. 32+8f+7
+          _mm256_storeu_ps(dst + g + 8 * f, _mm256_permute2f128_ps(lo, hi, 0x20));
+          _mm256_storeu_ps(dst + g + 32 + 8 * f, _mm256_permute2f128_ps(lo, hi, 0x31));
+        }
+      }
+    } else
+#endif
+    {
+      decode_span_scalar(w, row, 0, K, dst);
+    }
+    if (!f32) store_row(a.out.data<bf16_t>() + i * a.out.ld, tmp.data(), K);
+  }
+}
+
+void nf4_dequantize(const Nf4DequantizeArgs& a, int num_threads) {
+  DequantCtx c{&a, std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, a.w.cols))};
+  parallel_for((a.out.rows + c.rows_per_task - 1) / c.rows_per_task, num_threads, dequant_task, &c);
+}
+
+// =================================================================================================
+// Fused rows: out = x · Wᵀ + bias + scale · v eᵀ
+// =================================================================================================
+constexpr int NR = 4;  // W rows per register tile
+#if defined(__AVX512F__)
+constexpr int MR = 4;
+#else
+constexpr int MR = 3;
+#endif
+constexpr int64_t KC = 512;            // columns decoded per buffer fill (NR x 2 KiB of L1)
+constexpr int64_t ROWS_PER_TASK = 16;
+
+struct RowsCtx {
+  const Nf4RowsArgs* a;
+  const float* xs;   // x in the layout the decoder produces (group order, or natural)
+  int64_t ldxs;
+  bool grouped;      // xs in group order (fast AVX2 path)
+};
+
+// out[m, n] = acc + adapter + bias, rounded once.
+static void finish(const Nf4RowsArgs& a, int64_t m, int64_t n, float acc) {
+  if (a.v.ptr) {
+    const int64_t R = a.v.cols;
+    const float* v = a.v.data<float>() + m * a.v.ld;
+    float s = 0.f;
+    if (a.e.dtype == DType::float32)
+      s = dot(v, a.e.data<float>() + n * a.e.ld, R);
+    else
+      s = dot(v, a.e.data<bf16_t>() + n * a.e.ld, R);
+    acc += a.scale * s;
+  }
+  if (a.bias.ptr) acc += load_any(a.bias.ptr, a.bias.dtype, n);
+  if (a.out.dtype == DType::float32)
+    a.out.data<float>()[m * a.out.ld + n] = acc;
+  else
+    a.out.data<bf16_t>()[m * a.out.ld + n] = float_to_bf16(acc);
+}
+
+// Generic path: each row decoded in natural order into a buffer, then dotted with every x row.
+static void rows_task_generic(const RowsCtx& c, int64_t n0, int64_t n1) {
+  const Nf4RowsArgs& a = *c.a;
+  const int64_t K = a.w.cols, M = a.x.rows;
+  std::vector<float> buf(size_t(std::max<int64_t>(K, 1)));
+  for (int64_t n = n0; n < n1; ++n) {
+    decode_span_scalar(a.w, n, 0, K, buf.data());
+    for (int64_t m = 0; m < M; ++m) finish(a, m, n, dot(c.xs + m * c.ldxs, buf.data(), K));
+  }
+}
+
+#if defined(__AVX2__)
+// M = 1: decode in registers, two rows at a time (independent chains for the shuffle ports), half a
+// group (32 values, 4 vectors per row) at a time so everything stays in the 16 ymm registers.
+static void rows_task_m1(const RowsCtx& c, int64_t n0, int64_t n1) {
+  static const Planes P;
+  const Nf4RowsArgs& a = *c.a;
+  const Nf4Weight& w = a.w;
+  const int64_t K = w.cols;
+  const float* x = c.xs;
+  const uint8_t* codes = w.codes_ptr();
+  const __m256i m4 = _mm256_set1_epi8(15);
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) {
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    const uint8_t* c0 = codes + n * K / 2;
+    const uint8_t* c1 = c0 + K / 2;
+    for (int64_t g = 0; g < K; g += 64) {
+      const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c0 + g / 2));
+      const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c1 + g / 2));
+      __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+      for (int h = 0; h < 2; ++h) {  // h = 0: even elements (high nibbles), 1: odd ones
+        const __m256i i0 = h ? _mm256_and_si256(b0, m4) : _mm256_and_si256(_mm256_srli_epi16(b0, 4), m4);
+        const __m256i i1 = h ? _mm256_and_si256(b1, m4) : _mm256_and_si256(_mm256_srli_epi16(b1, 4), m4);
+        __m256 v0[4], v1[4];
+        lookup32(P, i0, v0);
+        lookup32(P, i1, v1);
+        for (int j = 0; j < 4; ++j) {
+          const __m256 xv = _mm256_loadu_ps(x + g + 32 * h + 8 * j);
+          s0 = _mm256_fmadd_ps(v0[j], xv, s0);
+          s1 = _mm256_fmadd_ps(v1[j], xv, s1);
+        }
+      }
+      acc0 = _mm256_fmadd_ps(s0, group_scale(w, n * K + g), acc0);
+      acc1 = _mm256_fmadd_ps(s1, group_scale(w, (n + 1) * K + g), acc1);
+    }
+    finish(a, 0, n, hsum(acc0));
+    finish(a, 0, n + 1, hsum(acc1));
+  }
+  for (; n < n1; ++n) {
+    __m256 acc = _mm256_setzero_ps();
+    const uint8_t* c0 = codes + n * K / 2;
+    for (int64_t g = 0; g < K; g += 64) {
+      __m256 v[8];
+      decode_group(P, c0 + g / 2, v);
+      __m256 s = _mm256_mul_ps(v[0], _mm256_loadu_ps(x + g));
+      for (int j = 1; j < 8; ++j) s = _mm256_fmadd_ps(v[j], _mm256_loadu_ps(x + g + 8 * j), s);
+      acc = _mm256_fmadd_ps(s, group_scale(w, n * K + g), acc);
+    }
+    finish(a, 0, n, hsum(acc));
+  }
+}
+
+// M > 1: NR rows x KC columns decoded and scaled into an L1 buffer, then an NR x MR register tile.
+template <int MRT>
+inline void tile_dot(const float* buf, const float* x, int64_t ldx, int64_t len, float sums[NR][MR]) {
+  __m256 acc[NR][MRT];
+  for (int i = 0; i < NR; ++i)
+    for (int m = 0; m < MRT; ++m) acc[i][m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < len; k += 8) {
+    __m256 wv[NR];
+    for (int i = 0; i < NR; ++i) wv[i] = _mm256_loadu_ps(buf + i * KC + k);
+    for (int m = 0; m < MRT; ++m) {
+      const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
+      for (int i = 0; i < NR; ++i) acc[i][m] = _mm256_fmadd_ps(wv[i], xv, acc[i][m]);
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int m = 0; m < MRT; ++m) sums[i][m] = hsum(acc[i][m]);
+}
+
+static void rows_task_tiled(const RowsCtx& c, int64_t n0, int64_t n1) {
+  static const Planes P;
+  const Nf4RowsArgs& a = *c.a;
+  const Nf4Weight& w = a.w;
+  const int64_t K = w.cols, M = a.x.rows;
+  alignas(32) float buf[NR * KC];
+  std::vector<float> partial(size_t(NR * M));
+  for (int64_t nt = n0; nt < n1; nt += NR) {
+    const int nr = int(min64(NR, n1 - nt));
+    std::fill(partial.begin(), partial.end(), 0.f);
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+      const int64_t len = min64(KC, K - k0);
+      for (int i = 0; i < NR; ++i) {
+        float* dst = buf + i * KC;
+        if (i >= nr) {  // a short last tile: zero rows keep the tile loop branch-free
+          std::memset(dst, 0, sizeof(float) * size_t(len));
+          continue;
+        }
+        const int64_t row = nt + i;
+        const uint8_t* codes = w.codes_ptr() + row * K / 2;
+        for (int64_t g = k0; g < k0 + len; g += 64) {
+          __m256 v[8];
+          decode_group(P, codes + g / 2, v);
+          const __m256 s = group_scale(w, row * K + g);
+          for (int j = 0; j < 8; ++j) _mm256_store_ps(dst + (g - k0) + 8 * j, _mm256_mul_ps(v[j], s));
+        }
+      }
+      int64_t m = 0;
+      float sums[NR][MR];
+      for (; m + MR <= M; m += MR) {
+        tile_dot<MR>(buf, c.xs + m * c.ldxs + k0, c.ldxs, len, sums);
+        for (int i = 0; i < nr; ++i)
+          for (int j = 0; j < MR; ++j) partial[size_t(i * M + m + j)] += sums[i][j];
+      }
+      for (; m < M; ++m) {
+        tile_dot<1>(buf, c.xs + m * c.ldxs + k0, c.ldxs, len, sums);
+        for (int i = 0; i < nr; ++i) partial[size_t(i * M + m)] += sums[i][0];
+      }
+    }
+    for (int i = 0; i < nr; ++i)
+      for (int64_t m = 0; m < M; ++m) finish(a, m, nt + i, partial[size_t(i * M + m)]);
+  }
+}
+#endif
+
+static void rows_task(void* p, int64_t task) {
+  const RowsCtx& c = *static_cast<RowsCtx*>(p);
+  const int64_t n0 = task * ROWS_PER_TASK, n1 = min64(c.a->w.rows, n0 + ROWS_PER_TASK);
+#if defined(__AVX2__)
+  if (c.grouped) {
+    if (c.a->x.rows == 1)
+      rows_task_m1(c, n0, n1);
+    else
+      rows_task_tiled(c, n0, n1);
+    return;
+  }
+#endif
+  rows_task_generic(c, n0, n1);
+}
+
+void nf4_rows(const Nf4RowsArgs& a, int num_threads) {
+  const int64_t M = a.x.rows, K = a.w.cols, N = a.w.rows;
+  RowsCtx c{&a, nullptr, K, false};
+#if defined(__AVX2__)
+  c.grouped = K % 64 == 0 && K > 0 && (a.w.blocksize >= 64 || a.w.blocksize == 32);
+#endif
+  // x (fp32, M x K, small) copied once: into group order for the fast path, contiguous otherwise.
+  std::vector<float> xs(size_t(M * K));
+  for (int64_t m = 0; m < M; ++m) {
+    const float* src = a.x.data<float>() + m * a.x.ld;
+    float* dst = xs.data() + m * K;
+    if (c.grouped) {
+#if defined(__AVX2__)
+      static const auto order = [] {
+        std::array<int, 64> o{};
+        for (int s = 0; s < 64; ++s) o[size_t(s)] = group_source(s);
+        return o;
+      }();
+      for (int64_t g = 0; g < K; g += 64)
+        for (int s = 0; s < 64; ++s) dst[g + s] = src[g + order[size_t(s)]];
+#endif
+    } else {
+      std::memcpy(dst, src, sizeof(float) * size_t(K));
+    }
+  }
+  c.xs = xs.data();
+  parallel_for((N + ROWS_PER_TASK - 1) / ROWS_PER_TASK, num_threads, rows_task, &c);
+}
+
+}  // namespace lowrank::cpu::LOWRANK_ISA

@@ -1,0 +1,212 @@
+// NF4 (4-bit NormalFloat) with double-quantized scales: the format, shared by the CPU and CUDA
+// kernels so both are the same math. Byte-compatible with bitsandbytes (DESIGN.md, "Numerics
+// contracts"), so existing QLoRA checkpoints load and bitsandbytes can serve as a test oracle.
+//
+//   weight [rows, cols], flattened row-major; blocks of `blocksize` consecutive elements (the last
+//   one may be partial, and blocks may straddle rows when cols % blocksize != 0).
+//   codes   uint8, two elements per byte, the first (even flat index) in the HIGH nibble; when the
+//           element count is odd the last low nibble is the code of 0.0 (7), as bitsandbytes pads.
+//   absmax  per block: fp32, or (double quantization) uint8 codes into `code2` (256 entries) over
+//           blocks of `blocksize2` (256) absmax values:
+//               absmax[i] = code2[q[i]] * absmax2[i / blocksize2] + offset   (fp32 mul, then fp32 add)
+//   value   = kTable[code] * absmax[block]   (fp32), rounded once to the output dtype.
+//
+// Quantization (bitsandbytes' exact arithmetic, so codes are byte-identical):
+//   full block:    s = clamp(v * (1 / absmax), -1, 1);   partial last block: s = clamp(v / absmax, -1, 1)
+//                  (an all-zero block uses 1 / 1e-38 and stores absmax 0: its codes decode to 0)
+//   code          = number of table midpoints (fp32 (t[i] + t[i+1]) / 2) strictly below s
+//                   (nearest code; a tie goes to the lower code)
+//   nested codes: a = absmax - offset (fp32), absmax2 = max |a| over the block of 256,
+//                 n = a / absmax2, code = nearest entry of code2 by fp32 distance, a tie to the lower.
+#pragma once
+#include <cstdint>
+
+#include "common.h"
+
+#if defined(__CUDACC__)
+#define LOWRANK_HD __host__ __device__ __forceinline__
+#else
+#define LOWRANK_HD inline
+#endif
+
+// The NF4 code book, index = code. A macro so host and device code can each instantiate an array.
+#define LOWRANK_NF4_TABLE                                                                            \
+  {-1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f, \
+   -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,  \
+   0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,           \
+   0.7229568362236023f, 1.0f}
+
+namespace lowrank {
+
+// A packed NF4 weight as the kernels read it. Pointers are raw addresses on `device`.
+struct Nf4Weight {
+  std::uintptr_t codes = 0;    // uint8 [ceil(rows*cols / 2)]
+  int64_t rows = 0;            // out_features
+  int64_t cols = 0;            // in_features
+  int64_t blocksize = 64;
+  // Either plain fp32 scales ...
+  std::uintptr_t absmax = 0;   // float32 [nblocks], or 0 when double-quantized
+  // ... or double-quantized ones.
+  std::uintptr_t qabsmax = 0;  // uint8 [nblocks]
+  std::uintptr_t code2 = 0;    // float32 [256]
+  std::uintptr_t absmax2 = 0;  // float32 [ceil(nblocks / blocksize2)]
+  std::uintptr_t offset = 0;   // float32 [1]
+  int64_t blocksize2 = 256;
+  int device = -1;
+
+  int64_t numel() const { return rows * cols; }
+  int64_t nblocks() const { return (numel() + blocksize - 1) / blocksize; }
+  bool nested() const { return qabsmax != 0; }
+  const uint8_t* codes_ptr() const { return reinterpret_cast<const uint8_t*>(codes); }
+};
+
+// absmax of block `b`, decoded exactly as bitsandbytes does (no fused multiply-add: the
+// product is rounded to fp32 before the offset is added).
+LOWRANK_HD float nf4_block_absmax(const Nf4Weight& w, int64_t b) {
+  if (!w.nested()) return reinterpret_cast<const float*>(w.absmax)[b];
+  const float c = reinterpret_cast<const float*>(w.code2)[reinterpret_cast<const uint8_t*>(w.qabsmax)[b]];
+  const float s = reinterpret_cast<const float*>(w.absmax2)[b / w.blocksize2];
+  const float off = *reinterpret_cast<const float*>(w.offset);
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(__fmul_rn(c, s), off);
+#else
+  return c * s + off;  // host sources including this compile with -ffp-contract=off (CMakeLists.txt)
+#endif
+}
+
+inline void validate_nf4_weight(const Nf4Weight& w, const char* name) {
+  const std::string n(name);
+  check(w.rows >= 0 && w.cols >= 0, n + ": negative shape");
+  check(w.blocksize >= 32 && w.blocksize <= 4096 && (w.blocksize & (w.blocksize - 1)) == 0,
+        n + ": blocksize must be a power of two in [32, 4096], got " + std::to_string(w.blocksize));
+  if (w.numel() == 0) return;
+  check(w.codes != 0, n + ": null codes pointer");
+  if (w.nested()) {
+    check(w.code2 != 0 && w.absmax2 != 0 && w.offset != 0, n + ": double-quantized scales need code2, absmax2, offset");
+    check(w.blocksize2 >= 1, n + ": blocksize2 must be positive");
+    check(w.absmax == 0, n + ": give either absmax or qabsmax, not both");
+  } else {
+    check(w.absmax != 0, n + ": null absmax pointer");
+  }
+}
+
+// ---- quantization ------------------------------------------------------------------------------
+// codes[ceil(n/2)], absmax[ceil(n/blocksize)] from a contiguous fp32/bf16/fp16 vector of n values.
+// Non-finite input raises (the CPU launcher checks as it goes; the CUDA one reports through a flag).
+struct Nf4QuantizeArgs {
+  std::uintptr_t input = 0;  // [n] contiguous
+  DType dtype = DType::float32;
+  int64_t n = 0;
+  int64_t blocksize = 64;
+  std::uintptr_t codes = 0;   // uint8 [ceil(n/2)]
+  std::uintptr_t absmax = 0;  // float32 [ceil(n/blocksize)]
+  std::uintptr_t status = 0;  // int32 [1] scratch (CUDA: non-finite flag); 0 on CPU
+  int device = -1;
+};
+
+// Quantizes absmax - offset to 8 bits in blocks of blocksize2 with the 256-entry code2.
+struct Nf4DoubleQuantArgs {
+  std::uintptr_t absmax = 0;   // float32 [n]
+  int64_t n = 0;
+  std::uintptr_t offset = 0;   // float32 [1] (mean(absmax), computed by torch for bit-compatibility)
+  std::uintptr_t code2 = 0;    // float32 [256], sorted ascending
+  int64_t blocksize2 = 256;
+  std::uintptr_t qabsmax = 0;  // uint8 [n]
+  std::uintptr_t absmax2 = 0;  // float32 [ceil(n / blocksize2)]
+  int device = -1;
+};
+
+// ---- fused rows: out = x · dequant(W)ᵀ + bias + scale · v eᵀ ---------------------------------
+// The QLoRA forward for few tokens (v = u = A x in fp32, e = B), or the plain NF4 linear (v = 0).
+struct Nf4RowsArgs {
+  Matrix out;   // [M, N]  float32 or the compute dtype
+  Matrix x;     // [M, K]  float32 (CPU); compute dtype (CUDA)
+  Nf4Weight w;  // [N, K]
+  Matrix bias;  // [1, N]  float32 / compute dtype, or ptr == 0
+  Matrix v;     // [M, R]  float32, or ptr == 0
+  Matrix e;     // [N, R]  float32 / compute dtype
+  float scale = 1.0f;
+};
+
+inline void validate_nf4_rows(const Nf4RowsArgs& a, bool cuda) {
+  validate_nf4_weight(a.w, "weight");
+  const int64_t M = a.x.rows, K = a.w.cols, N = a.w.rows;
+  check_matrix(a.x, "x", M, K);
+  check_matrix(a.out, "out", M, N);
+  auto float_ok = [&](DType t) {
+    return t == DType::float32 || t == DType::bfloat16 || (cuda && t == DType::float16);
+  };
+  check(cuda ? float_ok(a.x.dtype) : a.x.dtype == DType::float32,
+        std::string("x: unsupported dtype ") + dtype_name(a.x.dtype));
+  check(a.out.dtype == DType::float32 || a.out.dtype == a.x.dtype || (!cuda && float_ok(a.out.dtype)),
+        std::string("out: unsupported dtype ") + dtype_name(a.out.dtype));
+  if (a.bias.ptr) {
+    check_matrix(a.bias, "bias", 1, N);
+    check(float_ok(a.bias.dtype), std::string("bias: unsupported dtype ") + dtype_name(a.bias.dtype));
+  }
+  check((a.v.ptr == 0) == (a.e.ptr == 0), "v and e: give both or neither");
+  if (a.v.ptr) {
+    const int64_t R = a.v.cols;
+    check_matrix(a.v, "v", M, R);
+    check_matrix(a.e, "e", N, R);
+    check(a.v.dtype == DType::float32, std::string("v: expected float32, got ") + dtype_name(a.v.dtype));
+    check(float_ok(a.e.dtype), std::string("e: unsupported dtype ") + dtype_name(a.e.dtype));
+  }
+  const int dev = a.w.device;
+  check(cuda ? dev >= 0 : dev == -1, "weight: on the wrong device for this launcher");
+  for (const Matrix* m : {&a.out, &a.x, &a.bias, &a.v, &a.e})
+    check(m->ptr == 0 || m->device == dev, "all tensors must be on the weight's device");
+}
+
+// ---- dequantization ------------------------------------------------------------------------------
+// out[i, :] = dequant(W)[row0 + i, :] for i < out.rows (a row tile, or the whole weight).
+struct Nf4DequantizeArgs {
+  Nf4Weight w;
+  int64_t row0 = 0;
+  Matrix out;  // [rows, w.cols] float32 / bfloat16 (+ float16 on CUDA)
+};
+
+inline void validate_nf4_dequantize(const Nf4DequantizeArgs& a, bool cuda) {
+  validate_nf4_weight(a.w, "weight");
+  check(a.row0 >= 0 && a.row0 + a.out.rows <= a.w.rows, "row0: the row tile runs past the weight");
+  check_matrix(a.out, "out", a.out.rows, a.w.cols);
+  check(a.out.dtype == DType::float32 || a.out.dtype == DType::bfloat16 || (cuda && a.out.dtype == DType::float16),
+        std::string("out: unsupported dtype ") + dtype_name(a.out.dtype));
+  check(cuda ? a.w.device >= 0 : a.w.device == -1, "weight: on the wrong device for this launcher");
+  check(a.out.ptr == 0 || a.out.device == a.w.device, "out: must be on the weight's device");
+}
+
+inline void validate_nf4_quantize(const Nf4QuantizeArgs& a, bool cuda) {
+  check(a.n >= 0, "weight: negative size");
+  check(a.blocksize >= 32 && a.blocksize <= 4096 && (a.blocksize & (a.blocksize - 1)) == 0,
+        "blocksize: must be a power of two in [32, 4096], got " + std::to_string(a.blocksize));
+  check(a.dtype == DType::float32 || a.dtype == DType::bfloat16 || a.dtype == DType::float16,
+        std::string("weight: unsupported dtype ") + dtype_name(a.dtype));
+  check(a.n == 0 || (a.input && a.codes && a.absmax), "weight: null pointer");
+  check(!cuda || a.n == 0 || a.status, "status: CUDA quantization needs a status word");
+  check(cuda ? a.device >= 0 : a.device == -1, "weight: on the wrong device for this launcher");
+}
+
+inline void validate_nf4_double_quant(const Nf4DoubleQuantArgs& a, bool cuda) {
+  check(a.n >= 0, "absmax: negative size");
+  check(a.blocksize2 >= 1, "blocksize2: must be positive");
+  check(a.n == 0 || (a.absmax && a.offset && a.code2 && a.qabsmax && a.absmax2), "absmax: null pointer");
+  check(cuda ? a.device >= 0 : a.device == -1, "absmax: on the wrong device for this launcher");
+}
+
+// Launchers. CPU: num_threads as torch.get_num_threads(). CUDA: a raw cudaStream_t.
+void nf4_quantize_cpu(const Nf4QuantizeArgs& a, int num_threads);
+void nf4_double_quant_cpu(const Nf4DoubleQuantArgs& a, int num_threads);
+void nf4_dequantize_cpu(const Nf4DequantizeArgs& a, int num_threads);
+void nf4_rows_cpu(const Nf4RowsArgs& a, int num_threads);
+
+#ifdef LOWRANK_WITH_CUDA
+// The quantize launcher writes 1 to *status (device memory) if it met a non-finite value; the
+// caller reads it back (one sync, at quantization time only).
+void nf4_quantize_cuda(const Nf4QuantizeArgs& a, std::uintptr_t stream);
+void nf4_double_quant_cuda(const Nf4DoubleQuantArgs& a, std::uintptr_t stream);
+void nf4_dequantize_cuda(const Nf4DequantizeArgs& a, std::uintptr_t stream);
+void nf4_rows_cuda(const Nf4RowsArgs& a, std::uintptr_t stream);
+#endif
+
+}  // namespace lowrank

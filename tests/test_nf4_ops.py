@@ -1,0 +1,346 @@
+"""NF4 format and ops (torch.ops.lowrank.nf4_*): bitsandbytes byte compatibility, exact decoding,
+and the fused / tiled linear kernels against float64 on random data over odd shapes.
+
+    y = x Wᵀ + bias + s·(x_a Aᵀ) Bᵀ,   W = dequant(NF4 codes, double-quantized absmax)
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import lowrank
+from lowrank import _C
+from lowrank.ops import _runtime
+from lowrank.ops import nf4 as nf4_ops
+
+from conftest import absolute, assert_error_within, fp64
+
+try:
+    import bitsandbytes.functional as bnbF
+except Exception:  # not installed, or fails to import on this machine
+    bnbF = None
+
+needs_bnb = pytest.mark.skipif(bnbF is None, reason="bitsandbytes is not installed")
+
+forward = torch.ops.lowrank.nf4_linear_forward
+backward_input = torch.ops.lowrank.nf4_linear_backward_input
+BLOCKSIZES = (32, 64, 128, 256, 1024, 4096)
+SCALE = 1.75
+
+
+def weight_args(st: dict, shape, blocksize: int) -> tuple:
+    return (st["codes"], st["absmax"], st["absmax2"], st["code2"], st["offset"], list(shape), blocksize, 256)
+
+
+def quantized(n: int, k: int, blocksize: int = 64, double_quant: bool = True, std: float = 0.05):
+    w = torch.randn(n, k) * std
+    st = lowrank.quantize_nf4(w, blocksize, double_quant)
+    return w, weight_args(st, (n, k), blocksize)
+
+
+@pytest.fixture
+def nf4_path(monkeypatch):
+    """``nf4_path("fused" | "gemm")``: send every M to the fused NF4 rows kernel, or to the tiled GEMM."""
+
+    def force(path: str) -> None:
+        monkeypatch.setattr(_runtime, "NF4_CPU_FUSED_MAX_M", (1 << 30) if path == "fused" else -1)
+        monkeypatch.setattr(_runtime, "CUDA_FUSED_MAX_M", (1 << 30) if path == "fused" else -1)
+
+    return force
+
+
+# ---------------------------------------------------------------------------------------------
+# Format: pinned bytes (no bitsandbytes needed), and bitsandbytes as the oracle where installed
+# ---------------------------------------------------------------------------------------------
+def _pinned_weight():
+    w = (torch.arange(70, dtype=torch.float32) * 0.37).sin().reshape(7, 10) * torch.linspace(0.1, 3, 70).reshape(7, 10)
+    w[0, :] = 0
+    return w
+
+
+def test_pinned_bytes_double_quant():
+    # Bytes written by bitsandbytes 0.50.2: quantize_4bit(w, blocksize=32, compress_statistics=True, "nf4").
+    st = lowrank.quantize_nf4(_pinned_weight(), blocksize=32, double_quant=True)
+    assert bytes(st["codes"].flatten().tolist()).hex() == (
+        "777777777754323357acdeedc9521000357acddddb8532111247bdeffec9521000137c"
+    )
+    assert st["absmax"].tolist() == [0, 215, 223]
+    assert st["absmax2"].tolist() == [0.9081995487213135]
+    assert st["offset"].item() == 2.261655807495117
+    assert torch.equal(st["code2"], nf4_ops.dynamic_map())
+
+
+def test_pinned_bytes_odd_length_partial_block():
+    # 5 values: one partial block (divided, absmax stored clamped), an odd count (the last low nibble is 7)
+    st = lowrank.quantize_nf4(torch.tensor([[0.5, -1.25, 0.0, 3.0, -0.001]]), blocksize=32, double_quant=False)
+    assert bytes(st["codes"].flatten().tolist()).hex() == "937f77"
+    assert st["absmax"].tolist() == [3.0]
+
+
+def test_dynamic_map_shape():
+    m = nf4_ops.dynamic_map()
+    assert m.shape == (256,) and m.dtype == torch.float32
+    assert bool((m[1:] >= m[:-1]).all()) and int((m == 0).sum()) == 1
+    assert m[-1].item() == 1.0 and abs(m[0].item() + 0.99297) < 1e-4
+
+
+@needs_bnb
+@pytest.mark.parametrize("shape", [(64, 128), (33, 101), (7, 5), (300, 4096), (1, 1)], ids=str)
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_bytes_match_bitsandbytes(shape, blocksize, dtype):
+    w = (torch.randn(*shape) * 0.02).to(dtype)
+    w.view(-1)[: min(w.numel(), 2 * blocksize)] = 0  # an all-zero block or two
+    st = lowrank.quantize_nf4(w, blocksize)
+    q, ref = bnbF.quantize_4bit(w, blocksize=blocksize, compress_statistics=True, quant_type="nf4")
+    assert torch.equal(st["codes"], q)
+    assert torch.equal(st["absmax"], ref.absmax)
+    assert torch.equal(st["absmax2"], ref.state2.absmax)
+    assert torch.equal(st["code2"], ref.state2.code)
+    assert st["offset"].item() == ref.offset.item()
+    # and the dense weight decodes to the same bits as bitsandbytes' dequantize (in the weight's dtype)
+    ours = torch.ops.lowrank.nf4_dequantize(*weight_args(st, shape, blocksize), dtype)
+    assert torch.equal(ours, bnbF.dequantize_4bit(q, ref).reshape(shape))
+
+
+@needs_bnb
+def test_bytes_match_bitsandbytes_large():
+    w = torch.randn(1024, 4096)
+    st = lowrank.quantize_nf4(w)
+    q, ref = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert torch.equal(st["codes"], q) and torch.equal(st["absmax"], ref.absmax)
+    assert torch.equal(st["absmax2"], ref.state2.absmax)
+
+
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+def test_native_quantization_matches_reference(cpu_isa, blocksize):
+    for shape in [(37, 101), (64, 4096), (3, 3)]:
+        w = torch.randn(*shape) * 3
+        codes, absmax = torch.ops.lowrank.nf4_quantize(w, blocksize)
+        rc, ra = nf4_ops.nf4_quantize_reference(w, blocksize)
+        assert torch.equal(codes, rc) and torch.equal(absmax, ra)
+        offset = absmax.mean()
+        q, a2 = torch.ops.lowrank.nf4_double_quant(absmax, offset, nf4_ops.dynamic_map(), 256)
+        rq, ra2 = nf4_ops.nf4_double_quant_reference(absmax, offset, nf4_ops.dynamic_map(), 256)
+        assert torch.equal(q, rq) and torch.equal(a2, ra2)
+
+
+def test_zero_blocks_decode_to_zero():
+    w = torch.randn(4, 256)
+    w[1] = 0
+    w[3, :64] = 0
+    st = lowrank.quantize_nf4(w)
+    dq = torch.ops.lowrank.nf4_dequantize(*weight_args(st, (4, 256), 64), torch.float32)
+    assert bool((dq[1] == 0).all()) and bool((dq[3, :64] == 0).all())
+    assert bool((dq[0] != 0).any())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weight_raises(bad):
+    w = torch.randn(8, 64)
+    w[3, 17] = bad
+    with pytest.raises(ValueError, match="weight: contains NaN or infinity"):
+        torch.ops.lowrank.nf4_quantize(w, 64)
+    with pytest.raises(ValueError, match="weight: contains NaN or infinity"):
+        nf4_ops.nf4_quantize_reference(w, 64)
+
+
+def test_partial_last_block_quantizes():
+    w = torch.randn(3, 50)  # 150 values: two full blocks of 64 and a partial one of 22
+    st = lowrank.quantize_nf4(w, 64)
+    assert st["codes"].numel() == 75 and st["absmax"].numel() == 3
+    dq = torch.ops.lowrank.nf4_dequantize(*weight_args(st, (3, 50), 64), torch.float32)
+    assert (dq - w).abs().max() <= 0.2 * w.abs().max()
+
+
+def test_quantization_error_of_standard_normal():
+    # bitsandbytes reports 0.0728 for N(0, 1) data at blocksize 64
+    w = torch.randn(1024, 1024)
+    st = lowrank.quantize_nf4(w, 64)
+    dq = torch.ops.lowrank.nf4_dequantize(*weight_args(st, (1024, 1024), 64), torch.float32)
+    err = (dq - w).abs().mean().item()
+    assert 0.070 < err < 0.076, err
+
+
+@pytest.mark.parametrize("shape", [(37, 101), (16, 4096), (5, 192), (9, 33)], ids=str)
+@pytest.mark.parametrize("blocksize", [32, 64, 128])
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "plain"])
+def test_dequantize_native_is_exact(cpu_isa, shape, blocksize, double_quant):
+    _, args = quantized(*shape, blocksize, double_quant)
+    ref32 = nf4_ops.nf4_dequantize_reference(*args, torch.float32)
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        got = torch.ops.lowrank.nf4_dequantize(*args, dt)
+        assert got.dtype == dt and got.shape == shape
+        assert torch.equal(got, ref32.to(dt)), dt  # one rounding from the exact fp32 decode
+
+
+def test_dequantize_row_tiles(cpu_isa):
+    # the tiled GEMM path dequantizes row ranges [row0, row0 + rows) into a workspace
+    _, args = quantized(70, 192, 64)
+    full = nf4_ops.nf4_dequantize_reference(*args, torch.float32)
+    w = nf4_ops._weight(*args)
+    for row0, rows in [(0, 70), (3, 17), (69, 1), (10, 0)]:
+        out = torch.full((rows, 192), float("nan"))
+        nf4_ops._dequantize_into(out, w, row0)
+        assert torch.equal(out, full[row0 : row0 + rows])
+
+
+# ---------------------------------------------------------------------------------------------
+# The linear ops against float64
+# ---------------------------------------------------------------------------------------------
+def _inputs(lead, n, k, r, dtype, *, blocksize=64, double_quant=True, bias=True, adapter=True, dropout=False):
+    w, args = quantized(n, k, blocksize, double_quant)
+    x = torch.randn(*lead, k).to(dtype)
+    b = (torch.randn(n) * 0.1).to(dtype) if bias else None
+    la = (torch.randn(r, k) / math.sqrt(k)).to(dtype) if adapter else None
+    lb = (torch.randn(n, r) * 0.1).to(dtype) if adapter else None
+    xa = torch.nn.functional.dropout(x, 0.3) if dropout else None
+    return args, x, b, la, lb, xa
+
+
+def _exact(args, x, b, la, lb, xa):
+    w = nf4_ops.nf4_dequantize_reference(*args, torch.float32).double()
+    y = fp64(x) @ w.t()
+    mag = absolute(x) @ w.abs().t()
+    if la is not None:
+        u = fp64(x if xa is None else xa) @ fp64(la).t()
+        y = y + SCALE * (u @ fp64(lb).t())
+        mag = mag + SCALE * (u.abs() @ absolute(lb).t())
+    if b is not None:
+        y, mag = y + fp64(b), mag + absolute(b)
+    return y, mag
+
+
+SHAPES = [((1,), 37, 128), ((2,), 64, 100), ((3,), 130, 192), ((5,), 11, 64), ((16,), 48, 256), ((2, 3), 40, 96),
+          ((33,), 24, 320), ((1,), 7, 33)]  # fmt: skip
+
+
+@pytest.mark.parametrize("lead,n,k", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("path", ["fused", "gemm"])
+def test_forward_vs_float64(cpu_isa, nf4_path, lead, n, k, dtype, path):
+    nf4_path(path)
+    for blocksize, double_quant, bias, adapter in [(64, True, True, True), (32, False, False, True),
+                                                   (128, True, True, False)]:  # fmt: skip
+        args, x, b, la, lb, xa = _inputs(lead, n, k, 5, dtype, blocksize=blocksize, double_quant=double_quant,
+                                         bias=bias, adapter=adapter)  # fmt: skip
+        y, u = forward(x, *args, b, la, lb, SCALE, xa)
+        yr, ur = nf4_ops.nf4_linear_forward_reference(x, *args, b, la, lb, SCALE, xa)
+        exact, mag = _exact(args, x, b, la, lb, xa)
+        assert_error_within(f"y ({blocksize}, {double_quant}, {bias}, {adapter})", y, yr, exact, mag)
+        assert u.shape == ur.shape and u.dtype == torch.float32
+        if adapter:
+            assert torch.allclose(u, ur, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["fused", "gemm"])
+def test_forward_dropout_input(nf4_path, path):
+    nf4_path(path)
+    args, x, b, la, lb, xa = _inputs((4,), 40, 128, 3, torch.float32, dropout=True)
+    y, _ = forward(x, *args, b, la, lb, SCALE, xa)
+    yr, _ = nf4_ops.nf4_linear_forward_reference(x, *args, b, la, lb, SCALE, xa)
+    exact, mag = _exact(args, x, b, la, lb, xa)
+    assert_error_within("y", y, yr, exact, mag)
+
+
+@pytest.mark.parametrize("lead,n,k", SHAPES[:6], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_backward_input_vs_float64(lead, n, k, dtype):
+    args, _, _, la, _, _ = _inputs(lead, n, k, 4, dtype)
+    dy = torch.randn(*lead, n).to(dtype)
+    g = torch.randn(*lead, 4)
+    for gg, aa in [(g, la), (None, None)]:
+        dx = backward_input(dy, *args, gg, aa)
+        dxr = nf4_ops.nf4_linear_backward_input_reference(dy, *args, gg, aa)
+        w = nf4_ops.nf4_dequantize_reference(*args, torch.float32).double()
+        exact, mag = fp64(dy) @ w, absolute(dy) @ w.abs()
+        if gg is not None:
+            exact, mag = exact + fp64(gg) @ fp64(aa), mag + absolute(gg) @ absolute(aa)
+        assert_error_within("grad_x", dx, dxr, exact, mag)
+
+
+def test_empty_inputs():
+    args, x, b, la, lb, _ = _inputs((0,), 16, 64, 2, torch.float32)
+    y, u = forward(x, *args, b, la, lb, SCALE, None)
+    assert y.shape == (0, 16) and u.shape == (0, 2)
+
+
+def test_gradcheck_through_dequantized_path():
+    args, x, b, la, lb, _ = _inputs((3,), 6, 64, 2, torch.float64)
+    x, b, la, lb = (t.detach().requires_grad_() for t in (x, b, la, lb))
+
+    def f(x, b, la, lb):
+        return lowrank.NF4LinearFunction.apply(x, *args, b, la, lb, SCALE, None)[0]
+
+    assert torch.autograd.gradcheck(f, (x, b, la, lb))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_autograd_matches_plain_torch(dtype):
+    args, x, b, la, lb, _ = _inputs((2, 5), 40, 128, 4, dtype)
+    leaves = [t.detach().requires_grad_() for t in (x, b, la, lb)]
+    y, _ = lowrank.NF4LinearFunction.apply(leaves[0], *args, leaves[1], leaves[2], leaves[3], SCALE, None)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (x, b, la, lb)]
+    w = nf4_ops.nf4_dequantize_reference(*args, torch.float32).double()
+    xr, br, lar, lbr = ref_leaves
+    yr = xr @ w.t() + br + SCALE * ((xr @ lar.t()) @ lbr.t())
+    yr.backward(dy.double())
+    for got, ref, name in zip(leaves, ref_leaves, ["x", "bias", "lora_a", "lora_b"]):
+        tol = 1e-4 if dtype == torch.float32 else 5e-2
+        scale = ref.grad.abs().max().item()
+        assert (got.grad.double() - ref.grad).abs().max().item() <= tol * scale, name
+
+
+def test_opcheck():
+    from torch.library import opcheck
+
+    args, x, b, la, lb, _ = _inputs((3,), 24, 128, 2, torch.float32)
+    opcheck(torch.ops.lowrank.nf4_linear_forward.default, (x, *args, b, la, lb, SCALE, None))
+    opcheck(torch.ops.lowrank.nf4_linear_forward.default, (x, *args, None, None, None, 1.0, None))
+    dy = torch.randn(3, 24)
+    opcheck(torch.ops.lowrank.nf4_linear_backward_input.default, (dy, *args, torch.randn(3, 2), la))
+    opcheck(torch.ops.lowrank.nf4_dequantize.default, (*args, torch.float32))
+    opcheck(torch.ops.lowrank.nf4_quantize.default, (torch.randn(5, 70), 64))
+    st = lowrank.quantize_nf4(torch.randn(40, 64), 64, double_quant=False)
+    opcheck(torch.ops.lowrank.nf4_double_quant.default, (st["absmax"], st["absmax"].mean(), nf4_ops.dynamic_map(), 256))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: clear exceptions naming the argument
+# ---------------------------------------------------------------------------------------------
+def test_bad_arguments():
+    args, x, b, la, lb, _ = _inputs((2,), 16, 64, 2, torch.float32)
+    codes, absmax, absmax2, code2, offset, shape, bs, bs2 = args
+    with pytest.raises(ValueError, match="blocksize"):
+        torch.ops.lowrank.nf4_quantize(torch.randn(4, 64), 48)
+    with pytest.raises(TypeError, match="weight"):
+        torch.ops.lowrank.nf4_quantize(torch.randn(4, 64).double(), 64)
+    with pytest.raises(ValueError, match="x: expected"):
+        forward(torch.randn(2, 63), *args, b, la, lb, SCALE, None)
+    with pytest.raises(ValueError, match="codes"):
+        forward(x, codes[:-1], absmax, absmax2, code2, offset, shape, bs, bs2, b, la, lb, SCALE, None)
+    with pytest.raises(ValueError, match="absmax2, code2 and offset"):
+        forward(x, codes, absmax, None, code2, offset, shape, bs, bs2, b, la, lb, SCALE, None)
+    with pytest.raises(ValueError, match="absmax"):
+        forward(x, codes, absmax[:-1], absmax2, code2, offset, shape, bs, bs2, b, la, lb, SCALE, None)
+    with pytest.raises(ValueError, match="lora_a"):
+        forward(x, *args, b, la[:, :-1], lb, SCALE, None)
+    with pytest.raises(ValueError, match="lora_a and lora_b"):
+        forward(x, *args, b, la, None, SCALE, None)
+    with pytest.raises(ValueError, match="bias"):
+        forward(x, *args, b[:-1], la, lb, SCALE, None)
+    with pytest.raises(ValueError, match="shape"):
+        forward(x, codes, absmax, absmax2, code2, offset, [16, 64, 1], bs, bs2, b, la, lb, SCALE, None)
+    with pytest.raises(ValueError, match="grad_y"):
+        backward_input(torch.randn(2, 15), *args, None, None)
+
+
+def test_binding_rechecks_sizes():
+    # the C++ layer never trusts its caller: a bad blocksize reaching it is a ValueError, not a crash
+    with pytest.raises(ValueError, match="blocksize"):
+        _C.Nf4Weight(1, 1, 64, 48, 1, 0, 0, 0, 0, 256, -1)
