@@ -149,6 +149,15 @@ PYBIND11_MODULE(_C, m) {
       },
       "out[m,n] = x[m]·dequant(W)[n] + bias[n] + scale * v[m]·e[n] (fp32 accumulation)");
 
+  m.def(
+      "nf4_input_grad_cpu",
+      [](const Matrix& out, const Matrix& dy, const Nf4Weight& w, const Matrix& workspace, int num_threads) {
+        Nf4InputGradArgs a{out, dy, w, workspace};
+        py::gil_scoped_release nogil;
+        nf4_input_grad_cpu(a, num_threads);
+      },
+      "out = dy · dequant(W) in fp32, W streamed once (workspace: fp32 [tasks*M, K])");
+
 #ifdef LOWRANK_WITH_CUDA
   m.def(
       "nf4_quantize_cuda",

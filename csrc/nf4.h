@@ -194,6 +194,38 @@ inline void validate_nf4_double_quant(const Nf4DoubleQuantArgs& a, bool cuda) {
   check(cuda ? a.device >= 0 : a.device == -1, "absmax: on the wrong device for this launcher");
 }
 
+// ---- input gradient for few tokens: out = dy · dequant(W) (fp32) ----------------------------------
+// W is streamed once by rows, decoded in registers; each of the workspace's tasks accumulates the
+// rows it was given into its own fp32 [M, K] slice, and the slices are summed at the end. CPU only,
+// and only for in_features % 64 == 0 with blocksize >= 64 or 32 (nf4_input_grad_supported).
+struct Nf4InputGradArgs {
+  Matrix out;        // [M, K] float32
+  Matrix dy;         // [M, N] float32
+  Nf4Weight w;       // [N, K]
+  Matrix workspace;  // [tasks * M, K] float32; its row count picks the task count
+};
+
+inline bool nf4_input_grad_supported(const Nf4Weight& w) {
+  return w.cols % 64 == 0 && (w.blocksize >= 64 || w.blocksize == 32);
+}
+
+inline void validate_nf4_input_grad(const Nf4InputGradArgs& a) {
+  validate_nf4_weight(a.w, "weight");
+  const int64_t M = a.dy.rows, N = a.w.rows, K = a.w.cols;
+  check(nf4_input_grad_supported(a.w), "weight: the few-token input-gradient kernel needs in_features % 64 == 0");
+  check_matrix(a.dy, "dy", M, N);
+  check_matrix(a.out, "out", M, K);
+  check(a.dy.dtype == DType::float32 && a.out.dtype == DType::float32 && a.workspace.dtype == DType::float32,
+        "dy, out, workspace: expected float32");
+  check(M > 0 && a.workspace.rows >= M && a.workspace.rows % M == 0,
+        "workspace: expected [tasks * M, K] rows");
+  check_matrix(a.workspace, "workspace", a.workspace.rows, K);
+  check(a.w.device == -1 && a.out.device == -1 && a.dy.device == -1 && a.workspace.device == -1,
+        "all tensors must be on the CPU");
+}
+
+void nf4_input_grad_cpu(const Nf4InputGradArgs& a, int num_threads);
+
 // Launchers. CPU: num_threads as torch.get_num_threads(). CUDA: a raw cudaStream_t.
 void nf4_quantize_cpu(const Nf4QuantizeArgs& a, int num_threads);
 void nf4_double_quant_cpu(const Nf4DoubleQuantArgs& a, int num_threads);

@@ -46,8 +46,10 @@ def nf4_path(monkeypatch):
     """``nf4_path("fused" | "gemm")``: send every M to the fused NF4 rows kernel, or to the tiled GEMM."""
 
     def force(path: str) -> None:
-        monkeypatch.setattr(_runtime, "NF4_CPU_FUSED_MAX_M", (1 << 30) if path == "fused" else -1)
-        monkeypatch.setattr(_runtime, "CUDA_FUSED_MAX_M", (1 << 30) if path == "fused" else -1)
+        limit = (1 << 30) if path == "fused" else -1
+        monkeypatch.setattr(_runtime, "NF4_CPU_FUSED_MAX_M", limit)
+        monkeypatch.setattr(_runtime, "NF4_CPU_INPUT_GRAD_MAX_M", limit)
+        monkeypatch.setattr(_runtime, "CUDA_FUSED_MAX_M", limit)
 
     return force
 
@@ -246,10 +248,13 @@ def test_forward_dropout_input(nf4_path, path):
     assert_error_within("y", y, yr, exact, mag)
 
 
-@pytest.mark.parametrize("lead,n,k", SHAPES[:6], ids=str)
+@pytest.mark.parametrize("lead,n,k", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_backward_input_vs_float64(lead, n, k, dtype):
-    args, _, _, la, _, _ = _inputs(lead, n, k, 4, dtype)
+@pytest.mark.parametrize("path", ["fused", "gemm"])
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+def test_backward_input_vs_float64(cpu_isa, nf4_path, lead, n, k, dtype, path, blocksize):
+    nf4_path(path)
+    args, _, _, la, _, _ = _inputs(lead, n, k, 4, dtype, blocksize=blocksize)
     dy = torch.randn(*lead, n).to(dtype)
     g = torch.randn(*lead, 4)
     for gg, aa in [(g, la), (None, None)]:

@@ -17,6 +17,7 @@ namespace lowrank::cpu {
   void nf4_double_quant(const Nf4DoubleQuantArgs& a, int num_threads); \
   void nf4_dequantize(const Nf4DequantizeArgs& a, int num_threads);   \
   void nf4_rows(const Nf4RowsArgs& a, int num_threads);               \
+  void nf4_input_grad(const Nf4InputGradArgs& a, int num_threads);    \
   }
 LOWRANK_DECLARE_ISA(portable)
 LOWRANK_DECLARE_ISA(avx2)
@@ -31,15 +32,16 @@ struct Variant {
   void (*nf4_double_quant)(const Nf4DoubleQuantArgs&, int);
   void (*nf4_dequantize)(const Nf4DequantizeArgs&, int);
   void (*nf4_rows)(const Nf4RowsArgs&, int);
+  void (*nf4_input_grad)(const Nf4InputGradArgs&, int);
 };
 
 static const Variant kVariants[] = {
     {"portable", &portable::lora_rows, &portable::lora_input_grad, &portable::nf4_quantize, &portable::nf4_double_quant,
-     &portable::nf4_dequantize, &portable::nf4_rows},
+     &portable::nf4_dequantize, &portable::nf4_rows, &portable::nf4_input_grad},
     {"avx2", &avx2::lora_rows, &avx2::lora_input_grad, &avx2::nf4_quantize, &avx2::nf4_double_quant,
-     &avx2::nf4_dequantize, &avx2::nf4_rows},
+     &avx2::nf4_dequantize, &avx2::nf4_rows, &avx2::nf4_input_grad},
     {"avx512", &avx512::lora_rows, &avx512::lora_input_grad, &avx512::nf4_quantize, &avx512::nf4_double_quant,
-     &avx512::nf4_dequantize, &avx512::nf4_rows},
+     &avx512::nf4_dequantize, &avx512::nf4_rows, &avx512::nf4_input_grad},
 };
 
 static bool cpu_supports(const std::string& name) {
@@ -127,6 +129,12 @@ void nf4_dequantize_cpu(const Nf4DequantizeArgs& a, int num_threads) {
   validate_nf4_dequantize(a, /*cuda=*/false);
   if (a.out.rows == 0 || a.out.cols == 0) return;
   cpu::active()->nf4_dequantize(a, num_threads);
+}
+
+void nf4_input_grad_cpu(const Nf4InputGradArgs& a, int num_threads) {
+  validate_nf4_input_grad(a);
+  if (a.out.rows == 0 || a.out.cols == 0) return;
+  cpu::active()->nf4_input_grad(a, num_threads);
 }
 
 void nf4_rows_cpu(const Nf4RowsArgs& a, int num_threads) {

@@ -611,4 +611,94 @@ void nf4_rows(const Nf4RowsArgs& a, int num_threads) {
   parallel_for((N + ROWS_PER_TASK - 1) / ROWS_PER_TASK, num_threads, rows_task, &c);
 }
 
+// =================================================================================================
+// Input gradient for few tokens: out = dy · W (fp32)
+// =================================================================================================
+struct InputGradCtx {
+  const Nf4InputGradArgs* a;
+  int64_t tasks;
+};
+
+#if defined(__AVX2__)
+// Task t accumulates rows [n0, n1) of W into its workspace slice, in group order.
+static void input_grad_task(void* p, int64_t t) {
+  static const Planes P;
+  const auto& c = *static_cast<InputGradCtx*>(p);
+  const Nf4InputGradArgs& a = *c.a;
+  const Nf4Weight& w = a.w;
+  const int64_t M = a.dy.rows, N = w.rows, K = w.cols;
+  const int64_t n0 = N * t / c.tasks, n1 = N * (t + 1) / c.tasks;
+  float* acc = a.workspace.data<float>() + t * M * a.workspace.ld;
+  const int64_t ld = a.workspace.ld;
+  for (int64_t m = 0; m < M; ++m) std::memset(acc + m * ld, 0, sizeof(float) * size_t(K));
+  const __m256i m4 = _mm256_set1_epi8(15);
+  const uint8_t* codes = w.codes_ptr();
+  const float* dy = a.dy.data<float>();
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = codes + n * K / 2;
+    for (int64_t g = 0; g < K; g += 64) {
+      const __m256i by = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + g / 2));
+      const __m256 s = group_scale(w, n * K + g);
+      for (int h = 0; h < 2; ++h) {
+        __m256 v[4];
+        lookup32(P, h ? _mm256_and_si256(by, m4) : _mm256_and_si256(_mm256_srli_epi16(by, 4), m4), v);
+        for (int j = 0; j < 4; ++j) v[j] = _mm256_mul_ps(v[j], s);  // the exact fp32 weight
+        for (int64_t m = 0; m < M; ++m) {
+          const __m256 d = _mm256_set1_ps(dy[m * a.dy.ld + n]);
+          float* dst = acc + m * ld + g + 32 * h;
+          for (int j = 0; j < 4; ++j)
+            _mm256_storeu_ps(dst + 8 * j, _mm256_fmadd_ps(d, v[j], _mm256_loadu_ps(dst + 8 * j)));
+        }
+      }
+    }
+  }
+}
+
+// Sum the task slices and unscramble group order into natural order, one (m, group) per step.
+static void input_grad_reduce(void* p, int64_t m) {
+  const auto& c = *static_cast<InputGradCtx*>(p);
+  const Nf4InputGradArgs& a = *c.a;
+  const int64_t M = a.dy.rows, K = a.w.cols, ld = a.workspace.ld;
+  static const auto order = [] {
+    std::array<int, 64> o{};
+    for (int s = 0; s < 64; ++s) o[size_t(s)] = group_source(s);
+    return o;
+  }();
+  float* out = a.out.data<float>() + m * a.out.ld;
+  const float* ws = a.workspace.data<float>();
+  alignas(32) float sum[64];
+  for (int64_t g = 0; g < K; g += 64) {
+    for (int s = 0; s < 64; s += 8) {
+      __m256 v = _mm256_loadu_ps(ws + m * ld + g + s);
+      for (int64_t t = 1; t < c.tasks; ++t) v = _mm256_add_ps(v, _mm256_loadu_ps(ws + (t * M + m) * ld + g + s));
+      _mm256_store_ps(sum + s, v);
+    }
+    for (int s = 0; s < 64; ++s) out[g + order[size_t(s)]] = sum[s];
+  }
+}
+#endif
+
+void nf4_input_grad(const Nf4InputGradArgs& a, int num_threads) {
+#if defined(__AVX2__)
+  InputGradCtx c{&a, a.workspace.rows / a.dy.rows};
+  parallel_for(c.tasks, num_threads, input_grad_task, &c);
+  parallel_for(a.dy.rows, num_threads, input_grad_reduce, &c);
+#else
+  // Portable build: decode row by row in natural order (slow, correct; the Python side prefers the
+  // tiled GEMM path here).
+  const int64_t M = a.dy.rows, N = a.w.rows, K = a.w.cols;
+  std::vector<float> row(static_cast<size_t>(K));
+  for (int64_t m = 0; m < M; ++m) std::memset(a.out.data<float>() + m * a.out.ld, 0, sizeof(float) * size_t(K));
+  for (int64_t n = 0; n < N; ++n) {
+    decode_span_scalar(a.w, n, 0, K, row.data());
+    for (int64_t m = 0; m < M; ++m) {
+      const float d = a.dy.data<float>()[m * a.dy.ld + n];
+      float* o = a.out.data<float>() + m * a.out.ld;
+      for (int64_t k = 0; k < K; ++k) o[k] += d * row[size_t(k)];
+    }
+  }
+  (void)num_threads;
+#endif
+}
+
 }  // namespace lowrank::cpu::LOWRANK_ISA

@@ -69,3 +69,7 @@ def nf4_cpu_fused_max_m() -> int:
     from .. import _C
 
     return NF4_CPU_FUSED_MAX_M_BY_ISA.get(_C.cpu_isa(), 4)
+
+# NF4: largest M for the few-token input-gradient kernel (dx = dy W, W decoded in registers and
+# streamed once); above it W is dequantized tile by tile for torch's GEMM.
+NF4_CPU_INPUT_GRAD_MAX_M = 16

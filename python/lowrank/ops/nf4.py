@@ -573,7 +573,22 @@ def _backward_input_native(grad_y, codes, absmax, absmax2, code2, offset, shape,
     if not _native(grad_y.device, grad_y.dtype) or m == 0 or n == 0 or k == 0:
         return nf4_linear_backward_input_reference(grad_y, *wargs, g, lora_a)
     dy32 = grad_y.reshape(m, n).float()
-    dx32 = _gemm.matmul_tiles_fp32(dy32, n, k, _tile_filler(_weight(*wargs)))
+    w = _weight(*wargs)
+    if (
+        grad_y.device.type == "cpu"
+        and m <= _runtime.NF4_CPU_INPUT_GRAD_MAX_M
+        and k % 64 == 0
+        and (blocksize >= 64 or blocksize == 32)
+        and _C.cpu_isa() != "portable"
+    ):
+        # Few tokens: W streamed once by rows, decoded in registers (csrc/cpu/nf4.cpp).
+        dy32 = last_dim_contiguous(dy32)
+        tasks = _runtime.num_threads()
+        workspace = torch.empty(tasks * m, k, dtype=torch.float32)
+        dx32 = _runtime.empty(m, k, dtype=torch.float32, device=grad_y.device)
+        _C.nf4_input_grad_cpu(matrix("out", dx32), matrix("grad_y", dy32), w, matrix("workspace", workspace), tasks)
+    else:
+        dx32 = _gemm.matmul_tiles_fp32(dy32, n, k, _tile_filler(w))
     if g is not None:
         dx32.addmm_(g.reshape(m, -1), lora_a.float())
     return dx32.to(grad_y.dtype).reshape(lead + (k,))
