@@ -64,6 +64,30 @@ def main() -> None:
                                 samples[name].append(time_ms(fn))
                     med = {name: statistics.median(v) for name, v in samples.items()}
                     rows.append((f"{k}x{n}", m, str(dtype).replace("torch.", ""), mode, med))
+    nf4_rows = []
+    for k, n in [(4096, 4096), (4096, 11008)]:
+        for dtype in [torch.bfloat16, torch.float16]:
+            dense32 = torch.nn.Linear(k, n, bias=False, device="cuda").requires_grad_(False)
+            q = lowrank.NF4Linear.from_linear(dense32, compute_dtype=dtype)
+            dense = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=dtype).requires_grad_(False)
+            dense.weight.copy_(dense32.weight)
+            for m in [1, 16, 512]:
+                x = torch.randn(m, k, device="cuda", dtype=dtype)
+                with torch.no_grad():
+                    fns = {"nn.Linear": lambda: dense(x), "NF4Linear": lambda: q(x)}
+                    for fn in fns.values():
+                        fn()
+                    samples = {name: [] for name in fns}
+                    for _ in range(5):
+                        for name, fn in fns.items():
+                            samples[name].append(time_ms(fn))
+                med = {name: statistics.median(v) for name, v in samples.items()}
+                nf4_rows.append((f"{k}x{n}", m, str(dtype).replace("torch.", ""), med))
+    print()
+    print(f"{'shape':<11}{'M':>5} {'dtype':<9}{'nn.Linear':>11}{'NF4Linear':>11}{'vs Linear':>11}")
+    for shape, m, dt, med in nf4_rows:
+        print(f"{shape:<11}{m:>5} {dt:<9}{med['nn.Linear']:>9.3f}ms{med['NF4Linear']:>9.3f}ms"
+              f"{med['nn.Linear'] / med['NF4Linear']:>10.2f}x")
     print()
     print(f"{'shape':<11}{'M':>5} {'dtype':<9}{'mode':<8}{'nn.Linear':>11}{'lowrank':>10}{'peft':>10}{'vs Linear':>11}{'vs peft':>9}")
     for shape, m, dt, mode, med in rows:

@@ -349,3 +349,61 @@ def test_binding_rechecks_sizes():
     # the C++ layer never trusts its caller: a bad blocksize reaching it is a ValueError, not a crash
     with pytest.raises(ValueError, match="blocksize"):
         _C.Nf4Weight(1, 1, 64, 48, 1, 0, 0, 0, 0, 256, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA: the same math as the CPU (skipped without a GPU and lowrank's CUDA kernels)
+# ---------------------------------------------------------------------------------------------
+_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and nf4_ops.HAS_CUDA_KERNELS), reason="needs a CUDA device and lowrank's CUDA kernels"
+)
+
+
+@_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(64, 128), (33, 101), (300, 4096), (7, 5)], ids=str)
+@pytest.mark.parametrize("blocksize", [32, 64, 256])
+def test_cuda_quantization_matches_cpu(shape, blocksize):
+    w = torch.randn(*shape) * 0.02
+    w.view(-1)[:blocksize] = 0
+    cpu = lowrank.quantize_nf4(w, blocksize)
+    gpu = lowrank.quantize_nf4(w.cuda(), blocksize)
+    for key in ("codes", "absmax", "absmax2", "code2", "offset"):
+        assert torch.equal(gpu[key].cpu(), cpu[key]), key
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        d_gpu = torch.ops.lowrank.nf4_dequantize(*weight_args(gpu, shape, blocksize), dt)
+        d_cpu = torch.ops.lowrank.nf4_dequantize(*weight_args(cpu, shape, blocksize), torch.float32).to(dt)
+        assert torch.equal(d_gpu.cpu(), d_cpu), dt
+
+
+@_cuda
+@pytest.mark.cuda
+def test_cuda_non_finite_raises():
+    w = torch.randn(8, 64, device="cuda")
+    w[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        torch.ops.lowrank.nf4_quantize(w, 64)
+
+
+@_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("lead,n,k", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("path", ["fused", "gemm"])
+def test_cuda_forward_vs_float64(nf4_path, lead, n, k, dtype, path):
+    nf4_path(path)
+    for blocksize, double_quant, bias, adapter in [(64, True, True, True), (32, False, False, True),
+                                                   (128, True, True, False)]:  # fmt: skip
+        args, x, b, la, lb, xa = _inputs(lead, n, k, 5, dtype, blocksize=blocksize, double_quant=double_quant,
+                                         bias=bias, adapter=adapter)  # fmt: skip
+        exact, mag = _exact(args, x, b, la, lb, xa)
+        to = lambda t: t.cuda() if isinstance(t, torch.Tensor) else t  # noqa: E731
+        gargs = tuple(to(t) for t in args)
+        y, _ = forward(to(x), *gargs, to(b), to(la), to(lb), SCALE, None)
+        yr, _ = nf4_ops.nf4_linear_forward_reference(x, *args, b, la, lb, SCALE, None)
+        assert_error_within(f"y ({blocksize}, {double_quant})", y.cpu(), yr, exact, mag)
+        dy = torch.randn(*lead, n).to(dtype)
+        dx = backward_input(dy.cuda(), *gargs, None, None)
+        dxr = nf4_ops.nf4_linear_backward_input_reference(dy, *args, None, None)
+        w = nf4_ops.nf4_dequantize_reference(*args, torch.float32).double()
+        assert_error_within("grad_x", dx.cpu(), dxr, fp64(dy) @ w, absolute(dy) @ w.abs())
