@@ -12,12 +12,16 @@
 //   value   = kTable[code] * absmax[block]   (fp32), rounded once to the output dtype.
 //
 // Quantization (bitsandbytes' exact arithmetic, so codes are byte-identical):
-//   full block:    s = clamp(v * (1 / absmax), -1, 1);   partial last block: s = clamp(v / absmax, -1, 1)
-//                  (an all-zero block uses 1 / 1e-38 and stores absmax 0: its codes decode to 0)
+//   full block:    s = clamp(v * (1 / a), -1, 1);   partial last block: s = clamp(v / a, -1, 1),
+//                  a = max(absmax, 1e-38); a full block stores absmax, the partial last block stores a
+//                  (so an all-zero block's codes are 7, the exact 0.0, and decode to 0)
 //   code          = number of table midpoints (fp32 (t[i] + t[i+1]) / 2) strictly below s
 //                   (nearest code; a tie goes to the lower code)
-//   nested codes: a = absmax - offset (fp32), absmax2 = max |a| over the block of 256,
-//                 n = a / absmax2, code = nearest entry of code2 by fp32 distance, a tie to the lower.
+//   nested codes: d = absmax - offset (fp32), absmax2 = max |d| over the block of 256,
+//                 s = clamp(d * (1 / absmax2), -1, 1), bin = uint16((s + 1) * 0.5 * 65535 + 0.5) (each
+//                 step rounded to fp32), code = number of code2 midpoints (c[j] + c[j+1]) / 2 strictly
+//                 below the bin's centre -1 + 2 bin / 65535 (bitsandbytes' CPU quantizer: up to half a
+//                 bin off the exact nearest code); absmax2 = 0 gives code 0.
 #pragma once
 #include <cstdint>
 
@@ -54,10 +58,10 @@ struct Nf4Weight {
   int64_t blocksize2 = 256;
   int device = -1;
 
-  int64_t numel() const { return rows * cols; }
-  int64_t nblocks() const { return (numel() + blocksize - 1) / blocksize; }
-  bool nested() const { return qabsmax != 0; }
-  const uint8_t* codes_ptr() const { return reinterpret_cast<const uint8_t*>(codes); }
+  LOWRANK_HD int64_t numel() const { return rows * cols; }
+  LOWRANK_HD int64_t nblocks() const { return (numel() + blocksize - 1) / blocksize; }
+  LOWRANK_HD bool nested() const { return qabsmax != 0; }
+  LOWRANK_HD const uint8_t* codes_ptr() const { return reinterpret_cast<const uint8_t*>(codes); }
 };
 
 // absmax of block `b`, decoded exactly as bitsandbytes does (no fused multiply-add: the

@@ -366,10 +366,16 @@ _cuda = pytest.mark.skipif(
 def test_cuda_quantization_matches_cpu(shape, blocksize):
     w = torch.randn(*shape) * 0.02
     w.view(-1)[:blocksize] = 0
+    codes, absmax = torch.ops.lowrank.nf4_quantize(w, blocksize)
+    gcodes, gabsmax = torch.ops.lowrank.nf4_quantize(w.cuda(), blocksize)
+    assert torch.equal(gcodes.cpu(), codes) and torch.equal(gabsmax.cpu(), absmax)
+    # double quantization with the same offset (torch.mean may round differently on the two devices)
+    offset, code2 = absmax.mean(), nf4_ops.dynamic_map()
+    q, a2 = torch.ops.lowrank.nf4_double_quant(absmax, offset, code2, 256)
+    gq, ga2 = torch.ops.lowrank.nf4_double_quant(absmax.cuda(), offset.cuda(), code2.cuda(), 256)
+    assert torch.equal(gq.cpu(), q) and torch.equal(ga2.cpu(), a2)
     cpu = lowrank.quantize_nf4(w, blocksize)
-    gpu = lowrank.quantize_nf4(w.cuda(), blocksize)
-    for key in ("codes", "absmax", "absmax2", "code2", "offset"):
-        assert torch.equal(gpu[key].cpu(), cpu[key]), key
+    gpu = {k: v.cuda() for k, v in cpu.items()}
     for dt in (torch.float32, torch.bfloat16, torch.float16):
         d_gpu = torch.ops.lowrank.nf4_dequantize(*weight_args(gpu, shape, blocksize), dt)
         d_cpu = torch.ops.lowrank.nf4_dequantize(*weight_args(cpu, shape, blocksize), torch.float32).to(dt)

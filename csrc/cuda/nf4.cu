@@ -38,13 +38,7 @@
 #include <string>
 
 #include "cuda/cuda_common.h"
-// nf4.h's nf4_block_absmax() is __host__ __device__ but calls Nf4Weight::nested(), a host-only member,
-// so nvcc warns (#20014) on the header itself and the function cannot run on the device. Until the
-// header marks Nf4Weight's members LOWRANK_HD, silence that one diagnostic for the include only and
-// decode scales with block_absmax() below (the same arithmetic).
-#pragma nv_diag_suppress 20014
 #include "nf4.h"
-#pragma nv_diag_default 20014
 
 namespace lowrank::cuda {
 namespace {
@@ -187,31 +181,13 @@ __host__ __device__ __forceinline__ unsigned byte_code(unsigned byte, int64_t f)
   return (f & 1) ? (byte & 15u) : ((byte >> 4) & 15u);
 }
 
-// Index of the entry of the sorted 256-entry code2 nearest to x, bitsandbytes' CPU rule: L = the last
-// entry <= x (binary search), then L + 1 only if it is STRICTLY closer in fp32; x below code2[0] (or
-// NaN) gives 0, x >= code2[255] gives 255.
-__host__ __device__ __forceinline__ unsigned nearest_code2(const float* code2, float x) {
-  int lo = 0, hi = kCode2Size;  // upper bound: first index with code2[idx] > x
-  while (lo < hi) {
-    const int mid = (lo + hi) >> 1;
-    if (code2[mid] <= x) lo = mid + 1;
-    else hi = mid;
-  }
-  const int left = lo - 1;
-  if (left < 0) return 0;
-  if (left >= kCode2Size - 1) return kCode2Size - 1;
-  const float d_left = fabsf(sub_rn(x, code2[left]));
-  const float d_right = fabsf(sub_rn(x, code2[left + 1]));
-  return static_cast<unsigned>(d_right < d_left ? left + 1 : left);
-}
-
 __device__ __forceinline__ void load_table(float* s_table) {
   if (threadIdx.x < 16) s_table[threadIdx.x] = c_nf4_table[threadIdx.x];
   __syncthreads();
 }
 
-// Scale of block b: exactly nf4_block_absmax() of nf4.h (which cannot be called from device code, see
-// the include above): plain fp32, or code2[q] * absmax2 + offset with no fused multiply-add.
+// Scale of block b: exactly nf4_block_absmax() of nf4.h (plain fp32, or code2[q] * absmax2 + offset
+// with no fused multiply-add), reading through the read-only data cache.
 __device__ __forceinline__ float block_absmax(const Nf4Weight& w, int64_t b) {
   if (w.qabsmax == 0) return __ldg(reinterpret_cast<const float*>(w.absmax) + b);
   const uint8_t q = __ldg(reinterpret_cast<const uint8_t*>(w.qabsmax) + b);
@@ -300,7 +276,8 @@ nf4_quantize_kernel(const T* __restrict__ in,       // [n] contiguous, float32 /
     for (int64_t p = lane; p < npairs; p += 32) {
       const int64_t f = start + 2 * p;
       const unsigned hi = code_of(to_f32(in[f]));
-      const unsigned lo = f + 1 < end ? code_of(to_f32(in[f + 1])) : 0u;  // odd n: low nibble 0
+      // odd n: bitsandbytes pads the scaled values with 0.0, so the last low nibble is its code (7)
+      const unsigned lo = f + 1 < end ? code_of(to_f32(in[f + 1])) : nf4_code(0.f, mid);
       codes[(start >> 1) + p] = static_cast<uint8_t>((hi << 4) | lo);
     }
   }
@@ -308,13 +285,17 @@ nf4_quantize_kernel(const T* __restrict__ in,       // [n] contiguous, float32 /
 
 // ==== 2. double quantization of the scales ===========================================================
 //
-//   d[i]      = absmax[i] - offset                          (fp32)
+//   d[i]       = absmax[i] - offset                                  (fp32)
 //   absmax2[g] = max |d| over group g of blocksize2 scales
-//   q[i]      = nearest_code2(code2, d[i] / absmax2[g])     (fp32 division; 0 / 0 -> the 0 entry)
+//   s          = clamp(d * (1 / absmax2), -1, 1)
+//   bin        = uint16((s + 1) * 0.5 * 65535 + 0.5)                 (every step rounded to fp32)
+//   q[i]       = number of code2 midpoints strictly below -1 + 2 bin / 65535
 //
-// One 256-thread block per group (grid-stride over groups); code2 lives in shared memory for the
-// binary search.
+// bitsandbytes' CPU quantizer bins values this way (nf4.h); the CPU kernel and the reference do the
+// same, so a checkpoint's bytes do not depend on the device it was quantized on. absmax2 = 0: code 0.
+// One 256-thread block per group (grid-stride over groups); the midpoints live in shared memory.
 constexpr int kDqThreads = 256;  // = kCode2Size: one code2 entry loaded per thread
+constexpr int kBins = 65536;
 
 __global__ void __launch_bounds__(kDqThreads)
 nf4_double_quant_kernel(const float* __restrict__ absmax,   // [n] block scales
@@ -325,9 +306,13 @@ nf4_double_quant_kernel(const float* __restrict__ absmax,   // [n] block scales
                         uint8_t* __restrict__ qabsmax,      // [n] 8-bit codes into code2
                         float* __restrict__ absmax2) {      // [ceil(n / bs2)]
   __shared__ float s_code2[kCode2Size];
+  __shared__ float s_mid[kCode2Size - 1];
   __shared__ float s_max[kDqThreads / 32];
   static_assert(kDqThreads == kCode2Size, "one code2 entry per thread");
   s_code2[threadIdx.x] = code2[threadIdx.x];
+  __syncthreads();
+  if (threadIdx.x < kCode2Size - 1)
+    s_mid[threadIdx.x] = __fmul_rn(0.5f, __fadd_rn(s_code2[threadIdx.x], s_code2[threadIdx.x + 1]));
   __syncthreads();
   const float off = *offset;
   const int64_t ngroups = (n + bs2 - 1) / bs2;
@@ -343,11 +328,22 @@ nf4_double_quant_kernel(const float* __restrict__ absmax,   // [n] block scales
 #pragma unroll
     for (int w = 0; w < kDqThreads / 32; ++w) am2 = fmaxf(am2, s_max[w]);
     if (threadIdx.x == 0) absmax2[g] = am2;
+    const float inv = am2 == 0.f ? 0.f : __fdiv_rn(1.0f, am2);
     for (int64_t i = start + threadIdx.x; i < end; i += kDqThreads) {
-      // am2 == 0 means every d is 0: the contract's 1e-38 guard gives normed = 0 (the exact 0 entry);
-      // written directly, so no subnormal division is involved.
-      const float normed = am2 == 0.f ? 0.f : __fdiv_rn(sub_rn(absmax[i], off), am2);
-      qabsmax[i] = static_cast<uint8_t>(nearest_code2(s_code2, normed));
+      unsigned code = 0;
+      if (am2 != 0.f) {
+        const float s = fminf(fmaxf(__fmul_rn(sub_rn(absmax[i], off), inv), -1.f), 1.f);
+        const float u = __fadd_rn(__fmul_rn(__fmul_rn(__fadd_rn(s, 1.f), 0.5f), float(kBins - 1)), 0.5f);
+        const unsigned bin = static_cast<unsigned>(u);  // u in [0.5, 65535.5]: truncation, as uint16()
+        const float centre = __fadd_rn(-1.f, __fdiv_rn(2.f * float(bin), float(kBins - 1)));
+        unsigned lo = 0, hi = kCode2Size - 1;  // count of midpoints < centre, in [0, 255]
+        while (lo < hi) {
+          const unsigned mid = (lo + hi) >> 1;
+          if (s_mid[mid] < centre) lo = mid + 1; else hi = mid;
+        }
+        code = lo;
+      }
+      qabsmax[i] = static_cast<uint8_t>(code);
     }
     __syncthreads();  // s_max is rewritten by the next group
   }
