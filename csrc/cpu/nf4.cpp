@@ -334,13 +334,61 @@ inline int group_source(int s) {
   return 2 * byte + h;
 }
 
-// The scale vector for a group: one absmax for blocks >= 64; for blocksize 32 lane 0 holds the
-// first 32 elements (block 2g) and lane 1 the second (block 2g+1), matching lookup32's lanes.
-inline __m256 group_scale(const Nf4Weight& w, int64_t flat0) {
-  if (w.blocksize >= 64) return _mm256_set1_ps(nf4_block_absmax(w, flat0 / w.blocksize));
-  const int64_t b = flat0 / w.blocksize;
-  return _mm256_setr_m128(_mm_set1_ps(nf4_block_absmax(w, b)), _mm_set1_ps(nf4_block_absmax(w, b + 1)));
-}
+// Walks the block scales of one row group by group (64 values), with no division in the loop: an
+// int64 division per group cost as much as decoding the group. The scalar work interleaves with the
+// shuffle-bound decoding for free. next() gives the scale vector of the next group: lane 0 scales its
+// first 32 values and lane 1 the last 32, matching lookup32's lanes, so blocksize 32 (two blocks per
+// group) needs nothing special. Needs cols % 64 == 0 and blocksize >= 32 (a power of two).
+class ScaleCursor {
+ public:
+  explicit ScaleCursor(const Nf4Weight& w) : w_(w) {
+    while ((int64_t(1) << shift_) < w.blocksize) ++shift_;
+    groups_per_block_ = w.blocksize >= 64 ? int(w.blocksize / 64) : 0;
+  }
+
+  void start(int64_t row) {
+    b_ = (row * w_.cols) >> shift_;
+    if (w_.nested()) {
+      b2_ = b_ / w_.blocksize2;
+      r2_ = b_ - b2_ * w_.blocksize2;
+    }
+    left_ = 0;
+  }
+
+  __m256 next() {
+    if (groups_per_block_ == 0) {  // blocksize 32: two blocks per group
+      const float s0 = take(), s1 = take();
+      return _mm256_setr_m128(_mm_set1_ps(s0), _mm_set1_ps(s1));
+    }
+    if (left_ == 0) {
+      cur_ = _mm256_set1_ps(take());
+      left_ = groups_per_block_;
+    }
+    --left_;
+    return cur_;
+  }
+
+ private:
+  float take() {  // the current block's scale, then advance to the next block
+    float s;
+    if (!w_.nested()) {
+      s = reinterpret_cast<const float*>(w_.absmax)[b_];
+    } else {
+      const float c = reinterpret_cast<const float*>(w_.code2)[reinterpret_cast<const uint8_t*>(w_.qabsmax)[b_]];
+      s = c * reinterpret_cast<const float*>(w_.absmax2)[b2_] + *reinterpret_cast<const float*>(w_.offset);
+      if (++r2_ == w_.blocksize2) r2_ = 0, ++b2_;
+    }
+    ++b_;
+    return s;
+  }
+
+  const Nf4Weight& w_;
+  int shift_ = 0;
+  int groups_per_block_ = 0;
+  int64_t b_ = 0, b2_ = 0, r2_ = 0;
+  int left_ = 0;
+  __m256 cur_ = _mm256_setzero_ps();
+};
 #endif
 
 // =================================================================================================
@@ -369,16 +417,20 @@ static void dequant_task(void* p, int64_t task) {
   // The fast path decodes whole groups of 64 in natural order; it needs rows made of whole groups.
   const bool fast = K % 64 == 0 && (w.blocksize >= 64 || w.blocksize == 32);
 #endif
+#if defined(__AVX2__)
+  ScaleCursor scales(w);
+#endif
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t row = a.row0 + i;
     float* dst = f32 ? a.out.data<float>() + i * a.out.ld : tmp.data();
 #if defined(__AVX2__)
     if (fast) {
       const uint8_t* codes = w.codes_ptr() + row * K / 2;
+      scales.start(row);
       for (int64_t g = 0; g < K; g += 64) {
         __m256 v[8];
         decode_group(P, codes + g / 2, v);
-        const __m256 s = group_scale(w, row * K + g);
+        const __m256 s = scales.next();
         // Unscramble: lookup32 vector f holds bytes {4f..4f+3} (lane 0) and {16+4f..} (lane 1);
         // even elements 2*byte come from v[0..3], odd ones from v[4..7].
         for (int f = 0; f < 4; ++f) {
@@ -453,10 +505,10 @@ static void rows_task_generic(const RowsCtx& c, int64_t n0, int64_t n1) {
 }
 
 #if defined(__AVX2__)
-// M = 1: decode in registers, two rows at a time (independent chains for the shuffle ports), half a
-// group (32 values, 4 vectors per row) at a time so everything stays in the 16 ymm registers.
+// M = 1: decode in registers, four rows at a time (independent chains for the shuffle ports), half a
+// group (32 values, 4 vectors) at a time so the decoded values never leave the registers.
 static void rows_task_m1(const RowsCtx& c, int64_t n0, int64_t n1) {
-  static const Planes P;
+  const Planes P;  // a local copy: the planes stay in registers
   const Nf4RowsArgs& a = *c.a;
   const Nf4Weight& w = a.w;
   const int64_t K = w.cols;
@@ -464,41 +516,42 @@ static void rows_task_m1(const RowsCtx& c, int64_t n0, int64_t n1) {
   const uint8_t* codes = w.codes_ptr();
   const __m256i m4 = _mm256_set1_epi8(15);
   int64_t n = n0;
-  for (; n + 2 <= n1; n += 2) {
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    const uint8_t* c0 = codes + n * K / 2;
-    const uint8_t* c1 = c0 + K / 2;
+  constexpr int R = 4;
+  ScaleCursor sc[R] = {ScaleCursor(w), ScaleCursor(w), ScaleCursor(w), ScaleCursor(w)};
+  for (; n + R <= n1; n += R) {
+    __m256 acc[R];
+    const uint8_t* rc[R];
+    for (int r = 0; r < R; ++r) {
+      acc[r] = _mm256_setzero_ps();
+      rc[r] = codes + (n + r) * K / 2;
+      sc[r].start(n + r);
+    }
     for (int64_t g = 0; g < K; g += 64) {
-      const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c0 + g / 2));
-      const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c1 + g / 2));
-      __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
-      for (int h = 0; h < 2; ++h) {  // h = 0: even elements (high nibbles), 1: odd ones
-        const __m256i i0 = h ? _mm256_and_si256(b0, m4) : _mm256_and_si256(_mm256_srli_epi16(b0, 4), m4);
-        const __m256i i1 = h ? _mm256_and_si256(b1, m4) : _mm256_and_si256(_mm256_srli_epi16(b1, 4), m4);
-        __m256 v0[4], v1[4];
-        lookup32(P, i0, v0);
-        lookup32(P, i1, v1);
-        for (int j = 0; j < 4; ++j) {
-          const __m256 xv = _mm256_loadu_ps(x + g + 32 * h + 8 * j);
-          s0 = _mm256_fmadd_ps(v0[j], xv, s0);
-          s1 = _mm256_fmadd_ps(v1[j], xv, s1);
+      __m256 sum[R];
+      for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_ps();
+      for (int r = 0; r < R; ++r) {
+        const __m256i by = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rc[r] + g / 2));
+        for (int h = 0; h < 2; ++h) {  // h = 0: even elements (high nibbles), 1: odd ones
+          __m256 v[4];
+          lookup32(P, h ? _mm256_and_si256(by, m4) : _mm256_and_si256(_mm256_srli_epi16(by, 4), m4), v);
+          const float* xh = x + g + 32 * h;
+          for (int j = 0; j < 4; ++j) sum[r] = _mm256_fmadd_ps(v[j], _mm256_loadu_ps(xh + 8 * j), sum[r]);
         }
       }
-      acc0 = _mm256_fmadd_ps(s0, group_scale(w, n * K + g), acc0);
-      acc1 = _mm256_fmadd_ps(s1, group_scale(w, (n + 1) * K + g), acc1);
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(sum[r], sc[r].next(), acc[r]);
     }
-    finish(a, 0, n, hsum(acc0));
-    finish(a, 0, n + 1, hsum(acc1));
+    for (int r = 0; r < R; ++r) finish(a, 0, n + r, hsum(acc[r]));
   }
   for (; n < n1; ++n) {
     __m256 acc = _mm256_setzero_ps();
     const uint8_t* c0 = codes + n * K / 2;
+    sc[0].start(n);
     for (int64_t g = 0; g < K; g += 64) {
       __m256 v[8];
       decode_group(P, c0 + g / 2, v);
       __m256 s = _mm256_mul_ps(v[0], _mm256_loadu_ps(x + g));
       for (int j = 1; j < 8; ++j) s = _mm256_fmadd_ps(v[j], _mm256_loadu_ps(x + g + 8 * j), s);
-      acc = _mm256_fmadd_ps(s, group_scale(w, n * K + g), acc);
+      acc = _mm256_fmadd_ps(s, sc[0].next(), acc);
     }
     finish(a, 0, n, hsum(acc));
   }
@@ -529,9 +582,12 @@ static void rows_task_tiled(const RowsCtx& c, int64_t n0, int64_t n1) {
   const int64_t K = w.cols, M = a.x.rows;
   alignas(32) float buf[NR * KC];
   std::vector<float> partial(size_t(NR * M));
+  ScaleCursor sc[NR] = {ScaleCursor(w), ScaleCursor(w), ScaleCursor(w), ScaleCursor(w)};
+  static_assert(NR == 4, "one ScaleCursor per tile row");
   for (int64_t nt = n0; nt < n1; nt += NR) {
     const int nr = int(min64(NR, n1 - nt));
     std::fill(partial.begin(), partial.end(), 0.f);
+    for (int i = 0; i < nr; ++i) sc[i].start(nt + i);
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
       const int64_t len = min64(KC, K - k0);
       for (int i = 0; i < NR; ++i) {
@@ -545,7 +601,7 @@ static void rows_task_tiled(const RowsCtx& c, int64_t n0, int64_t n1) {
         for (int64_t g = k0; g < k0 + len; g += 64) {
           __m256 v[8];
           decode_group(P, codes + g / 2, v);
-          const __m256 s = group_scale(w, row * K + g);
+          const __m256 s = sc[i].next();  // K chunks run in order, so the cursor follows
           for (int j = 0; j < 8; ++j) _mm256_store_ps(dst + (g - k0) + 8 * j, _mm256_mul_ps(v[j], s));
         }
       }
@@ -634,11 +690,13 @@ static void input_grad_task(void* p, int64_t t) {
   const __m256i m4 = _mm256_set1_epi8(15);
   const uint8_t* codes = w.codes_ptr();
   const float* dy = a.dy.data<float>();
+  ScaleCursor sc(w);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = codes + n * K / 2;
+    sc.start(n);
     for (int64_t g = 0; g < K; g += 64) {
       const __m256i by = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + g / 2));
-      const __m256 s = group_scale(w, n * K + g);
+      const __m256 s = sc.next();
       for (int h = 0; h < 2; ++h) {
         __m256 v[4];
         lookup32(P, h ? _mm256_and_si256(by, m4) : _mm256_and_si256(_mm256_srli_epi16(by, 4), m4), v);

@@ -58,8 +58,10 @@ CPU_INPUT_GRAD_MAX_M = 24
 
 # NF4: largest M for the fused dequant-GEMV rows kernel (csrc/cpu/nf4.cpp); above it W is dequantized
 # tile by tile into an fp32 workspace for torch's GEMM. Tests and benchmarks may pin it
-# (NF4_CPU_FUSED_MAX_M); see benchmarks/bench_crossover.py for the measurement.
-NF4_CPU_FUSED_MAX_M_BY_ISA = {"avx2": 32, "avx512": 32, "portable": 4}
+# (NF4_CPU_FUSED_MAX_M). Measured here (AVX2, 2 threads, 4096 -> 11008, fp32, medians of 5):
+# fused vs tiled GEMM 42.7 vs 49.9 ms at M=64, 79.7 vs 91.0 at 128, 162 vs 180 at 256, 379 vs 359
+# at 512. The AVX-512 and portable variants were not measured.
+NF4_CPU_FUSED_MAX_M_BY_ISA = {"avx2": 256, "avx512": 64, "portable": 4}
 NF4_CPU_FUSED_MAX_M = None
 
 
@@ -71,5 +73,7 @@ def nf4_cpu_fused_max_m() -> int:
     return NF4_CPU_FUSED_MAX_M_BY_ISA.get(_C.cpu_isa(), 4)
 
 # NF4: largest M for the few-token input-gradient kernel (dx = dy W, W decoded in registers and
-# streamed once); above it W is dequantized tile by tile for torch's GEMM.
-NF4_CPU_INPUT_GRAD_MAX_M = 16
+# streamed once); above it W is dequantized tile by tile for torch's GEMM. Measured as above:
+# kernel vs tiled GEMM 4.0 vs 8.9 ms at M=1, 8.2 vs 20.4 at 4, 19.8 vs 41.0 at 8, 56.2 vs 47.3 at 12
+# (the M x K fp32 partial sums outgrow L2).
+NF4_CPU_INPUT_GRAD_MAX_M = 8
