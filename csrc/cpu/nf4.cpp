@@ -347,12 +347,16 @@ class ScaleCursor {
   }
 
   void start(int64_t row) {
-    b_ = (row * w_.cols) >> shift_;
+    const int64_t f0 = row * w_.cols;
+    b_ = f0 >> shift_;
     if (w_.nested()) {
       b2_ = b_ / w_.blocksize2;
       r2_ = b_ - b2_ * w_.blocksize2;
     }
+    // A row may start inside a block (blocks straddle rows when cols % blocksize != 0): only the
+    // groups left in that block use its scale.
     left_ = 0;
+    first_left_ = groups_per_block_ ? int((w_.blocksize - (f0 & (w_.blocksize - 1))) / 64) : 0;
   }
 
   __m256 next() {
@@ -362,7 +366,8 @@ class ScaleCursor {
     }
     if (left_ == 0) {
       cur_ = _mm256_set1_ps(take());
-      left_ = groups_per_block_;
+      left_ = first_left_ ? first_left_ : groups_per_block_;
+      first_left_ = 0;
     }
     --left_;
     return cur_;
@@ -386,7 +391,7 @@ class ScaleCursor {
   int shift_ = 0;
   int groups_per_block_ = 0;
   int64_t b_ = 0, b2_ = 0, r2_ = 0;
-  int left_ = 0;
+  int left_ = 0, first_left_ = 0;
   __m256 cur_ = _mm256_setzero_ps();
 };
 #endif
