@@ -31,7 +31,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -40,8 +39,8 @@ from torch import nn
 import lowrank
 
 from ._report import dtype_label, format_ms, format_ratio
-from ._timing import QUICK, interleaved_medians, interleaved_rounds, seconds_per_call
-from ._timing import benchmark_within_budget
+from ._timing import QUICK, benchmark_within_budget, interleaved_medians, interleaved_rounds
+from .bench_lora import split_too_slow, timed_call  # generic over any Case with the same fields
 
 RANK = 16
 ALPHA = 32
@@ -49,7 +48,6 @@ SHAPES = [(256, 384)] if QUICK else [(4096, 4096), (4096, 11008)]  # (in, out)
 TOKENS = [1, 16, 64] if QUICK else [1, 16, 512]
 DTYPES = [torch.float32, torch.bfloat16]
 MODES = ["forward", "forward_backward"]
-CALL_LIMIT_S = 30.0
 
 
 def has(module: str) -> bool:
@@ -144,39 +142,6 @@ def build_peers(case: Case) -> dict[str, nn.Module]:
     return peers
 
 
-def timed_call(case: Case, layer: nn.Module) -> Callable[[], object]:
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(case.tokens, case.in_features, generator=generator).to(case.dtype)
-    if case.mode == "forward":
-        layer.eval()
-
-        def forward():
-            with torch.no_grad():
-                return layer(x)
-
-        return forward
-    layer.train()
-    x.requires_grad_(True)
-    grad_y = torch.randn(case.tokens, case.out_features, generator=generator).to(case.dtype)
-    inputs = [x] + [p for p in layer.parameters() if p.requires_grad]
-
-    def forward_backward():
-        return torch.autograd.grad(layer(x), inputs, grad_y)
-
-    return forward_backward
-
-
-def split_too_slow(case: Case, peers: dict[str, nn.Module]):
-    if QUICK:
-        return peers, {}
-    estimates = {}
-    for name, layer in peers.items():
-        one = dataclasses.replace(case, tokens=1)
-        estimates[name] = case.tokens * seconds_per_call(timed_call(one, layer))
-    too_slow = {n: s for n, s in estimates.items() if s > CALL_LIMIT_S}
-    return {n: l for n, l in peers.items() if n not in too_slow}, too_slow
-
-
 PEER_COLUMNS = ("nn.Linear", "lowrank", "bnb", "peft+bnb", "torchao")
 
 
@@ -204,6 +169,17 @@ def test_qlora_interleaved(case: Case, summary_tables):
     for name, seconds in too_slow.items():
         table.notes.append(f"{case.group}: {name} skipped, ~{seconds:.0f} s per call estimated (CALL_LIMIT_S)")
     assert mine is not None and what
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_peers_compute_the_same_layer(mode: str):
+    """A fair comparison needs one function: check the 4-bit peers agree on a small case."""
+    case = Case(128, 96, 5, torch.float32, mode)
+    peers = build_peers(case)
+    outputs = {name: timed_call(case, layer)() for name, layer in peers.items() if name != "nn.Linear"}
+    for name in ("bnb", "peft+bnb", "torchao"):
+        if name in outputs:  # same NF4 bytes, same decoded weight: equal up to summation order
+            torch.testing.assert_close(outputs["lowrank"], outputs[name], rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
