@@ -3,9 +3,11 @@ a schema, a fake kernel, CPU and CUDA kernels and a pure-PyTorch reference kerne
 
 LoRA (lowrank/ops/lora.py): lora_linear_forward, lora_linear_backward_adapter,
 lora_linear_backward_input.
+VeRA (lowrank/ops/vera.py): vera_linear_forward, vera_linear_backward_adapter (its input gradient is
+lora_linear_backward_input).
 """
 
-from . import lora
+from . import lora, vera
 from .lora import (
     lora_linear_backward_adapter,
     lora_linear_backward_adapter_reference,
@@ -14,13 +16,24 @@ from .lora import (
     lora_linear_forward,
     lora_linear_forward_reference,
 )
+from .vera import (
+    vera_linear_backward_adapter,
+    vera_linear_backward_adapter_reference,
+    vera_linear_forward,
+    vera_linear_forward_reference,
+)
 
 __all__ = [
     "lora",
+    "vera",
     "lora_linear_forward",
     "lora_linear_forward_reference",
     "lora_linear_backward_adapter",
     "lora_linear_backward_adapter_reference",
     "lora_linear_backward_input",
     "lora_linear_backward_input_reference",
+    "vera_linear_forward",
+    "vera_linear_forward_reference",
+    "vera_linear_backward_adapter",
+    "vera_linear_backward_adapter_reference",
 ]
