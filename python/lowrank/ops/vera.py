@@ -7,7 +7,8 @@
 ``A`` and ``B`` are the frozen random projections every adapted layer shares; a layer passes the
 top-left slices it needs as views, and the kernels read them in place through their leading
 dimensions (no copies). ``d`` and ``b`` are the trainable vectors. ``x_a`` is the adapter's input:
-``x`` itself, or ``dropout(x)``. ``h = x_a A_sᵀ`` is accumulated and returned in fp32; the backward
+``x`` itself, or ``dropout(x)``. ``h = x_a A_sᵀ`` is accumulated and returned in fp32 (fp64 for fp64
+inputs: grad_b sums products of h that cancel, and float64 gradcheck needs them exact); the backward
 needs only it (and ``W``), never anything the size of ``y``. With ``weight=None`` the op computes
 ``bias + b ⊙ (u B_sᵀ)`` alone: the adapter term for a base layer with no dense weight (NF4), whose own
 forward supplies ``x Wᵀ``.
@@ -50,6 +51,11 @@ _CUDA_NATIVE = _lora._CUDA_NATIVE
 # ---------------------------------------------------------------------------------------------
 # Argument checks (shared by every kernel, the fake one included, so bad input fails at trace time)
 # ---------------------------------------------------------------------------------------------
+def _h_dtype(dtype: torch.dtype) -> torch.dtype:
+    """h's dtype for inputs of ``dtype``: fp32, or fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _check_vectors(lambda_d, lambda_b, r: int, n: int, dtypes, device) -> None:
     check_tensor("lambda_d", lambda_d, dtypes=dtypes, device=device, shape=(r,))
     check_tensor("lambda_b", lambda_b, dtypes=dtypes, device=device, shape=(n,))
@@ -85,7 +91,7 @@ def _check_backward_adapter(grad_y, h, vera_b, lambda_d, lambda_b) -> None:
     check_tensor("grad_y", grad_y, dtypes=_FLOATS, device=vera_b.device)
     if grad_y.dim() < 1 or grad_y.shape[-1] != n:
         raise ValueError(f"grad_y: expected [..., {n}] to match vera_b [{n}, {r}], got {list(grad_y.shape)}")
-    check_tensor("h", h, dtypes=(torch.float32,), device=vera_b.device, shape=tuple(grad_y.shape[:-1]) + (r,))
+    check_tensor("h", h, dtypes=(_h_dtype(grad_y.dtype),), device=vera_b.device, shape=tuple(grad_y.shape[:-1]) + (r,))
     _check_vectors(lambda_d, lambda_b, r, n, _FLOATS, vera_b.device)
 
 
@@ -102,7 +108,7 @@ def vera_linear_forward_reference(x, weight, bias, vera_a, vera_b, lambda_d, lam
         y = y + x.to(acc) @ weight.to(acc).t()
     if bias is not None:
         y = y + bias.to(acc)
-    return y.to(x.dtype), h.to(torch.float32)
+    return y.to(x.dtype), h.to(_h_dtype(x.dtype))
 
 
 def vera_linear_backward_adapter_reference(grad_y, h, vera_b, lambda_d, lambda_b):
@@ -115,7 +121,7 @@ def vera_linear_backward_adapter_reference(grad_y, h, vera_b, lambda_d, lambda_b
     grad_d = (h2 * g_prime).sum(0)
     grad_b = (dy * ((h2 * d) @ b_s.t())).sum(0)
     g = g_prime * d
-    return grad_d.to(lambda_d.dtype), grad_b.to(lambda_b.dtype), g.to(torch.float32).reshape(h.shape)
+    return grad_d.to(lambda_d.dtype), grad_b.to(lambda_b.dtype), g.to(h.dtype).reshape(h.shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +138,8 @@ def vera_linear_forward(
     lambda_b: Tensor,
     adapter_input: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
-    """``(y, h)``: ``y = x Wᵀ + bias + b ⊙ ((d ⊙ h) B_sᵀ)`` in x's dtype, ``h = x_a A_sᵀ`` in fp32."""
+    """``(y, h)``: ``y = x Wᵀ + bias + b ⊙ ((d ⊙ h) B_sᵀ)`` in x's dtype, ``h = x_a A_sᵀ`` in fp32 (fp64
+    for fp64 x)."""
     return vera_linear_forward_reference(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input)
 
 
@@ -140,7 +147,7 @@ def vera_linear_forward(
 def vera_linear_backward_adapter(
     grad_y: Tensor, h: Tensor, vera_b: Tensor, lambda_d: Tensor, lambda_b: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(grad_d, grad_b, g)``, ``g = d ⊙ ((grad_y ⊙ b) B_s)`` in fp32 (see the module docstring)."""
+    """``(grad_d, grad_b, g)``, ``g = d ⊙ ((grad_y ⊙ b) B_s)`` in h's dtype (see the module docstring)."""
     return vera_linear_backward_adapter_reference(grad_y, h, vera_b, lambda_d, lambda_b)
 
 
@@ -151,7 +158,7 @@ def vera_linear_backward_adapter(
 def _(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input):
     _check_forward(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input)
     lead = tuple(x.shape[:-1])
-    return x.new_empty(lead + (vera_b.shape[0],)), x.new_empty(lead + (vera_a.shape[0],), dtype=torch.float32)
+    return x.new_empty(lead + (vera_b.shape[0],)), x.new_empty(lead + (vera_a.shape[0],), dtype=_h_dtype(x.dtype))
 
 
 @vera_linear_backward_adapter.register_fake
@@ -287,15 +294,19 @@ def forward_backward(ctx, grad_y: Tensor, _grad_h: Optional[Tensor]):
     if need_d or need_b or need_x or need_xa:
         grad_d, grad_b, g = torch.ops.lowrank.vera_linear_backward_adapter(grad_y, h, vera_b, lambda_d, lambda_b)
     adapter_grad_to_x = need_x and not ctx.has_dropout
-    if need_x and weight is not None:
+    if need_x and weight is not None and ctx.x_dtype == torch.float64:  # g is fp64 here: plain products
+        dy2 = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_x = dy2 @ weight if ctx.has_dropout else torch.addmm(dy2 @ weight, g.reshape(dy2.shape[0], -1), vera_a)
+        grad_x = grad_x.reshape(ctx.x_shape)
+    elif need_x and weight is not None:
         if ctx.has_dropout:  # the adapter's gradient flows to dropout(x), not to x directly
             grad_x = torch.ops.lowrank.lora_linear_backward_input(grad_y, weight, None, None)
         else:
             grad_x = torch.ops.lowrank.lora_linear_backward_input(grad_y, weight, g, vera_a)
     elif adapter_grad_to_x:  # no dense weight: the base layer's own autograd adds grad_y W
-        grad_x = (g @ _fp32(vera_a)).to(ctx.x_dtype).reshape(ctx.x_shape)
+        grad_x = (g @ vera_a.to(g.dtype)).to(ctx.x_dtype).reshape(ctx.x_shape)
     if need_xa and ctx.has_dropout:
-        grad_xa = (g @ _fp32(vera_a)).to(ctx.x_dtype).reshape(ctx.x_shape)
+        grad_xa = (g @ vera_a.to(g.dtype)).to(ctx.x_dtype).reshape(ctx.x_shape)
     if need_w and weight is not None:
         n, k = weight.shape
         m = math.prod(ctx.x_shape[:-1])
