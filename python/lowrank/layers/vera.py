@@ -18,12 +18,12 @@ adapter term from the same ops).
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..autograd import VeRALinearFunction
 
@@ -72,7 +72,8 @@ def vera_shared_projections(
 # Module.to()/.cuda()/.half() convert every layer's buffers separately, which would give each layer
 # its own copy of the shared pair. A layer records (conversion fn, result) per original tensor here;
 # the next layer converting the same tensor with the same fn (one .to() call) takes that result.
-_CONVERTED: "weakref.WeakKeyDictionary[Tensor, tuple]" = weakref.WeakKeyDictionary()
+# Keyed by identity (a tensor's == is elementwise), held weakly: an entry goes with its original tensor.
+_CONVERTED = WeakIdKeyDictionary()
 
 
 def _has_dense_weight(base: nn.Module) -> bool:
@@ -225,7 +226,8 @@ class VeRALinear(nn.Module):
             )
         if vera_a.dtype != vera_b.dtype:
             raise TypeError(f"projections: A and B must share one dtype, got {vera_a.dtype} and {vera_b.dtype}")
-        return vera_a.detach(), vera_b.detach()
+        # The same tensor objects, so every layer holds one pair (and .to() keeps it one, see _apply).
+        return tuple(t.detach() if t.requires_grad else t for t in (vera_a, vera_b))
 
     def reset_vera_parameters(self) -> None:
         """PEFT's init: ``d`` filled with ``d_initial``, ``b`` zeros (a fresh adapter is the identity)."""
