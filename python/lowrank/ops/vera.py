@@ -257,10 +257,10 @@ def _backward_adapter_native(grad_y, h, vera_b, lambda_d, lambda_b):
     # and the M x N / N x r temporaries likewise (few tokens: M x N; many tokens: N x r).
     if m <= r:
         g_prime = torch.mm(dy32 * b32, b_s)
-        grad_b = (dy32 * torch.mm(u, b_s.t())).sum(0)
+        grad_b = torch.mm(u, b_s.t()).mul_(dy32).sum(0)
     else:
         g_prime = torch.mm(dy32, b_s * b32[:, None])
-        grad_b = (torch.mm(dy32.t(), u) * b_s).sum(1)
+        grad_b = torch.mm(dy32.t(), u).mul_(b_s).sum(1)
     grad_d = (h2 * g_prime).sum(0)
     g = g_prime.mul_(d32)
     return grad_d.to(lambda_d.dtype), grad_b.to(lambda_b.dtype), g.reshape(h.shape)
