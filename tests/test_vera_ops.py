@@ -151,9 +151,9 @@ def test_forward_reads_projection_slices_in_place(kernel_calls, force_path):
     seen = []
     original = _C.lora_rows_cpu
 
-    def spy(out, x_, w_, bias, v, e, col_scale, scale, threads):
+    def spy(out, x_, w_, bias, v, e, col_scale, v_scale, scale, threads):
         seen.append((w_.ld, None if e is None else e.ld))
-        return original(out, x_, w_, bias, v, e, col_scale, scale, threads)
+        return original(out, x_, w_, bias, v, e, col_scale, v_scale, scale, threads)
 
     _C.lora_rows_cpu = spy
     try:
@@ -317,19 +317,27 @@ def test_backward_adapter_argument_errors():
         backward_adapter(dy, h, bb, d, torch.randn(8))
 
 
-def test_kernel_rejects_bad_col_scale():
-    """The binding re-checks: a col_scale of the wrong shape or dtype is a ValueError, never a crash."""
+def test_kernel_rejects_bad_col_and_v_scale():
+    """The binding re-checks: a col_scale / v_scale of the wrong shape or dtype is a ValueError, never a crash."""
     from lowrank._validate import matrix
 
     x, w, e, v = torch.randn(2, 5), torch.randn(3, 5), torch.randn(3, 4), torch.randn(2, 4)
     out = torch.empty(2, 3)
     args = [matrix("out", out), matrix("x", x), matrix("w", w), None, matrix("v", v), matrix("e", e)]
     with pytest.raises(ValueError, match="col_scale"):
-        _C.lora_rows_cpu(*args, matrix("c", torch.randn(4)), 1.0, 1)
+        _C.lora_rows_cpu(*args, matrix("c", torch.randn(4)), None, 1.0, 1)
     with pytest.raises(ValueError, match="col_scale"):
-        _C.lora_rows_cpu(*args, matrix("c", torch.randn(3).bfloat16()), 1.0, 1)
+        _C.lora_rows_cpu(*args, matrix("c", torch.randn(3).bfloat16()), None, 1.0, 1)
     with pytest.raises(ValueError, match="col_scale"):
-        _C.lora_rows_cpu(*args[:4], None, None, matrix("c", torch.randn(3)), 1.0, 1)
+        _C.lora_rows_cpu(*args[:4], None, None, matrix("c", torch.randn(3)), None, 1.0, 1)
+    with pytest.raises(ValueError, match="v_scale"):
+        _C.lora_rows_cpu(*args, None, matrix("s", torch.randn(5)), 1.0, 1)
+    with pytest.raises(ValueError, match="v_scale"):
+        _C.lora_rows_cpu(*args, None, matrix("s", torch.randn(4).bfloat16()), 1.0, 1)
+    with pytest.raises(ValueError, match="v_scale"):
+        _C.lora_rows_cpu(*args[:4], None, None, None, matrix("s", torch.randn(4)), 1.0, 1)
+    _C.lora_rows_cpu(*args, matrix("c", torch.randn(3)), matrix("s", torch.randn(4)), 1.0, 1)
+    assert torch.isfinite(out).all()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 // Fused LoRA rows on the CPU (compiled once per instruction set; see simd.h).
 //
-//   out[m, n] = sum_k x[m, k] * w[n, k]  +  scale * c[n] * sum_j v[m, j] * e[n, j]  +  bias[n]
+//   out[m, n] = sum_k x[m, k] * w[n, k]  +  scale * c[n] * sum_j v[m, j] * s[j] * e[n, j]  +  bias[n]
 //
 //   x    [M, K]  fp32 (the Python side converts bf16 activations once: M*K is small)
 //   w    [N, K]  fp32 or bf16, rows of the base weight W (or of A, for the down projection)
 //   v    [M, R]  fp32, u = A x for the LoRA term (optional)
 //   e    [N, R]  fp32 or bf16, rows of B (optional; VeRA's B[:out, :r] read in place through its ld)
 //   c    [N]     fp32, per-column factor on the adapter term (optional; VeRA's b)
+//   s    [R]     fp32, per-rank factor on v (optional; VeRA's d, so v = h = A_s x stays unscaled)
 //   bias [N]     w's dtype (optional)
 //   out  [M, N]  fp32 or bf16; accumulation is fp32, one rounding at the end
 //
@@ -43,9 +44,11 @@ constexpr int64_t ROWS_PER_TASK = 64; // dynamic scheduling grain: 64 rows x 16 
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// acc[i][m] += sum_{k in [k0, k1)} w_i[k] * x_m[k] for the vector part; returns via partial sums.
-template <int MRT, class TW>
-inline void micro_tile(const TW* const* wrow, const float* x, int64_t ldx, int64_t k0, int64_t k1,
+// acc[i][m] += sum_{k in [k0, k1)} w_i[k] * x_m[k] (* xs[k] when kScaleX) for the vector part;
+// returns via partial sums. kScaleX is the adapter term's per-rank factor (VeRA's d); the base product
+// instantiates it off, so its inner loop is unchanged.
+template <int MRT, bool kScaleX, class TW>
+inline void micro_tile(const TW* const* wrow, const float* x, int64_t ldx, const float* xs, int64_t k0, int64_t k1,
                        float sums[NR][MR]) {
   constexpr int W = Vec::width;
   Vec acc[NR][MRT];
@@ -55,8 +58,11 @@ inline void micro_tile(const TW* const* wrow, const float* x, int64_t ldx, int64
   for (; k + W <= k1; k += W) {
     Vec wv[NR];
     for (int i = 0; i < NR; ++i) wv[i] = vload(wrow[i] + k);
+    Vec sv = vzero();
+    if constexpr (kScaleX) sv = vload(xs + k);
     for (int m = 0; m < MRT; ++m) {
       Vec xv = vload(x + m * ldx + k);
+      if constexpr (kScaleX) xv = vmul(xv, sv);
       for (int i = 0; i < NR; ++i) acc[i][m] = vfma(wv[i], xv, acc[i][m]);
     }
   }
@@ -65,19 +71,20 @@ inline void micro_tile(const TW* const* wrow, const float* x, int64_t ldx, int64
   for (; k < k1; ++k)
     for (int i = 0; i < NR; ++i) {
       float wk = load_scalar(wrow[i] + k);
+      if constexpr (kScaleX) wk *= xs[k];
       for (int m = 0; m < MRT; ++m) sums[i][m] += wk * x[m * ldx + k];
     }
 }
 
-template <class TW>
+template <bool kScaleX = false, class TW>
 inline void tile_dispatch(int mr, const TW* const* wrow, const float* x, int64_t ldx, int64_t k0,
-                          int64_t k1, float sums[NR][MR]) {
+                          int64_t k1, float sums[NR][MR], const float* xs = nullptr) {
   switch (mr) {
-    case 1: micro_tile<1>(wrow, x, ldx, k0, k1, sums); break;
-    case 2: micro_tile<2>(wrow, x, ldx, k0, k1, sums); break;
-    case 3: micro_tile<3>(wrow, x, ldx, k0, k1, sums); break;
+    case 1: micro_tile<1, kScaleX>(wrow, x, ldx, xs, k0, k1, sums); break;
+    case 2: micro_tile<2, kScaleX>(wrow, x, ldx, xs, k0, k1, sums); break;
+    case 3: micro_tile<3, kScaleX>(wrow, x, ldx, xs, k0, k1, sums); break;
 #if defined(__AVX512F__)
-    case 4: micro_tile<4>(wrow, x, ldx, k0, k1, sums); break;
+    case 4: micro_tile<4, kScaleX>(wrow, x, ldx, xs, k0, k1, sums); break;
 #endif
   }
 }
@@ -95,6 +102,7 @@ struct RowsJob {
     const float* v = A.v.ptr ? A.v.data<float>() : nullptr;
     const TE* e = A.e.ptr ? A.e.data<TE>() : nullptr;
     const float* col_scale = A.col_scale.ptr ? A.col_scale.data<float>() : nullptr;
+    const float* v_scale = A.v_scale.ptr ? A.v_scale.data<float>() : nullptr;
     TO* out = A.out.data<TO>();
     const int64_t kc = M <= MR ? (K > 0 ? K : 1) : KC;
     // bf16 rows re-read by more than one x-row group are widened once per K block (measured at
@@ -130,8 +138,13 @@ struct RowsJob {
         for (int64_t g = 0; g * MR < M; ++g)
           for (int i = 0; i < NR; ++i)
             for (int m = 0; m < MR; ++m) adapter[g][i][m] = 0.f;
-        for (int64_t m0 = 0, g = 0; m0 < M; m0 += MR, ++g)
-          tile_dispatch(int(min64(MR, M - m0)), erow, v + m0 * A.v.ld, A.v.ld, 0, R, adapter[g]);
+        for (int64_t m0 = 0, g = 0; m0 < M; m0 += MR, ++g) {
+          const int mr = int(min64(MR, M - m0));
+          if (v_scale)
+            tile_dispatch<true>(mr, erow, v + m0 * A.v.ld, A.v.ld, 0, R, adapter[g], v_scale);
+          else
+            tile_dispatch(mr, erow, v + m0 * A.v.ld, A.v.ld, 0, R, adapter[g]);
+        }
       }
       for (int i = 0; i < nr; ++i) {
         const int64_t n = n0 + i;

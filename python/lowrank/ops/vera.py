@@ -25,8 +25,8 @@ Ops (``torch.ops.lowrank.*``):
 The projections never get gradients.
 
 Kernels: few tokens take the fused row kernel twice: ``h = x_a A_sᵀ`` (w = A_s), then ``y`` with W
-streamed once and the adapter term ``b ⊙ (u B_sᵀ)`` added in the same pass (``u = d ⊙ h`` is M x r;
-b is the kernel's per-column scale). Many tokens take the best GEMM with the adapter accumulated into
+streamed once and the adapter term ``b ⊙ ((d ⊙ h) B_sᵀ)`` added in the same pass (d and b are the
+kernel's per-rank and per-column scales: both diagonal scalings fused, h kept unscaled for the backward). Many tokens take the best GEMM with the adapter accumulated into
 its output (``addmm`` of ``u`` and the small ``(b ⊙ B_s)`` copy). dtypes: fp32/bf16 on CPU,
 fp32/bf16/fp16 on CUDA; anything else (fp16 on CPU, fp64, other devices) runs the reference.
 """
@@ -199,14 +199,13 @@ def _forward_native(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter
             xa_in = xa_in.to(vera_a.dtype)
         h = _runtime.empty(m, r, dtype=torch.float32, device=x.device)
         _lora._fused_rows(h, xa_in, vera_a, None, None, None, 1.0, names=("vera_a", "h", "vera_b"))
-        u = h * d32  # M x r
         y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
         if weight is None:
             # Adapter term only: the row kernel with an empty base product (K = 0).
             x_in, weight_in = x_in[:, :0], torch.empty(n, 0, dtype=x.dtype, device=x.device)
         else:
             weight_in = weight
-        _lora._fused_rows(y, x_in, weight_in, bias, u, vera_b, 1.0, b32, names=("weight", "u", "vera_b"))
+        _lora._fused_rows(y, x_in, weight_in, bias, h, vera_b, 1.0, b32, d32.contiguous(), names=("weight", "h", "vera_b"))
     else:
         y, h = _forward_gemm(x2, xa2, weight, bias, vera_a, vera_b, d32, b32)
     return y.reshape(lead + (n,)), h.reshape(lead + (r,))
