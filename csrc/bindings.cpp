@@ -31,7 +31,8 @@ static Matrix opt(const std::optional<Matrix>& m) { return m ? *m : Matrix{}; }
 
 static LoraRowsArgs lora_rows_args(const Matrix& out, const Matrix& x, const Matrix& w,
                                    const std::optional<Matrix>& bias, const std::optional<Matrix>& v,
-                                   const std::optional<Matrix>& e, float scale) {
+                                   const std::optional<Matrix>& e, const std::optional<Matrix>& col_scale,
+                                   const std::optional<Matrix>& v_scale, float scale) {
   LoraRowsArgs a;
   a.out = out;
   a.x = x;
@@ -39,6 +40,8 @@ static LoraRowsArgs lora_rows_args(const Matrix& out, const Matrix& x, const Mat
   a.bias = opt(bias);
   a.v = opt(v);
   a.e = opt(e);
+  a.col_scale = opt(col_scale);
+  a.v_scale = opt(v_scale);
   a.scale = scale;
   return a;
 }
@@ -67,13 +70,15 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "lora_rows_cpu",
       [](const Matrix& out, const Matrix& x, const Matrix& w, const std::optional<Matrix>& bias,
-         const std::optional<Matrix>& v, const std::optional<Matrix>& e, float scale, int num_threads) {
-        LoraRowsArgs a = lora_rows_args(out, x, w, bias, v, e, scale);
+         const std::optional<Matrix>& v, const std::optional<Matrix>& e, const std::optional<Matrix>& col_scale,
+         const std::optional<Matrix>& v_scale, float scale, int num_threads) {
+        LoraRowsArgs a = lora_rows_args(out, x, w, bias, v, e, col_scale, v_scale, scale);
         py::gil_scoped_release nogil;
         lora_rows_cpu(a, num_threads);
       },
-      "out[m,n] = x[m]·w[n] + scale * v[m]·e[n] + bias[n] (fp32 accumulation)", py::arg("out"), py::arg("x"),
-      py::arg("w"), py::arg("bias"), py::arg("v"), py::arg("e"), py::arg("scale"), py::arg("num_threads"));
+      "out[m,n] = x[m]·w[n] + scale * col_scale[n] * (v[m] ⊙ v_scale)·e[n] + bias[n] (fp32 accumulation)",
+      py::arg("out"), py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("v"), py::arg("e"), py::arg("col_scale"),
+      py::arg("v_scale"), py::arg("scale"), py::arg("num_threads"));
 
   m.def(
       "lora_input_grad_cpu",
@@ -91,13 +96,15 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "lora_rows_cuda",
       [](const Matrix& out, const Matrix& x, const Matrix& w, const std::optional<Matrix>& bias,
-         const std::optional<Matrix>& v, const std::optional<Matrix>& e, float scale, std::uintptr_t stream) {
-        LoraRowsArgs a = lora_rows_args(out, x, w, bias, v, e, scale);
+         const std::optional<Matrix>& v, const std::optional<Matrix>& e, const std::optional<Matrix>& col_scale,
+         const std::optional<Matrix>& v_scale, float scale, std::uintptr_t stream) {
+        LoraRowsArgs a = lora_rows_args(out, x, w, bias, v, e, col_scale, v_scale, scale);
         py::gil_scoped_release nogil;
         lora_rows_cuda(a, stream);
       },
       "CUDA version of lora_rows_cpu; runs on `stream` (a raw cudaStream_t)", py::arg("out"), py::arg("x"),
-      py::arg("w"), py::arg("bias"), py::arg("v"), py::arg("e"), py::arg("scale"), py::arg("stream"));
+      py::arg("w"), py::arg("bias"), py::arg("v"), py::arg("e"), py::arg("col_scale"), py::arg("v_scale"),
+      py::arg("scale"), py::arg("stream"));
 #endif
 
   // ---- NF4 -------------------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 // Fused LoRA row kernels: the launchers that csrc/cpu/lora.cpp and csrc/cuda/lora.cu implement.
 //
-//   out[m, n] = sum_k x[m, k] * w[n, k]  +  scale * sum_j v[m, j] * e[n, j]  +  bias[n]
+//   out[m, n] = sum_k x[m, k] * w[n, k]  +  scale * c[n] * sum_j v[m, j] * s[j] * e[n, j]  +  bias[n]
 //
-// With w = W (base weight), v = u = A x (fp32), e = B it is the LoRA forward y = xWᵀ + s·(xAᵀ)Bᵀ + b,
-// streaming W once; with w = A and no v/e/bias it is the down projection u = x Aᵀ in fp32.
-// Accumulation is fp32; the result is rounded once to out's dtype.
+// With w = W (base weight), v = u = A x (fp32), e = B and no c it is the LoRA forward
+// y = xWᵀ + s·(xAᵀ)Bᵀ + b, streaming W once; with w = A and no v/e/bias it is the down projection
+// u = x Aᵀ in fp32. With v = h = A_s x, s = d (v_scale), e = B_s and c = b (col_scale) it is the VeRA forward
+// y = xWᵀ + b ⊙ (B_s (d ⊙ A_s x)) + bias; A_s = A[:r, :in] and B_s = B[:out, :r] are read in place
+// through their leading dimensions. Accumulation is fp32; the result is rounded once to out's dtype.
 #pragma once
 #include "common.h"
 
@@ -17,6 +19,8 @@ struct LoraRowsArgs {
   Matrix bias;  // [1, N]  w's dtype, or ptr == 0 for none
   Matrix v;     // [M, R]  float32, or ptr == 0 for no adapter term
   Matrix e;     // [N, R]  float32 or w's dtype
+  Matrix col_scale;  // [1, N]  float32: c, a per-output-column factor on the adapter term, or ptr == 0
+  Matrix v_scale;    // [1, R]  float32: s, a per-rank factor on v in the adapter term, or ptr == 0
   float scale = 1.0f;
 };
 
@@ -46,9 +50,21 @@ inline void validate_lora_rows(const LoraRowsArgs& a, bool cuda) {
     check(a.e.dtype == DType::float32 || a.e.dtype == a.w.dtype,
           std::string("e: expected float32 or w's dtype, got ") + dtype_name(a.e.dtype));
   }
+  if (a.col_scale.ptr) {
+    check(a.v.ptr != 0, "col_scale: scales the adapter term, so v and e are needed too");
+    check_matrix(a.col_scale, "col_scale", 1, N);
+    check(a.col_scale.dtype == DType::float32,
+          std::string("col_scale: expected float32, got ") + dtype_name(a.col_scale.dtype));
+  }
+  if (a.v_scale.ptr) {
+    check(a.v.ptr != 0, "v_scale: scales v in the adapter term, so v and e are needed too");
+    check_matrix(a.v_scale, "v_scale", 1, a.v.cols);
+    check(a.v_scale.dtype == DType::float32,
+          std::string("v_scale: expected float32, got ") + dtype_name(a.v_scale.dtype));
+  }
   const int dev = a.w.device;
   check(cuda ? dev >= 0 : dev == -1, std::string("w: on the wrong device for this launcher"));
-  for (const Matrix* m : {&a.out, &a.x, &a.bias, &a.v, &a.e})
+  for (const Matrix* m : {&a.out, &a.x, &a.bias, &a.v, &a.e, &a.col_scale, &a.v_scale})
     check(m->ptr == 0 || m->device == dev, "all tensors must be on w's device");
 }
 

@@ -1,11 +1,14 @@
 // Fused LoRA rows on the CPU (compiled once per instruction set; see simd.h).
 //
-//   out[m, n] = sum_k x[m, k] * w[n, k]  +  scale * sum_j v[m, j] * e[n, j]  +  bias[n]
+//   out[m, n] = sum_k x[m, k] * w[n, k]  +  scale * c[n] * sum_j v[m, j] * s[j] * e[n, j]  +  bias[n]
 //
 //   x    [M, K]  fp32 (the Python side converts bf16 activations once: M*K is small)
 //   w    [N, K]  fp32 or bf16, rows of the base weight W (or of A, for the down projection)
 //   v    [M, R]  fp32, u = A x for the LoRA term (optional)
-//   e    [N, R]  fp32 or bf16, rows of B (optional)
+//   e    [N, R]  fp32 or bf16, rows of B (optional; VeRA's B[:out, :r] read in place through its ld)
+//   c    [N]     fp32, per-column factor on the adapter term (optional; VeRA's b)
+//   s    [R]     fp32, per-rank factor on v (optional; VeRA's d, so the caller's v = h = A_s x stays
+//                unscaled; applied once to a copy of v, M x R)
 //   bias [N]     w's dtype (optional)
 //   out  [M, N]  fp32 or bf16; accumulation is fp32, one rounding at the end
 //
@@ -14,10 +17,13 @@
 // accumulators in registers. When M > MR the K loop is blocked (KC) so the NR rows of the current
 // block stay in L1 while every MR-row group of x passes over them; beyond 64 token rows, w is
 // streamed again per 64 rows (run()). On AVX2 this beat torch's MKL GEMM at every M measured
-// (ops/_runtime.py), so there it serves many tokens too. The adapter term for a row is a dot of
-// length R done right after, while e's row is hot.
+// (ops/_runtime.py), so there it serves many tokens too. The adapter term runs the same register
+// tiles over [v | e] (R long) right after the K loop, while the tile's NR rows of e are hot: at r=256
+// and M=512 a plain dot per output (two loads per FMA, one reduction each) would cost ~10% of the
+// base product, the tiles a few percent.
 #include <cstdint>
 #include <type_traits>
+#include <vector>
 
 #include "cpu/simd.h"
 #include "cpu/parallel_for.h"
@@ -91,6 +97,7 @@ struct RowsJob {
     const TW* bias = A.bias.ptr ? A.bias.data<TW>() : nullptr;
     const float* v = A.v.ptr ? A.v.data<float>() : nullptr;
     const TE* e = A.e.ptr ? A.e.data<TE>() : nullptr;
+    const float* col_scale = A.col_scale.ptr ? A.col_scale.data<float>() : nullptr;
     TO* out = A.out.data<TO>();
     const int64_t kc = M <= MR ? (K > 0 ? K : 1) : KC;
     // bf16 rows re-read by more than one x-row group are widened once per K block (measured at
@@ -119,12 +126,23 @@ struct RowsJob {
             tile_dispatch(int(min64(MR, M - m0)), wrow, x + m0 * A.x.ld, A.x.ld, k0, k1, sums[g]);
         }
       }
+      float adapter[(kRowsPerPass + MR - 1) / MR][NR][MR];  // sum_j v[m, j] * e[n, j]
+      if (v) {
+        const TE* erow[NR];
+        for (int i = 0; i < NR; ++i) erow[i] = e + (n0 + (i < nr ? i : 0)) * A.e.ld;
+        for (int64_t g = 0; g * MR < M; ++g)
+          for (int i = 0; i < NR; ++i)
+            for (int m = 0; m < MR; ++m) adapter[g][i][m] = 0.f;
+        for (int64_t m0 = 0, g = 0; m0 < M; m0 += MR, ++g)
+          tile_dispatch(int(min64(MR, M - m0)), erow, v + m0 * A.v.ld, A.v.ld, 0, R, adapter[g]);
+      }
       for (int i = 0; i < nr; ++i) {
         const int64_t n = n0 + i;
         const float b = bias ? load_scalar(bias + n) : 0.f;
+        const float s = col_scale ? A.scale * col_scale[n] : A.scale;
         for (int64_t m = 0; m < M; ++m) {
           float y = sums[m / MR][i][m % MR];
-          if (v) y += A.scale * dot(v + m * A.v.ld, e + n * A.e.ld, R);
+          if (v) y += s * adapter[m / MR][i][m % MR];
           store_scalar(out + m * A.out.ld + n, y + b);
         }
       }
@@ -140,7 +158,23 @@ struct RowsJob {
 };
 
 template <class TW, class TE, class TO>
-void run(const LoraRowsArgs& a, int num_threads) {
+void run(const LoraRowsArgs& a_in, int num_threads) {
+  // A per-rank scale on v (VeRA's d) is applied once, to a copy of v (M x R fp32, the size of v itself),
+  // not inside the adapter tiles: there it cost a multiply per v load (measured M=512, 4096x4096,
+  // r=256: adapter tiles 12.7 ms with the in-tile multiply).
+  LoraRowsArgs a = a_in;
+  std::vector<float> scaled_v;
+  if (a.v.ptr && a.v_scale.ptr) {
+    const int64_t M = a.v.rows, R = a.v.cols;
+    scaled_v.resize(size_t(M * R));
+    const float* v = a.v.data<float>();
+    const float* s = a.v_scale.data<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < R; ++j) scaled_v[size_t(m * R + j)] = v[m * a.v.ld + j] * s[j];
+    a.v.ptr = reinterpret_cast<std::uintptr_t>(scaled_v.data());
+    a.v.ld = R;
+    a.v_scale = Matrix{};
+  }
   // More than kRowsPerPass token rows: one pass over w per block of rows. Streaming w again per 64
   // rows costs ~5 ms of DRAM traffic per pass (4096x11008 fp32) against ~40 ms of FMAs, and keeps
   // every block's x rows in L2 (measured M=512 fp32: 309 ms, vs 386 ms for torch's MKL GEMM).

@@ -1,10 +1,11 @@
 // Fused LoRA rows on CUDA, the few-token path (the Python dispatcher sends many tokens to cuBLAS).
 //
-//   out[m, n] = sum_k x[m, k] * w[n, k]  +  scale * sum_j v[m, j] * e[n, j]  +  bias[n]
+//   out[m, n] = sum_k x[m, k] * w[n, k]  +  scale * c[n] * sum_j v[m, j] * s[j] * e[n, j]  +  bias[n]
 //
 //   x    [M, K]  w's dtype                     out  [M, N]  fp32 or w's dtype
 //   w    [N, K]  fp32 / bf16 / fp16            v    [M, R]  fp32 (u = A x), optional
 //   bias [N]     w's dtype, optional           e    [N, R]  fp32 or w's dtype (rows of B), optional
+//   c    [N]     fp32 (VeRA's b), optional      s    [R]     fp32 (VeRA's d), optional
 //
 // One warp per output row n: its lanes stream w[n, :] once with 16-byte loads (when w and x rows are
 // 16-byte aligned; a scalar loop otherwise), keep MT fp32 partial dots (one per x row) in registers,
@@ -56,6 +57,8 @@ lora_rows_kernel(TO* __restrict__ out, int64_t ldo,          // [M, N]
                  const T* __restrict__ bias,                 // [N] or null
                  const float* __restrict__ v, int64_t ldv,   // [M, R] or null
                  const TE* __restrict__ e, int64_t lde,      // [N, R] or null
+                 const float* __restrict__ col_scale,        // [N] or null
+                 const float* __restrict__ v_scale,          // [R] or null
                  float scale, int M, int64_t N, int64_t K, int R) {
   const int lane = threadIdx.x & 31;
   const int64_t n = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
@@ -90,8 +93,9 @@ lora_rows_kernel(TO* __restrict__ out, int64_t ldo,          // [M, N]
       }
     }
     if (v != nullptr) {  // adapter term: lanes split R, summed by the same reduction
+      const float sn = col_scale != nullptr ? scale * col_scale[n] : scale;
       for (int r = lane; r < R; r += 32) {
-        const float er = scale * to_f32(e[n * lde + r]);
+        const float er = sn * to_f32(e[n * lde + r]) * (v_scale != nullptr ? v_scale[r] : 1.f);
 #pragma unroll
         for (int j = 0; j < kMTile; ++j)
           if (j < mt) acc[j] = fmaf(er, v[(m0 + j) * ldv + r], acc[j]);
@@ -128,12 +132,14 @@ void launch(const LoraRowsArgs& a, cudaStream_t stream) {
   auto* bias = a.bias.ptr ? a.bias.data<const T>() : nullptr;
   auto* v = a.v.ptr ? a.v.data<const float>() : nullptr;
   auto* e = a.e.ptr ? a.e.data<const TE>() : nullptr;
+  auto* col_scale = a.col_scale.ptr ? a.col_scale.data<const float>() : nullptr;
+  auto* v_scale = a.v_scale.ptr ? a.v_scale.data<const float>() : nullptr;
   if (vec)
     lora_rows_kernel<T, TE, TO, true><<<grid, block, 0, stream>>>(out, a.out.ld, x, a.x.ld, w, a.w.ld, bias, v,
-                                                                  a.v.ld, e, a.e.ld, a.scale, M, N, K, R);
+                                                                  a.v.ld, e, a.e.ld, col_scale, v_scale, a.scale, M, N, K, R);
   else
     lora_rows_kernel<T, TE, TO, false><<<grid, block, 0, stream>>>(out, a.out.ld, x, a.x.ld, w, a.w.ld, bias, v,
-                                                                   a.v.ld, e, a.e.ld, a.scale, M, N, K, R);
+                                                                   a.v.ld, e, a.e.ld, col_scale, v_scale, a.scale, M, N, K, R);
   check_launch("lora_rows_kernel");
 }
 

@@ -4,6 +4,7 @@ hand-written C++ (CPU) and CUDA kernels.
     import lowrank
     layer = lowrank.LoRALinear(4096, 4096, r=16, alpha=32)       # or LoRALinear.from_linear(linear)
     qlayer = lowrank.QLoRALinear.from_linear(linear, r=16)       # NF4 base + LoRA (QLoRA)
+    vlayer = lowrank.VeRALinear(4096, 4096, r=256)               # or VeRALinear.from_linear(linear)
     lowrank.info()                                               # what was built, what runs here
 """
 
@@ -11,8 +12,8 @@ import torch  # noqa: F401  (first: _C's libgomp.so.1 must bind to the OpenMP ru
 
 from . import _C
 from ._info import info
-from .autograd import LoRALinearFunction, NF4LinearFunction
-from .layers import LoRALinear, NF4Linear, QLoRALinear, quantize_nf4
+from .autograd import LoRALinearFunction, NF4LinearFunction, VeRALinearFunction
+from .layers import LoRALinear, NF4Linear, QLoRALinear, VeRALinear, quantize_nf4, vera_shared_projections
 
 __version__ = _C.build_info()["version"]
 
@@ -23,6 +24,9 @@ __all__ = [
     "NF4LinearFunction",
     "QLoRALinear",
     "quantize_nf4",
+    "VeRALinear",
+    "VeRALinearFunction",
+    "vera_shared_projections",
     "info",
     "__version__",
 ]

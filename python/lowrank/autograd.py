@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .ops import lora as _lora
 from .ops import nf4 as _nf4
+from .ops import vera as _vera
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -66,3 +67,35 @@ class NF4LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor, grad_u: Optional[Tensor]):
         return _nf4.forward_backward(ctx, grad_y, grad_u)
+
+
+class VeRALinearFunction(torch.autograd.Function):
+    """``(y, h)`` with ``y = x Wᵀ + bias + b ⊙ ((d ⊙ h) B_sᵀ)``, ``h = x_a A_sᵀ`` (fp32, not
+    differentiable); ``x_a`` is ``adapter_input`` (dropout(x)) or ``x``. ``vera_a``/``vera_b`` are the
+    slices ``A[:r, :in]``/``B[:out, :r]`` of the shared frozen projections (views; never get gradients).
+    ``weight=None``: the adapter term (plus bias) alone, for a base layer that adds its own ``x Wᵀ``.
+
+    Saves ``h`` and ``x`` (only when W needs a gradient): nothing the size of y.
+    """
+
+    @staticmethod
+    def forward(
+        x: Tensor,
+        weight: Optional[Tensor],
+        bias: Optional[Tensor],
+        vera_a: Tensor,
+        vera_b: Tensor,
+        lambda_d: Tensor,
+        lambda_b: Tensor,
+        adapter_input: Optional[Tensor],
+    ):
+        return torch.ops.lowrank.vera_linear_forward(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.mark_non_differentiable(output[1])
+        _vera.forward_setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor, grad_h: Optional[Tensor]):
+        return _vera.forward_backward(ctx, grad_y, grad_h)

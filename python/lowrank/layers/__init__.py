@@ -2,5 +2,6 @@
 
 from .lora import LoRALinear
 from .nf4 import NF4Linear, QLoRALinear, quantize_nf4
+from .vera import VeRALinear, vera_shared_projections
 
-__all__ = ["LoRALinear", "NF4Linear", "QLoRALinear", "quantize_nf4"]
+__all__ = ["LoRALinear", "NF4Linear", "QLoRALinear", "quantize_nf4", "VeRALinear", "vera_shared_projections"]

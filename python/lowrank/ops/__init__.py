@@ -6,9 +6,12 @@ lora_linear_backward_input.
 
 NF4 / QLoRA (lowrank/ops/nf4.py): nf4_quantize, nf4_double_quant, nf4_dequantize, nf4_linear_forward,
 nf4_linear_backward_input.
+
+VeRA (lowrank/ops/vera.py): vera_linear_forward, vera_linear_backward_adapter (its input gradient is
+lora_linear_backward_input).
 """
 
-from . import lora, nf4
+from . import lora, nf4, vera
 from .lora import (
     lora_linear_backward_adapter,
     lora_linear_backward_adapter_reference,
@@ -17,14 +20,25 @@ from .lora import (
     lora_linear_forward,
     lora_linear_forward_reference,
 )
+from .vera import (
+    vera_linear_backward_adapter,
+    vera_linear_backward_adapter_reference,
+    vera_linear_forward,
+    vera_linear_forward_reference,
+)
 
 __all__ = [
     "lora",
     "nf4",
+    "vera",
     "lora_linear_forward",
     "lora_linear_forward_reference",
     "lora_linear_backward_adapter",
     "lora_linear_backward_adapter_reference",
     "lora_linear_backward_input",
     "lora_linear_backward_input_reference",
+    "vera_linear_forward",
+    "vera_linear_forward_reference",
+    "vera_linear_backward_adapter",
+    "vera_linear_backward_adapter_reference",
 ]

@@ -189,15 +189,20 @@ def _(grad_y, weight, g, lora_a):
 # ---------------------------------------------------------------------------------------------
 # Native kernels
 # ---------------------------------------------------------------------------------------------
-def _fused_rows(out, x, w, bias, v, e, scale) -> None:
-    """out = x wᵀ + scale·v eᵀ + bias through the C++/CUDA row kernel (all 2-D, validated here)."""
+def _fused_rows(out, x, w, bias, v, e, scale, col_scale=None, v_scale=None, *, names=("weight", "u", "lora_b")) -> None:
+    """out = x wᵀ + scale·col_scale ⊙ ((v ⊙ v_scale) eᵀ) + bias through the C++/CUDA row kernel (all 2-D,
+    validated here). ``col_scale`` ([N] fp32, VeRA's b) scales the adapter term per output column,
+    ``v_scale`` ([R] fp32, VeRA's d) per rank; ``names`` are the caller's names for w, v and e in errors."""
+    w_name, v_name, e_name = names
     args = (
         matrix("out", out),
         matrix("x", x),
-        matrix("weight", w),
+        matrix(w_name, w),
         optional_matrix("bias", bias),
-        optional_matrix("u", v),
-        optional_matrix("lora_b", e),
+        optional_matrix(v_name, v),
+        optional_matrix(e_name, e),
+        optional_matrix("lambda_b", col_scale),
+        optional_matrix("lambda_d", v_scale),
         float(scale),
     )
     if out.device.type == "cuda":

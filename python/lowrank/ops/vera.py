@@ -1,0 +1,319 @@
+"""VeRA ops: schema, reference, fake, CPU and CUDA kernels, all in one place.
+
+    y = x Wᵀ + bias + b ⊙ ((d ⊙ (x_a A_sᵀ)) B_sᵀ)
+
+    x: [..., K]   W: [N, K]   A_s = A[:r, :K]: [r, K]   B_s = B[:N, :r]: [N, r]   d: [r]   b: [N]
+
+``A`` and ``B`` are the frozen random projections every adapted layer shares; a layer passes the
+top-left slices it needs as views, and the kernels read them in place through their leading
+dimensions (no copies). ``d`` and ``b`` are the trainable vectors. ``x_a`` is the adapter's input:
+``x`` itself, or ``dropout(x)``. ``h = x_a A_sᵀ`` is accumulated and returned in fp32 (fp64 for fp64
+inputs: grad_b sums products of h that cancel, and float64 gradcheck needs them exact); the backward
+needs only it (and ``W``), never anything the size of ``y``. With ``weight=None`` the op computes
+``bias + b ⊙ (u B_sᵀ)`` alone: the adapter term for a base layer with no dense weight (NF4), whose own
+forward supplies ``x Wᵀ``.
+
+Ops (``torch.ops.lowrank.*``):
+
+- ``vera_linear_forward(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input) -> (y, h)``
+- ``vera_linear_backward_adapter(grad_y, h, vera_b, lambda_d, lambda_b) -> (grad_d, grad_b, g)``, with
+  ``g' = (grad_y ⊙ b) B_s``, ``grad_d = Σ_m h ⊙ g'``, ``grad_b = Σ_m grad_y ⊙ (u B_sᵀ)`` (``u = d ⊙ h``)
+  and ``g = d ⊙ g'`` (fp32), the gradient reaching ``x_a A_sᵀ``;
+- the input gradient ``grad_x = grad_y W + g A_s`` is ``lora_linear_backward_input`` (the same math, and
+  the same kernels: W streamed once for few tokens).
+
+The projections never get gradients.
+
+Kernels: few tokens take the fused row kernel twice: ``h = x_a A_sᵀ`` (w = A_s), then ``y`` with W
+streamed once and the adapter term ``b ⊙ ((d ⊙ h) B_sᵀ)`` added in the same pass (d and b are the
+kernel's per-rank and per-column scales: both diagonal scalings fused, h kept unscaled for the backward). Many tokens take the best GEMM with the adapter accumulated into
+its output (``addmm`` of ``u`` and the small ``(b ⊙ B_s)`` copy). dtypes: fp32/bf16 on CPU,
+fp32/bf16/fp16 on CUDA; anything else (fp16 on CPU, fp64, other devices) runs the reference.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .._validate import check_tensor, last_dim_contiguous
+from . import _gemm, _runtime
+from . import lora as _lora
+
+_FLOATS = _lora._FLOATS
+_CPU_NATIVE = _lora._CPU_NATIVE
+_CUDA_NATIVE = _lora._CUDA_NATIVE
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks (shared by every kernel, the fake one included, so bad input fails at trace time)
+# ---------------------------------------------------------------------------------------------
+def _h_dtype(dtype: torch.dtype) -> torch.dtype:
+    """h's dtype for inputs of ``dtype``: fp32, or fp64 for fp64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_vectors(lambda_d, lambda_b, r: int, n: int, dtypes, device) -> None:
+    check_tensor("lambda_d", lambda_d, dtypes=dtypes, device=device, shape=(r,))
+    check_tensor("lambda_b", lambda_b, dtypes=dtypes, device=device, shape=(n,))
+
+
+def _check_forward(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input) -> None:
+    check_tensor("x", x, dtypes=_FLOATS)
+    if x.dim() < 1:
+        raise ValueError("x: expected at least 1 dimension, got a scalar")
+    k = x.shape[-1]
+    if weight is not None:
+        check_tensor("weight", weight, dtypes=(x.dtype,), device=x.device, ndim=2)
+        if weight.shape[1] != k:
+            raise ValueError(f"weight: expected [out, {k}] to match x's last dimension {k}, got {list(weight.shape)}")
+    check_tensor("vera_a", vera_a, dtypes=(x.dtype, torch.float32), device=x.device, ndim=2)
+    r = vera_a.shape[0]
+    if vera_a.shape[1] != k:
+        raise ValueError(f"vera_a: expected the slice A[:r, :{k}] ([r, {k}]), got {list(vera_a.shape)}")
+    check_tensor("vera_b", vera_b, dtypes=(vera_a.dtype,), device=x.device, ndim=2)
+    n = weight.shape[0] if weight is not None else vera_b.shape[0]
+    if tuple(vera_b.shape) != (n, r):
+        raise ValueError(f"vera_b: expected the slice B[:{n}, :{r}] ([{n}, {r}]), got {list(vera_b.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=(x.dtype,), device=x.device, shape=(n,))
+    _check_vectors(lambda_d, lambda_b, r, n, (x.dtype, torch.float32), x.device)
+    if adapter_input is not None:
+        check_tensor("adapter_input", adapter_input, dtypes=(x.dtype,), device=x.device, shape=tuple(x.shape))
+
+
+def _check_backward_adapter(grad_y, h, vera_b, lambda_d, lambda_b) -> None:
+    check_tensor("vera_b", vera_b, dtypes=_FLOATS, ndim=2)
+    n, r = vera_b.shape
+    check_tensor("grad_y", grad_y, dtypes=_FLOATS, device=vera_b.device)
+    if grad_y.dim() < 1 or grad_y.shape[-1] != n:
+        raise ValueError(f"grad_y: expected [..., {n}] to match vera_b [{n}, {r}], got {list(grad_y.shape)}")
+    check_tensor("h", h, dtypes=(_h_dtype(grad_y.dtype),), device=vera_b.device, shape=tuple(grad_y.shape[:-1]) + (r,))
+    _check_vectors(lambda_d, lambda_b, r, n, _FLOATS, vera_b.device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference kernels: the spec. fp32 accumulation (fp64 stays fp64), one rounding at the end.
+# ---------------------------------------------------------------------------------------------
+def vera_linear_forward_reference(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input):
+    _check_forward(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input)
+    acc = _lora._acc(x.dtype)
+    xa = x if adapter_input is None else adapter_input
+    h = xa.to(acc) @ vera_a.to(acc).t()
+    y = ((h * lambda_d.to(acc)) @ vera_b.to(acc).t()) * lambda_b.to(acc)
+    if weight is not None:
+        y = y + x.to(acc) @ weight.to(acc).t()
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype), h.to(_h_dtype(x.dtype))
+
+
+def vera_linear_backward_adapter_reference(grad_y, h, vera_b, lambda_d, lambda_b):
+    _check_backward_adapter(grad_y, h, vera_b, lambda_d, lambda_b)
+    acc = _lora._acc(grad_y.dtype)
+    (n, r), m = vera_b.shape, math.prod(grad_y.shape[:-1])
+    dy, h2 = grad_y.reshape(m, n).to(acc), h.reshape(m, r).to(acc)
+    d, b, b_s = lambda_d.to(acc), lambda_b.to(acc), vera_b.to(acc)
+    g_prime = (dy * b) @ b_s
+    grad_d = (h2 * g_prime).sum(0)
+    grad_b = (dy * ((h2 * d) @ b_s.t())).sum(0)
+    g = g_prime * d
+    return grad_d.to(lambda_d.dtype), grad_b.to(lambda_b.dtype), g.to(h.dtype).reshape(h.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schemas. The decorated bodies are the default kernel (any device): the reference.
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("lowrank::vera_linear_forward", mutates_args=())
+def vera_linear_forward(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    vera_a: Tensor,
+    vera_b: Tensor,
+    lambda_d: Tensor,
+    lambda_b: Tensor,
+    adapter_input: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """``(y, h)``: ``y = x Wᵀ + bias + b ⊙ ((d ⊙ h) B_sᵀ)`` in x's dtype, ``h = x_a A_sᵀ`` in fp32 (fp64
+    for fp64 x)."""
+    return vera_linear_forward_reference(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input)
+
+
+@torch.library.custom_op("lowrank::vera_linear_backward_adapter", mutates_args=())
+def vera_linear_backward_adapter(
+    grad_y: Tensor, h: Tensor, vera_b: Tensor, lambda_d: Tensor, lambda_b: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_d, grad_b, g)``, ``g = d ⊙ ((grad_y ⊙ b) B_s)`` in h's dtype (see the module docstring)."""
+    return vera_linear_backward_adapter_reference(grad_y, h, vera_b, lambda_d, lambda_b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fake (shape-only) kernels for torch.compile / meta tensors.
+# ---------------------------------------------------------------------------------------------
+@vera_linear_forward.register_fake
+def _(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input):
+    _check_forward(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input)
+    lead = tuple(x.shape[:-1])
+    return x.new_empty(lead + (vera_b.shape[0],)), x.new_empty(lead + (vera_a.shape[0],), dtype=_h_dtype(x.dtype))
+
+
+@vera_linear_backward_adapter.register_fake
+def _(grad_y, h, vera_b, lambda_d, lambda_b):
+    _check_backward_adapter(grad_y, h, vera_b, lambda_d, lambda_b)
+    return lambda_d.new_empty(lambda_d.shape), lambda_b.new_empty(lambda_b.shape), h.new_empty(h.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Native kernels
+# ---------------------------------------------------------------------------------------------
+def _fp32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def _forward_native(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input):
+    _check_forward(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input)
+    native = _CPU_NATIVE if x.device.type == "cpu" else _CUDA_NATIVE
+    if x.dtype not in native or (x.device.type == "cuda" and not _lora.HAS_CUDA_KERNELS):
+        return vera_linear_forward_reference(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input)
+    lead, k, n, r = tuple(x.shape[:-1]), x.shape[-1], vera_b.shape[0], vera_a.shape[0]
+    m = math.prod(lead)
+    if m == 0 or k == 0 or n == 0 or r == 0:  # empty tensors may have no data pointer: nothing for a kernel
+        return vera_linear_forward_reference(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input)
+    x2 = last_dim_contiguous(x.reshape(m, k))
+    xa2 = x2 if adapter_input is None else last_dim_contiguous(adapter_input.reshape(m, k))
+    # Slices of the shared projections stay views: their rows are contiguous, their ld is max_in / r_max.
+    vera_a, vera_b = last_dim_contiguous(vera_a), last_dim_contiguous(vera_b)
+    weight = None if weight is None else last_dim_contiguous(weight)
+    bias = None if bias is None else bias.contiguous()
+    d32, b32 = _fp32(lambda_d), _fp32(lambda_b).contiguous()
+    if _lora._use_fused(x, m):
+        cpu = x.device.type == "cpu"
+        # CPU kernels read fp32 activations (M*K, small here); the CUDA kernel reads x in w's dtype.
+        x_in = x2.float() if cpu else x2
+        xa_in = x_in if adapter_input is None else (xa2.float() if cpu else xa2)
+        if not cpu and vera_a.dtype != x.dtype:
+            xa_in = xa_in.to(vera_a.dtype)
+        h = _runtime.empty(m, r, dtype=torch.float32, device=x.device)
+        _lora._fused_rows(h, xa_in, vera_a, None, None, None, 1.0, names=("vera_a", "h", "vera_b"))
+        y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
+        if weight is None:
+            # Adapter term only: the row kernel with an empty base product (K = 0).
+            x_in, weight_in = x_in[:, :0], torch.empty(n, 0, dtype=x.dtype, device=x.device)
+        else:
+            weight_in = weight
+        _lora._fused_rows(y, x_in, weight_in, bias, h, vera_b, 1.0, b32, d32.contiguous(), names=("weight", "h", "vera_b"))
+    else:
+        y, h = _forward_gemm(x2, xa2, weight, bias, vera_a, vera_b, d32, b32)
+    return y.reshape(lead + (n,)), h.reshape(lead + (r,))
+
+
+def _forward_gemm(x2, xa2, weight, bias, vera_a, vera_b, d32, b32):
+    """Many tokens: base GEMM, adapter accumulated into its output with addmm of u and (b ⊙ B_s)."""
+    x32 = _fp32(x2)
+    xa32 = x32 if xa2 is x2 else _fp32(xa2)
+    h = torch.mm(xa32, _fp32(vera_a).t())
+    u = h * d32
+    b_scaled = _fp32(vera_b) * b32[:, None]  # [N, r] fp32: small next to W
+    if weight is None or _gemm.upcast_tiles_needed(weight) or x2.dtype == torch.float32:
+        if weight is None:
+            y32 = torch.mm(u, b_scaled.t())
+        elif weight.dtype == torch.float32:
+            y32 = torch.mm(x32, weight.t())
+        else:  # bf16 weight on a CPU whose bf16 GEMM is slow: widened tile by tile into one workspace
+            y32 = _gemm.linear_t_fp32(x32, weight)
+        if weight is not None:
+            y32.addmm_(u, b_scaled.t())
+        if bias is not None:
+            y32.add_(bias)
+        if y32.dtype == x2.dtype:
+            return y32, h
+        y = torch.empty(y32.shape, dtype=x2.dtype, device=x2.device)
+        y.copy_(y32)
+        return y, h
+    # bf16/fp16 GEMMs (CUDA, CPUs with native bf16): as LoRA, the adapter product accumulated into y's
+    # GEMM output with u and b ⊙ B_s split into 16-bit halves (hi + lo), nothing rounded before the sum.
+    y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+    u_hi, u_lo = _lora._split_16bit(u, y.dtype)
+    b_hi, b_lo = _lora._split_16bit(b_scaled, y.dtype)
+    y.addmm_(torch.cat([u_hi, u_lo, u_hi], 1), torch.cat([b_hi, b_hi, b_lo], 1).t())
+    return y, h
+
+
+def _backward_adapter_native(grad_y, h, vera_b, lambda_d, lambda_b):
+    _check_backward_adapter(grad_y, h, vera_b, lambda_d, lambda_b)
+    if grad_y.dtype == torch.float64:
+        return vera_linear_backward_adapter_reference(grad_y, h, vera_b, lambda_d, lambda_b)
+    (n, r), m = vera_b.shape, math.prod(grad_y.shape[:-1])
+    dy32 = _fp32(grad_y.reshape(m, n))
+    h2 = h.reshape(m, r)
+    d32, b32, b_s = _fp32(lambda_d), _fp32(lambda_b), _fp32(vera_b)
+    u = h2 * d32
+    # Each product is M·N·r multiply-adds; the diagonal scaling goes on whichever operand is smaller,
+    # and the M x N / N x r temporaries likewise (few tokens: M x N; many tokens: N x r).
+    if m <= r:
+        g_prime = torch.mm(dy32 * b32, b_s)
+        grad_b = torch.mm(u, b_s.t()).mul_(dy32).sum(0)
+    else:
+        g_prime = torch.mm(dy32, b_s * b32[:, None])
+        grad_b = torch.mm(dy32.t(), u).mul_(b_s).sum(1)
+    grad_d = (h2 * g_prime).sum(0)
+    g = g_prime.mul_(d32)
+    return grad_d.to(lambda_d.dtype), grad_b.to(lambda_b.dtype), g.reshape(h.shape)
+
+
+for _device in ("cpu", "cuda"):
+    vera_linear_forward.register_kernel(_device)(_forward_native)
+    vera_linear_backward_adapter.register_kernel(_device)(_backward_adapter_native)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd. The forward op's formula is the one VeRALinearFunction uses (lowrank/autograd.py).
+# Saved: h (M x r fp32), x only when W needs a gradient, and references to W, A_s, B_s, d, b.
+# ---------------------------------------------------------------------------------------------
+def forward_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input = inputs
+    _, h = output
+    ctx.has_dropout = adapter_input is not None
+    ctx.has_bias = bias is not None
+    ctx.x_shape = tuple(x.shape)
+    ctx.x_dtype = x.dtype
+    ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, vera_a, vera_b, lambda_d, lambda_b, h)
+
+
+def forward_backward(ctx, grad_y: Tensor, _grad_h: Optional[Tensor]):
+    x, weight, vera_a, vera_b, lambda_d, lambda_b, h = ctx.saved_tensors
+    need_x, need_w, need_bias, _, _, need_d, need_b, need_xa = ctx.needs_input_grad
+    grad_y = grad_y.contiguous()
+    grad_x = grad_w = grad_bias = grad_d = grad_b = grad_xa = None
+    g = None
+    if need_d or need_b or need_x or need_xa:
+        grad_d, grad_b, g = torch.ops.lowrank.vera_linear_backward_adapter(grad_y, h, vera_b, lambda_d, lambda_b)
+    adapter_grad_to_x = need_x and not ctx.has_dropout
+    if need_x and weight is not None and ctx.x_dtype == torch.float64:  # g is fp64 here: plain products
+        dy2 = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_x = dy2 @ weight if ctx.has_dropout else torch.addmm(dy2 @ weight, g.reshape(dy2.shape[0], -1), vera_a)
+        grad_x = grad_x.reshape(ctx.x_shape)
+    elif need_x and weight is not None:
+        if ctx.has_dropout:  # the adapter's gradient flows to dropout(x), not to x directly
+            grad_x = torch.ops.lowrank.lora_linear_backward_input(grad_y, weight, None, None)
+        else:
+            grad_x = torch.ops.lowrank.lora_linear_backward_input(grad_y, weight, g, vera_a)
+    elif adapter_grad_to_x:  # no dense weight: the base layer's own autograd adds grad_y W
+        grad_x = (g @ vera_a.to(g.dtype)).to(ctx.x_dtype).reshape(ctx.x_shape)
+    if need_xa and ctx.has_dropout:
+        grad_xa = (g @ vera_a.to(g.dtype)).to(ctx.x_dtype).reshape(ctx.x_shape)
+    if need_w and weight is not None:
+        n, k = weight.shape
+        m = math.prod(ctx.x_shape[:-1])
+        grad_w = grad_y.reshape(m, n).t().mm(x.reshape(m, k))
+    if need_bias and ctx.has_bias:
+        grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+    # The projections (vera_a, vera_b) are frozen: they never get gradients.
+    return grad_x, grad_w, grad_bias, None, None, grad_d if need_d else None, grad_b if need_b else None, grad_xa
+
+
+vera_linear_forward.register_autograd(forward_backward, setup_context=forward_setup_context)
