@@ -40,7 +40,8 @@ import lowrank
 
 from ._report import dtype_label, format_ms, format_ratio
 from ._timing import QUICK, benchmark_within_budget, interleaved_medians, interleaved_rounds
-from .bench_lora import split_too_slow, timed_call  # generic over any Case with the same fields
+from ._timing import seconds_per_call
+from .bench_lora import CALL_LIMIT_S, timed_call  # generic over any Case with the same fields
 
 RANK = 16
 ALPHA = 32
@@ -140,6 +141,24 @@ def build_peers(case: Case) -> dict[str, nn.Module]:
         except Exception:  # torchao versions differ; a peer that cannot be built is left out
             pass
     return peers
+
+
+def split_too_slow(case: Case, peers: dict[str, nn.Module]) -> tuple[dict[str, nn.Module], dict[str, float]]:
+    """The peers to run, and the estimated seconds per call of those over CALL_LIMIT_S.
+
+    The estimate scales a warm call at M=16 (M=1 for smaller M) by M/16: bitsandbytes' time is
+    mostly dequantization, which does not grow with M, so M=1 times 512 would skip it wrongly; a
+    GEMM-bound peer (torch's bf16 matmul here) is still caught.
+    """
+    if QUICK:
+        return peers, {}
+    probe = 16 if case.tokens >= 16 else 1
+    estimates = {
+        name: case.tokens / probe * seconds_per_call(timed_call(dataclasses.replace(case, tokens=probe), layer))
+        for name, layer in peers.items()
+    }
+    too_slow = {name: seconds for name, seconds in estimates.items() if seconds > CALL_LIMIT_S}
+    return {name: layer for name, layer in peers.items() if name not in too_slow}, too_slow
 
 
 PEER_COLUMNS = ("nn.Linear", "lowrank", "bnb", "peft+bnb", "torchao")
