@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import io
 import json
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import lowrank
-from lowrank.ops import nf4 as nf4_ops
 
 try:
     import bitsandbytes as bnb
@@ -309,7 +307,7 @@ def test_torch_compile_fullgraph(dtype):
 
 
 def test_peft_names_interoperate():
-    peft = pytest.importorskip("peft")  # noqa: F841
+    pytest.importorskip("peft")
     q = lowrank.QLoRALinear(32, 16, r=4)
     sd = {k: v for k, v in q.state_dict().items() if "lora_" in k}
     assert set(sd) == {"lora_A.weight", "lora_B.weight"}

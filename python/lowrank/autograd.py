@@ -46,7 +46,7 @@ class LoRALinearFunction(torch.autograd.Function):
 class NF4LinearFunction(torch.autograd.Function):
     """``(y, u)`` with ``y = x Wᵀ + bias + s·(x_a Aᵀ) Bᵀ`` over an NF4 weight ``W`` (frozen), the
     adapter optional (``lora_a = lora_b = None``: the plain 4-bit linear). The weight arrives as its
-    packed parts (lowrank/ops/nf4.py, ``NF4_ARGS``); ``u`` is fp32 and not differentiable.
+    packed parts (lowrank/ops/nf4.py, eight arguments); ``u`` is fp32 and not differentiable.
 
     Saves the adapter's ``x_a`` and ``u`` (and the packed weight it already holds): never a dense W.
     """

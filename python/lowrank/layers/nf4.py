@@ -10,17 +10,15 @@ per 64 weights and 32 per 16384: ~4.127 bits per parameter, and no dense copy is
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..autograd import NF4LinearFunction
 from ..ops import nf4 as _ops
-from .lora import LoRAFactor, LoRALinear
+from .lora import LoRALinear
 
 _QS_KEY = "quant_state.bitsandbytes__nf4"
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -200,7 +198,7 @@ class NF4Linear(nn.Module):
             "dtype": _DTYPE_NAMES.get(self.weight_dtype, "float32"),
             "shape": [self.out_features, self.in_features],
         }
-        out = {"absmax": self.weight_absmax, "quant_map": _ops.nf4_table(self.weight.device)}
+        out = {"absmax": self.weight_absmax, "quant_map": _ops.nf4_table(self.weight.device).clone()}
         if self.double_quant:
             out.update(nested_absmax=self.weight_absmax2, nested_quant_map=self.weight_code2)
             info.update(nested_blocksize=self.blocksize2, nested_dtype="float32",
@@ -344,8 +342,6 @@ class QLoRALinear(NF4Linear):
 
     def _init_extra(self, *, r=8, alpha=8.0, dropout=0.0, use_rslora=False, adapter_dtype=None) -> None:
         dtype = adapter_dtype or self.compute_dtype or self.weight_dtype
-        if self.bias is not None and adapter_dtype is None and self.compute_dtype is None:
-            dtype = self.bias.dtype
         LoRALinear._init_adapter(self, r, alpha, dropout, use_rslora, self.weight.device, dtype)
         self.merged = False
         self._unmerged_state = None

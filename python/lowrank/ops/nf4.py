@@ -1,6 +1,6 @@
 """NF4 ops: schema, reference, fake, CPU and CUDA kernels (the format is in csrc/nf4.h and DESIGN.md).
 
-A quantized weight travels through the ops as seven arguments, in this order (``NF4_ARGS``):
+A quantized weight travels through the ops as eight arguments, in this order (``_N_WEIGHT_ARGS``):
 
     codes      uint8 [ceil(out*in/2), 1]   two codes per byte, the first element in the high nibble
     absmax     float32 [nblocks], or uint8 [nblocks] when double-quantized
@@ -65,8 +65,8 @@ def nf4_table(device="cpu") -> Tensor:
 @functools.lru_cache(maxsize=None)
 def _dynamic_map_cpu() -> Tensor:
     # The signed 8-bit "dynamic" map (Dettmers, 8-bit approximations for parallelism): for each of 7
-    # decades 10^(i-6), the means of 2^i + 1 evenly spaced points in [0.1, 1], with both signs; then
-    # 0 and 1.0, sorted. 2 + 2 * (1 + 2 + ... + 64) = 256 entries; range -0.99297 .. 1.0, one zero.
+    # decades 10^(i-6), the 2^i midpoints between 2^i + 1 evenly spaced points in [0.1, 1], with both
+    # signs; then 0 and 1.0, sorted. 2 + 2 * (1 + 2 + ... + 64) = 256 entries; range -0.99297 .. 1.0, one zero.
     values: list[float] = []
     for i in range(7):
         bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
@@ -79,8 +79,9 @@ def _dynamic_map_cpu() -> Tensor:
 
 
 def dynamic_map(device="cpu") -> Tensor:
-    """The 256-entry signed dynamic map that double quantization codes the absmax values with."""
-    return _dynamic_map_cpu().to(device)
+    """The 256-entry signed dynamic map that double quantization codes the absmax values with (a fresh
+    tensor: callers may keep it as a buffer)."""
+    return _dynamic_map_cpu().to(device, copy=True)
 
 
 def nbytes_codes(numel: int) -> int:
@@ -656,7 +657,6 @@ def forward_backward(ctx, grad_y: Tensor, _grad_u: Optional[Tensor]):
 
 
 def _backward_input_setup_context(ctx, inputs, output) -> None:
-    grad_y = inputs[0]
     wargs = inputs[1 : 1 + _N_WEIGHT_ARGS]
     g, lora_a = inputs[1 + _N_WEIGHT_ARGS :]
     ctx.wmeta = tuple(wargs[5:])
