@@ -34,9 +34,7 @@ times M, an upper bound for a GEMM up to cache effects; quick mode skips it.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import inspect
-from typing import Callable
 
 import pytest
 import torch
@@ -45,7 +43,9 @@ from torch import nn
 import lowrank
 
 from ._report import dtype_label, format_ms, format_rate, format_ratio
-from ._timing import QUICK, benchmark_within_budget, interleaved_medians, interleaved_rounds, seconds_per_call
+from ._peers import CALL_LIMIT_S, estimated_seconds_per_call, split_too_slow, timed_call, too_slow_note
+from ._peers import available as _available
+from ._timing import QUICK, benchmark_within_budget, interleaved_medians, interleaved_rounds
 
 RANK = 16
 ALPHA = 32
@@ -55,9 +55,6 @@ TOKENS = [1, 16, 64] if QUICK else [1, 16, 512]
 DTYPES = [torch.float32, torch.bfloat16]
 MODES = ["forward", "forward_backward"]
 PEERS = ["nn.Linear", "lowrank", "peft"]  # nn.Linear first: the ratios' baseline
-# Longest call a peer may be estimated to take and still run. The slowest call run then is torch's
-# bf16 forward+backward at 4096x11008, M=16 (8.7 s, estimated 8.3 s).
-CALL_LIMIT_S = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,10 +90,6 @@ CASES = [
 ]
 
 
-def peft_available() -> bool:
-    return importlib.util.find_spec("peft") is not None
-
-
 def peft_lora_linear(base: nn.Linear) -> nn.Module:
     """PEFT's LoRA layer around ``base`` (adapter "default", dropout 0, PEFT's default init)."""
     from peft import LoraConfig
@@ -125,44 +118,6 @@ def build_peers(case: Case, with_peft: bool) -> dict[str, nn.Module]:
     return peers
 
 
-def timed_call(case: Case, layer: nn.Module) -> Callable[[], object]:
-    """What one timed call of ``layer`` does in ``case.mode`` (inputs made once, outside the timing)."""
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(case.tokens, case.in_features, generator=generator).to(case.dtype)
-    if case.mode == "forward":
-        layer.eval()
-
-        def forward():
-            with torch.no_grad():
-                return layer(x)
-
-        return forward
-
-    layer.train()
-    x.requires_grad_(True)
-    grad_y = torch.randn(case.tokens, case.out_features, generator=generator).to(case.dtype)
-    inputs = [x] + [p for p in layer.parameters() if p.requires_grad]
-
-    def forward_backward():
-        return torch.autograd.grad(layer(x), inputs, grad_y)
-
-    return forward_backward
-
-
-def estimated_seconds_per_call(case: Case, layer: nn.Module) -> float:
-    """One warm one-token call's time, times M (0 in quick mode, where every case is small)."""
-    if QUICK:
-        return 0.0
-    return case.tokens * seconds_per_call(timed_call(dataclasses.replace(case, tokens=1), layer))
-
-
-def split_too_slow(case: Case, peers: dict[str, nn.Module]) -> tuple[dict[str, nn.Module], dict[str, float]]:
-    """The peers to run, and the estimated seconds per call of those over CALL_LIMIT_S."""
-    estimates = {name: estimated_seconds_per_call(case, layer) for name, layer in peers.items()}
-    too_slow = {name: seconds for name, seconds in estimates.items() if seconds > CALL_LIMIT_S}
-    return {name: layer for name, layer in peers.items() if name not in too_slow}, too_slow
-
-
 @pytest.mark.parametrize("case, peer", [(c, p) for c in CASES for p in PEERS], ids=str)
 def test_lora(benchmark, case: Case, peer: str):
     if peer == "peft":
@@ -178,7 +133,7 @@ def test_lora(benchmark, case: Case, peer: str):
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_lora_interleaved(case: Case, summary_tables):
-    peers, too_slow = split_too_slow(case, build_peers(case, with_peft=peft_available()))
+    peers, too_slow = split_too_slow(case, build_peers(case, with_peft=_available("peft")))
     calls = {name: timed_call(case, layer) for name, layer in peers.items()}
     rounds = interleaved_rounds(calls)
     median = interleaved_medians(calls, rounds)
@@ -200,15 +155,14 @@ def test_lora_interleaved(case: Case, summary_tables):
         str(rounds),
     )
     if too_slow:
-        estimates = ", ".join(f"{name} ~{seconds:.0f} s" for name, seconds in too_slow.items())
-        table.notes.append(f"{case.group}: not run, estimated per call over {CALL_LIMIT_S:.0f} s: {estimates}")
+        table.notes.append(too_slow_note(case.group, too_slow))
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_peers_compute_the_same_layer(mode: str):
     """The comparison is fair only if the peers compute one function: check it on a small case."""
     case = Case(64, 96, 5, torch.float32, mode)
-    peers = build_peers(case, with_peft=peft_available())
+    peers = build_peers(case, with_peft=_available("peft"))
     outputs = {name: timed_call(case, layer)() for name, layer in peers.items()}  # y, or the grads
     if "peft" in outputs:
         torch.testing.assert_close(outputs["lowrank"], outputs["peft"], rtol=1e-5, atol=1e-5)

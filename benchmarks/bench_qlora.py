@@ -14,8 +14,9 @@ Peers, all over the same weight (no bias, as in Llama's projections):
 
 ``test_qlora_interleaved`` times the peers of a group interleaved (benchmarks/_timing.py) and fills a
 summary table; ratios are lowrank's time over the peer's (below 1: lowrank is faster). Peers
-estimated over CALL_LIMIT_S per call are skipped, as in bench_lora.py (torch's bf16 GEMMs on CPUs
-without AVX512-BF16/AMX). ``test_quantize`` times NF4 quantization of a 4096x11008 fp32 weight
+estimated over CALL_LIMIT_S per call are skipped (benchmarks/_peers.py; torch's bf16 GEMMs on CPUs
+without AVX512-BF16/AMX), the estimate taken from an M=16 call because bitsandbytes' cost is mostly
+dequantization, which does not grow with M. ``test_quantize`` times NF4 quantization of a 4096x11008 fp32 weight
 against bitsandbytes' ``quantize_4bit``; ``test_training_step_memory`` measures peak memory of one
 training step in fresh processes (benchmarks/_memory_step.py).
 
@@ -26,7 +27,6 @@ training step in fresh processes (benchmarks/_memory_step.py).
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import subprocess
 import sys
@@ -39,9 +39,9 @@ from torch import nn
 import lowrank
 
 from ._report import dtype_label, format_ms, format_ratio
+from ._peers import available as has
+from ._peers import split_too_slow, timed_call, too_slow_note
 from ._timing import QUICK, benchmark_within_budget, interleaved_medians, interleaved_rounds
-from ._timing import seconds_per_call
-from .bench_lora import CALL_LIMIT_S, timed_call  # generic over any Case with the same fields
 
 RANK = 16
 ALPHA = 32
@@ -49,10 +49,6 @@ SHAPES = [(256, 384)] if QUICK else [(4096, 4096), (4096, 11008)]  # (in, out)
 TOKENS = [1, 16, 64] if QUICK else [1, 16, 512]
 DTYPES = [torch.float32, torch.bfloat16]
 MODES = ["forward", "forward_backward"]
-
-
-def has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,35 +139,17 @@ def build_peers(case: Case) -> dict[str, nn.Module]:
     return peers
 
 
-def split_too_slow(case: Case, peers: dict[str, nn.Module]) -> tuple[dict[str, nn.Module], dict[str, float]]:
-    """The peers to run, and the estimated seconds per call of those over CALL_LIMIT_S.
-
-    The estimate scales a warm call at M=16 (M=1 for smaller M) by M/16: bitsandbytes' time is
-    mostly dequantization, which does not grow with M, so M=1 times 512 would skip it wrongly; a
-    GEMM-bound peer (torch's bf16 matmul here) is still caught.
-    """
-    if QUICK:
-        return peers, {}
-    probe = 16 if case.tokens >= 16 else 1
-    estimates = {
-        name: case.tokens / probe * seconds_per_call(timed_call(dataclasses.replace(case, tokens=probe), layer))
-        for name, layer in peers.items()
-    }
-    too_slow = {name: seconds for name, seconds in estimates.items() if seconds > CALL_LIMIT_S}
-    return {name: layer for name, layer in peers.items() if name not in too_slow}, too_slow
-
-
 PEER_COLUMNS = ("nn.Linear", "lowrank", "bnb", "peft+bnb", "torchao")
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_qlora_interleaved(case: Case, summary_tables):
-    peers, too_slow = split_too_slow(case, build_peers(case))
+    # bitsandbytes' time is mostly dequantizing the whole weight, not growing with M: probe at M=16
+    peers, too_slow = split_too_slow(case, build_peers(case), probe_tokens=16)
     calls = {name: timed_call(case, layer) for name, layer in peers.items()}
     rounds = interleaved_rounds(calls)
     median = interleaved_medians(calls, rounds)
     mine = median.get("lowrank")
-    what = "QLoRALinear" if case.mode == "forward_backward" else "NF4Linear"
     table = summary_tables.table(
         f"NF4 / QLoRA (lowrank = NF4Linear forward, QLoRALinear r={RANK} forward+backward), "
         f"{torch.get_num_threads()} threads: ms per call (interleaved medians)",
@@ -185,9 +163,9 @@ def test_qlora_interleaved(case: Case, summary_tables):
         format_ratio(mine, median.get("peft+bnb")),
         str(rounds),
     )
-    for name, seconds in too_slow.items():
-        table.notes.append(f"{case.group}: {name} skipped, ~{seconds:.0f} s per call estimated (CALL_LIMIT_S)")
-    assert mine is not None and what
+    if too_slow:
+        table.notes.append(too_slow_note(case.group, too_slow))
+    assert mine is not None
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -1,0 +1,80 @@
+"""What the peer benchmarks (bench_lora.py, bench_vera.py, bench_qlora.py) share: the timed call of
+one layer in one mode, and the estimate that keeps a peer out when one call would take too long.
+
+A case is any object with ``in_features``, ``out_features``, ``tokens``, ``dtype`` and ``mode``
+(``"forward"`` or ``"forward_backward"``), a frozen dataclass so ``dataclasses.replace`` works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ._timing import QUICK, seconds_per_call
+
+# Longest call a peer may be estimated to take and still run. The slowest call run then is torch's
+# bf16 forward+backward at 4096x11008, M=16 (8.7 s, estimated 8.3 s). Over it is torch's bf16
+# backward on CPUs without AVX512-BF16/AMX: ``grad_y @ W`` takes 89 s per call at 4096x4096, M=512.
+CALL_LIMIT_S = 30.0
+
+
+def available(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def timed_call(case, layer: nn.Module) -> Callable[[], object]:
+    """What one timed call of ``layer`` does in ``case.mode`` (inputs made once, outside the timing).
+
+    ``forward``: eval mode, under ``torch.no_grad()``. ``forward_backward``: forward, then
+    ``torch.autograd.grad`` of y against a fixed random grad_y for x and the trainable parameters,
+    returned rather than accumulated, so every call does the same work. The parameters are taken in
+    name order with PEFT's ``.default`` dropped, so peers' gradients line up for comparison.
+    """
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(case.tokens, case.in_features, generator=generator).to(case.dtype)
+    if case.mode == "forward":
+        layer.eval()
+
+        def forward():
+            with torch.no_grad():
+                return layer(x)
+
+        return forward
+
+    layer.train()
+    x.requires_grad_(True)
+    grad_y = torch.randn(case.tokens, case.out_features, generator=generator).to(case.dtype)
+    trainable = {name.replace(".default", ""): p for name, p in layer.named_parameters() if p.requires_grad}
+    inputs = [x] + [trainable[name] for name in sorted(trainable)]
+
+    def forward_backward():
+        return torch.autograd.grad(layer(x), inputs, grad_y)
+
+    return forward_backward
+
+
+def estimated_seconds_per_call(case, layer: nn.Module, probe_tokens: int = 1) -> float:
+    """A warm call's time at ``probe_tokens`` tokens (at most M), scaled by M / probe_tokens; 0 in
+    quick mode, where every case is small. One token is an upper bound for a GEMM-bound peer; a peer
+    whose cost does not grow with M (bitsandbytes dequantizes the whole weight per call) needs a
+    larger probe, or it would be skipped wrongly."""
+    if QUICK:
+        return 0.0
+    probe = min(probe_tokens, case.tokens)
+    return case.tokens / probe * seconds_per_call(timed_call(dataclasses.replace(case, tokens=probe), layer))
+
+
+def split_too_slow(case, peers: dict[str, nn.Module], probe_tokens: int = 1):
+    """The peers to run, and the estimated seconds per call of those over CALL_LIMIT_S."""
+    estimates = {name: estimated_seconds_per_call(case, layer, probe_tokens) for name, layer in peers.items()}
+    too_slow = {name: seconds for name, seconds in estimates.items() if seconds > CALL_LIMIT_S}
+    return {name: layer for name, layer in peers.items() if name not in too_slow}, too_slow
+
+
+def too_slow_note(group: str, too_slow: dict[str, float]) -> str:
+    estimates = ", ".join(f"{name} ~{seconds:.0f} s" for name, seconds in too_slow.items())
+    return f"{group}: not run, estimated per call over {CALL_LIMIT_S:.0f} s: {estimates}"
