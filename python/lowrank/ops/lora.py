@@ -83,6 +83,12 @@ def _check_backward_input(grad_y, weight, g, lora_a) -> None:
     n, k = weight.shape
     if grad_y.dim() < 1 or grad_y.shape[-1] != n:
         raise ValueError(f"grad_y: expected [..., {n}] to match weight [out={n}, in={k}], got {list(grad_y.shape)}")
+    check_adapter_grad(grad_y, g, lora_a, k)
+
+
+def check_adapter_grad(grad_y, g, lora_a, k: int) -> None:
+    """The adapter half of an input gradient ``grad_y W + g A``: ``g`` [..., r] fp32 (fp64 for fp64
+    grad_y) and ``A`` [r, k], both or neither. Shared by the LoRA, VeRA and NF4 input-gradient ops."""
     if (g is None) != (lora_a is None):
         raise ValueError("g and lora_a: give both or neither")
     if g is not None:
@@ -90,7 +96,8 @@ def _check_backward_input(grad_y, weight, g, lora_a) -> None:
         r = lora_a.shape[0]
         if lora_a.shape[1] != k:
             raise ValueError(f"lora_a: expected [r, {k}], got {list(lora_a.shape)}")
-        check_tensor("g", g, dtypes=(torch.float32,), device=grad_y.device, shape=tuple(grad_y.shape[:-1]) + (r,))
+        g_dtypes = (torch.float32, torch.float64) if grad_y.dtype == torch.float64 else (torch.float32,)
+        check_tensor("g", g, dtypes=g_dtypes, device=grad_y.device, shape=tuple(grad_y.shape[:-1]) + (r,))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from torch import Tensor
 from .. import _C
 from .._validate import check_tensor, cuda_stream, last_dim_contiguous, matrix, optional_matrix
 from . import _gemm, _runtime
-from .lora import _fused_rows
+from .lora import _fused_rows, check_adapter_grad
 
 NF4_TABLE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -158,14 +158,7 @@ def _check_backward_input(grad_y, codes, absmax, absmax2, code2, offset, shape, 
     n, k = shape
     if grad_y.dim() < 1 or grad_y.shape[-1] != n:
         raise ValueError(f"grad_y: expected [..., {n}] to match the weight's out_features, got {list(grad_y.shape)}")
-    if (g is None) != (lora_a is None):
-        raise ValueError("g and lora_a: give both or neither")
-    if g is not None:
-        check_tensor("lora_a", lora_a, dtypes=(grad_y.dtype, torch.float32), device=grad_y.device, ndim=2)
-        r = lora_a.shape[0]
-        if lora_a.shape[1] != k:
-            raise ValueError(f"lora_a: expected [r, {k}], got {list(lora_a.shape)}")
-        check_tensor("g", g, dtypes=(torch.float32,), device=grad_y.device, shape=tuple(grad_y.shape[:-1]) + (r,))
+    check_adapter_grad(grad_y, g, lora_a, k)
 
 
 def _check_quantize(weight, blocksize) -> None:

@@ -293,11 +293,7 @@ def forward_backward(ctx, grad_y: Tensor, _grad_h: Optional[Tensor]):
     if need_d or need_b or need_x or need_xa:
         grad_d, grad_b, g = torch.ops.lowrank.vera_linear_backward_adapter(grad_y, h, vera_b, lambda_d, lambda_b)
     adapter_grad_to_x = need_x and not ctx.has_dropout
-    if need_x and weight is not None and ctx.x_dtype == torch.float64:  # g is fp64 here: plain products
-        dy2 = grad_y.reshape(-1, grad_y.shape[-1])
-        grad_x = dy2 @ weight if ctx.has_dropout else torch.addmm(dy2 @ weight, g.reshape(dy2.shape[0], -1), vera_a)
-        grad_x = grad_x.reshape(ctx.x_shape)
-    elif need_x and weight is not None:
+    if need_x and weight is not None:
         if ctx.has_dropout:  # the adapter's gradient flows to dropout(x), not to x directly
             grad_x = torch.ops.lowrank.lora_linear_backward_input(grad_y, weight, None, None)
         else:
