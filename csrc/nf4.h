@@ -64,18 +64,23 @@ struct Nf4Weight {
   LOWRANK_HD const uint8_t* codes_ptr() const { return reinterpret_cast<const uint8_t*>(codes); }
 };
 
-// absmax of block `b`, decoded exactly as bitsandbytes does (no fused multiply-add: the
-// product is rounded to fp32 before the offset is added).
-LOWRANK_HD float nf4_block_absmax(const Nf4Weight& w, int64_t b) {
+// absmax of block `b`, whose nested (double-quantization) block is `b2` = b / blocksize2 (callers
+// walking blocks in order keep b2 as a counter), decoded exactly as bitsandbytes does: no fused
+// multiply-add, the product is rounded to fp32 before the offset is added.
+LOWRANK_HD float nf4_block_absmax(const Nf4Weight& w, int64_t b, int64_t b2) {
   if (!w.nested()) return reinterpret_cast<const float*>(w.absmax)[b];
   const float c = reinterpret_cast<const float*>(w.code2)[reinterpret_cast<const uint8_t*>(w.qabsmax)[b]];
-  const float s = reinterpret_cast<const float*>(w.absmax2)[b / w.blocksize2];
+  const float s = reinterpret_cast<const float*>(w.absmax2)[b2];
   const float off = *reinterpret_cast<const float*>(w.offset);
 #if defined(__CUDA_ARCH__)
   return __fadd_rn(__fmul_rn(c, s), off);
 #else
-  return c * s + off;  // host sources including this compile with -ffp-contract=off (CMakeLists.txt)
+  return c * s + off;  // host sources calling this compile with -ffp-contract=off (CMakeLists.txt)
 #endif
+}
+
+LOWRANK_HD float nf4_block_absmax(const Nf4Weight& w, int64_t b) {
+  return nf4_block_absmax(w, b, w.nested() ? b / w.blocksize2 : 0);
 }
 
 inline void validate_nf4_weight(const Nf4Weight& w, const char* name) {

@@ -375,14 +375,8 @@ class ScaleCursor {
 
  private:
   float take() {  // the current block's scale, then advance to the next block
-    float s;
-    if (!w_.nested()) {
-      s = reinterpret_cast<const float*>(w_.absmax)[b_];
-    } else {
-      const float c = reinterpret_cast<const float*>(w_.code2)[reinterpret_cast<const uint8_t*>(w_.qabsmax)[b_]];
-      s = c * reinterpret_cast<const float*>(w_.absmax2)[b2_] + *reinterpret_cast<const float*>(w_.offset);
-      if (++r2_ == w_.blocksize2) r2_ = 0, ++b2_;
-    }
+    const float s = nf4_block_absmax(w_, b_, b2_);
+    if (w_.nested() && ++r2_ == w_.blocksize2) r2_ = 0, ++b2_;
     ++b_;
     return s;
   }
