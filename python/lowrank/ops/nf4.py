@@ -417,10 +417,12 @@ def _weight(codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2)
     )
 
 
+def _has_kernels(device: torch.device) -> bool:
+    return device.type == "cpu" or (device.type == "cuda" and HAS_CUDA_KERNELS)
+
+
 def _native(device: torch.device, dtype: torch.dtype) -> bool:
-    if device.type == "cpu":
-        return dtype in _CPU_NATIVE
-    return device.type == "cuda" and HAS_CUDA_KERNELS and dtype in _CUDA_NATIVE
+    return _has_kernels(device) and dtype in (_CPU_NATIVE if device.type == "cpu" else _CUDA_NATIVE)
 
 
 _DTYPE_CODES = {torch.float32: _C.DType.float32, torch.bfloat16: _C.DType.bfloat16, torch.float16: _C.DType.float16}
@@ -430,7 +432,7 @@ def _quantize_native(weight, blocksize):
     _check_quantize(weight, blocksize)
     n = weight.numel()
     dev = weight.device
-    if n == 0 or dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and not HAS_CUDA_KERNELS):
+    if n == 0 or not _has_kernels(dev):
         return nf4_quantize_reference(weight, blocksize)
     w = weight.contiguous()
     codes = torch.empty(nbytes_codes(n), 1, dtype=torch.uint8, device=dev)
@@ -454,7 +456,7 @@ def _double_quant_native(absmax, offset, code2, blocksize2):
     _check_double_quant(absmax, offset, code2, blocksize2)
     n = absmax.numel()
     dev = absmax.device
-    if n == 0 or dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and not HAS_CUDA_KERNELS):
+    if n == 0 or not _has_kernels(dev):
         return nf4_double_quant_reference(absmax, offset, code2, blocksize2)
     a, off, c2 = absmax.contiguous(), offset.contiguous(), code2.contiguous()
     q = torch.empty(n, dtype=torch.uint8, device=dev)
@@ -479,18 +481,13 @@ def _dequantize_into(out: Tensor, w: "_C.Nf4Weight", row0: int) -> None:
 def _dequantize_native(codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2, dtype):
     shape = list(shape)
     _check_weight(codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2)
-    if shape[0] * shape[1] == 0 or not _native(codes.device, dtype) and not (
-        codes.device.type == "cpu" and dtype == torch.float16
-    ):
+    # fp16 on the CPU: decoded in fp32, then rounded once to fp16 (the same single rounding)
+    decode_dtype = torch.float32 if codes.device.type == "cpu" and dtype == torch.float16 else dtype
+    if shape[0] * shape[1] == 0 or not _native(codes.device, decode_dtype):
         return nf4_dequantize_reference(codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2, dtype)
-    w = _weight(codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2)
-    if codes.device.type == "cpu" and dtype == torch.float16:  # decode in fp32, round once to fp16
-        out32 = torch.empty(shape, dtype=torch.float32)
-        _dequantize_into(out32, w, 0)
-        return out32.to(torch.float16)
-    out = _runtime.empty(*shape, dtype=dtype, device=codes.device)
-    _dequantize_into(out, w, 0)
-    return out
+    out = _runtime.empty(*shape, dtype=decode_dtype, device=codes.device)
+    _dequantize_into(out, _weight(codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2), 0)
+    return out if decode_dtype == dtype else out.to(dtype)
 
 
 def _tile_filler(w: "_C.Nf4Weight"):
