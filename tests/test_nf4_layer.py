@@ -304,10 +304,3 @@ def test_torch_compile_fullgraph(dtype):
     y_eager = q(x)
     y_eager.float().sum().backward()
     assert torch.allclose(y.float(), y_eager.float()) and torch.allclose(gx.float(), x.grad.float())
-
-
-def test_peft_names_interoperate():
-    pytest.importorskip("peft")
-    q = lowrank.QLoRALinear(32, 16, r=4)
-    sd = {k: v for k, v in q.state_dict().items() if "lora_" in k}
-    assert set(sd) == {"lora_A.weight", "lora_B.weight"}

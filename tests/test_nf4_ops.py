@@ -296,7 +296,8 @@ def test_autograd_matches_plain_torch(dtype):
     yr = xr @ w.t() + br + SCALE * ((xr @ lar.t()) @ lbr.t())
     yr.backward(dy.double())
     for got, ref, name in zip(leaves, ref_leaves, ["x", "bias", "lora_a", "lora_b"]):
-        tol = 1e-4 if dtype == torch.float32 else 5e-2
+        # the inputs are the same rounded values: only fp32 accumulation and one output rounding differ
+        tol = 1e-5 if dtype == torch.float32 else 2**-7  # two bf16 units in the last place
         scale = ref.grad.abs().max().item()
         assert (got.grad.double() - ref.grad).abs().max().item() <= tol * scale, name
 
