@@ -26,8 +26,9 @@ The projections never get gradients.
 
 Kernels: few tokens take the fused row kernel twice: ``h = x_a A_sᵀ`` (w = A_s), then ``y`` with W
 streamed once and the adapter term ``b ⊙ ((d ⊙ h) B_sᵀ)`` added in the same pass (d and b are the
-kernel's per-rank and per-column scales: both diagonal scalings fused, h kept unscaled for the backward). Many tokens take the best GEMM with the adapter accumulated into
-its output (``addmm`` of ``u`` and the small ``(b ⊙ B_s)`` copy). dtypes: fp32/bf16 on CPU,
+kernel's per-rank and per-column scales: both diagonal scalings fused, h kept unscaled for the
+backward). Many tokens take the best GEMM with the adapter accumulated into its output (``addmm`` of
+``u`` and the small ``(b ⊙ B_s)`` copy). dtypes: fp32/bf16 on CPU,
 fp32/bf16/fp16 on CUDA; anything else (fp16 on CPU, fp64, other devices) runs the reference.
 """
 
