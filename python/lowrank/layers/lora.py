@@ -32,7 +32,54 @@ class LoRAFactor(nn.Module):
         return f"{self.weight.shape[0]}, {self.weight.shape[1]}"
 
 
-class LoRALinear(nn.Module):
+class LoRAAdapter:
+    """The LoRA adapter of a layer (``LoRALinear``, ``QLoRALinear``): options, PEFT's init and key
+    names, the dense update it stands for, and loading a base-only checkpoint. The layer sets
+    ``in_features``/``out_features`` and calls :meth:`_init_adapter`."""
+
+    def _init_adapter(self, r, alpha, dropout, use_rslora, device, dtype) -> None:
+        """Validates the LoRA options and creates ``lora_A``/``lora_B``/``lora_dropout`` on ``self``
+        (which has ``in_features``/``out_features``), then registers the base-only load hook."""
+        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+            raise ValueError(f"r: expected a positive int, got {r!r}")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+            raise TypeError(f"alpha: expected a number, got {type(alpha).__name__}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+        self.r = r
+        self.alpha = float(alpha)
+        self.use_rslora = bool(use_rslora)
+        self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
+        self.lora_A = LoRAFactor(r, self.in_features, device=device, dtype=dtype)
+        self.lora_B = LoRAFactor(self.out_features, r, device=device, dtype=dtype)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_lora_parameters()
+        self.register_load_state_dict_post_hook(LoRAAdapter._allow_base_only_state_dict)
+
+    def reset_lora_parameters(self) -> None:
+        """PEFT's default init: A Kaiming-uniform (a=√5, as nn.Linear), B zeros."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @staticmethod
+    def _allow_base_only_state_dict(module, incompatible_keys) -> None:
+        # An nn.Linear checkpoint has no adapter: keep the fresh (identity) adapter instead of failing.
+        missing = incompatible_keys.missing_keys
+        prefix_keys = [k for k in missing if k.endswith(("lora_A.weight", "lora_B.weight"))]
+        by_prefix = {}
+        for k in prefix_keys:
+            by_prefix.setdefault(k.rsplit("lora_", 1)[0], []).append(k)
+        for keys in by_prefix.values():
+            if len(keys) == 2:
+                for k in keys:
+                    missing.remove(k)
+
+    def delta_weight(self) -> Tensor:
+        """``s·B A`` in fp32 (the dense update this adapter stands for)."""
+        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+
+
+class LoRALinear(LoRAAdapter, nn.Module):
     """A frozen ``nn.Linear`` plus a trainable low-rank update, computed by fused kernels.
 
     Args:
@@ -94,48 +141,6 @@ class LoRALinear(nn.Module):
             self.bias.requires_grad_(False)
         self._init_adapter(r, alpha, dropout, use_rslora, weight.device, adapter_dtype or weight.dtype)
         self.merged = False
-        self.register_load_state_dict_post_hook(LoRALinear._allow_base_only_state_dict)
-
-    def _init_adapter(self, r, alpha, dropout, use_rslora, device, dtype) -> None:
-        """Validates the LoRA options and creates ``lora_A``/``lora_B``/``lora_dropout`` on ``self``
-        (which has ``in_features``/``out_features``); shared with QLoRALinear."""
-        if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-            raise ValueError(f"r: expected a positive int, got {r!r}")
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
-            raise TypeError(f"alpha: expected a number, got {type(alpha).__name__}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
-        self.r = r
-        self.alpha = float(alpha)
-        self.use_rslora = bool(use_rslora)
-        self.scaling = self.alpha / (math.sqrt(r) if use_rslora else r)
-        self.lora_A = LoRAFactor(r, self.in_features, device=device, dtype=dtype)
-        self.lora_B = LoRAFactor(self.out_features, r, device=device, dtype=dtype)
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        LoRALinear.reset_lora_parameters(self)
-
-    def reset_lora_parameters(self) -> None:
-        """PEFT's default init: A Kaiming-uniform (a=√5, as nn.Linear), B zeros."""
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
-
-    @staticmethod
-    def _allow_base_only_state_dict(module, incompatible_keys) -> None:
-        # An nn.Linear checkpoint has no adapter: keep the fresh (identity) adapter instead of failing.
-        missing = incompatible_keys.missing_keys
-        prefix_keys = [k for k in missing if k.endswith(("lora_A.weight", "lora_B.weight"))]
-        by_prefix = {}
-        for k in prefix_keys:
-            by_prefix.setdefault(k.rsplit("lora_", 1)[0], []).append(k)
-        for keys in by_prefix.values():
-            if len(keys) == 2:
-                for k in keys:
-                    missing.remove(k)
-
-    # ------------------------------------------------------------------------------------------
-    def delta_weight(self) -> Tensor:
-        """``s·B A`` in fp32 (the dense update this adapter stands for)."""
-        return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..autograd import NF4LinearFunction
 from ..ops import nf4 as _ops
-from .lora import LoRALinear
+from .lora import LoRAAdapter
 
 _QS_KEY = "quant_state.bitsandbytes__nf4"
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -289,10 +289,10 @@ class NF4Linear(nn.Module):
         )
 
 
-class QLoRALinear(NF4Linear):
+class QLoRALinear(LoRAAdapter, NF4Linear):
     """An NF4 base (:class:`NF4Linear`) plus a trainable LoRA adapter: QLoRA.
 
-    Same LoRA options, init and PEFT key names as :class:`LoRALinear` (``lora_A.weight`` [r, in],
+    Same LoRA options, init and PEFT key names as :class:`LoRALinear` (both are :class:`LoRAAdapter`) (``lora_A.weight`` [r, in],
     ``lora_B.weight`` [out, r], ``s = alpha / r`` or ``alpha / sqrt(r)``). Forward and backward run the
     fused NF4 kernels with the adapter term added in the same pass.
 
@@ -342,13 +342,9 @@ class QLoRALinear(NF4Linear):
 
     def _init_extra(self, *, r=8, alpha=8.0, dropout=0.0, use_rslora=False, adapter_dtype=None) -> None:
         dtype = adapter_dtype or self.compute_dtype or self.weight_dtype
-        LoRALinear._init_adapter(self, r, alpha, dropout, use_rslora, self.weight.device, dtype)
+        self._init_adapter(r, alpha, dropout, use_rslora, self.weight.device, dtype)
         self.merged = False
         self._unmerged_state = None
-        self.register_load_state_dict_post_hook(LoRALinear._allow_base_only_state_dict)
-
-    reset_lora_parameters = LoRALinear.reset_lora_parameters
-    delta_weight = LoRALinear.delta_weight
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged:
