@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ._peers import peft_lora_layer
+
 
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
@@ -32,18 +34,6 @@ def _status_kb(field: str) -> int:
 def _reset_peak() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-
-
-def _peft_layer(cls, base, rank: int):
-    """PEFT's LoRA layer class ``cls`` around ``base`` (newer PEFT also takes the LoraConfig)."""
-    import inspect
-
-    from peft import LoraConfig
-
-    kwargs = dict(r=rank, lora_alpha=2 * rank, lora_dropout=0.0)
-    if "config" in inspect.signature(cls.__init__).parameters:
-        kwargs["config"] = LoraConfig(**kwargs)
-    return cls(base, "default", **kwargs)
 
 
 def build(method: str, width: int, layers: int, rank: int):
@@ -67,7 +57,7 @@ def build(method: str, width: int, layers: int, rank: int):
             from peft.tuners.lora.layer import Linear
 
             dense.requires_grad_(False)
-            blocks.append(_peft_layer(Linear, dense, rank))
+            blocks.append(peft_lora_layer(Linear, dense, rank, 2 * rank))
         elif method == "peft-qlora":
             import bitsandbytes as bnb
             from peft.tuners.lora.bnb import Linear4bit
@@ -78,7 +68,7 @@ def build(method: str, width: int, layers: int, rank: int):
             q = q.to("cpu")  # quantizes
             q.requires_grad_(False)
             del dense
-            blocks.append(_peft_layer(Linear4bit, q, rank))
+            blocks.append(peft_lora_layer(Linear4bit, q, rank, 2 * rank))
         else:
             raise ValueError(f"method: unknown {method!r}")
     model = nn.Sequential(*blocks)

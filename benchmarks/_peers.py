@@ -11,10 +11,12 @@ import dataclasses
 import importlib.util
 from typing import Callable
 
+import pytest
 import torch
 from torch import nn
 
-from ._timing import QUICK, seconds_per_call
+from ._report import format_ms, format_rate, format_ratio
+from ._timing import QUICK, benchmark_within_budget, interleaved_medians, interleaved_rounds, seconds_per_call
 
 # Longest call a peer may be estimated to take and still run. The slowest call run then is torch's
 # bf16 forward+backward at 4096x11008, M=16 (8.7 s, estimated 8.3 s). Over it is torch's bf16
@@ -24,6 +26,20 @@ CALL_LIMIT_S = 30.0
 
 def available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
+
+
+def peft_lora_layer(cls, base: nn.Module, rank: int, alpha: float) -> nn.Module:
+    """PEFT's LoRA layer class ``cls`` (``peft.tuners.lora.layer.Linear``, ``...lora.bnb.Linear4bit``)
+    around ``base``: adapter "default", no dropout, PEFT's default init. Newer PEFT also takes the
+    LoraConfig."""
+    import inspect
+
+    from peft import LoraConfig
+
+    kwargs = dict(r=rank, lora_alpha=alpha, lora_dropout=0.0)
+    if "config" in inspect.signature(cls.__init__).parameters:
+        kwargs["config"] = LoraConfig(init_lora_weights=True, **kwargs)
+    return cls(base, "default", init_lora_weights=True, **kwargs)
 
 
 def timed_call(case, layer: nn.Module) -> Callable[[], object]:
@@ -78,3 +94,44 @@ def split_too_slow(case, peers: dict[str, nn.Module], probe_tokens: int = 1):
 def too_slow_note(group: str, too_slow: dict[str, float]) -> str:
     estimates = ", ".join(f"{name} ~{seconds:.0f} s" for name, seconds in too_slow.items())
     return f"{group}: not run, estimated per call over {CALL_LIMIT_S:.0f} s: {estimates}"
+
+
+def benchmark_peer(benchmark, case, layer: nn.Module, peer: str, **extra_info) -> None:
+    """One pytest-benchmark case: ``layer`` (the peer ``peer``) in ``case``'s group, skipped when its
+    call is estimated over CALL_LIMIT_S. ``case.work(peer)`` goes into ``extra_info``."""
+    estimate = estimated_seconds_per_call(case, layer)
+    if estimate > CALL_LIMIT_S:
+        pytest.skip(f"{peer}: ~{estimate:.0f} s per call estimated, over CALL_LIMIT_S = {CALL_LIMIT_S:.0f} s")
+    benchmark.group = case.group
+    benchmark.extra_info.update(case.work(peer), peer=peer, threads=torch.get_num_threads(), **extra_info)
+    benchmark_within_budget(benchmark, timed_call(case, layer))
+
+
+def interleaved(case, peers: dict[str, nn.Module], probe_tokens: int = 1):
+    """``(median seconds by peer, rounds, too_slow)``: the peers not too slow, timed interleaved."""
+    peers, too_slow = split_too_slow(case, peers, probe_tokens)
+    calls = {name: timed_call(case, layer) for name, layer in peers.items()}
+    rounds = interleaved_rounds(calls)
+    return interleaved_medians(calls, rounds), rounds, too_slow
+
+
+ADAPTER_COLUMNS = ("group", "nn.Linear", "lowrank", "PEFT", "lowrank/nn.Linear", "lowrank/PEFT",
+                   "lowrank GB/s", "lowrank GFLOP/s", "rounds")  # fmt: skip
+
+
+def add_adapter_row(table, case, median: dict[str, float], rounds: int, too_slow: dict[str, float]) -> None:
+    """A row of an adapter table (ADAPTER_COLUMNS): nn.Linear, lowrank and PEFT side by side."""
+    baseline, mine, peft, work = median.get("nn.Linear"), median.get("lowrank"), median.get("peft"), case.work("lowrank")
+    table.add_row(
+        case.group,
+        format_ms(baseline),
+        format_ms(mine),
+        format_ms(peft),
+        format_ratio(mine, baseline),
+        format_ratio(mine, peft),
+        format_rate(work["bytes"], mine),
+        format_rate(work["flops"], mine),
+        str(rounds),
+    )
+    if too_slow:
+        table.notes.append(too_slow_note(case.group, too_slow))

@@ -40,7 +40,7 @@ import lowrank
 
 from ._report import dtype_label, format_ms, format_ratio
 from ._peers import available as has
-from ._peers import split_too_slow, timed_call, too_slow_note
+from ._peers import interleaved, peft_lora_layer, timed_call, too_slow_note
 from ._timing import QUICK, benchmark_within_budget, interleaved_medians, interleaved_rounds
 
 RANK = 16
@@ -68,17 +68,6 @@ class Case:
 
 
 CASES = [Case(k, n, m, dt, mode) for (k, n) in SHAPES for m in TOKENS for dt in DTYPES for mode in MODES]
-
-
-def _peft_layer(cls, base, rank):
-    import inspect
-
-    from peft import LoraConfig
-
-    kwargs = dict(r=rank, lora_alpha=ALPHA, lora_dropout=0.0)
-    if "config" in inspect.signature(cls.__init__).parameters:
-        kwargs["config"] = LoraConfig(**kwargs)
-    return cls(base, "default", **kwargs)
 
 
 def _bnb_linear4bit(dense: nn.Linear, dtype: torch.dtype) -> nn.Module:
@@ -124,7 +113,7 @@ def build_peers(case: Case) -> dict[str, nn.Module]:
         if training and has("peft"):
             from peft.tuners.lora.bnb import Linear4bit
 
-            layer = _peft_layer(Linear4bit, base4, RANK)
+            layer = peft_lora_layer(Linear4bit, base4, RANK, ALPHA)
             with torch.no_grad():
                 layer.lora_A["default"].weight.copy_(peers["lowrank"].lora_A.weight.float())
                 layer.lora_B["default"].weight.copy_(peers["lowrank"].lora_B.weight.float())
@@ -145,10 +134,7 @@ PEER_COLUMNS = ("nn.Linear", "lowrank", "bnb", "peft+bnb", "torchao")
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_qlora_interleaved(case: Case, summary_tables):
     # bitsandbytes' time is mostly dequantizing the whole weight, not growing with M: probe at M=16
-    peers, too_slow = split_too_slow(case, build_peers(case), probe_tokens=16)
-    calls = {name: timed_call(case, layer) for name, layer in peers.items()}
-    rounds = interleaved_rounds(calls)
-    median = interleaved_medians(calls, rounds)
+    median, rounds, too_slow = interleaved(case, build_peers(case), probe_tokens=16)
     mine = median.get("lowrank")
     table = summary_tables.table(
         f"NF4 / QLoRA (lowrank = NF4Linear forward, QLoRALinear r={RANK} forward+backward), "

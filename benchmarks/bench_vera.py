@@ -45,10 +45,10 @@ from torch import nn
 
 import lowrank
 
-from ._report import dtype_label, format_ms, format_rate, format_ratio
-from ._peers import CALL_LIMIT_S, estimated_seconds_per_call, split_too_slow, timed_call, too_slow_note
+from ._report import dtype_label
+from ._peers import ADAPTER_COLUMNS, add_adapter_row, benchmark_peer, interleaved, timed_call
 from ._peers import available as _available
-from ._timing import QUICK, benchmark_within_budget, interleaved_medians, interleaved_rounds
+from ._timing import QUICK
 
 RANKS = [16, 256]
 D_STD = 0.1  # d ~ N(0.1, 0.1), b ~ N(0, 0.01): the adapter changes y without swamping it
@@ -138,40 +138,14 @@ def build_peers(case: Case, with_peft: bool) -> dict[str, nn.Module]:
 def test_vera(benchmark, case: Case, peer: str):
     if peer == "peft":
         pytest.importorskip("peft")
-    layer = build_peers(case, with_peft=peer == "peft")[peer]
-    estimate = estimated_seconds_per_call(case, layer)
-    if estimate > CALL_LIMIT_S:
-        pytest.skip(f"{peer}: ~{estimate:.0f} s per call estimated, over CALL_LIMIT_S = {CALL_LIMIT_S:.0f} s")
-    benchmark.group = case.group
-    benchmark.extra_info.update(case.work(peer), peer=peer, rank=case.rank, threads=torch.get_num_threads())
-    benchmark_within_budget(benchmark, timed_call(case, layer))
+    benchmark_peer(benchmark, case, build_peers(case, with_peft=peer == "peft")[peer], peer, rank=case.rank)
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_vera_interleaved(case: Case, summary_tables):
-    peers, too_slow = split_too_slow(case, build_peers(case, with_peft=_available("peft")))
-    calls = {name: timed_call(case, layer) for name, layer in peers.items()}
-    rounds = interleaved_rounds(calls)
-    median = interleaved_medians(calls, rounds)
-    baseline, vera_time, work = median.get("nn.Linear"), median.get("lowrank"), case.work("lowrank")
-    table = summary_tables.table(
-        f"VeRA linear, {torch.get_num_threads()} threads: ms per call (interleaved medians)",
-        ("group", "nn.Linear", "lowrank", "PEFT", "lowrank/nn.Linear", "lowrank/PEFT",
-         "lowrank GB/s", "lowrank GFLOP/s", "rounds"),
-    )
-    table.add_row(
-        case.group,
-        format_ms(baseline),
-        format_ms(vera_time),
-        format_ms(median.get("peft")),
-        format_ratio(vera_time, baseline),
-        format_ratio(vera_time, median.get("peft")),
-        format_rate(work["bytes"], vera_time),
-        format_rate(work["flops"], vera_time),
-        str(rounds),
-    )
-    if too_slow:
-        table.notes.append(too_slow_note(case.group, too_slow))
+    median, rounds, too_slow = interleaved(case, build_peers(case, with_peft=_available("peft")))
+    table = summary_tables.table(f"VeRA linear, {torch.get_num_threads()} threads: ms per call (interleaved medians)", ADAPTER_COLUMNS)
+    add_adapter_row(table, case, median, rounds, too_slow)
 
 
 @pytest.mark.parametrize("mode", MODES)
