@@ -24,13 +24,12 @@
 
 #include "cpu/parallel_for.h"
 #include "cpu/simd.h"
+#include "cpu/tile.h"
 #include "nf4.h"
 
 namespace lowrank::cpu::LOWRANK_ISA {
 
 static const float kTable[16] = LOWRANK_NF4_TABLE;
-
-inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 inline float half_to_float(uint16_t h) {
   const uint32_t sign = uint32_t(h & 0x8000u) << 16;
@@ -457,12 +456,6 @@ void nf4_dequantize(const Nf4DequantizeArgs& a, int num_threads) {
 // =================================================================================================
 // Fused rows: out = x · Wᵀ + bias + scale · v eᵀ
 // =================================================================================================
-constexpr int NR = 4;  // W rows per register tile
-#if defined(__AVX512F__)
-constexpr int MR = 4;
-#else
-constexpr int MR = 3;
-#endif
 constexpr int64_t KC = 512;            // columns decoded per buffer fill (NR x 2 KiB of L1)
 constexpr int64_t ROWS_PER_TASK = 16;
 
@@ -556,24 +549,8 @@ static void rows_task_m1(const RowsCtx& c, int64_t n0, int64_t n1) {
   }
 }
 
-// M > 1: NR rows x KC columns decoded and scaled into an L1 buffer, then an NR x MR register tile.
-template <int MRT>
-inline void tile_dot(const float* buf, const float* x, int64_t ldx, int64_t len, float sums[NR][MR]) {
-  __m256 acc[NR][MRT];
-  for (int i = 0; i < NR; ++i)
-    for (int m = 0; m < MRT; ++m) acc[i][m] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < len; k += 8) {
-    __m256 wv[NR];
-    for (int i = 0; i < NR; ++i) wv[i] = _mm256_loadu_ps(buf + i * KC + k);
-    for (int m = 0; m < MRT; ++m) {
-      const __m256 xv = _mm256_loadu_ps(x + m * ldx + k);
-      for (int i = 0; i < NR; ++i) acc[i][m] = _mm256_fmadd_ps(wv[i], xv, acc[i][m]);
-    }
-  }
-  for (int i = 0; i < NR; ++i)
-    for (int m = 0; m < MRT; ++m) sums[i][m] = hsum(acc[i][m]);
-}
-
+// M > 1: NR rows x KC columns decoded and scaled into an L1 buffer, then the NR x MR register tile
+// of cpu/tile.h (the one the LoRA kernel uses) over every MR-row group of x.
 static void rows_task_tiled(const RowsCtx& c, int64_t n0, int64_t n1) {
   static const Planes P;
   const Nf4RowsArgs& a = *c.a;
@@ -604,16 +581,13 @@ static void rows_task_tiled(const RowsCtx& c, int64_t n0, int64_t n1) {
           for (int j = 0; j < 8; ++j) _mm256_store_ps(dst + (g - k0) + 8 * j, _mm256_mul_ps(v[j], s));
         }
       }
-      int64_t m = 0;
-      float sums[NR][MR];
-      for (; m + MR <= M; m += MR) {
-        tile_dot<MR>(buf, c.xs + m * c.ldxs + k0, c.ldxs, len, sums);
+      const float* rows[NR] = {buf, buf + KC, buf + 2 * KC, buf + 3 * KC};
+      for (int64_t m = 0; m < M; m += MR) {
+        const int mr = int(min64(MR, M - m));
+        float sums[NR][MR] = {};
+        tile_dispatch(mr, rows, c.xs + m * c.ldxs + k0, c.ldxs, 0, len, sums);
         for (int i = 0; i < nr; ++i)
-          for (int j = 0; j < MR; ++j) partial[size_t(i * M + m + j)] += sums[i][j];
-      }
-      for (; m < M; ++m) {
-        tile_dot<1>(buf, c.xs + m * c.ldxs + k0, c.ldxs, len, sums);
-        for (int i = 0; i < nr; ++i) partial[size_t(i * M + m)] += sums[i][0];
+          for (int j = 0; j < mr; ++j) partial[size_t(i * M + m + j)] += sums[i][j];
       }
     }
     for (int i = 0; i < nr; ++i)

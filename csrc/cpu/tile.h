@@ -1,0 +1,60 @@
+// The NR x MR register tile shared by the CPU row kernels (lora.cpp, nf4.cpp): NR rows of w against
+// MR rows of x, fp32 accumulation. Compiled per instruction set, like simd.h.
+#pragma once
+#include <cstdint>
+
+#include "cpu/simd.h"
+
+namespace lowrank::cpu::LOWRANK_ISA {
+
+// NR x MR accumulators + NR w vectors must fit the register file (16 ymm for AVX2, 32 zmm).
+// NR=4 rows gives four concurrent read streams per thread, which kept the hardware prefetcher busy
+// enough to reach ~full bandwidth at M=1 here; MR=3 (AVX2) / 4 (AVX-512) fills the remaining registers.
+constexpr int NR = 4;
+#if defined(__AVX512F__)
+constexpr int MR = 4;
+#else
+constexpr int MR = 3;
+#endif
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// acc[i][m] += sum_{k in [k0, k1)} w_i[k] * x_m[k] for the vector part; returns via partial sums.
+template <int MRT, class TW>
+inline void micro_tile(const TW* const* wrow, const float* x, int64_t ldx, int64_t k0, int64_t k1,
+                       float sums[NR][MR]) {
+  constexpr int W = Vec::width;
+  Vec acc[NR][MRT];
+  for (int i = 0; i < NR; ++i)
+    for (int m = 0; m < MRT; ++m) acc[i][m] = vzero();
+  int64_t k = k0;
+  for (; k + W <= k1; k += W) {
+    Vec wv[NR];
+    for (int i = 0; i < NR; ++i) wv[i] = vload(wrow[i] + k);
+    for (int m = 0; m < MRT; ++m) {
+      Vec xv = vload(x + m * ldx + k);
+      for (int i = 0; i < NR; ++i) acc[i][m] = vfma(wv[i], xv, acc[i][m]);
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int m = 0; m < MRT; ++m) sums[i][m] += vsum(acc[i][m]);
+  for (; k < k1; ++k)
+    for (int i = 0; i < NR; ++i) {
+      float wk = load_scalar(wrow[i] + k);
+      for (int m = 0; m < MRT; ++m) sums[i][m] += wk * x[m * ldx + k];
+    }
+}
+
+template <class TW>
+inline void tile_dispatch(int mr, const TW* const* wrow, const float* x, int64_t ldx, int64_t k0,
+                          int64_t k1, float sums[NR][MR]) {
+  switch (mr) {
+    case 1: micro_tile<1>(wrow, x, ldx, k0, k1, sums); break;
+    case 2: micro_tile<2>(wrow, x, ldx, k0, k1, sums); break;
+    case 3: micro_tile<3>(wrow, x, ldx, k0, k1, sums); break;
+#if defined(__AVX512F__)
+    case 4: micro_tile<4>(wrow, x, ldx, k0, k1, sums); break;
+#endif
+  }
+}
+
+}  // namespace lowrank::cpu::LOWRANK_ISA
