@@ -20,9 +20,10 @@ Ops (``torch.ops.lowrank.*``):
 - ``nf4_linear_backward_input(grad_y, <weight>, g, lora_a) -> grad_x = grad_y W + g A``
 
 Kernels: few tokens take the fused dequant-GEMV (codes and scales read once, decoded in registers with
-the exact fp32 table, the LoRA term added in the same pass); many tokens dequantize W tile by tile into
-one reused fp32 workspace and hand each tile to torch's GEMM (ops/_gemm.py), in forward and backward,
-so no dense copy of W outlives a call.
+the exact fp32 table, the LoRA term added in the same pass), and the backward's ``grad_y W`` streams the
+codes the same way; many tokens dequantize W tile by tile into one reused fp32 workspace and hand each
+tile to torch's GEMM (ops/_gemm.py), in forward and backward, so no dense copy of W outlives a call.
+The crossovers are in ops/_runtime.py.
 """
 
 from __future__ import annotations
