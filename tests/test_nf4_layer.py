@@ -79,6 +79,11 @@ def test_compute_dtype(compute_dtype):
     assert y.dtype == torch.float32  # cast back to the input's dtype, as bitsandbytes does
     yb = layer(x.bfloat16())
     assert yb.dtype == torch.bfloat16
+    # the product runs in the compute dtype: the same as casting the input there first
+    run = compute_dtype or torch.float32
+    assert torch.equal(y, layer(x.to(run)).float())
+    if compute_dtype == torch.bfloat16:
+        assert not torch.equal(y, lowrank.NF4Linear.from_linear(lin)(x))  # not silently fp32
 
 
 def test_to_dtype_keeps_the_format():
