@@ -336,8 +336,11 @@ def test_kernel_rejects_bad_col_and_v_scale():
         _C.lora_rows_cpu(*args, None, matrix("s", torch.randn(4).bfloat16()), 1.0, 1)
     with pytest.raises(ValueError, match="v_scale"):
         _C.lora_rows_cpu(*args[:4], None, None, None, matrix("s", torch.randn(4)), 1.0, 1)
-    _C.lora_rows_cpu(*args, matrix("c", torch.randn(3)), matrix("s", torch.randn(4)), 1.0, 1)
-    assert torch.isfinite(out).all()
+    # the good call: c and s held in locals, since a Matrix is a raw pointer and must not outlive them
+    c, s = torch.randn(3), torch.randn(4)
+    out.fill_(float("nan"))
+    _C.lora_rows_cpu(*args, matrix("c", c), matrix("s", s), 1.0, 1)
+    torch.testing.assert_close(out, x @ w.t() + c * ((v * s) @ e.t()))
 
 
 # ---------------------------------------------------------------------------------------------
