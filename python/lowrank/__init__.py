@@ -5,6 +5,7 @@ hand-written C++ (CPU) and CUDA kernels.
     layer = lowrank.LoRALinear(4096, 4096, r=16, alpha=32)       # or LoRALinear.from_linear(linear)
     qlayer = lowrank.QLoRALinear.from_linear(linear, r=16)       # NF4 base + LoRA (QLoRA)
     vlayer = lowrank.VeRALinear(4096, 4096, r=256)               # or VeRALinear.from_linear(linear)
+    lowrank.inject(model, lowrank.LoRAConfig(r=16))              # adapters into a whole model (lowrank.adapters)
     lowrank.info()                                               # what was built, what runs here
 """
 
@@ -14,6 +15,8 @@ from . import _C
 from ._info import info
 from .autograd import LoRALinearFunction, NF4LinearFunction, VeRALinearFunction
 from .layers import LoRALinear, NF4Linear, QLoRALinear, VeRALinear, quantize_nf4, vera_shared_projections
+from .adapters import *  # noqa: F401,F403  (the model-level API: inject, set_adapter, save_adapter, ...)
+from .adapters import __all__ as _adapters_all
 
 __version__ = _C.build_info()["version"]
 
@@ -29,4 +32,5 @@ __all__ = [
     "vera_shared_projections",
     "info",
     "__version__",
+    *_adapters_all,
 ]

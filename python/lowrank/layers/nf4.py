@@ -161,6 +161,42 @@ class NF4Linear(nn.Module):
         dtype the weight had before quantization)."""
         return torch.ops.lowrank.nf4_dequantize(*self.weight_args(), dtype or self.weight_dtype)
 
+    def quant_state(self) -> dict:
+        """The packed weight's tensors (``codes``, ``absmax``, ``absmax2``, ``code2``, ``offset``), as
+        :meth:`restore_quant_state` takes them back."""
+        return dict(codes=self.weight, absmax=self.weight_absmax, absmax2=self.weight_absmax2,
+                    code2=self.weight_code2, offset=self.weight_offset)  # fmt: skip
+
+    def restore_quant_state(self, state: dict) -> None:
+        """Adopt a :meth:`quant_state` taken earlier (e.g. to undo :meth:`add_delta_lossy`)."""
+        self._set_state(state)
+
+    @torch.no_grad()
+    def add_delta_lossy(self, delta: Tensor, what: str = "NF4Linear.add_delta_lossy") -> tuple[dict, dict]:
+        """Requantize ``dequant(W) + delta`` in place. **Lossy**: warns and returns ``(report, previous)``,
+        the error of the new 4-bit weight against the exact sum (``max_abs_error``, ``mean_abs_error``,
+        and ``adapter_mean_abs`` = mean ``|delta|`` for scale) and the previous :meth:`quant_state`,
+        which :meth:`restore_quant_state` brings back exactly."""
+        if tuple(delta.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"delta: expected shape [{self.out_features}, {self.in_features}], got {list(delta.shape)}")
+        delta = delta.float()
+        exact = self.dequantize(torch.float32) + delta
+        previous = self.quant_state()
+        self._set_state(quantize_nf4(exact, self.blocksize, self.double_quant))
+        err = (self.dequantize(torch.float32) - exact).abs()
+        report = {
+            "max_abs_error": float(err.max()),
+            "mean_abs_error": float(err.mean()),
+            "adapter_mean_abs": float(delta.abs().mean()),
+        }
+        warnings.warn(
+            f"{what}: merging into a 4-bit base requantizes W + ΔW and is lossy "
+            f"(mean abs error {report['mean_abs_error']:.3g}, max {report['max_abs_error']:.3g}, against a mean "
+            f"|ΔW| of {report['adapter_mean_abs']:.3g}); merge_and_unload() / merged_linear() give an exact dense copy",
+            stacklevel=3,
+        )
+        return report, previous
+
     def nbytes(self) -> int:
         """Bytes the quantized weight occupies (codes and scales, not the bias)."""
         parts = (self.weight, self.weight_absmax, self.weight_absmax2, self.weight_code2, self.weight_offset)
@@ -378,23 +414,7 @@ class QLoRALinear(LoRAAdapter, NF4Linear):
         """
         if self.merged:
             raise RuntimeError("merge: the adapter is already merged")
-        delta = self.delta_weight()
-        exact = self.dequantize(torch.float32) + delta
-        self._unmerged_state = dict(codes=self.weight, absmax=self.weight_absmax, absmax2=self.weight_absmax2,
-                                    code2=self.weight_code2, offset=self.weight_offset)  # fmt: skip
-        self._set_state(quantize_nf4(exact, self.blocksize, self.double_quant))
-        err = (self.dequantize(torch.float32) - exact).abs()
-        report = {
-            "max_abs_error": float(err.max()),
-            "mean_abs_error": float(err.mean()),
-            "adapter_mean_abs": float(delta.abs().mean()),
-        }
-        warnings.warn(
-            "QLoRALinear.merge: merging into a 4-bit base requantizes W + s·BA and is lossy "
-            f"(mean abs error {report['mean_abs_error']:.3g}, max {report['max_abs_error']:.3g}, against a mean "
-            f"|s·BA| of {report['adapter_mean_abs']:.3g}); use merged_linear() for an exact dense copy",
-            stacklevel=2,
-        )
+        report, self._unmerged_state = self.add_delta_lossy(self.delta_weight(), what="QLoRALinear.merge")
         self.merged = True
         return report
 
@@ -403,7 +423,7 @@ class QLoRALinear(LoRAAdapter, NF4Linear):
         """Undo :meth:`merge`: the original 4-bit weight comes back exactly."""
         if not self.merged:
             raise RuntimeError("unmerge: the adapter is not merged")
-        self._set_state(self._unmerged_state)
+        self.restore_quant_state(self._unmerged_state)
         self._unmerged_state = None
         self.merged = False
 

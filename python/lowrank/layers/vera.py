@@ -86,7 +86,23 @@ def _has_dense_weight(base: nn.Module) -> bool:
     )
 
 
-class VeRALinear(nn.Module):
+class SharedProjections:
+    """Keeps the buffers ``vera_A``/``vera_B`` one pair across every module that holds them when the
+    model is converted (``.to()``, ``.cuda()``, ``.half()``): see ``_CONVERTED``."""
+
+    def _apply(self, fn, recurse=True):
+        before = {name: self._buffers[name] for name in _PROJECTION_NAMES}
+        result = super()._apply(fn, recurse)
+        for name, original in before.items():
+            cached = _CONVERTED.get(original)
+            if cached is not None and cached[0] is fn:
+                self._buffers[name] = cached[1]  # another layer already converted the shared tensor
+            elif self._buffers[name] is not original:
+                _CONVERTED[original] = (fn, self._buffers[name])
+        return result
+
+
+class VeRALinear(SharedProjections, nn.Module):
     """A frozen base linear layer plus a VeRA adapter, computed by fused kernels.
 
     Args:
@@ -250,17 +266,6 @@ class VeRALinear(nn.Module):
                 if len(keys) == len(names):
                     for key in keys:
                         missing.remove(key)
-
-    def _apply(self, fn, recurse=True):
-        before = {name: self._buffers[name] for name in _PROJECTION_NAMES}
-        result = super()._apply(fn, recurse)
-        for name, original in before.items():
-            cached = _CONVERTED.get(original)
-            if cached is not None and cached[0] is fn:
-                self._buffers[name] = cached[1]  # another layer already converted the shared tensor
-            elif self._buffers[name] is not original:
-                _CONVERTED[original] = (fn, self._buffers[name])
-        return result
 
     # ------------------------------------------------------------------------------------------
     def projection_slices(self) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,333 @@
+"""A layer of an adapted model: one frozen base plus named adapters, one of them active.
+
+``AdaptedLinear`` wraps the base (an ``nn.Linear``, a GPT-2 ``Conv1D``, or a 4-bit ``NF4Linear``)
+and holds each adapter under its name in ``adapters``. Each method is one small module that says
+three things — how its term enters the fused kernels (``forward``), what dense update it stands for
+(``delta_weight``), and what its file keys are (``file_tensors`` / ``load_file_tensors``):
+
+- ``LoRA``:  ``y = x Wᵀ + b + s·B(A x)``; over an ``nn.Linear`` the fused LoRA kernels, over NF4 the
+  fused dequant kernels with the adapter in the same pass, over anything else ``base(x)`` + the term.
+- ``VeRA``:  ``y = x Wᵀ + b + Λ_b B_s Λ_d A_s x`` with ``A, B`` shared by every layer of the adapter.
+- ``FullDelta``: full fine-tuning. It holds the fine-tuned weight ``W0 + ΔW`` as one trainable tensor
+  (so the forward is one plain GEMM, exactly plain PyTorch's step) while the base keeps ``W0`` frozen;
+  ``ΔW = weight - W0`` is what it saves and merges.
+
+``ModulesToSave`` keeps a trainable copy of a whole module per adapter (PEFT's ``modules_to_save``).
+
+Switching adapters changes which name a layer reads: it never touches the base's memory.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..autograd import LoRALinearFunction, VeRALinearFunction
+from ..layers.lora import LoRAAdapter
+from ..layers.nf4 import NF4Linear
+from ..layers.vera import SharedProjections, _has_dense_weight
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+BASE_ONLY = "__base__"
+
+
+def check_adapter_name(name) -> str:
+    """Adapter names are module names: letters, digits, ``_`` and ``-``, not starting with a digit."""
+    if not isinstance(name, str) or not _NAME.match(name) or name == BASE_ONLY:
+        raise ValueError(
+            f"adapter_name: expected a name of letters, digits, '_' or '-' (not starting with a digit, "
+            f"not {BASE_ONLY!r}), got {name!r}"
+        )
+    return name
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """HF transformers' ``Conv1D`` (GPT-2): ``y = x W + b`` with ``W:[in, out]`` (fan_in_fan_out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def base_kind(module: nn.Module) -> Optional[str]:
+    """``"linear"`` (a plain ``nn.Linear``: fused kernels), ``"nf4"``, ``"conv1d"``, or ``None`` (not a
+    layer lowrank adapts)."""
+    if type(module) is NF4Linear:
+        return "nf4"
+    if _has_dense_weight(module):
+        return "linear"
+    if is_conv1d(module):
+        return "conv1d"
+    return None
+
+
+def base_features(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a base layer."""
+    if is_conv1d(module):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
+def dense_base_weight(base: nn.Module) -> Tensor:
+    """The base weight as ``[out, in]`` (a view for Conv1D). Raises for a 4-bit base."""
+    if isinstance(base, NF4Linear):
+        raise TypeError(f"{type(base).__name__}: a 4-bit base has no dense weight")
+    return base.weight.t() if is_conv1d(base) else base.weight
+
+
+def _adapter_input(dropout: nn.Module, x: Tensor, training: bool) -> Optional[Tensor]:
+    return dropout(x) if isinstance(dropout, nn.Dropout) and training else None
+
+
+class LoRA(LoRAAdapter, nn.Module):
+    """A LoRA adapter of one layer: ``lora_A.weight`` [r, in], ``lora_B.weight`` [out, r] (PEFT's names,
+    init and scaling)."""
+
+    method = "lora"
+
+    def __init__(self, in_features, out_features, *, r, alpha, dropout, use_rslora, device, dtype):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = in_features, out_features
+        self._init_adapter(r, alpha, dropout, use_rslora, device, dtype)
+
+    def forward(self, layer: "AdaptedLinear", x: Tensor) -> Tensor:
+        base = layer.base_layer
+        a, b = self.lora_A.weight, self.lora_B.weight
+        adapter_input = _adapter_input(self.lora_dropout, x, self.training)
+        if layer.kind == "nf4":
+            return base._forward(x, a, b, self.scaling, adapter_input)
+        if layer.kind == "linear":
+            args = (x, base.weight, base.bias, a, b, self.scaling, adapter_input)
+            if torch.is_grad_enabled():
+                return LoRALinearFunction.apply(*args)[0]
+            return torch.ops.lowrank.lora_linear_forward(*args)[0]
+        y = base(x)
+        xa = x if adapter_input is None else adapter_input
+        return y + (F.linear(F.linear(xa.to(a.dtype), a), b) * self.scaling).to(y.dtype)
+
+    def file_tensors(self) -> dict[str, Tensor]:
+        return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+
+    def expected_file_shapes(self) -> dict[str, tuple]:
+        return {"lora_A.weight": (self.r, self.in_features), "lora_B.weight": (self.out_features, self.r)}
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}"
+
+
+class VeRA(SharedProjections, nn.Module):
+    """A VeRA adapter of one layer: trainable ``vera_lambda_d`` [r] and ``vera_lambda_b`` [out] over the
+    adapter's shared frozen pair ``vera_A`` [r, max_in], ``vera_B`` [max_out, r] (buffers every layer of
+    the adapter holds by reference; the slices this layer uses are views)."""
+
+    method = "vera"
+
+    def __init__(self, in_features, out_features, *, r, d_initial, dropout, projections, device, dtype):
+        super().__init__()
+        self.in_features, self.out_features, self.r = in_features, out_features, r
+        self.d_initial = float(d_initial)
+        vera_a, vera_b = projections
+        self.register_buffer("vera_A", vera_a, persistent=False)
+        self.register_buffer("vera_B", vera_b, persistent=False)
+        self.vera_lambda_d = nn.Parameter(torch.full((r,), self.d_initial, device=device, dtype=dtype))
+        self.vera_lambda_b = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+        self.vera_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def projection_slices(self) -> tuple[Tensor, Tensor]:
+        return self.vera_A[: self.r, : self.in_features], self.vera_B[: self.out_features, : self.r]
+
+    def delta_weight(self) -> Tensor:
+        vera_a, vera_b = self.projection_slices()
+        d, b = self.vera_lambda_d.float(), self.vera_lambda_b.float()
+        return (b[:, None] * vera_b.float()) @ (d[:, None] * vera_a.float())
+
+    def forward(self, layer: "AdaptedLinear", x: Tensor) -> Tensor:
+        adapter_input = _adapter_input(self.vera_dropout, x, self.training)
+        vera_a, vera_b = self.projection_slices()
+        fused = layer.kind == "linear"
+        base = layer.base_layer
+        y_base = None if fused else base(x)  # a base with no dense W adds its own x Wᵀ; the op adds the term
+        weight, bias = (base.weight, base.bias) if fused else (None, None)
+        args = (x, weight, bias, vera_a, vera_b, self.vera_lambda_d, self.vera_lambda_b, adapter_input)
+        if torch.is_grad_enabled():
+            y = VeRALinearFunction.apply(*args)[0]
+        else:
+            y = torch.ops.lowrank.vera_linear_forward(*args)[0]
+        return y if fused else y_base + y
+
+    def file_tensors(self) -> dict[str, Tensor]:
+        return {"vera_lambda_d": self.vera_lambda_d, "vera_lambda_b": self.vera_lambda_b}
+
+    def expected_file_shapes(self) -> dict[str, tuple]:
+        return {"vera_lambda_d": (self.r,), "vera_lambda_b": (self.out_features,)}
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class FullDelta(nn.Module):
+    """Full fine-tuning of one layer: ``weight`` (and ``bias``) hold ``W0 + ΔW``, trainable, in the base's
+    own layout, while the base keeps ``W0`` frozen. The forward is the base's own product with these
+    tensors (one GEMM, as plain full fine-tuning); ``ΔW = weight - W0`` is what is saved and merged."""
+
+    method = "full"
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.conv1d = is_conv1d(base)
+        self.weight = nn.Parameter(base.weight.detach().clone())
+        self.bias = nn.Parameter(base.bias.detach().clone()) if getattr(base, "bias", None) is not None else None
+
+    def forward(self, layer: "AdaptedLinear", x: Tensor) -> Tensor:
+        if not self.conv1d:
+            return F.linear(x, self.weight, self.bias)
+        shape = x.shape[:-1] + (self.weight.shape[1],)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.addmm(self.bias, x2, self.weight) if self.bias is not None else x2 @ self.weight
+        return y.view(shape)
+
+    def delta_weight_native(self, base: nn.Module) -> Tensor:
+        """``ΔW`` in fp32, in the base's layout (``[in, out]`` for a Conv1D)."""
+        return self.weight.detach().float() - base.weight.detach().float()
+
+    def file_tensors_for(self, base: nn.Module) -> dict[str, Tensor]:
+        out = {"full_delta.weight": (self.weight.detach().float() - base.weight.detach().float()).to(self.weight.dtype)}
+        if self.bias is not None:
+            out["full_delta.bias"] = (self.bias.detach().float() - base.bias.detach().float()).to(self.bias.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"weight={list(self.weight.shape)}, bias={self.bias is not None}"
+
+
+class AdaptedLinear(nn.Module):
+    """A frozen base layer plus named adapters (``adapters``), the active one computing the output.
+
+    ``base_layer`` keeps the original module (``nn.Linear``, ``Conv1D`` or ``NF4Linear``), frozen;
+    ``weight`` and ``bias`` read through to it, so code that inspects ``layer.weight`` still works.
+    """
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        kind = base_kind(base_layer)
+        if kind is None:
+            raise TypeError(
+                f"base_layer: expected an nn.Linear, a transformers Conv1D or an NF4Linear, got {type(base_layer).__name__}"
+            )
+        self.base_layer = base_layer.requires_grad_(False)
+        self.kind = kind
+        self.in_features, self.out_features = base_features(base_layer)
+        self.adapters = nn.ModuleDict()
+        self.active_adapter: Optional[str] = None
+        self.adapters_disabled = False
+        self.merged_adapters: list[str] = []
+        self._merge_undo: dict[str, object] = {}
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[Tensor]:
+        return getattr(self.base_layer, "bias", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        name = self.active_adapter
+        if name is None or self.adapters_disabled or name in self.merged_adapters:
+            return self.base_layer(x)
+        return self.adapters[name](self, x)
+
+    # ---- the dense update an adapter stands for, in [out, in] fp32 --------------------------------
+    def delta_weight(self, name: str) -> Tensor:
+        adapter = self.adapters[name]
+        if adapter.method == "full":
+            delta = adapter.delta_weight_native(self.base_layer)
+            return delta.t() if self.kind == "conv1d" else delta
+        return adapter.delta_weight()
+
+    # ---- merge / unmerge ------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, name: str) -> Optional[dict]:
+        """Fold adapter ``name`` into the base. Returns the error report for a (lossy) 4-bit base."""
+        if name in self.merged_adapters:
+            raise RuntimeError(f"merge: adapter {name!r} is already merged")
+        adapter = self.adapters[name]
+        report = None
+        if self.kind == "nf4":
+            report, self._merge_undo[name] = self.base_layer.add_delta_lossy(
+                self.delta_weight(name), what=f"merge of adapter {name!r}"
+            )
+        elif adapter.method == "full":
+            base = self.base_layer
+            self._merge_undo[name] = (base.weight.detach().clone(), None if base.bias is None else base.bias.detach().clone())
+            base.weight.copy_(adapter.weight)
+            if adapter.bias is not None:
+                base.bias.copy_(adapter.bias)
+        else:
+            w = dense_base_weight(self.base_layer)
+            w.copy_((w.float() + self.delta_weight(name)).to(w.dtype))
+        self.merged_adapters.append(name)
+        return report
+
+    @torch.no_grad()
+    def unmerge(self, name: str) -> None:
+        if name not in self.merged_adapters:
+            raise RuntimeError(f"unmerge: adapter {name!r} is not merged")
+        adapter = self.adapters[name]
+        if self.kind == "nf4":
+            self.base_layer.restore_quant_state(self._merge_undo.pop(name))
+        elif adapter.method == "full":
+            weight, bias = self._merge_undo.pop(name)
+            self.base_layer.weight.copy_(weight)
+            if bias is not None:
+                self.base_layer.bias.copy_(bias)
+        else:
+            w = dense_base_weight(self.base_layer)
+            w.copy_((w.float() - self.delta_weight(name)).to(w.dtype))
+        self.merged_adapters.remove(name)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, base={self.kind}, "
+            f"adapters={list(self.adapters)}, active={self.active_adapter!r}, merged={self.merged_adapters}"
+        )
+
+
+class ModulesToSave(nn.Module):
+    """A module kept whole and trainable per adapter (PEFT's ``modules_to_save``): ``original_module`` is
+    frozen, ``copies[name]`` is the adapter's own trainable copy, and the active one runs."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original_module = original.requires_grad_(False)
+        self.copies = nn.ModuleDict()
+        self.active_adapter: Optional[str] = None
+        self.adapters_disabled = False
+
+    def add(self, name: str) -> nn.Module:
+        import copy
+
+        clone = copy.deepcopy(self.original_module).requires_grad_(True)
+        self.copies[name] = clone
+        return clone
+
+    def forward(self, *args, **kwargs):
+        name = self.active_adapter
+        if name is None or self.adapters_disabled or name not in self.copies:
+            return self.original_module(*args, **kwargs)
+        return self.copies[name](*args, **kwargs)
+
+    def __getattr__(self, item):
+        try:
+            return super().__getattr__(item)
+        except AttributeError:
+            # attributes of the wrapped module (e.g. an embedding's ``weight`` for tying checks)
+            modules = self.__dict__.get("_modules", {})
+            original = modules.get("original_module")
+            if original is None:
+                raise
+            name = self.__dict__.get("active_adapter")
+            copies = modules.get("copies")
+            target = copies[name] if name is not None and copies is not None and name in copies else original
+            return getattr(target, item)
