@@ -327,7 +327,7 @@ class ModulesToSave(nn.Module):
             original = modules.get("original_module")
             if original is None:
                 raise
-            name = self.__dict__.get("active_adapter")
+            name = None if self.__dict__.get("adapters_disabled") else self.__dict__.get("active_adapter")
             copies = modules.get("copies")
             target = copies[name] if name is not None and copies is not None and name in copies else original
             return getattr(target, item)

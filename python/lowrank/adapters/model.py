@@ -10,6 +10,7 @@ adapters to the same layers. Nothing here knows one model class; no state lives 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import re
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -199,13 +200,18 @@ def _freeze_base(model: nn.Module) -> None:
             p.requires_grad_(False)
 
 
+_ORDER = itertools.count()  # adapters remember when they were added, so names list in that order
+
+
 def _all_adapter_names(model: nn.Module) -> list[str]:
-    names: list[str] = []
+    order: dict[str, int] = {}
     for _, layer in adapted_layers(model):
-        names += [n for n in layer.adapters if n not in names]
+        for n, adapter in layer.adapters.items():
+            order.setdefault(n, getattr(adapter, "_order", 0))
     for _, saved in _saved_modules(model):
-        names += [n for n in saved.copies if n not in names]
-    return names
+        for n, copy in saved.copies.items():
+            order.setdefault(n, getattr(copy, "_order", 0))
+    return sorted(order, key=order.__getitem__)
 
 
 def attach(model: nn.Module, adapter_name: str, config: AdapterConfig,
@@ -214,7 +220,9 @@ def attach(model: nn.Module, adapter_name: str, config: AdapterConfig,
     """Put prepared ``adapters`` into the targeted ``layers`` (and the config's ``modules_to_save``),
     make ``adapter_name`` active and freeze everything else. Nothing here can fail half-way: callers
     check and build everything first."""
+    order = next(_ORDER)
     for (name, module, parent, attr), adapter in zip(layers, adapters):
+        adapter._order = order
         if not isinstance(module, AdaptedLinear):
             module = AdaptedLinear(module)
             setattr(parent, attr, module)
@@ -224,7 +232,7 @@ def attach(model: nn.Module, adapter_name: str, config: AdapterConfig,
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module)
             setattr(parent, attr, module)
-        module.add(adapter_name).requires_grad_(trainable)
+        module.add(adapter_name).requires_grad_(trainable)._order = order
     _freeze_base(model)
     set_adapter(model, adapter_name)
 
