@@ -271,6 +271,8 @@ class VeRAConfig(AdapterConfig):
 
     def to_peft_dict(self) -> dict:
         out = self._common_file_fields()
+        if self.exclude_modules is None:
+            del out["exclude_modules"]  # PEFT's VeraConfig has no such field (a set one is still written)
         out.update(r=self.r, d_initial=self.d_initial, vera_dropout=self.dropout, fan_in_fan_out=False,
                    projection_prng_key=self.projection_prng_key, save_projection=self.save_projection,
                    init_weights=True)  # fmt: skip
