@@ -25,6 +25,12 @@ except Exception:  # not installed, or fails to import on this machine
 
 needs_bnb = pytest.mark.skipif(bnbF is None, reason="bitsandbytes is not installed")
 
+
+def bnb_version() -> str:
+    import bitsandbytes
+
+    return bitsandbytes.__version__
+
 forward = torch.ops.lowrank.nf4_linear_forward
 backward_input = torch.ops.lowrank.nf4_linear_backward_input
 BLOCKSIZES = (32, 64, 128, 256, 1024, 4096)
@@ -103,9 +109,34 @@ def test_bytes_match_bitsandbytes(shape, blocksize, dtype):
     assert torch.equal(st["absmax2"], ref.state2.absmax)
     assert torch.equal(st["code2"], ref.state2.code)
     assert st["offset"].item() == ref.offset.item()
-    # and the dense weight decodes to the same bits as bitsandbytes' dequantize (in the weight's dtype)
+    # and the dense weight decodes to the bits bitsandbytes' own quantized state stands for. The oracle is
+    # that state decoded by the reference, not bnb's dequantize_4bit, which is wrong on some CPUs (see
+    # test_bitsandbytes_dequantize_agrees_with_its_state).
     ours = torch.ops.lowrank.nf4_dequantize(*weight_args(st, shape, blocksize), dtype)
-    assert torch.equal(ours, bnbF.dequantize_4bit(q, ref).reshape(shape))
+    assert torch.equal(ours, _decode_bnb_state(q, ref, shape, blocksize, dtype))
+
+
+def _decode_bnb_state(q, ref, shape, blocksize, dtype):
+    """bitsandbytes' quantized state, decoded by lowrank's reference (pure PyTorch, the spec)."""
+    return nf4_ops.nf4_dequantize_reference(q.reshape(-1, 1), ref.absmax, ref.state2.absmax, ref.state2.code, ref.offset,
+                                            list(shape), blocksize, ref.state2.blocksize, dtype)  # fmt: skip
+
+
+@needs_bnb
+@pytest.mark.parametrize("shape", [(64, 128), (33, 101), (300, 4096)], ids=str)
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+def test_bitsandbytes_dequantize_agrees_with_its_state(shape, blocksize):
+    """Records a peer's bug rather than failing on it: bitsandbytes 0.50.2's AVX-512 ``dequantize_4bit``
+    decodes tensors of few blocks wrongly at blocksize >= 256 (its output disagrees with its own
+    quantized state decoded by hand; lowrank's agrees). Where bnb is right this must hold exactly."""
+    w = torch.randn(*shape) * 0.02
+    q, ref = bnbF.quantize_4bit(w, blocksize=blocksize, compress_statistics=True, quant_type="nf4")
+    theirs = bnbF.dequantize_4bit(q, ref).reshape(shape)
+    oracle = _decode_bnb_state(q, ref, shape, blocksize, torch.float32)
+    if not torch.equal(theirs, oracle):
+        assert blocksize >= 256, "bitsandbytes' decode disagrees with its state outside the known bug"
+        pytest.xfail(f"bitsandbytes {bnb_version()} dequantize_4bit is wrong here (known: AVX-512, blocksize >= 256, "
+                     f"few blocks); {int((theirs != oracle).sum())} of {theirs.numel()} values differ")
 
 
 @needs_bnb
