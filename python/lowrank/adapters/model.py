@@ -337,12 +337,13 @@ def _require(model: nn.Module, adapter_name: str) -> None:
 
 def set_adapter(model: nn.Module, adapter_name: str) -> None:
     """Makes ``adapter_name`` the active adapter of every layer; layers without it run their base.
-    Costs a pointer per layer: no weight is copied."""
-    _require(model, adapter_name)
-    for _, layer in adapted_layers(model):
-        layer.active_adapter = adapter_name if adapter_name in layer.adapters else None
-    for _, saved in _saved_modules(model):
-        saved.active_adapter = adapter_name if adapter_name in saved.copies else None
+    Costs a pointer per layer (one walk of the module tree): no weight is copied."""
+    layers = [m for _, m, _, _ in _walk(model) if isinstance(m, (AdaptedLinear, ModulesToSave))]
+    held = [adapter_name in (m.adapters if isinstance(m, AdaptedLinear) else m.copies) for m in layers]
+    if not any(held):
+        _require(model, adapter_name)  # raises, naming the adapters there are
+    for module, has in zip(layers, held):
+        module.active_adapter = adapter_name if has else None
 
 
 def active_adapter(model: nn.Module) -> Optional[str]:
