@@ -160,9 +160,32 @@ def test_peers_compute_the_same_layer(mode: str):
     case = Case(128, 96, 5, torch.float32, mode)
     peers = build_peers(case)
     outputs = {name: timed_call(case, layer)() for name, layer in peers.items() if name != "nn.Linear"}
-    for name in ("bnb", "peft+bnb", "torchao"):
-        if name in outputs:  # same NF4 bytes, same decoded weight: equal up to summation order
-            torch.testing.assert_close(outputs["lowrank"], outputs[name], rtol=1e-4, atol=1e-5)
+    # The oracle is the exact decode of the NF4 weight (the bytes every peer shares) in float64, not a peer:
+    # on CPUs with AVX512-BF16, bitsandbytes' packed CPU kernel computes with bf16 scales and products.
+    exact = _float64_call(case, peers["lowrank"])
+    for name, got in outputs.items():
+        got = got if isinstance(got, (tuple, list)) else (got,)
+        # lowrank: fp32 rounding. A peer: the same layer, at worst at bf16 precision (bitsandbytes' packed
+        # kernel rounds x and the scales to bf16: 4e-3 of the output's scale at K=128 on a Zen 4)
+        tol = 1e-5 if name == "lowrank" else 2.0**-6
+        for g, e in zip(got, exact, strict=True):
+            torch.testing.assert_close(g.double(), e, rtol=0, atol=tol * e.abs().max().item(), msg=name)
+
+
+def _float64_call(case: Case, layer) -> tuple:
+    """What ``timed_call(case, layer)`` returns, computed in float64 from the exactly decoded NF4 weight
+    (and the LoRA factors): ``(y,)`` for a forward, the gradients for x and the factors otherwise."""
+    generator = torch.Generator().manual_seed(1)  # the inputs timed_call draws
+    x = torch.randn(case.tokens, case.in_features, generator=generator).to(case.dtype).double()
+    w = layer.dequantize(torch.float32).double()
+    if case.mode == "forward":
+        return (x @ w.t(),)
+    grad_y = torch.randn(case.tokens, case.out_features, generator=generator).to(case.dtype).double()
+    a = layer.lora_A.weight.detach().double().requires_grad_()
+    b = layer.lora_B.weight.detach().double().requires_grad_()
+    x.requires_grad_()
+    y = x @ w.t() + layer.scaling * (x @ a.t()) @ b.t()
+    return torch.autograd.grad(y, (x, a, b), grad_y)  # x, then the factors in name order (A, B)
 
 
 # ---------------------------------------------------------------------------------------------
