@@ -5,8 +5,10 @@ rows, adapter added in the same pass) for M <= ``_runtime.cpu_fused_max_m(dtype)
 path (base GEMM, adapter ``addmm``-ed into its output) above. This file forces each path in turn by
 setting that limit to 0 (GEMM) or to the largest M measured (fused), times the two interleaved at
 every M, and prints the table with the crossover per dtype: the smallest M from which the GEMM path
-is faster at every larger M measured. ``_runtime.CPU_FUSED_MAX_M_BY_ISA`` should sit just below it. Medians within
-TIE_TOLERANCE of each other count as a tie, not a win: that is the noise between interleaved runs.
+is faster at every larger M measured. The limit lowrank uses is measured on first use by a shorter
+probe (``lowrank/ops/_dispatch.py``, shown by ``python -m lowrank info``); this table is the long
+check of it on a real layer size. Medians within TIE_TOLERANCE of each other count as a tie, not a
+win: that is the noise between interleaved runs.
 
     pytest benchmarks/bench_crossover.py                         # 4096x11008, r=16, fp32 and bf16
     LOWRANK_BENCH_QUICK=1 pytest benchmarks/bench_crossover.py   # tiny shape, one call each

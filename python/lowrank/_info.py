@@ -7,8 +7,14 @@ import torch
 from . import _C
 
 
-def info() -> dict:
-    """Version, torch version, CUDA build and devices, the CPU kernel variant chosen, threads."""
+def info(calibrate: bool = False) -> dict:
+    """Version, torch version, CUDA build and devices, the CPU kernel variant chosen, threads, and the
+    code-path decisions this process has measured (``calibrate=True`` takes them all now; see
+    ``lowrank/ops/_dispatch.py``)."""
+    from .ops import _dispatch
+
+    if calibrate:
+        _dispatch.calibrate()
     b = _C.build_info()
     gpu_usable = bool(b["cuda_compiled"]) and torch.cuda.is_available() and b["cuda_device_count"] > 0
     return {
@@ -24,4 +30,8 @@ def info() -> dict:
         "cpu_variants_compiled": list(b["cpu_variants_compiled"]),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
+        "calibration": _dispatch.mode(),
+        "calibration_key": _dispatch.cache_key(),
+        "dispatch": {name: d["value"] for name, d in _dispatch.report().items()},
+        "dispatch_timings_ms": {name: d["timings_ms"] for name, d in _dispatch.report().items()},
     }

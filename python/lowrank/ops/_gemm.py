@@ -9,11 +9,12 @@ to the fp32 GEMM: fp32 accumulation, one rounding at the end, and no per-call 10
 
 from __future__ import annotations
 
-import functools
 import threading
 from typing import Callable, Optional
 
 import torch
+
+from . import _dispatch
 
 # Workspace size: 1 Mi floats (4 MiB) per tile; it stays in the 16 MiB L3 while the GEMM packs it.
 _TILE_FLOATS = 1 << 20
@@ -21,26 +22,26 @@ _TILE_FLOATS = 1 << 20
 _per_thread = threading.local()
 
 
-def _workspace(numel: int, device: torch.device) -> torch.Tensor:
-    """A flat fp32 buffer of at least ``numel`` elements, reused across this thread's calls on ``device``."""
+def _workspace(numel: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A flat buffer of at least ``numel`` elements, reused across this thread's calls on ``device``."""
     buffers = _per_thread.__dict__.setdefault("buffers", {})
-    key = (device.type, device.index)
+    key = (device.type, device.index, dtype)
     buf = buffers.get(key)
     if buf is None or buf.numel() < numel:
-        buf = buffers[key] = torch.empty(numel, dtype=torch.float32, device=device)
+        buf = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_bf16_gemm_is_slow() -> bool:
-    cap = torch.backends.cpu.get_cpu_capability().upper()
-    return not ("BF16" in cap or "AMX" in cap)
+def cpu_bf16_gemm_native() -> bool:
+    """True where torch's own bf16 GEMM beats widening to fp32 on this machine (measured once:
+    ops/_dispatch.py; AVX512-BF16 and AMX CPUs, against an AVX2 one where it is ~6x slower)."""
+    return _dispatch.decide("cpu_bf16_gemm") == "native"
 
 
 def upcast_tiles_needed(weight: torch.Tensor) -> bool:
     """True when ``weight`` should be widened tile by tile to fp32 instead of used as is."""
     return weight.device.type == "cpu" and weight.dtype != torch.float32 and (
-        weight.dtype != torch.bfloat16 or _cpu_bf16_gemm_is_slow()
+        weight.dtype != torch.bfloat16 or not cpu_bf16_gemm_native()
     )
 
 
@@ -54,21 +55,31 @@ def linear_tiles_fp32(x32: torch.Tensor, n: int, k: int, fill: Callable[[int, to
     Returns an fp32 [M, n] tensor: a transposed view of an [n, M] buffer, so each tile's product
     lands in contiguous rows.
     """
+    return linear_tiles(x32, n, k, fill)
+
+
+def linear_tiles(x: torch.Tensor, n: int, k: int, fill: Callable[[int, torch.Tensor], None]) -> torch.Tensor:
+    """``x @ Wᵀ`` for a weight [n, k] that ``fill(n0, tile)`` writes into row tiles of x's dtype (fp32,
+    or bf16 where torch's bf16 GEMM is the faster one: fp32 accumulation inside, one rounding).
+
+    Returns an [M, n] tensor of x's dtype: a transposed view of an [n, M] buffer.
+    """
     rows = _tile_rows(k)
-    ws = _workspace(min(rows, n) * k, x32.device)
-    y_t = torch.empty(n, x32.shape[0], dtype=torch.float32, device=x32.device)
+    ws = _workspace(min(rows, n) * k, x.device, x.dtype)
+    y_t = torch.empty(n, x.shape[0], dtype=x.dtype, device=x.device)
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
         tile = ws[: (n1 - n0) * k].view(n1 - n0, k)
         fill(n0, tile)
-        torch.mm(tile, x32.t(), out=y_t[n0:n1])
+        torch.mm(tile, x.t(), out=y_t[n0:n1])
     return y_t.t()
 
 
 def matmul_tiles_fp32(
     dy32: torch.Tensor, n: int, k: int, fill: Callable[[int, torch.Tensor], None], out: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
-    """``dy32 @ W`` in fp32 ([M, k]) for a weight [n, k] that ``fill(n0, tile)`` writes into row tiles."""
+    """``dy32 @ W`` in fp32 ([M, k]) for a weight [n, k] that ``fill(n0, tile)`` writes into row tiles.
+    (fp32 only: the tiles split the reduction over n, which 16-bit products would round per tile.)"""
     rows = _tile_rows(k)
     ws = _workspace(min(rows, n) * k, dy32.device)
     dx = out if out is not None else torch.empty(dy32.shape[0], k, dtype=torch.float32, device=dy32.device)

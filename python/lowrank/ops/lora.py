@@ -272,20 +272,30 @@ def _forward_gemm(x2, xa2, weight, bias, lora_a, lora_b, scale):
         y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
         y.addmm_(u, lora_b.t() if lora_b.dtype == torch.float32 else lora_b.float().t(), alpha=scale)
         return y, u
-    # bf16/fp16 GEMMs (CUDA, or CPUs with native bf16): u in fp32 from fp32 operands (M*K + r*K
-    # widened, small next to W), and the adapter product accumulated into y's GEMM output with u and B
-    # each split into two 16-bit halves (hi + lo), so nothing is rounded to 16 bits before the sum:
-    # y += s·[u_hi u_lo u_hi]·[B_hi B_hi B_lo]ᵀ, a rank-3r update instead of an M x N fp32 temporary.
+    # bf16/fp16 GEMMs (CUDA, or CPUs where torch's bf16 GEMM is the fast one, as measured): u in fp32
+    # from fp32 operands (M*K + r*K widened, small next to W). The adapter term and the bias go first,
+    # into c = bias + s·u Bᵀ with u and B each split into two 16-bit halves (hi + lo) so nothing is
+    # rounded before that sum: c = bias + s·[u_hi u_lo u_hi]·[B_hi B_hi B_lo]ᵀ, a rank-3r product (no
+    # M x N fp32 temporary). Then c.addmm_(x, Wᵀ): the GEMM adds c to its fp32 accumulator, so the
+    # large sum x Wᵀ + c is rounded once (only c's own, much smaller, rounding comes before it).
     u = torch.mm(xa2.float(), lora_a.float().t())
-    y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
-    u_hi, u_lo = _split_16bit(u, y.dtype)
-    if lora_b.dtype == y.dtype:
-        left, right = torch.cat([u_hi, u_lo], 1), torch.cat([lora_b, lora_b], 1)
+    return _base_after_adapter(x2, weight, bias, u, lora_b, scale), u
+
+
+def _base_after_adapter(x2, weight, bias, u, e, scale):
+    """``x Wᵀ + bias + scale·u eᵀ`` in x's 16-bit dtype: the adapter term (u fp32, e any float dtype)
+    and bias summed first in one 16-bit GEMM with fp32 accumulation, then the base GEMM accumulated
+    onto it (addmm's C enters the fp32 accumulator), so the large sum is rounded once."""
+    dtype = x2.dtype
+    us_hi, us_lo = _split_16bit(u * scale if scale != 1.0 else u, dtype)  # s folded in while still fp32
+    if e.dtype == dtype:
+        left, right = torch.cat([us_hi, us_lo], 1), torch.cat([e, e], 1)
     else:
-        b_hi, b_lo = _split_16bit(lora_b, y.dtype)
-        left, right = torch.cat([u_hi, u_lo, u_hi], 1), torch.cat([b_hi, b_hi, b_lo], 1)
-    y.addmm_(left, right.t(), alpha=scale)
-    return y, u
+        e_hi, e_lo = _split_16bit(e, dtype)
+        left, right = torch.cat([us_hi, us_lo, us_hi], 1), torch.cat([e_hi, e_hi, e_lo], 1)
+    c = torch.addmm(bias.to(dtype), left, right.t()) if bias is not None else torch.mm(left, right.t())
+    c.addmm_(x2, weight.t())
+    return c
 
 
 def _split_16bit(t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -322,7 +332,7 @@ def _backward_input_native(grad_y, weight, g, lora_a):
     m = dy.shape[0]
     if m == 0 or k == 0 or n == 0:
         return lora_linear_backward_input_reference(grad_y, weight, g, lora_a)
-    if grad_y.device.type == "cpu" and grad_y.dtype in _CPU_NATIVE and m <= _runtime.CPU_INPUT_GRAD_MAX_M:
+    if grad_y.device.type == "cpu" and grad_y.dtype in _CPU_NATIVE and m <= _runtime.cpu_input_grad_max_m(grad_y.dtype):
         # Few tokens: stream W once by rows, partial sums per task (csrc/cpu/lora_input_grad.cpp).
         # Every tensor whose pointer the kernel gets is held in a local until it returns.
         dy32 = last_dim_contiguous(dy if dy.dtype == torch.float32 else dy.float())

@@ -539,8 +539,12 @@ def _forward_native(x, codes, absmax, absmax2, code2, offset, shape, blocksize, 
         if u is None:
             u = x.new_empty((m, 0), dtype=torch.float32)
         return y.reshape(lead + (n,)), u.reshape(lead + (r,))
-    # Many tokens: W dequantized tile by tile (fp32, exact) into one reused workspace, fp32 GEMMs.
+    # Many tokens: W dequantized tile by tile (decoded in fp32, exact) into one reused workspace for the
+    # GEMM: fp32 tiles, or bf16 tiles for a bf16 x where torch's bf16 GEMM is the faster (measured).
     x32 = x2.float()
+    if x.dtype == torch.bfloat16 and cpu and _gemm.cpu_bf16_gemm_native():
+        return _forward_bf16_tiles(x2, xa2 if adapter_input is not None else None, w, n, k, bias, lora_a, lora_b,
+                                   scale, lead)  # fmt: skip
     y32 = _gemm.linear_tiles_fp32(x32, n, k, _tile_filler(w))
     if lora_a is not None:
         xa32 = x32 if adapter_input is None else xa2.float()
@@ -553,6 +557,49 @@ def _forward_native(x, codes, absmax, absmax2, code2, offset, shape, blocksize, 
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     y.copy_(y32)
     return y.reshape(lead + (n,)), u.reshape(lead + (r,))
+
+
+def _forward_bf16_tiles(x2, xa2, w, n, k, bias, lora_a, lora_b, scale, lead):
+    """Many bf16 tokens where torch's bf16 GEMM is the fast one: W decoded tile by tile to bf16, and the
+    adapter and bias ride in the same GEMM as extra reduction columns, so each output is one fp32
+    accumulation rounded once (the contract), not a rounded base plus a second rounding:
+
+        [x | s·u_hi | s·u_lo | s·u_hi | 1] · [W | B_hi | B_hi | B_lo | bias]ᵀ,   u = x_a Aᵀ in fp32
+
+    (``s·u ≈ hi + lo`` and ``B ≈ B_hi + B_lo`` in bf16; the dropped ``lo·lo`` term is below fp32's
+    rounding of the sum.)"""
+    m = x2.shape[0]
+    r = 0 if lora_a is None else lora_a.shape[0]
+    u = x2.new_empty((m, 0), dtype=torch.float32)
+    blocks = []  # (x columns, weight columns) appended after x / W
+    if lora_a is not None:
+        xa32 = (x2 if xa2 is None else xa2).float()
+        u = torch.mm(xa32, lora_a.float().t())
+        us_hi, us_lo = _split_bf16(u * scale)
+        b_hi, b_lo = _split_bf16(lora_b)
+        blocks += [(us_hi, b_hi), (us_lo, b_hi)] + ([(us_hi, b_lo)] if b_lo is not None else [])
+    if bias is not None:
+        blocks.append((x2.new_ones(m, 1), bias.to(torch.bfloat16).reshape(n, 1)))
+    width = k + sum(b[0].shape[1] for b in blocks)
+    x_aug = torch.cat([x2] + [b[0] for b in blocks], 1) if blocks else x2
+
+    def fill(n0: int, tile: Tensor) -> None:
+        _dequantize_into(tile[:, :k], w, n0)
+        col = k
+        for _, wcols in blocks:
+            tile[:, col : col + wcols.shape[1]] = wcols[n0 : n0 + tile.shape[0]]
+            col += wcols.shape[1]
+
+    y = _gemm.linear_tiles(x_aug, n, width, fill)
+    return y.contiguous().reshape(lead + (n,)), u.reshape(lead + (r,))
+
+
+def _split_bf16(t: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    """``t ≈ hi + lo`` in bf16 (``lo`` is None when t is bf16 already: exact)."""
+    if t.dtype == torch.bfloat16:
+        return t, None
+    hi = t.to(torch.bfloat16)
+    return hi, (t.float() - hi.float()).to(torch.bfloat16)
 
 
 def _backward_input_native(grad_y, codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2, g, lora_a):
@@ -568,7 +615,7 @@ def _backward_input_native(grad_y, codes, absmax, absmax2, code2, offset, shape,
     w = _weight(*wargs)
     if (
         grad_y.device.type == "cpu"
-        and m <= _runtime.NF4_CPU_INPUT_GRAD_MAX_M
+        and m <= _runtime.nf4_cpu_input_grad_max_m()
         and k % 64 == 0
         and (blocksize >= 64 or blocksize == 32)
         and _C.cpu_isa() != "portable"

@@ -235,13 +235,10 @@ def _forward_gemm(x2, xa2, weight, bias, vera_a, vera_b, d32, b32):
         y = torch.empty(y32.shape, dtype=x2.dtype, device=x2.device)
         y.copy_(y32)
         return y, h
-    # bf16/fp16 GEMMs (CUDA, CPUs with native bf16): as LoRA, the adapter product accumulated into y's
-    # GEMM output with u and b ⊙ B_s split into 16-bit halves (hi + lo), nothing rounded before the sum.
-    y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
-    u_hi, u_lo = _lora._split_16bit(u, y.dtype)
-    b_hi, b_lo = _lora._split_16bit(b_scaled, y.dtype)
-    y.addmm_(torch.cat([u_hi, u_lo, u_hi], 1), torch.cat([b_hi, b_hi, b_lo], 1).t())
-    return y, h
+    # bf16/fp16 GEMMs (CUDA, CPUs where torch's bf16 GEMM is the fast one): as LoRA, bias + adapter term
+    # first (u and b ⊙ B_s split into 16-bit halves), then the base GEMM accumulated onto it: one
+    # rounding of the large sum.
+    return _lora._base_after_adapter(x2, weight, bias, u, b_scaled, 1.0), h
 
 
 def _backward_adapter_native(grad_y, h, vera_b, lambda_d, lambda_b):

@@ -1,0 +1,366 @@
+"""Which CPU code path runs, chosen by what this machine measures — never by a CPU name.
+
+The same code met an AMD EPYC (AVX2) where torch's bf16 GEMM is 6× slower than fp32, a Zen 4
+(AVX512-BF16) where it is 2.5× faster, and a Sapphire Rapids (AMX) where it is 5× faster; where the
+fused few-token kernels stop paying depends on the same things. So each choice is a short
+measurement on first use, of the two candidate paths on one probe shape, interleaved:
+
+- ``cpu_bf16_gemm``: ``"native"`` (torch's bf16 GEMM, fp32 accumulation inside) or ``"widen"`` (the
+  bf16 weight widened to fp32 tile by tile into one reused workspace, then fp32 GEMMs). Probe:
+  128 × 2048 × 2048, the forward ``x Wᵀ`` and the backward ``dy W`` together.
+- ``cpu_fused_max_m/<dtype>``: the largest token count M at which the fused LoRA row kernel (W
+  streamed once, adapter in the same pass) still beats the GEMM path. Probe: 2048 → 4096, r=16,
+  M = 1, 16, 64, 256 (stopping at the first loss). The weight is read cold (copies adding up to twice the
+  last-level cache, used in turn), as in a model whose layers do not all fit in cache.
+- ``cpu_input_grad_max_m/<dtype>``: the same for the few-token ``dx = dy W + g A`` kernel; M = 1, 4,
+  8, 16, 32.
+- ``nf4_cpu_fused_max_m`` / ``nf4_cpu_input_grad_max_m``: the NF4 fused dequant kernels (4096 ×
+  4096) against dequantizing tile by tile for the GEMM; M = 1, 16, 64, 256 and 1, 2, 4, 8, 16.
+
+A decision is the largest probed M at which the fused path won every probe up to it (a win at the
+largest probe means no limit: the kernel won everywhere it was tried); the timings that made it are
+kept and shown by ``lowrank.info()``. Decisions are cached per process and, by default, on disk
+(``$LOWRANK_CACHE_DIR`` or ``~/.cache/lowrank``, ``calibration.json``), keyed by what they depend on:
+lowrank's and torch's versions, the CPU kernel variant, the thread count and the CPU model.
+``LOWRANK_CALIBRATION=process`` measures without the disk cache; ``off`` uses the conservative
+built-in defaults (no measuring) — for reproducible runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+UNBOUNDED = 1 << 62
+
+# What runs when calibration is off: the fused kernels where they were written for (few tokens),
+# widened bf16 GEMMs (never slower than fp32 GEMM).
+DEFAULTS: dict[str, Any] = {
+    "cpu_bf16_gemm": "widen",
+    "cpu_fused_max_m/float32": 64,
+    "cpu_fused_max_m/bfloat16": 64,
+    "cpu_input_grad_max_m/float32": 16,
+    "cpu_input_grad_max_m/bfloat16": 16,
+    "nf4_cpu_fused_max_m": 64,
+    "nf4_cpu_input_grad_max_m": 8,
+}
+
+
+@dataclass
+class Decision:
+    value: Any
+    source: str  # "measured", "disk cache" or "default (LOWRANK_CALIBRATION=off)"
+    seconds: float = 0.0  # how long measuring took
+    timings_ms: dict = field(default_factory=dict)  # candidate -> median ms, per probed M
+
+
+_decisions: dict[str, Decision] = {}
+_lock = threading.RLock()
+
+
+def mode() -> str:
+    value = os.environ.get("LOWRANK_CALIBRATION", "disk").strip().lower()
+    if value not in ("disk", "process", "off"):
+        raise ValueError(f"LOWRANK_CALIBRATION: expected 'disk', 'process' or 'off', got {value!r}")
+    return value
+
+
+def decide(name: str) -> Any:
+    """The value of decision ``name``, measured on first use (then cached)."""
+    d = _decisions.get(name)
+    if d is not None:
+        return d.value
+    with _lock:
+        d = _decisions.get(name)
+        if d is None:
+            d = _make(name)
+            _decisions[name] = d
+    return d.value
+
+
+def report() -> dict:
+    """The decisions taken so far: value, where it came from, and the timings that chose it."""
+    return {name: asdict(d) for name, d in sorted(_decisions.items())}
+
+
+def calibrate(names: Optional[list[str]] = None) -> dict:
+    """Takes every decision (or ``names``) now rather than on first use; returns :func:`report`."""
+    for name in names or list(DEFAULTS):
+        decide(name)
+    return report()
+
+
+def reset() -> None:
+    """Forgets this process's decisions (the disk cache stays)."""
+    with _lock:
+        _decisions.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache
+# ---------------------------------------------------------------------------------------------
+def cache_key() -> str:
+    from .. import _C
+
+    return " | ".join((
+        f"lowrank {_C.build_info()['version']}",
+        f"torch {torch.__version__}",
+        f"isa {_C.cpu_isa()}",
+        f"threads {torch.get_num_threads()}",
+        _cpu_model(),
+    ))  # fmt: skip
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def cache_file() -> Path:
+    root = os.environ.get("LOWRANK_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "lowrank")
+    return Path(root) / "calibration.json"
+
+
+def _read_cache() -> dict:
+    try:
+        data = json.loads(cache_file().read_text(encoding="utf-8"))
+        entry = data.get(cache_key(), {}) if isinstance(data, dict) else {}
+        return entry if isinstance(entry, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache(name: str, d: Decision) -> None:
+    path = cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            data = data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            data = {}
+        data.setdefault(cache_key(), {})[name] = {"value": d.value, "timings_ms": d.timings_ms}
+        fd, tmp = tempfile.mkstemp(prefix=".calibration-", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
+    except OSError:
+        pass  # a read-only home is no reason to fail: the decision still holds for this process
+
+
+def _make(name: str) -> Decision:
+    if name not in DEFAULTS:
+        raise KeyError(f"unknown dispatch decision {name!r}; known: {sorted(DEFAULTS)}")
+    how = mode()
+    if how == "off":
+        return Decision(DEFAULTS[name], "default (LOWRANK_CALIBRATION=off)")
+    if how == "disk":
+        cached = _read_cache().get(name)
+        if isinstance(cached, dict) and "value" in cached:
+            return Decision(cached["value"], "disk cache", 0.0, cached.get("timings_ms", {}))
+    start = time.perf_counter()
+    value, timings = _PROBES[name]()
+    d = Decision(value, "measured", round(time.perf_counter() - start, 3), timings)
+    if how == "disk":
+        _write_cache(name, d)
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------
+def _interleaved_ms(calls: dict[str, Callable[[], Any]], rounds: int = 5) -> dict[str, float]:
+    """Median ms per candidate, the candidates run alternately (A, B, A, B, ...) after a warm-up."""
+    warm = 0.0
+    for call in calls.values():
+        t = time.perf_counter()
+        call()
+        warm = max(warm, time.perf_counter() - t)
+    rounds = rounds if warm < 0.01 else 3  # calls of 10 ms and more: three rounds tell them apart
+    times: dict[str, list] = {k: [] for k in calls}
+    for _ in range(rounds):
+        for k, call in calls.items():
+            t = time.perf_counter()
+            call()
+            times[k].append(time.perf_counter() - t)
+    return {k: round(1e3 * statistics.median(v), 4) for k, v in times.items()}
+
+
+def _crossover(ms: list[int], fused: Callable[[int], Callable], other: Callable[[int], Callable]) -> tuple[int, dict]:
+    """Largest probed M where ``fused`` beat ``other`` at it and every smaller probe."""
+    limit, timings = 0, {}
+    for m in ms:
+        t = _interleaved_ms({"fused": fused(m), "gemm": other(m)})
+        timings[str(m)] = t
+        if t["fused"] > t["gemm"]:
+            return limit, timings
+        limit = m
+    return UNBOUNDED, timings
+
+
+class _pinned:
+    """Temporarily pins a ``_runtime`` limit (the probes run one path, then the other)."""
+
+    def __init__(self, attr: str, value):
+        from . import _runtime
+
+        self.runtime, self.attr, self.value = _runtime, attr, value
+
+    def __enter__(self):
+        self.before = getattr(self.runtime, self.attr)
+        setattr(self.runtime, self.attr, self.value)
+
+    def __exit__(self, *exc):
+        setattr(self.runtime, self.attr, self.before)
+
+
+def _probe_bf16_gemm() -> tuple[str, dict]:
+    from . import _gemm
+
+    g = torch.Generator().manual_seed(0)
+    m, k, n = 128, 2048, 2048
+    w = torch.randn(n, k, generator=g).bfloat16()
+    x = torch.randn(m, k, generator=g).bfloat16()
+    dy = torch.randn(m, n, generator=g).bfloat16()
+    t = _interleaved_ms({
+        "native": lambda: (torch.mm(x, w.t()), torch.mm(dy, w)),
+        "widen": lambda: (_gemm.linear_t_fp32(x.float(), w), _gemm.matmul_fp32(dy.float(), w)),
+    })  # fmt: skip
+    return ("native" if t["native"] < t["widen"] else "widen"), {f"{m}x{k}x{n} fwd+bwd": t}
+
+
+def _llc_bytes() -> int:
+    """The last-level cache's size (32 MiB when the system does not say)."""
+    try:
+        sizes = []
+        for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+            text = (index / "size").read_text().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        return max(sizes) if sizes else 32 << 20
+    except (OSError, ValueError):
+        return 32 << 20
+
+
+def _cold_copies(make: Callable[[], Any], nbytes: int) -> Callable[[], Any]:
+    """Enough copies of a weight to add up to twice the last-level cache, handed out in turn, so each
+    timed call reads its weight from memory, as decoding a model does (its layers do not fit)."""
+    copies = [make() for _ in range(max(1, min(8, -(-2 * _llc_bytes() // max(nbytes, 1)))))]
+    turn = iter(range(1 << 62))
+    return lambda: copies[next(turn) % len(copies)]
+
+
+def _lora_probe_weights(dtype: torch.dtype, k: int = 2048, n: int = 4096, r: int = 16):
+    g = torch.Generator().manual_seed(0)
+    w = _cold_copies(lambda: (torch.randn(n, k, generator=g) * 0.02).to(dtype), n * k * dtype.itemsize)
+    a = (torch.randn(r, k, generator=g) * 0.02).to(dtype)
+    b = (torch.randn(n, r, generator=g) * 0.02).to(dtype)
+    return g, w, a, b, k, n
+
+
+def _probe_fused(dtype: torch.dtype) -> tuple[int, dict]:
+    from . import lora
+
+    g, weights, a, b, k, _ = _lora_probe_weights(dtype)
+
+    def call(m: int, limit: int):
+        x = torch.randn(m, k, generator=g).to(dtype)
+
+        def run():
+            with _pinned("CPU_FUSED_MAX_M", {dtype: limit}):
+                return lora._forward_native(x, weights(), None, a, b, 2.0, None)
+
+        return run
+
+    return _crossover([1, 16, 64, 256], lambda m: call(m, UNBOUNDED), lambda m: call(m, 0))
+
+
+def _probe_input_grad(dtype: torch.dtype) -> tuple[int, dict]:
+    from . import lora
+
+    g, weights, a, _, _, n = _lora_probe_weights(dtype)
+
+    def call(m: int, limit: int):
+        dy = torch.randn(m, n, generator=g).to(dtype)
+        gg = torch.randn(m, a.shape[0], generator=g)
+
+        def run():
+            with _pinned("CPU_INPUT_GRAD_MAX_M", {dtype: limit}):
+                return lora._backward_input_native(dy, weights(), gg, a)
+
+        return run
+
+    return _crossover([1, 4, 8, 16, 32], lambda m: call(m, UNBOUNDED), lambda m: call(m, 0))
+
+
+def _nf4_probe_weights(k: int = 4096, n: int = 4096):
+    import lowrank
+
+    g = torch.Generator().manual_seed(0)
+
+    def make():
+        st = lowrank.quantize_nf4(torch.randn(n, k, generator=g) * 0.02)
+        return (st["codes"], st["absmax"], st["absmax2"], st["code2"], st["offset"], [n, k], 64, 256)
+
+    return g, _cold_copies(make, n * k // 2), k, n
+
+
+def _probe_nf4_fused() -> tuple[int, dict]:
+    from . import nf4
+
+    g, weights, k, _ = _nf4_probe_weights()
+
+    def call(m: int, limit: int):
+        x = torch.randn(m, k, generator=g)
+
+        def run():
+            with _pinned("NF4_CPU_FUSED_MAX_M", limit):
+                return nf4._forward_native(x, *weights(), None, None, None, 1.0, None)
+
+        return run
+
+    return _crossover([1, 16, 64, 256], lambda m: call(m, UNBOUNDED), lambda m: call(m, 0))
+
+
+def _probe_nf4_input_grad() -> tuple[int, dict]:
+    from . import nf4
+
+    g, weights, _, n = _nf4_probe_weights()
+
+    def call(m: int, limit: int):
+        dy = torch.randn(m, n, generator=g)
+
+        def run():
+            with _pinned("NF4_CPU_INPUT_GRAD_MAX_M", limit):
+                return nf4._backward_input_native(dy, *weights(), None, None)
+
+        return run
+
+    return _crossover([1, 2, 4, 8, 16], lambda m: call(m, UNBOUNDED), lambda m: call(m, 0))
+
+
+_PROBES: dict[str, Callable[[], tuple[Any, dict]]] = {
+    "cpu_bf16_gemm": _probe_bf16_gemm,
+    "cpu_fused_max_m/float32": lambda: _probe_fused(torch.float32),
+    "cpu_fused_max_m/bfloat16": lambda: _probe_fused(torch.bfloat16),
+    "cpu_input_grad_max_m/float32": lambda: _probe_input_grad(torch.float32),
+    "cpu_input_grad_max_m/bfloat16": lambda: _probe_input_grad(torch.bfloat16),
+    "nf4_cpu_fused_max_m": _probe_nf4_fused,
+    "nf4_cpu_input_grad_max_m": _probe_nf4_input_grad,
+}

@@ -1,0 +1,131 @@
+"""Code paths chosen by measurement (ops/_dispatch.py): decisions are measured, cached per process
+and on disk under a key of what they depend on, shown by lowrank.info(), and every value a decision
+can take gives the same numbers (the paths are interchangeable; only their speed differs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lowrank
+from lowrank.ops import _dispatch, _gemm, _runtime
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """This process's decisions forgotten, the disk cache in tmp_path; restored afterwards."""
+    saved = dict(_dispatch._decisions)
+    _dispatch.reset()
+    monkeypatch.setenv("LOWRANK_CACHE_DIR", str(tmp_path))
+    yield tmp_path
+    _dispatch.reset()
+    _dispatch._decisions.update(saved)
+
+
+def test_decisions_are_measured_and_cached_on_disk(fresh, monkeypatch):
+    monkeypatch.setenv("LOWRANK_CALIBRATION", "disk")
+    calls = []
+    real = _dispatch._PROBES["cpu_bf16_gemm"]
+    monkeypatch.setitem(_dispatch._PROBES, "cpu_bf16_gemm", lambda: calls.append(1) or real())
+    value = _dispatch.decide("cpu_bf16_gemm")
+    assert value in ("native", "widen") and calls == [1]
+    d = _dispatch.report()["cpu_bf16_gemm"]
+    assert d["source"] == "measured" and set(next(iter(d["timings_ms"].values()))) == {"native", "widen"}
+    # the same process asks again: no new measurement
+    assert _dispatch.decide("cpu_bf16_gemm") == value and calls == [1]
+    # a new process (simulated): read from disk, not measured
+    _dispatch.reset()
+    assert _dispatch.decide("cpu_bf16_gemm") == value and calls == [1]
+    assert _dispatch.report()["cpu_bf16_gemm"]["source"] == "disk cache"
+    data = json.loads((fresh / "calibration.json").read_text())
+    assert list(data) == [_dispatch.cache_key()]
+    for part in ("lowrank", "torch", "isa", "threads"):
+        assert part in _dispatch.cache_key()
+
+
+def test_cache_is_keyed_by_threads(fresh, monkeypatch):
+    monkeypatch.setenv("LOWRANK_CALIBRATION", "disk")
+    monkeypatch.setitem(_dispatch._PROBES, "cpu_bf16_gemm", lambda: ("widen", {"probe": 1}))
+    _dispatch.decide("cpu_bf16_gemm")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads != 1 else 2)
+        _dispatch.reset()
+        monkeypatch.setitem(_dispatch._PROBES, "cpu_bf16_gemm", lambda: ("native", {"probe": 2}))
+        assert _dispatch.decide("cpu_bf16_gemm") == "native"  # another key: measured again
+    finally:
+        torch.set_num_threads(threads)
+    assert len(json.loads((fresh / "calibration.json").read_text())) == 2
+
+
+def test_corrupt_cache_file_is_measured_over(fresh, monkeypatch):
+    monkeypatch.setenv("LOWRANK_CALIBRATION", "disk")
+    (fresh / "calibration.json").write_text("{not json")
+    monkeypatch.setitem(_dispatch._PROBES, "cpu_bf16_gemm", lambda: ("widen", {}))
+    assert _dispatch.decide("cpu_bf16_gemm") == "widen"
+    assert _dispatch.cache_key() in json.loads((fresh / "calibration.json").read_text())
+
+
+def test_off_and_process_modes(fresh, monkeypatch):
+    monkeypatch.setenv("LOWRANK_CALIBRATION", "off")
+    for name, default in _dispatch.DEFAULTS.items():
+        assert _dispatch.decide(name) == default
+    assert all("off" in d["source"] for d in _dispatch.report().values())
+    _dispatch.reset()
+    monkeypatch.setenv("LOWRANK_CALIBRATION", "process")
+    monkeypatch.setitem(_dispatch._PROBES, "nf4_cpu_input_grad_max_m", lambda: (4, {}))
+    assert _dispatch.decide("nf4_cpu_input_grad_max_m") == 4
+    assert not (fresh / "calibration.json").exists()
+    monkeypatch.setenv("LOWRANK_CALIBRATION", "sometimes")
+    _dispatch.reset()
+    with pytest.raises(ValueError, match="LOWRANK_CALIBRATION"):
+        _dispatch.decide("cpu_bf16_gemm")
+    with pytest.raises(KeyError, match="unknown dispatch decision"):
+        monkeypatch.setenv("LOWRANK_CALIBRATION", "process")
+        _dispatch.decide("nope")
+
+
+def test_crossover_rule():
+    fast, slow = (lambda: None), (lambda: sum(range(20000)))
+    # fused wins at every probe: no limit
+    assert _dispatch._crossover([1, 2], lambda m: fast, lambda m: slow)[0] == _dispatch.UNBOUNDED
+    # fused loses at the first probe: nothing runs fused
+    assert _dispatch._crossover([1, 2], lambda m: slow, lambda m: fast)[0] == 0
+    # fused wins up to 2, loses at 4
+    limit, timings = _dispatch._crossover([1, 2, 4], lambda m: fast if m < 4 else slow, lambda m: slow if m < 4 else fast)
+    assert limit == 2 and set(timings) == {"1", "2", "4"}
+
+
+def test_info_shows_decisions(fresh, monkeypatch):
+    monkeypatch.setenv("LOWRANK_CALIBRATION", "process")
+    monkeypatch.setitem(_dispatch._PROBES, "cpu_bf16_gemm", lambda: ("native", {"x": {"native": 1.0, "widen": 2.0}}))
+    _dispatch.decide("cpu_bf16_gemm")
+    report = lowrank.info()
+    assert report["dispatch"]["cpu_bf16_gemm"] == "native"
+    assert report["dispatch_timings_ms"]["cpu_bf16_gemm"] == {"x": {"native": 1.0, "widen": 2.0}}
+    assert report["calibration"] == "process" and "threads" in report["calibration_key"]
+
+
+@pytest.mark.parametrize("choice", ["native", "widen"])
+def test_bf16_gemm_choice_gives_the_same_contract(fresh, monkeypatch, choice):
+    """Either choice keeps fp32 accumulation: the LoRA and NF4 many-token bf16 paths stay within the
+    dtype's precision of the float64 answer whatever the machine measured."""
+    monkeypatch.setitem(_dispatch._decisions, "cpu_bf16_gemm", _dispatch.Decision(choice, "pinned"))
+    assert _gemm.cpu_bf16_gemm_native() == (choice == "native")
+    monkeypatch.setattr(_runtime, "CPU_FUSED_MAX_M", {torch.bfloat16: 0, torch.float32: 0})
+    monkeypatch.setattr(_runtime, "NF4_CPU_FUSED_MAX_M", 0)
+    torch.manual_seed(0)
+    x = torch.randn(40, 96).bfloat16()
+    dense = torch.nn.Linear(96, 72)
+    for layer in (lowrank.LoRALinear.from_linear(torch.nn.Linear(96, 72).bfloat16(), r=4),
+                  lowrank.QLoRALinear.from_linear(dense, r=4, compute_dtype=torch.bfloat16)):  # fmt: skip
+        with torch.no_grad():
+            layer.lora_B.weight.normal_(0, 0.1)
+            y = layer(x)
+            w = layer.weight.double() if isinstance(layer, lowrank.LoRALinear) else layer.dequantize(torch.float32).double()
+            exact = x.double() @ w.t() + layer.bias.double() + layer.scaling * (
+                x.double() @ layer.lora_A.weight.double().t()) @ layer.lora_B.weight.double().t()
+        err = (y.double() - exact).abs().max().item()
+        assert err <= 2**-7 * exact.abs().max().item(), (type(layer).__name__, err)
