@@ -26,6 +26,7 @@ def fresh(monkeypatch, tmp_path):
 
 def test_decisions_are_measured_and_cached_on_disk(fresh, monkeypatch):
     monkeypatch.setenv("LOWRANK_CALIBRATION", "disk")
+    monkeypatch.setattr(_dispatch, "_steadiness_ms", lambda: 1.0)  # a quiet machine (see the busy test)
     calls = []
     real = _dispatch._PROBES["cpu_bf16_gemm"]
     monkeypatch.setitem(_dispatch._PROBES, "cpu_bf16_gemm", lambda: calls.append(1) or real())
@@ -68,6 +69,16 @@ def test_corrupt_cache_file_is_measured_over(fresh, monkeypatch):
     assert _dispatch.cache_key() in json.loads((fresh / "calibration.json").read_text())
 
 
+def test_busy_machine_decisions_are_not_cached(fresh, monkeypatch):
+    monkeypatch.setenv("LOWRANK_CALIBRATION", "disk")
+    times = iter([1.0] * 5 + [5.0] * 5)  # the steadiness workload got 5x slower meanwhile
+    monkeypatch.setattr(_dispatch, "_steadiness_ms", lambda: next(times))
+    monkeypatch.setitem(_dispatch._PROBES, "cpu_bf16_gemm", lambda: ("widen", {}))
+    assert _dispatch.decide("cpu_bf16_gemm") == "widen"
+    assert "busy" in _dispatch.report()["cpu_bf16_gemm"]["source"]
+    assert not (fresh / "calibration.json").exists()
+
+
 def test_off_and_process_modes(fresh, monkeypatch):
     monkeypatch.setenv("LOWRANK_CALIBRATION", "off")
     for name, default in _dispatch.DEFAULTS.items():
@@ -89,8 +100,8 @@ def test_off_and_process_modes(fresh, monkeypatch):
 
 def test_crossover_rule():
     fast, slow = (lambda: None), (lambda: sum(range(20000)))
-    # fused wins at every probe: no limit
-    assert _dispatch._crossover([1, 2], lambda m: fast, lambda m: slow)[0] == _dispatch.UNBOUNDED
+    # fused wins at every probe: up to the largest probe (nothing beyond it is assumed)
+    assert _dispatch._crossover([1, 2], lambda m: fast, lambda m: slow)[0] == 2
     # fused loses at the first probe: nothing runs fused
     assert _dispatch._crossover([1, 2], lambda m: slow, lambda m: fast)[0] == 0
     # fused wins up to 2, loses at 4

@@ -17,9 +17,10 @@ measurement on first use, of the two candidate paths on one probe shape, interle
 - ``nf4_cpu_fused_max_m`` / ``nf4_cpu_input_grad_max_m``: the NF4 fused dequant kernels (4096 ×
   4096) against dequantizing tile by tile for the GEMM; M = 1, 16, 64, 256 and 1, 2, 4, 8, 16.
 
-A decision is the largest probed M at which the fused path won every probe up to it (a win at the
-largest probe means no limit: the kernel won everywhere it was tried); the timings that made it are
-kept and shown by ``lowrank.info()``. Decisions are cached per process and, by default, on disk
+A decision is the largest probed M at which the fused path won every probe up to it (never more than
+the largest probe); the timings that made it are kept and shown by ``lowrank.info()``. A fixed
+small GEMM is timed before and after each probe: when it changed by more than ``STEADY_RATIO``,
+something else had the machine, and the decision is used by this process but not cached. Decisions are cached per process and, by default, on disk
 (``$LOWRANK_CACHE_DIR`` or ``~/.cache/lowrank``, ``calibration.json``), keyed by what they depend on:
 lowrank's and torch's versions, the CPU kernel variant, the thread count and the CPU model.
 ``LOWRANK_CALIBRATION=process`` measures without the disk cache; ``off`` uses the conservative
@@ -41,6 +42,7 @@ from typing import Any, Callable, Optional
 import torch
 
 UNBOUNDED = 1 << 62
+STEADY_RATIO = 1.3  # the steadiness workload's time may change this much across a probe and be cached
 
 # What runs when calibration is off: the fused kernels where they were written for (few tokens),
 # widened bf16 GEMMs (never slower than fp32 GEMM).
@@ -174,10 +176,15 @@ def _make(name: str) -> Decision:
         cached = _read_cache().get(name)
         if isinstance(cached, dict) and "value" in cached:
             return Decision(cached["value"], "disk cache", 0.0, cached.get("timings_ms", {}))
+    before = min(_steadiness_ms() for _ in range(5))
     start = time.perf_counter()
     value, timings = _PROBES[name]()
-    d = Decision(value, "measured", round(time.perf_counter() - start, 3), timings)
-    if how == "disk":
+    seconds = round(time.perf_counter() - start, 3)
+    after = min(_steadiness_ms() for _ in range(5))
+    # Another job on the machine skews a probe; such a decision holds for this process only.
+    steady = max(before, after) <= STEADY_RATIO * min(before, after)
+    d = Decision(value, "measured" if steady else "measured while the machine was busy (not cached)", seconds, timings)
+    if how == "disk" and steady:
         _write_cache(name, d)
     return d
 
@@ -203,15 +210,27 @@ def _interleaved_ms(calls: dict[str, Callable[[], Any]], rounds: int = 5) -> dic
 
 
 def _crossover(ms: list[int], fused: Callable[[int], Callable], other: Callable[[int], Callable]) -> tuple[int, dict]:
-    """Largest probed M where ``fused`` beat ``other`` at it and every smaller probe."""
+    """Largest probed M where ``fused`` beat ``other`` at it and every smaller probe (never beyond the
+    largest probe: what was not measured is not assumed)."""
     limit, timings = 0, {}
     for m in ms:
         t = _interleaved_ms({"fused": fused(m), "gemm": other(m)})
         timings[str(m)] = t
         if t["fused"] > t["gemm"]:
-            return limit, timings
+            break
         limit = m
-    return UNBOUNDED, timings
+    return limit, timings
+
+
+def _steadiness_ms() -> float:
+    """A fixed small workload (fp32 GEMMs), timed: run before and after a probe, a change tells that
+    something else took the machine meanwhile."""
+    a = torch.ones(256, 256)
+    torch.mm(a, a)  # warm: threads awake, buffers allocated
+    t = time.perf_counter()
+    for _ in range(8):
+        torch.mm(a, a)
+    return 1e3 * (time.perf_counter() - t)
 
 
 class _pinned:
