@@ -140,3 +140,38 @@ def test_bf16_gemm_choice_gives_the_same_contract(fresh, monkeypatch, choice):
                 x.double() @ layer.lora_A.weight.double().t()) @ layer.lora_B.weight.double().t()
         err = (y.double() - exact).abs().max().item()
         assert err <= 2**-7 * exact.abs().max().item(), (type(layer).__name__, err)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: lowrank.LoRALinear(67, 41, r=4),
+    lambda: lowrank.VeRALinear(67, 41, r=8),
+    lambda: lowrank.QLoRALinear(128, 41, r=4),
+], ids=["lora", "vera", "qlora"])  # fmt: skip
+def test_eager_direct_calls_match_the_op_registry(monkeypatch, make):
+    """ops/_direct.py: eager calls skip torch.library's dispatch and Function.apply's argument binding;
+    they must give the same bits as going through the registry."""
+    from lowrank.ops import _direct
+
+    torch.manual_seed(0)
+    layer = make()
+    with torch.no_grad():
+        for name, p in layer.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    x = torch.randn(5, layer.in_features)
+
+    def run():
+        xx = x.clone().requires_grad_()
+        y = layer(xx)
+        y.square().sum().backward()
+        grads = [xx.grad] + [p.grad.clone() for p in layer.parameters() if p.requires_grad]
+        layer.zero_grad()
+        with torch.no_grad():
+            return [y.detach(), layer(x)] + grads
+
+    direct = run()
+    monkeypatch.setattr(_direct, "ok", lambda t: False)
+    monkeypatch.setattr(_direct, "apply", lambda function, *args: function.apply(*args))
+    registry = run()
+    for a, b in zip(direct, registry, strict=True):
+        assert torch.equal(a, b)

@@ -1,6 +1,7 @@
 """``torch.autograd.Function``s, one per method. Forward and backward call registered ops
-(``torch.ops.lowrank.*``) only, never the extension directly; the derivative formulas live next to
-the ops (lowrank/ops/*.py), which carry the same formulas for direct op users."""
+(``torch.ops.lowrank.*``), never the extension directly — in eager mode the ops' own kernel functions,
+without the registry's dispatch (ops/_direct.py); the derivative formulas live next to the ops
+(lowrank/ops/*.py), which carry the same formulas for direct op users."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .ops import _direct
 from .ops import lora as _lora
 from .ops import nf4 as _nf4
 from .ops import vera as _vera
@@ -31,7 +33,8 @@ class LoRALinearFunction(torch.autograd.Function):
         scale: float,
         adapter_input: Optional[Tensor],
     ):
-        return torch.ops.lowrank.lora_linear_forward(x, weight, bias, lora_a, lora_b, scale, adapter_input)
+        op = _lora._forward_native if _direct.ok(x) else torch.ops.lowrank.lora_linear_forward
+        return op(x, weight, bias, lora_a, lora_b, scale, adapter_input)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -54,7 +57,8 @@ class NF4LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(x, codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2, bias, lora_a, lora_b, scale,
                 adapter_input):  # fmt: skip
-        return torch.ops.lowrank.nf4_linear_forward(
+        op = _nf4._forward_native if _direct.ok(x) else torch.ops.lowrank.nf4_linear_forward
+        return op(
             x, codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2, bias, lora_a, lora_b, scale,
             adapter_input,
         )  # fmt: skip
@@ -89,7 +93,8 @@ class VeRALinearFunction(torch.autograd.Function):
         lambda_b: Tensor,
         adapter_input: Optional[Tensor],
     ):
-        return torch.ops.lowrank.vera_linear_forward(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input)
+        op = _vera._forward_native if _direct.ok(x) else torch.ops.lowrank.vera_linear_forward
+        return op(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -30,6 +30,9 @@ from ..autograd import LoRALinearFunction, VeRALinearFunction
 from ..layers.lora import LoRAAdapter
 from ..layers.nf4 import NF4Linear
 from ..layers.vera import SharedProjections, _has_dense_weight
+from ..ops import _direct
+from ..ops import lora as _lora_ops
+from ..ops import vera as _vera_ops
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 BASE_ONLY = "__base__"
@@ -100,8 +103,8 @@ class LoRA(LoRAAdapter, nn.Module):
         if layer.kind == "linear":
             args = (x, base.weight, base.bias, a, b, self.scaling, adapter_input)
             if torch.is_grad_enabled():
-                return LoRALinearFunction.apply(*args)[0]
-            return torch.ops.lowrank.lora_linear_forward(*args)[0]
+                return _direct.apply(LoRALinearFunction, *args)[0]
+            return (_lora_ops._forward_native if _direct.ok(x) else torch.ops.lowrank.lora_linear_forward)(*args)[0]
         y = base(x)
         xa = x if adapter_input is None else adapter_input
         return y + (F.linear(F.linear(xa.to(a.dtype), a), b) * self.scaling).to(y.dtype)
@@ -151,9 +154,9 @@ class VeRA(SharedProjections, nn.Module):
         weight, bias = (base.weight, base.bias) if fused else (None, None)
         args = (x, weight, bias, vera_a, vera_b, self.vera_lambda_d, self.vera_lambda_b, adapter_input)
         if torch.is_grad_enabled():
-            y = VeRALinearFunction.apply(*args)[0]
+            y = _direct.apply(VeRALinearFunction, *args)[0]
         else:
-            y = torch.ops.lowrank.vera_linear_forward(*args)[0]
+            y = (_vera_ops._forward_native if _direct.ok(x) else torch.ops.lowrank.vera_linear_forward)(*args)[0]
         return y if fused else y_base + y
 
     def file_tensors(self) -> dict[str, Tensor]:

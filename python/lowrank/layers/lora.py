@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..autograd import LoRALinearFunction
+from ..ops import _direct
+from ..ops import lora as _lora_ops
 
 
 class LoRAFactor(nn.Module):
@@ -168,9 +170,9 @@ class LoRALinear(LoRAAdapter, nn.Module):
             adapter_input = self.lora_dropout(x)
         args = (x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, adapter_input)
         if torch.is_grad_enabled():
-            y, _ = LoRALinearFunction.apply(*args)
-        else:  # inference: the op itself, without the autograd.Function's ~80 us of Python per call
-            y, _ = torch.ops.lowrank.lora_linear_forward(*args)
+            y, _ = _direct.apply(LoRALinearFunction, *args)
+        else:  # inference: the op's kernel itself, without the autograd.Function (ops/_direct.py)
+            y, _ = (_lora_ops._forward_native if _direct.ok(x) else torch.ops.lowrank.lora_linear_forward)(*args)
         return y
 
     def extra_repr(self) -> str:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..autograd import NF4LinearFunction
+from ..ops import _direct
 from ..ops import nf4 as _ops
 from .lora import LoRAAdapter
 
@@ -218,9 +219,9 @@ class NF4Linear(nn.Module):
             lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
         args = (x, *self.weight_args(), bias, lora_a, lora_b, scale, adapter_input)
         if torch.is_grad_enabled():
-            y, _ = NF4LinearFunction.apply(*args)
+            y, _ = _direct.apply(NF4LinearFunction, *args)
         else:
-            y, _ = torch.ops.lowrank.nf4_linear_forward(*args)
+            y, _ = (_ops._forward_native if _direct.ok(x) else torch.ops.lowrank.nf4_linear_forward)(*args)
         return y if y.dtype == in_dtype else y.to(in_dtype)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -26,6 +26,8 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..autograd import VeRALinearFunction
+from ..ops import _direct
+from ..ops import vera as _vera_ops
 
 _PROJECTION_NAMES = ("vera_A", "vera_B")
 _VECTOR_NAMES = ("vera_lambda_d", "vera_lambda_b")
@@ -318,9 +320,9 @@ class VeRALinear(SharedProjections, nn.Module):
             base_out = self.base_layer(x)
         args = (x, self.weight, self.bias, vera_a, vera_b, self.vera_lambda_d, self.vera_lambda_b, adapter_input)
         if torch.is_grad_enabled():
-            y, _ = VeRALinearFunction.apply(*args)
+            y, _ = _direct.apply(VeRALinearFunction, *args)
         else:  # inference: the op itself, without the autograd.Function's Python overhead
-            y, _ = torch.ops.lowrank.vera_linear_forward(*args)
+            y, _ = (_vera_ops._forward_native if _direct.ok(x) else torch.ops.lowrank.vera_linear_forward)(*args)
         return y if base_out is None else base_out + y
 
     def extra_repr(self) -> str:

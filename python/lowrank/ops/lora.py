@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .. import _C
 from .._validate import check_tensor, cuda_stream, last_dim_contiguous, matrix, optional_matrix
-from . import _gemm, _runtime
+from . import _direct, _gemm, _runtime
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _CPU_NATIVE = (torch.float32, torch.bfloat16)
@@ -393,12 +393,14 @@ def forward_backward(ctx, grad_y: Tensor, _grad_u: Optional[Tensor]):
     grad_x = grad_w = grad_bias = grad_a = grad_b = grad_xa = None
     g = None
     if need_a or need_b or need_x or need_xa:
-        grad_a, grad_b, g = torch.ops.lowrank.lora_linear_backward_adapter(grad_y, xa, u, lora_a, lora_b, ctx.scale)
+        backward_adapter = _backward_adapter_native if _direct.ok(grad_y) else torch.ops.lowrank.lora_linear_backward_adapter
+        grad_a, grad_b, g = backward_adapter(grad_y, xa, u, lora_a, lora_b, ctx.scale)
     if need_x:
+        backward_input = _backward_input_native if _direct.ok(grad_y) else torch.ops.lowrank.lora_linear_backward_input
         if ctx.has_dropout:  # the adapter's gradient flows to dropout(x), not to x directly
-            grad_x = torch.ops.lowrank.lora_linear_backward_input(grad_y, weight, None, None)
+            grad_x = backward_input(grad_y, weight, None, None)
         else:
-            grad_x = torch.ops.lowrank.lora_linear_backward_input(grad_y, weight, g, lora_a)
+            grad_x = backward_input(grad_y, weight, g, lora_a)
     if need_xa and ctx.has_dropout:
         grad_xa = (g @ lora_a.float()).to(xa.dtype)
     n, k = weight.shape

@@ -37,7 +37,8 @@ from torch import Tensor
 
 from .. import _C
 from .._validate import check_tensor, cuda_stream, last_dim_contiguous, matrix, optional_matrix
-from . import _gemm, _runtime
+from . import _direct, _gemm, _runtime
+from . import lora as _lora
 from .lora import _fused_rows, check_adapter_grad
 
 NF4_TABLE = (
@@ -674,11 +675,14 @@ def forward_backward(ctx, grad_y: Tensor, _grad_u: Optional[Tensor]):
     grad_y = grad_y.contiguous()
     grad_x = grad_bias = grad_a = grad_b = grad_xa = None
     g = None
+    direct = _direct.ok(grad_y)
     if ctx.has_adapter and (need_a or need_b or need_x or need_xa):
-        grad_a, grad_b, g = torch.ops.lowrank.lora_linear_backward_adapter(grad_y, xa, u, lora_a, lora_b, ctx.scale)
+        backward_adapter = _lora._backward_adapter_native if direct else torch.ops.lowrank.lora_linear_backward_adapter
+        grad_a, grad_b, g = backward_adapter(grad_y, xa, u, lora_a, lora_b, ctx.scale)
     if need_x:
         through_adapter = g is not None and not ctx.has_dropout
-        grad_x = torch.ops.lowrank.nf4_linear_backward_input(
+        backward_input = _backward_input_native if direct else torch.ops.lowrank.nf4_linear_backward_input
+        grad_x = backward_input(
             grad_y, *wargs, g if through_adapter else None, lora_a if through_adapter else None
         )
     if need_xa and ctx.has_dropout:

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from .._validate import check_tensor, last_dim_contiguous
-from . import _gemm, _runtime
+from . import _direct, _gemm, _runtime
 from . import lora as _lora
 
 _FLOATS = _lora._FLOATS
@@ -289,13 +289,16 @@ def forward_backward(ctx, grad_y: Tensor, _grad_h: Optional[Tensor]):
     grad_x = grad_w = grad_bias = grad_d = grad_b = grad_xa = None
     g = None
     if need_d or need_b or need_x or need_xa:
-        grad_d, grad_b, g = torch.ops.lowrank.vera_linear_backward_adapter(grad_y, h, vera_b, lambda_d, lambda_b)
+        backward_adapter = _backward_adapter_native if _direct.ok(grad_y) else torch.ops.lowrank.vera_linear_backward_adapter
+        grad_d, grad_b, g = backward_adapter(grad_y, h, vera_b, lambda_d, lambda_b)
     adapter_grad_to_x = need_x and not ctx.has_dropout
     if need_x and weight is not None:
+        backward_input = (_lora._backward_input_native if _direct.ok(grad_y)
+                          else torch.ops.lowrank.lora_linear_backward_input)  # fmt: skip
         if ctx.has_dropout:  # the adapter's gradient flows to dropout(x), not to x directly
-            grad_x = torch.ops.lowrank.lora_linear_backward_input(grad_y, weight, None, None)
+            grad_x = backward_input(grad_y, weight, None, None)
         else:
-            grad_x = torch.ops.lowrank.lora_linear_backward_input(grad_y, weight, g, vera_a)
+            grad_x = backward_input(grad_y, weight, g, vera_a)
     elif adapter_grad_to_x:  # no dense weight: the base layer's own autograd adds grad_y W
         grad_x = (g @ vera_a.to(g.dtype)).to(ctx.x_dtype).reshape(ctx.x_shape)
     if need_xa and ctx.has_dropout:
