@@ -112,9 +112,6 @@ class LoRA(LoRAAdapter, nn.Module):
     def file_tensors(self) -> dict[str, Tensor]:
         return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
 
-    def expected_file_shapes(self) -> dict[str, tuple]:
-        return {"lora_A.weight": (self.r, self.in_features), "lora_B.weight": (self.out_features, self.r)}
-
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}"
 
@@ -137,14 +134,6 @@ class VeRA(SharedProjections, nn.Module):
         self.vera_lambda_b = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
         self.vera_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def projection_slices(self) -> tuple[Tensor, Tensor]:
-        return self.vera_A[: self.r, : self.in_features], self.vera_B[: self.out_features, : self.r]
-
-    def delta_weight(self) -> Tensor:
-        vera_a, vera_b = self.projection_slices()
-        d, b = self.vera_lambda_d.float(), self.vera_lambda_b.float()
-        return (b[:, None] * vera_b.float()) @ (d[:, None] * vera_a.float())
-
     def forward(self, layer: "AdaptedLinear", x: Tensor) -> Tensor:
         adapter_input = _adapter_input(self.vera_dropout, x, self.training)
         vera_a, vera_b = self.projection_slices()
@@ -161,9 +150,6 @@ class VeRA(SharedProjections, nn.Module):
 
     def file_tensors(self) -> dict[str, Tensor]:
         return {"vera_lambda_d": self.vera_lambda_d, "vera_lambda_b": self.vera_lambda_b}
-
-    def expected_file_shapes(self) -> dict[str, tuple]:
-        return {"vera_lambda_d": (self.r,), "vera_lambda_b": (self.out_features,)}
 
     def extra_repr(self) -> str:
         return f"r={self.r}, in_features={self.in_features}, out_features={self.out_features}"

@@ -89,8 +89,20 @@ def _has_dense_weight(base: nn.Module) -> bool:
 
 
 class SharedProjections:
-    """Keeps the buffers ``vera_A``/``vera_B`` one pair across every module that holds them when the
-    model is converted (``.to()``, ``.cuda()``, ``.half()``): see ``_CONVERTED``."""
+    """A VeRA adapter's view of its shared pair (``vera_A``/``vera_B`` buffers, ``vera_lambda_d``/``_b``,
+    ``r``, ``in_features``, ``out_features`` on the module): the slices it uses, the dense update it
+    stands for, and one pair kept across every module holding it when the model is converted
+    (``.to()``, ``.cuda()``, ``.half()``; see ``_CONVERTED``)."""
+
+    def projection_slices(self) -> tuple[Tensor, Tensor]:
+        """``(A[:r, :in], B[:out, :r])``: views of the shared projections."""
+        return self.vera_A[: self.r, : self.in_features], self.vera_B[: self.out_features, : self.r]
+
+    def delta_weight(self) -> Tensor:
+        """``(b ⊙ B_s)(d ⊙ A_s)`` in fp32 (the dense update this adapter stands for)."""
+        vera_a, vera_b = self.projection_slices()
+        d, b = self.vera_lambda_d.float(), self.vera_lambda_b.float()
+        return (b[:, None] * vera_b.float()) @ (d[:, None] * vera_a.float())
 
     def _apply(self, fn, recurse=True):
         before = {name: self._buffers[name] for name in _PROJECTION_NAMES}
@@ -270,16 +282,6 @@ class VeRALinear(SharedProjections, nn.Module):
                         missing.remove(key)
 
     # ------------------------------------------------------------------------------------------
-    def projection_slices(self) -> tuple[Tensor, Tensor]:
-        """``(A[:r, :in], B[:out, :r])``: views of the shared projections."""
-        return self.vera_A[: self.r, : self.in_features], self.vera_B[: self.out_features, : self.r]
-
-    def delta_weight(self) -> Tensor:
-        """``(b ⊙ B_s)(d ⊙ A_s)`` in fp32 (the dense update this adapter stands for)."""
-        vera_a, vera_b = self.projection_slices()
-        d, b = self.vera_lambda_d.float(), self.vera_lambda_b.float()
-        return (b[:, None] * vera_b.float()) @ (d[:, None] * vera_a.float())
-
     def _dense_weight_or_raise(self, what: str) -> Tensor:
         if self.weight is None:
             raise TypeError(
