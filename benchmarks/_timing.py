@@ -81,3 +81,19 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int) -> di
         if gc_was_enabled:
             gc.enable()
     return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def interleaved_rounds_warmed_once(fns: dict[str, Callable[[], object]],
+                                   budget_s: float = INTERLEAVED_BUDGET_S) -> int:  # fmt: skip
+    """:func:`interleaved_rounds` for calls of seconds (a whole model's training step or generate): one
+    warm-up call per fn, not two, its time the estimate. A second warm call would cost as much as a
+    timed round, and such calls get MIN_ROUNDS from the budget anyway (a first call's one-time costs
+    only push the estimate further that way)."""
+    if QUICK:
+        return 1
+    seconds = 0.0
+    for fn in fns.values():
+        start = time.perf_counter()
+        fn()
+        seconds += time.perf_counter() - start
+    return rounds_within(budget_s, seconds)
