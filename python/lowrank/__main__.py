@@ -15,7 +15,7 @@ def main(argv=None) -> int:
     p_info = sub.add_parser("info", help="build and machine report")
     p_info.add_argument("--json", action="store_true", help="print JSON")
     p_info.add_argument("--no-calibrate", action="store_true",
-                        help="show only the code-path decisions already cached, measure nothing")
+                        help="show only the code-path decisions already taken or cached on disk; measure nothing")
     args = parser.parse_args(argv)
     if args.command == "info":
         from . import info
@@ -30,9 +30,10 @@ def main(argv=None) -> int:
                     continue
                 if isinstance(v, dict):
                     print(k)
+                    inner = max((len(name) for name in v), default=0)
                     for name, value in v.items():
                         shown = "no limit" if value == _UNBOUNDED else value
-                        print(f"  {name:<{width - 2}}  {shown}   (ms: {report['dispatch_timings_ms'].get(name)})")
+                        print(f"  {name:<{inner}}  {shown!s:<8}  ms: {report['dispatch_timings_ms'].get(name)}")
                 else:
                     print(f"{k:<{width}}  {v}")
     return 0

@@ -9,12 +9,13 @@ from . import _C
 
 def info(calibrate: bool = False) -> dict:
     """Version, torch version, CUDA build and devices, the CPU kernel variant chosen, threads, and the
-    code-path decisions this process has measured (``calibrate=True`` takes them all now; see
-    ``lowrank/ops/_dispatch.py``)."""
+    code-path decisions taken so far, by this process or cached on disk for this machine
+    (``calibrate=True`` takes them all now; see ``lowrank/ops/_dispatch.py``)."""
     from .ops import _dispatch
 
     if calibrate:
         _dispatch.calibrate()
+    decisions = _dispatch.report(include_disk=True)
     b = _C.build_info()
     gpu_usable = bool(b["cuda_compiled"]) and torch.cuda.is_available() and b["cuda_device_count"] > 0
     return {
@@ -32,6 +33,6 @@ def info(calibrate: bool = False) -> dict:
         "threads": torch.get_num_threads(),
         "calibration": _dispatch.mode(),
         "calibration_key": _dispatch.cache_key(),
-        "dispatch": {name: d["value"] for name, d in _dispatch.report().items()},
-        "dispatch_timings_ms": {name: d["timings_ms"] for name, d in _dispatch.report().items()},
+        "dispatch": {name: d["value"] for name, d in decisions.items()},
+        "dispatch_timings_ms": {name: d["timings_ms"] for name, d in decisions.items()},
     }

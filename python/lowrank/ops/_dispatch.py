@@ -89,9 +89,16 @@ def decide(name: str) -> Any:
     return d.value
 
 
-def report() -> dict:
-    """The decisions taken so far: value, where it came from, and the timings that chose it."""
-    return {name: asdict(d) for name, d in sorted(_decisions.items())}
+def report(include_disk: bool = False) -> dict:
+    """The decisions taken so far: value, where it came from, and the timings that chose it
+    (``include_disk``: also those the disk cache holds for this machine and this process has not
+    needed yet)."""
+    out = {name: asdict(d) for name, d in _decisions.items()}
+    if include_disk and mode() == "disk":
+        for name, cached in _read_cache().items():
+            if name not in out and name in DEFAULTS and isinstance(cached, dict) and "value" in cached:
+                out[name] = asdict(Decision(cached["value"], "disk cache", 0.0, cached.get("timings_ms", {})))
+    return dict(sorted(out.items()))
 
 
 def calibrate(names: Optional[list[str]] = None) -> dict:
