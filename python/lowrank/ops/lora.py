@@ -219,6 +219,19 @@ def _fused_rows(out, x, w, bias, v, e, scale, col_scale=None, v_scale=None, *, n
         _C.lora_rows_cpu(*args, _runtime.num_threads())
 
 
+def down_projection(xa_in: Tensor, a: Tensor, x_dtype: torch.dtype, names=("lora_a", "u", "lora_b")) -> Tensor:
+    """``u = x_a aᵀ`` ([M, r], fp32) for the fused paths. On the CPU x_a is fp32 already and torch's fp32
+    GEMM does this small product faster than a row-kernel launch (576 → r=16, M=1: 3 vs 7 µs); on CUDA
+    the row kernel reads x_a in a's dtype."""
+    if xa_in.device.type == "cpu":
+        return torch.mm(xa_in, (a if a.dtype == torch.float32 else a.float()).t())
+    if a.dtype != x_dtype:
+        xa_in = xa_in.to(a.dtype)
+    u = _runtime.empty(xa_in.shape[0], a.shape[0], dtype=torch.float32, device=xa_in.device)
+    _fused_rows(u, xa_in, a, None, None, None, 1.0, names=names)
+    return u
+
+
 def _use_fused(x: Tensor, m: int) -> bool:
     if x.device.type == "cpu":
         return x.dtype in _CPU_NATIVE and m <= _runtime.cpu_fused_max_m(x.dtype)
@@ -243,10 +256,7 @@ def _forward_native(x, weight, bias, lora_a, lora_b, scale, adapter_input):
         cpu = x.device.type == "cpu"
         x_in = x2.float() if cpu else x2
         xa_in = x_in if adapter_input is None else (xa2.float() if cpu else xa2)
-        u = _runtime.empty(m, r, dtype=torch.float32, device=x.device)
-        if not cpu and lora_a.dtype != x.dtype:  # CUDA row kernel reads x in w's dtype
-            xa_in = xa_in.to(lora_a.dtype)
-        _fused_rows(u, xa_in, lora_a, None, None, None, 1.0)
+        u = down_projection(xa_in, lora_a, x.dtype)
         y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
         _fused_rows(y, x_in, weight, bias, u, lora_b, scale)
     else:

@@ -525,10 +525,7 @@ def _forward_native(x, codes, absmax, absmax2, code2, offset, shape, blocksize, 
         u = None
         if lora_a is not None:
             xa_in = x_in if adapter_input is None else (xa2.float() if cpu else xa2)
-            if not cpu and lora_a.dtype != x.dtype:
-                xa_in = xa_in.to(lora_a.dtype)
-            u = _runtime.empty(m, r, dtype=torch.float32, device=x.device)
-            _fused_rows(u, xa_in, lora_a, None, None, None, 1.0)
+            u = _lora.down_projection(xa_in, lora_a, x.dtype)
         y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
         args = (matrix("out", y), matrix("x", x_in), w, optional_matrix("bias", bias), optional_matrix("u", u),
                 optional_matrix("lora_b", lora_b), float(scale))  # fmt: skip

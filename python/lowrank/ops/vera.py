@@ -196,10 +196,7 @@ def _forward_native(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter
         # CPU kernels read fp32 activations (M*K, small here); the CUDA kernel reads x in w's dtype.
         x_in = x2.float() if cpu else x2
         xa_in = x_in if adapter_input is None else (xa2.float() if cpu else xa2)
-        if not cpu and vera_a.dtype != x.dtype:
-            xa_in = xa_in.to(vera_a.dtype)
-        h = _runtime.empty(m, r, dtype=torch.float32, device=x.device)
-        _lora._fused_rows(h, xa_in, vera_a, None, None, None, 1.0, names=("vera_a", "h", "vera_b"))
+        h = _lora.down_projection(xa_in, vera_a, x.dtype, names=("vera_a", "h", "vera_b"))
         y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
         if weight is None:
             # Adapter term only: the row kernel with an empty base product (K = 0).
