@@ -297,19 +297,23 @@ def _base_after_adapter(x2, weight, bias, u, e, scale):
     and bias summed first in one 16-bit GEMM with fp32 accumulation, then the base GEMM accumulated
     onto it (addmm's C enters the fp32 accumulator), so the large sum is rounded once."""
     dtype = x2.dtype
-    us_hi, us_lo = _split_16bit(u * scale if scale != 1.0 else u, dtype)  # s folded in while still fp32
-    if e.dtype == dtype:
-        left, right = torch.cat([us_hi, us_lo], 1), torch.cat([e, e], 1)
-    else:
-        e_hi, e_lo = _split_16bit(e, dtype)
-        left, right = torch.cat([us_hi, us_lo, us_hi], 1), torch.cat([e_hi, e_hi, e_lo], 1)
+    us_hi, us_lo = split_16bit(u * scale if scale != 1.0 else u, dtype)  # s folded in while still fp32
+    e_hi, e_lo = split_16bit(e, dtype)
+    left, right = [us_hi, us_lo], [e_hi, e_hi]
+    if e_lo is not None:
+        left.append(us_hi)
+        right.append(e_lo)
+    left, right = torch.cat(left, 1), torch.cat(right, 1)
     c = torch.addmm(bias.to(dtype), left, right.t()) if bias is not None else torch.mm(left, right.t())
     c.addmm_(x2, weight.t())
     return c
 
 
-def _split_16bit(t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``t ≈ hi + lo`` with both in the 16-bit ``dtype`` (16 significant bits together)."""
+def split_16bit(t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Optional[Tensor]]:
+    """``t ≈ hi + lo`` with both in the 16-bit ``dtype`` (16 significant bits together); ``lo`` is None
+    when ``t`` is in ``dtype`` already (exact)."""
+    if t.dtype == dtype:
+        return t, None
     hi = t.to(dtype)
     return hi, (t.float() - hi.float()).to(dtype)
 

@@ -539,10 +539,10 @@ def _forward_native(x, codes, absmax, absmax2, code2, offset, shape, blocksize, 
         return y.reshape(lead + (n,)), u.reshape(lead + (r,))
     # Many tokens: W dequantized tile by tile (decoded in fp32, exact) into one reused workspace for the
     # GEMM: fp32 tiles, or bf16 tiles for a bf16 x where torch's bf16 GEMM is the faster (measured).
-    x32 = x2.float()
     if x.dtype == torch.bfloat16 and cpu and _gemm.cpu_bf16_gemm_native():
         return _forward_bf16_tiles(x2, xa2 if adapter_input is not None else None, w, n, k, bias, lora_a, lora_b,
                                    scale, lead)  # fmt: skip
+    x32 = x2.float()
     y32 = _gemm.linear_tiles_fp32(x32, n, k, _tile_filler(w))
     if lora_a is not None:
         xa32 = x32 if adapter_input is None else xa2.float()
@@ -573,8 +573,8 @@ def _forward_bf16_tiles(x2, xa2, w, n, k, bias, lora_a, lora_b, scale, lead):
     if lora_a is not None:
         xa32 = (x2 if xa2 is None else xa2).float()
         u = torch.mm(xa32, lora_a.float().t())
-        us_hi, us_lo = _split_bf16(u * scale)
-        b_hi, b_lo = _split_bf16(lora_b)
+        us_hi, us_lo = _lora.split_16bit(u * scale, torch.bfloat16)
+        b_hi, b_lo = _lora.split_16bit(lora_b, torch.bfloat16)
         blocks += [(us_hi, b_hi), (us_lo, b_hi)] + ([(us_hi, b_lo)] if b_lo is not None else [])
     if bias is not None:
         blocks.append((x2.new_ones(m, 1), bias.to(torch.bfloat16).reshape(n, 1)))
@@ -590,14 +590,6 @@ def _forward_bf16_tiles(x2, xa2, w, n, k, bias, lora_a, lora_b, scale, lead):
 
     y = _gemm.linear_tiles(x_aug, n, width, fill)
     return y.contiguous().reshape(lead + (n,)), u.reshape(lead + (r,))
-
-
-def _split_bf16(t: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-    """``t ≈ hi + lo`` in bf16 (``lo`` is None when t is bf16 already: exact)."""
-    if t.dtype == torch.bfloat16:
-        return t, None
-    hi = t.to(torch.bfloat16)
-    return hi, (t.float() - hi.float()).to(torch.bfloat16)
 
 
 def _backward_input_native(grad_y, codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2, g, lora_a):
