@@ -211,7 +211,9 @@ def test_bf16_llama_lora_matches_peft():
         ref = ref_model(ids).logits
     ours_err = (ours_out.double() - ref).abs().max()
     theirs_err = (theirs_out.double() - ref).abs().max()
-    assert ours_err <= 2 * theirs_err + 1e-2, (ours_err, theirs_err)
+    # within twice PEFT's own bf16 error (measured on a Zen 4: 2.8e-3 against 4.1e-3, logits up to 1.2),
+    # and never more than one bf16 rounding of the logits' scale should PEFT happen to be very close
+    assert ours_err <= max(2 * theirs_err, 2.0**-8 * ref.abs().max()), (ours_err, theirs_err)
 
 
 def test_modules_to_save_file_matches_peft(tmp_path):
