@@ -4,11 +4,13 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "lora.h"
+#include "mixed.h"
 #include "nf4.h"
 
 namespace py = pybind11;
@@ -28,6 +30,33 @@ int runtime_version();
 #endif
 
 static Matrix opt(const std::optional<Matrix>& m) { return m ? *m : Matrix{}; }
+
+static MixedAdapters make_mixed_adapters(const std::vector<Matrix>& a, const std::vector<Matrix>& e,
+                                         const std::vector<std::optional<Matrix>>& v_scale,
+                                         const std::vector<std::optional<Matrix>>& col_scale,
+                                         const std::vector<float>& scale) {
+  const size_t n = a.size();
+  check(e.size() == n && v_scale.size() == n && col_scale.size() == n && scale.size() == n,
+        "adapters: a, e, v_scale, col_scale and scale must have one entry per adapter");
+  check(n >= 1, "adapters: expected at least one adapter");
+  MixedAdapters t;
+  t.K = a[0].cols;
+  t.N = e[0].rows;
+  t.device = a[0].device;
+  for (size_t i = 0; i < n; ++i) {
+    t.items.push_back(MixedAdapter{a[i], e[i], opt(v_scale[i]), opt(col_scale[i]), scale[i]});
+    t.max_r = std::max<int64_t>(t.max_r, a[i].rows);
+  }
+  validate_mixed_adapters(t);
+  return t;
+}
+
+static MixedRowsArgs mixed_rows_args(const Matrix& out, const Matrix& x, const std::optional<Matrix>& xa,
+                                     const std::optional<Matrix>& w, const std::optional<Matrix>& bias,
+                                     const std::optional<Matrix>& c, const Matrix& order, const Matrix& offsets,
+                                     const std::optional<Matrix>& h, const MixedAdapters& adapters) {
+  return MixedRowsArgs{out, x, opt(xa), opt(w), opt(bias), opt(c), order, offsets, opt(h), &adapters};
+}
 
 static LoraRowsArgs lora_rows_args(const Matrix& out, const Matrix& x, const Matrix& w,
                                    const std::optional<Matrix>& bias, const std::optional<Matrix>& v,
@@ -53,7 +82,8 @@ PYBIND11_MODULE(_C, m) {
       .value("float32", DType::float32)
       .value("bfloat16", DType::bfloat16)
       .value("float16", DType::float16)
-      .value("uint8", DType::uint8);
+      .value("uint8", DType::uint8)
+      .value("int32", DType::int32);
 
   py::class_<Matrix>(m, "Matrix", "A strided row-major view: element (i, j) at ptr + (i*ld + j)*itemsize")
       // Positional only: built several times per layer call, keyword matching would cost more.
@@ -105,6 +135,43 @@ PYBIND11_MODULE(_C, m) {
       "CUDA version of lora_rows_cpu; runs on `stream` (a raw cudaStream_t)", py::arg("out"), py::arg("x"),
       py::arg("w"), py::arg("bias"), py::arg("v"), py::arg("e"), py::arg("col_scale"), py::arg("v_scale"),
       py::arg("scale"), py::arg("stream"));
+#endif
+
+  // ---- mixed-adapter batches ---------------------------------------------------------------------
+  py::class_<MixedAdapters>(m, "MixedAdapters", "The adapters one layer may use in a mixed batch (raw views)")
+      .def(py::init(&make_mixed_adapters), py::arg("a"), py::arg("e"), py::arg("v_scale"), py::arg("col_scale"),
+           py::arg("scale"))
+      .def_property_readonly("count", [](const MixedAdapters& t) { return t.items.size(); })
+      .def_readonly("max_r", &MixedAdapters::max_r)
+      .def_readonly("in_features", &MixedAdapters::K)
+      .def_readonly("out_features", &MixedAdapters::N);
+
+  m.def(
+      "mixed_rows_cpu",
+      [](const Matrix& out, const Matrix& x, const std::optional<Matrix>& xa, const std::optional<Matrix>& w,
+         const std::optional<Matrix>& bias, const std::optional<Matrix>& c, const Matrix& order, const Matrix& offsets,
+         const std::optional<Matrix>& h, const MixedAdapters& adapters, int num_threads) {
+        MixedRowsArgs a = mixed_rows_args(out, x, xa, w, bias, c, order, offsets, h, adapters);
+        py::gil_scoped_release nogil;
+        mixed_rows_cpu(a, num_threads);
+      },
+      "out[m] = c[m] + x[m]·wᵀ + bias + T_adapter(m)(xa[m]) for rows grouped by adapter (see csrc/mixed.h)",
+      py::arg("out"), py::arg("x"), py::arg("xa"), py::arg("w"), py::arg("bias"), py::arg("c"), py::arg("order"),
+      py::arg("offsets"), py::arg("h"), py::arg("adapters"), py::arg("num_threads"));
+
+#ifdef LOWRANK_WITH_CUDA
+  m.def(
+      "mixed_rows_cuda",
+      [](const Matrix& out, const Matrix& x, const std::optional<Matrix>& xa, const std::optional<Matrix>& w,
+         const std::optional<Matrix>& bias, const std::optional<Matrix>& c, const Matrix& order, const Matrix& offsets,
+         const std::optional<Matrix>& h, const MixedAdapters& adapters, std::uintptr_t stream) {
+        MixedRowsArgs a = mixed_rows_args(out, x, xa, w, bias, c, order, offsets, h, adapters);
+        py::gil_scoped_release nogil;
+        mixed_rows_cuda(a, stream);
+      },
+      "CUDA version of mixed_rows_cpu; runs on `stream` (a raw cudaStream_t)", py::arg("out"), py::arg("x"),
+      py::arg("xa"), py::arg("w"), py::arg("bias"), py::arg("c"), py::arg("order"), py::arg("offsets"), py::arg("h"),
+      py::arg("adapters"), py::arg("stream"));
 #endif
 
   // ---- NF4 -------------------------------------------------------------------------------------

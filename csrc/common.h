@@ -7,7 +7,7 @@
 
 namespace lowrank {
 
-enum class DType : int { float32 = 0, bfloat16 = 1, float16 = 2, uint8 = 3 };
+enum class DType : int { float32 = 0, bfloat16 = 1, float16 = 2, uint8 = 3, int32 = 4 };
 
 inline const char* dtype_name(DType t) {
   switch (t) {
@@ -15,6 +15,7 @@ inline const char* dtype_name(DType t) {
     case DType::bfloat16: return "bfloat16";
     case DType::float16: return "float16";
     case DType::uint8: return "uint8";
+    case DType::int32: return "int32";
   }
   return "?";
 }
@@ -25,6 +26,7 @@ inline int dtype_size(DType t) {
     case DType::bfloat16: return 2;
     case DType::float16: return 2;
     case DType::uint8: return 1;
+    case DType::int32: return 4;
   }
   return 0;
 }

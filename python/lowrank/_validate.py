@@ -19,6 +19,7 @@ _DTYPES = {
     torch.bfloat16: _C.DType.bfloat16,
     torch.float16: _C.DType.float16,
     torch.uint8: _C.DType.uint8,
+    torch.int32: _C.DType.int32,
 }
 
 
