@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "lora.h"
+#include "mixed.h"
 #include "nf4.h"
 
 namespace lowrank::cpu {
@@ -18,6 +19,7 @@ namespace lowrank::cpu {
   void nf4_dequantize(const Nf4DequantizeArgs& a, int num_threads);   \
   void nf4_rows(const Nf4RowsArgs& a, int num_threads);               \
   void nf4_input_grad(const Nf4InputGradArgs& a, int num_threads);    \
+  void mixed_rows(const MixedRowsArgs& a, int num_threads);           \
   }
 LOWRANK_DECLARE_ISA(portable)
 LOWRANK_DECLARE_ISA(avx2)
@@ -33,15 +35,19 @@ struct Variant {
   void (*nf4_dequantize)(const Nf4DequantizeArgs&, int);
   void (*nf4_rows)(const Nf4RowsArgs&, int);
   void (*nf4_input_grad)(const Nf4InputGradArgs&, int);
+  void (*mixed_rows)(const MixedRowsArgs&, int);
 };
 
 static const Variant kVariants[] = {
     {"portable", &portable::lora_rows, &portable::lora_input_grad, &portable::nf4_quantize, &portable::nf4_double_quant,
-     &portable::nf4_dequantize, &portable::nf4_rows, &portable::nf4_input_grad},
+     &portable::nf4_dequantize, &portable::nf4_rows, &portable::nf4_input_grad,
+     &portable::mixed_rows},
     {"avx2", &avx2::lora_rows, &avx2::lora_input_grad, &avx2::nf4_quantize, &avx2::nf4_double_quant,
-     &avx2::nf4_dequantize, &avx2::nf4_rows, &avx2::nf4_input_grad},
+     &avx2::nf4_dequantize, &avx2::nf4_rows, &avx2::nf4_input_grad,
+     &avx2::mixed_rows},
     {"avx512", &avx512::lora_rows, &avx512::lora_input_grad, &avx512::nf4_quantize, &avx512::nf4_double_quant,
-     &avx512::nf4_dequantize, &avx512::nf4_rows, &avx512::nf4_input_grad},
+     &avx512::nf4_dequantize, &avx512::nf4_rows, &avx512::nf4_input_grad,
+     &avx512::mixed_rows},
 };
 
 static bool cpu_supports(const std::string& name) {
@@ -135,6 +141,38 @@ void nf4_input_grad_cpu(const Nf4InputGradArgs& a, int num_threads) {
   validate_nf4_input_grad(a);
   if (a.out.rows == 0 || a.out.cols == 0) return;
   cpu::active()->nf4_input_grad(a, num_threads);
+}
+
+int64_t validate_mixed_plan_cpu(const MixedRowsArgs& p) {
+  const int64_t M = p.order.cols, A = p.offsets.cols - 1;
+  const int32_t* order = p.order.data<int32_t>();
+  const int32_t* offsets = p.offsets.data<int32_t>();
+  std::vector<char> seen(size_t(M), 0);
+  for (int64_t i = 0; i < M; ++i) {
+    const int64_t row = order[i];
+    check(row >= 0 && row < M, "order: entry " + std::to_string(i) + " is " + std::to_string(row) +
+                                   ", outside [0, " + std::to_string(M) + ")");
+    check(!seen[size_t(row)], "order: row " + std::to_string(row) + " appears twice (expected a permutation)");
+    seen[size_t(row)] = 1;
+  }
+  check(offsets[0] == 0, "offsets: expected offsets[0] == 0, got " + std::to_string(offsets[0]));
+  for (int64_t i = 0; i < A; ++i)
+    check(offsets[i + 1] >= offsets[i] && offsets[i + 1] <= M,
+          "offsets: expected non-decreasing values in [0, " + std::to_string(M) + "], got " +
+              std::to_string(offsets[i + 1]) + " after " + std::to_string(offsets[i]));
+  const int64_t P = offsets[A];
+  if (p.h.ptr) check(p.h.rows == P, "h: expected " + std::to_string(P) + " rows (offsets[-1]), got " + std::to_string(p.h.rows));
+  for (const MixedAdapter& ad : p.adapters->items)
+    check(ad.a.dtype != DType::float16 && ad.e.dtype != DType::float16,
+          "adapters: float16 factors run on CUDA only (use float32 or bfloat16 on the CPU)");
+  return P;
+}
+
+void mixed_rows_cpu(const MixedRowsArgs& a, int num_threads) {
+  validate_mixed_rows(a, /*cuda=*/false);
+  validate_mixed_plan_cpu(a);
+  if (a.out.rows == 0 || a.out.cols == 0) return;
+  cpu::active()->mixed_rows(a, num_threads);
 }
 
 void nf4_rows_cpu(const Nf4RowsArgs& a, int num_threads) {

@@ -18,10 +18,10 @@ constexpr int MR = 3;
 #endif
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// acc[i][m] += sum_{k in [k0, k1)} w_i[k] * x_m[k] for the vector part; returns via partial sums.
+// sums[i][m] += sum_{k in [k0, k1)} w_i[k] * x_m[k], x rows given by pointer (gathered rows need no copy).
 template <int MRT, class TW>
-inline void micro_tile(const TW* const* wrow, const float* x, int64_t ldx, int64_t k0, int64_t k1,
-                       float sums[NR][MR]) {
+inline void micro_tile_rows(const TW* const* wrow, const float* const* xrow, int64_t k0, int64_t k1,
+                            float sums[NR][MR]) {
   constexpr int W = Vec::width;
   Vec acc[NR][MRT];
   for (int i = 0; i < NR; ++i)
@@ -31,7 +31,7 @@ inline void micro_tile(const TW* const* wrow, const float* x, int64_t ldx, int64
     Vec wv[NR];
     for (int i = 0; i < NR; ++i) wv[i] = vload(wrow[i] + k);
     for (int m = 0; m < MRT; ++m) {
-      Vec xv = vload(x + m * ldx + k);
+      Vec xv = vload(xrow[m] + k);
       for (int i = 0; i < NR; ++i) acc[i][m] = vfma(wv[i], xv, acc[i][m]);
     }
   }
@@ -40,8 +40,17 @@ inline void micro_tile(const TW* const* wrow, const float* x, int64_t ldx, int64
   for (; k < k1; ++k)
     for (int i = 0; i < NR; ++i) {
       float wk = load_scalar(wrow[i] + k);
-      for (int m = 0; m < MRT; ++m) sums[i][m] += wk * x[m * ldx + k];
+      for (int m = 0; m < MRT; ++m) sums[i][m] += wk * xrow[m][k];
     }
+}
+
+// The same over MRT consecutive x rows, ldx apart.
+template <int MRT, class TW>
+inline void micro_tile(const TW* const* wrow, const float* x, int64_t ldx, int64_t k0, int64_t k1,
+                       float sums[NR][MR]) {
+  const float* xrow[MRT];
+  for (int m = 0; m < MRT; ++m) xrow[m] = x + m * ldx;
+  micro_tile_rows<MRT>(wrow, xrow, k0, k1, sums);
 }
 
 template <class TW>
@@ -53,6 +62,19 @@ inline void tile_dispatch(int mr, const TW* const* wrow, const float* x, int64_t
     case 3: micro_tile<3>(wrow, x, ldx, k0, k1, sums); break;
 #if defined(__AVX512F__)
     case 4: micro_tile<4>(wrow, x, ldx, k0, k1, sums); break;
+#endif
+  }
+}
+
+template <class TW>
+inline void tile_dispatch_rows(int mr, const TW* const* wrow, const float* const* xrow, int64_t k0, int64_t k1,
+                               float sums[NR][MR]) {
+  switch (mr) {
+    case 1: micro_tile_rows<1>(wrow, xrow, k0, k1, sums); break;
+    case 2: micro_tile_rows<2>(wrow, xrow, k0, k1, sums); break;
+    case 3: micro_tile_rows<3>(wrow, xrow, k0, k1, sums); break;
+#if defined(__AVX512F__)
+    case 4: micro_tile_rows<4>(wrow, xrow, k0, k1, sums); break;
 #endif
   }
 }

@@ -11,6 +11,7 @@ several by name, switch, disable, merge, unload, save and load them (PEFT's file
 from .config import AdapterConfig, FullConfig, LoRAConfig, QLoRAConfig, VeRAConfig
 from .files import AdapterFileError, adapter_state_dict, load_adapter, read_adapter, save_adapter
 from .layer import AdaptedLinear, FullDelta, LoRA, ModulesToSave, VeRA
+from .mixed import mixed_batch
 from .model import (
     TrainableSummary,
     active_adapter,
@@ -35,7 +36,7 @@ __all__ = [
     "AdaptedLinear", "LoRA", "VeRA", "FullDelta", "ModulesToSave",
     "inject", "quantize_model", "quantize_linear",
     "set_adapter", "active_adapter", "adapter_names", "adapter_config", "delete_adapter", "disable_adapters",
-    "merge", "unmerge", "merge_and_unload",
+    "merge", "unmerge", "merge_and_unload", "mixed_batch",
     "adapter_parameters", "trainable_summary", "TrainableSummary", "adapted_layers",
     "save_adapter", "load_adapter", "read_adapter", "adapter_state_dict", "AdapterFileError",
 ]  # fmt: skip

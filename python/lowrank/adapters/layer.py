@@ -197,6 +197,8 @@ class AdaptedLinear(nn.Module):
     ``weight`` and ``bias`` read through to it, so code that inspects ``layer.weight`` still works.
     """
 
+    _mixed = None  # a MixedBatch while ``lowrank.mixed_batch`` is active (adapters/mixed.py)
+
     def __init__(self, base_layer: nn.Module):
         super().__init__()
         kind = base_kind(base_layer)
@@ -222,6 +224,8 @@ class AdaptedLinear(nn.Module):
         return getattr(self.base_layer, "bias", None)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._mixed is not None:
+            return self._mixed.linear_forward(self, x)
         name = self.active_adapter
         if name is None or self.adapters_disabled or name in self.merged_adapters:
             return self.base_layer(x)
@@ -287,6 +291,8 @@ class ModulesToSave(nn.Module):
     """A module kept whole and trainable per adapter (PEFT's ``modules_to_save``): ``original_module`` is
     frozen, ``copies[name]`` is the adapter's own trainable copy, and the active one runs."""
 
+    _mixed = None  # as AdaptedLinear._mixed
+
     def __init__(self, original: nn.Module):
         super().__init__()
         self.original_module = original.requires_grad_(False)
@@ -302,6 +308,8 @@ class ModulesToSave(nn.Module):
         return clone
 
     def forward(self, *args, **kwargs):
+        if self._mixed is not None and args:
+            return self._mixed.saved_forward(self, *args, **kwargs)
         name = self.active_adapter
         if name is None or self.adapters_disabled or name not in self.copies:
             return self.original_module(*args, **kwargs)

@@ -9,9 +9,11 @@ nf4_linear_backward_input.
 
 VeRA (lowrank/ops/vera.py): vera_linear_forward, vera_linear_backward_adapter (its input gradient is
 lora_linear_backward_input).
+
+Mixed-adapter batches (lowrank/ops/mixed.py): mixed_linear_forward (a different adapter per row).
 """
 
-from . import lora, nf4, vera
+from . import lora, mixed, nf4, vera
 from .lora import (
     lora_linear_backward_adapter,
     lora_linear_backward_adapter_reference,
@@ -20,6 +22,7 @@ from .lora import (
     lora_linear_forward,
     lora_linear_forward_reference,
 )
+from .mixed import mixed_linear_forward, mixed_linear_forward_reference, plan_rows
 from .vera import (
     vera_linear_backward_adapter,
     vera_linear_backward_adapter_reference,
@@ -29,6 +32,7 @@ from .vera import (
 
 __all__ = [
     "lora",
+    "mixed",
     "nf4",
     "vera",
     "lora_linear_forward",
@@ -41,4 +45,7 @@ __all__ = [
     "vera_linear_forward_reference",
     "vera_linear_backward_adapter",
     "vera_linear_backward_adapter_reference",
+    "mixed_linear_forward",
+    "mixed_linear_forward_reference",
+    "plan_rows",
 ]
