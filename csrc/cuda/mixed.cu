@@ -241,7 +241,7 @@ mixed_fused_kernel(const __grid_constant__ Plan plan, TO* out, int64_t ldo, cons
   const float b = bias != nullptr ? to_f32(bias[n]) : 0.f;
   for (int p0 = 0; p0 < M; p0 += kMTile) {
     const int mt = min(kMTile, M - p0);
-    int64_t rows[kMTile];
+    int rows[kMTile];
     float acc[kMTile];
 #pragma unroll
     for (int j = 0; j < kMTile; ++j) {
@@ -257,7 +257,7 @@ mixed_fused_kernel(const __grid_constant__ Plan plan, TO* out, int64_t ldo, cons
         for (int j = 0; j < kMTile; ++j) {
           if (j < mt) {
             float xf[V];
-            load_vec<T, V>(x + rows[j] * ldx + k, xf);
+            load_vec<T, V>(x + int64_t(rows[j]) * ldx + k, xf);
 #pragma unroll
             for (int i = 0; i < V; ++i) acc[j] = fmaf(wf[i], xf[i], acc[j]);
           }
@@ -268,7 +268,7 @@ mixed_fused_kernel(const __grid_constant__ Plan plan, TO* out, int64_t ldo, cons
         const float wk = to_f32(wrow[k]);
 #pragma unroll
         for (int j = 0; j < kMTile; ++j)
-          if (j < mt) acc[j] = fmaf(wk, to_f32(x[rows[j] * ldx + k]), acc[j]);
+          if (j < mt) acc[j] = fmaf(wk, to_f32(x[int64_t(rows[j]) * ldx + k]), acc[j]);
       }
     }
     // Adapter terms: positions are sorted by segment, so find p0's and walk forward.
@@ -292,8 +292,8 @@ mixed_fused_kernel(const __grid_constant__ Plan plan, TO* out, int64_t ldo, cons
     for (int j = 0; j < kMTile; ++j) {
       if (lane == j && j < mt) {
         float r = acc[j] + b;
-        if (c != nullptr) r += c[rows[j] * ldc + n];
-        out[rows[j] * ldo + n] = from_f32<TO>(r);
+        if (c != nullptr) r += c[int64_t(rows[j]) * ldc + n];
+        out[int64_t(rows[j]) * ldo + n] = from_f32<TO>(r);
       }
     }
   }
