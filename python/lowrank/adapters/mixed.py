@@ -77,9 +77,6 @@ class MixedBatch:
         if not present:
             return layer.base_layer(x)
         self._check_rows(x, "a layer")
-        adapters = [layer.adapters[n] for n in present]
-        factors = [_factors(ad, x.dtype) for ad in adapters]
-        lora_a, lora_b, v_scale, col_scale, scales = (list(t) for t in zip(*factors))
         base = layer.base_layer
         if layer.kind == "linear":
             weight, bias, base_out = base.weight, base.bias, None
@@ -87,16 +84,22 @@ class MixedBatch:
             weight, bias, base_out = None, None, base(x).float()
         m = x.numel() // x.shape[-1] if x.shape[-1] else 0
         order, offsets = self.plan(present, m, x.device)
+        fast = not torch.is_grad_enabled() and _direct.ok(x) and _ops.runs_native(x)
+        if fast and not layer.training:
+            key = (id(layer), present, x.dtype)
+            cached = self._tables.get(key)
+            if cached is None:
+                # The view holds raw pointers: it is kept with the very tensors it points into.
+                factors = [_factors(layer.adapters[n], x.dtype) for n in present]
+                cached = self._tables[key] = _ops.adapter_table(*(list(t) for t in zip(*factors)))
+            return _ops.run(x, weight, bias, base_out, order, offsets, cached[0])[0]
+        adapters = [layer.adapters[n] for n in present]
+        lora_a, lora_b, v_scale, col_scale, scales = (list(t) for t in zip(*(_factors(ad, x.dtype) for ad in adapters)))
         adapter_input = _dropout_input(adapters, x, order, offsets)
         args = (x, weight, bias, base_out, order, offsets, lora_a, lora_b, v_scale, col_scale, scales, adapter_input)
-        if torch.is_grad_enabled() or not _direct.ok(x):
-            return torch.ops.lowrank.mixed_linear_forward(*args)[0]
-        key = (id(layer), present, x.dtype)
-        table = self._tables.get(key)
-        if table is None:
-            # The view holds raw pointers: keep detached handles on the very storages it points into.
-            table = self._tables[key] = _ops.adapter_table(lora_a, lora_b, v_scale, col_scale, scales)
-        return _ops._forward_native(*args, table=table[0], need_h=False)[0]
+        if not torch.is_grad_enabled() and _direct.ok(x):
+            return _ops._forward_native(*args)[0]
+        return torch.ops.lowrank.mixed_linear_forward(*args)[0]
 
     def saved_forward(self, module: ModulesToSave, x: Tensor, *args, **kwargs):
         """``modules_to_save`` copies: each present copy runs on its own rows (a loop over the copies

@@ -217,12 +217,7 @@ def _rows(out, x_in, xa_in, w, bias, c, order, offsets, h, table) -> None:
         _C.mixed_rows_cpu(*args, _runtime.num_threads())
 
 
-def _forward_native(
-    x, weight, bias, base_out, order, offsets, lora_a, lora_b, v_scale, col_scale, scales, adapter_input,
-    *, table=None, need_h: bool = True,
-):
-    """The kernels. ``table`` (from :func:`adapter_table`, its tensors kept alive by the caller) skips
-    rebuilding the adapters' view per call; ``need_h=False`` skips ``h`` (an empty one is returned)."""
+def _forward_native(x, weight, bias, base_out, order, offsets, lora_a, lora_b, v_scale, col_scale, scales, adapter_input):
     m, k, n, max_r = _check_forward(
         x, weight, bias, base_out, order, offsets, lora_a, lora_b, v_scale, col_scale, scales, adapter_input
     )
@@ -232,36 +227,48 @@ def _forward_native(
         return mixed_linear_forward_reference(
             x, weight, bias, base_out, order, offsets, lora_a, lora_b, v_scale, col_scale, scales, adapter_input
         )
-    keep = None
-    if table is None:
-        table, keep = adapter_table(lora_a, lora_b, v_scale, col_scale, scales)
+    table, keep = adapter_table(lora_a, lora_b, v_scale, col_scale, scales)
+    y, h = run(x, weight, bias, base_out, order, offsets, table, adapter_input, need_h=True)
+    del keep  # the kernels have returned
+    return y, h
+
+
+def runs_native(x: Tensor) -> bool:
+    """True when :func:`run` takes ``x`` (a native dtype on a device with kernels, not empty)."""
+    if x.device.type == "cpu":
+        return x.dtype in _CPU_NATIVE and x.numel() > 0
+    return HAS_CUDA_KERNELS and x.device.type == "cuda" and x.dtype in _CUDA_NATIVE and x.numel() > 0
+
+
+def run(x, weight, bias, base_out, order, offsets, table, adapter_input=None, *, need_h: bool = False):
+    """The kernels over a prebuilt adapter view (:func:`adapter_table`, whose tensors the caller keeps
+    alive): what a layer inside ``lowrank.mixed_batch`` calls, having checked its arguments once.
+    ``x`` must satisfy :func:`runs_native`; the C++ entry checks every shape against the view.
+    ``need_h=False`` skips ``h`` (an empty one is returned)."""
+    k, n, max_r = table.in_features, table.out_features, table.max_r
+    cpu = x.device.type == "cpu"
     lead = tuple(x.shape[:-1])
+    m = x.numel() // k
     x2 = last_dim_contiguous(x.reshape(m, k))
     xa2 = None if adapter_input is None else last_dim_contiguous(adapter_input.reshape(m, k))
     # CPU kernels read fp32 activations (M*K widened once); CUDA ones read x's dtype.
     x_in = x2.float() if cpu else x2
     xa_in = None if xa2 is None else (xa2.float() if cpu else xa2)
-    h = None
+    h = h_rows = None
     if need_h:
         h = torch.zeros(m, max_r, dtype=torch.float32, device=x.device)
-        p = int(offsets[-1])
-        h_rows = h[:p]
-    else:
-        h_rows = None
+        h_rows = h[: int(offsets[-1])]
     weight = None if weight is None else last_dim_contiguous(weight)
     bias = None if bias is None else bias.contiguous()
     c = None if base_out is None else last_dim_contiguous(base_out.reshape(m, n).float())
-    if weight is not None and _use_fused(x, m):
-        # Few tokens: W streamed once for every row, each row's own term in the same pass.
-        y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
+    y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
+    if weight is None or _use_fused(x, m):
+        # Few tokens: W streamed once for every row, each row's own term in the same pass (or no W:
+        # the caller's base output c plus the terms).
         _rows(y, x_in, xa_in, weight, bias, c, order, offsets, h_rows, table)
-    elif weight is None:
-        y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
-        _rows(y, x_in, xa_in, None, bias, c, order, offsets, h_rows, table)
     elif x.dtype == torch.float32 or not _gemm.upcast_tiles_needed(weight):
         # Many tokens: the adapter terms (and bias, and base_out) first, then the base GEMM accumulates
         # onto them (addmm's C enters its accumulator), as the single-adapter path does.
-        y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
         _rows(y, x_in, xa_in, None, bias, c, order, offsets, h_rows, table)
         y.addmm_(x2, weight.t())
     else:
@@ -269,9 +276,7 @@ def _forward_native(
         y32 = _gemm.linear_t_fp32(x_in, weight)
         if c is not None:
             y32.add_(c)
-        y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
         _rows(y, x_in, xa_in, None, bias, y32, order, offsets, h_rows, table)
-    del keep
     if h is None:
         h = torch.empty(0, max_r, dtype=torch.float32, device=x.device)
     return y.reshape(lead + (n,)), h
