@@ -183,9 +183,12 @@ template <class T, bool kVec>
 __device__ __forceinline__ void shrink_dispatch(const AdapterDesc& ad, const T* xrow, int j0, int jn, int64_t K,
                                                 int lane, float (&acc)[kJTile]) {
   const int64_t off = int64_t(j0) * ad.lda;
-  if (ad.a_dtype == kF32) shrink_dots<T, float, kVec>(xrow, static_cast<const float*>(ad.a) + off, ad.lda, jn, K, lane, acc);
-  else if (ad.a_dtype == kBF16) shrink_dots<T, __nv_bfloat16, kVec>(xrow, static_cast<const __nv_bfloat16*>(ad.a) + off, ad.lda, jn, K, lane, acc);
-  else shrink_dots<T, __half, kVec>(xrow, static_cast<const __half*>(ad.a) + off, ad.lda, jn, K, lane, acc);
+  if (ad.a_dtype == kF32)
+    shrink_dots<T, float, kVec>(xrow, static_cast<const float*>(ad.a) + off, ad.lda, jn, K, lane, acc);
+  else if (ad.a_dtype == kBF16)
+    shrink_dots<T, __nv_bfloat16, kVec>(xrow, static_cast<const __nv_bfloat16*>(ad.a) + off, ad.lda, jn, K, lane, acc);
+  else
+    shrink_dots<T, __half, kVec>(xrow, static_cast<const __half*>(ad.a) + off, ad.lda, jn, K, lane, acc);
 }
 
 // kVec: xa's rows are 16-byte aligned and K % 8 == 0 (each adapter adds its own a_vec).
@@ -479,11 +482,12 @@ void mixed_rows_cuda(const MixedRowsArgs& a, std::uintptr_t stream_handle) {
              "cudaMemcpyAsync");
   check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
   const int flags = host[0];
-  check(!(flags & kBadRange), "order: values must lie in [0, " + std::to_string(M) + ")");
-  check(!(flags & kDuplicate), "order: must be a permutation of the rows (a row appears twice)");
-  check(!(flags & kBadFirst), "offsets: must start at 0");
-  check(!(flags & kDecreasing), "offsets: must be non-decreasing");
-  check(!(flags & kPastM), "offsets: last value must be at most " + std::to_string(M));
+  // The CPU's wording (validate_mixed_plan_cpu), without the entry (the flags do not say which).
+  const std::string in_m = std::to_string(M);
+  check(!(flags & kBadRange), "order: an entry is outside [0, " + in_m + ")");
+  check(!(flags & kDuplicate), "order: a row appears twice (expected a permutation)");
+  check(!(flags & kBadFirst), "offsets: expected offsets[0] == 0, got " + std::to_string(host[1]));
+  check(!(flags & (kDecreasing | kPastM)), "offsets: expected non-decreasing values in [0, " + in_m + "]");
   const int64_t P = host[1 + A];
   if (a.h.ptr)
     check(a.h.rows == P, "h: expected " + std::to_string(P) + " rows (offsets[-1]), got " + std::to_string(a.h.rows));
@@ -499,18 +503,11 @@ void mixed_rows_cuda(const MixedRowsArgs& a, std::uintptr_t stream_handle) {
   }
   for (int i = 0; i < A; ++i) {
     const MixedAdapter& ad = t.items[size_t(i)];
-    AdapterDesc& d = plan.ad[i];
-    d.a = reinterpret_cast<const void*>(ad.a.ptr);
-    d.e = reinterpret_cast<const void*>(ad.e.ptr);
-    d.v_scale = ad.v_scale.ptr ? ad.v_scale.data<const float>() : nullptr;
-    d.col_scale = ad.col_scale.ptr ? ad.col_scale.data<const float>() : nullptr;
-    d.lda = ad.a.ld;
-    d.lde = ad.e.ld;
-    d.r = int(ad.a.rows);
-    d.a_dtype = int(ad.a.dtype);
-    d.e_dtype = int(ad.e.dtype);
-    d.a_vec = aligned16(ad.a) ? 1 : 0;
-    d.scale = ad.scale;
+    plan.ad[i] = AdapterDesc{reinterpret_cast<const void*>(ad.a.ptr), reinterpret_cast<const void*>(ad.e.ptr),
+                             ad.v_scale.ptr ? ad.v_scale.data<const float>() : nullptr,
+                             ad.col_scale.ptr ? ad.col_scale.data<const float>() : nullptr,
+                             ad.a.ld, ad.e.ld, int(ad.a.rows), int(ad.a.dtype), int(ad.e.dtype),
+                             aligned16(ad.a) ? 1 : 0, ad.scale};
   }
   float* v = P > 0 ? scratch.alloc<float>(P * t.max_r) : nullptr;
 
