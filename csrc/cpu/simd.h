@@ -57,6 +57,7 @@ inline Vec vload(const bf16_t* p) {
 inline void vstore(float* p, Vec a) { _mm512_storeu_ps(p, a.v); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 inline Vec vadd(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
+inline Vec vmul(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
 inline float vsum(Vec a) { return _mm512_reduce_add_ps(a.v); }
 inline void vprefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
@@ -76,6 +77,7 @@ inline Vec vload(const bf16_t* p) {
 inline void vstore(float* p, Vec a) { _mm256_storeu_ps(p, a.v); }
 inline Vec vfma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
 inline Vec vadd(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline Vec vmul(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
 inline float vsum(Vec a) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -116,6 +118,10 @@ inline Vec vfma(Vec a, Vec b, Vec c) {
 }
 inline Vec vadd(Vec a, Vec b) {
   for (int i = 0; i < 8; ++i) a.v[i] += b.v[i];
+  return a;
+}
+inline Vec vmul(Vec a, Vec b) {
+  for (int i = 0; i < 8; ++i) a.v[i] *= b.v[i];
   return a;
 }
 inline float vsum(Vec a) {

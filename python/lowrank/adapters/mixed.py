@@ -84,15 +84,18 @@ class MixedBatch:
             weight, bias, base_out = None, None, base(x).float()
         m = x.numel() // x.shape[-1] if x.shape[-1] else 0
         order, offsets = self.plan(present, m, x.device)
-        fast = not torch.is_grad_enabled() and _direct.ok(x) and _ops.runs_native(x)
-        if fast and not layer.training:
+        if not torch.is_grad_enabled() and _direct.ok(x) and _ops.runs_native(x):
             key = (id(layer), present, x.dtype)
             cached = self._tables.get(key)
             if cached is None:
                 # The view holds raw pointers: it is kept with the very tensors it points into.
-                factors = [_factors(layer.adapters[n], x.dtype) for n in present]
-                cached = self._tables[key] = _ops.adapter_table(*(list(t) for t in zip(*factors)))
-            return _ops.run(x, weight, bias, base_out, order, offsets, cached[0])[0]
+                adapters = [layer.adapters[n] for n in present]
+                factors = [_factors(ad, x.dtype) for ad in adapters]
+                table, keep = _ops.adapter_table(*(list(t) for t in zip(*factors)))
+                has_dropout = any(isinstance(_dropout_of(ad), nn.Dropout) for ad in adapters)
+                cached = self._tables[key] = (table, keep, has_dropout)
+            if not (cached[2] and layer.training):
+                return _ops.run(x, weight, bias, base_out, order, offsets, cached[0])[0]
         adapters = [layer.adapters[n] for n in present]
         lora_a, lora_b, v_scale, col_scale, scales = (list(t) for t in zip(*(_factors(ad, x.dtype) for ad in adapters)))
         adapter_input = _dropout_input(adapters, x, order, offsets)
@@ -142,9 +145,13 @@ def _factors(adapter: nn.Module, dtype: torch.dtype):
     return a, b, d, c, float(s)
 
 
+def _dropout_of(adapter: nn.Module) -> Optional[nn.Module]:
+    return getattr(adapter, "lora_dropout", None) or getattr(adapter, "vera_dropout", None)
+
+
 def _dropout_input(adapters, x: Tensor, order: Tensor, offsets: Tensor) -> Optional[Tensor]:
     """``x`` with each adapter's own dropout applied to its rows (training only), else None."""
-    drops = [getattr(ad, "lora_dropout", None) or getattr(ad, "vera_dropout", None) for ad in adapters]
+    drops = [_dropout_of(ad) for ad in adapters]
     active = [isinstance(d, nn.Dropout) and ad.training for d, ad in zip(drops, adapters)]
     if not any(active):
         return None
