@@ -78,8 +78,9 @@ def test_matches_float64(m, k, n, dtype, path, force_path):
     "variant",
     ["vera", "base_out", "base_out_and_weight", "dropout", "no_bias", "fp32_adapters", "ranks_to_64"],
 )
+@pytest.mark.parametrize("m", [11, 150], ids=["short-segments", "long-segments"])
 @pytest.mark.parametrize("path", ["fused", "gemm"])
-def test_variants(variant, path, force_path):
+def test_variants(variant, path, m, force_path):
     force_path(path)
     kw, ranks, dtype = {}, [2, 5, 9], torch.float32
     if variant == "vera":
@@ -96,7 +97,7 @@ def test_variants(variant, path, force_path):
         dtype, kw["adapter_dtype"] = torch.bfloat16, torch.float32
     elif variant == "ranks_to_64":
         ranks = [1, 2, 4, 8, 16, 32, 64, 63]
-    _check(_args(11, 70, 45, ranks, dtype, **kw))
+    _check(_args(m, 70, 45, ranks, dtype, **kw))
 
 
 @pytest.mark.parametrize(
@@ -114,10 +115,12 @@ def test_plans(ids, path, force_path):
     _check(_args(9, 40, 24, [3, 4, 5], torch.float32, ids=ids(9)))
 
 
-def test_every_cpu_variant(cpu_isa, force_path):
-    force_path("fused")
+@pytest.mark.parametrize("path,m", [("fused", 13), ("gemm", 100)])
+def test_every_cpu_variant(cpu_isa, path, m, force_path):
+    force_path(path)
     for dtype in (torch.float32, torch.bfloat16):
-        _check(_args(13, 67, 29, [1, 6, 17], dtype, vera=True))
+        _check(_args(m, 67, 29, [1, 6, 17], dtype, vera=True))
+        _check(_args(m, 67, 29, [1, 6, 17], dtype, weight=False, base=True))
 
 
 def test_one_row_alone_equals_its_adapter():
