@@ -34,17 +34,20 @@ static Matrix opt(const std::optional<Matrix>& m) { return m ? *m : Matrix{}; }
 static MixedAdapters make_mixed_adapters(const std::vector<Matrix>& a, const std::vector<Matrix>& e,
                                          const std::vector<std::optional<Matrix>>& v_scale,
                                          const std::vector<std::optional<Matrix>>& col_scale,
-                                         const std::vector<float>& scale) {
+                                         const std::vector<float>& scale,
+                                         const std::vector<std::optional<Matrix>>& et) {
   const size_t n = a.size();
-  check(e.size() == n && v_scale.size() == n && col_scale.size() == n && scale.size() == n,
-        "adapters: a, e, v_scale, col_scale and scale must have one entry per adapter");
+  check(e.size() == n && v_scale.size() == n && col_scale.size() == n && scale.size() == n &&
+            (et.empty() || et.size() == n),
+        "adapters: a, e, v_scale, col_scale and scale must have one entry per adapter (et: one or none)");
   check(n >= 1, "adapters: expected at least one adapter");
   MixedAdapters t;
   t.K = a[0].cols;
   t.N = e[0].rows;
   t.device = a[0].device;
   for (size_t i = 0; i < n; ++i) {
-    t.items.push_back(MixedAdapter{a[i], e[i], opt(v_scale[i]), opt(col_scale[i]), scale[i]});
+    t.items.push_back(MixedAdapter{a[i], e[i], opt(v_scale[i]), opt(col_scale[i]), scale[i],
+                                   et.empty() ? Matrix{} : opt(et[i])});
     t.max_r = std::max<int64_t>(t.max_r, a[i].rows);
   }
   validate_mixed_adapters(t);
@@ -140,7 +143,7 @@ PYBIND11_MODULE(_C, m) {
   // ---- mixed-adapter batches ---------------------------------------------------------------------
   py::class_<MixedAdapters>(m, "MixedAdapters", "The adapters one layer may use in a mixed batch (raw views)")
       .def(py::init(&make_mixed_adapters), py::arg("a"), py::arg("e"), py::arg("v_scale"), py::arg("col_scale"),
-           py::arg("scale"))
+           py::arg("scale"), py::arg("et") = std::vector<std::optional<Matrix>>{})
       .def_property_readonly("count", [](const MixedAdapters& t) { return t.items.size(); })
       .def_readonly("max_r", &MixedAdapters::max_r)
       .def_readonly("in_features", &MixedAdapters::K)

@@ -5,7 +5,7 @@
 //   T_i(z)    = col_scale_i ⊙ ( e_i · (scale_i · v_scale_i ⊙ (a_i · z)) )
 //
 // Adapter i is a_i [r_i, K], e_i [N, r_i], optional v_scale_i [r_i] and col_scale_i [N] (all fp32 or
-// bf16 on the CPU), and a float scale_i: LoRA is (A, B, -, -, s), VeRA is (A_s, B_s, d, b, 1). Rows
+// bf16 on the CPU; every e_i of one call in one dtype), and a float scale_i: LoRA is (A, B, -, -, s), VeRA is (A_s, B_s, d, b, 1). Rows
 // whose adapter is "none" get no term. Every part but x is optional: no w (the caller ran the base
 // GEMM itself and passes its result as c, or adds it later), no c, no bias.
 //
@@ -29,6 +29,7 @@ struct MixedAdapter {
   Matrix v_scale;    // [1, r] fp32, or ptr == 0
   Matrix col_scale;  // [1, N] fp32, or ptr == 0
   float scale = 1.0f;
+  Matrix et;         // [r, N] fp32 contiguous: e transposed, kept by the caller (CPU many-token path), or ptr == 0
 };
 
 // The adapters a layer may use in one mixed batch. Built once per layer and batch (bindings.cpp),
@@ -41,6 +42,8 @@ struct MixedAdapters {
 
 inline void validate_mixed_adapters(const MixedAdapters& t) {
   check(!t.items.empty(), "adapters: expected at least one adapter");
+  for (const MixedAdapter& ad : t.items)
+    check(ad.e.dtype == t.items[0].e.dtype, "adapters: every adapter's e must have one dtype (the kernels' tiles share it)");
   for (size_t i = 0; i < t.items.size(); ++i) {
     const MixedAdapter& ad = t.items[i];
     const std::string at = "adapter " + std::to_string(i) + ": ";
@@ -55,11 +58,15 @@ inline void validate_mixed_adapters(const MixedAdapters& t) {
       check_matrix(ad.v_scale, (at + "v_scale").c_str(), 1, r);
       check(ad.v_scale.dtype == DType::float32, at + "v_scale: expected float32");
     }
+    if (ad.et.ptr) {
+      check_matrix(ad.et, (at + "et").c_str(), r, t.N);
+      check(ad.et.dtype == DType::float32 && (ad.et.ld == t.N || r == 1), at + "et: expected a contiguous float32 [r, N]");
+    }
     if (ad.col_scale.ptr) {
       check_matrix(ad.col_scale, (at + "col_scale").c_str(), 1, t.N);
       check(ad.col_scale.dtype == DType::float32, at + "col_scale: expected float32");
     }
-    for (const Matrix* m : {&ad.a, &ad.e, &ad.v_scale, &ad.col_scale})
+    for (const Matrix* m : {&ad.a, &ad.e, &ad.v_scale, &ad.col_scale, &ad.et})
       check(m->ptr == 0 || m->device == t.device, at + "every tensor must be on one device");
   }
 }

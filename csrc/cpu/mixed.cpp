@@ -18,6 +18,7 @@
 //
 // Accumulation is fp32; each output is rounded once.
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -101,12 +102,23 @@ struct ShrinkJob {
 
 // ---- phase 2: out = c + x Wᵀ + bias + col_scale ⊙ (v eᵀ) ----------------------------------------
 
-// NR columns x MRT rows of one adapter group: acc += w·x over [k0, k1) and, when erow is given, the
-// adapter's e·v over [0, r) in the same vector accumulators (e's rows pre-scaled by col_scale), so
-// each output costs one horizontal reduction for both terms.
+// One row's adapter inside a tile of NR output columns: its e rows for those columns, col_scale
+// values (or null), rank and v row. rank == 0: the row has no adapter.
+template <class TE>
+struct RowAdapter {
+  const TE* e[NR];
+  const float* cs;
+  int64_t r;
+  const float* v;
+};
+
+// NR columns x MRT rows: acc += w·x over [k0, k1) and, for rows with an adapter (ra given), that
+// adapter's e·v over [0, r) in the same vector accumulators (e pre-scaled by col_scale), so each
+// output costs one horizontal reduction for both terms. Rows of one tile may use different
+// adapters: the base product is shared, only the short adapter loop is per row.
 template <int MRT, class TW, class TE>
-inline void fused_tile(const TW* const* wrow, const float* const* xrow, int64_t k0, int64_t k1, const TE* const* erow,
-                       const float* const* vrow, int64_t r, const float* cs, float sums[NR][MR]) {
+inline void fused_tile(const TW* const* wrow, const float* const* xrow, int64_t k0, int64_t k1,
+                       const RowAdapter<TE>* ra, float sums[NR][MR]) {
   constexpr int W = Vec::width;
   Vec acc[NR][MRT];
   for (int i = 0; i < NR; ++i)
@@ -126,23 +138,20 @@ inline void fused_tile(const TW* const* wrow, const float* const* xrow, int64_t 
       const float wk = load_scalar(wrow[i] + k);
       for (int m = 0; m < MRT; ++m) tail[i][m] += wk * xrow[m][k];
     }
-  if (erow) {
-    Vec csv[NR];
-    for (int i = 0; i < NR; ++i) csv[i] = vset1(cs ? cs[i] : 1.f);
-    int64_t j = 0;
-    for (; j + W <= r; j += W) {
-      Vec ev[NR];
-      for (int i = 0; i < NR; ++i) ev[i] = cs ? vmul(vload(erow[i] + j), csv[i]) : vload(erow[i] + j);
-      for (int m = 0; m < MRT; ++m) {
-        Vec vv = vload(vrow[m] + j);
-        for (int i = 0; i < NR; ++i) acc[i][m] = vfma(ev[i], vv, acc[i][m]);
+  if (ra) {
+    for (int m = 0; m < MRT; ++m) {
+      const RowAdapter<TE>& t = ra[m];
+      int64_t j = 0;
+      for (; j + W <= t.r; j += W) {
+        const Vec vv = vload(t.v + j);
+        for (int i = 0; i < NR; ++i) {
+          const Vec ev = t.cs ? vmul(vload(t.e[i] + j), vset1(t.cs[i])) : vload(t.e[i] + j);
+          acc[i][m] = vfma(ev, vv, acc[i][m]);
+        }
       }
+      for (; j < t.r; ++j)
+        for (int i = 0; i < NR; ++i) tail[i][m] += (t.cs ? t.cs[i] : 1.f) * load_scalar(t.e[i] + j) * t.v[j];
     }
-    for (; j < r; ++j)
-      for (int i = 0; i < NR; ++i) {
-        const float ej = (cs ? cs[i] : 1.f) * load_scalar(erow[i] + j);
-        for (int m = 0; m < MRT; ++m) tail[i][m] += ej * vrow[m][j];
-      }
   }
   for (int i = 0; i < NR; ++i)
     for (int m = 0; m < MRT; ++m) sums[i][m] += vsum(acc[i][m]) + tail[i][m];
@@ -150,14 +159,13 @@ inline void fused_tile(const TW* const* wrow, const float* const* xrow, int64_t 
 
 template <class TW, class TE>
 inline void fused_dispatch(int mr, const TW* const* wrow, const float* const* xrow, int64_t k0, int64_t k1,
-                           const TE* const* erow, const float* const* vrow, int64_t r, const float* cs,
-                           float sums[NR][MR]) {
+                           const RowAdapter<TE>* ra, float sums[NR][MR]) {
   switch (mr) {
-    case 1: fused_tile<1>(wrow, xrow, k0, k1, erow, vrow, r, cs, sums); break;
-    case 2: fused_tile<2>(wrow, xrow, k0, k1, erow, vrow, r, cs, sums); break;
-    case 3: fused_tile<3>(wrow, xrow, k0, k1, erow, vrow, r, cs, sums); break;
+    case 1: fused_tile<1>(wrow, xrow, k0, k1, ra, sums); break;
+    case 2: fused_tile<2>(wrow, xrow, k0, k1, ra, sums); break;
+    case 3: fused_tile<3>(wrow, xrow, k0, k1, ra, sums); break;
 #if defined(__AVX512F__)
-    case 4: fused_tile<4>(wrow, xrow, k0, k1, erow, vrow, r, cs, sums); break;
+    case 4: fused_tile<4>(wrow, xrow, k0, k1, ra, sums); break;
 #endif
   }
 }
@@ -197,85 +205,67 @@ struct RowsJob {
   int64_t ldv;
   int64_t col_tasks;
   const std::vector<const float*>* et;  // per adapter: e transposed ([r, N] fp32), or null
+  bool e_bf16;                          // every adapter's e is bf16 (else every one is fp32)
 
-  // The block's rows [p0, p1) cut into groups of at most MR rows that share one adapter (or none).
-  struct Group {
-    int64_t q0, rows, adapter;
-  };
-  int groups_of(int64_t p0, int64_t p1, Group* g) const {
-    int count = 0;
-    for (int64_t i = 0; i <= plan.A; ++i) {  // adapter A: the rows with none
-      const int64_t lo = i < plan.A ? plan.offsets[i] : plan.P, hi = i < plan.A ? plan.offsets[i + 1] : plan.M;
-      for (int64_t s = max64(lo, p0); s < min64(hi, p1); s += MR)
-        g[count++] = Group{s - p0, min64(MR, min64(hi, p1) - s), i < plan.A ? i : -1};
-    }
-    return count;
-  }
-
-  template <class TE, class TWR>
-  void fused_group(const Group& g, const TWR* const* wrow, const float* const* xrow, int64_t k0, int64_t k1,
-                   bool last, int64_t n0, int nr, const float* const* vrow, float sums[NR][MR]) const {
-    if (!last || g.adapter < 0) {
-      fused_dispatch<TWR, TE>(int(g.rows), wrow, xrow + g.q0, k0, k1, nullptr, nullptr, 0, nullptr, sums);
-      return;
-    }
-    const MixedAdapter& ad = a->adapters->items[size_t(g.adapter)];
+  // Row q's adapter in a tile of NR columns at n0 (rank 0 for rows with none). cs_buf: NR floats.
+  template <class TE>
+  RowAdapter<TE> row_adapter(int64_t adapter, int64_t n0, int nr, const float* vrow, float* cs_buf) const {
+    RowAdapter<TE> t{};
+    if (adapter < 0) return t;
+    const MixedAdapter& ad = a->adapters->items[size_t(adapter)];
     const TE* ebase = ad.e.data<TE>();
-    const TE* erow[NR];
-    for (int i = 0; i < NR; ++i) erow[i] = ebase + (n0 + (i < nr ? i : 0)) * ad.e.ld;
-    float cs[NR];
-    const float* c = ad.col_scale.ptr ? ad.col_scale.data<float>() : nullptr;
-    if (c)
-      for (int i = 0; i < NR; ++i) cs[i] = c[n0 + (i < nr ? i : 0)];
-    fused_dispatch<TWR, TE>(int(g.rows), wrow, xrow + g.q0, k0, k1, erow, vrow + g.q0, ad.a.rows, c ? cs : nullptr,
-                            sums);
+    for (int i = 0; i < NR; ++i) t.e[i] = ebase + (n0 + (i < nr ? i : 0)) * ad.e.ld;
+    if (ad.col_scale.ptr) {
+      const float* c = ad.col_scale.data<float>();
+      for (int i = 0; i < NR; ++i) cs_buf[i] = c[n0 + (i < nr ? i : 0)];
+      t.cs = cs_buf;
+    }
+    t.r = ad.a.rows;
+    t.v = vrow;
+    return t;
   }
 
-  // With W: per NR-column tile, each group's base product and adapter term in one set of tiles.
+  // With W: per NR-column tile, groups of MR rows in plan order stream the tile's W rows; in the last
+  // K block each row's own adapter term joins its accumulators (BGMV).
+  template <class TE>
   void run_fused(int64_t p0, int64_t p1, int64_t n_begin, int64_t n_end, const float* const* xrow,
-                 const float* const* vrow, float (*val)[kBlockCols]) const {
+                 const float* const* vrow, const int64_t* adapter_of, float (*val)[kBlockCols]) const {
     const MixedRowsArgs& A = *a;
     const int64_t n = p1 - p0, K = A.x.cols;
     const TW* w = A.w.data<TW>();
-    Group groups[kBlockRows];
-    const int ng = groups_of(p0, p1, groups);
     const int64_t kc = n <= MR ? max64(K, 1) : KC;
     const bool widen_block = !std::is_same<TW, float>::value && n > MR;
     alignas(64) float wide[NR][KC];
     const float* xblock[kBlockRows];
+    RowAdapter<TE> ra[kBlockRows];
+    float cs_buf[kBlockRows][NR];
     for (int64_t n0 = n_begin; n0 < n_end; n0 += NR) {
       const int nr = int(min64(NR, n_end - n0));
-      float sums[kBlockRows][NR][MR];  // per group
-      for (int gi = 0; gi < ng; ++gi)
+      float sums[kBlockRows / MR + 1][NR][MR];
+      for (int64_t g = 0; g * MR < n; ++g)
         for (int i = 0; i < NR; ++i)
-          for (int m = 0; m < MR; ++m) sums[gi][i][m] = 0.f;
+          for (int m = 0; m < MR; ++m) sums[g][i][m] = 0.f;
+      for (int64_t q = 0; q < n; ++q) ra[q] = row_adapter<TE>(adapter_of[q], n0, nr, vrow[q], cs_buf[q]);
       const TW* wrow[NR];
       for (int i = 0; i < NR; ++i) wrow[i] = w + (n0 + (i < nr ? i : 0)) * A.w.ld;
       for (int64_t k0 = 0; k0 < max64(K, 1); k0 += kc) {
         const int64_t k1 = min64(K, k0 + kc);
-        const bool last = k1 >= K;
-        for (int gi = 0; gi < ng; ++gi) {
-          const Group& g = groups[gi];
-          const bool e16 = g.adapter >= 0 && A.adapters->items[size_t(g.adapter)].e.dtype == DType::bfloat16;
-          if (widen_block) {
-            if (gi == 0)  // several groups pass over this block: widen bf16 once
-              for (int i = 0; i < NR; ++i) widen(wide[i], wrow[i] + k0, k1 - k0);
-            const float* wide_rows[NR] = {wide[0], wide[1], wide[2], wide[3]};
-            for (int64_t q = 0; q < g.rows; ++q) xblock[g.q0 + q] = xrow[g.q0 + q] + k0;
-            if (e16)
-              fused_group<bf16_t>(g, wide_rows, xblock, 0, k1 - k0, last, n0, nr, vrow, sums[gi]);
-            else
-              fused_group<float>(g, wide_rows, xblock, 0, k1 - k0, last, n0, nr, vrow, sums[gi]);
-          } else if (e16) {
-            fused_group<bf16_t>(g, wrow, xrow, k0, k1, last, n0, nr, vrow, sums[gi]);
-          } else {
-            fused_group<float>(g, wrow, xrow, k0, k1, last, n0, nr, vrow, sums[gi]);
-          }
+        const RowAdapter<TE>* with = k1 >= K ? ra : nullptr;  // the adapter terms once, in the last block
+        if (widen_block) {  // several row groups pass over this block: widen bf16 once
+          for (int i = 0; i < NR; ++i) widen(wide[i], wrow[i] + k0, k1 - k0);
+          const float* wide_rows[NR] = {wide[0], wide[1], wide[2], wide[3]};
+          for (int64_t q = 0; q < n; ++q) xblock[q] = xrow[q] + k0;
+          for (int64_t q0 = 0, g = 0; q0 < n; q0 += MR, ++g)
+            fused_dispatch<float, TE>(int(min64(MR, n - q0)), wide_rows, xblock + q0, 0, k1 - k0,
+                                      with ? with + q0 : nullptr, sums[g]);
+        } else {
+          for (int64_t q0 = 0, g = 0; q0 < n; q0 += MR, ++g)
+            fused_dispatch<TW, TE>(int(min64(MR, n - q0)), wrow, xrow + q0, k0, k1, with ? with + q0 : nullptr,
+                                   sums[g]);
         }
       }
-      for (int gi = 0; gi < ng; ++gi)
-        for (int64_t q = 0; q < groups[gi].rows; ++q)
-          for (int i = 0; i < nr; ++i) val[groups[gi].q0 + q][n0 - n_begin + i] = sums[gi][i][q];
+      for (int64_t q = 0; q < n; ++q)
+        for (int i = 0; i < nr; ++i) val[q][n0 - n_begin + i] = sums[q / MR][i][q % MR];
     }
   }
 
@@ -314,38 +304,29 @@ struct RowsJob {
           if (cs)
             for (int64_t col = 0; col < cols; ++col) val[q][col] *= cs[n_begin + col];
         }
-      } else {
+      } else {  // a short segment: the adapter-only tiles (one reduction per output)
+        const bool e16 = ad.e.dtype == DType::bfloat16;
         for (int64_t n0 = n_begin; n0 < n_end; n0 += NR) {
           const int nr = int(min64(NR, n_end - n0));
-          const float* zero_w[NR] = {nullptr, nullptr, nullptr, nullptr};
           for (int64_t q = s0 - p0; q < s1 - p0; q += MR) {
-            const Group g{q, min64(MR, s1 - p0 - q), i};
+            const int mr = int(min64(MR, s1 - p0 - q));
             float sums[NR][MR] = {};
-            if (ad.e.dtype == DType::bfloat16)
-              fused_group_adapter_only<bf16_t>(g, zero_w, n0, nr, vrow, sums);
-            else
-              fused_group_adapter_only<float>(g, zero_w, n0, nr, vrow, sums);
-            for (int64_t t = 0; t < g.rows; ++t)
+            float cs_buf[MR][NR];
+            if (e16) {
+              RowAdapter<bf16_t> ra[MR];
+              for (int t = 0; t < mr; ++t) ra[t] = row_adapter<bf16_t>(i, n0, nr, vrow[q + t], cs_buf[t]);
+              fused_dispatch<float, bf16_t>(mr, nullptr, vrow + q, 0, 0, ra, sums);
+            } else {
+              RowAdapter<float> ra[MR];
+              for (int t = 0; t < mr; ++t) ra[t] = row_adapter<float>(i, n0, nr, vrow[q + t], cs_buf[t]);
+              fused_dispatch<float, float>(mr, nullptr, vrow + q, 0, 0, ra, sums);
+            }
+            for (int t = 0; t < mr; ++t)
               for (int c = 0; c < nr; ++c) val[q + t][n0 - n_begin + c] = sums[c][t];
           }
         }
       }
     }
-  }
-
-  template <class TE>
-  void fused_group_adapter_only(const Group& g, const float* const* no_w, int64_t n0, int nr, const float* const* vrow,
-                                float sums[NR][MR]) const {
-    const MixedAdapter& ad = a->adapters->items[size_t(g.adapter)];
-    const TE* ebase = ad.e.data<TE>();
-    const TE* erow[NR];
-    for (int i = 0; i < NR; ++i) erow[i] = ebase + (n0 + (i < nr ? i : 0)) * ad.e.ld;
-    float cs[NR];
-    const float* c = ad.col_scale.ptr ? ad.col_scale.data<float>() : nullptr;
-    if (c)
-      for (int i = 0; i < NR; ++i) cs[i] = c[n0 + (i < nr ? i : 0)];
-    fused_dispatch<float, TE>(int(g.rows), no_w, vrow + g.q0, 0, 0, erow, vrow + g.q0, ad.a.rows, c ? cs : nullptr,
-                              sums);
   }
 
   void run(int64_t p0, int64_t p1, int64_t n_begin, int64_t n_end) const {
@@ -358,17 +339,22 @@ struct RowsJob {
     int64_t rows[kBlockRows];
     const float* xrow[kBlockRows];
     const float* vrow[kBlockRows];
-    for (int64_t q = 0; q < n; ++q) {
+    int64_t adapter_of[kBlockRows];
+    for (int64_t q = 0, i = 0; q < n; ++q) {
       rows[q] = plan.order[p0 + q];
       xrow[q] = xbase + rows[q] * A.x.ld;
       vrow[q] = p0 + q < plan.P ? v + (p0 + q) * ldv : nullptr;
+      while (i < plan.A && plan.offsets[i + 1] <= p0 + q) ++i;
+      adapter_of[q] = i < plan.A ? i : -1;
     }
     alignas(64) float val[kBlockRows][kBlockCols];  // the block's base + adapter terms
     const int64_t cols = n_end - n_begin;
     for (int64_t q = max64(plan.P - p0, 0); q < n; ++q)  // rows with no adapter (the rest is written)
       for (int64_t col = 0; col < cols; ++col) val[q][col] = 0.f;
-    if (A.w.ptr)
-      run_fused(p0, p1, n_begin, n_end, xrow, vrow, val);
+    if (A.w.ptr && e_bf16)
+      run_fused<bf16_t>(p0, p1, n_begin, n_end, xrow, vrow, adapter_of, val);
+    else if (A.w.ptr)
+      run_fused<float>(p0, p1, n_begin, n_end, xrow, vrow, adapter_of, val);
     else
       run_expand(p0, p1, n_begin, n_end, vrow, val);
     for (int64_t q = 0; q < n; ++q)
@@ -407,7 +393,8 @@ struct RowsJob {
 template <class TW, class TO>
 void rows_phase(const MixedRowsArgs& a, const Plan& plan, const float* v, int64_t ldv,
                 const std::vector<const float*>& et, int num_threads) {
-  RowsJob<TW, TO> job{&a, plan, v, ldv, (a.out.cols + kBlockCols - 1) / kBlockCols, &et};
+  RowsJob<TW, TO> job{&a, plan, v, ldv, (a.out.cols + kBlockCols - 1) / kBlockCols, &et,
+                      a.adapters->items[0].e.dtype == DType::bfloat16};
   const int64_t blocks = (plan.M + kBlockRows - 1) / kBlockRows;
   parallel_for(blocks * job.col_tasks, num_threads, &RowsJob<TW, TO>::task, &job);
 }
@@ -418,18 +405,28 @@ struct TransposeJob {
   const MixedRowsArgs* a;
   std::vector<int64_t> which;
   std::vector<float*> dst;
+  template <class TE>
+  static void transpose(const MixedAdapter& ad, float* out) {
+    const int64_t N = ad.e.rows, r = ad.e.cols, ld = ad.e.ld;
+    const TE* e = ad.e.data<TE>();
+    for (int64_t n0 = 0; n0 < N; n0 += 64) {  // 64 columns x r: both sides stay in L1
+      const int64_t n1 = min64(N, n0 + 64);
+      for (int64_t j = 0; j < r; ++j) {
+        float* dst = out + j * N;
+        for (int64_t n = n0; n < n1; ++n) dst[n] = load_scalar(e + n * ld + j);
+      }
+    }
+  }
   static void task(void* ctx, int64_t t) {
     auto* job = static_cast<const TransposeJob*>(ctx);
     const MixedAdapter& ad = job->a->adapters->items[size_t(job->which[size_t(t)])];
-    const int64_t N = ad.e.rows, r = ad.e.cols;
-    float* out = job->dst[size_t(t)];
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t j = 0; j < r; ++j)
-        out[j * N + n] = ad.e.dtype == DType::bfloat16 ? load_scalar(ad.e.data<bf16_t>() + n * ad.e.ld + j)
-                                                       : ad.e.data<float>()[n * ad.e.ld + j];
+    if (ad.e.dtype == DType::bfloat16)
+      transpose<bf16_t>(ad, job->dst[size_t(t)]);
+    else
+      transpose<float>(ad, job->dst[size_t(t)]);
   }
 };
-constexpr int64_t kTransposeMinRows = 16;  // rows of one adapter from which its e is transposed
+constexpr int64_t kTransposeMinRows = 4;  // rows of one adapter from which its e is transposed
 
 }  // namespace
 
@@ -445,23 +442,31 @@ void mixed_rows(const MixedRowsArgs& a, int num_threads) {
       shrink.task_adapter.push_back(i);
       shrink.task_p0.push_back(p0);
     }
-  parallel_for(int64_t(shrink.task_p0.size()), num_threads, &ShrinkJob::task, &shrink);
+  // A few rows' shrink (decode) is a few microseconds of FMAs: not worth waking the thread team for.
+  const bool small = plan.P * a.x.cols * a.adapters->max_r <= (int64_t(1) << 18);
+  parallel_for(int64_t(shrink.task_p0.size()), small ? 1 : num_threads, &ShrinkJob::task, &shrink);
 
   std::vector<const float*> et(size_t(plan.A), nullptr);
-  std::vector<float> et_store;
+  std::unique_ptr<float[]> et_store;  // uninitialized: every element is written
   if (!a.w.ptr) {
     TransposeJob tj{&a, {}, {}};
     int64_t total = 0;
-    for (int64_t i = 0; i < plan.A; ++i)
+    for (int64_t i = 0; i < plan.A; ++i) {
+      const MixedAdapter& ad = a.adapters->items[size_t(i)];
+      if (ad.et.ptr) {  // the caller keeps eᵀ (a layer's cached view): nothing to transpose
+        et[size_t(i)] = ad.et.data<float>();
+        continue;
+      }
       if (plan.offsets[i + 1] - plan.offsets[i] >= kTransposeMinRows) {
         tj.which.push_back(i);
-        total += a.adapters->items[size_t(i)].e.rows * a.adapters->items[size_t(i)].e.cols;
+        total += ad.e.rows * ad.e.cols;
       }
-    et_store.resize(size_t(total));
+    }
+    et_store.reset(new float[size_t(total > 0 ? total : 1)]);
     int64_t at = 0;
     for (int64_t i : tj.which) {
-      tj.dst.push_back(et_store.data() + at);
-      et[size_t(i)] = et_store.data() + at;
+      tj.dst.push_back(et_store.get() + at);
+      et[size_t(i)] = et_store.get() + at;
       at += a.adapters->items[size_t(i)].e.rows * a.adapters->items[size_t(i)].e.cols;
     }
     parallel_for(int64_t(tj.which.size()), num_threads, &TransposeJob::task, &tj);

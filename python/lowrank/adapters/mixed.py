@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._validate import last_dim_contiguous, matrix, optional_matrix
 from ..ops import _direct
 from ..ops import mixed as _ops
 from .layer import BASE_ONLY, AdaptedLinear, ModulesToSave
@@ -48,7 +49,8 @@ class MixedBatch:
             got = self._present[key] = tuple(dict.fromkeys(n for n in self.names if n in held))
         return got
 
-    def plan(self, present: tuple[str, ...], m: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    def plan(self, present: tuple[str, ...], m: int, device: torch.device):
+        """``(order, offsets, order's Matrix view, offsets' view)`` for a layer holding ``present``."""
         key = (present, m, device)
         got = self._plans.get(key)
         if got is None:
@@ -56,7 +58,8 @@ class MixedBatch:
             ids = torch.tensor([present.index(n) if n in present else -1 for n in self.names], dtype=torch.int64)
             ids = ids.repeat_interleave(m // rows)  # tokens of one row are consecutive ([batch, seq, ...])
             order, offsets = _ops.plan_rows(ids, len(present))
-            got = self._plans[key] = (order.to(device), offsets.to(device))
+            order, offsets = order.to(device), offsets.to(device)
+            got = self._plans[key] = (order, offsets, matrix("order", order), matrix("offsets", offsets))
         return got
 
     # ---- the layers' forward --------------------------------------------------------------------
@@ -83,7 +86,7 @@ class MixedBatch:
         else:  # Conv1D or 4-bit: the base runs itself; its output enters the kernel's accumulator
             weight, bias, base_out = None, None, base(x).float()
         m = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        order, offsets = self.plan(present, m, x.device)
+        order, offsets, order_m, offsets_m = self.plan(present, m, x.device)
         if not torch.is_grad_enabled() and _direct.ok(x) and _ops.runs_native(x):
             key = (id(layer), present, x.dtype)
             cached = self._tables.get(key)
@@ -91,11 +94,16 @@ class MixedBatch:
                 # The view holds raw pointers: it is kept with the very tensors it points into.
                 adapters = [layer.adapters[n] for n in present]
                 factors = [_factors(ad, x.dtype) for ad in adapters]
-                table, keep = _ops.adapter_table(*(list(t) for t in zip(*factors)))
+                table, keep = _ops.adapter_table(*(list(t) for t in zip(*factors)), transposed=True)
                 has_dropout = any(isinstance(_dropout_of(ad), nn.Dropout) for ad in adapters)
-                cached = self._tables[key] = (table, keep, has_dropout)
+                weight = None if weight is None else last_dim_contiguous(weight)
+                bias = None if bias is None else bias.contiguous()
+                views = (optional_matrix("weight", weight), optional_matrix("bias", bias))
+                cached = self._tables[key] = (table, keep + [weight, bias], has_dropout, weight, bias, views)
             if not (cached[2] and layer.training):
-                return _ops.run(x, weight, bias, base_out, order, offsets, cached[0])[0]
+                table, _, _, weight, bias, (weight_m, bias_m) = cached
+                views = (order_m, offsets_m, weight_m, bias_m)
+                return _ops.run(x, weight, bias, base_out, order, offsets, table, views=views)[0]
         adapters = [layer.adapters[n] for n in present]
         lora_a, lora_b, v_scale, col_scale, scales = (list(t) for t in zip(*(_factors(ad, x.dtype) for ad in adapters)))
         adapter_input = _dropout_input(adapters, x, order, offsets)

@@ -175,10 +175,14 @@ def _(x, weight, bias, base_out, order, offsets, lora_a, lora_b, v_scale, col_sc
 # ---------------------------------------------------------------------------------------------
 # Native kernels
 # ---------------------------------------------------------------------------------------------
-def adapter_table(lora_a, lora_b, v_scale, col_scale, scales) -> tuple["_C.MixedAdapters", list]:
+def adapter_table(lora_a, lora_b, v_scale, col_scale, scales, *, transposed: bool = False) -> tuple["_C.MixedAdapters", list]:
     """The C++ view of the adapters (raw pointers) and the tensors it points into, which the caller
-    must keep alive while the view is used. VeRA's scales are read as fp32."""
-    keep, a_m, e_m, vs_m, cs_m = [], [], [], [], []
+    must keep alive while the view is used. VeRA's scales are read as fp32; B factors of different
+    dtypes are all read as fp32. ``transposed``: also keep each Bᵀ in fp32 ([r, N]), what the CPU's
+    many-token expand reads (else it transposes per call) — for a view reused across calls."""
+    keep, a_m, e_m, vs_m, cs_m, et_m = [], [], [], [], [], []
+    if len({b.dtype for b in lora_b}) > 1:  # the kernels' tiles share one dtype for every B
+        lora_b = [b.float() for b in lora_b]
     for i, (a, b, d, c) in enumerate(zip(lora_a, lora_b, v_scale, col_scale)):
         a, b = last_dim_contiguous(a), last_dim_contiguous(b)
         d = None if d is None else d.float().contiguous()
@@ -188,7 +192,11 @@ def adapter_table(lora_a, lora_b, v_scale, col_scale, scales) -> tuple["_C.Mixed
         e_m.append(matrix(f"lora_b[{i}]", b))
         vs_m.append(optional_matrix(f"v_scale[{i}]", d))
         cs_m.append(optional_matrix(f"col_scale[{i}]", c))
-    return _C.MixedAdapters(a_m, e_m, vs_m, cs_m, [float(s) for s in scales]), keep
+        if transposed and b.device.type == "cpu":
+            et = b.t().float().contiguous()
+            keep.append(et)
+            et_m.append(matrix(f"lora_b[{i}]ᵀ", et))
+    return _C.MixedAdapters(a_m, e_m, vs_m, cs_m, [float(s) for s in scales], et_m), keep
 
 
 def _use_fused(x: Tensor, m: int) -> bool:
@@ -197,16 +205,24 @@ def _use_fused(x: Tensor, m: int) -> bool:
     return m <= _runtime.CUDA_FUSED_MAX_M
 
 
-def _rows(out, x_in, xa_in, w, bias, c, order, offsets, h, table) -> None:
+def _rows(out, x_in, xa_in, w, bias, c, order, offsets, h, table, views=None) -> None:
+    """The C++ call. ``views``: prebuilt ``(order, offsets, weight, bias)`` Matrix views (a layer's
+    cache), used for the arguments given here as the same tensors."""
+    if views is None:
+        order_m, offsets_m = matrix("order", order), matrix("offsets", offsets)
+        w_m, bias_m = optional_matrix("weight", w), optional_matrix("bias", bias)
+    else:
+        order_m, offsets_m, w_m, bias_m = views
+        w_m = None if w is None else w_m
     args = (
         matrix("out", out),
         matrix("x", x_in),
         optional_matrix("adapter_input", xa_in),
-        optional_matrix("weight", w),
-        optional_matrix("bias", bias),
+        w_m,
+        bias_m,
         optional_matrix("base_out", c),
-        matrix("order", order),
-        matrix("offsets", offsets),
+        order_m,
+        offsets_m,
         optional_matrix("h", h),
         table,
     )
@@ -240,11 +256,12 @@ def runs_native(x: Tensor) -> bool:
     return HAS_CUDA_KERNELS and x.device.type == "cuda" and x.dtype in _CUDA_NATIVE and x.numel() > 0
 
 
-def run(x, weight, bias, base_out, order, offsets, table, adapter_input=None, *, need_h: bool = False):
+def run(x, weight, bias, base_out, order, offsets, table, adapter_input=None, *, need_h: bool = False, views=None):
     """The kernels over a prebuilt adapter view (:func:`adapter_table`, whose tensors the caller keeps
     alive): what a layer inside ``lowrank.mixed_batch`` calls, having checked its arguments once.
     ``x`` must satisfy :func:`runs_native`; the C++ entry checks every shape against the view.
-    ``need_h=False`` skips ``h`` (an empty one is returned)."""
+    ``need_h=False`` skips ``h`` (an empty one is returned); ``views``: Matrix views of ``(order,
+    offsets, weight, bias)`` built once by the caller (contiguous tensors only)."""
     k, n, max_r = table.in_features, table.out_features, table.max_r
     cpu = x.device.type == "cpu"
     lead = tuple(x.shape[:-1])
@@ -258,25 +275,26 @@ def run(x, weight, bias, base_out, order, offsets, table, adapter_input=None, *,
     if need_h:
         h = torch.zeros(m, max_r, dtype=torch.float32, device=x.device)
         h_rows = h[: int(offsets[-1])]
-    weight = None if weight is None else last_dim_contiguous(weight)
-    bias = None if bias is None else bias.contiguous()
+    if views is None:
+        weight = None if weight is None else last_dim_contiguous(weight)
+        bias = None if bias is None else bias.contiguous()
     c = None if base_out is None else last_dim_contiguous(base_out.reshape(m, n).float())
     y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
     if weight is None or _use_fused(x, m):
         # Few tokens: W streamed once for every row, each row's own term in the same pass (or no W:
         # the caller's base output c plus the terms).
-        _rows(y, x_in, xa_in, weight, bias, c, order, offsets, h_rows, table)
+        _rows(y, x_in, xa_in, weight, bias, c, order, offsets, h_rows, table, views)
     elif x.dtype == torch.float32 or not _gemm.upcast_tiles_needed(weight):
         # Many tokens: the adapter terms (and bias, and base_out) first, then the base GEMM accumulates
         # onto them (addmm's C enters its accumulator), as the single-adapter path does.
-        _rows(y, x_in, xa_in, None, bias, c, order, offsets, h_rows, table)
+        _rows(y, x_in, xa_in, None, bias, c, order, offsets, h_rows, table, views)
         y.addmm_(x2, weight.t())
     else:
         # A 16-bit weight on a CPU whose 16-bit GEMM is slow: the base in fp32, rounded once at the end.
         y32 = _gemm.linear_t_fp32(x_in, weight)
         if c is not None:
             y32.add_(c)
-        _rows(y, x_in, xa_in, None, bias, y32, order, offsets, h_rows, table)
+        _rows(y, x_in, xa_in, None, bias, y32, order, offsets, h_rows, table, views)
     if h is None:
         h = torch.empty(0, max_r, dtype=torch.float32, device=x.device)
     return y.reshape(lead + (n,)), h
