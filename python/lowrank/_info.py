@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import platform
+
 import torch
 
 from . import _C
+
+
+def cpu_model() -> str:
+    """The CPU's model name as lscpu prints it (what every reported number is labelled with)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def info(calibrate: bool = False) -> dict:

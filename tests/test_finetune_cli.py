@@ -1,0 +1,188 @@
+"""`lowrank finetune` and `lowrank generate` end to end on a tiny Llama built from config (seconds), the
+GGUF path through the CLI, bad arguments and files (one line, exit status 2, no traceback), and
+`import lowrank` staying light."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowrank
+from lowrank.__main__ import main
+
+needs = [m for m in ("transformers", "tokenizers", "matplotlib", "rich") if importlib.util.find_spec(m) is None]
+pytestmark = pytest.mark.skipif(bool(needs), reason=f"lowrank[finetune] not installed: {needs}")
+
+if not needs:
+    import finetune_fixtures as F
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--steps", "3", "--batch-size", "4", "--quick", "--no-progress", "--seq-len", "40"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return F.make_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def run(tiny, tmp_path_factory):
+    """One `lowrank finetune` of every method on the tiny model; (out dir, stdout)."""
+    out = tmp_path_factory.mktemp("ft") / "out"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main(["finetune", "--model", str(tiny), "--out", str(out), *FAST])
+    assert code == 0
+    return out, buf.getvalue()
+
+
+def test_finetune_every_method(run, tiny):
+    out, text = run
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["methods"]) == ["full", "lora", "vera", "qlora"]
+    model = F.tiny_llama()[0]
+    total = sum(p.numel() for p in model.parameters())
+    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")]
+    expect = {
+        "full": sum(m.weight.numel() for m in linears),
+        "lora": sum(16 * (m.in_features + m.out_features) for m in linears),
+        "vera": sum(256 + m.out_features for m in linears),  # d: [r], b: [out] per layer
+    }
+    for method, r in results["methods"].items():
+        assert r["total"] == total
+        assert len(r["losses"]) == 3 and all(v == v and v > 0 for v in r["losses"])  # finite, positive
+        assert r["peak_bytes"] > 0 and r["seconds_per_step"] > 0 and r["tokens_per_s"] > 0
+        assert 0 <= r["em_after"] <= 100
+        saved = Path(r["adapter_dir"])
+        assert (saved / "adapter_config.json").is_file() and (saved / "adapter_model.safetensors").is_file()
+        assert r["adapter_bytes"] == sum(f.stat().st_size for f in saved.iterdir())
+        if method in expect:
+            assert r["trainable"] == expect[method], method
+    assert results["methods"]["qlora"]["trainable"] == expect["lora"]
+    # Full fine-tuning holds the most: its optimizer state alone is twice the model's linear weights.
+    peaks = {m: r["peak_bytes"] for m, r in results["methods"].items()}
+    assert peaks["full"] > 2 * 4 * expect["full"] and peaks["full"] == max(peaks.values())
+    assert {t["target"].split()[0] for t in results["targets"]} >= {"lora", "vera", "qlora", "some"}
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    # The table, the targets and the demo were printed.
+    for word in ("trainable", "peak memory", "exact match", "held-out questions", "mixed batch", "qlora"):
+        assert word in text, word
+    demo = results["demo"]
+    assert set(demo["answers"]) == {"base", "full", "lora", "vera", "qlora"}
+    assert [row["adapter"] for row in demo["mixed_batch"]] == ["__base__", "lora", "vera", "qlora"]
+
+
+def test_saved_adapters_reload_and_demo_answers_match(run, tiny):
+    """The answers the demo printed for an adapter are what that adapter, loaded anew, answers."""
+    from lowrank.finetune import model as M
+    from lowrank.finetune import train as T
+
+    out, _ = run
+    results = json.loads((out / "results.json").read_text())
+    base, tok, _ = M.load(str(tiny))
+    demo = results["demo"]
+    name = lowrank.load_adapter(base, out / "lora", adapter_name="lora")
+    got = T.answers(base, tok, demo["questions"], 8, "cpu")
+    want = demo["answers"]["lora"]
+    assert [g[:4] for g in got] == [w[:4] for w in want]
+    assert name == "lora"
+
+
+def test_generate_mixed_and_single(run, tiny, capsys):
+    out, _ = run
+    args = ["generate", "--model", str(tiny), "--adapter", f"lora={out / 'lora'}", "--adapter", str(out / "vera"),
+            "--max-new-tokens", "4"]  # fmt: skip
+    assert main([*args, "--use", "lora,vera,__base__", "Question: a?\\nAnswer:", "b", "c"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("]")[0] for line in lines if line.startswith("[")] == ["[lora", "[vera", "[__base__"]
+    assert "Question: a?" in lines[0]
+    assert main([*args, "one prompt"]) == 0  # one prompt: the first adapter
+    assert capsys.readouterr().out.startswith("[lora] one prompt")
+
+
+def test_gguf_model_through_the_cli(tmp_path, monkeypatch):
+    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate")
+    monkeypatch.setenv("LOWRANK_CACHE", str(tmp_path / "cache"))
+    gguf = F.write_tiny_gguf(tmp_path / "tiny.gguf")
+    out = tmp_path / "out"
+    code = main(["finetune", "--model", str(gguf), "--method", "lora", "--out", str(out), "--no-demo", *FAST])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"] == "tiny.gguf" and list(results["methods"]) == ["lora"]
+    assert len(list((tmp_path / "cache" / "models").iterdir())) == 1
+
+
+def _bad(tmp_path, tiny) -> list[tuple[list[str], str]]:
+    bad_jsonl = tmp_path / "bad.jsonl"
+    bad_jsonl.write_text('{"prompt": "a", "completion": "b"}\nnot json\n')
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    return [
+        (["finetune", "--steps", "0"], "--steps"),
+        (["finetune", "--steps", "many"], "--steps"),
+        (["finetune", "--method", "lora,adam"], "--method"),
+        (["finetune", "--lr", "-1"], "--lr"),
+        (["finetune", "--alpha", "nan"], "--alpha"),
+        (["finetune", "--dtype", "fp8"], "--dtype"),
+        (["finetune", "--model", str(tmp_path / "missing")], "--model"),
+        (["finetune", "--model", str(a_file)], "--model"),
+        (["finetune", "--model", str(tiny), "--data", str(tmp_path / "missing.jsonl")], "--data"),
+        (["finetune", "--model", str(tiny), "--data", str(bad_jsonl)], "bad.jsonl:2"),
+        (["finetune", "--model", str(tiny), "--out", str(a_file)], "--out"),
+        (["generate", "--model", str(tiny), "--adapter", str(tmp_path / "nope"), "p"], "--adapter"),
+        (["generate", "--model", str(tiny), "--use", "x", "p"], "--use"),
+        (["generate", "--model", str(tiny), "--adapter", f"a={tmp_path}", "p"], "adapter_model.safetensors"),
+        (["bench", "--shape", "5x"], "--shape"),
+        (["nonsense"], "invalid choice"),
+    ] + ([(["finetune", "--device", "cuda"], "--device")] if not torch.cuda.is_available() else [])
+
+
+def _exit_code(argv) -> int:
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's own errors (through lowrank's one-line parser)
+        return e.code
+
+
+def test_bad_arguments_and_files_are_one_line(tmp_path, tiny, capsys):
+    for argv, needle in _bad(tmp_path, tiny):
+        code = _exit_code(argv)
+        err = capsys.readouterr().err
+        assert code == 2, argv
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("lowrank"), (argv, err)
+        assert needle in lines[0], (argv, lines[0])
+        assert "Traceback" not in err
+
+
+def test_cli_as_a_process(tmp_path):
+    """`python -m lowrank` is the console script's entry too; a bad file is one line on stderr, status 2."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    p = subprocess.run([sys.executable, "-m", "lowrank", "finetune", "--data", str(tmp_path / "none.txt"), "--model",
+                        str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path)  # fmt: skip
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr, p.stderr
+    help_text = subprocess.run([sys.executable, "-m", "lowrank", "finetune", "--help"], capture_output=True, text=True,
+                               env=env, cwd=tmp_path).stdout  # fmt: skip
+    for option in ("--model", "--data", "--r", "--alpha", "--steps", "--lr", "--batch-size", "--seq-len", "--seed",
+                   "--out", "--device", "--dtype", "--threads", "--quick", "--method"):  # fmt: skip
+        assert option in help_text, option
+
+
+def test_import_lowrank_stays_light():
+    code = ("import sys, lowrank, lowrank.finetune; heavy = [m for m in ('transformers', 'gguf', 'matplotlib', 'rich',"
+            " 'peft', 'bitsandbytes') if m in sys.modules]; print(heavy); assert not heavy")  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO.parent)
+    assert p.returncode == 0, p.stdout + p.stderr
