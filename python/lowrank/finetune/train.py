@@ -163,6 +163,22 @@ def _reset_peak() -> bool:
         return False
 
 
+def _step_start(device: torch.device) -> Optional[int]:
+    """Resets the peak and returns what is in use now (None where it cannot be read)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    return _status_kb("VmRSS") if _reset_peak() else None
+
+
+def _step_growth(device: torch.device, start: int) -> Optional[int]:
+    """Bytes the peak rose above ``start`` since ``_step_start``."""
+    if device.type == "cuda":
+        return max(0, torch.cuda.max_memory_allocated(device) - start)
+    hwm = _status_kb("VmHWM")
+    return None if hwm is None else max(0, hwm - start) * 1024
+
+
 def optimizer_bytes(opt: torch.optim.Optimizer) -> int:
     return sum(t.untyped_storage().nbytes() for state in opt.state.values() for t in state.values()
                if isinstance(t, torch.Tensor))
@@ -216,6 +232,7 @@ def run_method(method: str, base, tokenizer, data: Dataset, enc_train: Encoded, 
                progress=None) -> MethodResult:  # fmt: skip
     device = torch.device(s.device)
     _release_freed_memory()
+    torch.manual_seed(s.seed)  # each method's init is the same whatever ran before it
     model = build(method, base, s).to(device)
     model.train()
     params = [p for _, p in lowrank.adapter_parameters(model, method)]
@@ -225,7 +242,7 @@ def run_method(method: str, base, tokenizer, data: Dataset, enc_train: Encoded, 
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = random.Random(s.seed)
     order: list[int] = []
-    losses, tokens, step_times, growth = [], 0, [], []
+    losses, tokens, step_times, growth = [], [], [], []
     pad = tokenizer.pad_token_id
     for step in range(s.steps):
         if len(order) < s.batch_size:  # epochs of a fixed shuffle
@@ -234,17 +251,18 @@ def run_method(method: str, base, tokenizer, data: Dataset, enc_train: Encoded, 
             order += more
         index, order = order[: s.batch_size], order[s.batch_size :]
         ids, attn, target = collate(enc_train, index, pad, device)
-        rss = _status_kb("VmRSS") if step > 0 and _reset_peak() else None
+        start_bytes = _step_start(device) if step > 0 else None
         start = time.perf_counter()
         loss = completion_loss(model, ids, attn, target)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         step_times.append(time.perf_counter() - start)
-        hwm = _status_kb("VmHWM") if rss is not None else None
-        if hwm is not None:
-            growth.append(max(0, hwm - rss) * 1024)
-        tokens += int(attn.sum())
+        if start_bytes is not None:
+            growth.append(_step_growth(device, start_bytes))
+        tokens.append(int(attn.sum()))
         losses.append(loss.item())
         if progress is not None:
             progress(method, step + 1, s.steps, losses[-1])
@@ -252,7 +270,8 @@ def run_method(method: str, base, tokenizer, data: Dataset, enc_train: Encoded, 
     # on top (activations, gradients, the optimizer's temporaries), read from the kernel's high-water
     # mark. The first step is left out: it allocates the optimizer state (counted above) and pays
     # one-time costs (kernel calibration, caches) no later step repeats.
-    peak = tensor_bytes(model) + optimizer_bytes(opt) + max(growth) if growth else None
+    grown = [g for g in growth if g is not None]
+    peak = tensor_bytes(model) + optimizer_bytes(opt) + max(grown) if grown else None
     model.eval()
     loss_after = heldout_loss(model, enc_eval, pad, device)
     em = None
@@ -263,10 +282,11 @@ def run_method(method: str, base, tokenizer, data: Dataset, enc_train: Encoded, 
     out_dir = Path(s.out) / method
     lowrank.save_adapter(model, out_dir, adapter_name=method)
     adapter_bytes = sum(f.stat().st_size for f in out_dir.iterdir() if f.is_file())
-    measured = step_times[1:] or step_times  # the first step pays one-time costs
+    first = 1 if len(step_times) > 1 else 0  # the first step pays one-time costs
+    measured, measured_tokens = step_times[first:], tokens[first:]
     result = MethodResult(
         method=method, trainable=trainable, total=total, adapter_bytes=adapter_bytes, peak_bytes=peak,
-        seconds_per_step=sum(measured) / len(measured), tokens_per_s=tokens / max(sum(step_times), 1e-9),
+        seconds_per_step=sum(measured) / len(measured), tokens_per_s=sum(measured_tokens) / max(sum(measured), 1e-9),
         losses=losses, loss_after=loss_after, em_after=em, samples=got[:4], adapter_dir=str(out_dir),
     )  # fmt: skip
     del model, opt
