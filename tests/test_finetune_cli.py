@@ -186,3 +186,26 @@ def test_import_lowrank_stays_light():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO.parent)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_own_data_files_and_bf16(tiny, tmp_path):
+    """--data as JSONL (exact match scored) and as text (loss only; the demo continues half lines),
+    and a bf16 base."""
+    rows = [{"prompt": f"Question: What is {a} plus {b}?\nAnswer:", "completion": f" {a + b}"}
+            for a in range(3) for b in range(3)]  # fmt: skip
+    jsonl = tmp_path / "sums.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    text = tmp_path / "lines.txt"
+    text.write_text("".join(f"line {i} of the text says {i * i}\n" for i in range(8)))
+    for data, extra in ((jsonl, ["--dtype", "bf16"]), (text, [])):
+        out = tmp_path / data.stem
+        argv = ["finetune", "--model", str(tiny), "--data", str(data), "--method", "lora,qlora", "--out", str(out),
+                "--steps", "2", "--batch-size", "4", "--no-progress", *extra]  # fmt: skip
+        assert main(argv) == 0
+        results = json.loads((out / "results.json").read_text())
+        assert results["eval_examples"] == max(1, (9 if data == jsonl else 8) // 5)
+        scored = data == jsonl
+        assert (results["methods"]["lora"]["em_after"] is not None) == scored
+        assert (results["base"]["exact_match"] is not None) == scored
+        assert results["demo"]["answers"].keys() == {"base", "lora", "qlora"}
+        assert all(row["prompt"] for row in results["demo"]["mixed_batch"])

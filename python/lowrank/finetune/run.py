@@ -192,7 +192,9 @@ def serve_demo(console, base, tokenizer, dataset, results: dict, device) -> dict
     adapter (``set_adapter``), then one mixed batch where each row uses a different adapter."""
     from rich.table import Table
 
-    questions = dataset.eval[:: max(1, len(dataset.eval) // 3)][:3]
+    held = dataset.eval if dataset.exact_match else [_split_line(e) for e in dataset.eval]
+    held = [e for e in held if e.prompt]
+    questions = held[:: max(1, len(held) // 3)][:3]
     if not questions:
         return {}
     longest = max(len(tokenizer(e.completion, add_special_tokens=False).input_ids) for e in questions) + 2
@@ -219,7 +221,7 @@ def serve_demo(console, base, tokenizer, dataset, results: dict, device) -> dict
     # One batch, one adapter per row: the base and every adapter the mixed kernels serve (LoRA, VeRA,
     # QLoRA's factors; full fine-tuning's dense delta is not a low-rank term and is left out).
     mixable = ["__base__"] + [n for n in names if n != "full"]
-    rows = [(mixable[i % len(mixable)], dataset.eval[(i * 7) % len(dataset.eval)]) for i in range(len(mixable))]
+    rows = [(mixable[i % len(mixable)], held[(i * 7) % len(held)]) for i in range(len(mixable))]
     with lowrank.mixed_batch(base, [n for n, _ in rows]):
         mixed = _train.answers(base, tokenizer, [e.prompt for _, e in rows], longest, device, batch_size=len(rows))
     console.print("one mixed batch, a different adapter per row (lowrank.mixed_batch):")
@@ -237,3 +239,10 @@ def serve_demo(console, base, tokenizer, dataset, results: dict, device) -> dict
 
 def _question(prompt: str) -> str:
     return prompt.removeprefix("Question: ").removesuffix("\nAnswer:").replace("\n", " ")
+
+
+def _split_line(example):
+    """A text example (no prompt) as its first half of words, to be continued with the rest."""
+    words = example.completion.split(" ")
+    half = max(1, len(words) // 2)
+    return _data.Example(" ".join(words[:half]), " " + " ".join(words[half:]) if words[half:] else "")
