@@ -53,6 +53,18 @@ inline void check(bool ok, const std::string& msg) {
 
 // Re-checks what the Python validation helper already checked; the binding is the last line
 // before raw pointers, so it never trusts its caller.
+// No view spans more elements than this (2^48: far past any machine's memory), so index
+// arithmetic in int64 (i * ld + j, rows * cols, times the element size) can never overflow.
+constexpr int64_t kMaxElements = int64_t(1) << 48;
+
+// rows x cols elements, strided by ld, fit under kMaxElements (checked without overflowing).
+inline bool extent_fits(int64_t rows, int64_t cols, int64_t ld) {
+  if (rows < 0 || cols < 0 || ld < 0) return false;
+  if (rows == 0 || cols == 0) return true;
+  if (cols > kMaxElements || (rows > 1 && ld > kMaxElements)) return false;
+  return rows - 1 <= (kMaxElements - cols) / (rows > 1 ? ld : 1);
+}
+
 inline void check_matrix(const Matrix& m, const char* name, int64_t rows, int64_t cols) {
   check(m.rows == rows && m.cols == cols,
         std::string(name) + ": expected shape [" + std::to_string(rows) + ", " + std::to_string(cols) +
@@ -60,6 +72,9 @@ inline void check_matrix(const Matrix& m, const char* name, int64_t rows, int64_
   check(m.ld >= m.cols || m.rows <= 1,
         std::string(name) + ": leading dimension " + std::to_string(m.ld) + " is smaller than its " +
             std::to_string(m.cols) + " columns");
+  check(extent_fits(m.rows, m.cols, m.ld),
+        std::string(name) + ": " + std::to_string(m.rows) + " rows of leading dimension " + std::to_string(m.ld) +
+            " span more than 2^48 elements");
   check(m.ptr != 0 || m.rows == 0 || m.cols == 0, std::string(name) + ": null data pointer");
 }
 

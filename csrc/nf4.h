@@ -86,6 +86,8 @@ LOWRANK_HD float nf4_block_absmax(const Nf4Weight& w, int64_t b) {
 inline void validate_nf4_weight(const Nf4Weight& w, const char* name) {
   const std::string n(name);
   check(w.rows >= 0 && w.cols >= 0, n + ": negative shape");
+  check(extent_fits(w.rows, w.cols, w.cols), n + ": " + std::to_string(w.rows) + " x " + std::to_string(w.cols) +
+                                                 " is more than 2^48 elements");
   check(w.blocksize >= 32 && w.blocksize <= 4096 && (w.blocksize & (w.blocksize - 1)) == 0,
         n + ": blocksize must be a power of two in [32, 4096], got " + std::to_string(w.blocksize));
   if (w.numel() == 0) return;
@@ -177,7 +179,8 @@ struct Nf4DequantizeArgs {
 
 inline void validate_nf4_dequantize(const Nf4DequantizeArgs& a, bool cuda) {
   validate_nf4_weight(a.w, "weight");
-  check(a.row0 >= 0 && a.row0 + a.out.rows <= a.w.rows, "row0: the row tile runs past the weight");
+  check(a.row0 >= 0 && a.out.rows >= 0 && a.out.rows <= a.w.rows && a.row0 <= a.w.rows - a.out.rows,
+        "row0: the row tile runs past the weight");
   check_matrix(a.out, "out", a.out.rows, a.w.cols);
   check(a.out.dtype == DType::float32 || a.out.dtype == DType::bfloat16 || (cuda && a.out.dtype == DType::float16),
         std::string("out: unsupported dtype ") + dtype_name(a.out.dtype));

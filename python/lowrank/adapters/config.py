@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Union
 
@@ -34,6 +36,10 @@ def _check_targets(name: str, value: TargetSpec, *, required: bool) -> None:
     if isinstance(value, str):
         if not value:
             raise ValueError(f"{name}: expected a non-empty regex, suffix list or 'all-linear', got ''")
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise ValueError(f"{name}: expected a valid regular expression, got {value!r} ({e})") from None
         return
     if isinstance(value, (list, tuple, set)) and value and all(isinstance(v, str) and v for v in value):
         return
@@ -134,6 +140,8 @@ class AdapterConfig:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"adapter config: not valid JSON ({e})") from None
+        except RecursionError:  # json's decoder recurses once per nesting level
+            raise ValueError("adapter config: JSON nested too deeply") from None
         return AdapterConfig.from_dict(data)
 
     @classmethod
@@ -194,6 +202,8 @@ class LoRAConfig(AdapterConfig):
         _positive_int("r", self.r)
         if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool):
             raise TypeError(f"alpha: expected a number, got {self.alpha!r}")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise ValueError(f"alpha: expected a positive number, got {self.alpha!r}")
         _probability("dropout", self.dropout)
         self.adapter_dtype = _dtype_or_none("adapter_dtype", self.adapter_dtype)
 

@@ -274,12 +274,22 @@ def _plan(model: nn.Module, config: AdapterConfig, tensors: dict[str, Tensor], p
             if owner is None:
                 raise AdapterFileError(f"{path}: unexpected tensor {key!r}: no adapted layer or modules_to_save owns it")
             saved.setdefault(owner, {})[rest[len(owner) + 1:]] = t
-    if isinstance(config, VeRAConfig) and config.save_projection:
+    if isinstance(config, VeRAConfig):
         missing = [k for k in _VERA_SHARED if k not in tensors]
-        if missing:
-            raise AdapterFileError(f"{path}: save_projection is true but {missing} are missing")
+        if missing and (config.save_projection or len(missing) == 1):
+            raise AdapterFileError(f"{path}: VeRA projections {missing} are missing (the file needs both or neither)")
+        for key in _VERA_SHARED if not missing else ():
+            t = tensors[key]
+            if t.dim() != 2 or not t.dtype.is_floating_point:
+                raise AdapterFileError(f"{path}: {key}: expected a 2-D floating-point tensor, got {t.dtype} {list(t.shape)}")
+            if not _finite(t):
+                raise AdapterFileError(f"{path}: {key}: contains NaN or infinity")
     if not per_layer:
         raise AdapterFileError(f"{path}: the file holds no adapter tensors")
+    for owner in saved_targets:  # attach would wrap one inside the other, and the copy's keys would differ
+        clash = next((n for n in per_layer if n == owner or n.startswith(owner + ".") or owner.startswith(n + ".")), None)
+        if clash is not None:
+            raise AdapterFileError(f"{path}: modules_to_save {owner!r} overlaps the adapted layer {clash!r}")
     layers = []
     for layer_name, keys in sorted(per_layer.items()):
         if layer_name not in modules:
@@ -330,8 +340,13 @@ def _check_shapes(layer_name: str, base: nn.Module, config: AdapterConfig, keys:
             raise AdapterFileError(
                 f"{path}: {layer_name}.{key}: expected shape {list(shape)} for this model, got {list(t.shape)}"
             )
-        if not torch.isfinite(t).all():
+        if not _finite(t):
             raise AdapterFileError(f"{path}: {layer_name}.{key}: contains NaN or infinity")
+
+
+def _finite(t: Tensor) -> bool:
+    # torch.isfinite has no kernel for some float8 dtypes: widen those (adapter tensors are small)
+    return bool(torch.isfinite(t if t.dtype.itemsize > 1 else t.float()).all())
 
 
 @torch.no_grad()

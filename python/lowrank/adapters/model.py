@@ -439,6 +439,8 @@ def merge(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, dic
 
 def unmerge(model: nn.Module, adapter_name: Optional[str] = None) -> None:
     """Undoes :func:`merge` for ``adapter_name`` (default: every merged adapter, newest first)."""
+    if adapter_name is not None:
+        _require(model, adapter_name)
     for _, layer in adapted_layers(model):
         names = [adapter_name] if adapter_name is not None else list(reversed(layer.merged_adapters))
         for n in names:

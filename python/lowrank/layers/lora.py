@@ -20,6 +20,21 @@ from ..ops import _direct
 from ..ops import lora as _lora_ops
 
 
+def check_probability(name: str, value) -> None:
+    """A dropout probability: a number in [0, 1)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
+
+
+def check_linear_args(in_features, out_features, dtype) -> None:
+    """``nn.Linear``'s constructor arguments, checked before ``nn.Linear`` fails with a message naming none."""
+    for name, value in (("in_features", in_features), ("out_features", out_features)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name}: expected a non-negative int, got {value!r}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating-point dtype, got {dtype}")
+
+
 class LoRAFactor(nn.Module):
     """Holds one adapter factor as ``.weight`` so keys read ``lora_A.weight`` as in PEFT files.
 
@@ -46,8 +61,11 @@ class LoRAAdapter:
             raise ValueError(f"r: expected a positive int, got {r!r}")
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
             raise TypeError(f"alpha: expected a number, got {type(alpha).__name__}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+        if not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha: expected a positive number, got {alpha!r}")
+        check_probability("dropout", dropout)
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"adapter_dtype: expected a floating-point dtype, got {dtype}")
         self.r = r
         self.alpha = float(alpha)
         self.use_rslora = bool(use_rslora)
@@ -109,6 +127,7 @@ class LoRALinear(LoRAAdapter, nn.Module):
         adapter_dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
+        check_linear_args(in_features, out_features, dtype)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_from(base.weight, base.bias, r, alpha, dropout, use_rslora, adapter_dtype)
 

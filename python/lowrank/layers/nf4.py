@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..autograd import NF4LinearFunction
 from ..ops import _direct
 from ..ops import nf4 as _ops
-from .lora import LoRAAdapter
+from .lora import LoRAAdapter, check_linear_args
 
 _QS_KEY = "quant_state.bitsandbytes__nf4"
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -36,6 +36,7 @@ def quantize_nf4(weight: Tensor, blocksize: int = 64, double_quant: bool = True)
         raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2:
         raise ValueError(f"weight: expected [out_features, in_features], got shape {list(weight.shape)}")
+    _ops._check_blocksize("blocksize", blocksize)
     w = weight.detach()
     codes, absmax = torch.ops.lowrank.nf4_quantize(w, blocksize)
     state = dict(codes=codes, absmax=absmax, absmax2=None, code2=None, offset=None)
@@ -73,6 +74,7 @@ class NF4Linear(nn.Module):
         compute_dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
+        check_linear_args(in_features, out_features, dtype)
         dense = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_quantized(dense.weight.data, dense.bias, blocksize, double_quant, compute_dtype)
 

@@ -28,6 +28,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..autograd import VeRALinearFunction
 from ..ops import _direct
 from ..ops import vera as _vera_ops
+from .lora import check_linear_args, check_probability
 
 _PROJECTION_NAMES = ("vera_A", "vera_B")
 _VECTOR_NAMES = ("vera_lambda_d", "vera_lambda_b")
@@ -150,6 +151,7 @@ class VeRALinear(SharedProjections, nn.Module):
         adapter_dtype: Optional[torch.dtype] = None,
     ):
         super().__init__()
+        check_linear_args(in_features, out_features, dtype)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._init_from(
             base, r, d_initial, dropout, projections, projection_prng_key, save_projection, adapter_dtype
@@ -186,8 +188,9 @@ class VeRALinear(SharedProjections, nn.Module):
             raise ValueError(f"r: expected a positive int, got {r!r}")
         if not isinstance(d_initial, (int, float)) or isinstance(d_initial, bool):
             raise TypeError(f"d_initial: expected a number, got {type(d_initial).__name__}")
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+        check_probability("dropout", dropout)
+        if adapter_dtype is not None and not (isinstance(adapter_dtype, torch.dtype) and adapter_dtype.is_floating_point):
+            raise TypeError(f"adapter_dtype: expected a floating-point dtype, got {adapter_dtype}")
         in_features, out_features = getattr(base, "in_features", None), getattr(base, "out_features", None)
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

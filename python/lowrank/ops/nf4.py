@@ -164,6 +164,11 @@ def _check_backward_input(grad_y, codes, absmax, absmax2, code2, offset, shape, 
     check_adapter_grad(grad_y, g, lora_a, k)
 
 
+def _check_dtype(name: str, dtype) -> None:
+    if dtype not in _FLOATS:
+        raise TypeError(f"{name}: expected float32, float64, bfloat16 or float16, got {dtype}")
+
+
 def _check_quantize(weight, blocksize) -> None:
     check_tensor("weight", weight, dtypes=(torch.float32, torch.bfloat16, torch.float16))
     _check_blocksize("blocksize", blocksize)
@@ -240,6 +245,7 @@ def decode_absmax(absmax, absmax2, code2, offset, blocksize2) -> Tensor:
 
 def nf4_dequantize_reference(codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2, dtype):
     _check_weight(codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2)
+    _check_dtype("dtype", dtype)
     numel = shape[0] * shape[1]
     b = codes.reshape(-1)
     q = torch.stack([b >> 4, b & 15], dim=1).reshape(-1)[:numel].long()
@@ -376,6 +382,7 @@ def _(absmax, offset, code2, blocksize2):
 @nf4_dequantize.register_fake
 def _(codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2, dtype):
     _check_weight(codes, absmax, absmax2, code2, offset, list(shape), blocksize, blocksize2)
+    _check_dtype("dtype", dtype)
     return codes.new_empty(tuple(shape), dtype=dtype)
 
 
@@ -484,6 +491,7 @@ def _dequantize_into(out: Tensor, w: "_C.Nf4Weight", row0: int) -> None:
 def _dequantize_native(codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2, dtype):
     shape = list(shape)
     _check_weight(codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2)
+    _check_dtype("dtype", dtype)
     # fp16 on the CPU: decoded in fp32, then rounded once to fp16 (the same single rounding)
     decode_dtype = torch.float32 if codes.device.type == "cpu" and dtype == torch.float16 else dtype
     if shape[0] * shape[1] == 0 or not _native(codes.device, decode_dtype):
