@@ -51,7 +51,7 @@ libasan=$($cxx -print-file-name=libasan.so)
 libstdcxx=$(readlink -f "$($cxx -print-file-name=libstdc++.so)")
 libasan=$(readlink -f "$libasan")
 so=$(ls "$dir"/site/lowrank/_C*.so)
-ldd "$so" | grep -q libasan || { echo "$so does not link libasan: not a sanitized build?"; exit 1; }
+ldd "$so" | grep libasan >/dev/null || { echo "$so does not link libasan: not a sanitized build?"; exit 1; }
 
 export PYTHONPATH="$dir/site"
 export LD_PRELOAD="$libasan $libstdcxx"
