@@ -15,7 +15,6 @@ reference kernels.
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time
@@ -31,12 +30,11 @@ import lowrank
 from lowrank import _C
 from lowrank._validate import check_tensor, matrix
 from lowrank.ops import _runtime
-from lowrank.ops import lora as lora_ops
 from lowrank.ops import nf4 as nf4_ops
-from lowrank.ops import vera as vera_ops
 
-from conftest import (absolute, assert_error_within, fp64, max_error, plain_lora_linear, same_dtype_reference,
-                      took_native_16bit_gemm)  # fmt: skip
+from conftest import absolute, assert_error_within, fp64, max_error, plain_lora_linear
+from test_lora_ops import check_forward as check_lora_forward  # the ops tests' own contracts: float64 vs
+from test_vera_ops import check_forward as check_vera_forward  # the same-dtype reference's error
 
 OPS = torch.ops.lowrank
 F32, BF16, U8, I32 = _C.DType.float32, _C.DType.bfloat16, _C.DType.uint8, _C.DType.int32
@@ -419,7 +417,7 @@ def test_misaligned_views_are_accepted(dtype, path, force_path, monkeypatch):
     a = at_odd_offset((torch.randn(r, k) / k**0.5).to(dtype))
     b = at_odd_offset(torch.randn(n, r).to(dtype))
     bias = at_odd_offset(torch.randn(n).to(dtype))
-    check_lora_forward(x, w, bias, a, b, 1.25, None)
+    check_lora_forward(x, w, bias, a, b, None, scale=1.25)
     d, lb = at_odd_offset(torch.randn(r).to(dtype)), at_odd_offset(torch.randn(n).to(dtype))
     check_vera_forward(x, w, bias, a, b, d, lb, None)
 
@@ -676,58 +674,6 @@ def laid_out(m: int, k: int, dtype, layout: str, offset: int, std: float = 1.0):
     return g(m, k)
 
 
-def lora_forward_fp64(x, weight, bias, lora_a, lora_b, scale, adapter_input=None):
-    xa = fp64(x if adapter_input is None else adapter_input)
-    u = xa @ fp64(lora_a).t()
-    y = fp64(x) @ fp64(weight).t() + scale * (u @ fp64(lora_b).t())
-    return (y if bias is None else y + fp64(bias)), u
-
-
-def check_lora_forward(x, weight, bias, lora_a, lora_b, scale, adapter_input):
-    """tests/test_lora_ops.py's contract: within ERROR_FACTOR x the same-dtype reference's error vs float64."""
-    args = (x, weight, bias, lora_a, lora_b, scale, adapter_input)
-    y, u = OPS.lora_linear_forward(*args)
-    y_ref, u_ref = lora_ops.lora_linear_forward_reference(*args)
-    assert y.shape == y_ref.shape and u.shape == u_ref.shape and y.dtype == x.dtype and u.dtype == torch.float32
-    y64, u64 = lora_forward_fp64(*args)
-    y_mag, u_mag = lora_forward_fp64(*map(absolute, args))
-    native16 = took_native_16bit_gemm(x, weight)
-    y_ref = same_dtype_reference(y_ref, plain_lora_linear(*args), y64, native16)
-    assert_error_within("y", y, y_ref, y64, y_mag, extra_roundings=int(native16))
-    assert_error_within("u", u, u_ref, u64, u_mag)
-
-
-def vera_forward_fp64(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input=None):
-    xa = fp64(x if adapter_input is None else adapter_input)
-    h = xa @ fp64(vera_a).t()
-    y = ((h * fp64(lambda_d)) @ fp64(vera_b).t()) * fp64(lambda_b)
-    if weight is not None:
-        y = y + fp64(x) @ fp64(weight).t()
-    return (y if bias is None else y + fp64(bias)), h
-
-
-def plain_vera_linear(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input=None):
-    xa = x if adapter_input is None else adapter_input
-    out = lambda_b * F.linear(lambda_d * F.linear(xa.to(vera_a.dtype), vera_a), vera_b)
-    if weight is None:
-        return (out + bias.to(out.dtype)).to(x.dtype) if bias is not None else out.to(x.dtype)
-    return F.linear(x, weight, bias) + out.to(x.dtype)
-
-
-def check_vera_forward(*args):
-    """tests/test_vera_ops.py's contract."""
-    x, weight = args[0], args[1]
-    y, h = OPS.vera_linear_forward(*args)
-    y_ref, h_ref = vera_ops.vera_linear_forward_reference(*args)
-    assert y.shape == y_ref.shape and h.shape == h_ref.shape and y.dtype == x.dtype and h.dtype == torch.float32
-    y64, h64 = vera_forward_fp64(*args)
-    y_mag, h_mag = vera_forward_fp64(*map(absolute, args))
-    native16 = took_native_16bit_gemm(x, weight)
-    y_ref = same_dtype_reference(y_ref, plain_vera_linear(*args), y64, native16)
-    assert_error_within("y", y, y_ref, y64, y_mag, extra_roundings=int(native16))
-    assert_error_within("h", h, h_ref, h64, h_mag)
-
-
 def quantized_weight(n, k, blocksize, double_quant):
     st_ = lowrank.quantize_nf4(torch.randn(n, k) * 0.05, blocksize, double_quant)
     return (st_["codes"], st_["absmax"], st_["absmax2"], st_["code2"], st_["offset"], [n, k], blocksize, 256)
@@ -787,7 +733,7 @@ def test_lora_forward_property(m, k, n, r, dtype, adapter_fp32, layout, offset, 
     lora_a = laid_out(r, k, adt, weight_layout, offset, std=k**-0.5)
     lora_b = laid_out(n, r, adt, "offset", offset, std=r**-0.5)
     xa = F.dropout(x, 0.25) if dropout else None
-    check_lora_forward(x, weight, b, lora_a, lora_b, 1.75, xa)
+    check_lora_forward(x, weight, b, lora_a, lora_b, xa, scale=1.75)
 
 
 @PROPERTY

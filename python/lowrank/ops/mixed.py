@@ -27,7 +27,7 @@ batches is not the serving hot path); each adapter gets the gradient of its own 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor

@@ -40,7 +40,7 @@ from .. import _C
 from .._validate import check_tensor, cuda_stream, last_dim_contiguous, matrix, optional_matrix
 from . import _direct, _gemm, _runtime
 from . import lora as _lora
-from .lora import _fused_rows, check_adapter_grad
+from .lora import check_adapter_grad
 
 NF4_TABLE = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
