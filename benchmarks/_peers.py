@@ -15,6 +15,9 @@ import pytest
 import torch
 from torch import nn
 
+from lowrank.bench import layer_call
+from lowrank.bench import peft_lora_linear as peft_lora_layer  # noqa: F401  (shared with `lowrank bench`)
+
 from ._report import format_ms, format_rate, format_ratio
 from ._timing import QUICK, benchmark_within_budget, interleaved_medians, interleaved_rounds, seconds_per_call
 
@@ -28,49 +31,9 @@ def available(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def peft_lora_layer(cls, base: nn.Module, rank: int, alpha: float) -> nn.Module:
-    """PEFT's LoRA layer class ``cls`` (``peft.tuners.lora.layer.Linear``, ``...lora.bnb.Linear4bit``)
-    around ``base``: adapter "default", no dropout, PEFT's default init. Newer PEFT also takes the
-    LoraConfig."""
-    import inspect
-
-    from peft import LoraConfig
-
-    kwargs = dict(r=rank, lora_alpha=alpha, lora_dropout=0.0)
-    if "config" in inspect.signature(cls.__init__).parameters:
-        kwargs["config"] = LoraConfig(init_lora_weights=True, **kwargs)
-    return cls(base, "default", init_lora_weights=True, **kwargs)
-
-
 def timed_call(case, layer: nn.Module) -> Callable[[], object]:
-    """What one timed call of ``layer`` does in ``case.mode`` (inputs made once, outside the timing).
-
-    ``forward``: eval mode, under ``torch.no_grad()``. ``forward_backward``: forward, then
-    ``torch.autograd.grad`` of y against a fixed random grad_y for x and the trainable parameters,
-    returned rather than accumulated, so every call does the same work. The parameters are taken in
-    name order with PEFT's ``.default`` dropped, so peers' gradients line up for comparison.
-    """
-    generator = torch.Generator().manual_seed(1)
-    x = torch.randn(case.tokens, case.in_features, generator=generator).to(case.dtype)
-    if case.mode == "forward":
-        layer.eval()
-
-        def forward():
-            with torch.no_grad():
-                return layer(x)
-
-        return forward
-
-    layer.train()
-    x.requires_grad_(True)
-    grad_y = torch.randn(case.tokens, case.out_features, generator=generator).to(case.dtype)
-    trainable = {name.replace(".default", ""): p for name, p in layer.named_parameters() if p.requires_grad}
-    inputs = [x] + [trainable[name] for name in sorted(trainable)]
-
-    def forward_backward():
-        return torch.autograd.grad(layer(x), inputs, grad_y)
-
-    return forward_backward
+    """What one timed call of ``layer`` does in ``case.mode`` (:func:`lowrank.bench.layer_call`)."""
+    return layer_call(layer, case.mode, case.tokens, case.in_features, case.out_features, case.dtype)
 
 
 def estimated_seconds_per_call(case, layer: nn.Module, probe_tokens: int = 1) -> float:

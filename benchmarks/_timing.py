@@ -1,7 +1,7 @@
 """How the benchmarks time things: quick mode, round budgets, and interleaved medians.
 
 This machine has slow phases of up to 1.6x, so two timings taken at different moments do not
-compare. Peers are compared by :func:`interleaved_medians`, which calls them in turn
+compare. Peers are compared by :func:`interleaved_medians` (lowrank.bench's, which `lowrank bench` uses too), which calls them in turn
 (A, B, C, B, C, A, C, A, B, ...) inside one loop so every peer sees the same phases, and reports
 each one's median. The pytest-benchmark cases (:func:`benchmark_within_budget`) stay useful for
 their JSON output and history, but their ratios are only as good as the machine was steady.
@@ -14,11 +14,11 @@ at 4096x11008, M=512, on this AVX2 CPU) gets MIN_ROUNDS and a 5 ms call a few hu
 
 from __future__ import annotations
 
-import gc
 import os
-import statistics
 import time
 from typing import Callable
+
+from lowrank.bench import interleaved_medians  # noqa: F401  (the one implementation, shared with `lowrank bench`)
 
 QUICK = os.environ.get("LOWRANK_BENCH_QUICK", "0") == "1"
 
@@ -55,32 +55,6 @@ def interleaved_rounds(fns: dict[str, Callable[[], object]]) -> int:
     if QUICK:
         return 1
     return rounds_within(INTERLEAVED_BUDGET_S, sum(seconds_per_call(fn) for fn in fns.values()))
-
-
-def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median seconds per call of each fn, timed round-robin: every round calls each fn once.
-
-    The starting fn rotates from round to round, so no peer always runs right after the same
-    neighbour (whose cache footprint or clock boost it would inherit). GC is off while timing.
-    Warm the fns up first (:func:`interleaved_rounds` does).
-    """
-    names = list(fns)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    gc.collect()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        for round_index in range(rounds):
-            shift = round_index % len(names)
-            for name in names[shift:] + names[:shift]:
-                fn = fns[name]
-                start = time.perf_counter()
-                fn()
-                samples[name].append(time.perf_counter() - start)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return {name: statistics.median(times) for name, times in samples.items()}
 
 
 def interleaved_rounds_warmed_once(fns: dict[str, Callable[[], object]],

@@ -40,6 +40,7 @@ from lowrank.ops import _dispatch, _runtime
 from lowrank.ops import mixed as mixed_ops
 
 from test_adapters import _ids, _model, _randomize
+from test_adapter_files import _assert_unchanged, _snapshot
 
 ALLOWED = (AdapterFileError, ValueError, FileNotFoundError)
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -54,18 +55,6 @@ def _pinned_crossovers(monkeypatch):
                                                            torch.bfloat16: d["cpu_input_grad_max_m/bfloat16"]})  # fmt: skip
     monkeypatch.setattr(_runtime, "NF4_CPU_FUSED_MAX_M", d["nf4_cpu_fused_max_m"])
     monkeypatch.setattr(_runtime, "NF4_CPU_INPUT_GRAD_MAX_M", d["nf4_cpu_input_grad_max_m"])
-
-
-def _snapshot(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _assert_unchanged(model, snapshot, names) -> None:
-    state = model.state_dict()
-    assert state.keys() == snapshot.keys()
-    for k, v in state.items():
-        assert torch.equal(v, snapshot[k]), k
-    assert lowrank.adapter_names(model) == names
 
 
 # =============================================================================================

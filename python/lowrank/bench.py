@@ -323,11 +323,15 @@ def build_cases(opts: Options, missing: dict[str, str]) -> dict[tuple[str, str],
     return cases
 
 
-def timed_call(layer: nn.Module, mode: str, tokens: int, opts: Options) -> Callable[[], object]:
-    """What one timed call of ``layer`` does in ``mode`` (``forward``: eval, no_grad; ``forward_backward``:
-    train, y and ``torch.autograd.grad`` for x and the trainable parameters, returned not accumulated)."""
+def layer_call(layer: nn.Module, mode: str, tokens: int, in_features: int, out_features: int, dtype: torch.dtype,
+               device="cpu") -> Callable[[], object]:  # fmt: skip
+    """What one timed call of ``layer`` does (inputs made once, outside the timing; shared with
+    ``benchmarks/``). ``forward``: eval mode, under ``torch.no_grad()``. ``forward_backward``: forward,
+    then ``torch.autograd.grad`` of y against a fixed random grad_y for x and the trainable parameters,
+    returned rather than accumulated, so every call does the same work. The parameters are taken in
+    name order with PEFT's ``.default`` dropped, so peers' gradients line up for comparison."""
     generator = torch.Generator().manual_seed(1)
-    x = torch.randn(tokens, opts.in_features, generator=generator).to(opts.device, opts.dtype)
+    x = torch.randn(tokens, in_features, generator=generator).to(device, dtype)
     if mode == "forward":
         layer.eval()
 
@@ -339,13 +343,18 @@ def timed_call(layer: nn.Module, mode: str, tokens: int, opts: Options) -> Calla
 
     layer.train()
     x.requires_grad_(True)
-    grad_y = torch.randn(tokens, opts.out_features, generator=generator).to(opts.device, opts.dtype)
-    inputs = [x] + [p for _, p in sorted(layer.named_parameters()) if p.requires_grad]
+    grad_y = torch.randn(tokens, out_features, generator=generator).to(device, dtype)
+    trainable = {name.replace(".default", ""): p for name, p in layer.named_parameters() if p.requires_grad}
+    inputs = [x] + [trainable[name] for name in sorted(trainable)]
 
     def forward_backward():
         return torch.autograd.grad(layer(x), inputs, grad_y)
 
     return forward_backward
+
+
+def timed_call(layer: nn.Module, mode: str, tokens: int, opts: Options) -> Callable[[], object]:
+    return layer_call(layer, mode, tokens, opts.in_features, opts.out_features, opts.dtype, opts.device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,14 +378,22 @@ def warm_up(fn: Callable[[], object], sync: Callable[[], None]) -> float:
     return seconds
 
 
-def interleaved_medians(
-    fns: dict[str, Callable[[], object]], rounds: int, sync: Callable[[], None]
-) -> dict[str, float]:
-    """Median seconds per call of each fn, every round calling each once, the first one rotating; the
-    garbage collector off (:func:`time_rows` collects once before the first row: after importing PEFT
-    and bitsandbytes a full collection takes 0.2 s, too long to repeat per row)."""
+def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int, sync: Optional[Callable[[], None]] = None,
+                        collect: bool = True) -> dict[str, float]:  # fmt: skip
+    """Median seconds per call of each fn, timed round-robin: every round calls each fn once (shared
+    with ``benchmarks/``).
+
+    The starting fn rotates from round to round, so no peer always runs right after the same
+    neighbour (whose cache footprint or clock boost it would inherit). The garbage collector is off
+    while timing; ``collect`` runs one full collection first (after importing PEFT and bitsandbytes
+    one takes 0.2 s: :func:`time_rows` collects once, before its first row). ``sync`` (CUDA) runs
+    before and after each call. Warm the fns up first.
+    """
     names = list(fns)
     samples: dict[str, list[float]] = {name: [] for name in names}
+    sync = sync or (lambda: None)
+    if collect:
+        gc.collect()
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
@@ -470,7 +487,7 @@ def time_rows(opts: Options, cases: dict[tuple[str, str], Trio], deadline: float
         per_round = sum(estimates.values())
         left = row_budget - (time.perf_counter() - started)
         rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, int(left / max(per_round, 1e-9))))
-        medians = interleaved_medians(fns, rounds, sync)
+        medians = interleaved_medians(fns, rounds, sync, collect=False)
         rows.append(Row(case, label, rank, mode, tokens, PEER_NAMES[case], medians["nn.Linear"], medians["lowrank"],
                         medians.get("peer"), peer_missing, rounds))  # fmt: skip
     return rows
