@@ -498,34 +498,24 @@ def time_rows(opts: Options, cases: dict[tuple[str, str], Trio], deadline: float
 # ---------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def uncached_code_paths_as_defaults(device: torch.device):
-    """Within the block, lowrank's CPU code-path choices not yet cached on disk take their built-in
+    """Within the block, lowrank's CPU code-path choices not yet measured here take their built-in
     defaults instead of being measured (~30 s, more than the bench's whole budget); yields a note
-    saying which, or None. Only in ``disk`` calibration mode (the default) and on CPU; the defaults
-    are forgotten afterwards, so a later call in this process measures as usual."""
+    saying so, or None (CUDA). Only in ``disk`` calibration mode (the default)."""
     from .ops import _dispatch
 
-    if device.type != "cpu" or _dispatch.mode() != "disk":
-        how = {"off": "built-in defaults (LOWRANK_CALIBRATION=off)", "process": "measured now, in the warm-up"}
-        yield None if device.type != "cpu" else f"lowrank CPU code paths: {how[_dispatch.mode()]}"
+    if device.type != "cpu":
+        yield None
         return
-    known = _dispatch.report(include_disk=True)
-    missing = [name for name in _dispatch.DEFAULTS if name not in known]
-    placed = {}
-    with _dispatch._lock:
-        for name in missing:
-            placed[name] = _dispatch.Decision(_dispatch.DEFAULTS[name], "default (lowrank bench: not measured yet)")
-            _dispatch._decisions[name] = placed[name]
-    try:
+    if _dispatch.mode() != "disk":
+        how = {"off": "built-in defaults (LOWRANK_CALIBRATION=off)", "process": "measured now, in the warm-up"}
+        yield f"lowrank CPU code paths: {how[_dispatch.mode()]}"
+        return
+    with _dispatch.defaults_where_unmeasured("lowrank bench: not measured yet") as missing:
         if missing:
             yield (f"lowrank CPU code paths: {len(missing)} of {len(_dispatch.DEFAULTS)} not measured here yet, defaults "
                    "used (`python -m lowrank info` measures and caches them, ~30 s)")  # fmt: skip
         else:
             yield "lowrank CPU code paths: measured on this machine (disk cache)"
-    finally:
-        with _dispatch._lock:
-            for name, decision in placed.items():
-                if _dispatch._decisions.get(name) is decision:
-                    del _dispatch._decisions[name]
 
 
 # ---------------------------------------------------------------------------------------------

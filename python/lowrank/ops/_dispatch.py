@@ -29,6 +29,7 @@ built-in defaults (no measuring) — for reproducible runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -40,6 +41,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
+
+from .._info import cpu_model
 
 UNBOUNDED = 1 << 62
 STEADY_RATIO = 1.3  # the steadiness workload's time may change this much across a probe and be cached
@@ -114,6 +117,27 @@ def reset() -> None:
         _decisions.clear()
 
 
+@contextlib.contextmanager
+def defaults_where_unmeasured(why: str):
+    """Within the block, decisions this process has not taken and the disk cache does not hold take
+    their built-in defaults instead of being measured (``why`` goes in their ``source``); yields their
+    names. Afterwards they are forgotten, so a later use measures as usual. Only in ``disk`` mode."""
+    placed: dict[str, Decision] = {}
+    if mode() == "disk":
+        known = report(include_disk=True)
+        with _lock:
+            for name in DEFAULTS:
+                if name not in known:
+                    placed[name] = _decisions[name] = Decision(DEFAULTS[name], f"default ({why})")
+    try:
+        yield list(placed)
+    finally:
+        with _lock:
+            for name, decision in placed.items():
+                if _decisions.get(name) is decision:
+                    del _decisions[name]
+
+
 # ---------------------------------------------------------------------------------------------
 # Cache
 # ---------------------------------------------------------------------------------------------
@@ -125,20 +149,8 @@ def cache_key() -> str:
         f"torch {torch.__version__}",
         f"isa {_C.cpu_isa()}",
         f"threads {torch.get_num_threads()}",
-        _cpu_model(),
+        cpu_model(),
     ))  # fmt: skip
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
 
 
 def cache_file() -> Path:
