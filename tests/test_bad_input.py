@@ -240,7 +240,7 @@ CASES = [
     pytest.param(lambda: nf4_dequantize(absmax=lambda a: noncontiguous_copy(a["absmax"])), ValueError, r"^absmax: must be contiguous", id="nf4_dequantize-absmax-strided"),
     pytest.param(lambda: nf4_dequantize(code2=lambda a: noncontiguous_copy(a["code2"])), ValueError, r"^absmax2 and code2: must be contiguous", id="nf4_dequantize-code2-strided"),
     pytest.param(lambda: nf4_forward(code2=lambda a: noncontiguous_copy(a["code2"])), ValueError, r"^absmax2 and code2: must be contiguous", id="nf4_op-code2-strided"),
-    # ---- r = 0 (r > min(in, out) is accepted, as PEFT does: test_rank_above_min_features_is_accepted) -------------
+    # ---- r = 0 and r > min(in, out) (also test_rank_above_min_features_is_rejected_before_the_model_changes) -----
     pytest.param(lambda: lowrank.LoRALinear(8, 4, r=0), ValueError, r"^r: expected a positive int, got 0", id="LoRALinear-r-0"),
     pytest.param(lambda: lowrank.LoRALinear.from_linear(nn.Linear(8, 4), r=-1), ValueError, r"^r: expected a positive int, got -1", id="LoRALinear.from_linear-r-negative"),
     pytest.param(lambda: lowrank.QLoRALinear(64, 4, r=0), ValueError, r"^r: expected a positive int, got 0", id="QLoRALinear-r-0"),
@@ -249,6 +249,8 @@ CASES = [
     pytest.param(lambda: lowrank.QLoRAConfig(r=0), ValueError, r"^r: expected a positive int, got 0", id="QLoRAConfig-r-0"),
     pytest.param(lambda: lowrank.VeRAConfig(r=0), ValueError, r"^r: expected a positive int, got 0", id="VeRAConfig-r-0"),
     pytest.param(lambda: lowrank.VeRALinear(8, 4, r=0), ValueError, r"^r: expected a positive int, got 0", id="VeRALinear-r-0"),
+    pytest.param(lambda: lowrank.LoRALinear(8, 4, r=9), ValueError, r"^r: expected at most min\(in_features, out_features\) = 4 for a 8 -> 4 layer .*got 9", id="LoRALinear-r-above-min"),
+    pytest.param(lambda: lowrank.QLoRALinear(64, 4, r=65), ValueError, r"^r: expected at most min\(in_features, out_features\) = 4 .*got 65", id="QLoRALinear-r-above-min"),
     pytest.param(lambda: lowrank.vera_shared_projections(0, 8, 4), ValueError, r"^r: expected a positive int, got 0", id="vera_shared_projections-r-0"),
     # ---- blocksizes bitsandbytes does not allow ----------------------------------------------------------------------
     *[pytest.param(lambda bs=bs: lowrank.quantize_nf4(torch.randn(4, 64), bs), ValueError, r"^blocksize: expected one of \(32, 64, .*got " + str(bs), id=f"quantize_nf4-blocksize-{bs}")
@@ -381,19 +383,32 @@ def test_bad_input_raises_on_meta_tensors(call, exc, match):
 # ---------------------------------------------------------------------------------------------
 # Accepted on purpose (documented, so a future check does not break them silently)
 # ---------------------------------------------------------------------------------------------
-def test_rank_above_min_features_is_accepted():
-    """r > min(in, out) is not an error (PEFT allows it, and PEFT files with it must load): the update
-    s·BA then has rank at most min(in, out), and the layer computes exactly that."""
-    layer = lowrank.LoRALinear(8, 4, r=9)
-    q = lowrank.QLoRALinear(64, 4, r=65)
-    assert layer.lora_A.weight.shape == (9, 8) and q.lora_A.weight.shape == (65, 64)
-    model = lowrank.inject(nn.Sequential(nn.Linear(8, 4)), lowrank.LoRAConfig(r=9))
-    assert lowrank.adapter_config(model).r == 9
-    with torch.no_grad():
-        layer.lora_B.weight.normal_()
-        x = torch.randn(5, 8)
-        want = F.linear(x, layer.weight + layer.delta_weight(), layer.bias)
-        torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+def test_rank_above_min_features_is_rejected_before_the_model_changes(tmp_path):
+    """r > min(in, out) adds parameters but no rank (s·BA has rank at most min(in, out)): the layers,
+    inject and load_adapter refuse it naming the layer, and a refused inject leaves the model as it was.
+    (PEFT accepts such a rank; a PEFT file with one is refused here, with the same message.)"""
+    for make in (lambda: lowrank.LoRALinear(8, 4, r=5), lambda: lowrank.QLoRALinear(64, 4, r=5),
+                 lambda: lowrank.LoRALinear.from_linear(nn.Linear(3, 8), r=4)):  # fmt: skip
+        with pytest.raises(ValueError, match=r"^r: expected at most min\(in_features, out_features\) = [34] for a "):
+            make()
+    assert lowrank.LoRALinear(8, 4, r=4).r == 4  # the limit itself is fine
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for config in (lowrank.LoRAConfig(r=5), lowrank.QLoRAConfig(r=5)):
+        with pytest.raises(ValueError, match=r"^2: r: expected at most min\(in_features, out_features\) = 4 .*exclude_modules"):
+            lowrank.inject(model, config)
+        assert all(isinstance(m, (nn.Linear, nn.ReLU)) for m in model)
+        assert model.state_dict().keys() == before.keys()
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    lowrank.inject(model, lowrank.LoRAConfig(r=5, exclude_modules=["2"]))  # the way out the message names
+    lowrank.inject(model, lowrank.VeRAConfig(r=32), adapter_name="vera")  # VeRA's rank is the projections'
+    # A file whose rank exceeds a layer's (as PEFT may write) is refused on load, naming the layer.
+    wide = lowrank.inject(nn.Sequential(nn.Linear(8, 16)), lowrank.LoRAConfig(r=6))
+    lowrank.save_adapter(wide, tmp_path / "a")
+    narrow = nn.Sequential(nn.Linear(8, 4))
+    with pytest.raises(ValueError, match=r"/a: 0: r: expected at most min\(in_features, out_features\) = 4 .*got 6"):
+        lowrank.load_adapter(narrow, tmp_path / "a")
+    assert isinstance(narrow[0], nn.Linear)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

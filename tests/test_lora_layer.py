@@ -283,7 +283,7 @@ def test_dropout_gradients_use_the_same_mask():
 # Training: what is trainable, what moves
 # ---------------------------------------------------------------------------------------------
 def test_only_lora_parameters_require_grad():
-    for layer in (LoRALinear(8, 4, r=2), LoRALinear.from_linear(nn.Linear(8, 4), r=2), LoRALinear(8, 4, bias=False)):
+    for layer in (LoRALinear(8, 4, r=2), LoRALinear.from_linear(nn.Linear(8, 4), r=2), LoRALinear(8, 4, r=2, bias=False)):
         trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
         assert trainable == {"lora_A.weight", "lora_B.weight"}
         frozen = {n for n, p in layer.named_parameters() if not p.requires_grad}

@@ -18,6 +18,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from ..layers.lora import check_rank_fits
 from ..layers.nf4 import NF4Linear
 from ..layers.vera import vera_shared_projections
 from .config import AdapterConfig, FullConfig, LoRAConfig, QLoRAConfig, VeRAConfig
@@ -172,6 +173,11 @@ def _check_method_fits(name: str, base: nn.Module, config: AdapterConfig) -> Non
             f"{name}: full fine-tuning needs a dense weight, but this layer is stored in 4-bit NF4 "
             "(train a LoRA/QLoRA or VeRA adapter on it instead)"
         )
+    if isinstance(config, LoRAConfig):  # QLoRAConfig too
+        try:
+            check_rank_fits(config.r, *base_features(base))
+        except ValueError as e:
+            raise ValueError(f"{name}: {e} (leave this layer out with exclude_modules, or lower r)") from None
 
 
 def _vera_projections(bases: list[nn.Module], config: VeRAConfig, given=None):

@@ -26,6 +26,17 @@ def check_probability(name: str, value) -> None:
         raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
 
 
+def check_rank_fits(r: int, in_features: int, out_features: int) -> None:
+    """A LoRA rank no larger than the layer allows: ``s·B A`` has rank at most ``min(in, out)``, so a
+    larger ``r`` only adds parameters (and a 0-feature layer has no room for an adapter at all)."""
+    limit = min(in_features, out_features)
+    if r > limit:
+        raise ValueError(
+            f"r: expected at most min(in_features, out_features) = {limit} for a {in_features} -> {out_features} "
+            f"layer (a larger rank adds parameters, not rank), got {r}"
+        )
+
+
 def check_linear_args(in_features, out_features, dtype) -> None:
     """``nn.Linear``'s constructor arguments, checked before ``nn.Linear`` fails with a message naming none."""
     for name, value in (("in_features", in_features), ("out_features", out_features)):
@@ -59,6 +70,7 @@ class LoRAAdapter:
         (which has ``in_features``/``out_features``), then registers the base-only load hook."""
         if not isinstance(r, int) or isinstance(r, bool) or r < 1:
             raise ValueError(f"r: expected a positive int, got {r!r}")
+        check_rank_fits(r, self.in_features, self.out_features)
         if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
             raise TypeError(f"alpha: expected a number, got {type(alpha).__name__}")
         if not (math.isfinite(alpha) and alpha > 0):
