@@ -153,6 +153,33 @@ def test_swap_fallback_without_renameat2(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["adapter"]
 
 
+def test_save_racing_another_save_to_the_same_new_path(tmp_path, monkeypatch):
+    """Two saves to one path that does not exist yet: both find it missing, the other one creates it
+    first. This save then replaces that adapter as a whole (last writer wins), leaving one complete
+    adapter and no staging directory, instead of failing on the occupied name."""
+    model = lowrank.inject(_model(), LoRAConfig(r=2), adapter_name="a")
+    lowrank.inject(model, LoRAConfig(r=3), adapter_name="b")
+    _randomize(model)
+    target = tmp_path / "new"
+    real_rename, raced = os.rename, []
+
+    def rename(src, dst):
+        if Path(dst) == target and not raced:
+            raced.append(True)
+            lowrank.save_adapter(model, target, adapter_name="b")  # the other process gets there first
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    lowrank.save_adapter(model, target, adapter_name="a")
+    assert raced and os.listdir(tmp_path) == ["new"]
+    assert json.loads((target / "adapter_config.json").read_text())["r"] == 2  # this save's adapter
+    fresh = _model()
+    lowrank.load_adapter(fresh, target)
+    lowrank.set_adapter(model, "a")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(_ids()), model(_ids()), rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Loads that must fail cleanly
 # ---------------------------------------------------------------------------------------------

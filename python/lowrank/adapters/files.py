@@ -15,6 +15,7 @@ a crash at any point leaves the previous adapter whole. Loading reads JSON and s
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import shutil
@@ -118,7 +119,12 @@ def save_adapter(model: nn.Module, path, adapter_name: Optional[str] = None) -> 
         if path.exists():
             _swap_directories(staging, path)  # staging now holds the previous adapter
         else:
-            os.rename(staging, path)
+            try:
+                os.rename(staging, path)
+            except OSError as e:  # another save created path meanwhile: replace its adapter as a whole
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not path.is_dir():
+                    raise
+                _swap_directories(staging, path)
         _fsync_dir(parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
