@@ -33,7 +33,7 @@ def test_decisions_are_measured_and_cached_on_disk(fresh, monkeypatch):
     value = _dispatch.decide("cpu_bf16_gemm")
     assert value in ("native", "widen") and calls == [1]
     d = _dispatch.report()["cpu_bf16_gemm"]
-    assert d["source"] == "measured" and set(next(iter(d["timings_ms"].values()))) == {"native", "widen"}
+    assert d["source"] == "measured" and set(next(iter(d["timings_ms"].values()))) == {"native", "widen", "sets"}
     # the same process asks again: no new measurement
     assert _dispatch.decide("cpu_bf16_gemm") == value and calls == [1]
     # a new process (simulated): read from disk, not measured
@@ -107,6 +107,24 @@ def test_crossover_rule():
     # fused wins up to 2, loses at 4
     limit, timings = _dispatch._crossover([1, 2, 4], lambda m: fast if m < 4 else slow, lambda m: slow if m < 4 else fast)
     assert limit == 2 and set(timings) == {"1", "2", "4"}
+
+
+def test_one_disturbed_set_does_not_decide(monkeypatch):
+    """A burst of other work during one interleaved set (the fused candidate read 3x slow there) is
+    outvoted: a second set disagrees, a third is run, and each candidate keeps its quietest median."""
+    sets = iter([{"fused": 6.1, "gemm": 2.0}, {"fused": 1.0, "gemm": 1.8}, {"fused": 1.1, "gemm": 1.9}])
+    monkeypatch.setattr(_dispatch, "_interleaved_ms", lambda calls: next(sets))
+    assert _dispatch._compared_ms({"fused": None, "gemm": None}) == {"fused": 1.0, "gemm": 1.8, "sets": 3}
+    # two sets that agree are enough
+    sets = iter([{"fused": 1.0, "gemm": 2.0}, {"fused": 1.2, "gemm": 1.9}])
+    monkeypatch.setattr(_dispatch, "_interleaved_ms", lambda calls: next(sets))
+    limit, timings = _dispatch._crossover([1], lambda m: None, lambda m: None)
+    assert limit == 1 and timings == {"1": {"fused": 1.0, "gemm": 1.9, "sets": 2}}
+
+
+def test_cache_key_names_the_calibration_version():
+    """Decisions measured by older probes (which one noisy set could decide) are not reused."""
+    assert f"calibration {_dispatch.CALIBRATION_VERSION}" in _dispatch.cache_key()
 
 
 def test_info_shows_decisions(fresh, monkeypatch):
