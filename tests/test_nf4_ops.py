@@ -292,6 +292,23 @@ def test_forward_dropout_input(nf4_path, path):
     assert_error_within("y", y, yr, exact, mag)
 
 
+@pytest.mark.parametrize("k", [64, 128, 192, 576, 4096 + 192], ids=lambda k: f"k{k}")
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 256, 4096])
+def test_single_row_kernel_vs_float64(cpu_isa, nf4_path, k, blocksize):
+    """M = 1 (decode): whole chunks of 128 values and a last group of 64 (k = 192, 576), scales decoded
+    ahead per chunk of 64 groups (k = 4288 crosses one), blocks straddling rows (k % blocksize != 0:
+    e.g. 192 with blocksize 128), row counts not a multiple of four; the float64 answer within fp32
+    rounding of the sum's magnitude."""
+    nf4_path("fused")
+    torch.manual_seed(k + blocksize)
+    for n in (1, 6, 37):
+        args, x, b, la, lb, xa = _inputs((1,), n, k, 3, torch.float32, blocksize=blocksize)
+        y, _ = forward(x, *args, b, la, lb, SCALE, xa)
+        exact, mag = _exact(args, x, b, la, lb, xa)
+        err = (y.double() - exact).abs().max().item()
+        assert err <= 8 * 2**-24 * mag.max().item(), (n, err)
+
+
 @pytest.mark.parametrize("lead,n,k", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("path", ["fused", "gemm"])

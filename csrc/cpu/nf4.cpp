@@ -1,11 +1,13 @@
 // NF4 on the CPU (compiled once per instruction set; see simd.h): quantization with double-quantized
 // scales, dequantization, and the fused dequant-GEMV rows kernel for few tokens.
 //
-// Decoding is exact: the fp32 code book is looked up, never rounded to 16 bits. On AVX2 the lookup
-// is four byte-plane table shuffles (vpshufb: byte j of every table entry in one register) plus two
-// rounds of unpacking that reassemble the fp32 bits, 32 values per round; a vpermps lookup measured
-// 1.7x slower here (Zen 2). The unpacking leaves the values in a fixed scrambled order inside each
-// group of 64; the rows kernel permutes x the same way once per call instead of unscrambling W.
+// Decoding is exact: the fp32 code book is looked up, never rounded to 16 bits. On AVX-512 the whole
+// 16-entry table sits in one register and a lookup of 16 values is one vpermps (decode_group512). On
+// AVX2 the lookup is four byte-plane table shuffles (vpshufb: byte j of every table entry in one
+// register) plus two rounds of unpacking that reassemble the fp32 bits, 32 values per round; an
+// 8-entry AVX2 vpermps lookup (two of them and a blend per 16 entries) measured 1.7x slower (Zen 2).
+// Either way the values come out in a fixed scrambled "group order" inside each group of 64
+// (group_source); the rows kernel permutes x the same way once per call instead of unscrambling W.
 //
 //   rows kernel:  out[m, n] = sum_k x[m, k] * W[n, k] + bias[n] + scale * v[m]·e[n]
 //   M = 1:        each row's codes are decoded in registers and dotted with x on the spot; the
@@ -325,6 +327,30 @@ inline void decode_group(const Planes& P, const uint8_t* p, __m256 v[8]) {
   lookup32(P, _mm256_and_si256(by, m4), v + 4);
 }
 
+#if defined(__AVX512F__)
+// AVX-512: a 16-entry fp32 table lookup is one vpermps (its index is the low 4 bits of each dword), so
+// 16 bytes of codes widened to dwords (vpmovzxbd) give their 16 high nibbles (after a shift) and their
+// 16 low nibbles (as they are) in two permutes: 32 values for 4 instructions, against the AVX2 path's
+// 12 byte shuffles and unpacks. "Group order" here: per half group of 32 values, the 16 even elements
+// (high nibbles), then the 16 odd ones.
+inline __m512 table512() { return _mm512_loadu_ps(kTable); }
+
+// One group of 64 (32 bytes) -> v[0] even and v[1] odd elements of its first 32 values, v[2], v[3]
+// those of the last 32: unscaled table values, exact.
+inline void decode_group512(__m512 table, const uint8_t* p, __m512 v[4]) {
+  for (int c = 0; c < 2; ++c) {
+    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * c)));
+    v[2 * c] = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table);
+    v[2 * c + 1] = _mm512_permutexvar_ps(d, table);
+  }
+}
+
+// Position (within its group of 64) of the element that lands in slot s of the group order.
+inline int group_source(int s) {
+  const int half = s / 32, h = (s % 32) / 16, i = s % 16;  // h: 0 even elements, 1 odd
+  return 32 * half + 2 * i + h;
+}
+#else
 // Position (within its group of 64) of the element that lands in slot s of the group order.
 inline int group_source(int s) {
   const int h = s / 32, j = s % 32;          // h: 0 even elements, 1 odd; j: slot in lookup32 order
@@ -332,6 +358,7 @@ inline int group_source(int s) {
   const int byte = i < 4 ? f * 4 + i : 16 + f * 4 + (i - 4);
   return 2 * byte + h;
 }
+#endif
 
 // Walks the block scales of one row group by group (64 values), with no division in the loop: an
 // int64 division per group cost as much as decoding the group. The scalar work interleaves with the
@@ -364,12 +391,29 @@ class ScaleCursor {
       return _mm256_setr_m128(_mm_set1_ps(s0), _mm_set1_ps(s1));
     }
     if (left_ == 0) {
-      cur_ = _mm256_set1_ps(take());
+      cur_s_ = take();
+      cur_ = _mm256_set1_ps(cur_s_);
       left_ = first_left_ ? first_left_ : groups_per_block_;
       first_left_ = 0;
     }
     --left_;
     return cur_;
+  }
+
+  // The same as two scalars: the scales of the group's first and last 32 values.
+  void next2(float& s0, float& s1) {
+    if (groups_per_block_ == 0) {
+      s0 = take();
+      s1 = take();
+      return;
+    }
+    if (left_ == 0) {
+      cur_s_ = take();
+      left_ = first_left_ ? first_left_ : groups_per_block_;
+      first_left_ = 0;
+    }
+    --left_;
+    s0 = s1 = cur_s_;
   }
 
  private:
@@ -385,6 +429,7 @@ class ScaleCursor {
   int groups_per_block_ = 0;
   int64_t b_ = 0, b2_ = 0, r2_ = 0;
   int left_ = 0, first_left_ = 0;
+  float cur_s_ = 0.f;
   __m256 cur_ = _mm256_setzero_ps();
 };
 #endif
@@ -410,8 +455,10 @@ static void dequant_task(void* p, int64_t task) {
   std::vector<float> tmp;
   const bool f32 = a.out.dtype == DType::float32;
   if (!f32) tmp.resize(size_t(K));
-#if defined(__AVX2__)
+#if defined(__AVX2__) && !defined(__AVX512F__)
   static const Planes P;
+#endif
+#if defined(__AVX2__)
   // The fast path decodes whole groups of 64 in natural order; it needs rows made of whole groups.
   const bool fast = K % 64 == 0 && (w.blocksize >= 64 || w.blocksize == 32);
 #endif
@@ -425,6 +472,24 @@ static void dequant_task(void* p, int64_t task) {
     if (fast) {
       const uint8_t* codes = w.codes_ptr() + row * K / 2;
       scales.start(row);
+#if defined(__AVX512F__)
+      const __m512 table = table512();
+      // even/odd elements of 32 values -> natural order: interleave (lo: 0..15, hi: 16..31)
+      const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+      const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+      for (int64_t g = 0; g < K; g += 64) {
+        __m512 v[4];
+        decode_group512(table, codes + g / 2, v);
+        float s0, s1;
+        scales.next2(s0, s1);
+        for (int c = 0; c < 2; ++c) {
+          const __m512 sv = _mm512_set1_ps(c ? s1 : s0);
+          const __m512 e = _mm512_mul_ps(v[2 * c], sv), o = _mm512_mul_ps(v[2 * c + 1], sv);
+          _mm512_storeu_ps(dst + g + 32 * c, _mm512_permutex2var_ps(e, lo, o));
+          _mm512_storeu_ps(dst + g + 32 * c + 16, _mm512_permutex2var_ps(e, hi, o));
+        }
+      }
+#else
       for (int64_t g = 0; g < K; g += 64) {
         __m256 v[8];
         decode_group(P, codes + g / 2, v);
@@ -439,6 +504,7 @@ static void dequant_task(void* p, int64_t task) {
           _mm256_storeu_ps(dst + g + 32 + 8 * f, _mm256_permute2f128_ps(lo, hi, 0x31));
         }
       }
+#endif
     } else
 #endif
     {
@@ -496,7 +562,151 @@ static void rows_task_generic(const RowsCtx& c, int64_t n0, int64_t n1) {
   }
 }
 
-#if defined(__AVX2__)
+#if defined(__AVX512F__)
+// The scales of groups [g0, g0 + count) of a row (s0: the group's first 32 values, s1: its last 32;
+// equal unless blocksize is 32). Where rows are made of whole blocks (K % blocksize == 0, the usual
+// case), block b's scale is computed once and spread over its groups in a tight loop; otherwise the
+// cursor walks (it follows blocks straddling rows). Kept out of the decode loop, whose vector work
+// then runs with no scalar chains between groups.
+static void group_scales(const Nf4Weight& w, ScaleCursor& cur, int64_t row, int64_t g0, int64_t count,
+                         float* s0, float* s1) {
+  const int64_t K = w.cols, bs = w.blocksize;
+  if (K % bs != 0) {
+    for (int64_t g = 0; g < count; ++g) cur.next2(s0[g], s1[g]);
+    return;
+  }
+  // Blocks in order from the chunk's first; the nested block index b2 kept as a counter (a division
+  // per block costs as much as decoding its values).
+  const int64_t per_block = bs >= 64 ? bs / 64 : 1;
+  int64_t b = row * (K / bs) + (bs >= 64 ? g0 / per_block : 2 * g0);
+  const int64_t bs2 = w.nested() ? w.blocksize2 : 1;
+  int64_t b2 = b / bs2, r2 = b - b2 * bs2;
+  auto take = [&]() {
+    const float v = nf4_block_absmax(w, b, b2);
+    ++b;
+    if (++r2 == bs2) r2 = 0, ++b2;
+    return v;
+  };
+  if (bs == 32) {
+    for (int64_t g = 0; g < count; ++g) {
+      s0[g] = take();
+      s1[g] = take();
+    }
+    return;
+  }
+  if (per_block == 1) {
+    for (int64_t g = 0; g < count; ++g) s0[g] = s1[g] = take();
+    return;
+  }
+  for (int64_t g = 0; g < count;) {  // per_block is a power of two (so is the blocksize)
+    const float v = take();
+    for (int64_t stop = std::min(count, g + per_block - ((g0 + g) & (per_block - 1))); g < stop; ++g)
+      s0[g] = s1[g] = v;
+  }
+}
+
+// M = 1 works on chunks of 128 values (64 bytes of codes, one zmm load per row) without widening
+// shuffles: dword j of the load holds bytes 4j..4j+3, so shifting it right by 8k+4 (8k) puts the high
+// (low) nibble of byte 4j+k in its low 4 bits, all vpermps reads. Eight shifts-and-permutes give the
+// chunk's 128 values as 8 vectors; lane j of each holds one of elements 8j..8j+7, so the block scales
+// enter per lane segment (Segs segments of 16/Segs lanes: 1 when a chunk lies in one block, 2 for
+// blocksize 64, 4 for blocksize 32). x is permuted to match once per call (chunk_source). Against
+// the widening path (vpmovzxbd per 16 values) this saves a third of the shuffles, the bottleneck.
+// A row whose length is not a multiple of 128 ends with one group of 64 decoded as above.
+inline int chunk_source(int s) {
+  const int v = s / 16, j = s % 16, k = v / 2, h = v % 2;  // vector v = (byte k of each dword, nibble h)
+  return 2 * (4 * j + k) + h;                               // h = 0: the high nibble (the even element)
+}
+
+template <int Segs>
+inline __m512 scale_segments(__m512 t, const float* s0, const float* s1, int64_t g, __m512 acc) {
+  // groups g and g + 1 of the row: lanes 0-7 group g, 8-15 group g + 1 (s0: first 32 values, s1: last)
+  if (Segs == 1) return _mm512_fmadd_ps(t, _mm512_set1_ps(s0[g]), acc);
+  if (Segs == 2) {
+    acc = _mm512_mask3_fmadd_ps(t, _mm512_set1_ps(s0[g]), acc, 0x00FF);
+    return _mm512_mask3_fmadd_ps(t, _mm512_set1_ps(s0[g + 1]), acc, 0xFF00);
+  }
+  acc = _mm512_mask3_fmadd_ps(t, _mm512_set1_ps(s0[g]), acc, 0x000F);
+  acc = _mm512_mask3_fmadd_ps(t, _mm512_set1_ps(s1[g]), acc, 0x00F0);
+  acc = _mm512_mask3_fmadd_ps(t, _mm512_set1_ps(s0[g + 1]), acc, 0x0F00);
+  return _mm512_mask3_fmadd_ps(t, _mm512_set1_ps(s1[g + 1]), acc, 0xF000);
+}
+
+// Groups [g0, g0 + count) of four rows (count even; scales s0/s1 indexed from g0).
+template <int Segs>
+static void m1_chunks4(const uint8_t* const rc[4], const float* x, int64_t g0, int64_t count,
+                       const float (*s0)[64], const float (*s1)[64], __m512 table, __m512 acc[4]) {
+  for (int64_t g = 0; g < count; g += 2) {
+    const float* xc = x + 64 * (g0 + g);
+    __m512 xv[8];
+    for (int v = 0; v < 8; ++v) xv[v] = _mm512_loadu_ps(xc + 16 * v);
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; ++r) {
+      const __m512i d = _mm512_loadu_si512(rc[r] + 32 * (g0 + g));
+      __m512 ta = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table), xv[0]);
+      __m512 tb = _mm512_mul_ps(_mm512_permutexvar_ps(d, table), xv[1]);
+      ta = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(d, 12), table), xv[2], ta);
+      tb = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(d, 8), table), xv[3], tb);
+      ta = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(d, 20), table), xv[4], ta);
+      tb = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(d, 16), table), xv[5], tb);
+      ta = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(d, 28), table), xv[6], ta);
+      tb = _mm512_fmadd_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(d, 24), table), xv[7], tb);
+      acc[r] = scale_segments<Segs>(_mm512_add_ps(ta, tb), s0[r], s1[r], g, acc[r]);
+    }
+  }
+}
+
+// One group of 64 of four rows, in group order (a row's last 64 values when K % 128 == 64).
+static void m1_group4(const uint8_t* const rc[4], const float* xg, int64_t g, const float (*s0)[64],
+                      const float (*s1)[64], __m512 table, __m512 acc[4]) {
+  for (int r = 0; r < 4; ++r) {
+    __m512 v[4];
+    decode_group512(table, rc[r] + 32 * g, v);
+    const __m512 t0 = _mm512_fmadd_ps(v[1], _mm512_loadu_ps(xg + 16), _mm512_mul_ps(v[0], _mm512_loadu_ps(xg)));
+    const __m512 t1 = _mm512_fmadd_ps(v[3], _mm512_loadu_ps(xg + 48), _mm512_mul_ps(v[2], _mm512_loadu_ps(xg + 32)));
+    acc[r] = _mm512_fmadd_ps(t1, _mm512_set1_ps(s1[r][0]), _mm512_fmadd_ps(t0, _mm512_set1_ps(s0[r][0]), acc[r]));
+  }
+}
+
+static void rows_task_m1(const RowsCtx& c, int64_t n0, int64_t n1) {
+  const Nf4RowsArgs& a = *c.a;
+  const Nf4Weight& w = a.w;
+  const int64_t K = w.cols, G = K / 64, G2 = G & ~int64_t(1);  // G2 groups in whole chunks
+  const __m512 table = table512();
+  const int segs = w.blocksize == 32 ? 4 : (w.blocksize >= 128 && K % w.blocksize == 0) ? 1 : 2;
+  constexpr int64_t kChunk = 64;  // groups whose scales are decoded ahead (4096 values; even)
+  alignas(64) float s0[4][kChunk], s1[4][kChunk];
+  ScaleCursor sc[4] = {ScaleCursor(w), ScaleCursor(w), ScaleCursor(w), ScaleCursor(w)};
+  for (int64_t n = n0; n < n1; n += 4) {
+    const int rows = int(min64(4, n1 - n));
+    const uint8_t* rc[4];
+    int64_t row[4];
+    __m512 acc[4];
+    for (int r = 0; r < 4; ++r) {
+      row[r] = n + (r < rows ? r : rows - 1);  // a short last tile repeats its last row
+      rc[r] = w.codes_ptr() + row[r] * K / 2;
+      sc[r].start(row[r]);
+      acc[r] = _mm512_setzero_ps();
+    }
+    for (int64_t g0 = 0; g0 < G; g0 += kChunk) {
+      const int64_t count = min64(kChunk, G - g0), whole = min64(count, G2 - g0);
+      for (int r = 0; r < 4; ++r) group_scales(w, sc[r], row[r], g0, count, s0[r], s1[r]);
+      if (segs == 1)
+        m1_chunks4<1>(rc, c.xs, g0, whole, s0, s1, table, acc);
+      else if (segs == 2)
+        m1_chunks4<2>(rc, c.xs, g0, whole, s0, s1, table, acc);
+      else
+        m1_chunks4<4>(rc, c.xs, g0, whole, s0, s1, table, acc);
+      if (whole < count) {  // the odd last group
+        const float(*t0)[64] = reinterpret_cast<const float(*)[64]>(&s0[0][whole]);
+        const float(*t1)[64] = reinterpret_cast<const float(*)[64]>(&s1[0][whole]);
+        m1_group4(rc, c.xs + 64 * (g0 + whole), g0 + whole, t0, t1, table, acc);
+      }
+    }
+    for (int r = 0; r < rows; ++r) finish(a, 0, n + r, _mm512_reduce_add_ps(acc[r]));
+  }
+}
+#elif defined(__AVX2__)
 // M = 1: decode in registers, four rows at a time (independent chains for the shuffle ports), half a
 // group (32 values, 4 vectors) at a time so the decoded values never leave the registers.
 static void rows_task_m1(const RowsCtx& c, int64_t n0, int64_t n1) {
@@ -548,15 +758,21 @@ static void rows_task_m1(const RowsCtx& c, int64_t n0, int64_t n1) {
     finish(a, 0, n, hsum(acc));
   }
 }
+#endif
 
+#if defined(__AVX2__)
 // M > 1: NR rows x KC columns decoded and scaled into an L1 buffer, then the NR x MR register tile
 // of cpu/tile.h (the one the LoRA kernel uses) over every MR-row group of x.
 static void rows_task_tiled(const RowsCtx& c, int64_t n0, int64_t n1) {
+#if defined(__AVX512F__)
+  const __m512 table = table512();
+#else
   static const Planes P;
+#endif
   const Nf4RowsArgs& a = *c.a;
   const Nf4Weight& w = a.w;
   const int64_t K = w.cols, M = a.x.rows;
-  alignas(32) float buf[NR * KC];
+  alignas(64) float buf[NR * KC];
   std::vector<float> partial(size_t(NR * M));
   ScaleCursor sc[NR] = {ScaleCursor(w), ScaleCursor(w), ScaleCursor(w), ScaleCursor(w)};
   static_assert(NR == 4, "one ScaleCursor per tile row");
@@ -575,10 +791,19 @@ static void rows_task_tiled(const RowsCtx& c, int64_t n0, int64_t n1) {
         const int64_t row = nt + i;
         const uint8_t* codes = w.codes_ptr() + row * K / 2;
         for (int64_t g = k0; g < k0 + len; g += 64) {
+#if defined(__AVX512F__)
+          __m512 v[4];
+          decode_group512(table, codes + g / 2, v);
+          float s0, s1;
+          sc[i].next2(s0, s1);  // K chunks run in order, so the cursor follows
+          for (int j = 0; j < 4; ++j)
+            _mm512_store_ps(dst + (g - k0) + 16 * j, _mm512_mul_ps(v[j], _mm512_set1_ps(j < 2 ? s0 : s1)));
+#else
           __m256 v[8];
           decode_group(P, codes + g / 2, v);
           const __m256 s = sc[i].next();  // K chunks run in order, so the cursor follows
           for (int j = 0; j < 8; ++j) _mm256_store_ps(dst + (g - k0) + 8 * j, _mm256_mul_ps(v[j], s));
+#endif
         }
       }
       const float* rows[NR] = {buf, buf + KC, buf + 2 * KC, buf + 3 * KC};
@@ -629,7 +854,19 @@ void nf4_rows(const Nf4RowsArgs& a, int num_threads) {
         for (int s = 0; s < 64; ++s) o[size_t(s)] = group_source(s);
         return o;
       }();
-      for (int64_t g = 0; g < K; g += 64)
+      int64_t g = 0;
+#if defined(__AVX512F__)
+      if (M == 1) {  // rows_task_m1 reads whole chunks of 128 in chunk order, a last group of 64 in group order
+        static const auto chunk_order = [] {
+          std::array<int, 128> o{};
+          for (int s = 0; s < 128; ++s) o[size_t(s)] = chunk_source(s);
+          return o;
+        }();
+        for (; g + 128 <= K; g += 128)
+          for (int s = 0; s < 128; ++s) dst[g + s] = src[g + chunk_order[size_t(s)]];
+      }
+#endif
+      for (; g < K; g += 64)
         for (int s = 0; s < 64; ++s) dst[g + s] = src[g + order[size_t(s)]];
 #endif
     } else {
@@ -651,7 +888,11 @@ struct InputGradCtx {
 #if defined(__AVX2__)
 // Task t accumulates rows [n0, n1) of W into its workspace slice, in group order.
 static void input_grad_task(void* p, int64_t t) {
+#if defined(__AVX512F__)
+  const __m512 table = table512();
+#else
   static const Planes P;
+#endif
   const auto& c = *static_cast<InputGradCtx*>(p);
   const Nf4InputGradArgs& a = *c.a;
   const Nf4Weight& w = a.w;
@@ -660,7 +901,9 @@ static void input_grad_task(void* p, int64_t t) {
   float* acc = a.workspace.data<float>() + t * M * a.workspace.ld;
   const int64_t ld = a.workspace.ld;
   for (int64_t m = 0; m < M; ++m) std::memset(acc + m * ld, 0, sizeof(float) * size_t(K));
+#if !defined(__AVX512F__)
   const __m256i m4 = _mm256_set1_epi8(15);
+#endif
   const uint8_t* codes = w.codes_ptr();
   const float* dy = a.dy.data<float>();
   ScaleCursor sc(w);
@@ -668,6 +911,19 @@ static void input_grad_task(void* p, int64_t t) {
     const uint8_t* row = codes + n * K / 2;
     sc.start(n);
     for (int64_t g = 0; g < K; g += 64) {
+#if defined(__AVX512F__)
+      __m512 v[4];
+      decode_group512(table, row + g / 2, v);
+      float s0, s1;
+      sc.next2(s0, s1);
+      for (int j = 0; j < 4; ++j) v[j] = _mm512_mul_ps(v[j], _mm512_set1_ps(j < 2 ? s0 : s1));  // exact fp32 W
+      for (int64_t m = 0; m < M; ++m) {
+        const __m512 d = _mm512_set1_ps(dy[m * a.dy.ld + n]);
+        float* dst = acc + m * ld + g;
+        for (int j = 0; j < 4; ++j)
+          _mm512_storeu_ps(dst + 16 * j, _mm512_fmadd_ps(d, v[j], _mm512_loadu_ps(dst + 16 * j)));
+      }
+#else
       const __m256i by = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + g / 2));
       const __m256 s = sc.next();
       for (int h = 0; h < 2; ++h) {
@@ -681,6 +937,7 @@ static void input_grad_task(void* p, int64_t t) {
             _mm256_storeu_ps(dst + 8 * j, _mm256_fmadd_ps(d, v[j], _mm256_loadu_ps(dst + 8 * j)));
         }
       }
+#endif
     }
   }
 }
