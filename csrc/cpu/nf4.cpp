@@ -432,6 +432,48 @@ class ScaleCursor {
   float cur_s_ = 0.f;
   __m256 cur_ = _mm256_setzero_ps();
 };
+
+// The scales of groups [g0, g0 + count) of a row (s0: the group's first 32 values, s1: its last 32;
+// equal unless blocksize is 32). Where rows are made of whole blocks (K % blocksize == 0, the usual
+// case), block b's scale is computed once and spread over its groups in a tight loop; otherwise the
+// cursor walks (it follows blocks straddling rows). Kept out of the decode loop, whose vector work
+// then runs with no scalar chains between groups.
+static void group_scales(const Nf4Weight& w, ScaleCursor& cur, int64_t row, int64_t g0, int64_t count,
+                         float* s0, float* s1) {
+  const int64_t K = w.cols, bs = w.blocksize;
+  if (K % bs != 0) {
+    for (int64_t g = 0; g < count; ++g) cur.next2(s0[g], s1[g]);
+    return;
+  }
+  // Blocks in order from the chunk's first; the nested block index b2 kept as a counter (a division
+  // per block costs as much as decoding its values).
+  const int64_t per_block = bs >= 64 ? bs / 64 : 1;
+  int64_t b = row * (K / bs) + (bs >= 64 ? g0 / per_block : 2 * g0);
+  const int64_t bs2 = w.nested() ? w.blocksize2 : 1;
+  int64_t b2 = b / bs2, r2 = b - b2 * bs2;
+  auto take = [&]() {
+    const float v = nf4_block_absmax(w, b, b2);
+    ++b;
+    if (++r2 == bs2) r2 = 0, ++b2;
+    return v;
+  };
+  if (bs == 32) {
+    for (int64_t g = 0; g < count; ++g) {
+      s0[g] = take();
+      s1[g] = take();
+    }
+    return;
+  }
+  if (per_block == 1) {
+    for (int64_t g = 0; g < count; ++g) s0[g] = s1[g] = take();
+    return;
+  }
+  for (int64_t g = 0; g < count;) {  // per_block is a power of two (so is the blocksize)
+    const float v = take();
+    for (int64_t stop = std::min(count, g + per_block - ((g0 + g) & (per_block - 1))); g < stop; ++g)
+      s0[g] = s1[g] = v;
+  }
+}
 #endif
 
 // =================================================================================================
@@ -563,48 +605,6 @@ static void rows_task_generic(const RowsCtx& c, int64_t n0, int64_t n1) {
 }
 
 #if defined(__AVX512F__)
-// The scales of groups [g0, g0 + count) of a row (s0: the group's first 32 values, s1: its last 32;
-// equal unless blocksize is 32). Where rows are made of whole blocks (K % blocksize == 0, the usual
-// case), block b's scale is computed once and spread over its groups in a tight loop; otherwise the
-// cursor walks (it follows blocks straddling rows). Kept out of the decode loop, whose vector work
-// then runs with no scalar chains between groups.
-static void group_scales(const Nf4Weight& w, ScaleCursor& cur, int64_t row, int64_t g0, int64_t count,
-                         float* s0, float* s1) {
-  const int64_t K = w.cols, bs = w.blocksize;
-  if (K % bs != 0) {
-    for (int64_t g = 0; g < count; ++g) cur.next2(s0[g], s1[g]);
-    return;
-  }
-  // Blocks in order from the chunk's first; the nested block index b2 kept as a counter (a division
-  // per block costs as much as decoding its values).
-  const int64_t per_block = bs >= 64 ? bs / 64 : 1;
-  int64_t b = row * (K / bs) + (bs >= 64 ? g0 / per_block : 2 * g0);
-  const int64_t bs2 = w.nested() ? w.blocksize2 : 1;
-  int64_t b2 = b / bs2, r2 = b - b2 * bs2;
-  auto take = [&]() {
-    const float v = nf4_block_absmax(w, b, b2);
-    ++b;
-    if (++r2 == bs2) r2 = 0, ++b2;
-    return v;
-  };
-  if (bs == 32) {
-    for (int64_t g = 0; g < count; ++g) {
-      s0[g] = take();
-      s1[g] = take();
-    }
-    return;
-  }
-  if (per_block == 1) {
-    for (int64_t g = 0; g < count; ++g) s0[g] = s1[g] = take();
-    return;
-  }
-  for (int64_t g = 0; g < count;) {  // per_block is a power of two (so is the blocksize)
-    const float v = take();
-    for (int64_t stop = std::min(count, g + per_block - ((g0 + g) & (per_block - 1))); g < stop; ++g)
-      s0[g] = s1[g] = v;
-  }
-}
-
 // M = 1 works on chunks of 128 values (64 bytes of codes, one zmm load per row) without widening
 // shuffles: dword j of the load holds bytes 4j..4j+3, so shifting it right by 8k+4 (8k) puts the high
 // (low) nibble of byte 4j+k in its low 4 bits, all vpermps reads. Eight shifts-and-permutes give the
@@ -708,54 +708,53 @@ static void rows_task_m1(const RowsCtx& c, int64_t n0, int64_t n1) {
 }
 #elif defined(__AVX2__)
 // M = 1: decode in registers, four rows at a time (independent chains for the shuffle ports), half a
-// group (32 values, 4 vectors) at a time so the decoded values never leave the registers.
+// group (32 values, 4 vectors) at a time so the decoded values never leave the registers. Scales come
+// per chunk of groups from group_scales (walking the cursor inside this loop doubled its time).
 static void rows_task_m1(const RowsCtx& c, int64_t n0, int64_t n1) {
   const Planes P;  // a local copy: the planes stay in registers
   const Nf4RowsArgs& a = *c.a;
   const Nf4Weight& w = a.w;
-  const int64_t K = w.cols;
+  const int64_t K = w.cols, G = K / 64;
   const float* x = c.xs;
   const uint8_t* codes = w.codes_ptr();
   const __m256i m4 = _mm256_set1_epi8(15);
-  int64_t n = n0;
   constexpr int R = 4;
+  constexpr int64_t kChunk = 64;
+  alignas(32) float s0[R][kChunk], s1[R][kChunk];
   ScaleCursor sc[R] = {ScaleCursor(w), ScaleCursor(w), ScaleCursor(w), ScaleCursor(w)};
-  for (; n + R <= n1; n += R) {
+  for (int64_t n = n0; n < n1; n += R) {
+    const int rows = int(min64(R, n1 - n));
     __m256 acc[R];
     const uint8_t* rc[R];
+    int64_t row[R];
     for (int r = 0; r < R; ++r) {
+      row[r] = n + (r < rows ? r : rows - 1);  // a short last tile repeats its last row
       acc[r] = _mm256_setzero_ps();
-      rc[r] = codes + (n + r) * K / 2;
-      sc[r].start(n + r);
+      rc[r] = codes + row[r] * K / 2;
+      sc[r].start(row[r]);
     }
-    for (int64_t g = 0; g < K; g += 64) {
-      __m256 sum[R];
-      for (int r = 0; r < R; ++r) sum[r] = _mm256_setzero_ps();
-      for (int r = 0; r < R; ++r) {
-        const __m256i by = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rc[r] + g / 2));
-        for (int h = 0; h < 2; ++h) {  // h = 0: even elements (high nibbles), 1: odd ones
-          __m256 v[4];
-          lookup32(P, h ? _mm256_and_si256(by, m4) : _mm256_and_si256(_mm256_srli_epi16(by, 4), m4), v);
-          const float* xh = x + g + 32 * h;
-          for (int j = 0; j < 4; ++j) sum[r] = _mm256_fmadd_ps(v[j], _mm256_loadu_ps(xh + 8 * j), sum[r]);
+    for (int64_t g0 = 0; g0 < G; g0 += kChunk) {
+      const int64_t count = min64(kChunk, G - g0);
+      for (int r = 0; r < R; ++r) group_scales(w, sc[r], row[r], g0, count, s0[r], s1[r]);
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t g = 64 * (g0 + i);
+        __m256 sum[R];
+#pragma GCC unroll 4
+        for (int r = 0; r < R; ++r) {
+          sum[r] = _mm256_setzero_ps();
+          const __m256i by = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rc[r] + g / 2));
+          for (int h = 0; h < 2; ++h) {  // h = 0: even elements (high nibbles), 1: odd ones
+            __m256 v[4];
+            lookup32(P, h ? _mm256_and_si256(by, m4) : _mm256_and_si256(_mm256_srli_epi16(by, 4), m4), v);
+            const float* xh = x + g + 32 * h;
+            for (int j = 0; j < 4; ++j) sum[r] = _mm256_fmadd_ps(v[j], _mm256_loadu_ps(xh + 8 * j), sum[r]);
+          }
+          // lane 0 of lookup32's vectors holds the group's first 32 values, lane 1 its last 32
+          acc[r] = _mm256_fmadd_ps(sum[r], _mm256_setr_m128(_mm_set1_ps(s0[r][i]), _mm_set1_ps(s1[r][i])), acc[r]);
         }
       }
-      for (int r = 0; r < R; ++r) acc[r] = _mm256_fmadd_ps(sum[r], sc[r].next(), acc[r]);
     }
-    for (int r = 0; r < R; ++r) finish(a, 0, n + r, hsum(acc[r]));
-  }
-  for (; n < n1; ++n) {
-    __m256 acc = _mm256_setzero_ps();
-    const uint8_t* c0 = codes + n * K / 2;
-    sc[0].start(n);
-    for (int64_t g = 0; g < K; g += 64) {
-      __m256 v[8];
-      decode_group(P, c0 + g / 2, v);
-      __m256 s = _mm256_mul_ps(v[0], _mm256_loadu_ps(x + g));
-      for (int j = 1; j < 8; ++j) s = _mm256_fmadd_ps(v[j], _mm256_loadu_ps(x + g + 8 * j), s);
-      acc = _mm256_fmadd_ps(s, sc[0].next(), acc);
-    }
-    finish(a, 0, n, hsum(acc));
+    for (int r = 0; r < rows; ++r) finish(a, 0, n + r, hsum(acc[r]));
   }
 }
 #endif
