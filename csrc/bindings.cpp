@@ -37,10 +37,10 @@ static MixedAdapters make_mixed_adapters(const std::vector<Matrix>& a, const std
                                          const std::vector<float>& scale,
                                          const std::vector<std::optional<Matrix>>& et) {
   const size_t n = a.size();
-  check(e.size() == n && v_scale.size() == n && col_scale.size() == n && scale.size() == n &&
+  LOWRANK_CHECK(e.size() == n && v_scale.size() == n && col_scale.size() == n && scale.size() == n &&
             (et.empty() || et.size() == n),
         "adapters: a, e, v_scale, col_scale and scale must have one entry per adapter (et: one or none)");
-  check(n >= 1, "adapters: expected at least one adapter");
+  LOWRANK_CHECK(n >= 1, "adapters: expected at least one adapter");
   MixedAdapters t;
   t.K = a[0].cols;
   t.N = e[0].rows;
@@ -91,7 +91,7 @@ PYBIND11_MODULE(_C, m) {
   py::class_<Matrix>(m, "Matrix", "A strided row-major view: element (i, j) at ptr + (i*ld + j)*itemsize")
       // Positional only: built several times per layer call, keyword matching would cost more.
       .def(py::init([](std::uintptr_t ptr, int64_t rows, int64_t cols, int64_t ld, DType dtype, int device) {
-        check(rows >= 0 && cols >= 0, "Matrix: negative size");
+        LOWRANK_CHECK(rows >= 0 && cols >= 0, "Matrix: negative size");
         return Matrix{ptr, rows, cols, ld, dtype, device};
       }))
       .def_readonly("rows", &Matrix::rows)
@@ -112,6 +112,18 @@ PYBIND11_MODULE(_C, m) {
       "out[m,n] = x[m]·w[n] + scale * col_scale[n] * (v[m] ⊙ v_scale)·e[n] + bias[n] (fp32 accumulation)",
       py::arg("out"), py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("v"), py::arg("e"), py::arg("col_scale"),
       py::arg("v_scale"), py::arg("scale"), py::arg("num_threads"));
+
+  m.def(
+      "lora_fused_cpu",
+      [](const Matrix& out, const Matrix& x, const Matrix& w, const std::optional<Matrix>& bias, const Matrix& a,
+         const Matrix& e, const std::optional<Matrix>& u, float scale, int num_threads) {
+        LoraRowsArgs args = lora_rows_args(out, x, w, bias, std::nullopt, e, std::nullopt, std::nullopt, scale);
+        const Matrix u_out = opt(u);
+        py::gil_scoped_release nogil;
+        lora_fused_cpu(args, a, u_out, num_threads);
+      },
+      "u = x aᵀ (fp32; into `u` when given), then out = x wᵀ + scale * u eᵀ + bias: the fused LoRA forward in one "
+      "call (positional arguments: out, x, w, bias, a, e, u, scale, num_threads)");
 
   m.def(
       "lora_input_grad_cpu",

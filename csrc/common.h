@@ -47,9 +47,13 @@ struct Matrix {
 
 [[noreturn]] inline void fail(const std::string& msg) { throw std::invalid_argument(msg); }
 
-inline void check(bool ok, const std::string& msg) {
-  if (!ok) fail(msg);
-}
+// LOWRANK_CHECK(ok, message): throws std::invalid_argument(message) unless ok. A macro so the message,
+// usually a few string concatenations, is built only on failure: these checks run on every kernel
+// call, and building their messages eagerly cost microseconds per call.
+#define LOWRANK_CHECK(ok, ...)                        \
+  do {                                                \
+    if (!(ok)) ::lowrank::fail(__VA_ARGS__);          \
+  } while (0)
 
 // Re-checks what the Python validation helper already checked; the binding is the last line
 // before raw pointers, so it never trusts its caller.
@@ -66,16 +70,16 @@ inline bool extent_fits(int64_t rows, int64_t cols, int64_t ld) {
 }
 
 inline void check_matrix(const Matrix& m, const char* name, int64_t rows, int64_t cols) {
-  check(m.rows == rows && m.cols == cols,
+  LOWRANK_CHECK(m.rows == rows && m.cols == cols,
         std::string(name) + ": expected shape [" + std::to_string(rows) + ", " + std::to_string(cols) +
             "], got [" + std::to_string(m.rows) + ", " + std::to_string(m.cols) + "]");
-  check(m.ld >= m.cols || m.rows <= 1,
+  LOWRANK_CHECK(m.ld >= m.cols || m.rows <= 1,
         std::string(name) + ": leading dimension " + std::to_string(m.ld) + " is smaller than its " +
             std::to_string(m.cols) + " columns");
-  check(extent_fits(m.rows, m.cols, m.ld),
+  LOWRANK_CHECK(extent_fits(m.rows, m.cols, m.ld),
         std::string(name) + ": " + std::to_string(m.rows) + " rows of leading dimension " + std::to_string(m.ld) +
             " span more than 2^48 elements");
-  check(m.ptr != 0 || m.rows == 0 || m.cols == 0, std::string(name) + ": null data pointer");
+  LOWRANK_CHECK(m.ptr != 0 || m.rows == 0 || m.cols == 0, std::string(name) + ": null data pointer");
 }
 
 }  // namespace lowrank

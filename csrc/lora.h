@@ -32,43 +32,48 @@ inline void validate_lora_rows(const LoraRowsArgs& a, bool cuda) {
   check_matrix(a.x, "x", M, K);
   const bool w_ok = a.w.dtype == DType::float32 || a.w.dtype == DType::bfloat16 ||
                     (cuda && a.w.dtype == DType::float16);
-  check(w_ok, std::string("w: unsupported dtype ") + dtype_name(a.w.dtype));
-  check(cuda ? a.x.dtype == a.w.dtype : a.x.dtype == DType::float32,
+  LOWRANK_CHECK(w_ok, std::string("w: unsupported dtype ") + dtype_name(a.w.dtype));
+  LOWRANK_CHECK(cuda ? a.x.dtype == a.w.dtype : a.x.dtype == DType::float32,
         std::string("x: expected ") + (cuda ? "w's dtype" : "float32") + ", got " + dtype_name(a.x.dtype));
-  check(a.out.dtype == DType::float32 || a.out.dtype == a.w.dtype,
+  LOWRANK_CHECK(a.out.dtype == DType::float32 || a.out.dtype == a.w.dtype,
         std::string("out: expected float32 or w's dtype, got ") + dtype_name(a.out.dtype));
   if (a.bias.ptr) {
     check_matrix(a.bias, "bias", 1, N);
-    check(a.bias.dtype == a.w.dtype, std::string("bias: expected w's dtype, got ") + dtype_name(a.bias.dtype));
+    LOWRANK_CHECK(a.bias.dtype == a.w.dtype, std::string("bias: expected w's dtype, got ") + dtype_name(a.bias.dtype));
   }
-  check((a.v.ptr == 0) == (a.e.ptr == 0), "v and e: give both or neither");
+  LOWRANK_CHECK((a.v.ptr == 0) == (a.e.ptr == 0), "v and e: give both or neither");
   if (a.v.ptr) {
     const int64_t R = a.v.cols;
     check_matrix(a.v, "v", M, R);
     check_matrix(a.e, "e", N, R);
-    check(a.v.dtype == DType::float32, std::string("v: expected float32, got ") + dtype_name(a.v.dtype));
-    check(a.e.dtype == DType::float32 || a.e.dtype == a.w.dtype,
+    LOWRANK_CHECK(a.v.dtype == DType::float32, std::string("v: expected float32, got ") + dtype_name(a.v.dtype));
+    LOWRANK_CHECK(a.e.dtype == DType::float32 || a.e.dtype == a.w.dtype,
           std::string("e: expected float32 or w's dtype, got ") + dtype_name(a.e.dtype));
   }
   if (a.col_scale.ptr) {
-    check(a.v.ptr != 0, "col_scale: scales the adapter term, so v and e are needed too");
+    LOWRANK_CHECK(a.v.ptr != 0, "col_scale: scales the adapter term, so v and e are needed too");
     check_matrix(a.col_scale, "col_scale", 1, N);
-    check(a.col_scale.dtype == DType::float32,
+    LOWRANK_CHECK(a.col_scale.dtype == DType::float32,
           std::string("col_scale: expected float32, got ") + dtype_name(a.col_scale.dtype));
   }
   if (a.v_scale.ptr) {
-    check(a.v.ptr != 0, "v_scale: scales v in the adapter term, so v and e are needed too");
+    LOWRANK_CHECK(a.v.ptr != 0, "v_scale: scales v in the adapter term, so v and e are needed too");
     check_matrix(a.v_scale, "v_scale", 1, a.v.cols);
-    check(a.v_scale.dtype == DType::float32,
+    LOWRANK_CHECK(a.v_scale.dtype == DType::float32,
           std::string("v_scale: expected float32, got ") + dtype_name(a.v_scale.dtype));
   }
   const int dev = a.w.device;
-  check(cuda ? dev >= 0 : dev == -1, std::string("w: on the wrong device for this launcher"));
+  LOWRANK_CHECK(cuda ? dev >= 0 : dev == -1, std::string("w: on the wrong device for this launcher"));
   for (const Matrix* m : {&a.out, &a.x, &a.bias, &a.v, &a.e, &a.col_scale, &a.v_scale})
-    check(m->ptr == 0 || m->device == dev, "all tensors must be on w's device");
+    LOWRANK_CHECK(m->ptr == 0 || m->device == dev, "all tensors must be on w's device");
 }
 
 void lora_rows_cpu(const LoraRowsArgs& a, int num_threads);
+
+// The whole fused LoRA forward in one call: u = x aᵀ ([M, R] fp32, with the rows kernel over a's R
+// rows), then lora_rows with v = u. `a` ([R, K]) is float32 or w's dtype; `u` is where u goes (float32
+// [M, R], for the backward), or ptr == 0 for a scratch buffer. `args.v` must be empty (it is u).
+void lora_fused_cpu(const LoraRowsArgs& args, const Matrix& a, const Matrix& u, int num_threads);
 
 // The input gradient of the LoRA linear, streaming W once (few-token backward):
 //
@@ -89,24 +94,24 @@ inline void validate_lora_input_grad(const LoraInputGradArgs& p) {
   const int64_t M = p.dy.rows, N = p.w.rows, K = p.w.cols;
   check_matrix(p.dy, "dy", M, N);
   check_matrix(p.out, "out", M, K);
-  check(p.w.dtype == DType::float32 || p.w.dtype == DType::bfloat16,
+  LOWRANK_CHECK(p.w.dtype == DType::float32 || p.w.dtype == DType::bfloat16,
         std::string("w: unsupported dtype ") + dtype_name(p.w.dtype));
-  check(p.dy.dtype == DType::float32, std::string("dy: expected float32, got ") + dtype_name(p.dy.dtype));
-  check(p.out.dtype == DType::float32 || p.out.dtype == p.w.dtype,
+  LOWRANK_CHECK(p.dy.dtype == DType::float32, std::string("dy: expected float32, got ") + dtype_name(p.dy.dtype));
+  LOWRANK_CHECK(p.out.dtype == DType::float32 || p.out.dtype == p.w.dtype,
         std::string("out: expected float32 or w's dtype, got ") + dtype_name(p.out.dtype));
-  check((p.g.ptr == 0) == (p.a.ptr == 0), "g and a: give both or neither");
+  LOWRANK_CHECK((p.g.ptr == 0) == (p.a.ptr == 0), "g and a: give both or neither");
   if (p.g.ptr) {
     check_matrix(p.g, "g", M, p.g.cols);
     check_matrix(p.a, "a", p.g.cols, K);
-    check(p.g.dtype == DType::float32, std::string("g: expected float32, got ") + dtype_name(p.g.dtype));
-    check(p.a.dtype == DType::float32 || p.a.dtype == p.w.dtype,
+    LOWRANK_CHECK(p.g.dtype == DType::float32, std::string("g: expected float32, got ") + dtype_name(p.g.dtype));
+    LOWRANK_CHECK(p.a.dtype == DType::float32 || p.a.dtype == p.w.dtype,
           std::string("a: expected float32 or w's dtype, got ") + dtype_name(p.a.dtype));
   }
-  check(p.workspace.dtype == DType::float32 && p.workspace.cols == K && M > 0 &&
+  LOWRANK_CHECK(p.workspace.dtype == DType::float32 && p.workspace.cols == K && M > 0 &&
             p.workspace.rows >= M && p.workspace.rows % M == 0 && p.workspace.ld == K,
         "workspace: expected a contiguous float32 [tasks * M, K] buffer");
   for (const Matrix* m : {&p.out, &p.dy, &p.w, &p.g, &p.a, &p.workspace})
-    check(m->ptr == 0 || m->device == -1, "lora_input_grad_cpu: every tensor must be on the CPU");
+    LOWRANK_CHECK(m->ptr == 0 || m->device == -1, "lora_input_grad_cpu: every tensor must be on the CPU");
 }
 
 void lora_input_grad_cpu(const LoraInputGradArgs& a, int num_threads);

@@ -41,33 +41,33 @@ struct MixedAdapters {
 };
 
 inline void validate_mixed_adapters(const MixedAdapters& t) {
-  check(!t.items.empty(), "adapters: expected at least one adapter");
+  LOWRANK_CHECK(!t.items.empty(), "adapters: expected at least one adapter");
   for (const MixedAdapter& ad : t.items)
-    check(ad.e.dtype == t.items[0].e.dtype, "adapters: every adapter's e must have one dtype (the kernels' tiles share it)");
+    LOWRANK_CHECK(ad.e.dtype == t.items[0].e.dtype, "adapters: every adapter's e must have one dtype (the kernels' tiles share it)");
   for (size_t i = 0; i < t.items.size(); ++i) {
     const MixedAdapter& ad = t.items[i];
     const std::string at = "adapter " + std::to_string(i) + ": ";
     const int64_t r = ad.a.rows;
-    check(r >= 1, at + "a: expected at least one row (rank >= 1)");
+    LOWRANK_CHECK(r >= 1, at + "a: expected at least one row (rank >= 1)");
     check_matrix(ad.a, (at + "a").c_str(), r, t.K);
     check_matrix(ad.e, (at + "e").c_str(), t.N, r);
     for (const Matrix* m : {&ad.a, &ad.e})
-      check(m->dtype == DType::float32 || m->dtype == DType::bfloat16 || m->dtype == DType::float16,
+      LOWRANK_CHECK(m->dtype == DType::float32 || m->dtype == DType::bfloat16 || m->dtype == DType::float16,
             at + "a and e: expected float32, bfloat16 or float16, got " + dtype_name(m->dtype));
     if (ad.v_scale.ptr) {
       check_matrix(ad.v_scale, (at + "v_scale").c_str(), 1, r);
-      check(ad.v_scale.dtype == DType::float32, at + "v_scale: expected float32");
+      LOWRANK_CHECK(ad.v_scale.dtype == DType::float32, at + "v_scale: expected float32");
     }
     if (ad.et.ptr) {
       check_matrix(ad.et, (at + "et").c_str(), r, t.N);
-      check(ad.et.dtype == DType::float32 && (ad.et.ld == t.N || r == 1), at + "et: expected a contiguous float32 [r, N]");
+      LOWRANK_CHECK(ad.et.dtype == DType::float32 && (ad.et.ld == t.N || r == 1), at + "et: expected a contiguous float32 [r, N]");
     }
     if (ad.col_scale.ptr) {
       check_matrix(ad.col_scale, (at + "col_scale").c_str(), 1, t.N);
-      check(ad.col_scale.dtype == DType::float32, at + "col_scale: expected float32");
+      LOWRANK_CHECK(ad.col_scale.dtype == DType::float32, at + "col_scale: expected float32");
     }
     for (const Matrix* m : {&ad.a, &ad.e, &ad.v_scale, &ad.col_scale, &ad.et})
-      check(m->ptr == 0 || m->device == t.device, at + "every tensor must be on one device");
+      LOWRANK_CHECK(m->ptr == 0 || m->device == t.device, at + "every tensor must be on one device");
   }
 }
 
@@ -88,54 +88,54 @@ struct MixedRowsArgs {
 // on the device of the data; on CUDA only its shape and dtype are checked here (the launcher
 // checks the values on the device).
 inline void validate_mixed_rows(const MixedRowsArgs& p, bool cuda) {
-  check(p.adapters != nullptr, "adapters: missing");
+  LOWRANK_CHECK(p.adapters != nullptr, "adapters: missing");
   const MixedAdapters& t = *p.adapters;
   const int64_t M = p.x.rows, K = p.x.cols, N = p.out.cols, A = int64_t(t.items.size());
-  check(t.K == K, "x: expected " + std::to_string(t.K) + " columns (the adapters' in_features), got " +
+  LOWRANK_CHECK(t.K == K, "x: expected " + std::to_string(t.K) + " columns (the adapters' in_features), got " +
                       std::to_string(K));
-  check(t.N == N, "out: expected " + std::to_string(t.N) + " columns (the adapters' out_features), got " +
+  LOWRANK_CHECK(t.N == N, "out: expected " + std::to_string(t.N) + " columns (the adapters' out_features), got " +
                       std::to_string(N));
   check_matrix(p.out, "out", M, N);
   check_matrix(p.x, "x", M, K);
   if (p.xa.ptr) {
     check_matrix(p.xa, "adapter_input", M, K);
-    check(p.xa.dtype == p.x.dtype, "adapter_input: expected x's dtype");
+    LOWRANK_CHECK(p.xa.dtype == p.x.dtype, "adapter_input: expected x's dtype");
   }
   const bool x_ok = cuda ? (p.x.dtype == DType::float32 || p.x.dtype == DType::bfloat16 || p.x.dtype == DType::float16)
                          : p.x.dtype == DType::float32;
-  check(x_ok, std::string("x: unsupported dtype ") + dtype_name(p.x.dtype));
+  LOWRANK_CHECK(x_ok, std::string("x: unsupported dtype ") + dtype_name(p.x.dtype));
   if (p.w.ptr) {
     check_matrix(p.w, "weight", N, K);
-    check(p.w.dtype == DType::float32 || p.w.dtype == DType::bfloat16 || (cuda && p.w.dtype == DType::float16),
+    LOWRANK_CHECK(p.w.dtype == DType::float32 || p.w.dtype == DType::bfloat16 || (cuda && p.w.dtype == DType::float16),
           std::string("weight: unsupported dtype ") + dtype_name(p.w.dtype));
-    check(!cuda || p.x.dtype == p.w.dtype, "x: expected weight's dtype");
+    LOWRANK_CHECK(!cuda || p.x.dtype == p.w.dtype, "x: expected weight's dtype");
   }
-  check(p.out.dtype == DType::float32 || p.out.dtype == DType::bfloat16 || (cuda && p.out.dtype == DType::float16),
+  LOWRANK_CHECK(p.out.dtype == DType::float32 || p.out.dtype == DType::bfloat16 || (cuda && p.out.dtype == DType::float16),
         std::string("out: unsupported dtype ") + dtype_name(p.out.dtype));
   if (p.bias.ptr) {
     check_matrix(p.bias, "bias", 1, N);
     const DType want = p.w.ptr ? p.w.dtype : p.out.dtype;
-    check(p.bias.dtype == want, std::string("bias: expected ") + dtype_name(want) + ", got " + dtype_name(p.bias.dtype));
+    LOWRANK_CHECK(p.bias.dtype == want, std::string("bias: expected ") + dtype_name(want) + ", got " + dtype_name(p.bias.dtype));
   }
   if (p.c.ptr) {
     check_matrix(p.c, "c", M, N);
-    check(p.c.dtype == DType::float32, "c: expected float32");
-    check(p.c.ptr != p.out.ptr || (p.c.ld == p.out.ld && p.out.dtype == DType::float32),
+    LOWRANK_CHECK(p.c.dtype == DType::float32, "c: expected float32");
+    LOWRANK_CHECK(p.c.ptr != p.out.ptr || (p.c.ld == p.out.ld && p.out.dtype == DType::float32),
           "c: may share memory with out only as the same float32 matrix");
   }
   check_matrix(p.order, "order", 1, M);
-  check(p.order.dtype == DType::int32, std::string("order: expected int32, got ") + dtype_name(p.order.dtype));
+  LOWRANK_CHECK(p.order.dtype == DType::int32, std::string("order: expected int32, got ") + dtype_name(p.order.dtype));
   check_matrix(p.offsets, "offsets", 1, A + 1);
-  check(p.offsets.dtype == DType::int32, std::string("offsets: expected int32, got ") + dtype_name(p.offsets.dtype));
+  LOWRANK_CHECK(p.offsets.dtype == DType::int32, std::string("offsets: expected int32, got ") + dtype_name(p.offsets.dtype));
   if (p.h.ptr) {
-    check(p.h.cols == t.max_r && p.h.ld >= p.h.cols && p.h.dtype == DType::float32,
+    LOWRANK_CHECK(p.h.cols == t.max_r && p.h.ld >= p.h.cols && p.h.dtype == DType::float32,
           "h: expected a float32 [P, max_r] matrix");
   }
   const int dev = p.x.device;
-  check(cuda ? dev >= 0 : dev == -1, "x: on the wrong device for this launcher");
-  check(t.device == dev, "adapters: on a different device than x");
+  LOWRANK_CHECK(cuda ? dev >= 0 : dev == -1, "x: on the wrong device for this launcher");
+  LOWRANK_CHECK(t.device == dev, "adapters: on a different device than x");
   for (const Matrix* m : {&p.out, &p.xa, &p.w, &p.bias, &p.c, &p.order, &p.offsets, &p.h})
-    check(m->ptr == 0 || m->device == dev, "all tensors must be on x's device");
+    LOWRANK_CHECK(m->ptr == 0 || m->device == dev, "all tensors must be on x's device");
 }
 
 // On the CPU the plan's values are checked too: order a permutation of [0, M), offsets

@@ -85,19 +85,19 @@ LOWRANK_HD float nf4_block_absmax(const Nf4Weight& w, int64_t b) {
 
 inline void validate_nf4_weight(const Nf4Weight& w, const char* name) {
   const std::string n(name);
-  check(w.rows >= 0 && w.cols >= 0, n + ": negative shape");
-  check(extent_fits(w.rows, w.cols, w.cols), n + ": " + std::to_string(w.rows) + " x " + std::to_string(w.cols) +
+  LOWRANK_CHECK(w.rows >= 0 && w.cols >= 0, n + ": negative shape");
+  LOWRANK_CHECK(extent_fits(w.rows, w.cols, w.cols), n + ": " + std::to_string(w.rows) + " x " + std::to_string(w.cols) +
                                                  " is more than 2^48 elements");
-  check(w.blocksize >= 32 && w.blocksize <= 4096 && (w.blocksize & (w.blocksize - 1)) == 0,
+  LOWRANK_CHECK(w.blocksize >= 32 && w.blocksize <= 4096 && (w.blocksize & (w.blocksize - 1)) == 0,
         n + ": blocksize must be a power of two in [32, 4096], got " + std::to_string(w.blocksize));
   if (w.numel() == 0) return;
-  check(w.codes != 0, n + ": null codes pointer");
+  LOWRANK_CHECK(w.codes != 0, n + ": null codes pointer");
   if (w.nested()) {
-    check(w.code2 != 0 && w.absmax2 != 0 && w.offset != 0, n + ": double-quantized scales need code2, absmax2, offset");
-    check(w.blocksize2 >= 1, n + ": blocksize2 must be positive");
-    check(w.absmax == 0, n + ": give either absmax or qabsmax, not both");
+    LOWRANK_CHECK(w.code2 != 0 && w.absmax2 != 0 && w.offset != 0, n + ": double-quantized scales need code2, absmax2, offset");
+    LOWRANK_CHECK(w.blocksize2 >= 1, n + ": blocksize2 must be positive");
+    LOWRANK_CHECK(w.absmax == 0, n + ": give either absmax or qabsmax, not both");
   } else {
-    check(w.absmax != 0, n + ": null absmax pointer");
+    LOWRANK_CHECK(w.absmax != 0, n + ": null absmax pointer");
   }
 }
 
@@ -147,26 +147,26 @@ inline void validate_nf4_rows(const Nf4RowsArgs& a, bool cuda) {
   auto float_ok = [&](DType t) {
     return t == DType::float32 || t == DType::bfloat16 || (cuda && t == DType::float16);
   };
-  check(cuda ? float_ok(a.x.dtype) : a.x.dtype == DType::float32,
+  LOWRANK_CHECK(cuda ? float_ok(a.x.dtype) : a.x.dtype == DType::float32,
         std::string("x: unsupported dtype ") + dtype_name(a.x.dtype));
-  check(a.out.dtype == DType::float32 || a.out.dtype == a.x.dtype || (!cuda && float_ok(a.out.dtype)),
+  LOWRANK_CHECK(a.out.dtype == DType::float32 || a.out.dtype == a.x.dtype || (!cuda && float_ok(a.out.dtype)),
         std::string("out: unsupported dtype ") + dtype_name(a.out.dtype));
   if (a.bias.ptr) {
     check_matrix(a.bias, "bias", 1, N);
-    check(float_ok(a.bias.dtype), std::string("bias: unsupported dtype ") + dtype_name(a.bias.dtype));
+    LOWRANK_CHECK(float_ok(a.bias.dtype), std::string("bias: unsupported dtype ") + dtype_name(a.bias.dtype));
   }
-  check((a.v.ptr == 0) == (a.e.ptr == 0), "v and e: give both or neither");
+  LOWRANK_CHECK((a.v.ptr == 0) == (a.e.ptr == 0), "v and e: give both or neither");
   if (a.v.ptr) {
     const int64_t R = a.v.cols;
     check_matrix(a.v, "v", M, R);
     check_matrix(a.e, "e", N, R);
-    check(a.v.dtype == DType::float32, std::string("v: expected float32, got ") + dtype_name(a.v.dtype));
-    check(float_ok(a.e.dtype), std::string("e: unsupported dtype ") + dtype_name(a.e.dtype));
+    LOWRANK_CHECK(a.v.dtype == DType::float32, std::string("v: expected float32, got ") + dtype_name(a.v.dtype));
+    LOWRANK_CHECK(float_ok(a.e.dtype), std::string("e: unsupported dtype ") + dtype_name(a.e.dtype));
   }
   const int dev = a.w.device;
-  check(cuda ? dev >= 0 : dev == -1, "weight: on the wrong device for this launcher");
+  LOWRANK_CHECK(cuda ? dev >= 0 : dev == -1, "weight: on the wrong device for this launcher");
   for (const Matrix* m : {&a.out, &a.x, &a.bias, &a.v, &a.e})
-    check(m->ptr == 0 || m->device == dev, "all tensors must be on the weight's device");
+    LOWRANK_CHECK(m->ptr == 0 || m->device == dev, "all tensors must be on the weight's device");
 }
 
 // ---- dequantization ------------------------------------------------------------------------------
@@ -179,31 +179,31 @@ struct Nf4DequantizeArgs {
 
 inline void validate_nf4_dequantize(const Nf4DequantizeArgs& a, bool cuda) {
   validate_nf4_weight(a.w, "weight");
-  check(a.row0 >= 0 && a.out.rows >= 0 && a.out.rows <= a.w.rows && a.row0 <= a.w.rows - a.out.rows,
+  LOWRANK_CHECK(a.row0 >= 0 && a.out.rows >= 0 && a.out.rows <= a.w.rows && a.row0 <= a.w.rows - a.out.rows,
         "row0: the row tile runs past the weight");
   check_matrix(a.out, "out", a.out.rows, a.w.cols);
-  check(a.out.dtype == DType::float32 || a.out.dtype == DType::bfloat16 || (cuda && a.out.dtype == DType::float16),
+  LOWRANK_CHECK(a.out.dtype == DType::float32 || a.out.dtype == DType::bfloat16 || (cuda && a.out.dtype == DType::float16),
         std::string("out: unsupported dtype ") + dtype_name(a.out.dtype));
-  check(cuda ? a.w.device >= 0 : a.w.device == -1, "weight: on the wrong device for this launcher");
-  check(a.out.ptr == 0 || a.out.device == a.w.device, "out: must be on the weight's device");
+  LOWRANK_CHECK(cuda ? a.w.device >= 0 : a.w.device == -1, "weight: on the wrong device for this launcher");
+  LOWRANK_CHECK(a.out.ptr == 0 || a.out.device == a.w.device, "out: must be on the weight's device");
 }
 
 inline void validate_nf4_quantize(const Nf4QuantizeArgs& a, bool cuda) {
-  check(a.n >= 0, "weight: negative size");
-  check(a.blocksize >= 32 && a.blocksize <= 4096 && (a.blocksize & (a.blocksize - 1)) == 0,
+  LOWRANK_CHECK(a.n >= 0, "weight: negative size");
+  LOWRANK_CHECK(a.blocksize >= 32 && a.blocksize <= 4096 && (a.blocksize & (a.blocksize - 1)) == 0,
         "blocksize: must be a power of two in [32, 4096], got " + std::to_string(a.blocksize));
-  check(a.dtype == DType::float32 || a.dtype == DType::bfloat16 || a.dtype == DType::float16,
+  LOWRANK_CHECK(a.dtype == DType::float32 || a.dtype == DType::bfloat16 || a.dtype == DType::float16,
         std::string("weight: unsupported dtype ") + dtype_name(a.dtype));
-  check(a.n == 0 || (a.input && a.codes && a.absmax), "weight: null pointer");
-  check(!cuda || a.n == 0 || a.status, "status: CUDA quantization needs a status word");
-  check(cuda ? a.device >= 0 : a.device == -1, "weight: on the wrong device for this launcher");
+  LOWRANK_CHECK(a.n == 0 || (a.input && a.codes && a.absmax), "weight: null pointer");
+  LOWRANK_CHECK(!cuda || a.n == 0 || a.status, "status: CUDA quantization needs a status word");
+  LOWRANK_CHECK(cuda ? a.device >= 0 : a.device == -1, "weight: on the wrong device for this launcher");
 }
 
 inline void validate_nf4_double_quant(const Nf4DoubleQuantArgs& a, bool cuda) {
-  check(a.n >= 0, "absmax: negative size");
-  check(a.blocksize2 >= 1, "blocksize2: must be positive");
-  check(a.n == 0 || (a.absmax && a.offset && a.code2 && a.qabsmax && a.absmax2), "absmax: null pointer");
-  check(cuda ? a.device >= 0 : a.device == -1, "absmax: on the wrong device for this launcher");
+  LOWRANK_CHECK(a.n >= 0, "absmax: negative size");
+  LOWRANK_CHECK(a.blocksize2 >= 1, "blocksize2: must be positive");
+  LOWRANK_CHECK(a.n == 0 || (a.absmax && a.offset && a.code2 && a.qabsmax && a.absmax2), "absmax: null pointer");
+  LOWRANK_CHECK(cuda ? a.device >= 0 : a.device == -1, "absmax: on the wrong device for this launcher");
 }
 
 // ---- input gradient for few tokens: out = dy · dequant(W) (fp32) ----------------------------------
@@ -224,15 +224,15 @@ inline bool nf4_input_grad_supported(const Nf4Weight& w) {
 inline void validate_nf4_input_grad(const Nf4InputGradArgs& a) {
   validate_nf4_weight(a.w, "weight");
   const int64_t M = a.dy.rows, N = a.w.rows, K = a.w.cols;
-  check(nf4_input_grad_supported(a.w), "weight: the few-token input-gradient kernel needs in_features % 64 == 0");
+  LOWRANK_CHECK(nf4_input_grad_supported(a.w), "weight: the few-token input-gradient kernel needs in_features % 64 == 0");
   check_matrix(a.dy, "dy", M, N);
   check_matrix(a.out, "out", M, K);
-  check(a.dy.dtype == DType::float32 && a.out.dtype == DType::float32 && a.workspace.dtype == DType::float32,
+  LOWRANK_CHECK(a.dy.dtype == DType::float32 && a.out.dtype == DType::float32 && a.workspace.dtype == DType::float32,
         "dy, out, workspace: expected float32");
-  check(M > 0 && a.workspace.rows >= M && a.workspace.rows % M == 0,
+  LOWRANK_CHECK(M > 0 && a.workspace.rows >= M && a.workspace.rows % M == 0,
         "workspace: expected [tasks * M, K] rows");
   check_matrix(a.workspace, "workspace", a.workspace.rows, K);
-  check(a.w.device == -1 && a.out.device == -1 && a.dy.device == -1 && a.workspace.device == -1,
+  LOWRANK_CHECK(a.w.device == -1 && a.out.device == -1 && a.dy.device == -1 && a.workspace.device == -1,
         "all tensors must be on the CPU");
 }
 

@@ -464,6 +464,7 @@ class Raw:
         self.bias = torch.randn(4)
         self.v = torch.randn(3, 2)
         self.e = torch.randn(4, 2)
+        self.a = torch.randn(2, 8)
         self.scale = torch.randn(4)
         self.dx = torch.zeros(3, 8)
         self.ws = torch.zeros(3, 8)
@@ -489,6 +490,11 @@ class Raw:
     def lora_rows(self, out=None, x=None, w=None, bias=None, v=None, e=None, col_scale=None, v_scale=None, threads=1):
         return _C.lora_rows_cpu(out or view(self.out), x or view(self.x), w or view(self.w), bias, v, e, col_scale,
                                 v_scale, 1.0, threads)  # fmt: skip
+
+    def lora_fused(self, out=None, x=None, w=None, a=None, e=None, u=None, threads=1):
+        """u = x aᵀ into ``u`` (or a scratch buffer), then out = x wᵀ + u eᵀ: a = self.a ([2, 8])."""
+        return _C.lora_fused_cpu(out or view(self.out), x or view(self.x), w or view(self.w), None, a or view(self.a),
+                                 e or view(self.e), u, 1.0, threads)  # fmt: skip
 
     def adapters(self, a=None, e=None, n=2):
         a = a if a is not None else [view(t) for t in self.a_list[:n]]
@@ -579,6 +585,16 @@ RAW_CASES = [
     pytest.param(lambda R: _C.nf4_double_quant_cpu(R.pabsmax.data_ptr(), 4, R.offset.data_ptr(), R.code2.data_ptr(), 0, R.qabsmax.data_ptr(), R.absmax2.data_ptr(), 1),
                  ValueError, r"^blocksize2: must be positive", id="nf4_double_quant-blocksize2"),
     pytest.param(lambda R: R.mixed_rows(offsets=R.offsets.float()), ValueError, r"^offsets: expected int32, got float32", id="mixed_rows-offsets-dtype"),
+    # the fused LoRA forward (u = x Aᵀ computed inside): each of its views checked before either kernel runs
+    pytest.param(lambda R: R.lora_fused(a=view(R.a, cols=7)), ValueError, r"^a: expected shape \[2, 8\], got \[2, 7\]", id="lora_fused-a-cols"),
+    pytest.param(lambda R: R.lora_fused(a=view(R.a, ld=3)), ValueError, r"^a: leading dimension 3 is smaller than its 8 columns", id="lora_fused-a-ld"),
+    pytest.param(lambda R: R.lora_fused(a=view(R.a, dtype=U8)), ValueError, r"^a: expected float32 or w's dtype, got uint8", id="lora_fused-a-dtype"),
+    pytest.param(lambda R: R.lora_fused(e=view(R.e, cols=3)), ValueError, r"^e: expected shape \[4, 2\], got \[4, 3\]", id="lora_fused-e-rank"),
+    pytest.param(lambda R: R.lora_fused(u=view(R.v, rows=2)), ValueError, r"^u: expected shape \[3, 2\], got \[2, 2\]", id="lora_fused-u-rows"),
+    pytest.param(lambda R: R.lora_fused(u=view(R.v, dtype=BF16)), ValueError, r"^u: expected float32, got bfloat16", id="lora_fused-u-dtype"),
+    pytest.param(lambda R: R.lora_fused(a=view(R.a, device=0)), ValueError, r"^lora_fused_cpu: every tensor must be on the CPU", id="lora_fused-a-cuda"),
+    pytest.param(lambda R: R.lora_fused(a=view(R.a, ptr=0)), ValueError, r"^a: null data pointer", id="lora_fused-a-null"),
+    pytest.param(lambda R: R.lora_fused(x=view(R.x, cols=7)), ValueError, r"^a: expected shape \[2, 7\], got \[2, 8\]", id="lora_fused-x-cols"),
 ]  # fmt: skip
 
 

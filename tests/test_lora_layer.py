@@ -496,3 +496,62 @@ def test_torch_compile_fullgraph_matches_eager():
         got, eager, exact = run(compiled, x, dy), run(model, x, dy), exact_run(x, dy)
         for i, (g, e, ex) in enumerate(zip(got, eager, exact)):
             assert_error_within(f"{lead} output/grad {i}", g, e, ex)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference calls reuse the layer's kernel views (ops/lora.py FrozenOperands): never stale
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+@pytest.mark.parametrize("lead", [(1,), (5,), (2, 3)], ids=str)
+def test_inference_views_give_the_op_bits(dtype, lead, force_path):
+    """The eager inference call (views built once per layer) computes exactly what the registered op
+    computes on the same tensors, on the fused path and the GEMM path."""
+    for path in ("fused", "gemm"):
+        force_path(path)
+        layer = _layer(40, 24, r=3, dtype=dtype)
+        with torch.no_grad():
+            layer.lora_B.weight.normal_()
+        x = torch.randn(*lead, 40).to(dtype)
+        with torch.no_grad():
+            want, _ = torch.ops.lowrank.lora_linear_forward(x, layer.weight, layer.bias, layer.lora_A.weight,
+                                                            layer.lora_B.weight, layer.scaling, None)  # fmt: skip
+            for _ in range(2):  # the second call reuses the views
+                assert torch.equal(layer(x), want)
+
+
+def test_inference_views_follow_the_tensors(force_path):
+    """Replaced data (``.data =``, an optimizer step, ``.to()``, a new Parameter, a copy) is what the
+    next inference call reads: the views are rebuilt whenever pointer, shape, strides, dtype or device
+    change, and values changed in place are read where they are."""
+    force_path("fused")
+    layer = _layer(32, 16, r=2)
+    x = torch.randn(3, 32)
+
+    def check(lay, inp):
+        with torch.no_grad():
+            got = lay(inp)
+            want = F.linear(inp.float(), lay.weight.float() + lay.delta_weight(), lay.bias.float())
+        torch.testing.assert_close(got.float(), want, rtol=2e-2 if inp.dtype == torch.bfloat16 else 1e-5,
+                                   atol=2e-2 if inp.dtype == torch.bfloat16 else 1e-5)  # fmt: skip
+
+    check(layer, x)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()  # in place: same views, new values
+    check(layer, x)
+    layer.weight.data = torch.randn(16, 32)  # new storage
+    check(layer, x)
+    layer.lora_A.weight = nn.Parameter(torch.randn(2, 32))  # a new Parameter
+    check(layer, x)
+    with torch.no_grad():
+        layer.weight.data = layer.weight.data.t().contiguous().t()  # same values, transposed strides: a copy is read
+    check(layer, x)
+    twin = copy.deepcopy(layer)  # a copy starts without views and reads its own tensors
+    with torch.no_grad():
+        twin.weight.zero_()
+    check(twin, x)
+    check(layer, x)
+    layer.to(torch.bfloat16)
+    check(layer, x.bfloat16())
+    with pytest.raises(TypeError, match="^weight: expected dtype float32, got bfloat16"):
+        with torch.no_grad():
+            layer(x)  # an fp32 input to the now-bf16 layer: the op's own error, not stale views

@@ -98,8 +98,8 @@ std::string active_isa() { return active()->name; }
 
 void set_isa(const std::string& name) {
   const Variant* v = find_variant(name);
-  check(v != nullptr, "isa: unknown CPU kernel variant '" + name + "' (portable, avx2, avx512)");
-  check(cpu_supports(name), "isa: this CPU cannot run the '" + name + "' kernels");
+  LOWRANK_CHECK(v != nullptr, "isa: unknown CPU kernel variant '" + name + "' (portable, avx2, avx512)");
+  LOWRANK_CHECK(cpu_supports(name), "isa: this CPU cannot run the '" + name + "' kernels");
   active() = v;
 }
 
@@ -111,6 +111,42 @@ void lora_rows_cpu(const LoraRowsArgs& a, int num_threads) {
   validate_lora_rows(a, /*cuda=*/false);
   if (a.out.rows == 0 || a.out.cols == 0) return;
   cpu::active()->lora_rows(a, num_threads);
+}
+
+void lora_fused_cpu(const LoraRowsArgs& args, const Matrix& a, const Matrix& u, int num_threads) {
+  const int64_t M = args.x.rows, K = args.x.cols, R = a.rows;
+  LOWRANK_CHECK(args.v.ptr == 0 && args.e.ptr != 0, "e: the fused forward needs e (lora_b) and computes v itself");
+  check_matrix(a, "a", R, K);
+  LOWRANK_CHECK(a.dtype == DType::float32 || a.dtype == args.w.dtype,
+        std::string("a: expected float32 or w's dtype, got ") + dtype_name(a.dtype));
+  LOWRANK_CHECK(a.device == -1 && (u.ptr == 0 || u.device == -1), "lora_fused_cpu: every tensor must be on the CPU");
+  std::vector<float> scratch;
+  Matrix v = u;
+  if (u.ptr) {
+    check_matrix(u, "u", M, R);
+    LOWRANK_CHECK(u.dtype == DType::float32, std::string("u: expected float32, got ") + dtype_name(u.dtype));
+  } else {
+    LOWRANK_CHECK(extent_fits(M, R, R), "u: more than 2^48 elements");
+    scratch.resize(size_t(M * R));
+    v = Matrix{reinterpret_cast<std::uintptr_t>(scratch.data()), M, R, R, DType::float32, -1};
+  }
+  LoraRowsArgs down{};
+  down.out = v;
+  down.x = args.x;
+  down.w = a;
+  down.scale = 1.0f;
+  LoraRowsArgs up = args;
+  up.v = v;
+  validate_lora_rows(down, /*cuda=*/false);
+  validate_lora_rows(up, /*cuda=*/false);
+  if (M == 0) return;
+  if (R > 0 && K > 0) {
+    cpu::active()->lora_rows(down, num_threads);
+  } else {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < R; ++j) v.data<float>()[m * v.ld + j] = 0.f;
+  }
+  if (up.out.cols > 0) cpu::active()->lora_rows(up, num_threads);
 }
 
 void lora_input_grad_cpu(const LoraInputGradArgs& a, int num_threads) {
@@ -150,20 +186,20 @@ int64_t validate_mixed_plan_cpu(const MixedRowsArgs& p) {
   std::vector<char> seen(size_t(M), 0);
   for (int64_t i = 0; i < M; ++i) {
     const int64_t row = order[i];
-    check(row >= 0 && row < M, "order: entry " + std::to_string(i) + " is " + std::to_string(row) +
+    LOWRANK_CHECK(row >= 0 && row < M, "order: entry " + std::to_string(i) + " is " + std::to_string(row) +
                                    ", outside [0, " + std::to_string(M) + ")");
-    check(!seen[size_t(row)], "order: row " + std::to_string(row) + " appears twice (expected a permutation)");
+    LOWRANK_CHECK(!seen[size_t(row)], "order: row " + std::to_string(row) + " appears twice (expected a permutation)");
     seen[size_t(row)] = 1;
   }
-  check(offsets[0] == 0, "offsets: expected offsets[0] == 0, got " + std::to_string(offsets[0]));
+  LOWRANK_CHECK(offsets[0] == 0, "offsets: expected offsets[0] == 0, got " + std::to_string(offsets[0]));
   for (int64_t i = 0; i < A; ++i)
-    check(offsets[i + 1] >= offsets[i] && offsets[i + 1] <= M,
+    LOWRANK_CHECK(offsets[i + 1] >= offsets[i] && offsets[i + 1] <= M,
           "offsets: expected non-decreasing values in [0, " + std::to_string(M) + "], got " +
               std::to_string(offsets[i + 1]) + " after " + std::to_string(offsets[i]));
   const int64_t P = offsets[A];
-  if (p.h.ptr) check(p.h.rows == P, "h: expected " + std::to_string(P) + " rows (offsets[-1]), got " + std::to_string(p.h.rows));
+  if (p.h.ptr) LOWRANK_CHECK(p.h.rows == P, "h: expected " + std::to_string(P) + " rows (offsets[-1]), got " + std::to_string(p.h.rows));
   for (const MixedAdapter& ad : p.adapters->items)
-    check(ad.a.dtype != DType::float16 && ad.e.dtype != DType::float16,
+    LOWRANK_CHECK(ad.a.dtype != DType::float16 && ad.e.dtype != DType::float16,
           "adapters: float16 factors run on CUDA only (use float32 or bfloat16 on the CPU)");
   return P;
 }

@@ -207,7 +207,7 @@ void nf4_quantize(const Nf4QuantizeArgs& a, int num_threads) {
   const int64_t nb = (a.n + a.blocksize - 1) / a.blocksize;
   c.blocks_per_task = std::max<int64_t>(1, (int64_t(1) << 16) / a.blocksize);  // ~64K values per task
   parallel_for((nb + c.blocks_per_task - 1) / c.blocks_per_task, num_threads, quantize_task, &c);
-  check(!c.nonfinite.load(), "weight: contains NaN or infinity; NF4 cannot represent it");
+  LOWRANK_CHECK(!c.nonfinite.load(), "weight: contains NaN or infinity; NF4 cannot represent it");
 }
 
 // Nested (double) quantization of the absmax values, with bitsandbytes' CPU arithmetic (its 8-bit

@@ -458,11 +458,11 @@ void mixed_rows_cuda(const MixedRowsArgs& a, std::uintptr_t stream_handle) {
   validate_mixed_rows(a, /*cuda=*/true);
   const MixedAdapters& t = *a.adapters;
   const int A = int(std::min<size_t>(t.items.size(), INT_MAX));
-  check(A <= kMaxAdapters, "adapters: at most " + std::to_string(kMaxAdapters) +
+  LOWRANK_CHECK(A <= kMaxAdapters, "adapters: at most " + std::to_string(kMaxAdapters) +
                                " adapters per mixed batch on CUDA, got " + std::to_string(t.items.size()));
   const int64_t M = a.x.rows;
-  check(M < INT_MAX, "x: too many rows for an int32 plan (" + std::to_string(M) + ")");
-  check(t.max_r < INT_MAX / 64, "adapters: rank too large");
+  LOWRANK_CHECK(M < INT_MAX, "x: too many rows for an int32 plan (" + std::to_string(M) + ")");
+  LOWRANK_CHECK(t.max_r < INT_MAX / 64, "adapters: rank too large");
   // The caller (Python) runs this under the tensors' device and passes that device's current stream.
   cudaStream_t stream = as_stream(stream_handle);
   Scratch scratch(stream);
@@ -484,13 +484,13 @@ void mixed_rows_cuda(const MixedRowsArgs& a, std::uintptr_t stream_handle) {
   const int flags = host[0];
   // The CPU's wording (validate_mixed_plan_cpu), without the entry (the flags do not say which).
   const std::string in_m = std::to_string(M);
-  check(!(flags & kBadRange), "order: an entry is outside [0, " + in_m + ")");
-  check(!(flags & kDuplicate), "order: a row appears twice (expected a permutation)");
-  check(!(flags & kBadFirst), "offsets: expected offsets[0] == 0, got " + std::to_string(host[1]));
-  check(!(flags & (kDecreasing | kPastM)), "offsets: expected non-decreasing values in [0, " + in_m + "]");
+  LOWRANK_CHECK(!(flags & kBadRange), "order: an entry is outside [0, " + in_m + ")");
+  LOWRANK_CHECK(!(flags & kDuplicate), "order: a row appears twice (expected a permutation)");
+  LOWRANK_CHECK(!(flags & kBadFirst), "offsets: expected offsets[0] == 0, got " + std::to_string(host[1]));
+  LOWRANK_CHECK(!(flags & (kDecreasing | kPastM)), "offsets: expected non-decreasing values in [0, " + in_m + "]");
   const int64_t P = host[1 + A];
   if (a.h.ptr)
-    check(a.h.rows == P, "h: expected " + std::to_string(P) + " rows (offsets[-1]), got " + std::to_string(a.h.rows));
+    LOWRANK_CHECK(a.h.rows == P, "h: expected " + std::to_string(P) + " rows (offsets[-1]), got " + std::to_string(a.h.rows));
   if (M == 0) return;
 
   // 2. The kernels' table: checked offsets, expand tiles per segment, adapter descriptors.

@@ -93,6 +93,7 @@ class LoRA(LoRAAdapter, nn.Module):
         nn.Module.__init__(self)
         self.in_features, self.out_features = in_features, out_features
         self._init_adapter(r, alpha, dropout, use_rslora, device, dtype)
+        self._frozen = _lora_ops.FrozenOperands()  # the base it adapts stays the same tensors between calls
 
     def forward(self, layer: "AdaptedLinear", x: Tensor) -> Tensor:
         base = layer.base_layer
@@ -104,6 +105,8 @@ class LoRA(LoRAAdapter, nn.Module):
             args = (x, base.weight, base.bias, a, b, self.scaling, adapter_input)
             if torch.is_grad_enabled():
                 return _direct.apply(LoRALinearFunction, *args)[0]
+            if adapter_input is None:  # inference: this adapter's views of base and factors built once
+                return _lora_ops.forward_fast(self._frozen, *args[:6])
             return (_lora_ops._forward_native if _direct.ok(x) else torch.ops.lowrank.lora_linear_forward)(*args)[0]
         y = base(x)
         xa = x if adapter_input is None else adapter_input

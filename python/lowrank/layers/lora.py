@@ -174,6 +174,7 @@ class LoRALinear(LoRAAdapter, nn.Module):
             self.bias.requires_grad_(False)
         self._init_adapter(r, alpha, dropout, use_rslora, weight.device, adapter_dtype or weight.dtype)
         self.merged = False
+        self._frozen = _lora_ops.FrozenOperands()
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -202,7 +203,9 @@ class LoRALinear(LoRAAdapter, nn.Module):
         args = (x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, adapter_input)
         if torch.is_grad_enabled():
             y, _ = _direct.apply(LoRALinearFunction, *args)
-        else:  # inference: the op's kernel itself, without the autograd.Function (ops/_direct.py)
+        elif adapter_input is None:  # inference: the kernel with this layer's views built once (ops/lora.py)
+            y = _lora_ops.forward_fast(self._frozen, *args[:6])
+        else:  # the op's kernel itself, without the autograd.Function (ops/_direct.py)
             y, _ = (_lora_ops._forward_native if _direct.ok(x) else torch.ops.lowrank.lora_linear_forward)(*args)
         return y
 

@@ -35,6 +35,7 @@ _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _CPU_NATIVE = (torch.float32, torch.bfloat16)
 _CUDA_NATIVE = (torch.float32, torch.bfloat16, torch.float16)
 HAS_CUDA_KERNELS = hasattr(_C, "lora_rows_cuda")
+_PLAIN = (Tensor, torch.nn.Parameter)  # no subclass (fake, functional, distributed tensors) takes a shortcut
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +252,15 @@ def _forward_native(x, weight, bias, lora_a, lora_b, scale, adapter_input):
     xa2 = x2 if adapter_input is None else last_dim_contiguous(adapter_input.reshape(m, k))
     weight, lora_a, lora_b = (last_dim_contiguous(t) for t in (weight, lora_a, lora_b))
     bias = None if bias is None else bias.contiguous()
-    if _use_fused(x, m):
+    if _use_fused(x, m) and x.device.type == "cpu" and adapter_input is None:
+        # One call: u = x Aᵀ and the rows (CPU kernels read fp32 activations: a bf16 x widened once).
+        x_in = x2 if x2.dtype == torch.float32 else x2.float()
+        u = _runtime.empty(m, r, dtype=torch.float32, device=x.device)
+        y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
+        _C.lora_fused_cpu(matrix("out", y), matrix("x", x_in), matrix("weight", weight), optional_matrix("bias", bias),
+                          matrix("lora_a", lora_a), matrix("lora_b", lora_b), matrix("u", u), float(scale),
+                          _runtime.num_threads())  # fmt: skip
+    elif _use_fused(x, m):
         # CPU kernels read fp32 activations: widen a bf16 x once (M*K elements, small here).
         cpu = x.device.type == "cpu"
         x_in = x2.float() if cpu else x2
@@ -262,6 +271,74 @@ def _forward_native(x, weight, bias, lora_a, lora_b, scale, adapter_input):
     else:
         y, u = _forward_gemm(x2, xa2, weight, bias, lora_a, lora_b, scale)
     return y.reshape(lead + (n,)), u.reshape(lead + (r,))
+
+
+class FrozenOperands:
+    """A layer's weight, bias and adapter factors as kernel views, checked and built once and rebuilt
+    only when one of them changes (pointer, shape, strides, dtype or device: a new tensor, ``.data``
+    assigned, ``.to()``). Values may change freely (an optimizer step): the views point at them.
+
+    :func:`forward_fast` uses it for the eager CPU few-token call, where building six views and
+    checking five tensors per call cost more than the 64 → 64 product itself. ``state`` is one
+    ``(signature, views)`` tuple, replaced whole, so threads sharing a layer never see half of one.
+    A copy of the layer starts empty (views point into the original's memory)."""
+
+    __slots__ = ("state",)
+
+    def __init__(self):
+        self.state = None
+
+    def __deepcopy__(self, memo):
+        return FrozenOperands()
+
+    def __reduce__(self):
+        return (FrozenOperands, ())
+
+    @staticmethod
+    def signature(*tensors) -> tuple:
+        return tuple(None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in tensors)
+
+
+def forward_fast(frozen: FrozenOperands, x, weight, bias, lora_a, lora_b, scale) -> Tensor:
+    """``y`` of ``lora_linear_forward`` (no dropout) for inference, through the fused row kernel with
+    the per-layer views of ``frozen`` where that kernel is the measured choice (eager, plain CPU
+    tensors, fp32/bf16, few tokens); otherwise through the op as usual. Same kernel, same bits."""
+    if (
+        type(x) is Tensor
+        and x.is_cpu
+        and not torch.compiler.is_compiling()
+        and x.dim() >= 1
+        and x.dtype in _CPU_NATIVE
+        and x.dtype == weight.dtype
+        and type(weight) in _PLAIN
+    ):
+        k = x.shape[-1]
+        m = x.numel() // k if k else 0
+        if 0 < m <= _runtime.cpu_fused_max_m(x.dtype) and k == weight.shape[-1] and weight.shape[0] > 0:
+            key = FrozenOperands.signature(weight, bias, lora_a, lora_b)
+            state = frozen.state
+            if state is None or state[0] != key:
+                _check_forward(x, weight, bias, lora_a, lora_b, scale, None)  # raises, naming the argument
+                operands = (weight, bias, lora_a, lora_b)
+                if not all(t is None or (type(t) in _PLAIN and t.is_cpu and t.stride(-1) == 1) for t in operands):
+                    return _forward_native(x, weight, bias, lora_a, lora_b, scale, None)[0]
+                views = (matrix("weight", weight), optional_matrix("bias", bias), matrix("lora_a", lora_a),
+                         matrix("lora_b", lora_b))  # fmt: skip
+                state = frozen.state = (key, views)
+            mw, mb, ma, me = state[1]
+            lead = x.shape[:-1]
+            x2 = x.reshape(m, k)
+            if x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < k):
+                x2 = x2.contiguous()
+            x_in = x2 if x2.dtype == torch.float32 else x2.float()
+            n = weight.shape[0]
+            y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
+            # the same call _forward_native makes (u to a scratch buffer here): the same bits
+            _C.lora_fused_cpu(matrix("out", y), matrix("x", x_in), mw, mb, ma, me, None, float(scale),
+                              _runtime.num_threads())  # fmt: skip
+            return y.reshape(*lead, n)
+    op = _forward_native if _direct.ok(x) else torch.ops.lowrank.lora_linear_forward
+    return op(x, weight, bias, lora_a, lora_b, scale, None)[0]
 
 
 def _forward_gemm(x2, xa2, weight, bias, lora_a, lora_b, scale):
