@@ -434,7 +434,8 @@ def test_deeply_nested_config_json_is_an_adapter_file_error(sources, pristine, s
 
 
 @pytest.mark.parametrize("case", ["only A, save_projection false", "only B", "A is 1-D", "B is 0-D", "A is 3-D",
-                                  "A is int", "A has NaN", "B has inf", "A is float8"])  # fmt: skip
+                                  "A is int", "A has NaN", "B has inf", "A is float8", "B has fewer columns than r",
+                                  "A has more rows than r", "A narrower than a layer"])  # fmt: skip
 def test_bad_vera_projections_are_adapter_file_errors(sources, pristine, scratch, case):
     weights, config = sources["vera"]  # KeyError / IndexError / TypeError before
     with tempfile.TemporaryDirectory() as d:
@@ -452,6 +453,10 @@ def test_bad_vera_projections_are_adapter_file_errors(sources, pristine, scratch
         "A has NaN": lambda: tensors.update({"base_model.vera_A": torch.full_like(a, float("nan"))}),
         "B has inf": lambda: tensors.update({"base_model.vera_B": torch.full_like(b, float("inf"))}),
         "A is float8": lambda: tensors.update({"base_model.vera_A": torch.full_like(a, float("nan")).to(torch.float8_e5m2)}),
+        # found by test_fuzz_weights_file: B [max_out, 2] for r=4 loaded, then the first forward raised
+        "B has fewer columns than r": lambda: tensors.update({"base_model.vera_B": b[:, :2].double().contiguous()}),
+        "A has more rows than r": lambda: tensors.update({"base_model.vera_A": torch.cat([a, a]).contiguous()}),
+        "A narrower than a layer": lambda: tensors.update({"base_model.vera_A": a[:, :-1].contiguous()}),
     }
     edits[case]()
     assert not _try_load(pristine, scratch, *_files(tensors, config))

@@ -312,6 +312,14 @@ def _plan(model: nn.Module, config: AdapterConfig, tensors: dict[str, Tensor], p
             raise AdapterFileError(f"{path}: {e}") from None
         _check_shapes(layer_name, base, config, keys, path)
         layers.append((layer_name, module, parent, attr, keys))
+    if isinstance(config, VeRAConfig) and _VERA_SHARED[0] in tensors:  # every layer slices A[:r, :in], B[:out, :r]
+        max_in = max(base_features(_base(m))[0] for _, m, _, _, _ in layers)
+        max_out = max(base_features(_base(m))[1] for _, m, _, _, _ in layers)
+        for key, (rows, cols), want in ((_VERA_SHARED[0], tensors[_VERA_SHARED[0]].shape, f"[{config.r}, >= {max_in}]"),
+                                        (_VERA_SHARED[1], tensors[_VERA_SHARED[1]].shape, f"[>= {max_out}, {config.r}]")):  # fmt: skip
+            ok = (rows == config.r and cols >= max_in) if key == _VERA_SHARED[0] else (rows >= max_out and cols == config.r)
+            if not ok:
+                raise AdapterFileError(f"{path}: {key}: expected {want} for r={config.r} over these layers, got {[rows, cols]}")
     for owner, state in saved.items():
         expected = saved_targets[owner]
         expected = expected.original_module if hasattr(expected, "original_module") else expected
