@@ -309,3 +309,38 @@ def test_torch_compile_fullgraph(dtype):
     y_eager = q(x)
     y_eager.float().sum().backward()
     assert torch.allclose(y.float(), y_eager.float()) and torch.allclose(gx.float(), x.grad.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_inference_views_give_the_op_bits_and_follow_the_weight(dtype, monkeypatch):
+    """Inference reuses the layer's packed-weight kernel view (ops/nf4.py forward_fast): the same bits
+    as the registered op on the same tensors, and a re-quantized weight (new codes and scales), a
+    new bias or a changed adapter is what the next call reads."""
+    from lowrank.ops import _runtime
+
+    monkeypatch.setattr(_runtime, "NF4_CPU_FUSED_MAX_M", 1 << 30)
+    torch.manual_seed(0)
+    dense = nn.Linear(128, 40).to(dtype)
+    for layer in (lowrank.NF4Linear.from_linear(dense), lowrank.QLoRALinear.from_linear(dense, r=4)):
+        layer.eval()
+        if isinstance(layer, lowrank.QLoRALinear):
+            with torch.no_grad():
+                layer.lora_B.weight.normal_()
+        x = torch.randn(3, 128).to(dtype)
+
+        def op(lay):
+            a = getattr(lay, "lora_A", None)
+            la, lb, s = (a.weight, lay.lora_B.weight, lay.scaling) if a is not None else (None, None, 1.0)
+            return torch.ops.lowrank.nf4_linear_forward(x, *lay.weight_args(), lay.bias, la, lb, s, None)[0]
+
+        with torch.no_grad():
+            for _ in range(2):
+                assert torch.equal(layer(x), op(layer))
+            replacement = lowrank.NF4Linear.from_linear(nn.Linear(128, 40).to(dtype))
+            for name in ("weight", "weight_absmax", "weight_absmax2", "weight_code2", "weight_offset"):
+                setattr(layer, name, getattr(replacement, name))
+            layer.bias.data = torch.randn(40).to(dtype)
+            assert torch.equal(layer(x), op(layer))
+            if isinstance(layer, lowrank.QLoRALinear):
+                layer.lora_B.weight.data = torch.randn(40, 4).to(layer.lora_B.weight.dtype)
+                assert torch.equal(layer(x), op(layer))

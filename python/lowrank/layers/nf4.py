@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..autograd import NF4LinearFunction
 from ..ops import _direct
 from ..ops import nf4 as _ops
+from ..ops.lora import FrozenOperands
 from .lora import LoRAAdapter, check_linear_args
 
 _QS_KEY = "quant_state.bitsandbytes__nf4"
@@ -222,6 +223,11 @@ class NF4Linear(nn.Module):
         args = (x, *self.weight_args(), bias, lora_a, lora_b, scale, adapter_input)
         if torch.is_grad_enabled():
             y, _ = _direct.apply(NF4LinearFunction, *args)
+        elif adapter_input is None:  # inference: the packed weight's kernel view built once (ops/nf4.py)
+            frozen = self.__dict__.get("_frozen")
+            if frozen is None:  # every way a layer is made (constructor, from_linear, state dict) ends here
+                frozen = self._frozen = FrozenOperands()
+            y = _ops.forward_fast(frozen, *args[:13])
         else:
             y, _ = (_ops._forward_native if _direct.ok(x) else torch.ops.lowrank.nf4_linear_forward)(*args)
         return y if y.dtype == in_dtype else y.to(in_dtype)

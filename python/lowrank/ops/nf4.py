@@ -566,6 +566,49 @@ def _forward_native(x, codes, absmax, absmax2, code2, offset, shape, blocksize, 
     return y.reshape(lead + (n,)), u.reshape(lead + (r,))
 
 
+def forward_fast(frozen: "_lora.FrozenOperands", x, codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2,
+                 bias, lora_a, lora_b, scale) -> Tensor:  # fmt: skip
+    """``y`` of ``nf4_linear_forward`` (no dropout) for inference: on the eager CPU few-token path the
+    packed weight's kernel view (``_C.Nf4Weight``) and the bias and ``B`` views come from ``frozen``,
+    checked and built once and rebuilt whenever a tensor's pointer, shape, strides, dtype or device
+    (or the shape and blocksizes) change; otherwise the op as usual. Same kernels, same bits."""
+    if (
+        type(x) is Tensor
+        and x.is_cpu
+        and not torch.compiler.is_compiling()
+        and x.dim() >= 1
+        and x.dtype in _CPU_NATIVE
+        and type(codes) in _lora._PLAIN
+    ):
+        n, k = shape
+        m = x.numel() // k if k else 0
+        if 0 < m <= _runtime.nf4_cpu_fused_max_m() and n > 0 and x.shape[-1] == k:
+            key = (_lora.FrozenOperands.signature(codes, absmax, absmax2, code2, offset, bias, lora_a, lora_b),
+                   tuple(shape), blocksize, blocksize2, x.dtype)  # fmt: skip
+            state = frozen.state
+            if state is None or state[0] != key:
+                wargs = (codes, absmax, absmax2, code2, offset, list(shape), blocksize, blocksize2)
+                _check_forward(x, *wargs, bias, lora_a, lora_b, scale, None)  # raises, naming the argument
+                operands = (codes, absmax, absmax2, code2, offset, bias, lora_a, lora_b)
+                if not all(t is None or (type(t) in _lora._PLAIN and t.is_cpu and t.is_contiguous()) for t in operands):
+                    return _forward_native(x, *wargs, bias, lora_a, lora_b, scale, None)[0]
+                views = (_weight(*wargs), optional_matrix("bias", bias), optional_matrix("lora_b", lora_b))
+                state = frozen.state = (key, views)
+            w, mb, me = state[1]
+            lead = x.shape[:-1]
+            x2 = x.reshape(m, k)
+            if x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < k):
+                x2 = x2.contiguous()
+            x_in = x2 if x2.dtype == torch.float32 else x2.float()
+            u = None if lora_a is None else _lora.down_projection(x_in, lora_a, x.dtype)
+            y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
+            _C.nf4_rows_cpu(matrix("out", y), matrix("x", x_in), w, mb, optional_matrix("u", u), me, float(scale),
+                            _runtime.num_threads())  # fmt: skip
+            return y.reshape(*lead, n)
+    op = _forward_native if _direct.ok(x) else torch.ops.lowrank.nf4_linear_forward
+    return op(x, codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2, bias, lora_a, lora_b, scale, None)[0]
+
+
 def _forward_bf16_tiles(x2, xa2, w, n, k, bias, lora_a, lora_b, scale, lead):
     """Many bf16 tokens where torch's bf16 GEMM is the fast one: W decoded tile by tile to bf16, and the
     adapter and bias ride in the same GEMM as extra reduction columns, so each output is one fp32
