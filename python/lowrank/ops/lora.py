@@ -299,19 +299,26 @@ class FrozenOperands:
         return tuple(None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in tensors)
 
 
+def eager_cpu(x) -> bool:
+    """``x`` is a plain CPU tensor of a dtype the CPU kernels take, outside torch.compile: a call on it
+    may use the eager shortcuts (forward_fast here and in nf4.py)."""
+    return type(x) is Tensor and x.is_cpu and not torch.compiler.is_compiling() and x.dim() >= 1 and x.dtype in _CPU_NATIVE
+
+
+def rows_fp32(x: Tensor, m: int, k: int) -> Tensor:
+    """``x`` as ``[m, k]`` rows the CPU kernels read: fp32 (a bf16 x widened once), last dimension
+    contiguous, rows at least ``k`` apart."""
+    x2 = x.reshape(m, k)
+    if x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < k):
+        x2 = x2.contiguous()
+    return x2 if x2.dtype == torch.float32 else x2.float()
+
+
 def forward_fast(frozen: FrozenOperands, x, weight, bias, lora_a, lora_b, scale) -> Tensor:
     """``y`` of ``lora_linear_forward`` (no dropout) for inference, through the fused row kernel with
     the per-layer views of ``frozen`` where that kernel is the measured choice (eager, plain CPU
     tensors, fp32/bf16, few tokens); otherwise through the op as usual. Same kernel, same bits."""
-    if (
-        type(x) is Tensor
-        and x.is_cpu
-        and not torch.compiler.is_compiling()
-        and x.dim() >= 1
-        and x.dtype in _CPU_NATIVE
-        and x.dtype == weight.dtype
-        and type(weight) in _PLAIN
-    ):
+    if eager_cpu(x) and x.dtype == weight.dtype and type(weight) in _PLAIN:
         k = x.shape[-1]
         m = x.numel() // k if k else 0
         if 0 < m <= _runtime.cpu_fused_max_m(x.dtype) and k == weight.shape[-1] and weight.shape[0] > 0:
@@ -326,17 +333,13 @@ def forward_fast(frozen: FrozenOperands, x, weight, bias, lora_a, lora_b, scale)
                          matrix("lora_b", lora_b))  # fmt: skip
                 state = frozen.state = (key, views)
             mw, mb, ma, me = state[1]
-            lead = x.shape[:-1]
-            x2 = x.reshape(m, k)
-            if x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < k):
-                x2 = x2.contiguous()
-            x_in = x2 if x2.dtype == torch.float32 else x2.float()
+            x_in = rows_fp32(x, m, k)
             n = weight.shape[0]
             y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
             # the same call _forward_native makes (u to a scratch buffer here): the same bits
             _C.lora_fused_cpu(matrix("out", y), matrix("x", x_in), mw, mb, ma, me, None, float(scale),
                               _runtime.num_threads())  # fmt: skip
-            return y.reshape(*lead, n)
+            return y.reshape(*x.shape[:-1], n)
     op = _forward_native if _direct.ok(x) else torch.ops.lowrank.lora_linear_forward
     return op(x, weight, bias, lora_a, lora_b, scale, None)[0]
 

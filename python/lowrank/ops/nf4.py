@@ -572,14 +572,7 @@ def forward_fast(frozen: "_lora.FrozenOperands", x, codes, absmax, absmax2, code
     packed weight's kernel view (``_C.Nf4Weight``) and the bias and ``B`` views come from ``frozen``,
     checked and built once and rebuilt whenever a tensor's pointer, shape, strides, dtype or device
     (or the shape and blocksizes) change; otherwise the op as usual. Same kernels, same bits."""
-    if (
-        type(x) is Tensor
-        and x.is_cpu
-        and not torch.compiler.is_compiling()
-        and x.dim() >= 1
-        and x.dtype in _CPU_NATIVE
-        and type(codes) in _lora._PLAIN
-    ):
+    if _lora.eager_cpu(x) and type(codes) in _lora._PLAIN:
         n, k = shape
         m = x.numel() // k if k else 0
         if 0 < m <= _runtime.nf4_cpu_fused_max_m() and n > 0 and x.shape[-1] == k:
@@ -595,16 +588,12 @@ def forward_fast(frozen: "_lora.FrozenOperands", x, codes, absmax, absmax2, code
                 views = (_weight(*wargs), optional_matrix("bias", bias), optional_matrix("lora_b", lora_b))
                 state = frozen.state = (key, views)
             w, mb, me = state[1]
-            lead = x.shape[:-1]
-            x2 = x.reshape(m, k)
-            if x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < k):
-                x2 = x2.contiguous()
-            x_in = x2 if x2.dtype == torch.float32 else x2.float()
+            x_in = _lora.rows_fp32(x, m, k)
             u = None if lora_a is None else _lora.down_projection(x_in, lora_a, x.dtype)
             y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
             _C.nf4_rows_cpu(matrix("out", y), matrix("x", x_in), w, mb, optional_matrix("u", u), me, float(scale),
                             _runtime.num_threads())  # fmt: skip
-            return y.reshape(*lead, n)
+            return y.reshape(*x.shape[:-1], n)
     op = _forward_native if _direct.ok(x) else torch.ops.lowrank.nf4_linear_forward
     return op(x, codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2, bias, lora_a, lora_b, scale, None)[0]
 
