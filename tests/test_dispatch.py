@@ -127,6 +127,25 @@ def test_cache_key_names_the_calibration_version():
     assert f"calibration {_dispatch.CALIBRATION_VERSION}" in _dispatch.cache_key()
 
 
+def test_decisions_follow_the_thread_count(fresh, monkeypatch):
+    """A decision holds for the thread count it was measured at: after torch.set_num_threads the
+    process takes the decision again for the new count (measured, or the disk cache's)."""
+    monkeypatch.setenv("LOWRANK_CALIBRATION", "process")
+    monkeypatch.setattr(_dispatch, "_steadiness_ms", lambda: 1.0)
+    measured = []
+    monkeypatch.setitem(_dispatch._PROBES, "cpu_fused_max_m/float32",
+                        lambda: (measured.append(torch.get_num_threads()) or 16 * torch.get_num_threads(), {}))  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        assert _dispatch.decide("cpu_fused_max_m/float32") == 16 * threads
+        torch.set_num_threads(threads + 1)
+        assert _dispatch.decide("cpu_fused_max_m/float32") == 16 * (threads + 1)
+    finally:
+        torch.set_num_threads(threads)
+    assert _dispatch.decide("cpu_fused_max_m/float32") == 16 * threads
+    assert measured == [threads, threads + 1, threads]
+
+
 def test_info_shows_decisions(fresh, monkeypatch):
     monkeypatch.setenv("LOWRANK_CALIBRATION", "process")
     monkeypatch.setitem(_dispatch._PROBES, "cpu_bf16_gemm", lambda: ("native", {"x": {"native": 1.0, "widen": 2.0}}))

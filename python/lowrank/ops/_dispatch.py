@@ -74,6 +74,7 @@ class Decision:
 
 _decisions: dict[str, Decision] = {}
 _lock = threading.RLock()
+_decided_under: Optional[int] = None  # the thread count the decisions in _decisions hold for
 
 
 def mode() -> str:
@@ -83,8 +84,23 @@ def mode() -> str:
     return value
 
 
+def _follow_thread_count() -> None:
+    """Decisions hold for one thread count: when ``torch.set_num_threads`` changed it since they were
+    taken, this process's decisions are dropped, to be taken again (from the disk cache where it has
+    them). (A kernel variant forced with ``_C.set_cpu_isa`` is a test's or benchmark's business: it
+    pins what it measures.)"""
+    global _decided_under
+    threads = torch.get_num_threads()
+    if threads != _decided_under:
+        with _lock:
+            if _decided_under is not None and threads != _decided_under:
+                _decisions.clear()
+            _decided_under = threads
+
+
 def decide(name: str) -> Any:
-    """The value of decision ``name``, measured on first use (then cached)."""
+    """The value of decision ``name``, measured on first use (then cached) for this thread count."""
+    _follow_thread_count()
     d = _decisions.get(name)
     if d is not None:
         return d.value
@@ -117,8 +133,10 @@ def calibrate(names: Optional[list[str]] = None) -> dict:
 
 def reset() -> None:
     """Forgets this process's decisions (the disk cache stays)."""
+    global _decided_under
     with _lock:
         _decisions.clear()
+        _decided_under = None
 
 
 @contextlib.contextmanager
@@ -127,6 +145,7 @@ def defaults_where_unmeasured(why: str):
     their built-in defaults instead of being measured (``why`` goes in their ``source``); yields their
     names. Afterwards they are forgotten, so a later use measures as usual. Only in ``disk`` mode."""
     placed: dict[str, Decision] = {}
+    _follow_thread_count()
     if mode() == "disk":
         known = report(include_disk=True)
         with _lock:
