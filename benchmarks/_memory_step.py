@@ -20,20 +20,21 @@ from __future__ import annotations
 import argparse
 import json
 
+from lowrank._proc import reset_peak, status_kb
+
 from ._peers import peft_lora_layer
 
 
 def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    kb = status_kb(field)
+    if kb is None:
+        raise RuntimeError(f"{field} not in /proc/self/status")
+    return kb
 
 
 def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    if not reset_peak():
+        raise RuntimeError("cannot reset the peak through /proc/self/clear_refs")
 
 
 def build(method: str, width: int, layers: int, rank: int):

@@ -5,14 +5,13 @@
 - Peak memory: what the method holds — its model's tensors (the frozen base or the 4-bit one, the
   dense delta of full fine-tuning, the adapter), the optimizer's state — plus the most one training
   step adds (activations, gradients, temporaries), read from the kernel's high-water mark (VmHWM,
-  reset through /proc/self/clear_refs before each step) above the resident size at the step's
-  start. On CUDA, the allocator's own peak.
+  reset through /proc/self/clear_refs before each step but the first, which pays one-time costs)
+  above the resident size at the step's start. On CUDA, the allocator's own peak.
 """
 
 from __future__ import annotations
 
 import copy
-import ctypes
 import math
 import random
 import time
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 
 import lowrank
 
+from .._proc import release_freed_memory, reset_peak, status_kb
 from .data import Dataset, Example
 
 METHODS = ("full", "lora", "vera", "qlora")
@@ -62,7 +62,9 @@ def encode(tokenizer, examples: list[Example], seq_len: int) -> Encoded:
     for ex in examples:
         prompt = tokenizer(ex.prompt, add_special_tokens=False).input_ids if ex.prompt else []
         full = tokenizer(ex.prompt + ex.completion, add_special_tokens=False).input_ids + [eos]
-        start = len(prompt) if full[: len(prompt)] == prompt else len(prompt)  # BPE merges at the seam: rare
+        # The completion starts after the prompt's tokens. (Where BPE merges a token across the seam the
+        # first completion token then also carries the prompt's last characters: rare, and not corrected.)
+        start = len(prompt)
         full = full[:seq_len]
         ids.append(full)
         starts.append(max(1, min(start, len(full) - 1)))
@@ -133,50 +135,21 @@ def exact_match(model, tokenizer, examples: list[Example], device) -> tuple[floa
 # ---------------------------------------------------------------------------------------------
 # Memory
 # ---------------------------------------------------------------------------------------------
-def _status_kb(field_name: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _release_freed_memory() -> None:
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _step_start(device: torch.device) -> Optional[int]:
-    """Resets the peak and returns what is in use now (None where it cannot be read)."""
+    """Resets the peak and returns the bytes in use now (None where they cannot be read)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device)
-    return _status_kb("VmRSS") if _reset_peak() else None
+    rss = status_kb("VmRSS") if reset_peak() else None
+    return None if rss is None else rss * 1024
 
 
 def _step_growth(device: torch.device, start: int) -> Optional[int]:
     """Bytes the peak rose above ``start`` since ``_step_start``."""
     if device.type == "cuda":
         return max(0, torch.cuda.max_memory_allocated(device) - start)
-    hwm = _status_kb("VmHWM")
-    return None if hwm is None else max(0, hwm - start) * 1024
+    hwm = status_kb("VmHWM")
+    return None if hwm is None else max(0, hwm * 1024 - start)
 
 
 def optimizer_bytes(opt: torch.optim.Optimizer) -> int:
@@ -231,7 +204,7 @@ def build(method: str, base: torch.nn.Module, s: Settings) -> torch.nn.Module:
 def run_method(method: str, base, tokenizer, data: Dataset, enc_train: Encoded, enc_eval: Encoded, s: Settings,
                progress=None) -> MethodResult:  # fmt: skip
     device = torch.device(s.device)
-    _release_freed_memory()
+    release_freed_memory()
     torch.manual_seed(s.seed)  # each method's init is the same whatever ran before it
     model = build(method, base, s).to(device)
     model.train()
@@ -290,7 +263,7 @@ def run_method(method: str, base, tokenizer, data: Dataset, enc_train: Encoded, 
         losses=losses, loss_after=loss_after, em_after=em, samples=got[:4], adapter_dir=str(out_dir),
     )  # fmt: skip
     del model, opt
-    _release_freed_memory()
+    release_freed_memory()
     return result
 
 

@@ -1,0 +1,42 @@
+"""This process's memory as the Linux kernel reports it (``/proc/self``): the resident size and its
+high-water mark, a reset of that mark, and handing freed heap back first. Read by ``lowrank
+finetune``'s peak memory, the benchmarks' fresh-process training steps and the leak test; where
+``/proc`` is missing the readings are None and the reset says it could not."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+from typing import Optional
+
+
+def status_kb(field: str) -> Optional[int]:
+    """A ``/proc/self/status`` field in kB (``VmRSS``, ``VmHWM``, ...), or None where it cannot be read."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak() -> bool:
+    """Resets ``VmHWM`` to the resident size now (``/proc/self/clear_refs``); False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def release_freed_memory() -> None:
+    """Collects garbage and returns freed heap pages to the system (glibc's ``malloc_trim``), so the
+    resident size reads what is still in use."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
