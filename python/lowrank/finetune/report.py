@@ -1,7 +1,8 @@
 """What a fine-tuning run reports: the table (rich), ``results.json`` and the loss-curve plot (matplotlib).
 
 Both files are written to a temporary name and renamed into place, so an interrupted run never leaves
-half a file. rich and matplotlib are imported here only, when a report is made.
+half a file. matplotlib is imported here only, when the plot is made; rich, when a table is printed
+(as by the progress bar and the demo in run.py, and by lowrank.bench).
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ adapter in turn by ``set_adapter``, and all of them at once in one mixed batch â
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 
 import lowrank
 
+from .. import _C
 from .._info import cpu_model
 from . import data as _data
 from . import model as _model
@@ -84,9 +84,7 @@ class Job(_train.Settings):
 def machine(device: str) -> str:
     if device == "cuda":
         return f"{torch.cuda.get_device_name()} (CUDA), torch {torch.__version__}"
-    info = lowrank.info(calibrate=False)
-    return (f"{cpu_model()}, {info['cpu_kernel_variant']} kernels, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}")  # fmt: skip
+    return f"{cpu_model()}, {_C.cpu_isa()} kernels, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def _console(job: Job):
@@ -136,8 +134,7 @@ def finetune(job: Job) -> dict:
     console = _console(job)
     if job.threads is not None:
         torch.set_num_threads(job.threads)
-    random.seed(job.seed)
-    torch.manual_seed(job.seed)
+    torch.manual_seed(job.seed)  # data and batches draw from their own seeded random.Random
     t0 = time.perf_counter()
     dataset = _data.builtin(job.seed, facts=job.facts) if job.data is None else _data.from_file(job.data, job.seed)
     base, tokenizer, label = _model.load(job.model, dtype=job.torch_dtype)
