@@ -14,26 +14,14 @@ from typing import Iterator, Optional
 
 import torch
 
+from lowrank.bench import format_ms, format_ratio  # noqa: F401  (the cells `lowrank bench` prints, shared)
+
 _DTYPE_LABELS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 
 def dtype_label(dtype: torch.dtype) -> str:
     """Short dtype name for test ids and tables: ``fp32``, ``bf16``."""
     return _DTYPE_LABELS.get(dtype, str(dtype).removeprefix("torch."))
-
-
-def format_ms(seconds: Optional[float]) -> str:
-    """Milliseconds to three significant digits, without exponents (1040, 26.9, 0.213)."""
-    if seconds is None:
-        return "—"
-    ms = seconds * 1e3
-    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
-
-
-def format_ratio(numerator: Optional[float], denominator: Optional[float]) -> str:
-    if numerator is None or denominator is None:
-        return "—"
-    return f"{numerator / denominator:.2f}"
 
 
 def format_rate(amount: float, seconds: Optional[float], unit: float = 1e9) -> str:

@@ -559,8 +559,8 @@ def format_ms(seconds: Optional[float]) -> str:
     return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
 
 
-def format_ratio(numerator: float, denominator: Optional[float]) -> str:
-    return "—" if denominator is None else f"{numerator / denominator:.2f}"
+def format_ratio(numerator: Optional[float], denominator: Optional[float]) -> str:
+    return "—" if numerator is None or denominator is None else f"{numerator / denominator:.2f}"
 
 
 def table_cells(row: Row) -> tuple[str, ...]:
