@@ -55,8 +55,6 @@ struct Matrix {
     if (!(ok)) ::lowrank::fail(__VA_ARGS__);          \
   } while (0)
 
-// Re-checks what the Python validation helper already checked; the binding is the last line
-// before raw pointers, so it never trusts its caller.
 // No view spans more elements than this (2^48: far past any machine's memory), so index
 // arithmetic in int64 (i * ld + j, rows * cols, times the element size) can never overflow.
 constexpr int64_t kMaxElements = int64_t(1) << 48;
@@ -65,10 +63,13 @@ constexpr int64_t kMaxElements = int64_t(1) << 48;
 inline bool extent_fits(int64_t rows, int64_t cols, int64_t ld) {
   if (rows < 0 || cols < 0 || ld < 0) return false;
   if (rows == 0 || cols == 0) return true;
+  if (rows > 1 && ld < cols) return false;  // overlapping rows (and no division by a zero ld below)
   if (cols > kMaxElements || (rows > 1 && ld > kMaxElements)) return false;
   return rows - 1 <= (kMaxElements - cols) / (rows > 1 ? ld : 1);
 }
 
+// Re-checks what the Python validation helper already checked; the binding is the last line
+// before raw pointers, so it never trusts its caller.
 inline void check_matrix(const Matrix& m, const char* name, int64_t rows, int64_t cols) {
   LOWRANK_CHECK(m.rows == rows && m.cols == cols,
         std::string(name) + ": expected shape [" + std::to_string(rows) + ", " + std::to_string(cols) +

@@ -1,4 +1,5 @@
-// Fused LoRA row kernels: the launchers that csrc/cpu/lora.cpp and csrc/cuda/lora.cu implement.
+// Fused LoRA row kernels: the launchers that csrc/cpu/lora.cpp and csrc/cuda/lora.cu implement (their
+// CPU entry points, lora_fused_cpu included, are in csrc/cpu/dispatch.cpp).
 //
 //   out[m, n] = sum_k x[m, k] * w[n, k]  +  scale * c[n] * sum_j v[m, j] * s[j] * e[n, j]  +  bias[n]
 //
@@ -72,7 +73,8 @@ void lora_rows_cpu(const LoraRowsArgs& a, int num_threads);
 
 // The whole fused LoRA forward in one call: u = x aᵀ ([M, R] fp32, with the rows kernel over a's R
 // rows), then lora_rows with v = u. `a` ([R, K]) is float32 or w's dtype; `u` is where u goes (float32
-// [M, R], for the backward), or ptr == 0 for a scratch buffer. `args.v` must be empty (it is u).
+// [M, R], for the backward), or ptr == 0 for a scratch buffer. `args.v` must be empty (it is u) and
+// `args.e` is B ([N, R]); with R = 0 there is no adapter term and e is not read.
 void lora_fused_cpu(const LoraRowsArgs& args, const Matrix& a, const Matrix& u, int num_threads);
 
 // The input gradient of the LoRA linear, streaming W once (few-token backward):

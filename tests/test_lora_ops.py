@@ -92,7 +92,7 @@ def make_inputs(
     weight = _strided(n, k, dtype=dtype, device=device, std=max(k, 1) ** -0.5, how=weight_layout)
     b = _randn(n, dtype=dtype, device=device, std=0.5) if bias else None
     lora_a = _strided(r, k, dtype=adapter_dtype, device=device, std=max(k, 1) ** -0.5, how=lora_layout)
-    lora_b = _strided(n, r, dtype=adapter_dtype, device=device, std=r**-0.5, how=lora_layout)
+    lora_b = _strided(n, r, dtype=adapter_dtype, device=device, std=max(r, 1) ** -0.5, how=lora_layout)
     adapter_input = None
     if dropout:
         adapter_input = F.dropout(x, p=0.25, training=True)
@@ -135,6 +135,15 @@ def test_forward_matches_fp64(device, dtype, m, path, r, k, n, bias, force_path,
     check_forward(*make_inputs((m,), k, n, r, dtype, device=device, bias=bias))
     took_fused = bool(ROW_KERNELS.intersection(kernel_calls))
     assert took_fused == (path == "fused"), f"expected the {path} path, kernel calls: {kernel_calls}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+@pytest.mark.parametrize("path", ["fused", "gemm"])
+def test_forward_rank_zero(dtype, path, force_path, cpu_isa):
+    """The op takes r = 0 (an adapter with no rank: y = x Wᵀ + b, u empty) on every path; the fused
+    call used to refuse it (no data pointer behind an empty B)."""
+    force_path(path)
+    check_forward(*make_inputs((5,), 33, 17, 0, dtype, bias=True))
 
 
 # ---------------------------------------------------------------------------------------------

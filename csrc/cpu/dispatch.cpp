@@ -1,6 +1,7 @@
 // Picks the CPU kernel variant at run time: AVX-512 where the CPU and OS support it, else AVX2+FMA,
 // else portable C++. LOWRANK_CPU_ISA (or set_cpu_isa) may force a lower one, e.g. for tests.
 #include <cstdlib>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -115,36 +116,39 @@ void lora_rows_cpu(const LoraRowsArgs& a, int num_threads) {
 
 void lora_fused_cpu(const LoraRowsArgs& args, const Matrix& a, const Matrix& u, int num_threads) {
   const int64_t M = args.x.rows, K = args.x.cols, R = a.rows;
-  LOWRANK_CHECK(args.v.ptr == 0 && args.e.ptr != 0, "e: the fused forward needs e (lora_b) and computes v itself");
+  LOWRANK_CHECK(args.v.ptr == 0, "v: the fused forward computes v (u = x aᵀ) itself");
   check_matrix(a, "a", R, K);
   LOWRANK_CHECK(a.dtype == DType::float32 || a.dtype == args.w.dtype,
-        std::string("a: expected float32 or w's dtype, got ") + dtype_name(a.dtype));
+                std::string("a: expected float32 or w's dtype, got ") + dtype_name(a.dtype));
   LOWRANK_CHECK(a.device == -1 && (u.ptr == 0 || u.device == -1), "lora_fused_cpu: every tensor must be on the CPU");
-  std::vector<float> scratch;
-  Matrix v = u;
   if (u.ptr) {
     check_matrix(u, "u", M, R);
     LOWRANK_CHECK(u.dtype == DType::float32, std::string("u: expected float32, got ") + dtype_name(u.dtype));
-  } else {
-    LOWRANK_CHECK(extent_fits(M, R, R), "u: more than 2^48 elements");
-    scratch.resize(size_t(M * R));
-    v = Matrix{reinterpret_cast<std::uintptr_t>(scratch.data()), M, R, R, DType::float32, -1};
   }
+  LoraRowsArgs up = args;
+  if (R == 0) {  // no adapter term: the rows kernel alone (e is [N, 0], often with no data pointer)
+    up.e = Matrix{};
+    validate_lora_rows(up, /*cuda=*/false);
+    if (M > 0 && up.out.cols > 0) cpu::active()->lora_rows(up, num_threads);
+    return;
+  }
+  LOWRANK_CHECK(extent_fits(M, R, R), "u: more than 2^48 elements");
+  std::unique_ptr<float[]> scratch;  // u's home when the caller does not keep it (inference)
+  if (!u.ptr) scratch.reset(new float[size_t(M * R)]);
+  up.v = u.ptr ? u : Matrix{reinterpret_cast<std::uintptr_t>(scratch.get()), M, R, R, DType::float32, -1};
+  // x, w and out are checked with up; a and u above: the down projection needs no checks of its own.
+  validate_lora_rows(up, /*cuda=*/false);
+  if (M == 0) return;
   LoraRowsArgs down{};
-  down.out = v;
+  down.out = up.v;
   down.x = args.x;
   down.w = a;
   down.scale = 1.0f;
-  LoraRowsArgs up = args;
-  up.v = v;
-  validate_lora_rows(down, /*cuda=*/false);
-  validate_lora_rows(up, /*cuda=*/false);
-  if (M == 0) return;
-  if (R > 0 && K > 0) {
+  if (K > 0) {
     cpu::active()->lora_rows(down, num_threads);
   } else {
     for (int64_t m = 0; m < M; ++m)
-      for (int64_t j = 0; j < R; ++j) v.data<float>()[m * v.ld + j] = 0.f;
+      for (int64_t j = 0; j < R; ++j) up.v.data<float>()[m * up.v.ld + j] = 0.f;
   }
   if (up.out.cols > 0) cpu::active()->lora_rows(up, num_threads);
 }

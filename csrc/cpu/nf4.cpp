@@ -10,8 +10,10 @@
 // (group_source); the rows kernel permutes x the same way once per call instead of unscrambling W.
 //
 //   rows kernel:  out[m, n] = sum_k x[m, k] * W[n, k] + bias[n] + scale * v[m]·e[n]
-//   M = 1:        each row's codes are decoded in registers and dotted with x on the spot; the
-//                 block scale is applied once per group of 64 (sum_k t[q] x, then * absmax).
+//   M = 1:        each row's codes are decoded in registers and dotted with x on the spot; block
+//                 scales are decoded ahead per chunk of groups and applied to the sums (sum_k t[q] x,
+//                 then * absmax). AVX-512 reads 128 codes per load and takes their nibbles with
+//                 shifts alone, so x is in "chunk order" there (chunk_source) but for a last group of 64.
 //   M > 1:        NR rows x KC columns are decoded (scaled) into an L1 buffer, then an NR x MR
 //                 register tile runs over every MR-row group of x.
 //   other shapes: (in % 64 != 0, or no AVX2) each row is decoded into a buffer in natural order.
@@ -360,11 +362,12 @@ inline int group_source(int s) {
 }
 #endif
 
-// Walks the block scales of one row group by group (64 values), with no division in the loop: an
-// int64 division per group cost as much as decoding the group. The scalar work interleaves with the
-// shuffle-bound decoding for free. next() gives the scale vector of the next group: lane 0 scales its
-// first 32 values and lane 1 the last 32, matching lookup32's lanes, so blocksize 32 (two blocks per
-// group) needs nothing special. Needs cols % 64 == 0 and blocksize >= 32 (a power of two).
+// Walks the block scales of one row group by group (64 values), with no division per group: an int64
+// division per group cost as much as decoding the group. next2() gives the scales of the next group's
+// first and last 32 values (two blocks at blocksize 32), next() the same as a vector matching
+// lookup32's lanes. Rows may start inside a block. Needs cols % 64 == 0 and blocksize >= 32 (a power of
+// two). The M=1 kernels take the scales ahead of their loops (group_scales): walked inside, among the
+// four rows' vector work, the cursors doubled the loop's time.
 class ScaleCursor {
  public:
   explicit ScaleCursor(const Nf4Weight& w) : w_(w) {
@@ -386,23 +389,14 @@ class ScaleCursor {
   }
 
   __m256 next() {
-    if (groups_per_block_ == 0) {  // blocksize 32: two blocks per group
-      const float s0 = take(), s1 = take();
-      return _mm256_setr_m128(_mm_set1_ps(s0), _mm_set1_ps(s1));
-    }
-    if (left_ == 0) {
-      cur_s_ = take();
-      cur_ = _mm256_set1_ps(cur_s_);
-      left_ = first_left_ ? first_left_ : groups_per_block_;
-      first_left_ = 0;
-    }
-    --left_;
-    return cur_;
+    float s0, s1;
+    next2(s0, s1);
+    return _mm256_setr_m128(_mm_set1_ps(s0), _mm_set1_ps(s1));
   }
 
   // The same as two scalars: the scales of the group's first and last 32 values.
   void next2(float& s0, float& s1) {
-    if (groups_per_block_ == 0) {
+    if (groups_per_block_ == 0) {  // blocksize 32: two blocks per group
       s0 = take();
       s1 = take();
       return;
@@ -430,7 +424,6 @@ class ScaleCursor {
   int64_t b_ = 0, b2_ = 0, r2_ = 0;
   int left_ = 0, first_left_ = 0;
   float cur_s_ = 0.f;
-  __m256 cur_ = _mm256_setzero_ps();
 };
 
 // The scales of groups [g0, g0 + count) of a row (s0: the group's first 32 values, s1: its last 32;
@@ -502,7 +495,7 @@ static void dequant_task(void* p, int64_t task) {
 #endif
 #if defined(__AVX2__)
   // The fast path decodes whole groups of 64 in natural order; it needs rows made of whole groups.
-  const bool fast = K % 64 == 0 && (w.blocksize >= 64 || w.blocksize == 32);
+  const bool fast = K % 64 == 0;  // (any valid blocksize: a power of two in [32, 4096])
 #endif
 #if defined(__AVX2__)
   ScaleCursor scales(w);
@@ -658,13 +651,13 @@ static void m1_chunks4(const uint8_t* const rc[4], const float* x, int64_t g0, i
 
 // One group of 64 of four rows, in group order (a row's last 64 values when K % 128 == 64).
 static void m1_group4(const uint8_t* const rc[4], const float* xg, int64_t g, const float (*s0)[64],
-                      const float (*s1)[64], __m512 table, __m512 acc[4]) {
+                      const float (*s1)[64], int64_t i, __m512 table, __m512 acc[4]) {  // i: g's scale slot
   for (int r = 0; r < 4; ++r) {
     __m512 v[4];
     decode_group512(table, rc[r] + 32 * g, v);
     const __m512 t0 = _mm512_fmadd_ps(v[1], _mm512_loadu_ps(xg + 16), _mm512_mul_ps(v[0], _mm512_loadu_ps(xg)));
     const __m512 t1 = _mm512_fmadd_ps(v[3], _mm512_loadu_ps(xg + 48), _mm512_mul_ps(v[2], _mm512_loadu_ps(xg + 32)));
-    acc[r] = _mm512_fmadd_ps(t1, _mm512_set1_ps(s1[r][0]), _mm512_fmadd_ps(t0, _mm512_set1_ps(s0[r][0]), acc[r]));
+    acc[r] = _mm512_fmadd_ps(t1, _mm512_set1_ps(s1[r][i]), _mm512_fmadd_ps(t0, _mm512_set1_ps(s0[r][i]), acc[r]));
   }
 }
 
@@ -697,11 +690,8 @@ static void rows_task_m1(const RowsCtx& c, int64_t n0, int64_t n1) {
         m1_chunks4<2>(rc, c.xs, g0, whole, s0, s1, table, acc);
       else
         m1_chunks4<4>(rc, c.xs, g0, whole, s0, s1, table, acc);
-      if (whole < count) {  // the odd last group
-        const float(*t0)[64] = reinterpret_cast<const float(*)[64]>(&s0[0][whole]);
-        const float(*t1)[64] = reinterpret_cast<const float(*)[64]>(&s1[0][whole]);
-        m1_group4(rc, c.xs + 64 * (g0 + whole), g0 + whole, t0, t1, table, acc);
-      }
+      if (whole < count)  // the odd last group
+        m1_group4(rc, c.xs + 64 * (g0 + whole), g0 + whole, s0, s1, whole, table, acc);
     }
     for (int r = 0; r < rows; ++r) finish(a, 0, n + r, _mm512_reduce_add_ps(acc[r]));
   }
@@ -839,7 +829,7 @@ void nf4_rows(const Nf4RowsArgs& a, int num_threads) {
   const int64_t M = a.x.rows, K = a.w.cols, N = a.w.rows;
   RowsCtx c{&a, nullptr, K, false};
 #if defined(__AVX2__)
-  c.grouped = K % 64 == 0 && K > 0 && (a.w.blocksize >= 64 || a.w.blocksize == 32);
+  c.grouped = K % 64 == 0 && K > 0;  // (any valid blocksize: a power of two in [32, 4096])
 #endif
   // x (fp32, M x K, small) copied once: into group order for the fast path, contiguous otherwise.
   std::vector<float> xs(size_t(M * K));
