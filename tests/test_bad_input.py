@@ -380,9 +380,6 @@ def test_bad_input_raises_on_meta_tensors(call, exc, match):
         call()
 
 
-# ---------------------------------------------------------------------------------------------
-# Accepted on purpose (documented, so a future check does not break them silently)
-# ---------------------------------------------------------------------------------------------
 def test_rank_above_min_features_is_rejected_before_the_model_changes(tmp_path):
     """r > min(in, out) adds parameters but no rank (s·BA has rank at most min(in, out)): the layers,
     inject and load_adapter refuse it naming the layer, and a refused inject leaves the model as it was.
@@ -411,6 +408,9 @@ def test_rank_above_min_features_is_rejected_before_the_model_changes(tmp_path):
     assert isinstance(narrow[0], nn.Linear)
 
 
+# ---------------------------------------------------------------------------------------------
+# Accepted on purpose (documented, so a future check does not break them silently)
+# ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("path", ["fused", "gemm"])
 def test_misaligned_views_are_accepted(dtype, path, force_path, monkeypatch):

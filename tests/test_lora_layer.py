@@ -543,7 +543,7 @@ def test_inference_views_follow_the_tensors(force_path):
     layer.lora_A.weight = nn.Parameter(torch.randn(2, 32))  # a new Parameter
     check(layer, x)
     with torch.no_grad():
-        layer.weight.data = layer.weight.data.t().contiguous().t()  # same values, transposed strides: a copy is read
+        layer.weight.data = (2 * layer.weight.data).t().contiguous().t()  # new values, transposed strides
     check(layer, x)
     twin = copy.deepcopy(layer)  # a copy starts without views and reads its own tensors
     with torch.no_grad():
