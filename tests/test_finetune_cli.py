@@ -70,9 +70,12 @@ def test_finetune_every_method(run, tiny):
         if method in expect:
             assert r["trainable"] == expect[method], method
     assert results["methods"]["qlora"]["trainable"] == expect["lora"]
-    # Full fine-tuning holds the most: its optimizer state alone is twice the model's linear weights.
-    peaks = {m: r["peak_bytes"] for m, r in results["methods"].items()}
-    assert peaks["full"] > 2 * 4 * expect["full"] and peaks["full"] == max(peaks.values())
+    # Between steps full fine-tuning holds the most: its dense delta and its optimizer state, three
+    # times the linear weights. (A step's own growth is not compared: at this size VeRA's r=256
+    # activations outweigh the tiny layers they adapt, as they do not on SmolLM2.)
+    held = {m: r["held_bytes"] for m, r in results["methods"].items()}
+    assert held["full"] > 3 * 4 * expect["full"] and held["full"] == max(held.values())
+    assert all(r["peak_bytes"] > r["held_bytes"] for r in results["methods"].values())
     assert {t["target"].split()[0] for t in results["targets"]} >= {"lora", "vera", "qlora", "some"}
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]

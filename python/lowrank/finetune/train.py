@@ -177,6 +177,7 @@ class MethodResult:
     total: int
     adapter_bytes: int
     peak_bytes: Optional[int]
+    held_bytes: int  # the part of the peak held between steps: the model's tensors and the optimizer's state
     seconds_per_step: float
     tokens_per_s: float
     losses: list[float]
@@ -244,7 +245,8 @@ def run_method(method: str, base, tokenizer, data: Dataset, enc_train: Encoded, 
     # mark. The first step is left out: it allocates the optimizer state (counted above) and pays
     # one-time costs (kernel calibration, caches) no later step repeats.
     grown = [g for g in growth if g is not None]
-    peak = tensor_bytes(model) + optimizer_bytes(opt) + max(grown) if grown else None
+    held = tensor_bytes(model) + optimizer_bytes(opt)
+    peak = held + max(grown) if grown else None
     model.eval()
     loss_after = heldout_loss(model, enc_eval, pad, device)
     em = None
@@ -258,7 +260,7 @@ def run_method(method: str, base, tokenizer, data: Dataset, enc_train: Encoded, 
     first = 1 if len(step_times) > 1 else 0  # the first step pays one-time costs
     measured, measured_tokens = step_times[first:], tokens[first:]
     result = MethodResult(
-        method=method, trainable=trainable, total=total, adapter_bytes=adapter_bytes, peak_bytes=peak,
+        method=method, trainable=trainable, total=total, adapter_bytes=adapter_bytes, peak_bytes=peak, held_bytes=held,
         seconds_per_step=sum(measured) / len(measured), tokens_per_s=sum(measured_tokens) / max(sum(measured), 1e-9),
         losses=losses, loss_after=loss_after, em_after=em, samples=got[:4], adapter_dir=str(out_dir),
     )  # fmt: skip
