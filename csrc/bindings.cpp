@@ -137,6 +137,19 @@ PYBIND11_MODULE(_C, m) {
       py::arg("out"), py::arg("dy"), py::arg("w"), py::arg("g"), py::arg("a"), py::arg("workspace"),
       py::arg("num_threads"));
 
+  m.def(
+      "adapter_products_cpu",
+      [](const std::optional<Matrix>& c, const std::optional<Matrix>& d, const Matrix& x,
+         const std::optional<Matrix>& y, const std::optional<Matrix>& u, bool y_transposed, bool d_transposed,
+         float scale, int num_threads) {
+        AdapterProductsArgs p{x, opt(y), opt(u), opt(c), opt(d), y_transposed, d_transposed, scale};
+        py::gil_scoped_release nogil;
+        adapter_products_cpu(p, num_threads);
+      },
+      "c = scale * x y and/or d = scale * xᵀ u from one pass over x (fp32 accumulation; y read as [R, K] with "
+      "y_transposed, d written as [R, K] with d_transposed; positional arguments: c, d, x, y, u, y_transposed, "
+      "d_transposed, scale, num_threads)");
+
 #ifdef LOWRANK_WITH_CUDA
   m.def(
       "lora_rows_cuda",

@@ -118,6 +118,60 @@ inline void validate_lora_input_grad(const LoraInputGradArgs& p) {
 
 void lora_input_grad_cpu(const LoraInputGradArgs& a, int num_threads);
 
+// The adapter's side of training (csrc/cpu/adapter_products.cpp): two skinny products from one pass
+// over x, read in its own dtype,
+//
+//   c = scale * x y      [M, R]    (y: [K, R], or [R, K] with y_transposed)
+//   d = scale * xᵀ u     [K, R]    (written as [R, K] with d_transposed)
+//
+// either or both (y and c together, u and d together). fp32 accumulation, one rounding to c's / d's dtype.
+struct AdapterProductsArgs {
+  Matrix x;  // [M, K]  float32 / bfloat16
+  Matrix y;  // [K, R] or [R, K]  float32 / bfloat16, or ptr == 0 for no c
+  Matrix u;  // [M, R]  float32 / bfloat16, or ptr == 0 for no d
+  Matrix c;  // [M, R]  float32 / bfloat16
+  Matrix d;  // [K, R] or [R, K]  float32 / bfloat16
+  bool y_transposed = false;
+  bool d_transposed = false;
+  float scale = 1.0f;
+};
+
+inline void validate_adapter_products(const AdapterProductsArgs& p) {
+  const int64_t M = p.x.rows, K = p.x.cols;
+  auto float_or_bf16 = [](const Matrix& m) { return m.dtype == DType::float32 || m.dtype == DType::bfloat16; };
+  check_matrix(p.x, "x", M, K);
+  LOWRANK_CHECK(float_or_bf16(p.x), std::string("x: expected float32 or bfloat16, got ") + dtype_name(p.x.dtype));
+  LOWRANK_CHECK((p.y.ptr == 0) == (p.c.ptr == 0), "y and c: give both or neither");
+  LOWRANK_CHECK((p.u.ptr == 0) == (p.d.ptr == 0), "u and d: give both or neither");
+  LOWRANK_CHECK(p.y.ptr || p.u.ptr, "adapter_products: nothing to compute (give y and c, u and d, or both)");
+  const int64_t R = p.y.ptr ? (p.y_transposed ? p.y.rows : p.y.cols) : p.u.cols;
+  LOWRANK_CHECK(R > 0, "y / u: expected at least one column (rank 0 has no adapter products)");
+  if (p.y.ptr) {
+    if (p.y_transposed)
+      check_matrix(p.y, "y", R, K);
+    else
+      check_matrix(p.y, "y", K, R);
+    check_matrix(p.c, "c", M, R);
+    LOWRANK_CHECK(float_or_bf16(p.y), std::string("y: expected float32 or bfloat16, got ") + dtype_name(p.y.dtype));
+    LOWRANK_CHECK(float_or_bf16(p.c), std::string("c: expected float32 or bfloat16, got ") + dtype_name(p.c.dtype));
+  }
+  if (p.u.ptr) {
+    check_matrix(p.u, "u", M, R);
+    if (p.d_transposed)
+      check_matrix(p.d, "d", R, K);
+    else
+      check_matrix(p.d, "d", K, R);
+    LOWRANK_CHECK(float_or_bf16(p.u), std::string("u: expected float32 or bfloat16, got ") + dtype_name(p.u.dtype));
+    LOWRANK_CHECK(float_or_bf16(p.d), std::string("d: expected float32 or bfloat16, got ") + dtype_name(p.d.dtype));
+  }
+  // The kernel's scratch holds (y, u, c and every task's partial d) in fp32: bounded like any view.
+  LOWRANK_CHECK(extent_fits(M + K, R + 16, R + 16), "x: too large for the adapter products' scratch");
+  for (const Matrix* m : {&p.x, &p.y, &p.u, &p.c, &p.d})
+    LOWRANK_CHECK(m->ptr == 0 || m->device == -1, "adapter_products_cpu: every tensor must be on the CPU");
+}
+
+void adapter_products_cpu(const AdapterProductsArgs& a, int num_threads);
+
 #ifdef LOWRANK_WITH_CUDA
 void lora_rows_cuda(const LoraRowsArgs& a, std::uintptr_t stream);
 #endif

@@ -95,10 +95,23 @@ def force_path(monkeypatch):
 
 
 @pytest.fixture
+def adapter_products(monkeypatch):
+    """``adapter_products(True | False)``: the adapter's many-token products (the backward's g, grad_A,
+    grad_B; the bf16 forward's u) go to lowrank's kernel (csrc/cpu/adapter_products.cpp) or to torch's
+    GEMMs, whatever this machine measured."""
+
+    def force(kernel: bool) -> None:
+        monkeypatch.setattr(_runtime, "CPU_ADAPTER_PRODUCTS", {dt: kernel for dt in (torch.float32, torch.bfloat16)})
+
+    return force
+
+
+@pytest.fixture
 def kernel_calls(monkeypatch):
-    """Names of the native kernels (lowrank._C.lora_*) called during the test, in call order."""
+    """Names of the native kernels (lowrank._C.lora_*, adapter_products_cpu) called during the test, in
+    call order."""
     calls = []
-    for name in [n for n in dir(_C) if n.startswith("lora_")]:
+    for name in [n for n in dir(_C) if n.startswith("lora_") or n == "adapter_products_cpu"]:
         original = getattr(_C, name)
 
         def spy(*args, _original=original, _name=name):

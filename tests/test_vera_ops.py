@@ -251,8 +251,10 @@ def _check_backward_adapter(*args):
     magnitude = _backward_adapter_magnitude(*args)
     _, h, _, lambda_d, lambda_b = args
     assert g.dtype == h.dtype and grad_d.dtype == lambda_d.dtype and grad_b.dtype == lambda_b.dtype
+    # Many tokens round b ⊙ B_s to fp32 once before the sums over N (the reference rounds dy ⊙ b instead):
+    # one fp32 rounding of an intermediate that the reference's own error does not show.
     for name, got, r_, e, mag in zip(("grad_d", "grad_b", "g"), (grad_d, grad_b, g), ref, exact, magnitude):
-        assert_error_within(name, got, r_, e, mag)
+        assert_error_within(name, got, r_, e, mag, extra_roundings=1)
 
 
 BACKWARD_MS = (1, 5, 33, 200)
@@ -263,8 +265,10 @@ BACKWARD_RANKS = (1, 16, 40)
 @pytest.mark.parametrize("k,n", BACKWARD_SHAPES, ids=[f"{k}x{n}" for k, n in BACKWARD_SHAPES])
 @pytest.mark.parametrize("r", BACKWARD_RANKS, ids=[f"r{r}" for r in BACKWARD_RANKS])
 @pytest.mark.parametrize("m", BACKWARD_MS, ids=[f"M{m}" for m in BACKWARD_MS])
+@pytest.mark.parametrize("products", ["kernel", "gemm"])  # many tokens on the CPU: csrc/cpu/adapter_products.cpp or torch
 @pytest.mark.parametrize("device,dtype,adapter_dtype", _adapter_dtype_params())
-def test_backward_adapter_matches_fp64(device, dtype, adapter_dtype, m, r, k, n):
+def test_backward_adapter_matches_fp64(device, dtype, adapter_dtype, m, r, k, n, products, adapter_products):
+    adapter_products(products == "kernel")
     lead = (2, m // 2) if m == 200 else (m,)
     x, _, _, a, bb, d, lb, _ = make_inputs(lead, k, n, r, dtype, device=device, adapter_dtype=adapter_dtype)
     h = (fp64(x) @ fp64(a).t()).float()

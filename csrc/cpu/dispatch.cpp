@@ -15,6 +15,7 @@ namespace lowrank::cpu {
   namespace ns {                                               \
   void lora_rows(const LoraRowsArgs& a, int num_threads);      \
   void lora_input_grad(const LoraInputGradArgs& a, int num_threads); \
+  void adapter_products(const AdapterProductsArgs& a, int num_threads); \
   void nf4_quantize(const Nf4QuantizeArgs& a, int num_threads);       \
   void nf4_double_quant(const Nf4DoubleQuantArgs& a, int num_threads); \
   void nf4_dequantize(const Nf4DequantizeArgs& a, int num_threads);   \
@@ -31,6 +32,7 @@ struct Variant {
   const char* name;
   void (*lora_rows)(const LoraRowsArgs&, int);
   void (*lora_input_grad)(const LoraInputGradArgs&, int);
+  void (*adapter_products)(const AdapterProductsArgs&, int);
   void (*nf4_quantize)(const Nf4QuantizeArgs&, int);
   void (*nf4_double_quant)(const Nf4DoubleQuantArgs&, int);
   void (*nf4_dequantize)(const Nf4DequantizeArgs&, int);
@@ -40,13 +42,13 @@ struct Variant {
 };
 
 static const Variant kVariants[] = {
-    {"portable", &portable::lora_rows, &portable::lora_input_grad, &portable::nf4_quantize, &portable::nf4_double_quant,
+    {"portable", &portable::lora_rows, &portable::lora_input_grad, &portable::adapter_products, &portable::nf4_quantize, &portable::nf4_double_quant,
      &portable::nf4_dequantize, &portable::nf4_rows, &portable::nf4_input_grad,
      &portable::mixed_rows},
-    {"avx2", &avx2::lora_rows, &avx2::lora_input_grad, &avx2::nf4_quantize, &avx2::nf4_double_quant,
+    {"avx2", &avx2::lora_rows, &avx2::lora_input_grad, &avx2::adapter_products, &avx2::nf4_quantize, &avx2::nf4_double_quant,
      &avx2::nf4_dequantize, &avx2::nf4_rows, &avx2::nf4_input_grad,
      &avx2::mixed_rows},
-    {"avx512", &avx512::lora_rows, &avx512::lora_input_grad, &avx512::nf4_quantize, &avx512::nf4_double_quant,
+    {"avx512", &avx512::lora_rows, &avx512::lora_input_grad, &avx512::adapter_products, &avx512::nf4_quantize, &avx512::nf4_double_quant,
      &avx512::nf4_dequantize, &avx512::nf4_rows, &avx512::nf4_input_grad,
      &avx512::mixed_rows},
 };
@@ -157,6 +159,11 @@ void lora_input_grad_cpu(const LoraInputGradArgs& a, int num_threads) {
   validate_lora_input_grad(a);
   if (a.out.rows == 0 || a.out.cols == 0) return;
   cpu::active()->lora_input_grad(a, num_threads);
+}
+
+void adapter_products_cpu(const AdapterProductsArgs& a, int num_threads) {
+  validate_adapter_products(a);
+  cpu::active()->adapter_products(a, num_threads);
 }
 
 void nf4_quantize_cpu(const Nf4QuantizeArgs& a, int num_threads) {

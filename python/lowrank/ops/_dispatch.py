@@ -14,6 +14,10 @@ measurement on first use, of the two candidate paths on one probe shape, interle
   last-level cache, used in turn), as in a model whose layers do not all fit in cache.
 - ``cpu_input_grad_max_m/<dtype>``: the same for the few-token ``dx = dy W + g A`` kernel; M = 1, 4,
   8, 16, 32.
+- ``cpu_adapter_products/<dtype>``: ``"kernel"`` (csrc/cpu/adapter_products.cpp: the adapter's
+  gradients from one pass over dy and one over x_a, both read in their own dtype) or ``"gemm"``
+  (torch's GEMMs on fp32 operands, a bf16 dy or x_a widened first). Probe: the LoRA adapter backward
+  at 512 tokens, 1536 → 1536, r=16. The bf16 many-token forward's ``u = x_a Aᵀ`` follows it.
 - ``nf4_cpu_fused_max_m`` / ``nf4_cpu_input_grad_max_m``: the NF4 fused dequant kernels (4096 ×
   4096) against dequantizing tile by tile for the GEMM; M = 1, 16, 64, 256 and 1, 2, 4, 8, 16.
 
@@ -59,6 +63,8 @@ DEFAULTS: dict[str, Any] = {
     "cpu_fused_max_m/bfloat16": 64,
     "cpu_input_grad_max_m/float32": 16,
     "cpu_input_grad_max_m/bfloat16": 16,
+    "cpu_adapter_products/float32": "gemm",
+    "cpu_adapter_products/bfloat16": "gemm",
     "nf4_cpu_fused_max_m": 64,
     "nf4_cpu_input_grad_max_m": 8,
 }
@@ -385,6 +391,26 @@ def _probe_input_grad(dtype: torch.dtype) -> tuple[int, dict]:
     return _crossover([1, 4, 8, 16, 32], lambda m: call(m, UNBOUNDED), lambda m: call(m, 0))
 
 
+def _probe_adapter_products(dtype: torch.dtype) -> tuple[str, dict]:
+    from . import lora
+
+    gen = torch.Generator().manual_seed(0)
+    m, k, n, r = 512, 1536, 1536, 16
+    dy, xa = torch.randn(m, n, generator=gen).to(dtype), torch.randn(m, k, generator=gen).to(dtype)
+    u = torch.randn(m, r, generator=gen)
+    a, b = (torch.randn(r, k, generator=gen) * 0.02).to(dtype), (torch.randn(n, r, generator=gen) * 0.02).to(dtype)
+
+    def call(kernel: bool):
+        def run():
+            with _pinned("CPU_ADAPTER_PRODUCTS", {dtype: kernel}):
+                return lora._backward_adapter_native(dy, xa, u, a, b, 2.0)
+
+        return run
+
+    t = _compared_ms({"kernel": call(True), "gemm": call(False)})
+    return ("kernel" if t["kernel"] < t["gemm"] else "gemm"), {f"{m}x{k}x{n} r={r} adapter backward": t}
+
+
 def _nf4_probe_weights(k: int = 4096, n: int = 4096):
     import lowrank
 
@@ -437,6 +463,8 @@ _PROBES: dict[str, Callable[[], tuple[Any, dict]]] = {
     "cpu_fused_max_m/bfloat16": lambda: _probe_fused(torch.bfloat16),
     "cpu_input_grad_max_m/float32": lambda: _probe_input_grad(torch.float32),
     "cpu_input_grad_max_m/bfloat16": lambda: _probe_input_grad(torch.bfloat16),
+    "cpu_adapter_products/float32": lambda: _probe_adapter_products(torch.float32),
+    "cpu_adapter_products/bfloat16": lambda: _probe_adapter_products(torch.bfloat16),
     "nf4_cpu_fused_max_m": _probe_nf4_fused,
     "nf4_cpu_input_grad_max_m": _probe_nf4_input_grad,
 }

@@ -35,6 +35,7 @@ CPU_FUSED_MAX_M: Optional[dict] = None  # {dtype: largest M for the fused LoRA/V
 CPU_INPUT_GRAD_MAX_M: Optional[dict] = None  # {dtype: largest M for the dx = dy W + g A kernel}
 NF4_CPU_FUSED_MAX_M: Optional[int] = None  # largest M for the fused NF4 dequant-GEMV rows kernel
 NF4_CPU_INPUT_GRAD_MAX_M: Optional[int] = None  # largest M for the NF4 dx = dy W kernel
+CPU_ADAPTER_PRODUCTS: Optional[dict] = None  # {dtype: True for csrc/cpu/adapter_products.cpp, False for GEMMs}
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -51,6 +52,12 @@ def cpu_input_grad_max_m(dtype: torch.dtype) -> int:
     if CPU_INPUT_GRAD_MAX_M is not None:
         return CPU_INPUT_GRAD_MAX_M[dtype]
     return _dispatch.decide(f"cpu_input_grad_max_m/{_name(dtype)}")
+
+
+def cpu_adapter_products(dtype: torch.dtype) -> bool:
+    if CPU_ADAPTER_PRODUCTS is not None:
+        return CPU_ADAPTER_PRODUCTS[dtype]
+    return _dispatch.decide(f"cpu_adapter_products/{_name(dtype)}") == "kernel"
 
 
 def nf4_cpu_fused_max_m() -> int:

@@ -233,6 +233,40 @@ def down_projection(xa_in: Tensor, a: Tensor, x_dtype: torch.dtype, names=("lora
     return u
 
 
+def adapter_products(
+    x2: Tensor,
+    *,
+    y: Optional[Tensor] = None,
+    y_transposed: bool = False,
+    u: Optional[Tensor] = None,
+    scale: float = 1.0,
+    c_dtype: torch.dtype = torch.float32,
+    d_dtype: torch.dtype = torch.float32,
+    d_transposed: bool = False,
+) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """``(c, d)`` with ``c = scale·x y`` ([M, R]; y [K, R], or [R, K] read transposed) and ``d =
+    scale·xᵀ u`` ([K, R], or [R, K] with ``d_transposed``), either or both from one pass over the CPU
+    matrix ``x2`` [M, K] (fp32 or bf16, read as is: no widened copy) — csrc/cpu/adapter_products.cpp.
+    fp32 accumulation, one rounding to ``c_dtype`` / ``d_dtype``. All of M, K and R must be positive."""
+    m, k = x2.shape
+    c = d = None
+    if y is not None:
+        c = _runtime.empty(m, y.shape[0] if y_transposed else y.shape[1], dtype=c_dtype, device=x2.device)
+    if u is not None:
+        r = u.shape[1]
+        d = _runtime.empty(*((r, k) if d_transposed else (k, r)), dtype=d_dtype, device=x2.device)
+    _C.adapter_products_cpu(optional_matrix("c", c), optional_matrix("d", d), matrix("x", x2), optional_matrix("y", y),
+                            optional_matrix("u", u), y_transposed, d_transposed, float(scale),
+                            _runtime.num_threads())  # fmt: skip
+    return c, d
+
+
+def use_adapter_products(t: Tensor, m: int, k: int, r: int) -> bool:
+    """The adapter's products of a CPU tensor ``t`` ([m, k] rows against rank r) go to
+    :func:`adapter_products` rather than torch's GEMMs (where this machine measured it faster)."""
+    return t.is_cpu and t.dtype in _CPU_NATIVE and m > 0 and k > 0 and r > 0 and _runtime.cpu_adapter_products(t.dtype)
+
+
 def _use_fused(x: Tensor, m: int) -> bool:
     if x.device.type == "cpu":
         return x.dtype in _CPU_NATIVE and m <= _runtime.cpu_fused_max_m(x.dtype)
@@ -368,8 +402,17 @@ def _forward_gemm(x2, xa2, weight, bias, lora_a, lora_b, scale):
     # rounded before that sum: c = bias + s·[u_hi u_lo u_hi]·[B_hi B_hi B_lo]ᵀ, a rank-3r product (no
     # M x N fp32 temporary). Then c.addmm_(x, Wᵀ): the GEMM adds c to its fp32 accumulator, so the
     # large sum x Wᵀ + c is rounded once (only c's own, much smaller, rounding comes before it).
-    u = torch.mm(xa2.float(), lora_a.float().t())
+    u = down_projection_many(xa2, lora_a)
     return _base_after_adapter(x2, weight, bias, u, lora_b, scale), u
+
+
+def down_projection_many(xa2: Tensor, a: Tensor) -> Tensor:
+    """``u = x_a aᵀ`` in fp32 ([M, r]) for many 16-bit tokens: the adapter products kernel reads x_a
+    as is where this machine measured it faster; else x_a and a widened to fp32 for torch's GEMM."""
+    m, k = xa2.shape
+    if use_adapter_products(xa2, m, k, a.shape[0]):
+        return adapter_products(xa2, y=last_dim_contiguous(a), y_transposed=True)[0]
+    return torch.mm(xa2.float(), a.float().t())
 
 
 def _base_after_adapter(x2, weight, bias, u, e, scale):
@@ -404,6 +447,14 @@ def _backward_adapter_native(grad_y, adapter_input, u, lora_a, lora_b, scale):
         return lora_linear_backward_adapter_reference(grad_y, adapter_input, u, lora_a, lora_b, scale)
     n, (r, k), m = lora_b.shape[0], lora_a.shape, math.prod(grad_y.shape[:-1])
     dy = grad_y.reshape(m, n)
+    if n > 0 and use_adapter_products(dy, m, k, r):
+        # g = s·dy B and grad_B = s·dyᵀ u from one pass over dy, then grad_A = gᵀ x_a: dy and x_a are
+        # read in their own dtype (no fp32 copies), each gradient rounded once to its parameter's dtype.
+        g, grad_b = adapter_products(last_dim_contiguous(dy), y=last_dim_contiguous(lora_b),
+                                     u=last_dim_contiguous(u.reshape(m, r)), scale=scale, d_dtype=lora_b.dtype)  # fmt: skip
+        _, grad_a = adapter_products(last_dim_contiguous(adapter_input.reshape(m, k)), u=g, d_transposed=True,
+                                     d_dtype=lora_a.dtype)  # fmt: skip
+        return grad_a, grad_b, g.reshape(u.shape)
     dy32 = dy if dy.dtype == torch.float32 else dy.float()
     u2 = u.reshape(m, r)
     b32 = lora_b if lora_b.dtype == torch.float32 else lora_b.float()

@@ -612,8 +612,7 @@ def _forward_bf16_tiles(x2, xa2, w, n, k, bias, lora_a, lora_b, scale, lead):
     u = x2.new_empty((m, 0), dtype=torch.float32)
     blocks = []  # (x columns, weight columns) appended after x / W
     if lora_a is not None:
-        xa32 = (x2 if xa2 is None else xa2).float()
-        u = torch.mm(xa32, lora_a.float().t())
+        u = _lora.down_projection_many(x2 if xa2 is None else xa2, lora_a)
         us_hi, us_lo = _lora.split_16bit(u * scale, torch.bfloat16)
         b_hi, b_lo = _lora.split_16bit(lora_b, torch.bfloat16)
         blocks += [(us_hi, b_hi), (us_lo, b_hi)] + ([(us_hi, b_lo)] if b_lo is not None else [])

@@ -211,12 +211,15 @@ def _forward_native(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter
 
 def _forward_gemm(x2, xa2, weight, bias, vera_a, vera_b, d32, b32):
     """Many tokens: base GEMM, adapter accumulated into its output with addmm of u and (b ⊙ B_s)."""
-    x32 = _fp32(x2)
-    xa32 = x32 if xa2 is x2 else _fp32(xa2)
-    h = torch.mm(xa32, _fp32(vera_a).t())
+    fp32_base = weight is None or _gemm.upcast_tiles_needed(weight) or x2.dtype == torch.float32
+    if fp32_base:
+        x32 = _fp32(x2)
+        h = torch.mm(x32 if xa2 is x2 else _fp32(xa2), _fp32(vera_a).t())
+    else:  # the base GEMM takes x as is: h from x_a without an fp32 copy where that is faster
+        h = _lora.down_projection_many(xa2, vera_a)
     u = h * d32
     b_scaled = _fp32(vera_b) * b32[:, None]  # [N, r] fp32: small next to W
-    if weight is None or _gemm.upcast_tiles_needed(weight) or x2.dtype == torch.float32:
+    if fp32_base:
         if weight is None:
             y32 = torch.mm(u, b_scaled.t())
         elif weight.dtype == torch.float32:
@@ -243,10 +246,17 @@ def _backward_adapter_native(grad_y, h, vera_b, lambda_d, lambda_b):
     if grad_y.dtype == torch.float64:
         return vera_linear_backward_adapter_reference(grad_y, h, vera_b, lambda_d, lambda_b)
     (n, r), m = vera_b.shape, math.prod(grad_y.shape[:-1])
-    dy32 = _fp32(grad_y.reshape(m, n))
     h2 = h.reshape(m, r)
     d32, b32, b_s = _fp32(lambda_d), _fp32(lambda_b), _fp32(vera_b)
     u = h2 * d32
+    dy = grad_y.reshape(m, n)
+    if m > r and _lora.use_adapter_products(dy, m, n, r):
+        # g' = dy (b ⊙ B_s) and dyᵀ u from one pass over dy, read in its own dtype (no fp32 copy).
+        g_prime, dy_t_u = _lora.adapter_products(last_dim_contiguous(dy), y=b_s * b32[:, None], u=u)
+        grad_b = dy_t_u.mul_(b_s).sum(1)
+        grad_d = (h2 * g_prime).sum(0)
+        return grad_d.to(lambda_d.dtype), grad_b.to(lambda_b.dtype), g_prime.mul_(d32).reshape(h.shape)
+    dy32 = _fp32(dy)
     # Each product is M·N·r multiply-adds; the diagonal scaling goes on whichever operand is smaller,
     # and the M x N / N x r temporaries likewise (few tokens: M x N; many tokens: N x r).
     if m <= r:

@@ -1,0 +1,259 @@
+// The adapter's side of LoRA/VeRA training on the CPU: two skinny products from one pass over x
+// (compiled once per instruction set; simd.h).
+//
+//   c[m, :] = scale * sum_k x[m, k] * y[k, :]        [M, R]   (y: [K, R], or [R, K] read transposed)
+//   d[k, :] = scale * sum_m x[m, k] * u[m, :]        [K, R]   (or written transposed, as [R, K])
+//
+// With x = dy, y = B and u = u it is g = s·dy B and grad_B = s·dyᵀ u in one read of dy; with x = x_a
+// and u = g alone it is grad_A = gᵀ x_a; with x = x_a and y = Aᵀ alone it is u = x_a Aᵀ. x is read in
+// its own dtype (fp32 or bf16, widened in registers: no fp32 copy of a [M, K] activation, whose fresh
+// pages cost more than the product), everything accumulates in fp32 and is rounded once.
+//
+// The R columns run in vector-wide chunks (y, u zero-padded to a multiple of the width when needed);
+// a register block of MB rows of x keeps MB accumulators of c and MB rows of u in registers, so each
+// x element costs one broadcast and two FMAs, and d[k] one load and one store per MB rows. Rows are
+// split over tasks when c is wanted (each task its own partial d, summed at the end in task order:
+// the same bits for the same thread count); d alone splits k instead (no partials).
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/parallel_for.h"
+#include "cpu/simd.h"
+#include "lora.h"
+
+namespace lowrank::cpu::LOWRANK_ISA {
+namespace {
+
+constexpr int W = Vec::width;
+constexpr int MB = W == 16 ? 8 : 4;  // x rows per register block (AVX-512: 32 registers; AVX2: 16)
+constexpr int64_t KB = 256;          // k block: an MB x KB fp32 tile of x stays in L1
+constexpr int64_t CHAIN = 32;        // the longest sequential fp32 sum of c (then added to its partial)
+
+inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+struct Plan {
+  int64_t M, K, R, Rp;
+  const float* y;  // [K, Rp] (row stride ldy) or null
+  int64_t ldy;
+  const float* u;  // [M, Rp] (row stride ldu) or null
+  int64_t ldu;
+  float* c;        // [M, Rp] fp32 scratch, or null
+  float* d;        // [slices, K, Rp] fp32 scratch, or null
+  int64_t tasks;
+  bool split_rows;  // tasks own row ranges (and a d slice each); else k ranges of one d slice
+  const AdapterProductsArgs* a;
+};
+
+// One register block: rows i < NB of the x tile (fp32, row stride xs) against k in [0, kb).
+template <int NB, bool HY, bool HU>
+inline void block(const float* xt, int64_t xs, int64_t kb, const float* y, int64_t ldy, const float* const* u_rows,
+                  float* const* c_rows, float* d, int64_t Rp) {
+  Vec acc[NB], ur[NB];
+  if (HU)
+    for (int i = 0; i < NB; ++i) ur[i] = vload(u_rows[i]);
+  // c's sums run in chains of at most CHAIN terms, each added to the partial in memory: a sequential
+  // fp32 sum's error grows with its length, and K runs to thousands.
+  for (int64_t k0 = 0; k0 < kb; k0 += CHAIN) {
+    const int64_t k1 = min64(kb, k0 + CHAIN);
+    if (HY)
+      for (int i = 0; i < NB; ++i) acc[i] = vzero();
+    for (int64_t k = k0; k < k1; ++k) {
+      Vec xb[NB];
+      for (int i = 0; i < NB; ++i) xb[i] = vset1(xt[i * xs + k]);
+      if (HY) {
+        const Vec yv = vload(y + k * ldy);
+        for (int i = 0; i < NB; ++i) acc[i] = vfma(xb[i], yv, acc[i]);
+      }
+      if (HU) {
+        Vec d0 = vload(d + k * Rp), d1 = vzero();  // two chains: NB dependent FMAs would wait on latency
+        for (int i = 0; i < NB; i += 2) d0 = vfma(xb[i], ur[i], d0);
+        for (int i = 1; i < NB; i += 2) d1 = vfma(xb[i], ur[i], d1);
+        vstore(d + k * Rp, vadd(d0, d1));
+      }
+    }
+    if (HY)
+      for (int i = 0; i < NB; ++i) vstore(c_rows[i], vadd(vload(c_rows[i]), acc[i]));
+  }
+}
+
+template <bool HY, bool HU>
+inline void block_dispatch(int nb, const float* xt, int64_t xs, int64_t kb, const float* y, int64_t ldy,
+                           const float* const* u_rows, float* const* c_rows, float* d, int64_t Rp) {
+  switch (nb) {  // nb <= MB: cases past 4 run with AVX-512 only
+#define LOWRANK_BLOCK_CASE(n) \
+  case n: return block<n, HY, HU>(xt, xs, kb, y, ldy, u_rows, c_rows, d, Rp);
+    LOWRANK_BLOCK_CASE(1)
+    LOWRANK_BLOCK_CASE(2)
+    LOWRANK_BLOCK_CASE(3)
+    LOWRANK_BLOCK_CASE(4)
+    LOWRANK_BLOCK_CASE(5)
+    LOWRANK_BLOCK_CASE(6)
+    LOWRANK_BLOCK_CASE(7)
+    LOWRANK_BLOCK_CASE(8)
+#undef LOWRANK_BLOCK_CASE
+  }
+}
+
+// Rows [m0, m1) x columns [k0, k1) of x into p.c (rows m0..m1) and the d slice `d` ([K, Rp]).
+template <class T, bool HY, bool HU>
+void run_range(const Plan& p, int64_t m0, int64_t m1, int64_t k0, int64_t k1, float* d) {
+  const Matrix& X = p.a->x;
+  const T* x = X.data<T>();
+  alignas(64) float tile[MB * KB];
+  for (int64_t kb0 = k0; kb0 < k1; kb0 += KB) {
+    const int64_t kb = min64(KB, k1 - kb0);
+    for (int64_t mb0 = m0; mb0 < m1; mb0 += MB) {
+      const int nb = int(min64(MB, m1 - mb0));
+      const float* xt;
+      int64_t xs;
+      if constexpr (std::is_same<T, float>::value) {
+        xt = x + mb0 * X.ld + kb0;
+        xs = X.ld;
+      } else {
+        for (int i = 0; i < nb; ++i) widen(tile + i * KB, x + (mb0 + i) * X.ld + kb0, kb);
+        xt = tile;
+        xs = KB;
+      }
+      for (int64_t r0 = 0; r0 < p.Rp; r0 += W) {
+        const float* u_rows[MB];
+        float* c_rows[MB];
+        for (int i = 0; i < nb; ++i) {
+          u_rows[i] = HU ? p.u + (mb0 + i) * p.ldu + r0 : nullptr;
+          c_rows[i] = HY ? p.c + (mb0 + i) * p.Rp + r0 : nullptr;
+        }
+        block_dispatch<HY, HU>(nb, xt, xs, kb, HY ? p.y + kb0 * p.ldy + r0 : nullptr, p.ldy, u_rows, c_rows,
+                               HU ? d + kb0 * p.Rp + r0 : nullptr, p.Rp);
+      }
+    }
+  }
+}
+
+template <class TO>
+void write_c(const Plan& p, int64_t m0, int64_t m1) {
+  const Matrix& C = p.a->c;
+  const float s = p.a->scale;
+  for (int64_t m = m0; m < m1; ++m)
+    for (int64_t r = 0; r < p.R; ++r) store_scalar(C.data<TO>() + m * C.ld + r, s * p.c[m * p.Rp + r]);
+}
+
+// d over k in [k0, k1): the sum of `slices` partials, scaled, in d's dtype and layout.
+template <class TO>
+void write_d(const Plan& p, int64_t slices, int64_t k0, int64_t k1) {
+  const Matrix& D = p.a->d;
+  const float s = p.a->scale;
+  const int64_t stride = p.K * p.Rp;
+  for (int64_t k = k0; k < k1; ++k)
+    for (int64_t r = 0; r < p.R; ++r) {
+      float v = 0.f;
+      for (int64_t t = 0; t < slices; ++t) v += p.d[t * stride + k * p.Rp + r];
+      TO* at = p.a->d_transposed ? D.data<TO>() + r * D.ld + k : D.data<TO>() + k * D.ld + r;
+      store_scalar(at, s * v);
+    }
+}
+
+template <class T, class TC, class TD, bool HY, bool HU>
+struct Job {
+  const Plan* p;
+
+  void compute(int64_t t) const {
+    const Plan& P = *p;
+    if (P.split_rows) {
+      const int64_t blocks = (P.M + MB - 1) / MB;
+      const int64_t m0 = min64(P.M, blocks * t / P.tasks * MB), m1 = min64(P.M, blocks * (t + 1) / P.tasks * MB);
+      float* d = HU ? P.d + t * P.K * P.Rp : nullptr;
+      if (HU) std::memset(d, 0, sizeof(float) * size_t(P.K * P.Rp));
+      if (HY) std::memset(P.c + m0 * P.Rp, 0, sizeof(float) * size_t((m1 - m0) * P.Rp));
+      run_range<T, HY, HU>(P, m0, m1, 0, P.K, d);
+      if (HY) write_c<TC>(P, m0, m1);
+    } else {  // d alone: k ranges of one slice, written out by the task that made them
+      const int64_t k0 = P.K * t / P.tasks, k1 = P.K * (t + 1) / P.tasks;
+      std::memset(P.d + k0 * P.Rp, 0, sizeof(float) * size_t((k1 - k0) * P.Rp));
+      run_range<T, HY, HU>(P, 0, P.M, k0, k1, P.d);
+      write_d<TD>(P, 1, k0, k1);
+    }
+  }
+
+  void reduce(int64_t chunk) const {
+    const Plan& P = *p;
+    const int64_t k0 = chunk * 256, k1 = min64(P.K, k0 + 256);
+    write_d<TD>(P, P.tasks, k0, k1);
+  }
+
+  static void compute_task(void* ctx, int64_t t) { static_cast<const Job*>(ctx)->compute(t); }
+  static void reduce_task(void* ctx, int64_t c) { static_cast<const Job*>(ctx)->reduce(c); }
+};
+
+template <class T, class TC, class TD, bool HY, bool HU>
+void run_job(const Plan& p, int num_threads) {
+  Job<T, TC, TD, HY, HU> job{&p};
+  parallel_for(p.tasks, num_threads, &Job<T, TC, TD, HY, HU>::compute_task, &job);
+  if (HU && p.split_rows) parallel_for((p.K + 255) / 256, num_threads, &Job<T, TC, TD, HY, HU>::reduce_task, &job);
+}
+
+template <class T, class TC, class TD>
+void run_typed(const Plan& p, int num_threads) {
+  if (p.y && p.u) return run_job<T, TC, TD, true, true>(p, num_threads);
+  if (p.y) return run_job<T, TC, TD, true, false>(p, num_threads);
+  return run_job<T, TC, TD, false, true>(p, num_threads);
+}
+
+template <class T>
+void run_x(const Plan& p, int num_threads) {
+  const bool c16 = p.a->c.ptr && p.a->c.dtype == DType::bfloat16;
+  const bool d16 = p.a->d.ptr && p.a->d.dtype == DType::bfloat16;
+  if (c16) return d16 ? run_typed<T, bf16_t, bf16_t>(p, num_threads) : run_typed<T, bf16_t, float>(p, num_threads);
+  return d16 ? run_typed<T, float, bf16_t>(p, num_threads) : run_typed<T, float, float>(p, num_threads);
+}
+
+// A [rows, R] operand as fp32 rows of Rp lanes: the original when it already is one, else a padded copy.
+const float* padded(const Matrix& m, bool transposed, int64_t rows, int64_t R, int64_t Rp, float* scratch,
+                    int64_t* ld) {
+  if (!transposed && m.dtype == DType::float32 && R == Rp) {
+    *ld = m.ld;
+    return m.data<float>();
+  }
+  for (int64_t i = 0; i < rows; ++i) {
+    float* row = scratch + i * Rp;
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t at = transposed ? r * m.ld + i : i * m.ld + r;
+      row[r] = m.dtype == DType::float32 ? m.data<float>()[at] : bf16_to_float(m.data<bf16_t>()[at]);
+    }
+    for (int64_t r = R; r < Rp; ++r) row[r] = 0.f;
+  }
+  *ld = Rp;
+  return scratch;
+}
+
+}  // namespace
+
+void adapter_products(const AdapterProductsArgs& a, int num_threads) {
+  Plan p{};
+  p.a = &a;
+  p.M = a.x.rows;
+  p.K = a.x.cols;
+  p.R = a.y.ptr ? (a.y_transposed ? a.y.rows : a.y.cols) : a.u.cols;
+  p.Rp = (p.R + W - 1) / W * W;
+  const bool want_c = a.y.ptr != 0, want_d = a.u.ptr != 0;
+  p.split_rows = want_c;
+  const int64_t threads = num_threads < 1 ? 1 : num_threads;
+  p.tasks = p.split_rows ? min64(threads, (p.M + MB - 1) / MB) : min64(threads, (p.K + 63) / 64);
+  if (p.tasks < 1) p.tasks = 1;
+  // One scratch buffer per calling thread, kept between calls: fresh pages each call would cost more
+  // than the products (the reason this kernel exists).
+  thread_local std::vector<float> scratch;
+  const int64_t y_n = want_c ? p.K * p.Rp : 0, u_n = want_d ? p.M * p.Rp : 0, c_n = want_c ? p.M * p.Rp : 0;
+  const int64_t d_n = want_d ? (p.split_rows ? p.tasks : 1) * p.K * p.Rp : 0;
+  const size_t need = size_t(y_n + u_n + c_n + d_n);
+  if (scratch.size() < need) scratch.resize(need);
+  float* s = scratch.data();
+  p.y = want_c ? padded(a.y, a.y_transposed, p.K, p.R, p.Rp, s, &p.ldy) : nullptr;
+  p.u = want_d ? padded(a.u, false, p.M, p.R, p.Rp, s + y_n, &p.ldu) : nullptr;
+  p.c = want_c ? s + y_n + u_n : nullptr;
+  p.d = want_d ? s + y_n + u_n + c_n : nullptr;
+  if (a.x.dtype == DType::bfloat16) return run_x<bf16_t>(p, num_threads);
+  run_x<float>(p, num_threads);
+}
+
+}  // namespace lowrank::cpu::LOWRANK_ISA

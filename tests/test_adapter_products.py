@@ -1,0 +1,191 @@
+"""The adapter-products kernel (csrc/cpu/adapter_products.cpp): ``c = s·x y`` and ``d = s·xᵀ u`` from
+one pass over x, against float64 on odd shapes, strided and transposed operands, both output dtypes,
+every CPU kernel variant and several thread counts; and the LoRA ops that use it (the backward's
+adapter gradients, the bf16 many-token forward's u) with it and without it."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from lowrank import _C
+from lowrank._validate import matrix, optional_matrix
+from lowrank.ops import _runtime
+from lowrank.ops import lora as lora_ops
+
+from conftest import assert_error_within, dtype_name
+
+pytestmark = pytest.mark.skipif(not hasattr(_C, "adapter_products_cpu"), reason="no adapter-products kernel")
+
+
+def _operand(rows, cols, dtype, how):
+    """A [rows, cols] operand: contiguous, a column slice (row stride > cols) or a transposed copy's
+    transpose (the same values, rows at stride cols)."""
+    if how == "slice":
+        return torch.randn(rows, cols + 5)[:, 2 : cols + 2].to(dtype)
+    return torch.randn(rows, cols).to(dtype)
+
+
+def _call(x, *, y=None, y_t=False, u=None, d_t=False, scale=1.0, c_dtype=torch.float32, d_dtype=torch.float32,
+          threads=None):  # fmt: skip
+    m, k = x.shape
+    c = d = None
+    if y is not None:
+        c = torch.full((m, y.shape[0] if y_t else y.shape[1]), float("nan"), dtype=c_dtype)
+    if u is not None:
+        r = u.shape[1]
+        d = torch.full((r, k) if d_t else (k, r), float("nan"), dtype=d_dtype)
+    _C.adapter_products_cpu(optional_matrix("c", c), optional_matrix("d", d), matrix("x", x), optional_matrix("y", y),
+                            optional_matrix("u", u), y_t, d_t, scale, threads or _runtime.num_threads())  # fmt: skip
+    return c, d
+
+
+def _exact(x, y, y_t, u, d_t, scale):
+    x64 = x.double()
+    c = None if y is None else scale * x64 @ (y.t() if y_t else y).double()
+    d = None if u is None else scale * x64.t() @ u.double()
+    if d is not None and d_t:
+        d = d.t()
+    return c, d
+
+
+SHAPES = ((1, 1, 1), (3, 17, 5), (8, 64, 16), (13, 300, 33), (67, 129, 16), (9, 5, 40))
+
+
+@pytest.mark.parametrize("m,k,r", SHAPES, ids=[f"M{m}-K{k}-R{r}" for m, k, r in SHAPES])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+@pytest.mark.parametrize("layout", ["contiguous", "slice"])
+def test_products_each_cpu_isa(cpu_isa, m, k, r, x_dtype, layout):
+    x = _operand(m, k, x_dtype, layout)
+    scale = 0.37
+    for y_t, d_t, y_dtype, out_dtype in itertools.product((False, True), (False, True), (torch.float32, torch.bfloat16),
+                                                          (torch.float32, torch.bfloat16)):  # fmt: skip
+        y = _operand(r, k, y_dtype, layout) if y_t else _operand(k, r, y_dtype, layout)
+        u = _operand(m, r, y_dtype, layout)
+        ec, ed = _exact(x, y, y_t, u, d_t, scale)
+        for want_c, want_d in ((True, True), (True, False), (False, True)):
+            c, d = _call(x, y=y if want_c else None, y_t=y_t, u=u if want_d else None, d_t=d_t, scale=scale,
+                         c_dtype=out_dtype, d_dtype=out_dtype)  # fmt: skip
+            if want_c:
+                mag_c = x.double().abs() @ (y.t() if y_t else y).double().abs() * scale
+                tol = ec.abs() * (2.0**-8 if out_dtype == torch.bfloat16 else 2.0**-24) + 2.0**-24 * (k + 2) * mag_c
+                assert c.dtype == out_dtype and not torch.isnan(c).any()
+                assert ((c.double() - ec).abs() <= tol + 1e-30).all(), (y_t, y_dtype, out_dtype, "c")
+            else:
+                assert c is None
+            if want_d:
+                mag_d = x.double().abs().t() @ u.double().abs() * scale
+                mag_d = mag_d.t() if d_t else mag_d
+                tol = ed.abs() * (2.0**-8 if out_dtype == torch.bfloat16 else 2.0**-24) + 2.0**-24 * (m + 2) * mag_d
+                assert d.dtype == out_dtype and not torch.isnan(d).any()
+                assert ((d.double() - ed).abs() <= tol + 1e-30).all(), (d_t, y_dtype, out_dtype, "d")
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+def test_products_thread_counts(x_dtype):
+    """Rows split over tasks (each a partial d, summed in task order): the same bits run to run for a
+    thread count, and within fp32 accumulation of each other across counts, including more tasks
+    than row blocks."""
+    for m, k, r in ((1, 40, 3), (9, 1030, 16), (70, 33, 17), (512, 96, 16)):
+        x, y, u = _operand(m, k, x_dtype, "slice"), torch.randn(k, r), torch.randn(m, r)
+        ec, ed = _exact(x, y, False, u, False, 1.0)
+        for threads in (1, 2, 3, 8):
+            c, d = _call(x, y=y, u=u, threads=threads)
+            c2, d2 = _call(x, y=y, u=u, threads=threads)
+            assert torch.equal(c, c2) and torch.equal(d, d2)
+            for got, exact, n in ((c, ec, k), (d, ed, m)):
+                assert (got.double() - exact).abs().max().item() <= 2.0**-24 * (n + 2) * exact.abs().max().item() * 4
+
+
+def test_products_argument_errors():
+    x, y, u = torch.randn(4, 6), torch.randn(6, 3), torch.randn(4, 3)
+    c, d = torch.empty(4, 3), torch.empty(6, 3)
+    M = matrix
+    call = _C.adapter_products_cpu
+    with pytest.raises(ValueError, match="y and c: give both or neither"):
+        call(M("c", c), None, M("x", x), None, None, False, False, 1.0, 1)
+    with pytest.raises(ValueError, match="nothing to compute"):
+        call(None, None, M("x", x), None, None, False, False, 1.0, 1)
+    with pytest.raises(ValueError, match=r"y: expected shape \[6, 3\]"):
+        call(M("c", c), None, M("x", x), M("y", torch.randn(5, 3)), None, False, False, 1.0, 1)
+    with pytest.raises(ValueError, match=r"c: expected shape \[4, 3\]"):
+        call(M("c", torch.empty(3, 3)), None, M("x", x), M("y", y), None, False, False, 1.0, 1)
+    with pytest.raises(ValueError, match=r"d: expected shape \[3, 6\]"):
+        call(None, M("d", d), M("x", x), None, M("u", u), False, True, 1.0, 1)
+    with pytest.raises(ValueError, match=r"u: expected shape \[4, 3\]"):
+        call(None, M("d", d), M("x", x), None, M("u", torch.randn(5, 3)), False, False, 1.0, 1)
+    with pytest.raises(ValueError, match="x: expected float32 or bfloat16"):
+        call(M("c", c), None, M("x", x.to(torch.int32)), M("y", y), None, False, False, 1.0, 1)
+    with pytest.raises(ValueError, match="nothing to compute"):  # rank 0: empty views have no data pointer
+        call(M("c", c[:, :0]), None, M("x", x), M("y", y[:, :0]), None, False, False, 1.0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The ops that use it: the same results with the kernel and with torch's GEMMs
+# ---------------------------------------------------------------------------------------------
+def _fp64(t):
+    return t.double()
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "gemm"])
+@pytest.mark.parametrize("m,k,n,r", [(1, 7, 5, 1), (70, 129, 257, 16), (200, 33, 1000, 5), (513, 96, 40, 33)])
+@pytest.mark.parametrize("dtype,adapter_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                 (torch.bfloat16, torch.float32)], ids=["fp32", "bf16", "bf16-fp32a"])  # fmt: skip
+def test_backward_adapter_with_and_without_kernel(kernel, m, k, n, r, dtype, adapter_dtype, adapter_products,
+                                                  kernel_calls):  # fmt: skip
+    adapter_products(kernel)
+    xa = torch.randn(m, k).to(dtype)
+    lora_a, lora_b = (torch.randn(r, k) * k**-0.5).to(adapter_dtype), (torch.randn(n, r) * 0.1).to(adapter_dtype)
+    u = (_fp64(xa) @ _fp64(lora_a).t()).float()
+    grad_y = torch.randn(m, n).to(dtype)
+    args = (grad_y, xa, u, lora_a, lora_b, 1.7)
+    got = lora_ops._backward_adapter_native(*args)
+    ref = lora_ops.lora_linear_backward_adapter_reference(*args)
+    dy, x64, u64, b64 = _fp64(grad_y), _fp64(xa), _fp64(u), _fp64(lora_b)
+    g = 1.7 * dy @ b64
+    exact = (g.t() @ x64, 1.7 * dy.t() @ u64, g)
+    magnitude = ((1.7 * dy.abs() @ b64.abs()).t() @ x64.abs(), 1.7 * dy.abs().t() @ u64.abs(), 1.7 * dy.abs() @ b64.abs())
+    assert [t.dtype for t in got] == [adapter_dtype, adapter_dtype, torch.float32]
+    for name, t, rr, e, mag in zip(("grad_a", "grad_b", "g"), got, ref, exact, magnitude):
+        assert_error_within(name, t, rr, e, mag)
+    assert ("adapter_products_cpu" in kernel_calls) == kernel, kernel_calls
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "gemm"])
+@pytest.mark.parametrize("m,k,r", [(70, 129, 16), (300, 33, 5)])
+def test_bf16_many_token_down_projection(kernel, m, k, r, adapter_products, kernel_calls):
+    """u = x_a Aᵀ of the bf16 many-token forward: fp32 from the unrounded products either way."""
+    adapter_products(kernel)
+    xa = torch.randn(m, k).bfloat16()
+    for a in (torch.randn(r, k).bfloat16(), torch.randn(r, k + 3)[:, :k]):
+        u = lora_ops.down_projection_many(xa, a)
+        exact = _fp64(xa) @ _fp64(a).t()
+        assert u.dtype == torch.float32
+        tol = 2.0**-24 * (k + 2) * (_fp64(xa).abs() @ _fp64(a).abs().t())
+        assert ((u.double() - exact).abs() <= tol).all()
+    assert ("adapter_products_cpu" in kernel_calls) == kernel, kernel_calls
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel", "gemm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+def test_lora_layer_training_step_with_and_without_kernel(kernel, dtype, adapter_products, force_path):
+    """A LoRALinear training step on many tokens: the same gradients (within rounding) either way."""
+    import lowrank
+
+    force_path("gemm")
+    torch.manual_seed(0)
+    layer = lowrank.LoRALinear(96, 80, r=8, alpha=16, dtype=dtype)
+    torch.nn.init.normal_(layer.lora_B.weight, std=0.1)
+    x = torch.randn(3, 70, 96).to(dtype)
+    grads = {}
+    for flag in (kernel, not kernel):
+        adapter_products(flag)
+        layer.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        layer(xi).float().square().mean().backward()
+        grads[flag] = (xi.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip(grads[True], grads[False]):
+        assert torch.allclose(a.float(), b.float(), rtol=tol, atol=tol * a.float().abs().max().item())
