@@ -150,6 +150,18 @@ PYBIND11_MODULE(_C, m) {
       "y_transposed, d written as [R, K] with d_transposed; positional arguments: c, d, x, y, u, y_transposed, "
       "d_transposed, scale, num_threads)");
 
+  m.def(
+      "lora_backward_cpu",
+      [](const Matrix& dx, const Matrix& grad_a, const Matrix& grad_b, const Matrix& g, const Matrix& dy,
+         const Matrix& xa, const Matrix& u, const Matrix& w, const Matrix& a, const Matrix& b, float scale,
+         int num_threads) {
+        LoraBackwardArgs p{dx, grad_a, grad_b, g, dy, xa, u, w, a, b, scale};
+        py::gil_scoped_release nogil;
+        lora_backward_cpu(p, num_threads);
+      },
+      "The LoRA backward for few tokens in one call: g = scale * dy b, grad_b = scale * dyᵀ u, grad_a = gᵀ xa, "
+      "dx = dy w + g a (positional arguments: dx, grad_a, grad_b, g, dy, xa, u, w, a, b, scale, num_threads)");
+
 #ifdef LOWRANK_WITH_CUDA
   m.def(
       "lora_rows_cuda",

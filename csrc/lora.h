@@ -172,6 +172,26 @@ inline void validate_adapter_products(const AdapterProductsArgs& p) {
 
 void adapter_products_cpu(const AdapterProductsArgs& a, int num_threads);
 
+// The whole LoRA backward for few tokens in one call (the eager training step of a small layer, where
+// per-call costs decide): g = s·dy B and grad_B = s·dyᵀ u, grad_A = gᵀ x_a (adapter_products), then
+// dx = dy W + g A (lora_input_grad; a bf16 dy is widened into scratch for it). Each step's own checks
+// all run before anything is written.
+struct LoraBackwardArgs {
+  Matrix dx;      // [M, K]  float32 or w's dtype
+  Matrix grad_a;  // [R, K]  float32 / bfloat16
+  Matrix grad_b;  // [N, R]  float32 / bfloat16
+  Matrix g;       // [M, R]  float32
+  Matrix dy;      // [M, N]  float32 / bfloat16
+  Matrix xa;      // [M, K]  dy's dtype
+  Matrix u;       // [M, R]  float32
+  Matrix w;       // [N, K]  float32 / bfloat16
+  Matrix a;       // [R, K]  float32 or w's dtype
+  Matrix b;       // [N, R]  float32 / bfloat16
+  float scale = 1.0f;
+};
+
+void lora_backward_cpu(const LoraBackwardArgs& a, int num_threads);
+
 #ifdef LOWRANK_WITH_CUDA
 void lora_rows_cuda(const LoraRowsArgs& a, std::uintptr_t stream);
 #endif

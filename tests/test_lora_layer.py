@@ -555,3 +555,87 @@ def test_inference_views_follow_the_tensors(force_path):
     with pytest.raises(TypeError, match="^weight: expected dtype float32, got bfloat16"):
         with torch.no_grad():
             layer(x)  # an fp32 input to the now-bf16 layer: the op's own error, not stale views
+
+
+# ---------------------------------------------------------------------------------------------
+# The few-token training shortcut: the layer's kernel views built once, the whole backward in one
+# lora_backward_cpu call (ops/lora.py: forward_train_fast, _backward_fast)
+# ---------------------------------------------------------------------------------------------
+def _grads_fp64(layer, x, gy):
+    w, b = fp64(layer.weight), fp64(layer.bias)
+    a, bb = fp64(layer.lora_A.weight), fp64(layer.lora_B.weight)
+    a.requires_grad_(True)
+    bb.requires_grad_(True)
+    x64 = fp64(x).requires_grad_(True)
+    y = F.linear(x64, w, b) + layer.scaling * F.linear(F.linear(x64, a), bb)
+    return torch.autograd.grad(y, (x64, a, bb), fp64(gy))
+
+
+@pytest.mark.parametrize("lead", [(), (1,), (3,), (2, 2)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+def test_few_token_training_shortcut(dtype, lead, force_path, kernel_calls):
+    force_path("fused")
+    layer = LoRALinear(45, 23, dtype=dtype, r=5, alpha=10)
+    nn.init.normal_(layer.lora_B.weight, std=0.3)
+    for _ in range(2):  # the second call reuses the views the first built
+        kernel_calls.clear()
+        x = torch.randn(*lead, 45 + 3)[..., 1:46].to(dtype).requires_grad_(True)  # strided rows
+        gy = torch.randn(*lead, 23).to(dtype)
+        got = torch.autograd.grad(layer(x), (x, layer.lora_A.weight, layer.lora_B.weight), gy)
+        exact = _grads_fp64(layer, x.detach(), gy)
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        for name, g, e in zip(("x", "lora_A", "lora_B"), got, exact):
+            assert g.dtype == dtype and g.shape == e.shape, name
+            assert torch.allclose(g.double(), e, rtol=tol, atol=tol * e.abs().max().item()), name
+        assert kernel_calls[-2:] == ["lora_fused_cpu", "lora_backward_cpu"], kernel_calls
+
+
+def test_few_token_training_shortcut_after_data_assignment(force_path, kernel_calls):
+    """A weight replaced between forward and backward (``.data =``): the backward does not use views of
+    the old memory; it takes the usual path, on the tensors autograd saved."""
+    force_path("fused")
+    layer = LoRALinear(16, 8, r=4, alpha=4)
+    nn.init.normal_(layer.lora_B.weight, std=0.3)
+    x = torch.randn(2, 16, requires_grad=True)
+    y = layer(x)
+    new_a = torch.randn(4, 16)
+    layer.lora_A.weight.data = new_a  # new storage: the forward's views are stale
+    kernel_calls.clear()
+    gy = torch.randn(2, 8)
+    gx, = torch.autograd.grad(y, x, gy)
+    assert "lora_backward_cpu" not in kernel_calls
+    # autograd saved the parameter itself, which now holds new_a: the usual path's dx uses it
+    w, b = fp64(layer.weight), fp64(layer.lora_B.weight)
+    expected = fp64(gy) @ w + layer.scaling * (fp64(gy) @ b) @ fp64(new_a)
+    assert torch.allclose(gx.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_few_token_training_shortcut_not_with_dropout_or_trainable_weight(force_path, kernel_calls):
+    force_path("fused")
+    layer = LoRALinear(16, 8, r=4, alpha=4, dropout=0.5).train()
+    nn.init.normal_(layer.lora_B.weight, std=0.3)
+    x = torch.randn(2, 16, requires_grad=True)
+    torch.autograd.grad(layer(x).sum(), x)
+    assert "lora_backward_cpu" not in kernel_calls
+    plain = LoRALinear(16, 8, r=4, alpha=4)
+    plain.weight.requires_grad_(True)
+    kernel_calls.clear()
+    gw, = torch.autograd.grad(plain(x).sum(), plain.weight)
+    assert "lora_backward_cpu" not in kernel_calls and torch.allclose(gw, torch.ones(8, 1) * x.detach().sum(0))
+
+
+def test_lora_backward_cpu_refuses_bad_shapes():
+    from lowrank import _C
+    from lowrank._validate import matrix as M
+
+    m, n, k, r = 2, 6, 5, 3
+    t = {name: torch.randn(*shape) for name, shape in dict(
+        dx=(m, k), grad_a=(r, k), grad_b=(n, r), g=(m, r), dy=(m, n), xa=(m, k), u=(m, r), w=(n, k), a=(r, k),
+        b=(n, r)).items()}  # fmt: skip
+    order = ("dx", "grad_a", "grad_b", "g", "dy", "xa", "u", "w", "a", "b")
+    _C.lora_backward_cpu(*(M(name, t[name]) for name in order), 1.0, 1)  # well-formed: runs
+    for name, bad in (("xa", (m, k + 1)), ("u", (m + 1, r)), ("b", (n, r + 1)), ("w", (n + 1, k)), ("dx", (m, k - 1)),
+                      ("grad_a", (r, k + 1))):  # fmt: skip
+        args = [M(nm, torch.randn(*bad) if nm == name else t[nm]) for nm in order]
+        with pytest.raises(ValueError, match="expected shape"):
+            _C.lora_backward_cpu(*args, 1.0, 1)

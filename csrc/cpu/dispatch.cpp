@@ -1,6 +1,7 @@
 // Picks the CPU kernel variant at run time: AVX-512 where the CPU and OS support it, else AVX2+FMA,
 // else portable C++. LOWRANK_CPU_ISA (or set_cpu_isa) may force a lower one, e.g. for tests.
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -164,6 +165,42 @@ void lora_input_grad_cpu(const LoraInputGradArgs& a, int num_threads) {
 void adapter_products_cpu(const AdapterProductsArgs& a, int num_threads) {
   validate_adapter_products(a);
   cpu::active()->adapter_products(a, num_threads);
+}
+
+void lora_backward_cpu(const LoraBackwardArgs& p, int num_threads) {
+  const int64_t M = p.dy.rows, N = p.dy.cols, K = p.xa.cols;
+  check_matrix(p.xa, "xa", M, K);
+  LOWRANK_CHECK(p.xa.dtype == p.dy.dtype, std::string("xa: expected dy's dtype, got ") + dtype_name(p.xa.dtype));
+  LOWRANK_CHECK(p.g.dtype == DType::float32, std::string("g: expected float32, got ") + dtype_name(p.g.dtype));
+  AdapterProductsArgs up{p.dy, p.b, p.u, p.g, p.grad_b, false, false, p.scale};
+  AdapterProductsArgs down{p.xa, Matrix{}, p.g, Matrix{}, p.grad_a, false, true, 1.0f};
+  validate_adapter_products(up);  // dy, b [N, R], u [M, R], g [M, R], grad_b [N, R]
+  validate_adapter_products(down);  // xa, g, grad_a [R, K]
+  LOWRANK_CHECK(extent_fits(M, N + K, N + K), "dy: too many elements for the backward's scratch");
+  const int64_t tasks = num_threads < 1 ? 1 : num_threads;
+  const bool widen = p.dy.dtype == DType::bfloat16;
+  thread_local std::vector<float> scratch;  // dy in fp32 (bf16 only) and the input gradient's partial sums
+  const size_t need = size_t((widen ? M * N : 0) + tasks * M * K);
+  if (scratch.size() < need) scratch.resize(need);
+  Matrix dy32 = p.dy;
+  if (widen) dy32 = Matrix{reinterpret_cast<std::uintptr_t>(scratch.data()), M, N, N, DType::float32, -1};
+  float* ws = scratch.data() + (widen ? M * N : 0);
+  LoraInputGradArgs ig{p.dx, dy32, p.w, p.g, p.a,
+                       Matrix{reinterpret_cast<std::uintptr_t>(ws), tasks * M, K, K, DType::float32, -1}};
+  validate_lora_input_grad(ig);  // dx [M, K], w [N, K], a [R, K]
+  if (widen) {
+    for (int64_t m = 0; m < M; ++m) {
+      const uint16_t* src = p.dy.data<uint16_t>() + m * p.dy.ld;
+      float* dst = scratch.data() + m * N;
+      for (int64_t n = 0; n < N; ++n) {
+        const uint32_t bits = uint32_t(src[n]) << 16;
+        std::memcpy(dst + n, &bits, 4);
+      }
+    }
+  }
+  cpu::active()->adapter_products(up, num_threads);
+  cpu::active()->adapter_products(down, num_threads);
+  cpu::active()->lora_input_grad(ig, int(tasks));
 }
 
 void nf4_quantize_cpu(const Nf4QuantizeArgs& a, int num_threads) {

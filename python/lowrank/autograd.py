@@ -21,6 +21,10 @@ class LoRALinearFunction(torch.autograd.Function):
     or ``x``, ``u = x_a Aᵀ`` (fp32, not differentiable).
 
     Saves ``x`` (only when W needs a gradient), ``x_a`` and ``u``: nothing the size of y.
+
+    ``frozen`` (optional, a layer's ``ops.lora.FrozenOperands``): the layer's kernel views of W, bias, A
+    and B, built once, for the few-token eager CPU calls of the forward and of the backward, where
+    building and checking them per call would cost more than the product.
     """
 
     @staticmethod
@@ -32,7 +36,12 @@ class LoRALinearFunction(torch.autograd.Function):
         lora_b: Tensor,
         scale: float,
         adapter_input: Optional[Tensor],
+        frozen: Optional[_lora.FrozenOperands] = None,
     ):
+        if frozen is not None and adapter_input is None:
+            fast = _lora.forward_train_fast(frozen, x, weight, bias, lora_a, lora_b, scale)
+            if fast is not None:
+                return fast[0], fast[1]
         op = _lora._forward_native if _direct.ok(x) else torch.ops.lowrank.lora_linear_forward
         return op(x, weight, bias, lora_a, lora_b, scale, adapter_input)
 
@@ -43,7 +52,7 @@ class LoRALinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: Tensor, grad_u: Optional[Tensor]):
-        return _lora.forward_backward(ctx, grad_y, grad_u)
+        return _lora.forward_backward(ctx, grad_y, grad_u) + (None,)  # (none for frozen)
 
 
 class NF4LinearFunction(torch.autograd.Function):

@@ -104,7 +104,7 @@ class LoRA(LoRAAdapter, nn.Module):
         if layer.kind == "linear":
             args = (x, base.weight, base.bias, a, b, self.scaling, adapter_input)
             if torch.is_grad_enabled():
-                return _direct.apply(LoRALinearFunction, *args)[0]
+                return _direct.apply(LoRALinearFunction, *args, self._frozen)[0]
             if adapter_input is None:  # inference: this adapter's views of base and factors built once
                 return _lora_ops.forward_fast(self._frozen, *args[:6])
             return (_lora_ops._forward_native if _direct.ok(x) else torch.ops.lowrank.lora_linear_forward)(*args)[0]

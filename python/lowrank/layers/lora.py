@@ -202,7 +202,7 @@ class LoRALinear(LoRAAdapter, nn.Module):
             adapter_input = self.lora_dropout(x)
         args = (x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, adapter_input)
         if torch.is_grad_enabled():
-            y, _ = _direct.apply(LoRALinearFunction, *args)
+            y, _ = _direct.apply(LoRALinearFunction, *args, self._frozen)
         elif adapter_input is None:  # inference: the kernel with this layer's views built once (ops/lora.py)
             y = _lora_ops.forward_fast(self._frozen, *args[:6])
         else:  # the op's kernel itself, without the autograd.Function (ops/_direct.py)

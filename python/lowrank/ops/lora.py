@@ -342,40 +342,70 @@ def eager_cpu(x) -> bool:
 def rows_fp32(x: Tensor, m: int, k: int) -> Tensor:
     """``x`` as ``[m, k]`` rows the CPU kernels read: fp32 (a bf16 x widened once), last dimension
     contiguous, rows at least ``k`` apart."""
-    x2 = x.reshape(m, k)
-    if x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < k):
-        x2 = x2.contiguous()
+    x2 = rows(x, m, k)
     return x2 if x2.dtype == torch.float32 else x2.float()
+
+
+def _frozen_state(frozen: FrozenOperands, x, weight, bias, lora_a, lora_b, scale) -> Optional[tuple]:
+    """``(signature, (weight, bias, lora_a, lora_b views))`` of ``frozen`` for a few-token eager CPU call
+    of the fused row kernel (the measured choice for ``x``'s token count), or None where that shortcut
+    does not apply (the op's usual path then runs). Raises as the op would on bad arguments."""
+    if not (eager_cpu(x) and x.dtype == weight.dtype and type(weight) in _PLAIN):
+        return None
+    k = x.shape[-1]
+    m = x.numel() // k if k else 0
+    if not (0 < m <= _runtime.cpu_fused_max_m(x.dtype) and k == weight.shape[-1] and weight.shape[0] > 0):
+        return None
+    key = FrozenOperands.signature(weight, bias, lora_a, lora_b)
+    state = frozen.state
+    if state is None or state[0] != key:
+        _check_forward(x, weight, bias, lora_a, lora_b, scale, None)  # raises, naming the argument
+        operands = (weight, bias, lora_a, lora_b)
+        if not all(t is None or (type(t) in _PLAIN and t.is_cpu and t.stride(-1) == 1) for t in operands):
+            return None
+        views = (matrix("weight", weight), optional_matrix("bias", bias), matrix("lora_a", lora_a),
+                 matrix("lora_b", lora_b))  # fmt: skip
+        state = frozen.state = (key, views)
+    return state
+
+
+def _fused_with_views(state: tuple, x, n: int, scale, u: Optional[Tensor]) -> Tensor:
+    """y ([M, n], x's dtype) through ``lora_fused_cpu`` with ``state``'s views; u into ``u`` when given
+    (else a scratch buffer). The same call _forward_native makes: the same bits."""
+    k = x.shape[-1]
+    m = x.numel() // k
+    mw, mb, ma, me = state[1]
+    y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
+    x_in = rows_fp32(x, m, k)  # held here until the kernel returns: a Matrix is only its address
+    _C.lora_fused_cpu(matrix("out", y), matrix("x", x_in), mw, mb, ma, me, None if u is None else matrix("u", u),
+                      float(scale), _runtime.num_threads())  # fmt: skip
+    return y
 
 
 def forward_fast(frozen: FrozenOperands, x, weight, bias, lora_a, lora_b, scale) -> Tensor:
     """``y`` of ``lora_linear_forward`` (no dropout) for inference, through the fused row kernel with
     the per-layer views of ``frozen`` where that kernel is the measured choice (eager, plain CPU
     tensors, fp32/bf16, few tokens); otherwise through the op as usual. Same kernel, same bits."""
-    if eager_cpu(x) and x.dtype == weight.dtype and type(weight) in _PLAIN:
-        k = x.shape[-1]
-        m = x.numel() // k if k else 0
-        if 0 < m <= _runtime.cpu_fused_max_m(x.dtype) and k == weight.shape[-1] and weight.shape[0] > 0:
-            key = FrozenOperands.signature(weight, bias, lora_a, lora_b)
-            state = frozen.state
-            if state is None or state[0] != key:
-                _check_forward(x, weight, bias, lora_a, lora_b, scale, None)  # raises, naming the argument
-                operands = (weight, bias, lora_a, lora_b)
-                if not all(t is None or (type(t) in _PLAIN and t.is_cpu and t.stride(-1) == 1) for t in operands):
-                    return _forward_native(x, weight, bias, lora_a, lora_b, scale, None)[0]
-                views = (matrix("weight", weight), optional_matrix("bias", bias), matrix("lora_a", lora_a),
-                         matrix("lora_b", lora_b))  # fmt: skip
-                state = frozen.state = (key, views)
-            mw, mb, ma, me = state[1]
-            x_in = rows_fp32(x, m, k)
-            n = weight.shape[0]
-            y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
-            # the same call _forward_native makes (u to a scratch buffer here): the same bits
-            _C.lora_fused_cpu(matrix("out", y), matrix("x", x_in), mw, mb, ma, me, None, float(scale),
-                              _runtime.num_threads())  # fmt: skip
-            return y.reshape(*x.shape[:-1], n)
+    state = _frozen_state(frozen, x, weight, bias, lora_a, lora_b, scale)
+    if state is not None:
+        n = weight.shape[0]
+        return _fused_with_views(state, x, n, scale, None).reshape(*x.shape[:-1], n)
     op = _forward_native if _direct.ok(x) else torch.ops.lowrank.lora_linear_forward
     return op(x, weight, bias, lora_a, lora_b, scale, None)[0]
+
+
+def forward_train_fast(frozen: FrozenOperands, x, weight, bias, lora_a, lora_b, scale) -> Optional[tuple]:
+    """``(y, u, state)`` of ``lora_linear_forward`` (no dropout) through the fused row kernel with
+    ``frozen``'s views, for the autograd forward of a few-token eager CPU call; None where that shortcut
+    does not apply. ``state`` goes to the backward (:func:`_backward_fast`)."""
+    state = _frozen_state(frozen, x, weight, bias, lora_a, lora_b, scale)
+    if state is None or lora_a.shape[0] == 0:
+        return None
+    n, r = weight.shape[0], lora_a.shape[0]
+    lead = tuple(x.shape[:-1])
+    u = _runtime.empty(math.prod(lead), r, dtype=torch.float32, device=x.device)
+    y = _fused_with_views(state, x, n, scale, u)
+    return y.reshape(lead + (n,)), u.reshape(lead + (r,)), state
 
 
 def _forward_gemm(x2, xa2, weight, bias, lora_a, lora_b, scale):
@@ -443,6 +473,13 @@ def split_16bit(t: Tensor, dtype: torch.dtype) -> tuple[Tensor, Optional[Tensor]
 
 def _backward_adapter_native(grad_y, adapter_input, u, lora_a, lora_b, scale):
     _check_backward_adapter(grad_y, adapter_input, u, lora_a, lora_b, scale)
+    return _backward_adapter_checked(grad_y, adapter_input, u, lora_a, lora_b, scale)
+
+
+def _backward_adapter_checked(grad_y, adapter_input, u, lora_a, lora_b, scale):
+    """The kernel of ``lora_linear_backward_adapter`` on arguments already known good: the autograd
+    backward's own (the forward checked its inputs and made u; autograd checks grad_y's shape, dtype and
+    device against y's)."""
     if grad_y.dtype == torch.float64:
         return lora_linear_backward_adapter_reference(grad_y, adapter_input, u, lora_a, lora_b, scale)
     n, (r, k), m = lora_b.shape[0], lora_a.shape, math.prod(grad_y.shape[:-1])
@@ -468,6 +505,12 @@ def _backward_adapter_native(grad_y, adapter_input, u, lora_a, lora_b, scale):
 
 def _backward_input_native(grad_y, weight, g, lora_a):
     _check_backward_input(grad_y, weight, g, lora_a)
+    return _backward_input_checked(grad_y, weight, g, lora_a)
+
+
+def _backward_input_checked(grad_y, weight, g, lora_a):
+    """The kernel of ``lora_linear_backward_input`` on arguments already known good (see
+    :func:`_backward_adapter_checked`)."""
     if grad_y.dtype == torch.float64:
         return lora_linear_backward_input_reference(grad_y, weight, g, lora_a)
     n, k = weight.shape
@@ -520,8 +563,10 @@ for _device in ("cpu", "cuda"):
 # (double backward, and opcheck with requires-grad inputs).
 # ---------------------------------------------------------------------------------------------
 def forward_setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, lora_a, lora_b, scale, adapter_input = inputs
+    x, weight, bias, lora_a, lora_b, scale, adapter_input = inputs[:7]
     _, u = output
+    frozen = inputs[7] if len(inputs) > 7 else None  # LoRALinearFunction's: the layer's kernel views
+    ctx.frozen_state = None if frozen is None else frozen.state
     ctx.scale = scale
     ctx.has_dropout = adapter_input is not None
     ctx.has_bias = bias is not None
@@ -531,17 +576,59 @@ def forward_setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, xa, weight, lora_a, lora_b, u)
 
 
+def _backward_fast(state: tuple, grad_y: Tensor, xa, weight, lora_a, lora_b, u, scale) -> Optional[tuple]:
+    """``(grad_x, grad_a, grad_b)`` in one ``lora_backward_cpu`` call with the forward's kernel views
+    (``state``), for few tokens on the CPU, where per-call costs decide; None where it does not apply
+    (then the usual path runs). The views are used only while the saved tensors still are what they
+    point at (a ``.data`` assignment between forward and backward falls back)."""
+    if not (grad_y.is_cpu and grad_y.dtype in _CPU_NATIVE and type(grad_y) is Tensor):
+        return None
+    (n, k), r = weight.shape, lora_a.shape[0]
+    m = grad_y.numel() // n
+    if m > _runtime.cpu_input_grad_max_m(grad_y.dtype):
+        return None
+    key = state[0]
+    if FrozenOperands.signature(weight, lora_a, lora_b) != (key[0], key[2], key[3]):
+        return None
+    mw, _, ma, mb = state[1]
+    dx = _runtime.empty(m, k, dtype=grad_y.dtype, device=grad_y.device)
+    grad_a = _runtime.empty(r, k, dtype=lora_a.dtype, device=grad_y.device)
+    grad_b = _runtime.empty(n, r, dtype=lora_b.dtype, device=grad_y.device)
+    g = _runtime.empty(m, r, dtype=torch.float32, device=grad_y.device)
+    dy, xa2, u2 = grad_y.reshape(m, n), rows(xa, m, k), u.reshape(m, r)  # held until the kernel returns
+    _C.lora_backward_cpu(matrix("dx", dx), matrix("grad_a", grad_a), matrix("grad_b", grad_b), matrix("g", g),
+                         matrix("grad_y", dy), matrix("adapter_input", xa2), matrix("u", u2), mw, ma, mb, float(scale),
+                         _runtime.num_threads())  # fmt: skip
+    return dx, grad_a, grad_b
+
+
+def rows(x: Tensor, m: int, k: int) -> Tensor:
+    """``x`` as ``[m, k]`` rows a kernel reads: last dimension contiguous, rows at least ``k`` apart."""
+    x2 = x.reshape(m, k)
+    if x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < k):
+        x2 = x2.contiguous()
+    return x2
+
+
 def forward_backward(ctx, grad_y: Tensor, _grad_u: Optional[Tensor]):
     x, xa, weight, lora_a, lora_b, u = ctx.saved_tensors
-    need_x, need_w, need_bias, need_a, need_b, _, need_xa = ctx.needs_input_grad
+    need_x, need_w, need_bias, need_a, need_b, _, need_xa = ctx.needs_input_grad[:7]
     grad_y = grad_y.contiguous()
     grad_x = grad_w = grad_bias = grad_a = grad_b = grad_xa = None
     g = None
-    if need_a or need_b or need_x or need_xa:
-        backward_adapter = _backward_adapter_native if _direct.ok(grad_y) else torch.ops.lowrank.lora_linear_backward_adapter
+    direct = _direct.ok(grad_y)  # eager: the kernels on this forward's own tensors, not checked again
+    state = getattr(ctx, "frozen_state", None)
+    fast = None
+    if state is not None and direct and need_x and not ctx.has_dropout and not need_w:
+        fast = _backward_fast(state, grad_y, xa, weight, lora_a, lora_b, u, ctx.scale)
+    if fast is not None:
+        grad_x = fast[0].reshape(ctx.x_shape)
+        grad_a, grad_b = fast[1], fast[2]
+    elif need_a or need_b or need_x or need_xa:
+        backward_adapter = _backward_adapter_checked if direct else torch.ops.lowrank.lora_linear_backward_adapter
         grad_a, grad_b, g = backward_adapter(grad_y, xa, u, lora_a, lora_b, ctx.scale)
-    if need_x:
-        backward_input = _backward_input_native if _direct.ok(grad_y) else torch.ops.lowrank.lora_linear_backward_input
+    if need_x and fast is None:
+        backward_input = _backward_input_checked if direct else torch.ops.lowrank.lora_linear_backward_input
         if ctx.has_dropout:  # the adapter's gradient flows to dropout(x), not to x directly
             grad_x = backward_input(grad_y, weight, None, None)
         else:

@@ -706,7 +706,7 @@ def forward_backward(ctx, grad_y: Tensor, _grad_u: Optional[Tensor]):
     g = None
     direct = _direct.ok(grad_y)
     if ctx.has_adapter and (need_a or need_b or need_x or need_xa):
-        backward_adapter = _lora._backward_adapter_native if direct else torch.ops.lowrank.lora_linear_backward_adapter
+        backward_adapter = _lora._backward_adapter_checked if direct else torch.ops.lowrank.lora_linear_backward_adapter
         grad_a, grad_b, g = backward_adapter(grad_y, xa, u, lora_a, lora_b, ctx.scale)
     if need_x:
         through_adapter = g is not None and not ctx.has_dropout

@@ -243,6 +243,12 @@ def _forward_gemm(x2, xa2, weight, bias, vera_a, vera_b, d32, b32):
 
 def _backward_adapter_native(grad_y, h, vera_b, lambda_d, lambda_b):
     _check_backward_adapter(grad_y, h, vera_b, lambda_d, lambda_b)
+    return _backward_adapter_checked(grad_y, h, vera_b, lambda_d, lambda_b)
+
+
+def _backward_adapter_checked(grad_y, h, vera_b, lambda_d, lambda_b):
+    """The kernel of ``vera_linear_backward_adapter`` on the autograd backward's own, already checked,
+    arguments (lora.py's ``_backward_adapter_checked`` says why they are)."""
     if grad_y.dtype == torch.float64:
         return vera_linear_backward_adapter_reference(grad_y, h, vera_b, lambda_d, lambda_b)
     (n, r), m = vera_b.shape, math.prod(grad_y.shape[:-1])
@@ -295,13 +301,13 @@ def forward_backward(ctx, grad_y: Tensor, _grad_h: Optional[Tensor]):
     grad_y = grad_y.contiguous()
     grad_x = grad_w = grad_bias = grad_d = grad_b = grad_xa = None
     g = None
+    direct = _direct.ok(grad_y)  # eager: the kernels on this forward's own tensors, not checked again
     if need_d or need_b or need_x or need_xa:
-        backward_adapter = _backward_adapter_native if _direct.ok(grad_y) else torch.ops.lowrank.vera_linear_backward_adapter
+        backward_adapter = _backward_adapter_checked if direct else torch.ops.lowrank.vera_linear_backward_adapter
         grad_d, grad_b, g = backward_adapter(grad_y, h, vera_b, lambda_d, lambda_b)
     adapter_grad_to_x = need_x and not ctx.has_dropout
     if need_x and weight is not None:
-        backward_input = (_lora._backward_input_native if _direct.ok(grad_y)
-                          else torch.ops.lowrank.lora_linear_backward_input)  # fmt: skip
+        backward_input = _lora._backward_input_checked if direct else torch.ops.lowrank.lora_linear_backward_input
         if ctx.has_dropout:  # the adapter's gradient flows to dropout(x), not to x directly
             grad_x = backward_input(grad_y, weight, None, None)
         else:
