@@ -565,6 +565,7 @@ for _device in ("cpu", "cuda"):
 def forward_setup_context(ctx, inputs, output) -> None:
     x, weight, bias, lora_a, lora_b, scale, adapter_input = inputs[:7]
     _, u = output
+    ctx.set_materialize_grads(False)  # u / h take no gradient: no zeros made for it
     frozen = inputs[7] if len(inputs) > 7 else None  # LoRALinearFunction's: the layer's kernel views
     ctx.frozen_state = None if frozen is None else frozen.state
     ctx.scale = scale
@@ -611,6 +612,8 @@ def rows(x: Tensor, m: int, k: int) -> Tensor:
 
 
 def forward_backward(ctx, grad_y: Tensor, _grad_u: Optional[Tensor]):
+    if grad_y is None:  # only u / h had a gradient (grads are not materialized): it reaches nothing
+        return (None,) * 7
     x, xa, weight, lora_a, lora_b, u = ctx.saved_tensors
     need_x, need_w, need_bias, need_a, need_b, _, need_xa = ctx.needs_input_grad[:7]
     grad_y = grad_y.contiguous()

@@ -682,6 +682,7 @@ def forward_setup_context(ctx, inputs, output) -> None:
     wargs = inputs[1 : 1 + _N_WEIGHT_ARGS]
     bias, lora_a, lora_b, scale, adapter_input = inputs[1 + _N_WEIGHT_ARGS :]
     _, u = output
+    ctx.set_materialize_grads(False)  # u / h take no gradient: no zeros made for it
     ctx.wmeta = tuple(wargs[5:])  # shape, blocksize, blocksize2
     ctx.scale = scale
     ctx.has_adapter = lora_a is not None
@@ -695,6 +696,8 @@ def forward_setup_context(ctx, inputs, output) -> None:
 
 
 def forward_backward(ctx, grad_y: Tensor, _grad_u: Optional[Tensor]):
+    if grad_y is None:  # only u / h had a gradient (grads are not materialized): it reaches nothing
+        return (None,) * len(ctx.needs_input_grad)
     codes, absmax, absmax2, code2, offset, xa, lora_a, lora_b, u = ctx.saved_tensors
     shape, blocksize, blocksize2 = ctx.wmeta
     wargs = (codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2)

@@ -288,6 +288,7 @@ for _device in ("cpu", "cuda"):
 def forward_setup_context(ctx, inputs, output) -> None:
     x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input = inputs
     _, h = output
+    ctx.set_materialize_grads(False)  # u / h take no gradient: no zeros made for it
     ctx.has_dropout = adapter_input is not None
     ctx.has_bias = bias is not None
     ctx.x_shape = tuple(x.shape)
@@ -296,6 +297,8 @@ def forward_setup_context(ctx, inputs, output) -> None:
 
 
 def forward_backward(ctx, grad_y: Tensor, _grad_h: Optional[Tensor]):
+    if grad_y is None:  # only u / h had a gradient (grads are not materialized): it reaches nothing
+        return (None,) * 8
     x, weight, vera_a, vera_b, lambda_d, lambda_b, h = ctx.saved_tensors
     need_x, need_w, need_bias, _, _, need_d, need_b, need_xa = ctx.needs_input_grad
     grad_y = grad_y.contiguous()
