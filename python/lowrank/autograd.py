@@ -41,7 +41,7 @@ class LoRALinearFunction(torch.autograd.Function):
         if frozen is not None and adapter_input is None:
             fast = _lora.forward_train_fast(frozen, x, weight, bias, lora_a, lora_b, scale)
             if fast is not None:
-                return fast[0], fast[1]
+                return fast
         op = _lora._forward_native if _direct.ok(x) else torch.ops.lowrank.lora_linear_forward
         return op(x, weight, bias, lora_a, lora_b, scale, adapter_input)
 

@@ -395,9 +395,9 @@ def forward_fast(frozen: FrozenOperands, x, weight, bias, lora_a, lora_b, scale)
 
 
 def forward_train_fast(frozen: FrozenOperands, x, weight, bias, lora_a, lora_b, scale) -> Optional[tuple]:
-    """``(y, u, state)`` of ``lora_linear_forward`` (no dropout) through the fused row kernel with
-    ``frozen``'s views, for the autograd forward of a few-token eager CPU call; None where that shortcut
-    does not apply. ``state`` goes to the backward (:func:`_backward_fast`)."""
+    """``(y, u)`` of ``lora_linear_forward`` (no dropout) through the fused row kernel with ``frozen``'s
+    views, for the autograd forward of a few-token eager CPU call; None where that shortcut does not
+    apply. (The backward finds the views in ``frozen`` too: :func:`_backward_fast`.)"""
     state = _frozen_state(frozen, x, weight, bias, lora_a, lora_b, scale)
     if state is None or lora_a.shape[0] == 0:
         return None
@@ -405,7 +405,7 @@ def forward_train_fast(frozen: FrozenOperands, x, weight, bias, lora_a, lora_b, 
     lead = tuple(x.shape[:-1])
     u = _runtime.empty(math.prod(lead), r, dtype=torch.float32, device=x.device)
     y = _fused_with_views(state, x, n, scale, u)
-    return y.reshape(lead + (n,)), u.reshape(lead + (r,)), state
+    return y.reshape(lead + (n,)), u.reshape(lead + (r,))
 
 
 def _forward_gemm(x2, xa2, weight, bias, lora_a, lora_b, scale):
