@@ -330,7 +330,7 @@ class FrozenOperands:
 
     @staticmethod
     def signature(*tensors) -> tuple:
-        return tuple(None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in tensors)
+        return tuple([None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in tensors])
 
 
 def eager_cpu(x) -> bool:
@@ -605,7 +605,7 @@ def _backward_fast(state: tuple, grad_y: Tensor, xa, weight, lora_a, lora_b, u, 
 
 def rows(x: Tensor, m: int, k: int) -> Tensor:
     """``x`` as ``[m, k]`` rows a kernel reads: last dimension contiguous, rows at least ``k`` apart."""
-    x2 = x.reshape(m, k)
+    x2 = x if x.dim() == 2 else x.reshape(m, k)  # (reshape costs a microsecond even when it is a no-op)
     if x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < k):
         x2 = x2.contiguous()
     return x2
