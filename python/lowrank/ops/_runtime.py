@@ -17,10 +17,8 @@ poison_outputs = os.environ.get("LOWRANK_POISON_OUTPUTS", "0") == "1"
 
 def empty(*shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """torch.empty, filled with NaN when ``poison_outputs`` is on."""
-    t = torch.empty(*shape, dtype=dtype, device=device)
-    if poison_outputs:
-        t.fill_(float("nan"))
-    return t
+    t = torch.empty(*shape, dtype=dtype, device=device)  # (unpacked: a shape tuple costs ~0.4 µs more)
+    return t.fill_(float("nan")) if poison_outputs else t
 
 
 def num_threads() -> int:

@@ -389,7 +389,8 @@ def forward_fast(frozen: FrozenOperands, x, weight, bias, lora_a, lora_b, scale)
     state = _frozen_state(frozen, x, weight, bias, lora_a, lora_b, scale)
     if state is not None:
         n = weight.shape[0]
-        return _fused_with_views(state, x, n, scale, None).reshape(*x.shape[:-1], n)
+        y = _fused_with_views(state, x, n, scale, None)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
     op = _forward_native if _direct.ok(x) else torch.ops.lowrank.lora_linear_forward
     return op(x, weight, bias, lora_a, lora_b, scale, None)[0]
 
