@@ -583,10 +583,9 @@ def test_few_token_training_shortcut(dtype, lead, force_path, kernel_calls):
         gy = torch.randn(*lead, 23).to(dtype)
         got = torch.autograd.grad(layer(x), (x, layer.lora_A.weight, layer.lora_B.weight), gy)
         exact = _grads_fp64(layer, x.detach(), gy)
-        tol = 1e-5 if dtype == torch.float32 else 2e-2
-        for name, g, e in zip(("x", "lora_A", "lora_B"), got, exact):
+        for name, g, e in zip(("x", "lora_A", "lora_B"), got, exact):  # fp32 sums, one rounding to dtype
             assert g.dtype == dtype and g.shape == e.shape, name
-            assert torch.allclose(g.double(), e, rtol=tol, atol=tol * e.abs().max().item()), name
+            assert torch.allclose(g.double(), e, rtol=U[dtype], atol=1e-5 * e.abs().max().item()), name
         assert kernel_calls[-2:] == ["lora_fused_cpu", "lora_backward_cpu"], kernel_calls
 
 

@@ -17,7 +17,8 @@ measurement on first use, of the two candidate paths on one probe shape, interle
 - ``cpu_adapter_products/<dtype>``: ``"kernel"`` (csrc/cpu/adapter_products.cpp: the adapter's
   gradients from one pass over dy and one over x_a, both read in their own dtype) or ``"gemm"``
   (torch's GEMMs on fp32 operands, a bf16 dy or x_a widened first). Probe: the LoRA adapter backward
-  at 512 tokens, 1536 → 1536, r=16. The bf16 many-token forward's ``u = x_a Aᵀ`` follows it.
+  at 512 tokens, 1536 → 1536, r=16. Every other use of the kernel follows it: the QLoRA and VeRA
+  backward and the bf16 many-token forwards' ``u = x_a Aᵀ``.
 - ``nf4_cpu_fused_max_m`` / ``nf4_cpu_input_grad_max_m``: the NF4 fused dequant kernels (4096 ×
   4096) against dequantizing tile by tile for the GEMM; M = 1, 16, 64, 256 and 1, 2, 4, 8, 16.
 

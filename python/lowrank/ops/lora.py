@@ -22,7 +22,7 @@ else (fp16 on CPU, fp64, other devices) runs the reference.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -287,13 +287,8 @@ def _forward_native(x, weight, bias, lora_a, lora_b, scale, adapter_input):
     weight, lora_a, lora_b = (last_dim_contiguous(t) for t in (weight, lora_a, lora_b))
     bias = None if bias is None else bias.contiguous()
     if _use_fused(x, m) and x.device.type == "cpu" and adapter_input is None:
-        # One call: u = x Aᵀ and the rows (CPU kernels read fp32 activations: a bf16 x widened once).
-        x_in = x2 if x2.dtype == torch.float32 else x2.float()
         u = _runtime.empty(m, r, dtype=torch.float32, device=x.device)
-        y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
-        _C.lora_fused_cpu(matrix("out", y), matrix("x", x_in), matrix("weight", weight), optional_matrix("bias", bias),
-                          matrix("lora_a", lora_a), matrix("lora_b", lora_b), matrix("u", u), float(scale),
-                          _runtime.num_threads())  # fmt: skip
+        y = _fused_cpu(_views(weight, bias, lora_a, lora_b), x2, n, scale, u)
     elif _use_fused(x, m):
         # CPU kernels read fp32 activations: widen a bf16 x once (M*K elements, small here).
         cpu = x.device.type == "cpu"
@@ -312,10 +307,10 @@ class FrozenOperands:
     only when one of them changes (pointer, shape, strides, dtype or device: a new tensor, ``.data``
     assigned, ``.to()``). Values may change freely (an optimizer step): the views point at them.
 
-    :func:`forward_fast` uses it for the eager CPU few-token call, where building six views and
-    checking five tensors per call cost more than the 64 → 64 product itself. ``state`` is one
-    ``(signature, views)`` tuple, replaced whole, so threads sharing a layer never see half of one.
-    A copy of the layer starts empty (views point into the original's memory)."""
+    The eager CPU few-token calls use it (inference, and the training forward and backward), where
+    building six views and checking five tensors per call cost more than the 64 → 64 product itself.
+    ``state`` is one ``(signature, views)`` tuple, replaced whole, so threads sharing a layer never see
+    half of one. A copy of the layer starts empty (views point into the original's memory)."""
 
     __slots__ = ("state",)
 
@@ -332,11 +327,37 @@ class FrozenOperands:
     def signature(*tensors) -> tuple:
         return tuple([None if t is None else (t.data_ptr(), t.shape, t.stride(), t.dtype, t.device) for t in tensors])
 
+    def lookup(self, key: tuple, build: Callable[[], Optional[tuple]]) -> Optional[tuple]:
+        """The ``(key, views)`` state for ``key``: the one held, or ``build()``'s views (checked and made
+        there; None where the shortcut does not apply) kept for the next call."""
+        state = self.state
+        if state is None or state[0] != key:
+            views = build()
+            if views is None:
+                return None
+            state = self.state = (key, views)
+        return state
+
+    @staticmethod
+    def plain_cpu(*tensors, contiguous: bool = False) -> bool:
+        """Every tensor given is a plain CPU tensor (no subclass) whose rows a kernel view can take
+        (last dimension contiguous, or all of it with ``contiguous``)."""
+        return all(t is None or (type(t) in _PLAIN and t.is_cpu and (t.is_contiguous() if contiguous else t.stride(-1) == 1))
+                   for t in tensors)  # fmt: skip
+
 
 def eager_cpu(x) -> bool:
     """``x`` is a plain CPU tensor of a dtype the CPU kernels take, outside torch.compile: a call on it
     may use the eager shortcuts (forward_fast here and in nf4.py)."""
     return type(x) is Tensor and x.is_cpu and not torch.compiler.is_compiling() and x.dim() >= 1 and x.dtype in _CPU_NATIVE
+
+
+def rows(x: Tensor, m: int, k: int) -> Tensor:
+    """``x`` as ``[m, k]`` rows a kernel reads: last dimension contiguous, rows at least ``k`` apart."""
+    x2 = x if x.dim() == 2 else x.reshape(m, k)  # (reshape costs a microsecond even when it is a no-op)
+    if x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < k):
+        x2 = x2.contiguous()
+    return x2
 
 
 def rows_fp32(x: Tensor, m: int, k: int) -> Tensor:
@@ -356,25 +377,24 @@ def _frozen_state(frozen: FrozenOperands, x, weight, bias, lora_a, lora_b, scale
     m = x.numel() // k if k else 0
     if not (0 < m <= _runtime.cpu_fused_max_m(x.dtype) and k == weight.shape[-1] and weight.shape[0] > 0):
         return None
-    key = FrozenOperands.signature(weight, bias, lora_a, lora_b)
-    state = frozen.state
-    if state is None or state[0] != key:
+    def build():
         _check_forward(x, weight, bias, lora_a, lora_b, scale, None)  # raises, naming the argument
-        operands = (weight, bias, lora_a, lora_b)
-        if not all(t is None or (type(t) in _PLAIN and t.is_cpu and t.stride(-1) == 1) for t in operands):
-            return None
-        views = (matrix("weight", weight), optional_matrix("bias", bias), matrix("lora_a", lora_a),
-                 matrix("lora_b", lora_b))  # fmt: skip
-        state = frozen.state = (key, views)
-    return state
+        return _views(weight, bias, lora_a, lora_b) if FrozenOperands.plain_cpu(weight, bias, lora_a, lora_b) else None
+
+    return frozen.lookup(FrozenOperands.signature(weight, bias, lora_a, lora_b), build)
 
 
-def _fused_with_views(state: tuple, x, n: int, scale, u: Optional[Tensor]) -> Tensor:
-    """y ([M, n], x's dtype) through ``lora_fused_cpu`` with ``state``'s views; u into ``u`` when given
-    (else a scratch buffer). The same call _forward_native makes: the same bits."""
+def _views(weight, bias, lora_a, lora_b) -> tuple:
+    return matrix("weight", weight), optional_matrix("bias", bias), matrix("lora_a", lora_a), matrix("lora_b", lora_b)
+
+
+def _fused_cpu(views: tuple, x, n: int, scale, u: Optional[Tensor]) -> Tensor:
+    """y ([M, n], x's dtype) through ``lora_fused_cpu`` with the views of W, bias, A and B: u = x Aᵀ
+    (into ``u`` when given, else a scratch buffer) and the fused rows in one call. The CPU kernels read
+    fp32 activations: a bf16 x is widened once (M·K elements, few here)."""
     k = x.shape[-1]
     m = x.numel() // k
-    mw, mb, ma, me = state[1]
+    mw, mb, ma, me = views
     y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
     x_in = rows_fp32(x, m, k)  # held here until the kernel returns: a Matrix is only its address
     _C.lora_fused_cpu(matrix("out", y), matrix("x", x_in), mw, mb, ma, me, None if u is None else matrix("u", u),
@@ -389,7 +409,7 @@ def forward_fast(frozen: FrozenOperands, x, weight, bias, lora_a, lora_b, scale)
     state = _frozen_state(frozen, x, weight, bias, lora_a, lora_b, scale)
     if state is not None:
         n = weight.shape[0]
-        y = _fused_with_views(state, x, n, scale, None)
+        y = _fused_cpu(state[1], x, n, scale, None)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
     op = _forward_native if _direct.ok(x) else torch.ops.lowrank.lora_linear_forward
     return op(x, weight, bias, lora_a, lora_b, scale, None)[0]
@@ -405,7 +425,7 @@ def forward_train_fast(frozen: FrozenOperands, x, weight, bias, lora_a, lora_b, 
     n, r = weight.shape[0], lora_a.shape[0]
     lead = tuple(x.shape[:-1])
     u = _runtime.empty(math.prod(lead), r, dtype=torch.float32, device=x.device)
-    y = _fused_with_views(state, x, n, scale, u)
+    y = _fused_cpu(state[1], x, n, scale, u)
     return y.reshape(lead + (n,)), u.reshape(lead + (r,))
 
 
@@ -602,14 +622,6 @@ def _backward_fast(state: tuple, grad_y: Tensor, xa, weight, lora_a, lora_b, u, 
                          matrix("grad_y", dy), matrix("adapter_input", xa2), matrix("u", u2), mw, ma, mb, float(scale),
                          _runtime.num_threads())  # fmt: skip
     return dx, grad_a, grad_b
-
-
-def rows(x: Tensor, m: int, k: int) -> Tensor:
-    """``x`` as ``[m, k]`` rows a kernel reads: last dimension contiguous, rows at least ``k`` apart."""
-    x2 = x if x.dim() == 2 else x.reshape(m, k)  # (reshape costs a microsecond even when it is a no-op)
-    if x2.stride(-1) != 1 or (m > 1 and x2.stride(0) < k):
-        x2 = x2.contiguous()
-    return x2
 
 
 def forward_backward(ctx, grad_y: Tensor, _grad_u: Optional[Tensor]):

@@ -578,15 +578,18 @@ def forward_fast(frozen: "_lora.FrozenOperands", x, codes, absmax, absmax2, code
         if 0 < m <= _runtime.nf4_cpu_fused_max_m() and n > 0 and x.shape[-1] == k:
             key = (_lora.FrozenOperands.signature(codes, absmax, absmax2, code2, offset, bias, lora_a, lora_b),
                    tuple(shape), blocksize, blocksize2, x.dtype)  # fmt: skip
-            state = frozen.state
-            if state is None or state[0] != key:
-                wargs = (codes, absmax, absmax2, code2, offset, list(shape), blocksize, blocksize2)
+            wargs = (codes, absmax, absmax2, code2, offset, list(shape), blocksize, blocksize2)
+
+            def build():
                 _check_forward(x, *wargs, bias, lora_a, lora_b, scale, None)  # raises, naming the argument
-                operands = (codes, absmax, absmax2, code2, offset, bias, lora_a, lora_b)
-                if not all(t is None or (type(t) in _lora._PLAIN and t.is_cpu and t.is_contiguous()) for t in operands):
-                    return _forward_native(x, *wargs, bias, lora_a, lora_b, scale, None)[0]
-                views = (_weight(*wargs), optional_matrix("bias", bias), optional_matrix("lora_b", lora_b))
-                state = frozen.state = (key, views)
+                if not _lora.FrozenOperands.plain_cpu(codes, absmax, absmax2, code2, offset, bias, lora_a, lora_b,
+                                                      contiguous=True):  # fmt: skip
+                    return None
+                return _weight(*wargs), optional_matrix("bias", bias), optional_matrix("lora_b", lora_b)
+
+            state = frozen.lookup(key, build)
+            if state is None:
+                return _forward_native(x, *wargs, bias, lora_a, lora_b, scale, None)[0]
             w, mb, me = state[1]
             x_in = _lora.rows_fp32(x, m, k)
             u = None if lora_a is None else _lora.down_projection(x_in, lora_a, x.dtype)
