@@ -362,6 +362,16 @@ inline int group_source(int s) {
 }
 #endif
 
+// group_source of every slot of a group of 64, computed once.
+inline const std::array<int, 64>& group_order() {
+  static const std::array<int, 64> order = [] {
+    std::array<int, 64> o{};
+    for (int s = 0; s < 64; ++s) o[size_t(s)] = group_source(s);
+    return o;
+  }();
+  return order;
+}
+
 // Walks the block scales of one row group by group (64 values), with no division per group: an int64
 // division per group cost as much as decoding the group. next2() gives the scales of the next group's
 // first and last 32 values (two blocks at blocksize 32), next() the same as a vector matching
@@ -838,11 +848,7 @@ void nf4_rows(const Nf4RowsArgs& a, int num_threads) {
     float* dst = xs.data() + m * K;
     if (c.grouped) {
 #if defined(__AVX2__)
-      static const auto order = [] {
-        std::array<int, 64> o{};
-        for (int s = 0; s < 64; ++s) o[size_t(s)] = group_source(s);
-        return o;
-      }();
+      const std::array<int, 64>& order = group_order();
       int64_t g = 0;
 #if defined(__AVX512F__)
       if (M == 1) {  // rows_task_m1 reads whole chunks of 128 in chunk order, a last group of 64 in group order
@@ -936,11 +942,7 @@ static void input_grad_reduce(void* p, int64_t m) {
   const auto& c = *static_cast<InputGradCtx*>(p);
   const Nf4InputGradArgs& a = *c.a;
   const int64_t M = a.dy.rows, K = a.w.cols, ld = a.workspace.ld;
-  static const auto order = [] {
-    std::array<int, 64> o{};
-    for (int s = 0; s < 64; ++s) o[size_t(s)] = group_source(s);
-    return o;
-  }();
+  const std::array<int, 64>& order = group_order();
   float* out = a.out.data<float>() + m * a.out.ld;
   const float* ws = a.workspace.data<float>();
   alignas(32) float sum[64];
