@@ -3,8 +3,9 @@
 This machine has slow phases of up to 1.6x, so two timings taken at different moments do not
 compare. Peers are compared by :func:`interleaved_medians` (lowrank.bench's, which `lowrank bench`
 uses too), which calls them in turn (A, B, C, B, C, A, C, A, B, ...) inside one loop so every peer
-sees the same phases, and reports each one's median. The pytest-benchmark cases (:func:`benchmark_within_budget`) stay useful for
-their JSON output and history, but their ratios are only as good as the machine was steady.
+sees the same phases, and reports each one's median. The pytest-benchmark cases
+(:func:`benchmark_within_budget`) stay useful for their JSON output and history, but their ratios
+are only as good as the machine was steady.
 
 Rounds follow from a time budget and one warm call's time, so a 2.8 s call (torch's bf16 forward
 at 4096x11008, M=512, on this AVX2 CPU) gets MIN_ROUNDS and a 5 ms call a few hundred.
