@@ -18,6 +18,7 @@ using namespace lowrank;
 
 namespace lowrank::cpu {
 std::vector<std::string> supported_isas();
+bool bf16_dot_available();
 std::string active_isa();
 void set_isa(const std::string& name);
 }  // namespace lowrank::cpu
@@ -256,12 +257,17 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "nf4_rows_cpu",
       [](const Matrix& out, const Matrix& x, const Nf4Weight& w, const std::optional<Matrix>& bias,
-         const std::optional<Matrix>& v, const std::optional<Matrix>& e, float scale, int num_threads) {
-        Nf4RowsArgs a{out, x, w, opt(bias), opt(v), opt(e), scale};
+         const std::optional<Matrix>& v, const std::optional<Matrix>& e, float scale, int num_threads,
+         bool bf16_dot) {
+        Nf4RowsArgs a{out, x, w, opt(bias), opt(v), opt(e), scale, bf16_dot};
         py::gil_scoped_release nogil;
         nf4_rows_cpu(a, num_threads);
       },
-      "out[m,n] = x[m]·dequant(W)[n] + bias[n] + scale * v[m]·e[n] (fp32 accumulation)");
+      "out[m,n] = x[m]·dequant(W)[n] + bias[n] + scale * v[m]·e[n] (fp32 accumulation). bf16_dot: a bf16 x "
+      "may take the AVX512-BF16 products over W rounded once to bf16 (where the CPU has them; else x is "
+      "widened and W stays exact)",
+      py::arg("out"), py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("v"), py::arg("e"), py::arg("scale"),
+      py::arg("num_threads"), py::arg("bf16_dot") = false);
 
   m.def(
       "nf4_input_grad_cpu",
@@ -306,6 +312,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("supported_cpu_isas", &cpu::supported_isas, "CPU kernel variants this CPU can run");
   m.def("cpu_isa", &cpu::active_isa, "the CPU kernel variant in use");
+  m.def("cpu_bf16_dot", &cpu::bf16_dot_available,
+        "whether the kernel variant in use has AVX512-BF16 products (nf4_rows_cpu's bf16_dot)");
   m.def("set_cpu_isa", &cpu::set_isa, py::arg("isa"), "force a CPU kernel variant this CPU supports");
 
   m.def("build_info", [] {

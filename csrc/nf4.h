@@ -131,12 +131,13 @@ struct Nf4DoubleQuantArgs {
 // The QLoRA forward for few tokens (v = u = A x in fp32, e = B), or the plain NF4 linear (v = 0).
 struct Nf4RowsArgs {
   Matrix out;   // [M, N]  float32 or the compute dtype
-  Matrix x;     // [M, K]  float32 (CPU); compute dtype (CUDA)
+  Matrix x;     // [M, K]  float32 or bfloat16 (CPU); compute dtype (CUDA)
   Nf4Weight w;  // [N, K]
   Matrix bias;  // [1, N]  float32 / compute dtype, or ptr == 0
   Matrix v;     // [M, R]  float32, or ptr == 0
   Matrix e;     // [N, R]  float32 / compute dtype
   float scale = 1.0f;
+  bool bf16_dot = false;  // CPU: a bf16 x may use AVX512-BF16 products over W rounded once to bf16
 };
 
 inline void validate_nf4_rows(const Nf4RowsArgs& a, bool cuda) {
@@ -147,7 +148,7 @@ inline void validate_nf4_rows(const Nf4RowsArgs& a, bool cuda) {
   auto float_ok = [&](DType t) {
     return t == DType::float32 || t == DType::bfloat16 || (cuda && t == DType::float16);
   };
-  LOWRANK_CHECK(cuda ? float_ok(a.x.dtype) : a.x.dtype == DType::float32,
+  LOWRANK_CHECK(cuda ? float_ok(a.x.dtype) : (a.x.dtype == DType::float32 || a.x.dtype == DType::bfloat16),
         std::string("x: unsupported dtype ") + dtype_name(a.x.dtype));
   LOWRANK_CHECK(a.out.dtype == DType::float32 || a.out.dtype == a.x.dtype || (!cuda && float_ok(a.out.dtype)),
         std::string("out: unsupported dtype ") + dtype_name(a.out.dtype));

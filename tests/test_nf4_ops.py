@@ -309,6 +309,82 @@ def test_single_row_kernel_vs_float64(cpu_isa, nf4_path, k, blocksize):
         assert err <= 8 * 2**-24 * mag.max().item(), (n, err)
 
 
+needs_bf16_dot = pytest.mark.skipif(not _C.cpu_bf16_dot(), reason="this CPU has no AVX512-BF16 (its kernels are compiled, not run)")
+DOT_CASES = [  # (k, blocksize): one table per chunk of 128 (blocksize >= 128 dividing k) or two (64; rows
+    (64, 64), (192, 64), (576, 64), (4160, 64),  # straddling blocks); a last half chunk (k % 128 == 64);
+    (256, 128), (192, 128), (4096, 4096), (640, 256), (128, 32),  # scales decoded ahead per 64 groups
+]  # (4160); blocksize 32 (four scales per chunk: widened instead)
+
+
+def _rows_call(x, args, b, u, lb, out_dtype, dot):
+    """The CPU rows kernel called directly, its output poisoned (fp32 or bf16 out)."""
+    from lowrank._validate import matrix, optional_matrix
+
+    y = torch.full((x.shape[0], args[5][0]), float("nan"), dtype=out_dtype)
+    _C.nf4_rows_cpu(matrix("out", y), matrix("x", x), nf4_ops._weight(*args), optional_matrix("bias", b),
+                    optional_matrix("u", u), optional_matrix("e", lb), SCALE, 2, dot)  # fmt: skip
+    return y
+
+
+@pytest.mark.parametrize("k,blocksize", DOT_CASES, ids=str)
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 16, 17])
+def test_bf16_rows_kernel_rounds_w_once(cpu_isa, k, blocksize, m):
+    """bf16 x in the CPU rows kernel. With bf16_dot (AVX512-BF16 products, where the variant has them):
+    W decoded in fp32 and rounded once to bf16, products and sums in fp32 (DESIGN: the contract of a
+    16-bit compute dtype) — checked with an fp32 output against float64 over that bf16 W to fp32
+    accumulation, which a wrong table, nibble or x position would miss by orders of magnitude. Without
+    it (or without the instructions): x widened against the exact fp32 W. Every x-row tile (1, 2, 4, 8;
+    3, 5, 9, 17 padded), 2 to 37 W rows (tails of the 4- and 2-row tiles)."""
+    dot = _C.cpu_bf16_dot()
+    for n, bias, adapter in [(37, True, True), (6, False, False), (2, True, False)]:
+        args, x, b, la, lb, _ = _inputs((m,), n, k, 3, torch.bfloat16, blocksize=blocksize, bias=bias, adapter=adapter)
+        u = (torch.randn(m, 3) if adapter else None)
+        w = nf4_ops.nf4_dequantize_reference(*args, torch.float32).double()
+        rounded = dot and blocksize >= 64
+        w_used = w.to(torch.bfloat16).double() if rounded else w
+        exact = fp64(x) @ w_used.t() + (fp64(b) if bias else 0) + (SCALE * fp64(u) @ fp64(lb).t() if adapter else 0)
+        mag = absolute(x) @ w_used.abs().t() + (absolute(b) if bias else 0)
+        mag = mag + (SCALE * absolute(u) @ absolute(lb).t() if adapter else 0)
+        for flag in (True, False):
+            y = _rows_call(x, args, b, u, lb, torch.float32, flag)
+            err = ((y.double() - (exact if flag else exact_widened(x, w, b, u, lb))).abs() / mag.clamp_min(1e-30)).max()
+            # fp32 sums: k / 32 steps of two products per lane (two roundings each), then 16 lanes
+            assert err <= (k / 16 + 16) * 2**-24, (flag, n, bias, adapter, err.item())
+        y16 = _rows_call(x, args, b, u, lb, torch.bfloat16, True)  # one more rounding, to the output's bf16
+        assert torch.isfinite(y16).all()
+        assert ((y16.double() - exact).abs() <= 2**-8 * exact.abs() + (k / 16 + 16) * 2**-24 * mag).all()
+
+
+def exact_widened(x, w, b, u, lb):
+    """float64 over the exact fp32 W: what the widened path computes."""
+    y = fp64(x) @ w.t()
+    if b is not None:
+        y = y + fp64(b)
+    if u is not None:
+        y = y + SCALE * fp64(u) @ fp64(lb).t()
+    return y
+
+
+@needs_bf16_dot
+def test_bf16_dot_choice_reaches_the_layer(nf4_path, monkeypatch):
+    """The measured choice is what the layer runs: pinned on, a bf16 NF4 layer's few-token output equals
+    the dot kernel's (W rounded to bf16); pinned off, the widened kernel's (exact W) — and they differ."""
+    nf4_path("fused")
+    lin = torch.nn.Linear(576, 96)
+    layer = lowrank.NF4Linear.from_linear(lin, compute_dtype=torch.bfloat16).eval()
+    x = torch.randn(3, 576).bfloat16()
+    outs = {}
+    for dot in (True, False):
+        monkeypatch.setattr(_runtime, "NF4_CPU_BF16_DOT", dot)
+        with torch.no_grad():
+            outs[dot] = layer(x)
+    assert not torch.equal(outs[True], outs[False])
+    w = layer.dequantize(torch.float32).double()
+    for dot, y in outs.items():
+        ref = fp64(x) @ (w.to(torch.bfloat16).double() if dot else w).t() + fp64(layer.bias)
+        assert (y.double() - ref).abs().max() <= 2**-8 * ref.abs().max(), dot
+
+
 @pytest.mark.parametrize("lead,n,k", SHAPES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("path", ["fused", "gemm"])

@@ -100,6 +100,15 @@ static const Variant*& active() {
 
 std::string active_isa() { return active()->name; }
 
+bool bf16_dot_available() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return std::strcmp(active()->name, "avx512") == 0 && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
 void set_isa(const std::string& name) {
   const Variant* v = find_variant(name);
   LOWRANK_CHECK(v != nullptr, "isa: unknown CPU kernel variant '" + name + "' (portable, avx2, avx512)");

@@ -19,8 +19,12 @@ measurement on first use, of the two candidate paths on one probe shape, interle
   (torch's GEMMs on fp32 operands, a bf16 dy or x_a widened first). Probe: the LoRA adapter backward
   at 512 tokens, 1536 → 1536, r=16. Every other use of the kernel follows it: the QLoRA and VeRA
   backward and the bf16 many-token forwards' ``u = x_a Aᵀ``.
-- ``nf4_cpu_fused_max_m`` / ``nf4_cpu_input_grad_max_m``: the NF4 fused dequant kernels (4096 ×
-  4096) against dequantizing tile by tile for the GEMM; M = 1, 16, 64, 256 and 1, 2, 4, 8, 16.
+- ``nf4_cpu_fused_max_m/<dtype>`` / ``nf4_cpu_input_grad_max_m``: the NF4 fused dequant kernels
+  (4096 × 4096) against dequantizing tile by tile for the GEMM; M = 1, 16, 64, 256 and 1, 2, 4, 8, 16.
+- ``nf4_cpu_bf16_rows``: for a bf16 x in the NF4 rows kernel, ``"dot"`` (AVX512-BF16 products over W
+  decoded in fp32 and rounded once to bf16, DESIGN's contract for a 16-bit compute dtype) or
+  ``"widen"`` (x widened to fp32 against the exact fp32 W). Probe: 4096 × 4096 at M = 1 and 16; "dot"
+  only where it wins both. Not measured where the kernel variant has no AVX512-BF16 ("widen").
 
 A decision is the largest probed M at which the fused path won every probe up to it (never more than
 the largest probe). Each comparison is at least two independent interleaved sets (three when they
@@ -53,7 +57,7 @@ from .._info import cpu_model
 
 UNBOUNDED = 1 << 62
 # Bumped when the probes change how they measure, so decisions measured the old way are measured again.
-CALIBRATION_VERSION = 2
+CALIBRATION_VERSION = 3
 STEADY_RATIO = 1.3  # the steadiness workload's time may change this much across a probe and be cached
 
 # What runs when calibration is off: the fused kernels where they were written for (few tokens),
@@ -66,8 +70,10 @@ DEFAULTS: dict[str, Any] = {
     "cpu_input_grad_max_m/bfloat16": 16,
     "cpu_adapter_products/float32": "gemm",
     "cpu_adapter_products/bfloat16": "gemm",
-    "nf4_cpu_fused_max_m": 64,
+    "nf4_cpu_fused_max_m/float32": 64,
+    "nf4_cpu_fused_max_m/bfloat16": 64,
     "nf4_cpu_input_grad_max_m": 8,
+    "nf4_cpu_bf16_rows": "widen",
 }
 
 
@@ -424,13 +430,17 @@ def _nf4_probe_weights(k: int = 4096, n: int = 4096):
     return g, _cold_copies(make, n * k // 2), k, n
 
 
-def _probe_nf4_fused() -> tuple[int, dict]:
+def _probe_nf4_fused(dtype: torch.dtype) -> tuple[int, dict]:
     from . import nf4
 
     g, weights, k, _ = _nf4_probe_weights()
+    if dtype == torch.bfloat16:
+        from . import _runtime
+
+        _runtime.nf4_cpu_bf16_dot()  # decided first: the fused side of this probe runs what it chose
 
     def call(m: int, limit: int):
-        x = torch.randn(m, k, generator=g)
+        x = torch.randn(m, k, generator=g).to(dtype)
 
         def run():
             with _pinned("NF4_CPU_FUSED_MAX_M", limit):
@@ -439,6 +449,29 @@ def _probe_nf4_fused() -> tuple[int, dict]:
         return run
 
     return _crossover([1, 16, 64, 256], lambda m: call(m, UNBOUNDED), lambda m: call(m, 0))
+
+
+def _probe_nf4_bf16_rows() -> tuple[str, dict]:
+    from .. import _C
+    from . import nf4
+
+    if not _C.cpu_bf16_dot():
+        return "widen", {}  # nothing to measure: this kernel variant has no AVX512-BF16
+    g, weights, k, _ = _nf4_probe_weights()
+    timings, wins = {}, True
+    for m in (1, 16):
+        x = torch.randn(m, k, generator=g).bfloat16()
+
+        def call(dot: bool, x=x):
+            def run():
+                with _pinned("NF4_CPU_FUSED_MAX_M", UNBOUNDED), _pinned("NF4_CPU_BF16_DOT", dot):
+                    return nf4._forward_native(x, *weights(), None, None, None, 1.0, None)
+
+            return run
+
+        t = timings[str(m)] = _compared_ms({"dot": call(True), "widen": call(False)})
+        wins = wins and t["dot"] < t["widen"]
+    return ("dot" if wins else "widen"), timings
 
 
 def _probe_nf4_input_grad() -> tuple[int, dict]:
@@ -466,6 +499,8 @@ _PROBES: dict[str, Callable[[], tuple[Any, dict]]] = {
     "cpu_input_grad_max_m/bfloat16": lambda: _probe_input_grad(torch.bfloat16),
     "cpu_adapter_products/float32": lambda: _probe_adapter_products(torch.float32),
     "cpu_adapter_products/bfloat16": lambda: _probe_adapter_products(torch.bfloat16),
-    "nf4_cpu_fused_max_m": _probe_nf4_fused,
+    "nf4_cpu_fused_max_m/float32": lambda: _probe_nf4_fused(torch.float32),
+    "nf4_cpu_fused_max_m/bfloat16": lambda: _probe_nf4_fused(torch.bfloat16),
     "nf4_cpu_input_grad_max_m": _probe_nf4_input_grad,
+    "nf4_cpu_bf16_rows": _probe_nf4_bf16_rows,
 }

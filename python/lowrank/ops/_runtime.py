@@ -31,7 +31,8 @@ def num_threads() -> int:
 # (None: the measured value).
 CPU_FUSED_MAX_M: Optional[dict] = None  # {dtype: largest M for the fused LoRA/VeRA row kernel}
 CPU_INPUT_GRAD_MAX_M: Optional[dict] = None  # {dtype: largest M for the dx = dy W + g A kernel}
-NF4_CPU_FUSED_MAX_M: Optional[int] = None  # largest M for the fused NF4 dequant-GEMV rows kernel
+NF4_CPU_FUSED_MAX_M: Optional[int] = None  # largest M for the fused NF4 dequant-GEMV rows kernel (every dtype)
+NF4_CPU_BF16_DOT: Optional[bool] = None  # bf16 x in the NF4 rows kernel: AVX512-BF16 products (True) or widened
 NF4_CPU_INPUT_GRAD_MAX_M: Optional[int] = None  # largest M for the NF4 dx = dy W kernel
 CPU_ADAPTER_PRODUCTS: Optional[dict] = None  # {dtype: True for csrc/cpu/adapter_products.cpp, False for GEMMs}
 
@@ -58,10 +59,20 @@ def cpu_adapter_products(dtype: torch.dtype) -> bool:
     return _dispatch.decide(f"cpu_adapter_products/{_name(dtype)}") == "kernel"
 
 
-def nf4_cpu_fused_max_m() -> int:
+def nf4_cpu_fused_max_m(dtype: torch.dtype) -> int:
     if NF4_CPU_FUSED_MAX_M is not None:
         return NF4_CPU_FUSED_MAX_M
-    return _dispatch.decide("nf4_cpu_fused_max_m")
+    return _dispatch.decide(f"nf4_cpu_fused_max_m/{_name(dtype if dtype == torch.bfloat16 else torch.float32)}")
+
+
+def nf4_cpu_bf16_dot() -> bool:
+    """Whether a bf16 x in the NF4 rows kernel takes the AVX512-BF16 products (W rounded once to bf16)
+    rather than being widened to fp32 against the exact fp32 W: measured where the CPU has them."""
+    if NF4_CPU_BF16_DOT is not None:
+        return NF4_CPU_BF16_DOT
+    from .. import _C
+
+    return _C.cpu_bf16_dot() and _dispatch.decide("nf4_cpu_bf16_rows") == "dot"
 
 
 def nf4_cpu_input_grad_max_m() -> int:

@@ -505,10 +505,23 @@ def _tile_filler(w: "_C.Nf4Weight"):
     return lambda n0, tile: _dequantize_into(tile, w, n0)
 
 
-def _use_fused(device: torch.device, m: int) -> bool:
+def _use_fused(device: torch.device, m: int, dtype: torch.dtype) -> bool:
     if device.type == "cpu":
-        return m <= _runtime.nf4_cpu_fused_max_m()
+        return m <= _runtime.nf4_cpu_fused_max_m(dtype)
     return m <= _runtime.CUDA_FUSED_MAX_M
+
+
+def _rows_cpu(y, x_in, w, bias_view, u, b_view, scale) -> None:
+    """The CPU rows kernel; x_in is fp32 or bf16 (a bf16 x takes the AVX512-BF16 products where they
+    were measured faster, else it is widened in C++ against the exact fp32 W)."""
+    dot = x_in.dtype == torch.bfloat16 and _runtime.nf4_cpu_bf16_dot()
+    _C.nf4_rows_cpu(matrix("out", y), matrix("x", x_in), w, bias_view, optional_matrix("u", u), b_view, float(scale),
+                    _runtime.num_threads(), dot)  # fmt: skip
+
+
+def _cpu_rows_input(x2: Tensor) -> Tensor:
+    """x as the CPU rows kernel reads it: fp32 or bf16 as is, another dtype widened to fp32."""
+    return x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
 
 
 def _forward_native(x, codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2, bias, lora_a, lora_b,
@@ -529,20 +542,20 @@ def _forward_native(x, codes, absmax, absmax2, code2, offset, shape, blocksize, 
     r = 0 if lora_a is None else lora_a.shape[0]
     if lora_a is not None:
         lora_a, lora_b = last_dim_contiguous(lora_a), last_dim_contiguous(lora_b)
-    if _use_fused(x.device, m):
-        x_in = x2.float() if cpu else x2
+    if _use_fused(x.device, m, x.dtype):
+        x_in = _cpu_rows_input(x2) if cpu else x2
         u = None
         if lora_a is not None:
-            xa_in = x_in if adapter_input is None else (xa2.float() if cpu else xa2)
-            u = _lora.down_projection(xa_in, lora_a, x.dtype)
+            xa_in = x2 if adapter_input is None else xa2
+            u = _lora.down_projection(xa_in.float() if cpu else xa_in, lora_a, x.dtype)
         y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
-        args = (matrix("out", y), matrix("x", x_in), w, optional_matrix("bias", bias), optional_matrix("u", u),
-                optional_matrix("lora_b", lora_b), float(scale))  # fmt: skip
         if cpu:
-            _C.nf4_rows_cpu(*args, _runtime.num_threads())
+            _rows_cpu(y, x_in, w, optional_matrix("bias", bias), u, optional_matrix("lora_b", lora_b), scale)
         else:
             with torch.cuda.device(x.device):
-                _C.nf4_rows_cuda(*args, cuda_stream(x))
+                _C.nf4_rows_cuda(matrix("out", y), matrix("x", x_in), w, optional_matrix("bias", bias),
+                                 optional_matrix("u", u), optional_matrix("lora_b", lora_b), float(scale),
+                                 cuda_stream(x))  # fmt: skip
         if u is None:
             u = x.new_empty((m, 0), dtype=torch.float32)
         return y.reshape(lead + (n,)), u.reshape(lead + (r,))
@@ -575,7 +588,7 @@ def forward_fast(frozen: "_lora.FrozenOperands", x, codes, absmax, absmax2, code
     if _lora.eager_cpu(x) and type(codes) in _lora._PLAIN:
         n, k = shape
         m = x.numel() // k if k else 0
-        if 0 < m <= _runtime.nf4_cpu_fused_max_m() and n > 0 and x.shape[-1] == k:
+        if 0 < m <= _runtime.nf4_cpu_fused_max_m(x.dtype) and n > 0 and x.shape[-1] == k:
             key = (_lora.FrozenOperands.signature(codes, absmax, absmax2, code2, offset, bias, lora_a, lora_b),
                    tuple(shape), blocksize, blocksize2, x.dtype)  # fmt: skip
             wargs = (codes, absmax, absmax2, code2, offset, list(shape), blocksize, blocksize2)
@@ -591,11 +604,10 @@ def forward_fast(frozen: "_lora.FrozenOperands", x, codes, absmax, absmax2, code
             if state is None:
                 return _forward_native(x, *wargs, bias, lora_a, lora_b, scale, None)[0]
             w, mb, me = state[1]
-            x_in = _lora.rows_fp32(x, m, k)
-            u = None if lora_a is None else _lora.down_projection(x_in, lora_a, x.dtype)
+            x_in = _cpu_rows_input(_lora.rows(x, m, k))
+            u = None if lora_a is None else _lora.down_projection(x_in.float(), lora_a, x.dtype)
             y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
-            _C.nf4_rows_cpu(matrix("out", y), matrix("x", x_in), w, mb, optional_matrix("u", u), me, float(scale),
-                            _runtime.num_threads())  # fmt: skip
+            _rows_cpu(y, x_in, w, mb, u, me, scale)
             return y.reshape(*x.shape[:-1], n)
     op = _forward_native if _direct.ok(x) else torch.ops.lowrank.nf4_linear_forward
     return op(x, codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2, bias, lora_a, lora_b, scale, None)[0]
