@@ -19,9 +19,11 @@ constexpr int MR = 3;
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
 // sums[i][m] += sum_{k in [k0, k1)} w_i[k] * x_m[k], x rows given by pointer (gathered rows need no copy).
+// ahead (elements, 0: none): each w row's data that far on is prefetched as the row is read — at M = 1
+// the w rows of a small layer are too short a stream for the hardware prefetcher (see lora.cpp).
 template <int MRT, class TW>
 inline void micro_tile_rows(const TW* const* wrow, const float* const* xrow, int64_t k0, int64_t k1,
-                            float sums[NR][MR]) {
+                            float sums[NR][MR], int64_t ahead = 0) {
   constexpr int W = Vec::width;
   Vec acc[NR][MRT];
   for (int i = 0; i < NR; ++i)
@@ -29,6 +31,8 @@ inline void micro_tile_rows(const TW* const* wrow, const float* const* xrow, int
   int64_t k = k0;
   for (; k + W <= k1; k += W) {
     Vec wv[NR];
+    if (ahead)
+      for (int i = 0; i < NR; ++i) vprefetch(wrow[i] + k + ahead);
     for (int i = 0; i < NR; ++i) wv[i] = vload(wrow[i] + k);
     for (int m = 0; m < MRT; ++m) {
       Vec xv = vload(xrow[m] + k);
@@ -47,21 +51,21 @@ inline void micro_tile_rows(const TW* const* wrow, const float* const* xrow, int
 // The same over MRT consecutive x rows, ldx apart.
 template <int MRT, class TW>
 inline void micro_tile(const TW* const* wrow, const float* x, int64_t ldx, int64_t k0, int64_t k1,
-                       float sums[NR][MR]) {
+                       float sums[NR][MR], int64_t ahead = 0) {
   const float* xrow[MRT];
   for (int m = 0; m < MRT; ++m) xrow[m] = x + m * ldx;
-  micro_tile_rows<MRT>(wrow, xrow, k0, k1, sums);
+  micro_tile_rows<MRT>(wrow, xrow, k0, k1, sums, ahead);
 }
 
 template <class TW>
 inline void tile_dispatch(int mr, const TW* const* wrow, const float* x, int64_t ldx, int64_t k0,
-                          int64_t k1, float sums[NR][MR]) {
+                          int64_t k1, float sums[NR][MR], int64_t ahead = 0) {
   switch (mr) {
-    case 1: micro_tile<1>(wrow, x, ldx, k0, k1, sums); break;
-    case 2: micro_tile<2>(wrow, x, ldx, k0, k1, sums); break;
-    case 3: micro_tile<3>(wrow, x, ldx, k0, k1, sums); break;
+    case 1: micro_tile<1>(wrow, x, ldx, k0, k1, sums, ahead); break;
+    case 2: micro_tile<2>(wrow, x, ldx, k0, k1, sums, ahead); break;
+    case 3: micro_tile<3>(wrow, x, ldx, k0, k1, sums, ahead); break;
 #if defined(__AVX512F__)
-    case 4: micro_tile<4>(wrow, x, ldx, k0, k1, sums); break;
+    case 4: micro_tile<4>(wrow, x, ldx, k0, k1, sums, ahead); break;
 #endif
   }
 }
