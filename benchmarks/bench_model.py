@@ -153,7 +153,7 @@ class Row:
 ROWS = (
     Row(f"LoRA r={RANK}", "lora", "peft-lora", "PEFT", DTYPES),
     Row(f"VeRA r={VERA_RANK}", "vera", "peft-vera", "PEFT"),
-    Row(f"QLoRA r={RANK}", "qlora", "peft-qlora", "PEFT+bnb"),
+    Row(f"QLoRA r={RANK}", "qlora", "peft-qlora", "PEFT+bnb", DTYPES),
     Row("full fine-tuning", "full", "plain-full", "plain PyTorch"),
 )
 PLAIN_TRAIN, PLAIN_INFERENCE = "plain-full", "plain"

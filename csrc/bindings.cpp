@@ -248,12 +248,13 @@ PYBIND11_MODULE(_C, m) {
       "8-bit codes of absmax - offset in blocks of blocksize2, nearest entry of code2");
   m.def(
       "nf4_dequantize_cpu",
-      [](const Nf4Weight& w, int64_t row0, const Matrix& out, int num_threads) {
-        Nf4DequantizeArgs a{w, row0, out};
+      [](const Nf4Weight& w, int64_t row0, const Matrix& out, int num_threads, int64_t col0) {
+        Nf4DequantizeArgs a{w, row0, out, col0};
         py::gil_scoped_release nogil;
         nf4_dequantize_cpu(a, num_threads);
       },
-      "out[i, :] = dequant(W)[row0 + i, :] (fp32 decode, one rounding to out's dtype)");
+      "out[i, j] = dequant(W)[row0 + i, col0 + j] (fp32 decode, one rounding to out's dtype)",
+      py::arg("w"), py::arg("row0"), py::arg("out"), py::arg("num_threads"), py::arg("col0") = 0);
   m.def(
       "nf4_rows_cpu",
       [](const Matrix& out, const Matrix& x, const Nf4Weight& w, const std::optional<Matrix>& bias,

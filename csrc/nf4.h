@@ -175,14 +175,18 @@ inline void validate_nf4_rows(const Nf4RowsArgs& a, bool cuda) {
 struct Nf4DequantizeArgs {
   Nf4Weight w;
   int64_t row0 = 0;
-  Matrix out;  // [rows, w.cols] float32 / bfloat16 (+ float16 on CUDA)
+  Matrix out;        // [rows, cols] float32 / bfloat16 (+ float16 on CUDA): W[row0 + i, col0 + j]
+  int64_t col0 = 0;  // CPU only: a column tile (cols = out.cols); CUDA decodes whole rows
 };
 
 inline void validate_nf4_dequantize(const Nf4DequantizeArgs& a, bool cuda) {
   validate_nf4_weight(a.w, "weight");
   LOWRANK_CHECK(a.row0 >= 0 && a.out.rows >= 0 && a.out.rows <= a.w.rows && a.row0 <= a.w.rows - a.out.rows,
         "row0: the row tile runs past the weight");
-  check_matrix(a.out, "out", a.out.rows, a.w.cols);
+  LOWRANK_CHECK(a.col0 >= 0 && a.out.cols >= 0 && a.out.cols <= a.w.cols && a.col0 <= a.w.cols - a.out.cols,
+        "col0: the column tile runs past the weight");
+  LOWRANK_CHECK(!cuda || (a.col0 == 0 && a.out.cols == a.w.cols), "col0: column tiles are CPU-only");
+  check_matrix(a.out, "out", a.out.rows, a.out.cols);
   LOWRANK_CHECK(a.out.dtype == DType::float32 || a.out.dtype == DType::bfloat16 || (cuda && a.out.dtype == DType::float16),
         std::string("out: unsupported dtype ") + dtype_name(a.out.dtype));
   LOWRANK_CHECK(cuda ? a.w.device >= 0 : a.w.device == -1, "weight: on the wrong device for this launcher");

@@ -401,7 +401,76 @@ def test_backward_input_vs_float64(cpu_isa, nf4_path, lead, n, k, dtype, path, b
         exact, mag = fp64(dy) @ w, absolute(dy) @ w.abs()
         if gg is not None:
             exact, mag = exact + fp64(gg) @ fp64(aa), mag + absolute(gg) @ absolute(aa)
+        if dtype != torch.float32:  # or a 16-bit GEMM over W decoded to dy's dtype (the bf16 tiles), if farther
+            w16 = nf4_ops.nf4_dequantize_reference(*args, dtype)
+            plain = dy @ w16 + (gg.to(dtype) @ aa if gg is not None else 0)
+            dxr = plain if max_error(plain, exact) > max_error(dxr, exact) else dxr
         assert_error_within("grad_x", dx, dxr, exact, mag)
+
+
+@pytest.mark.parametrize("k,blocksize", [(576, 64), (200, 64), (192, 128), (640, 32), (4096, 4096)], ids=str)
+@pytest.mark.parametrize("adapter", [True, False], ids=["adapter", "base"])
+def test_bf16_input_grad_column_tiles(cpu_isa, nf4_path, monkeypatch, k, blocksize, adapter):
+    """Many bf16 tokens where torch's bf16 GEMM is the fast one: W decoded to bf16 in column tiles of
+    every row, one GEMM per tile with the adapter as extra reduction rows. Tiles forced to 64 columns
+    here (many tiles, a short last one for k = 200; k % 64 != 0 decodes by the scalar path, k = 192 with
+    blocksize 128 has blocks straddling rows); each output against float64 over the bf16 W: one fp32
+    accumulation rounded once."""
+    nf4_path("gemm")
+    monkeypatch.setattr(nf4_ops, "_COLUMN_TILE_VALUES", 1)  # -> 64-column tiles
+    monkeypatch.setattr(nf4_ops._gemm, "cpu_bf16_gemm_native", lambda: True)
+    n, m = 75, 37
+    args, _, _, la, _, _ = _inputs((m,), n, k, 4, torch.bfloat16, blocksize=blocksize)
+    dy = torch.randn(m, n).bfloat16()
+    g = torch.randn(m, 4) if adapter else None
+    a = la if adapter else None
+    dx = backward_input(dy, *args, g, a)
+    w16 = nf4_ops.nf4_dequantize_reference(*args, torch.bfloat16).double()
+    exact, mag = fp64(dy) @ w16, absolute(dy) @ w16.abs()
+    if adapter:
+        exact, mag = exact + fp64(g) @ fp64(a), mag + absolute(g) @ absolute(a)
+    assert dx.shape == (m, k) and dx.dtype == torch.bfloat16 and torch.isfinite(dx).all()
+    bound = 2**-8 * exact.abs() + (n + 16) * 2**-24 * mag
+    assert ((dx.double() - exact).abs() <= bound).all(), ((dx.double() - exact).abs() - bound).max().item()
+
+
+def test_dequantize_to_bf16_rounds_like_torch(cpu_isa):
+    """The vectorized fp32 -> bf16 store of the decoder (csrc/cpu/simd.h) rounds as torch does: nearest
+    even (ties both ways), denormals, overflow to inf, inf and NaN — the scales set by hand (no double
+    quantization) so that table value x absmax lands on each."""
+    n, k = 4, 128  # 8 blocks
+    _, args = quantized(n, k, 64, double_quant=False)
+    absmax = torch.tensor([1.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 1e-39, 3.3e38, float("inf"), float("nan"), 0.7])
+    args = (args[0], absmax) + args[2:]
+    exact = nf4_ops.nf4_dequantize_reference(*args, torch.float32)
+    got = torch.ops.lowrank.nf4_dequantize(*args, torch.bfloat16)
+    assert torch.equal(got.isnan(), exact.isnan())
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(exact.to(torch.bfloat16)))
+
+
+@pytest.mark.parametrize("k,blocksize", [(576, 64), (200, 64), (192, 128), (640, 32), (4096, 4096), (128, 256)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_dequantize_column_tiles_match_the_reference(cpu_isa, k, blocksize, dtype):
+    """``nf4_dequantize_cpu(..., col0)``: rows [row0, row0 + rows) and columns [col0, col0 + cols) of the
+    decoded weight, bit for bit, into a poisoned strided view — tiles on and off group boundaries, a last
+    short one, one column; past the weight's end it raises naming col0."""
+    from lowrank._validate import matrix
+
+    n = 7
+    _, args = quantized(n, k, blocksize)
+    ref = nf4_ops.nf4_dequantize_reference(*args, dtype)
+    w = nf4_ops._weight(*args)
+    for row0, rows, col0, cols in [(0, n, 0, k), (1, 5, 64, 64), (2, 3, k - 64, 64), (0, n, 64, k - 64),
+                                   (3, 4, 1, 37), (0, 1, k - 1, 1), (0, n, 128 % k, k - 128 % k)]:  # fmt: skip
+        buf = torch.full((rows, cols + 3), float("nan"), dtype=dtype)
+        out = buf[:, 1 : cols + 1]
+        _C.nf4_dequantize_cpu(w, row0, matrix("out", out), 2, col0)
+        assert torch.equal(out, ref[row0 : row0 + rows, col0 : col0 + cols]), (row0, rows, col0, cols)
+        assert buf[:, 0].isnan().all() and buf[:, cols + 1 :].isnan().all()
+    with pytest.raises(ValueError, match="^col0: the column tile runs past the weight"):
+        _C.nf4_dequantize_cpu(w, 0, matrix("out", torch.empty(n, 64, dtype=dtype)), 2, k - 63)
+    with pytest.raises(ValueError, match="^col0"):
+        _C.nf4_dequantize_cpu(w, 0, matrix("out", torch.empty(n, 1, dtype=dtype)), 2, -1)
 
 
 def test_empty_inputs():

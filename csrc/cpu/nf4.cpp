@@ -385,8 +385,8 @@ class ScaleCursor {
     groups_per_block_ = w.blocksize >= 64 ? int(w.blocksize / 64) : 0;
   }
 
-  void start(int64_t row) {
-    const int64_t f0 = row * w_.cols;
+  void start(int64_t row, int64_t col = 0) {  // col: a multiple of 64
+    const int64_t f0 = row * w_.cols + col;
     b_ = f0 >> shift_;
     if (w_.nested()) {
       b2_ = b_ / w_.blocksize2;
@@ -489,23 +489,28 @@ struct DequantCtx {
 
 template <class TO>
 static void store_row(TO* dst, const float* src, int64_t n) {
-  for (int64_t k = 0; k < n; ++k) store_scalar(dst + k, src[k]);
+  int64_t k = 0;
+  for (; k + Vec::width <= n; k += Vec::width) vstore(dst + k, vload(src + k));
+  for (; k < n; ++k) store_scalar(dst + k, src[k]);
 }
 
 static void dequant_task(void* p, int64_t task) {
   auto& c = *static_cast<DequantCtx*>(p);
   const Nf4DequantizeArgs& a = *c.a;
   const Nf4Weight& w = a.w;
-  const int64_t K = w.cols, i0 = task * c.rows_per_task, i1 = min64(a.out.rows, i0 + c.rows_per_task);
+  // Columns [k0, k0 + C) of each row (all of them unless a column tile was asked for).
+  const int64_t K = w.cols, C = a.out.cols, k0 = a.col0;
+  const int64_t i0 = task * c.rows_per_task, i1 = min64(a.out.rows, i0 + c.rows_per_task);
   std::vector<float> tmp;
   const bool f32 = a.out.dtype == DType::float32;
-  if (!f32) tmp.resize(size_t(K));
+  if (!f32) tmp.resize(size_t(C));
 #if defined(__AVX2__) && !defined(__AVX512F__)
   static const Planes P;
 #endif
 #if defined(__AVX2__)
-  // The fast path decodes whole groups of 64 in natural order; it needs rows made of whole groups.
-  const bool fast = K % 64 == 0;  // (any valid blocksize: a power of two in [32, 4096])
+  // The fast path decodes whole groups of 64 in natural order; it needs rows made of whole groups, and
+  // a tile that starts and ends on group boundaries (or at the row's end).
+  const bool fast = K % 64 == 0 && k0 % 64 == 0 && (C % 64 == 0 || k0 + C == K);  // (any valid blocksize)
 #endif
 #if defined(__AVX2__)
   ScaleCursor scales(w);
@@ -515,14 +520,14 @@ static void dequant_task(void* p, int64_t task) {
     float* dst = f32 ? a.out.data<float>() + i * a.out.ld : tmp.data();
 #if defined(__AVX2__)
     if (fast) {
-      const uint8_t* codes = w.codes_ptr() + row * K / 2;
-      scales.start(row);
+      const uint8_t* codes = w.codes_ptr() + (row * K + k0) / 2;  // dst and codes both start at column k0
+      scales.start(row, k0);
 #if defined(__AVX512F__)
       const __m512 table = table512();
       // even/odd elements of 32 values -> natural order: interleave (lo: 0..15, hi: 16..31)
       const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
       const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-      for (int64_t g = 0; g < K; g += 64) {
+      for (int64_t g = 0; g < C; g += 64) {
         __m512 v[4];
         decode_group512(table, codes + g / 2, v);
         float s0, s1;
@@ -535,7 +540,7 @@ static void dequant_task(void* p, int64_t task) {
         }
       }
 #else
-      for (int64_t g = 0; g < K; g += 64) {
+      for (int64_t g = 0; g < C; g += 64) {
         __m256 v[8];
         decode_group(P, codes + g / 2, v);
         const __m256 s = scales.next();
@@ -553,14 +558,14 @@ static void dequant_task(void* p, int64_t task) {
     } else
 #endif
     {
-      decode_span_scalar(w, row, 0, K, dst);
+      decode_span_scalar(w, row, k0, k0 + C, dst);
     }
-    if (!f32) store_row(a.out.data<bf16_t>() + i * a.out.ld, tmp.data(), K);
+    if (!f32) store_row(a.out.data<bf16_t>() + i * a.out.ld, tmp.data(), C);
   }
 }
 
 void nf4_dequantize(const Nf4DequantizeArgs& a, int num_threads) {
-  DequantCtx c{&a, std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, a.w.cols))};
+  DequantCtx c{&a, std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, a.out.cols))};
   parallel_for((a.out.rows + c.rows_per_task - 1) / c.rows_per_task, num_threads, dequant_task, &c);
 }
 

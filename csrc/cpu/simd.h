@@ -55,6 +55,16 @@ inline Vec vload(const bf16_t* p) {
   return {_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16))};
 }
 inline void vstore(float* p, Vec a) { _mm512_storeu_ps(p, a.v); }
+// Rounded as float_to_bf16 does (nearest even, NaN quieted), 16 lanes at a time.
+inline void vstore(bf16_t* p, Vec a) {
+  const __m512i u = _mm512_castps_si512(a.v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+}
 inline Vec vfma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 inline Vec vadd(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline Vec vmul(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
@@ -75,6 +85,18 @@ inline Vec vload(const bf16_t* p) {
   return {_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))};
 }
 inline void vstore(float* p, Vec a) { _mm256_storeu_ps(p, a.v); }
+// Rounded as float_to_bf16 does (nearest even, NaN quieted), 8 lanes at a time.
+inline void vstore(bf16_t* p, Vec a) {
+  const __m256i u = _mm256_castps_si256(a.v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb));
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)),  // |u| as a
+                                         _mm256_set1_epi32(0x7f800000));                      // signed int
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x400000)), nan);
+  r = _mm256_srli_epi32(r, 16);                               // 16-bit values in 32-bit lanes
+  const __m256i packed = _mm256_packus_epi32(r, r);            // per 128-bit lane: r0-3 r0-3 | r4-7 r4-7
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(_mm256_permute4x64_epi64(packed, 0x08)));
+}
 inline Vec vfma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
 inline Vec vadd(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
 inline Vec vmul(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
@@ -111,6 +133,9 @@ inline Vec vload(const bf16_t* p) {
 }
 inline void vstore(float* p, Vec a) {
   for (int i = 0; i < 8; ++i) p[i] = a.v[i];
+}
+inline void vstore(bf16_t* p, Vec a) {
+  for (int i = 0; i < 8; ++i) p[i] = float_to_bf16(a.v[i]);
 }
 inline Vec vfma(Vec a, Vec b, Vec c) {
   for (int i = 0; i < 8; ++i) c.v[i] += a.v[i] * b.v[i];
