@@ -71,6 +71,20 @@ inline Vec vmul(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
 inline float vsum(Vec a) { return _mm512_reduce_add_ps(a.v); }
 inline void vprefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
+// AVX512-BF16 (vdpbf16ps, vcvtne2ps2bf16) is not part of this variant's baseline: the kernels that use
+// it carry this target attribute and run only where the CPU reports it (nf4.cpp). (Tried for the LoRA
+// rows kernel's bf16 w as well: 1.07-1.4x slower than widening w and using fp32 FMAs at 576 -> 1536 and
+// 4096 -> 11008, M = 1 to 64, on a Zen 4, whose vdpbf16ps does no more multiply-adds per cycle than
+// its FMAs; NF4 gains from it through the decode, 32 bf16 lookups per vpermw.)
+#define LOWRANK_BF16_DOT __attribute__((target("avx512f,avx512bw,avx512bf16")))
+inline bool cpu_has_bf16_dot() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return ok;
+}
+
 #elif defined(__AVX2__)
 constexpr const char* kIsaName = "avx2";
 struct Vec {
