@@ -487,6 +487,14 @@ struct DequantCtx {
   int64_t rows_per_task;
 };
 
+// One vector of decoded values to the output row: fp32 as is, bf16 rounded in registers.
+inline void put(float* f32, bf16_t* b16, int64_t at, Vec v) {
+  if (f32)
+    vstore(f32 + at, v);
+  else
+    vstore(b16 + at, v);
+}
+
 template <class TO>
 static void store_row(TO* dst, const float* src, int64_t n) {
   int64_t k = 0;
@@ -520,6 +528,9 @@ static void dequant_task(void* p, int64_t task) {
     float* dst = f32 ? a.out.data<float>() + i * a.out.ld : tmp.data();
 #if defined(__AVX2__)
     if (fast) {
+      // The fast paths write the output row themselves (a bf16 one rounded in registers, not via tmp).
+      float* o32 = f32 ? dst : nullptr;
+      bf16_t* o16 = f32 ? nullptr : a.out.data<bf16_t>() + i * a.out.ld;
       const uint8_t* codes = w.codes_ptr() + (row * K + k0) / 2;  // dst and codes both start at column k0
       scales.start(row, k0);
 #if defined(__AVX512F__)
@@ -535,8 +546,8 @@ static void dequant_task(void* p, int64_t task) {
         for (int c = 0; c < 2; ++c) {
           const __m512 sv = _mm512_set1_ps(c ? s1 : s0);
           const __m512 e = _mm512_mul_ps(v[2 * c], sv), o = _mm512_mul_ps(v[2 * c + 1], sv);
-          _mm512_storeu_ps(dst + g + 32 * c, _mm512_permutex2var_ps(e, lo, o));
-          _mm512_storeu_ps(dst + g + 32 * c + 16, _mm512_permutex2var_ps(e, hi, o));
+          put(o32, o16, g + 32 * c, Vec{_mm512_permutex2var_ps(e, lo, o)});
+          put(o32, o16, g + 32 * c + 16, Vec{_mm512_permutex2var_ps(e, hi, o)});
         }
       }
 #else
@@ -550,16 +561,15 @@ static void dequant_task(void* p, int64_t task) {
           const __m256 e = _mm256_mul_ps(v[f], s), o = _mm256_mul_ps(v[4 + f], s);
           const __m256 lo = _mm256_unpacklo_ps(e, o), hi = _mm256_unpackhi_ps(e, o);  // pairs per lane
           // lane 0 of lo/hi: elements 8f .. 8f+7; lane 1: 32+8f .. 32+8f+7
-          _mm256_storeu_ps(dst + g + 8 * f, _mm256_permute2f128_ps(lo, hi, 0x20));
-          _mm256_storeu_ps(dst + g + 32 + 8 * f, _mm256_permute2f128_ps(lo, hi, 0x31));
+          put(o32, o16, g + 8 * f, Vec{_mm256_permute2f128_ps(lo, hi, 0x20)});
+          put(o32, o16, g + 32 + 8 * f, Vec{_mm256_permute2f128_ps(lo, hi, 0x31)});
         }
       }
 #endif
-    } else
-#endif
-    {
-      decode_span_scalar(w, row, k0, k0 + C, dst);
+      continue;
     }
+#endif
+    decode_span_scalar(w, row, k0, k0 + C, dst);
     if (!f32) store_row(a.out.data<bf16_t>() + i * a.out.ld, tmp.data(), C);
   }
 }

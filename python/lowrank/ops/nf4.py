@@ -635,16 +635,15 @@ def _forward_bf16_tiles(x2, xa2, w, n, k, bias, lora_a, lora_b, scale, lead):
         blocks.append((x2.new_ones(m, 1), bias.to(torch.bfloat16).reshape(n, 1)))
     width = k + sum(b[0].shape[1] for b in blocks)
     x_aug = torch.cat([x2] + [b[0] for b in blocks], 1) if blocks else x2
+    extra = torch.cat([b[1] for b in blocks], 1) if blocks else None  # [n, width - k]: one copy per tile
 
     def fill(n0: int, tile: Tensor) -> None:
         _dequantize_into(tile[:, :k], w, n0)
-        col = k
-        for _, wcols in blocks:
-            tile[:, col : col + wcols.shape[1]] = wcols[n0 : n0 + tile.shape[0]]
-            col += wcols.shape[1]
+        if extra is not None:
+            tile[:, k:] = extra[n0 : n0 + tile.shape[0]]
 
     y = _gemm.linear_tiles(x_aug, n, width, fill)
-    return y.contiguous().reshape(lead + (n,)), u.reshape(lead + (r,))
+    return y.reshape(lead + (n,)), u.reshape(lead + (r,))
 
 
 def _backward_input_native(grad_y, codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2, g, lora_a):
@@ -708,7 +707,7 @@ def _backward_input_bf16_tiles(dy2: Tensor, w: "_C.Nf4Weight", n: int, k: int, g
     rows = left.shape[1]
     cols = min(k, max(64, _COLUMN_TILE_VALUES // rows // 64 * 64))
     ws = _gemm._workspace(rows * cols, dy2.device, torch.bfloat16)
-    dx_t = torch.empty(k, m, dtype=torch.bfloat16, device=dy2.device)
+    dx = torch.empty(m, k, dtype=torch.bfloat16, device=dy2.device)
     for k0 in range(0, k, cols):
         kt = min(cols, k - k0)
         tile = ws[: rows * kt].view(rows, kt)
@@ -717,8 +716,8 @@ def _backward_input_bf16_tiles(dy2: Tensor, w: "_C.Nf4Weight", n: int, k: int, g
         for _, a_rows in blocks:
             tile[r0 : r0 + a_rows.shape[0]] = a_rows[:, k0 : k0 + kt]
             r0 += a_rows.shape[0]
-        torch.mm(tile.t(), left.t(), out=dx_t[k0 : k0 + kt])
-    return dx_t.t().contiguous()
+        torch.mm(left, tile, out=dx[:, k0 : k0 + kt])  # straight into its columns (see _gemm.linear_tiles)
+    return dx
 
 
 for _device in ("cpu", "cuda"):
