@@ -228,6 +228,21 @@ _TENSOR_DTYPES = [torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m
                   torch.int8, torch.uint8, torch.bool]  # fmt: skip
 
 
+def _extreme_values(dtype: torch.dtype) -> list:
+    """Values a hostile file may hold in a tensor of ``dtype`` (a file may carry a tensor whose dtype an
+    earlier mutation changed): NaN, infinities, the largest finite value, signed zeros and the smallest
+    denormal for float dtypes; the extremes for integer ones. (Storing 3e38 into an fp16 or an integer
+    tensor raises in torch itself, which is the strategy failing, not the loader.)"""
+    if dtype == torch.bool:
+        return [True, False]
+    if not dtype.is_floating_point:
+        info = torch.iinfo(dtype)
+        return [info.min, info.max, 0]
+    big = min(3e38, torch.finfo(dtype).max)
+    special = [float("nan"), float("inf"), -float("inf")] if dtype != torch.float8_e4m3fn else [float("nan")]
+    return special + [big, -big, 0.0, -0.0, 1e-45]
+
+
 @st.composite
 def _tensor_edit(draw, data: bytes) -> bytes:
     """A well-formed file with one tensor changed: dtype, shape, values (NaN, inf, huge), name, or gone."""
@@ -250,8 +265,7 @@ def _tensor_edit(draw, data: bytes) -> bytes:
         tensors[key] = torch.tensor(draw(st.floats(allow_nan=True, allow_infinity=True)))
     elif what == "values" and t.numel():
         flat = t.flatten().clone()
-        flat[draw(st.integers(0, t.numel() - 1))] = draw(st.sampled_from([float("nan"), float("inf"), -float("inf"),
-                                                                          3e38, 0.0, -0.0, 1e-45]))  # fmt: skip
+        flat[draw(st.integers(0, t.numel() - 1))] = draw(st.sampled_from(_extreme_values(flat.dtype)))
         tensors[key] = flat.reshape(t.shape)
     elif what == "rename":
         tensors[draw(st.sampled_from(_NAMES) | st.text(min_size=1, max_size=30))] = tensors.pop(key)
