@@ -326,6 +326,16 @@ def _rows_call(x, args, b, u, lb, out_dtype, dot):
     return y
 
 
+def _exact_widened(x, w, b, u, lb):
+    """float64 over the exact fp32 W: what the widened path computes."""
+    y = fp64(x) @ w.t()
+    if b is not None:
+        y = y + fp64(b)
+    if u is not None:
+        y = y + SCALE * fp64(u) @ fp64(lb).t()
+    return y
+
+
 @pytest.mark.parametrize("k,blocksize", DOT_CASES, ids=str)
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 9, 16, 17])
 def test_bf16_rows_kernel_rounds_w_once(cpu_isa, k, blocksize, m):
@@ -347,7 +357,7 @@ def test_bf16_rows_kernel_rounds_w_once(cpu_isa, k, blocksize, m):
         mag = mag + (SCALE * absolute(u) @ absolute(lb).t() if adapter else 0)
         for flag in (True, False):
             y = _rows_call(x, args, b, u, lb, torch.float32, flag)
-            err = ((y.double() - (exact if flag else exact_widened(x, w, b, u, lb))).abs() / mag.clamp_min(1e-30)).max()
+            err = ((y.double() - (exact if flag else _exact_widened(x, w, b, u, lb))).abs() / mag.clamp_min(1e-30)).max()
             # fp32 sums: k / 32 steps of two products per lane (two roundings each), then 16 lanes
             assert err <= (k / 16 + 16) * 2**-24, (flag, n, bias, adapter, err.item())
         y16 = _rows_call(x, args, b, u, lb, torch.bfloat16, True)  # one more rounding, to the output's bf16
@@ -355,34 +365,22 @@ def test_bf16_rows_kernel_rounds_w_once(cpu_isa, k, blocksize, m):
         assert ((y16.double() - exact).abs() <= 2**-8 * exact.abs() + (k / 16 + 16) * 2**-24 * mag).all()
 
 
-def exact_widened(x, w, b, u, lb):
-    """float64 over the exact fp32 W: what the widened path computes."""
-    y = fp64(x) @ w.t()
-    if b is not None:
-        y = y + fp64(b)
-    if u is not None:
-        y = y + SCALE * fp64(u) @ fp64(lb).t()
-    return y
-
-
 @needs_bf16_dot
 def test_bf16_dot_choice_reaches_the_layer(nf4_path, monkeypatch):
-    """The measured choice is what the layer runs: pinned on, a bf16 NF4 layer's few-token output equals
-    the dot kernel's (W rounded to bf16); pinned off, the widened kernel's (exact W) — and they differ."""
+    """The measured choice is what the layer runs: pinned on, a bf16 NF4 layer's few-token output is the
+    dot kernel's bit for bit (W rounded to bf16); pinned off, the widened kernel's (exact W, x widened
+    once in Python) — and the two differ."""
     nf4_path("fused")
-    lin = torch.nn.Linear(576, 96)
-    layer = lowrank.NF4Linear.from_linear(lin, compute_dtype=torch.bfloat16).eval()
+    layer = lowrank.NF4Linear.from_linear(torch.nn.Linear(576, 96), compute_dtype=torch.bfloat16).eval()
     x = torch.randn(3, 576).bfloat16()
     outs = {}
     for dot in (True, False):
         monkeypatch.setattr(_runtime, "NF4_CPU_BF16_DOT", dot)
         with torch.no_grad():
             outs[dot] = layer(x)
+        kernel = _rows_call(x if dot else x.float(), layer.weight_args(), layer.bias, None, None, torch.bfloat16, dot)
+        assert torch.equal(outs[dot], kernel), dot
     assert not torch.equal(outs[True], outs[False])
-    w = layer.dequantize(torch.float32).double()
-    for dot, y in outs.items():
-        ref = fp64(x) @ (w.to(torch.bfloat16).double() if dot else w).t() + fp64(layer.bias)
-        assert (y.double() - ref).abs().max() <= 2**-8 * ref.abs().max(), dot
 
 
 @pytest.mark.parametrize("lead,n,k", SHAPES, ids=str)

@@ -509,9 +509,8 @@ static void dequant_task(void* p, int64_t task) {
   // Columns [k0, k0 + C) of each row (all of them unless a column tile was asked for).
   const int64_t K = w.cols, C = a.out.cols, k0 = a.col0;
   const int64_t i0 = task * c.rows_per_task, i1 = min64(a.out.rows, i0 + c.rows_per_task);
-  std::vector<float> tmp;
+  std::vector<float> tmp;  // a bf16 row decoded by the scalar path, before its rounding
   const bool f32 = a.out.dtype == DType::float32;
-  if (!f32) tmp.resize(size_t(C));
 #if defined(__AVX2__) && !defined(__AVX512F__)
   static const Planes P;
 #endif
@@ -525,13 +524,11 @@ static void dequant_task(void* p, int64_t task) {
 #endif
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t row = a.row0 + i;
-    float* dst = f32 ? a.out.data<float>() + i * a.out.ld : tmp.data();
+    float* o32 = f32 ? a.out.data<float>() + i * a.out.ld : nullptr;
+    bf16_t* o16 = f32 ? nullptr : a.out.data<bf16_t>() + i * a.out.ld;
 #if defined(__AVX2__)
-    if (fast) {
-      // The fast paths write the output row themselves (a bf16 one rounded in registers, not via tmp).
-      float* o32 = f32 ? dst : nullptr;
-      bf16_t* o16 = f32 ? nullptr : a.out.data<bf16_t>() + i * a.out.ld;
-      const uint8_t* codes = w.codes_ptr() + (row * K + k0) / 2;  // dst and codes both start at column k0
+    if (fast) {  // writes the output row itself (a bf16 one rounded in registers)
+      const uint8_t* codes = w.codes_ptr() + (row * K + k0) / 2;  // the output row starts at column k0
       scales.start(row, k0);
 #if defined(__AVX512F__)
       const __m512 table = table512();
@@ -569,8 +566,13 @@ static void dequant_task(void* p, int64_t task) {
       continue;
     }
 #endif
-    decode_span_scalar(w, row, k0, k0 + C, dst);
-    if (!f32) store_row(a.out.data<bf16_t>() + i * a.out.ld, tmp.data(), C);
+    if (f32) {
+      decode_span_scalar(w, row, k0, k0 + C, o32);
+    } else {
+      tmp.resize(size_t(C));
+      decode_span_scalar(w, row, k0, k0 + C, tmp.data());
+      store_row(o16, tmp.data(), C);
+    }
   }
 }
 
@@ -602,7 +604,7 @@ struct RowsCtx {
   const float* xs;   // x in the layout the decoder produces (group order, or natural)
   int64_t ldxs;
   bool grouped;      // xs in group order (fast AVX2 path)
-  int64_t rows_per_task = ROWS_PER_TASK;
+  int64_t rows_per_task;
 };
 
 // out[m, n] = acc + adapter + bias, rounded once.
@@ -1021,7 +1023,7 @@ void nf4_rows(const Nf4RowsArgs& a, int num_threads) {
 #if defined(__AVX512F__)
   if (a.bf16_dot && use_dot(a)) return nf4_rows_dot(a, num_threads);
 #endif
-  RowsCtx c{&a, nullptr, K, false};
+  RowsCtx c{&a, nullptr, K, false, ROWS_PER_TASK};
 #if defined(__AVX2__)
   c.grouped = K % 64 == 0 && K > 0;  // (any valid blocksize: a power of two in [32, 4096])
 #endif
@@ -1060,7 +1062,7 @@ void nf4_rows(const Nf4RowsArgs& a, int num_threads) {
     }
   }
   c.xs = xs.data();
-  c.rows_per_task = c.grouped ? rows_per_task(M, N, num_threads) : ROWS_PER_TASK;
+  c.rows_per_task = rows_per_task(M, N, num_threads);
   parallel_for((N + c.rows_per_task - 1) / c.rows_per_task, num_threads, rows_task, &c);
 }
 

@@ -67,12 +67,11 @@ def nf4_cpu_fused_max_m(dtype: torch.dtype) -> int:
 
 def nf4_cpu_bf16_dot() -> bool:
     """Whether a bf16 x in the NF4 rows kernel takes the AVX512-BF16 products (W rounded once to bf16)
-    rather than being widened to fp32 against the exact fp32 W: measured where the CPU has them."""
+    rather than being widened to fp32 against the exact fp32 W: measured where the kernel variant has
+    them ("widen" without measuring elsewhere; the kernel itself widens where they are missing)."""
     if NF4_CPU_BF16_DOT is not None:
         return NF4_CPU_BF16_DOT
-    from .. import _C
-
-    return _C.cpu_bf16_dot() and _dispatch.decide("nf4_cpu_bf16_rows") == "dot"
+    return _dispatch.decide("nf4_cpu_bf16_rows") == "dot"
 
 
 def nf4_cpu_input_grad_max_m() -> int:

@@ -511,17 +511,20 @@ def _use_fused(device: torch.device, m: int, dtype: torch.dtype) -> bool:
     return m <= _runtime.CUDA_FUSED_MAX_M
 
 
-def _rows_cpu(y, x_in, w, bias_view, u, b_view, scale) -> None:
-    """The CPU rows kernel; x_in is fp32 or bf16 (a bf16 x takes the AVX512-BF16 products where they
-    were measured faster, else it is widened in C++ against the exact fp32 W)."""
-    dot = x_in.dtype == torch.bfloat16 and _runtime.nf4_cpu_bf16_dot()
+def _rows_input(x2: Tensor) -> tuple[Tensor, bool]:
+    """``(x_in, dot)``: x as the CPU rows kernel reads it, and whether it takes the AVX512-BF16 products.
+    A bf16 x stays bf16 where those products were measured faster (``nf4_cpu_bf16_rows``); otherwise it
+    is widened here, once, for the kernel and the adapter's ``u`` alike (exact W, fp32 products)."""
+    if x2.dtype == torch.float32:
+        return x2, False
+    if x2.dtype == torch.bfloat16 and _runtime.nf4_cpu_bf16_dot():
+        return x2, True
+    return x2.float(), False
+
+
+def _rows_cpu(y, x_in, w, bias_view, u, b_view, scale, dot: bool) -> None:
     _C.nf4_rows_cpu(matrix("out", y), matrix("x", x_in), w, bias_view, optional_matrix("u", u), b_view, float(scale),
                     _runtime.num_threads(), dot)  # fmt: skip
-
-
-def _cpu_rows_input(x2: Tensor) -> Tensor:
-    """x as the CPU rows kernel reads it: fp32 or bf16 as is, another dtype widened to fp32."""
-    return x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float()
 
 
 def _forward_native(x, codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2, bias, lora_a, lora_b,
@@ -543,14 +546,14 @@ def _forward_native(x, codes, absmax, absmax2, code2, offset, shape, blocksize, 
     if lora_a is not None:
         lora_a, lora_b = last_dim_contiguous(lora_a), last_dim_contiguous(lora_b)
     if _use_fused(x.device, m, x.dtype):
-        x_in = _cpu_rows_input(x2) if cpu else x2
+        x_in, dot = _rows_input(x2) if cpu else (x2, False)
         u = None
         if lora_a is not None:
-            xa_in = x2 if adapter_input is None else xa2
-            u = _lora.down_projection(xa_in.float() if cpu else xa_in, lora_a, x.dtype)
+            xa_in = x_in if adapter_input is None else xa2
+            u = _lora.down_projection(xa_in.float() if cpu else xa_in, lora_a, x.dtype)  # (CPU: u from fp32)
         y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
         if cpu:
-            _rows_cpu(y, x_in, w, optional_matrix("bias", bias), u, optional_matrix("lora_b", lora_b), scale)
+            _rows_cpu(y, x_in, w, optional_matrix("bias", bias), u, optional_matrix("lora_b", lora_b), scale, dot)
         else:
             with torch.cuda.device(x.device):
                 _C.nf4_rows_cuda(matrix("out", y), matrix("x", x_in), w, optional_matrix("bias", bias),
@@ -604,10 +607,10 @@ def forward_fast(frozen: "_lora.FrozenOperands", x, codes, absmax, absmax2, code
             if state is None:
                 return _forward_native(x, *wargs, bias, lora_a, lora_b, scale, None)[0]
             w, mb, me = state[1]
-            x_in = _cpu_rows_input(_lora.rows(x, m, k))
+            x_in, dot = _rows_input(_lora.rows(x, m, k))
             u = None if lora_a is None else _lora.down_projection(x_in.float(), lora_a, x.dtype)
             y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
-            _rows_cpu(y, x_in, w, mb, u, me, scale)
+            _rows_cpu(y, x_in, w, mb, u, me, scale, dot)
             return y.reshape(*x.shape[:-1], n)
     op = _forward_native if _direct.ok(x) else torch.ops.lowrank.nf4_linear_forward
     return op(x, codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2, bias, lora_a, lora_b, scale, None)[0]
