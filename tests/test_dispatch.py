@@ -212,3 +212,48 @@ def test_eager_direct_calls_match_the_op_registry(monkeypatch, make):
     registry = run()
     for a, b in zip(direct, registry, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("gemm", ["native", "widen"])
+def test_tile_output_layout_gives_the_same_bits(fresh, monkeypatch, dtype, gemm):
+    """``cpu_tile_buffer_max_m``: a tiled GEMM's products go to an [n, M] buffer (returned transposed) or
+    straight into the output's columns. Only the speed may differ: QLoRA's many-token forward and input
+    gradient (NF4 decoded tile by tile) and a widened bf16 LoRA weight give identical bits both ways,
+    and those bits are within the dtype's precision of float64."""
+    monkeypatch.setitem(_dispatch._decisions, "cpu_bf16_gemm", _dispatch.Decision(gemm, "pinned"))
+    monkeypatch.setattr(_runtime, "CPU_FUSED_MAX_M", {torch.bfloat16: 0, torch.float32: 0})
+    monkeypatch.setattr(_runtime, "CPU_INPUT_GRAD_MAX_M", {torch.bfloat16: 0, torch.float32: 0})
+    monkeypatch.setattr(_runtime, "NF4_CPU_FUSED_MAX_M", 0)
+    monkeypatch.setattr(_runtime, "NF4_CPU_INPUT_GRAD_MAX_M", 0)
+    monkeypatch.setattr(_runtime, "CPU_ADAPTER_PRODUCTS", {torch.bfloat16: True, torch.float32: True})
+    torch.manual_seed(3)
+    m, k, n = 37, 192, 83
+    qlora = lowrank.QLoRALinear.from_linear(torch.nn.Linear(k, n), r=4, compute_dtype=dtype)
+    lora = lowrank.LoRALinear.from_linear(torch.nn.Linear(k, n).to(dtype), r=4)
+    x0 = torch.randn(m, k).to(dtype)
+    dy = torch.randn(m, n).to(dtype)
+    outs = {}
+    limits = (0, _dispatch.UNBOUNDED)
+    for limit in limits:
+        monkeypatch.setattr(_runtime, "CPU_TILE_BUFFER_MAX_M", {torch.float32: limit, torch.bfloat16: limit})
+        for name, layer in (("qlora", qlora), ("lora", lora)):
+            torch.manual_seed(5)
+            with torch.no_grad():
+                layer.lora_B.weight.normal_(0, 0.1)
+            x = x0.clone().requires_grad_()
+            y = layer(x)
+            y.backward(dy)
+            outs[name, limit] = (y.detach(), x.grad)
+    for name in ("qlora", "lora"):
+        for a, b in zip(outs[name, limits[0]], outs[name, limits[1]]):
+            assert torch.equal(a, b), name
+        layer = qlora if name == "qlora" else lora
+        w = layer.dequantize(torch.float32).double() if name == "qlora" else layer.weight.double()
+        y, dx = outs[name, 0]
+        a, b = layer.lora_A.weight.double(), layer.lora_B.weight.double()
+        exact_y = x0.double() @ w.t() + layer.bias.double() + layer.scaling * (x0.double() @ a.t()) @ b.t()
+        exact_dx = dy.double() @ w + layer.scaling * (dy.double() @ b) @ a
+        tol = 2**-7 if dtype == torch.bfloat16 else 1e-5
+        assert (y.double() - exact_y).abs().max() <= tol * exact_y.abs().max(), name
+        assert (dx.double() - exact_dx).abs().max() <= tol * exact_dx.abs().max(), name

@@ -25,6 +25,12 @@ measurement on first use, of the two candidate paths on one probe shape, interle
   decoded in fp32 and rounded once to bf16, DESIGN's contract for a 16-bit compute dtype) or
   ``"widen"`` (x widened to fp32 against the exact fp32 W). Probe: 4096 × 4096 at M = 1 and 16; "dot"
   only where it wins both. Not measured where the kernel variant has no AVX512-BF16 ("widen").
+- ``cpu_tile_buffer_max_m/<dtype>``: where the tiled GEMMs (a weight decoded or widened tile by tile)
+  put each tile's product: the largest M at which an ``[n, M]`` buffer, returned as its transposed
+  view, beats writing straight into the tile's columns of ``[M, n]`` (a strided ``out``). The same
+  bits either way; the speed is the GEMM library's business (a Zen 4's fp32 GEMM ran 3× slower into
+  columns at M = 16 and 4 % faster at M = 512; its bf16 GEMM was never slower). Probe: 2048 × 2048
+  from a weight's row tiles, M = 16, 64, 256.
 
 A decision is the largest probed M at which the fused path won every probe up to it (never more than
 the largest probe). Each comparison is at least two independent interleaved sets (three when they
@@ -57,7 +63,7 @@ from .._info import cpu_model
 
 UNBOUNDED = 1 << 62
 # Bumped when the probes change how they measure, so decisions measured the old way are measured again.
-CALIBRATION_VERSION = 3
+CALIBRATION_VERSION = 4
 STEADY_RATIO = 1.3  # the steadiness workload's time may change this much across a probe and be cached
 
 # What runs when calibration is off: the fused kernels where they were written for (few tokens),
@@ -74,6 +80,8 @@ DEFAULTS: dict[str, Any] = {
     "nf4_cpu_fused_max_m/bfloat16": 64,
     "nf4_cpu_input_grad_max_m": 8,
     "nf4_cpu_bf16_rows": "widen",
+    "cpu_tile_buffer_max_m/float32": 256,
+    "cpu_tile_buffer_max_m/bfloat16": 0,
 }
 
 
@@ -279,14 +287,16 @@ def _compared_ms(calls: dict[str, Callable[[], Any]]) -> dict[str, float]:
     return best
 
 
-def _crossover(ms: list[int], fused: Callable[[int], Callable], other: Callable[[int], Callable]) -> tuple[int, dict]:
+def _crossover(
+    ms: list[int], fused: Callable[[int], Callable], other: Callable[[int], Callable], names=("fused", "gemm")
+) -> tuple[int, dict]:
     """Largest probed M where ``fused`` beat ``other`` at it and every smaller probe (never beyond the
-    largest probe: what was not measured is not assumed)."""
+    largest probe: what was not measured is not assumed). ``names``: the two as the timings call them."""
     limit, timings = 0, {}
     for m in ms:
-        t = _compared_ms({"fused": fused(m), "gemm": other(m)})
+        t = _compared_ms({names[0]: fused(m), names[1]: other(m)})
         timings[str(m)] = t
-        if t["fused"] > t["gemm"]:
+        if t[names[0]] > t[names[1]]:
             break
         limit = m
     return limit, timings
@@ -491,6 +501,26 @@ def _probe_nf4_input_grad() -> tuple[int, dict]:
     return _crossover([1, 2, 4, 8, 16], lambda m: call(m, UNBOUNDED), lambda m: call(m, 0))
 
 
+def _probe_tile_layout(dtype: torch.dtype) -> tuple[int, dict]:
+    from . import _gemm
+
+    g = torch.Generator().manual_seed(0)
+    k = n = 2048
+    w = (torch.randn(n, k, generator=g) * 0.02).to(dtype)
+    fill = _gemm._copy_rows(w)
+
+    def call(m: int, limit: int):
+        x = torch.randn(m, k, generator=g).to(dtype)
+
+        def run():
+            with _pinned("CPU_TILE_BUFFER_MAX_M", {dtype: limit}):
+                return _gemm.linear_tiles(x, n, k, fill)
+
+        return run
+
+    return _crossover([16, 64, 256], lambda m: call(m, UNBOUNDED), lambda m: call(m, 0), ("buffer", "columns"))
+
+
 _PROBES: dict[str, Callable[[], tuple[Any, dict]]] = {
     "cpu_bf16_gemm": _probe_bf16_gemm,
     "cpu_fused_max_m/float32": lambda: _probe_fused(torch.float32),
@@ -503,4 +533,6 @@ _PROBES: dict[str, Callable[[], tuple[Any, dict]]] = {
     "nf4_cpu_fused_max_m/bfloat16": lambda: _probe_nf4_fused(torch.bfloat16),
     "nf4_cpu_input_grad_max_m": _probe_nf4_input_grad,
     "nf4_cpu_bf16_rows": _probe_nf4_bf16_rows,
+    "cpu_tile_buffer_max_m/float32": lambda: _probe_tile_layout(torch.float32),
+    "cpu_tile_buffer_max_m/bfloat16": lambda: _probe_tile_layout(torch.bfloat16),
 }

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import _dispatch
+from . import _dispatch, _runtime
 
 # Workspace size: 1 Mi floats (4 MiB) per tile; it stays in the 16 MiB L3 while the GEMM packs it.
 _TILE_FLOATS = 1 << 20
@@ -60,15 +60,14 @@ def linear_tiles(x: torch.Tensor, n: int, k: int, fill: Callable[[int, torch.Ten
     of x's dtype (fp32, or bf16 where torch's bf16 GEMM is the faster one: fp32 accumulation inside,
     one rounding).
 
-    Where each tile's product goes was measured (Zen 4, 4096 x 4096 NF4 tiles, M = 16 to 512): bf16
-    products go straight into their columns of a contiguous [M, n] (a strided ``out``: 6.25 vs 7.13 ms
-    at M = 16, 24.5 vs 30.9 ms at M = 256, against products into an [n, M] buffer made contiguous
-    after); fp32 ones into the [n, M] buffer, returned as its transposed view (the strided ``out`` cost
-    torch's fp32 GEMM 3x at M = 16 and 1.9x at M = 64, for 4 % gained at M = 512). Same bits either way.
+    Each tile's product goes either into an ``[n, M]`` buffer, returned as its transposed view, or straight
+    into the tile's columns of a contiguous ``[M, n]`` (a strided ``out``): the same bits, at speeds that
+    depend on the GEMM library, the dtype and M (a Zen 4: fp32 into columns 3x slower at M = 16, 1.9x
+    at 64, 4 % faster at 512; bf16 never slower), so measured per machine (``cpu_tile_buffer_max_m``).
     """
     rows = _tile_rows(k)
     ws = _workspace(min(rows, n) * k, x.device, x.dtype)
-    direct = x.dtype != torch.float32
+    direct = x.shape[0] > _runtime.cpu_tile_buffer_max_m(x.dtype)
     y = torch.empty((x.shape[0], n) if direct else (n, x.shape[0]), dtype=x.dtype, device=x.device)
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)

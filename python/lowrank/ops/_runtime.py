@@ -35,6 +35,7 @@ NF4_CPU_FUSED_MAX_M: Optional[int] = None  # largest M for the fused NF4 dequant
 NF4_CPU_BF16_DOT: Optional[bool] = None  # bf16 x in the NF4 rows kernel: AVX512-BF16 products (True) or widened
 NF4_CPU_INPUT_GRAD_MAX_M: Optional[int] = None  # largest M for the NF4 dx = dy W kernel
 CPU_ADAPTER_PRODUCTS: Optional[dict] = None  # {dtype: True for csrc/cpu/adapter_products.cpp, False for GEMMs}
+CPU_TILE_BUFFER_MAX_M: Optional[dict] = None  # {dtype: largest M whose tile products go to an [n, M] buffer}
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -57,6 +58,12 @@ def cpu_adapter_products(dtype: torch.dtype) -> bool:
     if CPU_ADAPTER_PRODUCTS is not None:
         return CPU_ADAPTER_PRODUCTS[dtype]
     return _dispatch.decide(f"cpu_adapter_products/{_name(dtype)}") == "kernel"
+
+
+def cpu_tile_buffer_max_m(dtype: torch.dtype) -> int:
+    if CPU_TILE_BUFFER_MAX_M is not None:
+        return CPU_TILE_BUFFER_MAX_M[dtype]
+    return _dispatch.decide(f"cpu_tile_buffer_max_m/{_name(dtype)}")
 
 
 def nf4_cpu_fused_max_m(dtype: torch.dtype) -> int:

@@ -710,7 +710,8 @@ def _backward_input_bf16_tiles(dy2: Tensor, w: "_C.Nf4Weight", n: int, k: int, g
     rows = left.shape[1]
     cols = min(k, max(64, _COLUMN_TILE_VALUES // rows // 64 * 64))
     ws = _gemm._workspace(rows * cols, dy2.device, torch.bfloat16)
-    dx = torch.empty(m, k, dtype=torch.bfloat16, device=dy2.device)
+    direct = m > _runtime.cpu_tile_buffer_max_m(torch.bfloat16)  # where products go: see _gemm.linear_tiles
+    dx = torch.empty((m, k) if direct else (k, m), dtype=torch.bfloat16, device=dy2.device)
     for k0 in range(0, k, cols):
         kt = min(cols, k - k0)
         tile = ws[: rows * kt].view(rows, kt)
@@ -719,8 +720,11 @@ def _backward_input_bf16_tiles(dy2: Tensor, w: "_C.Nf4Weight", n: int, k: int, g
         for _, a_rows in blocks:
             tile[r0 : r0 + a_rows.shape[0]] = a_rows[:, k0 : k0 + kt]
             r0 += a_rows.shape[0]
-        torch.mm(left, tile, out=dx[:, k0 : k0 + kt])  # straight into its columns (see _gemm.linear_tiles)
-    return dx
+        if direct:
+            torch.mm(left, tile, out=dx[:, k0 : k0 + kt])
+        else:
+            torch.mm(tile.t(), left.t(), out=dx[k0 : k0 + kt])
+    return dx if direct else dx.t()
 
 
 for _device in ("cpu", "cuda"):
