@@ -444,6 +444,13 @@ def test_dequantize_to_bf16_rounds_like_torch(cpu_isa):
     got = torch.ops.lowrank.nf4_dequantize(*args, torch.bfloat16)
     assert torch.equal(got.isnan(), exact.isnan())
     assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(exact.to(torch.bfloat16)))
+    # Equal scales share a bf16 code book in the AVX-512 decoder; +0 and -0 must not (their zeros differ
+    # in sign, which torch.equal does not see: the bits are compared).
+    absmax = torch.tensor([0.0, -0.0, -0.0, 0.0, 2.0, 2.0, -0.0, 0.5])
+    args = (args[0], absmax) + args[2:]
+    exact = nf4_ops.nf4_dequantize_reference(*args, torch.float32).to(torch.bfloat16)
+    got = torch.ops.lowrank.nf4_dequantize(*args, torch.bfloat16)
+    assert torch.equal(got.view(torch.int16), exact.view(torch.int16))
 
 
 @pytest.mark.parametrize("k,blocksize", [(576, 64), (200, 64), (192, 128), (640, 32), (4096, 4096), (128, 256)], ids=str)
