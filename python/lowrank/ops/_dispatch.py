@@ -30,7 +30,8 @@ measurement on first use, of the two candidate paths on one probe shape, interle
   view, beats writing straight into the tile's columns of ``[M, n]`` (a strided ``out``). The same
   bits either way; the speed is the GEMM library's business (a Zen 4's fp32 GEMM ran 3× slower into
   columns at M = 16 and 4 % faster at M = 512; its bf16 GEMM was never slower). Probe: 2048 × 2048
-  from a weight's row tiles, M = 16, 64, 256.
+  from a weight's row tiles, M = 16, 64, 256. The QLoRA bf16 input gradient's column tiles follow the
+  bf16 decision (products ``[M, cols]`` into dx's columns, or ``[cols, M]`` into a transposed buffer).
 
 A decision is the largest probed M at which the fused path won every probe up to it (never more than
 the largest probe). Each comparison is at least two independent interleaved sets (three when they
