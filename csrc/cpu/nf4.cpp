@@ -496,7 +496,34 @@ static void group_scales(const Nf4Weight& w, ScaleCursor& cur, int64_t row, int6
     return;
   }
   if (per_block == 1) {
-    for (int64_t g = 0; g < count; ++g) s0[g] = s1[g] = take();
+    int64_t g = 0;
+#if defined(__AVX512F__)
+    // Double-quantized, one block per group (blocksize 64, the usual case): 16 scales at a time, a
+    // gather from code2, then the same fp32 multiply and add as nf4_block_absmax (no FMA: the same
+    // bits). A run of 16 blocks inside one nested block shares its absmax2; where a run would cross
+    // into the next, single scalar steps go first.
+    if (w.nested()) {
+      const uint8_t* q = reinterpret_cast<const uint8_t*>(w.qabsmax);
+      const float* code2 = reinterpret_cast<const float*>(w.code2);
+      const float* a2 = reinterpret_cast<const float*>(w.absmax2);
+      const __m512 off = _mm512_set1_ps(*reinterpret_cast<const float*>(w.offset));
+      while (g + 16 <= count) {
+        if (r2 + 16 > bs2) {  // the run would cross into the next nested block: one scalar step
+          s0[g] = s1[g] = take();
+          ++g;
+          continue;
+        }
+        const __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + b)));
+        const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_i32gather_ps(idx, code2, 4), _mm512_set1_ps(a2[b2])), off);
+        _mm512_storeu_ps(s0 + g, v);
+        _mm512_storeu_ps(s1 + g, v);
+        g += 16;
+        b += 16;
+        if ((r2 += 16) == bs2) r2 = 0, ++b2;
+      }
+    }
+#endif
+    for (; g < count; ++g) s0[g] = s1[g] = take();
     return;
   }
   for (int64_t g = 0; g < count;) {  // per_block is a power of two (so is the blocksize)
