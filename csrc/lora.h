@@ -15,7 +15,7 @@ namespace lowrank {
 
 struct LoraRowsArgs {
   Matrix out;   // [M, N]  float32 or w's dtype
-  Matrix x;     // [M, K]  float32 (CPU); w's dtype (CUDA)
+  Matrix x;     // [M, K]  float32 or bfloat16 (CPU); w's dtype (CUDA)
   Matrix w;     // [N, K]  float32 / bfloat16 (CPU), + float16 (CUDA)
   Matrix bias;  // [1, N]  w's dtype, or ptr == 0 for none
   Matrix v;     // [M, R]  float32, or ptr == 0 for no adapter term
@@ -34,8 +34,8 @@ inline void validate_lora_rows(const LoraRowsArgs& a, bool cuda) {
   const bool w_ok = a.w.dtype == DType::float32 || a.w.dtype == DType::bfloat16 ||
                     (cuda && a.w.dtype == DType::float16);
   LOWRANK_CHECK(w_ok, std::string("w: unsupported dtype ") + dtype_name(a.w.dtype));
-  LOWRANK_CHECK(cuda ? a.x.dtype == a.w.dtype : a.x.dtype == DType::float32,
-        std::string("x: expected ") + (cuda ? "w's dtype" : "float32") + ", got " + dtype_name(a.x.dtype));
+  LOWRANK_CHECK(cuda ? a.x.dtype == a.w.dtype : (a.x.dtype == DType::float32 || a.x.dtype == DType::bfloat16),
+        std::string("x: expected ") + (cuda ? "w's dtype" : "float32 or bfloat16") + ", got " + dtype_name(a.x.dtype));
   LOWRANK_CHECK(a.out.dtype == DType::float32 || a.out.dtype == a.w.dtype,
         std::string("out: expected float32 or w's dtype, got ") + dtype_name(a.out.dtype));
   if (a.bias.ptr) {

@@ -571,7 +571,7 @@ RAW_CASES = [
     pytest.param(lambda R: R.mixed_rows(offsets=torch.tensor([1, 2, 3], dtype=torch.int32)), ValueError, r"^offsets: expected offsets\[0\] == 0", id="mixed_rows-offsets-start"),
     pytest.param(lambda R: R.mixed_rows(order_cols=2), ValueError, r"^order: expected shape \[1, 3\], got \[1, 2\]", id="mixed_rows-order-length"),
     # dtype tags and device indices that do not fit the launcher
-    pytest.param(lambda R: R.lora_rows(x=view(R.x, dtype=BF16)), ValueError, r"^x: expected float32, got bfloat16", id="lora_rows-x-dtype"),
+    pytest.param(lambda R: R.lora_rows(x=view(R.x, dtype=_C.DType.float16)), ValueError, r"^x: expected float32 or bfloat16, got float16", id="lora_rows-x-dtype"),
     pytest.param(lambda R: R.lora_rows(w=view(R.w, dtype=U8)), ValueError, r"^w: unsupported dtype uint8", id="lora_rows-w-dtype"),
     pytest.param(lambda R: R.lora_rows(out=view(R.out, dtype=I32)), ValueError, r"^out: expected float32 or w's dtype, got int32", id="lora_rows-out-dtype"),
     pytest.param(lambda R: R.lora_rows(w=view(R.w, device=0)), ValueError, r"^w: on the wrong device for this launcher", id="lora_rows-w-cuda-index"),

@@ -251,6 +251,55 @@ def test_fused_forward_each_cpu_isa(cpu_isa, dtype, adapter_dtype, m, k, n, r, b
     assert ROW_KERNELS.intersection(kernel_calls), kernel_calls
 
 
+BF16_ROW_CASES = [(1, 7, 5), (3, 31, 9), (5, 33, 70), (16, 100, 41), (17, 1030, 13), (65, 64, 7)]
+
+
+@pytest.mark.parametrize("dot", [True, False], ids=["dot", "widen"])
+@pytest.mark.parametrize("m,k,n", BF16_ROW_CASES, ids=[f"M{m}-{k}x{n}" for m, k, n in BF16_ROW_CASES])
+def test_fused_bf16_rows_either_choice(cpu_isa, dot, m, k, n, force_path, monkeypatch, kernel_calls):
+    """``cpu_lora_bf16_rows``: a bf16 x read as bf16 (AVX512-BF16 products against the bf16 W where the
+    CPU and kernel variant have them, x widened in the kernel elsewhere) or widened in Python: within the
+    contract of float64 either way — K not a multiple of the 32-wide chunk (masked tails), K past the
+    1024 block, M past the 64-row pass, bias, a bf16 or fp32 adapter."""
+    force_path("fused")
+    monkeypatch.setattr(_runtime, "CPU_LORA_BF16_DOT", dot)
+    for adapter_dtype, bias in ((torch.bfloat16, True), (torch.float32, False)):
+        check_forward(*make_inputs((m,), k, n, 4, torch.bfloat16, adapter_dtype=adapter_dtype, bias=bias))
+    assert ROW_KERNELS.intersection(kernel_calls), kernel_calls
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+@pytest.mark.parametrize("e_dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+def test_row_kernel_bf16_x_matches_widened_x(cpu_isa, out_dtype, e_dtype):
+    """``lora_rows_cpu`` with a bf16 x (bf16 products, or widened in C++ where the products are missing)
+    against the same x widened to fp32 by the caller, VeRA's per-column and per-rank scales included:
+    the same exact products summed in another order, so they agree to fp32 summation error, and both
+    are within it of float64. Poisoned outputs: every element must be written."""
+    from lowrank._validate import matrix
+
+    torch.manual_seed(11)
+    for m, k, n in ((1, 45, 19), (6, 77, 30), (70, 1100, 9)):
+        x = torch.randn(m, k).bfloat16()
+        w = (torch.randn(n, k) * k**-0.5).bfloat16()
+        bias = torch.randn(n).bfloat16()
+        v, e = torch.randn(m, 5), (torch.randn(n, 5) * 0.3).to(e_dtype)
+        col, vs = torch.rand(n) + 0.5, torch.rand(5) + 0.5
+        outs = []
+        for x_in in (x, x.float()):
+            y = torch.full((m, n), float("nan"), dtype=out_dtype)
+            _C.lora_rows_cpu(matrix("out", y), matrix("x", x_in), matrix("w", w), matrix("bias", bias[None]),
+                             matrix("v", v), matrix("e", e), matrix("c", col[None]), matrix("s", vs[None]), 1.5, 2)  # fmt: skip
+            outs.append(y)
+        exact = (x.double() @ w.double().t() + bias.double()
+                 + 1.5 * col.double() * ((v.double() * vs.double()) @ e.double().t()))  # fmt: skip
+        mag = (x.double().abs() @ w.double().abs().t() + bias.double().abs()
+               + 1.5 * col.double() * ((v.double() * vs.double()).abs() @ e.double().abs().t()))  # fmt: skip
+        rounding = 2**-8 * exact.abs() if out_dtype == torch.bfloat16 else 0
+        for y in outs:
+            assert torch.isfinite(y).all()
+            assert ((y.double() - exact).abs() <= rounding + (k + 8) * 2**-24 * mag).all(), (m, k, n)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
 def test_fused_forward_each_cpu_isa_views_and_dropout(cpu_isa, dtype, force_path):
     force_path("fused")

@@ -2,7 +2,8 @@
 //
 //   out[m, n] = sum_k x[m, k] * w[n, k]  +  scale * c[n] * sum_j v[m, j] * s[j] * e[n, j]  +  bias[n]
 //
-//   x    [M, K]  fp32 (the Python side converts bf16 activations once: M*K is small)
+//   x    [M, K]  fp32, or bf16: bf16 products against a bf16 w where the CPU has AVX512-BF16
+//                (DotRowsJob), else widened here once (M*K is small)
 //   w    [N, K]  fp32 or bf16, rows of the base weight W (or of A, for the down projection)
 //   v    [M, R]  fp32, u = A x for the LoRA term (optional)
 //   e    [N, R]  fp32 or bf16, rows of B (optional; VeRA's B[:out, :r] read in place through its ld)
@@ -116,7 +117,107 @@ struct RowsJob {
   }
 };
 
-template <class TW, class TE, class TO>
+#if defined(__AVX512F__)
+// A bf16 x against a bf16 w where the CPU has AVX512-BF16: vdpbf16ps multiplies 32 bf16 pairs and adds
+// them into 16 fp32 sums per instruction — twice the multiply-adds per cycle of an fp32 FMA on a Zen 4
+// (117 against 59 per ns on one core, measured) — and both operands are read as they are, so lane i of
+// a 32-wide chunk holds elements 2i and 2i+1 of w's row and of x's alike (no reordering). The products
+// of two bf16 values are exact in fp32; the sums are fp32, rounded once at the end, as in the widened
+// path (vdpbf16ps reads denormal inputs, below 1.2e-38, as zero). Rows shorter than a chunk end with a
+// masked load. The adapter term and the epilogue are RowsJob's.
+template <int MRT>
+LOWRANK_BF16_DOT inline void dot_tile(const bf16_t* const* wrow, const bf16_t* x, int64_t ldx, int64_t k0,
+                                      int64_t k1, float sums[NR][MR]) {
+  __m512 acc[NR][MRT];
+  for (int i = 0; i < NR; ++i)
+    for (int m = 0; m < MRT; ++m) acc[i][m] = _mm512_setzero_ps();
+  for (int64_t k = k0; k < k1; k += 32) {
+    const int64_t left = k1 - k;
+    const __mmask32 mask = left >= 32 ? ~__mmask32(0) : (__mmask32(1) << left) - 1;
+    __m512i wv[NR];
+    for (int i = 0; i < NR; ++i) wv[i] = _mm512_maskz_loadu_epi16(mask, wrow[i] + k);
+    for (int m = 0; m < MRT; ++m) {
+      const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + m * ldx + k);
+      for (int i = 0; i < NR; ++i) acc[i][m] = _mm512_dpbf16_ps(acc[i][m], (__m512bh)wv[i], (__m512bh)xv);
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int m = 0; m < MRT; ++m) sums[i][m] += _mm512_reduce_add_ps(acc[i][m]);
+}
+
+LOWRANK_BF16_DOT inline void dot_dispatch(int mr, const bf16_t* const* wrow, const bf16_t* x, int64_t ldx,
+                                          int64_t k0, int64_t k1, float sums[NR][MR]) {
+  switch (mr) {
+    case 1: dot_tile<1>(wrow, x, ldx, k0, k1, sums); break;
+    case 2: dot_tile<2>(wrow, x, ldx, k0, k1, sums); break;
+    case 3: dot_tile<3>(wrow, x, ldx, k0, k1, sums); break;
+    case 4: dot_tile<4>(wrow, x, ldx, k0, k1, sums); break;
+  }
+}
+
+// RowsJob with a bf16 x and bf16 w products (dot_tile): the K loop blocked by KC when M > MR so the NR
+// rows of the block stay in L1 (2 KiB each) while every MR-row group of x passes over them.
+template <class TE, class TO>
+struct DotRowsJob {
+  const LoraRowsArgs* a;
+
+  LOWRANK_BF16_DOT void run_rows(int64_t n_begin, int64_t n_end) const {
+    const LoraRowsArgs& A = *a;
+    const int64_t M = A.x.rows, K = A.x.cols, R = A.v.ptr ? A.v.cols : 0;
+    const bf16_t* x = A.x.data<bf16_t>();
+    const bf16_t* w = A.w.data<bf16_t>();
+    const bf16_t* bias = A.bias.ptr ? A.bias.data<bf16_t>() : nullptr;
+    const float* v = A.v.ptr ? A.v.data<float>() : nullptr;
+    const TE* e = A.e.ptr ? A.e.data<TE>() : nullptr;
+    const float* col_scale = A.col_scale.ptr ? A.col_scale.data<float>() : nullptr;
+    TO* out = A.out.data<TO>();
+    const int64_t kc = M <= MR ? (K > 0 ? K : 1) : KC;
+    for (int64_t n0 = n_begin; n0 < n_end; n0 += NR) {
+      const int nr = int(min64(NR, n_end - n0));
+      const bf16_t* wrow[NR];
+      for (int i = 0; i < NR; ++i) wrow[i] = w + (n0 + (i < nr ? i : 0)) * A.w.ld;  // pad with row n0
+      float sums[(kRowsPerPass + MR - 1) / MR][NR][MR];  // [m-group][row][m]
+      for (int64_t g = 0; g * MR < M; ++g)
+        for (int i = 0; i < NR; ++i)
+          for (int m = 0; m < MR; ++m) sums[g][i][m] = 0.f;
+      for (int64_t k0 = 0; k0 < K; k0 += kc) {
+        const int64_t k1 = min64(K, k0 + kc);
+        for (int64_t m0 = 0, g = 0; m0 < M; m0 += MR, ++g)
+          dot_dispatch(int(min64(MR, M - m0)), wrow, x + m0 * A.x.ld, A.x.ld, k0, k1, sums[g]);
+      }
+      float adapter[(kRowsPerPass + MR - 1) / MR][NR][MR];  // sum_j v[m, j] * e[n, j]
+      if (v) {
+        const TE* erow[NR];
+        for (int i = 0; i < NR; ++i) erow[i] = e + (n0 + (i < nr ? i : 0)) * A.e.ld;
+        for (int64_t g = 0; g * MR < M; ++g)
+          for (int i = 0; i < NR; ++i)
+            for (int m = 0; m < MR; ++m) adapter[g][i][m] = 0.f;
+        for (int64_t m0 = 0, g = 0; m0 < M; m0 += MR, ++g)
+          tile_dispatch(int(min64(MR, M - m0)), erow, v + m0 * A.v.ld, A.v.ld, 0, R, adapter[g]);
+      }
+      for (int i = 0; i < nr; ++i) {
+        const int64_t n = n0 + i;
+        const float b = bias ? load_scalar(bias + n) : 0.f;
+        const float s = col_scale ? A.scale * col_scale[n] : A.scale;
+        for (int64_t m = 0; m < M; ++m) {
+          float y = sums[m / MR][i][m % MR];
+          if (v) y += s * adapter[m / MR][i][m % MR];
+          store_scalar(out + m * A.out.ld + n, y + b);
+        }
+      }
+    }
+  }
+
+  static void task(void* ctx, int64_t t) {
+    auto* job = static_cast<const DotRowsJob*>(ctx);
+    const int64_t N = job->a->w.rows;
+    const int64_t begin = t * ROWS_PER_TASK;
+    job->run_rows(begin, min64(N, begin + ROWS_PER_TASK));
+  }
+};
+#endif
+
+template <class Job, class TO>
 void run(const LoraRowsArgs& a_in, int num_threads) {
   // A per-rank scale on v (VeRA's d) is applied once, to a copy of v (M x R fp32, the size of v itself),
   // not inside the adapter tiles: there it cost a multiply per v load (measured M=512, 4096x4096,
@@ -141,30 +242,53 @@ void run(const LoraRowsArgs& a_in, int num_threads) {
     LoraRowsArgs part = a;
     const int64_t rows = min64(kRowsPerPass, a.x.rows - m0);
     part.x.rows = part.out.rows = rows;
-    part.x.ptr += m0 * a.x.ld * sizeof(float);
+    part.x.ptr += m0 * a.x.ld * (a.x.dtype == DType::bfloat16 ? sizeof(bf16_t) : sizeof(float));
     part.out.ptr += m0 * a.out.ld * sizeof(TO);
     if (a.v.ptr) {
       part.v.rows = rows;
       part.v.ptr += m0 * a.v.ld * sizeof(float);
     }
-    RowsJob<TW, TE, TO> job{&part};
+    Job job{&part};
     const int64_t n_tasks = (a.w.rows + ROWS_PER_TASK - 1) / ROWS_PER_TASK;
-    parallel_for(n_tasks, num_threads, &RowsJob<TW, TE, TO>::task, &job);
+    parallel_for(n_tasks, num_threads, &Job::task, &job);
   }
 }
 
-// Entry point for this instruction set; dtypes already validated by the caller.
-void lora_rows(const LoraRowsArgs& a, int num_threads) {
+template <class TW, class TE, class TO>
+void run_widened(const LoraRowsArgs& a, int num_threads) {
+  run<RowsJob<TW, TE, TO>, TO>(a, num_threads);
+}
+
+// Entry point for this instruction set; dtypes already validated by the caller. A bf16 x takes the
+// bf16 products where the kernel variant and the CPU have them and w is bf16 too; anywhere else it is
+// widened here, once (M x K), and runs the fp32-x path.
+void lora_rows(const LoraRowsArgs& a_in, int num_threads) {
+  LoraRowsArgs a = a_in;
   const bool w_bf16 = a.w.dtype == DType::bfloat16;
   const bool e_bf16 = a.e.ptr ? a.e.dtype == DType::bfloat16 : w_bf16;
   const bool o_bf16 = a.out.dtype == DType::bfloat16;
-  if (!w_bf16) return run<float, float, float>(a, num_threads);
-  if (o_bf16) {
-    if (e_bf16) return run<bf16_t, bf16_t, bf16_t>(a, num_threads);
-    return run<bf16_t, float, bf16_t>(a, num_threads);
+  std::vector<float> x32;
+  if (a.x.dtype == DType::bfloat16) {
+#if defined(__AVX512F__)
+    if (w_bf16 && cpu_has_bf16_dot()) {
+      if (o_bf16) return e_bf16 ? run<DotRowsJob<bf16_t, bf16_t>, bf16_t>(a, num_threads)
+                                : run<DotRowsJob<float, bf16_t>, bf16_t>(a, num_threads);
+      return e_bf16 ? run<DotRowsJob<bf16_t, float>, float>(a, num_threads)
+                    : run<DotRowsJob<float, float>, float>(a, num_threads);
+    }
+#endif
+    const int64_t M = a.x.rows, K = a.x.cols;
+    x32.resize(size_t(M * K));
+    for (int64_t m = 0; m < M; ++m) widen(x32.data() + m * K, a.x.data<bf16_t>() + m * a.x.ld, K);
+    a.x = Matrix{reinterpret_cast<std::uintptr_t>(x32.data()), M, K, K, DType::float32, a.x.device};
   }
-  if (e_bf16) return run<bf16_t, bf16_t, float>(a, num_threads);
-  return run<bf16_t, float, float>(a, num_threads);
+  if (!w_bf16) return run_widened<float, float, float>(a, num_threads);
+  if (o_bf16) {
+    if (e_bf16) return run_widened<bf16_t, bf16_t, bf16_t>(a, num_threads);
+    return run_widened<bf16_t, float, bf16_t>(a, num_threads);
+  }
+  if (e_bf16) return run_widened<bf16_t, bf16_t, float>(a, num_threads);
+  return run_widened<bf16_t, float, float>(a, num_threads);
 }
 
 

@@ -73,10 +73,11 @@ inline float vsum(Vec a) { return _mm512_reduce_add_ps(a.v); }
 inline void vprefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
 // AVX512-BF16 (vdpbf16ps, vcvtne2ps2bf16) is not part of this variant's baseline: the kernels that use
-// it carry this target attribute and run only where the CPU reports it (nf4.cpp). (Tried for the LoRA
-// rows kernel's bf16 w as well: 1.07-1.4x slower than widening w and using fp32 FMAs at 576 -> 1536 and
-// 4096 -> 11008, M = 1 to 64, on a Zen 4, whose vdpbf16ps does no more multiply-adds per cycle than
-// its FMAs; NF4 gains from it through the decode, 32 bf16 lookups per vpermw.)
+// it carry this target attribute and run only where the CPU reports it (nf4.cpp, lora.cpp). On a Zen 4
+// one vdpbf16ps zmm per cycle does 32 multiply-adds against an fp32 FMA's 16 (117 vs 59 per ns on one
+// core, measured in a register-only loop). (An earlier note here said they were equal, from a LoRA rows
+// kernel that lost to widening; the kernel was at fault, not the instruction: lora.cpp's DotRowsJob,
+// written with NR x MR register tiles over both operands as they are, runs M=16 in half the time.)
 #define LOWRANK_BF16_DOT __attribute__((target("avx512f,avx512bw,avx512bf16")))
 inline bool cpu_has_bf16_dot() {
   static const bool ok = [] {

@@ -25,6 +25,11 @@ measurement on first use, of the two candidate paths on one probe shape, interle
   decoded in fp32 and rounded once to bf16, DESIGN's contract for a 16-bit compute dtype) or
   ``"widen"`` (x widened to fp32 against the exact fp32 W). Probe: 4096 × 4096 at M = 1 and 16; "dot"
   only where it wins both. Not measured where the kernel variant has no AVX512-BF16 ("widen").
+- ``cpu_lora_bf16_rows``: for a bf16 x in the fused LoRA row kernel (bf16 W), ``"dot"`` (AVX512-BF16
+  products: exact, summed in fp32) or ``"widen"`` (x widened to fp32, fp32 FMAs over W widened in
+  registers). Probe: 2048 → 4096, r=16, M = 16 (cold weights), where the products are what the kernel
+  spends its time on (M = 1 streams W either way). Not measured where the kernel variant has no
+  AVX512-BF16 ("widen"). Measured before ``cpu_fused_max_m/bfloat16``, whose fused side runs it.
 - ``cpu_tile_buffer_max_m/<dtype>``: where the tiled GEMMs (a weight decoded or widened tile by tile)
   put each tile's product: the largest M at which an ``[n, M]`` buffer, returned as its transposed
   view, beats writing straight into the tile's columns of ``[M, n]`` (a strided ``out``). The same
@@ -81,6 +86,7 @@ DEFAULTS: dict[str, Any] = {
     "nf4_cpu_fused_max_m/bfloat16": 64,
     "nf4_cpu_input_grad_max_m": 8,
     "nf4_cpu_bf16_rows": "widen",
+    "cpu_lora_bf16_rows": "widen",
     "cpu_tile_buffer_max_m/float32": 256,
     "cpu_tile_buffer_max_m/bfloat16": 0,
 }
@@ -378,6 +384,10 @@ def _probe_fused(dtype: torch.dtype) -> tuple[int, dict]:
     from . import lora
 
     g, weights, a, b, k, _ = _lora_probe_weights(dtype)
+    if dtype == torch.bfloat16:
+        from . import _runtime
+
+        _runtime.cpu_lora_bf16_dot()  # decided first: the fused side of this probe runs what it chose
 
     def call(m: int, limit: int):
         x = torch.randn(m, k, generator=g).to(dtype)
@@ -502,6 +512,27 @@ def _probe_nf4_input_grad() -> tuple[int, dict]:
     return _crossover([1, 2, 4, 8, 16], lambda m: call(m, UNBOUNDED), lambda m: call(m, 0))
 
 
+def _probe_lora_bf16_rows() -> tuple[str, dict]:
+    from .. import _C
+    from . import lora
+
+    if not _C.cpu_bf16_dot():
+        return "widen", {}  # nothing to measure: this kernel variant has no AVX512-BF16
+    g, weights, a, b, k, _ = _lora_probe_weights(torch.bfloat16)
+    m = 16
+    x = torch.randn(m, k, generator=g).bfloat16()
+
+    def call(dot: bool):
+        def run():
+            with _pinned("CPU_FUSED_MAX_M", {torch.bfloat16: UNBOUNDED}), _pinned("CPU_LORA_BF16_DOT", dot):
+                return lora._forward_native(x, weights(), None, a, b, 2.0, None)
+
+        return run
+
+    t = _compared_ms({"dot": call(True), "widen": call(False)})
+    return ("dot" if t["dot"] < t["widen"] else "widen"), {str(m): t}
+
+
 def _probe_tile_layout(dtype: torch.dtype) -> tuple[int, dict]:
     from . import _gemm
 
@@ -534,6 +565,7 @@ _PROBES: dict[str, Callable[[], tuple[Any, dict]]] = {
     "nf4_cpu_fused_max_m/bfloat16": lambda: _probe_nf4_fused(torch.bfloat16),
     "nf4_cpu_input_grad_max_m": _probe_nf4_input_grad,
     "nf4_cpu_bf16_rows": _probe_nf4_bf16_rows,
+    "cpu_lora_bf16_rows": _probe_lora_bf16_rows,
     "cpu_tile_buffer_max_m/float32": lambda: _probe_tile_layout(torch.float32),
     "cpu_tile_buffer_max_m/bfloat16": lambda: _probe_tile_layout(torch.bfloat16),
 }

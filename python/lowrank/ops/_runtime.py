@@ -35,6 +35,7 @@ NF4_CPU_FUSED_MAX_M: Optional[int] = None  # largest M for the fused NF4 dequant
 NF4_CPU_BF16_DOT: Optional[bool] = None  # bf16 x in the NF4 rows kernel: AVX512-BF16 products (True) or widened
 NF4_CPU_INPUT_GRAD_MAX_M: Optional[int] = None  # largest M for the NF4 dx = dy W kernel
 CPU_ADAPTER_PRODUCTS: Optional[dict] = None  # {dtype: True for csrc/cpu/adapter_products.cpp, False for GEMMs}
+CPU_LORA_BF16_DOT: Optional[bool] = None  # bf16 x in the LoRA rows kernel: AVX512-BF16 products (True) or widened
 CPU_TILE_BUFFER_MAX_M: Optional[dict] = None  # {dtype: largest M whose tile products go to an [n, M] buffer}
 
 
@@ -58,6 +59,15 @@ def cpu_adapter_products(dtype: torch.dtype) -> bool:
     if CPU_ADAPTER_PRODUCTS is not None:
         return CPU_ADAPTER_PRODUCTS[dtype]
     return _dispatch.decide(f"cpu_adapter_products/{_name(dtype)}") == "kernel"
+
+
+def cpu_lora_bf16_dot() -> bool:
+    """Whether a bf16 x in the fused LoRA row kernel is read as bf16 for AVX512-BF16 products against
+    the bf16 W (exact products, fp32 sums) rather than widened to fp32: measured where the kernel variant
+    has them ("widen" without measuring elsewhere; the kernel itself widens where they are missing)."""
+    if CPU_LORA_BF16_DOT is not None:
+        return CPU_LORA_BF16_DOT
+    return _dispatch.decide("cpu_lora_bf16_rows") == "dot"
 
 
 def cpu_tile_buffer_max_m(dtype: torch.dtype) -> int:

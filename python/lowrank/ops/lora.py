@@ -367,6 +367,15 @@ def rows_fp32(x: Tensor, m: int, k: int) -> Tensor:
     return x2 if x2.dtype == torch.float32 else x2.float()
 
 
+def rows_input(x: Tensor, m: int, k: int) -> Tensor:
+    """``x`` as ``[m, k]`` rows for the fused CPU row kernel: a bf16 x stays bf16 where this machine
+    measured the kernel's bf16 products faster (``cpu_lora_bf16_rows``: AVX512-BF16, against a bf16 W),
+    else it is widened once to fp32 (:func:`rows_fp32`)."""
+    if x.dtype == torch.bfloat16 and _runtime.cpu_lora_bf16_dot():
+        return rows(x, m, k)
+    return rows_fp32(x, m, k)
+
+
 def _frozen_state(frozen: FrozenOperands, x, weight, bias, lora_a, lora_b, scale) -> Optional[tuple]:
     """``(signature, (weight, bias, lora_a, lora_b views))`` of ``frozen`` for a few-token eager CPU call
     of the fused row kernel (the measured choice for ``x``'s token count), or None where that shortcut
@@ -390,13 +399,13 @@ def _views(weight, bias, lora_a, lora_b) -> tuple:
 
 def _fused_cpu(views: tuple, x, n: int, scale, u: Optional[Tensor]) -> Tensor:
     """y ([M, n], x's dtype) through ``lora_fused_cpu`` with the views of W, bias, A and B: u = x Aᵀ
-    (into ``u`` when given, else a scratch buffer) and the fused rows in one call. The CPU kernels read
-    fp32 activations: a bf16 x is widened once (M·K elements, few here)."""
+    (into ``u`` when given, else a scratch buffer) and the fused rows in one call. A bf16 x is read as
+    it is where the bf16 products are the measured choice, else widened once (M·K elements, few here)."""
     k = x.shape[-1]
     m = x.numel() // k
     mw, mb, ma, me = views
     y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
-    x_in = rows_fp32(x, m, k)  # held here until the kernel returns: a Matrix is only its address
+    x_in = rows_input(x, m, k)  # held here until the kernel returns: a Matrix is only its address
     _C.lora_fused_cpu(matrix("out", y), matrix("x", x_in), mw, mb, ma, me, None if u is None else matrix("u", u),
                       float(scale), _runtime.num_threads())  # fmt: skip
     return y
