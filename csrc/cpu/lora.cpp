@@ -131,9 +131,17 @@ LOWRANK_BF16_DOT inline void dot_tile(const bf16_t* const* wrow, const bf16_t* x
   __m512 acc[NR][MRT];
   for (int i = 0; i < NR; ++i)
     for (int m = 0; m < MRT; ++m) acc[i][m] = _mm512_setzero_ps();
-  for (int64_t k = k0; k < k1; k += 32) {
-    const int64_t left = k1 - k;
-    const __mmask32 mask = left >= 32 ? ~__mmask32(0) : (__mmask32(1) << left) - 1;
+  int64_t k = k0;
+  for (; k + 32 <= k1; k += 32) {
+    __m512i wv[NR];
+    for (int i = 0; i < NR; ++i) wv[i] = _mm512_loadu_si512(wrow[i] + k);
+    for (int m = 0; m < MRT; ++m) {
+      const __m512i xv = _mm512_loadu_si512(x + m * ldx + k);
+      for (int i = 0; i < NR; ++i) acc[i][m] = _mm512_dpbf16_ps(acc[i][m], (__m512bh)wv[i], (__m512bh)xv);
+    }
+  }
+  if (k < k1) {  // the last, partial chunk: masked loads (zeros beyond k1 add nothing)
+    const __mmask32 mask = (__mmask32(1) << (k1 - k)) - 1;
     __m512i wv[NR];
     for (int i = 0; i < NR; ++i) wv[i] = _mm512_maskz_loadu_epi16(mask, wrow[i] + k);
     for (int m = 0; m < MRT; ++m) {
