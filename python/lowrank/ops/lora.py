@@ -221,11 +221,13 @@ def _fused_rows(out, x, w, bias, v, e, scale, col_scale=None, v_scale=None, *, n
 
 
 def down_projection(xa_in: Tensor, a: Tensor, x_dtype: torch.dtype, names=("lora_a", "u", "lora_b")) -> Tensor:
-    """``u = x_a aᵀ`` ([M, r], fp32) for the fused paths. On the CPU x_a is fp32 already and torch's fp32
-    GEMM does this small product faster than a row-kernel launch (576 → r=16, M=1: 3 vs 7 µs); on CUDA
-    the row kernel reads x_a in a's dtype."""
+    """``u = x_a aᵀ`` ([M, r], fp32) for the fused paths. On the CPU torch's fp32 GEMM does this small
+    product faster than a row-kernel launch (576 → r=16, M=1: 3 vs 7 µs; a bf16 x_a, kept for the row
+    kernel's bf16 products, is widened for it: M·K, few here); on CUDA the row kernel reads x_a in a's
+    dtype."""
     if xa_in.device.type == "cpu":
-        return torch.mm(xa_in, (a if a.dtype == torch.float32 else a.float()).t())
+        xa32 = xa_in if xa_in.dtype == torch.float32 else xa_in.float()
+        return torch.mm(xa32, (a if a.dtype == torch.float32 else a.float()).t())
     if a.dtype != x_dtype:
         xa_in = xa_in.to(a.dtype)
     u = _runtime.empty(xa_in.shape[0], a.shape[0], dtype=torch.float32, device=xa_in.device)
@@ -290,10 +292,10 @@ def _forward_native(x, weight, bias, lora_a, lora_b, scale, adapter_input):
         u = _runtime.empty(m, r, dtype=torch.float32, device=x.device)
         y = _fused_cpu(_views(weight, bias, lora_a, lora_b), x2, n, scale, u)
     elif _use_fused(x, m):
-        # CPU kernels read fp32 activations: widen a bf16 x once (M*K elements, small here).
+        # CPU: a bf16 x as the measured choice takes it (rows_input: read as is, or widened once).
         cpu = x.device.type == "cpu"
-        x_in = x2.float() if cpu else x2
-        xa_in = x_in if adapter_input is None else (xa2.float() if cpu else xa2)
+        x_in = rows_input(x2, m, k) if cpu else x2
+        xa_in = x_in if adapter_input is None else (rows_input(xa2, m, k) if cpu else xa2)
         u = down_projection(xa_in, lora_a, x.dtype)
         y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
         _fused_rows(y, x_in, weight, bias, u, lora_b, scale)

@@ -193,9 +193,10 @@ def _forward_native(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter
     d32, b32 = _fp32(lambda_d), _fp32(lambda_b).contiguous()
     if _lora._use_fused(x, m):
         cpu = x.device.type == "cpu"
-        # CPU kernels read fp32 activations (M*K, small here); the CUDA kernel reads x in w's dtype.
-        x_in = x2.float() if cpu else x2
-        xa_in = x_in if adapter_input is None else (xa2.float() if cpu else xa2)
+        # The CPU kernels read a bf16 x as it is where their bf16 products are the measured choice, else
+        # widened once (M*K, small here), as LoRA's (ops/lora.py rows_input); CUDA reads x in w's dtype.
+        x_in = _lora.rows_input(x2, m, k) if cpu else x2
+        xa_in = x_in if adapter_input is None else (_lora.rows_input(xa2, m, k) if cpu else xa2)
         h = _lora.down_projection(xa_in, vera_a, x.dtype, names=("vera_a", "h", "vera_b"))
         y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
         if weight is None:
