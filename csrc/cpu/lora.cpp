@@ -127,13 +127,15 @@ struct RowsJob {
 // masked load. The adapter term and the epilogue are RowsJob's.
 template <int MRT>
 LOWRANK_BF16_DOT inline void dot_tile(const bf16_t* const* wrow, const bf16_t* x, int64_t ldx, int64_t k0,
-                                      int64_t k1, float sums[NR][MR]) {
+                                      int64_t k1, float sums[NR][MR], int64_t ahead) {
   __m512 acc[NR][MRT];
   for (int i = 0; i < NR; ++i)
     for (int m = 0; m < MRT; ++m) acc[i][m] = _mm512_setzero_ps();
   int64_t k = k0;
   for (; k + 32 <= k1; k += 32) {
     __m512i wv[NR];
+    if (ahead)  // one line of each row per chunk (see RowsJob's ahead)
+      for (int i = 0; i < NR; ++i) _mm_prefetch(reinterpret_cast<const char*>(wrow[i] + k + ahead), _MM_HINT_T0);
     for (int i = 0; i < NR; ++i) wv[i] = _mm512_loadu_si512(wrow[i] + k);
     for (int m = 0; m < MRT; ++m) {
       const __m512i xv = _mm512_loadu_si512(x + m * ldx + k);
@@ -154,12 +156,12 @@ LOWRANK_BF16_DOT inline void dot_tile(const bf16_t* const* wrow, const bf16_t* x
 }
 
 LOWRANK_BF16_DOT inline void dot_dispatch(int mr, const bf16_t* const* wrow, const bf16_t* x, int64_t ldx,
-                                          int64_t k0, int64_t k1, float sums[NR][MR]) {
+                                          int64_t k0, int64_t k1, float sums[NR][MR], int64_t ahead) {
   switch (mr) {
-    case 1: dot_tile<1>(wrow, x, ldx, k0, k1, sums); break;
-    case 2: dot_tile<2>(wrow, x, ldx, k0, k1, sums); break;
-    case 3: dot_tile<3>(wrow, x, ldx, k0, k1, sums); break;
-    case 4: dot_tile<4>(wrow, x, ldx, k0, k1, sums); break;
+    case 1: dot_tile<1>(wrow, x, ldx, k0, k1, sums, ahead); break;
+    case 2: dot_tile<2>(wrow, x, ldx, k0, k1, sums, ahead); break;
+    case 3: dot_tile<3>(wrow, x, ldx, k0, k1, sums, ahead); break;
+    case 4: dot_tile<4>(wrow, x, ldx, k0, k1, sums, ahead); break;
   }
 }
 
@@ -180,6 +182,7 @@ struct DotRowsJob {
     const float* col_scale = A.col_scale.ptr ? A.col_scale.data<float>() : nullptr;
     TO* out = A.out.data<TO>();
     const int64_t kc = M <= MR ? (K > 0 ? K : 1) : KC;
+    const int64_t ahead = M <= MR && K * int64_t(sizeof(bf16_t)) < (16 << 10) ? kPrefetchRows * A.w.ld : 0;
     for (int64_t n0 = n_begin; n0 < n_end; n0 += NR) {
       const int nr = int(min64(NR, n_end - n0));
       const bf16_t* wrow[NR];
@@ -191,7 +194,7 @@ struct DotRowsJob {
       for (int64_t k0 = 0; k0 < K; k0 += kc) {
         const int64_t k1 = min64(K, k0 + kc);
         for (int64_t m0 = 0, g = 0; m0 < M; m0 += MR, ++g)
-          dot_dispatch(int(min64(MR, M - m0)), wrow, x + m0 * A.x.ld, A.x.ld, k0, k1, sums[g]);
+          dot_dispatch(int(min64(MR, M - m0)), wrow, x + m0 * A.x.ld, A.x.ld, k0, k1, sums[g], ahead);
       }
       float adapter[(kRowsPerPass + MR - 1) / MR][NR][MR];  // sum_j v[m, j] * e[n, j]
       if (v) {
