@@ -38,20 +38,48 @@ constexpr int64_t KC = 1024;          // K block when M > MR: NR rows x 4 KiB (f
 constexpr int64_t ROWS_PER_TASK = 64; // dynamic scheduling grain: 64 rows x 16 KiB = 1 MiB of fp32 W
 constexpr int64_t kPrefetchRows = 8;  // M <= MR: w rows prefetched this far ahead (see run_rows)
 
+// The end of one tile of NR rows of w (rows n0 .. n0 + nr): the adapter term sum_j v[m, j] e[n, j] by the
+// same register tiles over [v | e] (R long) while the tile's NR rows of e are hot, then out = sums +
+// scale * c[n] * adapter + bias, rounded once. Shared by RowsJob and DotRowsJob.
+template <class TW, class TE, class TO>
+inline void finish_tile(const LoraRowsArgs& A, int64_t n0, int nr, const float (*sums)[NR][MR]) {
+  const int64_t M = A.x.rows, R = A.v.ptr ? A.v.cols : 0;
+  const TW* bias = A.bias.ptr ? A.bias.data<TW>() : nullptr;
+  const float* v = A.v.ptr ? A.v.data<float>() : nullptr;
+  const TE* e = A.e.ptr ? A.e.data<TE>() : nullptr;
+  const float* col_scale = A.col_scale.ptr ? A.col_scale.data<float>() : nullptr;
+  TO* out = A.out.data<TO>();
+  float adapter[(kRowsPerPass + MR - 1) / MR][NR][MR];  // sum_j v[m, j] * e[n, j]
+  if (v) {
+    const TE* erow[NR];
+    for (int i = 0; i < NR; ++i) erow[i] = e + (n0 + (i < nr ? i : 0)) * A.e.ld;
+    for (int64_t g = 0; g * MR < M; ++g)
+      for (int i = 0; i < NR; ++i)
+        for (int m = 0; m < MR; ++m) adapter[g][i][m] = 0.f;
+    for (int64_t m0 = 0, g = 0; m0 < M; m0 += MR, ++g)
+      tile_dispatch(int(min64(MR, M - m0)), erow, v + m0 * A.v.ld, A.v.ld, 0, R, adapter[g]);
+  }
+  for (int i = 0; i < nr; ++i) {
+    const int64_t n = n0 + i;
+    const float b = bias ? load_scalar(bias + n) : 0.f;
+    const float s = col_scale ? A.scale * col_scale[n] : A.scale;
+    for (int64_t m = 0; m < M; ++m) {
+      float y = sums[m / MR][i][m % MR];
+      if (v) y += s * adapter[m / MR][i][m % MR];
+      store_scalar(out + m * A.out.ld + n, y + b);
+    }
+  }
+}
+
 template <class TW, class TE, class TO>
 struct RowsJob {
   const LoraRowsArgs* a;
 
   void run_rows(int64_t n_begin, int64_t n_end) const {
     const LoraRowsArgs& A = *a;
-    const int64_t M = A.x.rows, K = A.x.cols, R = A.v.ptr ? A.v.cols : 0;
+    const int64_t M = A.x.rows, K = A.x.cols;
     const float* x = A.x.data<float>();
     const TW* w = A.w.data<TW>();
-    const TW* bias = A.bias.ptr ? A.bias.data<TW>() : nullptr;
-    const float* v = A.v.ptr ? A.v.data<float>() : nullptr;
-    const TE* e = A.e.ptr ? A.e.data<TE>() : nullptr;
-    const float* col_scale = A.col_scale.ptr ? A.col_scale.data<float>() : nullptr;
-    TO* out = A.out.data<TO>();
     const int64_t kc = M <= MR ? (K > 0 ? K : 1) : KC;
     // bf16 rows re-read by more than one x-row group are widened once per K block (measured at
     // M=16, 4096x11008: 17.5 ms converting in the inner loop vs fp32's 11.7 ms).
@@ -86,26 +114,7 @@ struct RowsJob {
             tile_dispatch(int(min64(MR, M - m0)), wrow, x + m0 * A.x.ld, A.x.ld, k0, k1, sums[g], ahead);
         }
       }
-      float adapter[(kRowsPerPass + MR - 1) / MR][NR][MR];  // sum_j v[m, j] * e[n, j]
-      if (v) {
-        const TE* erow[NR];
-        for (int i = 0; i < NR; ++i) erow[i] = e + (n0 + (i < nr ? i : 0)) * A.e.ld;
-        for (int64_t g = 0; g * MR < M; ++g)
-          for (int i = 0; i < NR; ++i)
-            for (int m = 0; m < MR; ++m) adapter[g][i][m] = 0.f;
-        for (int64_t m0 = 0, g = 0; m0 < M; m0 += MR, ++g)
-          tile_dispatch(int(min64(MR, M - m0)), erow, v + m0 * A.v.ld, A.v.ld, 0, R, adapter[g]);
-      }
-      for (int i = 0; i < nr; ++i) {
-        const int64_t n = n0 + i;
-        const float b = bias ? load_scalar(bias + n) : 0.f;
-        const float s = col_scale ? A.scale * col_scale[n] : A.scale;
-        for (int64_t m = 0; m < M; ++m) {
-          float y = sums[m / MR][i][m % MR];
-          if (v) y += s * adapter[m / MR][i][m % MR];
-          store_scalar(out + m * A.out.ld + n, y + b);
-        }
-      }
+      finish_tile<TW, TE, TO>(A, n0, nr, sums);
     }
   }
 
@@ -124,7 +133,7 @@ struct RowsJob {
 // a 32-wide chunk holds elements 2i and 2i+1 of w's row and of x's alike (no reordering). The products
 // of two bf16 values are exact in fp32; the sums are fp32, rounded once at the end, as in the widened
 // path (vdpbf16ps reads denormal inputs, below 1.2e-38, as zero). Rows shorter than a chunk end with a
-// masked load. The adapter term and the epilogue are RowsJob's.
+// masked load. The adapter term and the epilogue are finish_tile's, as RowsJob's.
 template <int MRT>
 LOWRANK_BF16_DOT inline void dot_tile(const bf16_t* const* wrow, const bf16_t* x, int64_t ldx, int64_t k0,
                                       int64_t k1, float sums[NR][MR], int64_t ahead) {
@@ -173,14 +182,9 @@ struct DotRowsJob {
 
   LOWRANK_BF16_DOT void run_rows(int64_t n_begin, int64_t n_end) const {
     const LoraRowsArgs& A = *a;
-    const int64_t M = A.x.rows, K = A.x.cols, R = A.v.ptr ? A.v.cols : 0;
+    const int64_t M = A.x.rows, K = A.x.cols;
     const bf16_t* x = A.x.data<bf16_t>();
     const bf16_t* w = A.w.data<bf16_t>();
-    const bf16_t* bias = A.bias.ptr ? A.bias.data<bf16_t>() : nullptr;
-    const float* v = A.v.ptr ? A.v.data<float>() : nullptr;
-    const TE* e = A.e.ptr ? A.e.data<TE>() : nullptr;
-    const float* col_scale = A.col_scale.ptr ? A.col_scale.data<float>() : nullptr;
-    TO* out = A.out.data<TO>();
     const int64_t kc = M <= MR ? (K > 0 ? K : 1) : KC;
     const int64_t ahead = M <= MR && K * int64_t(sizeof(bf16_t)) < (16 << 10) ? kPrefetchRows * A.w.ld : 0;
     for (int64_t n0 = n_begin; n0 < n_end; n0 += NR) {
@@ -196,26 +200,7 @@ struct DotRowsJob {
         for (int64_t m0 = 0, g = 0; m0 < M; m0 += MR, ++g)
           dot_dispatch(int(min64(MR, M - m0)), wrow, x + m0 * A.x.ld, A.x.ld, k0, k1, sums[g], ahead);
       }
-      float adapter[(kRowsPerPass + MR - 1) / MR][NR][MR];  // sum_j v[m, j] * e[n, j]
-      if (v) {
-        const TE* erow[NR];
-        for (int i = 0; i < NR; ++i) erow[i] = e + (n0 + (i < nr ? i : 0)) * A.e.ld;
-        for (int64_t g = 0; g * MR < M; ++g)
-          for (int i = 0; i < NR; ++i)
-            for (int m = 0; m < MR; ++m) adapter[g][i][m] = 0.f;
-        for (int64_t m0 = 0, g = 0; m0 < M; m0 += MR, ++g)
-          tile_dispatch(int(min64(MR, M - m0)), erow, v + m0 * A.v.ld, A.v.ld, 0, R, adapter[g]);
-      }
-      for (int i = 0; i < nr; ++i) {
-        const int64_t n = n0 + i;
-        const float b = bias ? load_scalar(bias + n) : 0.f;
-        const float s = col_scale ? A.scale * col_scale[n] : A.scale;
-        for (int64_t m = 0; m < M; ++m) {
-          float y = sums[m / MR][i][m % MR];
-          if (v) y += s * adapter[m / MR][i][m % MR];
-          store_scalar(out + m * A.out.ld + n, y + b);
-        }
-      }
+      finish_tile<bf16_t, TE, TO>(A, n0, nr, sums);
     }
   }
 
