@@ -38,6 +38,20 @@ constexpr int64_t KC = 1024;          // K block when M > MR: NR rows x 4 KiB (f
 constexpr int64_t ROWS_PER_TASK = 64; // dynamic scheduling grain: 64 rows x 16 KiB = 1 MiB of fp32 W
 constexpr int64_t kPrefetchRows = 8;  // M <= MR: w rows prefetched this far ahead (see run_rows)
 
+// Row pointers of a tile of NR rows starting at row n0 of base (row stride ld); a short last tile
+// (nr < NR) repeats row n0, whose results are not stored.
+template <class T>
+inline void tile_rows(const T* base, int64_t ld, int64_t n0, int nr, const T* rows[NR]) {
+  for (int i = 0; i < NR; ++i) rows[i] = base + (n0 + (i < nr ? i : 0)) * ld;
+}
+
+// Zeroes the [m-group][row][m] sums of the M token rows.
+inline void zero_sums(int64_t M, float (*sums)[NR][MR]) {
+  for (int64_t g = 0; g * MR < M; ++g)
+    for (int i = 0; i < NR; ++i)
+      for (int m = 0; m < MR; ++m) sums[g][i][m] = 0.f;
+}
+
 // The end of one tile of NR rows of w (rows n0 .. n0 + nr): the adapter term sum_j v[m, j] e[n, j] by the
 // same register tiles over [v | e] (R long) while the tile's NR rows of e are hot, then out = sums +
 // scale * c[n] * adapter + bias, rounded once. Shared by RowsJob and DotRowsJob.
@@ -52,10 +66,8 @@ inline void finish_tile(const LoraRowsArgs& A, int64_t n0, int nr, const float (
   float adapter[(kRowsPerPass + MR - 1) / MR][NR][MR];  // sum_j v[m, j] * e[n, j]
   if (v) {
     const TE* erow[NR];
-    for (int i = 0; i < NR; ++i) erow[i] = e + (n0 + (i < nr ? i : 0)) * A.e.ld;
-    for (int64_t g = 0; g * MR < M; ++g)
-      for (int i = 0; i < NR; ++i)
-        for (int m = 0; m < MR; ++m) adapter[g][i][m] = 0.f;
+    tile_rows(e, A.e.ld, n0, nr, erow);
+    zero_sums(M, adapter);
     for (int64_t m0 = 0, g = 0; m0 < M; m0 += MR, ++g)
       tile_dispatch(int(min64(MR, M - m0)), erow, v + m0 * A.v.ld, A.v.ld, 0, R, adapter[g]);
   }
@@ -96,11 +108,9 @@ struct RowsJob {
     for (int64_t n0 = n_begin; n0 < n_end; n0 += NR) {
       const int nr = int(min64(NR, n_end - n0));
       const TW* wrow[NR];
-      for (int i = 0; i < NR; ++i) wrow[i] = w + (n0 + (i < nr ? i : 0)) * A.w.ld;  // pad with row n0
+      tile_rows(w, A.w.ld, n0, nr, wrow);
       float sums[(kRowsPerPass + MR - 1) / MR][NR][MR];  // [m-group][row][m]
-      for (int64_t g = 0; g * MR < M; ++g)
-        for (int i = 0; i < NR; ++i)
-          for (int m = 0; m < MR; ++m) sums[g][i][m] = 0.f;
+      zero_sums(M, sums);
       for (int64_t k0 = 0; k0 < K; k0 += kc) {
         const int64_t k1 = min64(K, k0 + kc);
         if (widen_block) {
@@ -132,8 +142,8 @@ struct RowsJob {
 // (117 against 59 per ns on one core, measured) — and both operands are read as they are, so lane i of
 // a 32-wide chunk holds elements 2i and 2i+1 of w's row and of x's alike (no reordering). The products
 // of two bf16 values are exact in fp32; the sums are fp32, rounded once at the end, as in the widened
-// path (vdpbf16ps reads denormal inputs, below 1.2e-38, as zero). Rows shorter than a chunk end with a
-// masked load. The adapter term and the epilogue are finish_tile's, as RowsJob's.
+// path (vdpbf16ps reads denormal inputs, below 1.2e-38, as zero). A row's last partial chunk is read
+// with masked loads. The adapter term and the epilogue are finish_tile's, as RowsJob's.
 template <int MRT>
 LOWRANK_BF16_DOT inline void dot_tile(const bf16_t* const* wrow, const bf16_t* x, int64_t ldx, int64_t k0,
                                       int64_t k1, float sums[NR][MR], int64_t ahead) {
@@ -190,11 +200,9 @@ struct DotRowsJob {
     for (int64_t n0 = n_begin; n0 < n_end; n0 += NR) {
       const int nr = int(min64(NR, n_end - n0));
       const bf16_t* wrow[NR];
-      for (int i = 0; i < NR; ++i) wrow[i] = w + (n0 + (i < nr ? i : 0)) * A.w.ld;  // pad with row n0
+      tile_rows(w, A.w.ld, n0, nr, wrow);
       float sums[(kRowsPerPass + MR - 1) / MR][NR][MR];  // [m-group][row][m]
-      for (int64_t g = 0; g * MR < M; ++g)
-        for (int i = 0; i < NR; ++i)
-          for (int m = 0; m < MR; ++m) sums[g][i][m] = 0.f;
+      zero_sums(M, sums);
       for (int64_t k0 = 0; k0 < K; k0 += kc) {
         const int64_t k1 = min64(K, k0 + kc);
         for (int64_t m0 = 0, g = 0; m0 < M; m0 += MR, ++g)

@@ -542,7 +542,8 @@ struct DequantCtx {
   int64_t rows_per_task;
 };
 
-// One vector of decoded values to the output row: fp32 as is, bf16 rounded in registers.
+// One vector of decoded values to the output row: fp32 as is, bf16 rounded in registers (the AVX2 decoder;
+// AVX-512 writes bf16 rows by code-book lookups).
 inline void put(float* f32, bf16_t* b16, int64_t at, Vec v) {
   if (f32)
     vstore(f32 + at, v);
@@ -622,8 +623,8 @@ static void dequant_task(void* p, int64_t task) {
         for (int c = 0; c < 2; ++c) {
           const __m512 sv = _mm512_set1_ps(c ? s1 : s0);
           const __m512 e = _mm512_mul_ps(v[2 * c], sv), o = _mm512_mul_ps(v[2 * c + 1], sv);
-          put(o32, o16, g + 32 * c, Vec{_mm512_permutex2var_ps(e, lo, o)});
-          put(o32, o16, g + 32 * c + 16, Vec{_mm512_permutex2var_ps(e, hi, o)});
+          _mm512_storeu_ps(o32 + g + 32 * c, _mm512_permutex2var_ps(e, lo, o));  // (bf16 took the books above)
+          _mm512_storeu_ps(o32 + g + 32 * c + 16, _mm512_permutex2var_ps(e, hi, o));
         }
       }
 #else
@@ -835,8 +836,8 @@ static void rows_task_m1(const RowsCtx& c, int64_t n0, int64_t n1) {
 // each word; bit 4 picks the group's table) give the chunk's 128 bf16 weights, and each vdpbf16ps
 // then does 32 multiply-adds. x is rearranged once per call to match ("dot order"). Against the fp32
 // path (8 vpermps and 8 FMAs per 128 values per row) this halves the decode and multiply-add
-// instructions per value; on a Zen 4 (whose vdpbf16ps is no faster per multiply-add than its FMAs)
-// the decode is where the time goes: 4096 x 4096 at M = 1 0.61 vs 0.74 ms, M = 16 2.4 vs 4.0 ms.
+// instructions per value (a Zen 4's vdpbf16ps does twice an FMA's multiply-adds per cycle: simd.h):
+// 4096 x 4096 at M = 1 0.61 vs 0.74 ms, M = 16 2.4 vs 4.0 ms.
 // (vdpbf16ps and vcvtne2ps2bf16 treat denormal inputs as zero: a weight or x below 1.2e-38 in
 // magnitude counts as 0, an absolute difference the output's rounding cannot show.)
 constexpr int kDotShift[4] = {0, 4, 8, 12};

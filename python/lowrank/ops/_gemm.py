@@ -50,8 +50,8 @@ def _tile_rows(k: int) -> int:
 
 
 def linear_tiles_fp32(x32: torch.Tensor, n: int, k: int, fill: Callable[[int, torch.Tensor], None]) -> torch.Tensor:
-    """``x32 @ Wᵀ`` in fp32 ([M, n]: a transposed view of an [n, M] buffer) for a weight [n, k] that
-    ``fill(n0, tile)`` writes into fp32 row tiles."""
+    """``x32 @ Wᵀ`` in fp32 ([M, n], contiguous or a transposed view as :func:`linear_tiles` measured) for a
+    weight [n, k] that ``fill(n0, tile)`` writes into fp32 row tiles."""
     return linear_tiles(x32, n, k, fill)
 
 
@@ -104,8 +104,8 @@ def _copy_rows(weight: torch.Tensor) -> Callable[[int, torch.Tensor], None]:
 
 
 def linear_t_fp32(x32: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x32 @ weight.T`` in fp32 ([M, N]; a transposed view of an [N, M] buffer when tiled) for any
-    float ``weight`` [N, K]; x32 is fp32 [M, K]."""
+    """``x32 @ weight.T`` in fp32 ([M, N]; when tiled, possibly a transposed view: see
+    :func:`linear_tiles`) for any float ``weight`` [N, K]; x32 is fp32 [M, K]."""
     if weight.dtype == torch.float32:
         return torch.mm(x32, weight.t())
     return linear_tiles_fp32(x32, *weight.shape, _copy_rows(weight))
