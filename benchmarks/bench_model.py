@@ -31,6 +31,10 @@ plain model's: below 1, lowrank is faster or smaller):
 
 - train step: forward on 4 x 128 tokens with ``labels`` (HF's loss), backward, ``AdamW.step()`` on the
   trainable parameters, ``zero_grad(set_to_none=True)`` (bench_adapters.step_call), training mode;
+- train step, lowrank.fast_loss (time, and peak memory below): the same step, lowrank's models computing
+  their loss with ``lowrank.fast_loss`` (lowrank's cross-entropy kernels: the same fp32 loss without
+  transformers' fp32 copies of the logits), in the same interleaved run or set of fresh processes; the
+  peers and the plain model keep transformers' loss, so these rows say what a lowrank user gets;
 - train step peak (fp32 only; bf16 halves what is stored): the step's peak resident memory (VmHWM)
   above the baseline, the model included, each method in a fresh process forked from a server that
   has only imported the libraries (so no process pays peft's 6 s import): after a tiny warm-up step of
@@ -232,8 +236,13 @@ LOWRANK_CONFIGS = {
 }
 
 
+FAST_LOSS = "+fast-loss"  # a lowrank method's model whose loss runs on lowrank's kernels (lowrank.fast_loss)
+
+
 def build(method: str, base: nn.Module) -> nn.Module:
     """``method`` over ``base`` (changed in place; pass a copy to keep it). Eval mode."""
+    if method.endswith(FAST_LOSS):
+        return lowrank.fast_loss(build(method.removesuffix(FAST_LOSS), base))
     if method in LOWRANK_CONFIGS:
         model = lowrank.inject(base, LOWRANK_CONFIGS[method]())
     elif method.startswith("peft-"):
@@ -255,6 +264,17 @@ def methods_for(dtype: torch.dtype, plain: str, training: bool) -> list[str]:
         if (training or row.peer != PLAIN_TRAIN) and not missing(row.peer):
             methods.append(row.peer)
     return list(dict.fromkeys(methods + [plain]))
+
+
+def with_fast_loss(methods: list[str], dtype: torch.dtype) -> list[str]:
+    """``methods`` and, for each lowrank method among them, the same with lowrank's loss (FAST_LOSS)."""
+    return methods + [row.mine + FAST_LOSS for row in rows_for(dtype) if row.mine in methods]
+
+
+def fast_loss_values(values: dict[str, float], dtype: torch.dtype) -> dict[str, float]:
+    """``values`` with each lowrank method's entry taken from its FAST_LOSS run (the peers' stay)."""
+    return {**values, **{row.mine: values[row.mine + FAST_LOSS] for row in rows_for(dtype)
+                         if row.mine + FAST_LOSS in values}}  # fmt: skip
 
 
 def build_all(arch: str, dtype: torch.dtype, methods: list[str]) -> dict[str, nn.Module]:
@@ -293,7 +313,9 @@ def prefill_call(model: nn.Module, arch: str) -> Callable[[], torch.Tensor]:
 COLUMNS = ("metric", "method (peer)", "dtype", "lowrank", "peer", "plain", "lowrank/peer", "lowrank/plain", "rounds")
 METRICS = {
     "train": f"train step {tokens_label(STEP_TOKENS)}, ms",
+    "train_fast": f"train step {tokens_label(STEP_TOKENS)}, lowrank.fast_loss, ms",
     "memory": f"train step {tokens_label(STEP_TOKENS)} peak, MB",
+    "memory_fast": f"train step {tokens_label(STEP_TOKENS)} peak, lowrank.fast_loss, MB",
     "decode": f"decode {PROMPT_TOKENS}+{NEW_TOKENS}, ms/token",
     "prefill": f"prefill {tokens_label(PREFILL_TOKENS)}, tokens/s",
 }
@@ -312,6 +334,8 @@ def model_table(summary_tables, arch: str):
             "plain: the model without adapters; in the train rows trained in full by plain PyTorch (the "
             "projections' weights and biases)",
             "peak MB: one step in a fresh process per method, above the process's baseline (the model included)",
+            "lowrank.fast_loss rows: lowrank's models compute their loss on lowrank's cross-entropy kernels, the "
+            "peers and the plain model on transformers' (the same runs as the rows above them, interleaved)",
         ]
     return table
 
@@ -319,7 +343,7 @@ def model_table(summary_tables, arch: str):
 def display(metric: str, value: Optional[float]) -> str:
     if value is None:
         return "—"
-    if metric == "memory":
+    if metric in ("memory", "memory_fast"):
         return f"{value:.0f}"
     if metric == "decode":
         return format_ms(value / NEW_TOKENS)
@@ -338,7 +362,7 @@ def add_rows(table, metric: str, dtype: torch.dtype, values: dict[str, float], p
     """One row per method of ``dtype``: lowrank, its peer (none for full fine-tuning at inference, where
     plain PyTorch's model is the plain model) and the plain model."""
     for row in rows_for(dtype):
-        has_peer = row.peer != PLAIN_TRAIN or metric in ("train", "memory")
+        has_peer = row.peer != PLAIN_TRAIN or metric in ("train", "train_fast", "memory", "memory_fast")
         mine, peer, base = values.get(row.mine), values.get(row.peer) if has_peer else None, values.get(plain)
         table.add_row(METRICS[metric], f"{row.label} ({row.peer_label})" if has_peer else row.label, dtype_label(dtype),
                       display(metric, mine), display(metric, peer), display(metric, base), format_ratio(mine, peer),
@@ -457,12 +481,14 @@ def test_peers_compute_the_same_model(arch: str, row: Row, dtype: torch.dtype):
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_train_step(case, summary_tables):
     arch, dtype = case
-    methods = methods_for(dtype, PLAIN_TRAIN, training=True)
+    methods = with_fast_loss(methods_for(dtype, PLAIN_TRAIN, training=True), dtype)
     models = build_all(arch, dtype, methods)
     calls = {m: step_call(model.train(), STEP_TOKENS, shape(arch)) for m, model in models.items()}
     rounds = interleaved_rounds_warmed_once(calls)
     median = interleaved_medians(calls, rounds)
-    add_rows(model_table(summary_tables, arch), "train", dtype, median, PLAIN_TRAIN, str(rounds))
+    table = model_table(summary_tables, arch)
+    add_rows(table, "train", dtype, median, PLAIN_TRAIN, str(rounds))
+    add_rows(table, "train_fast", dtype, fast_loss_values(median, dtype), PLAIN_TRAIN, str(rounds))
 
 
 def step_memory(arch: str, method: str, dtype: torch.dtype, tiny: bool) -> dict:
@@ -542,9 +568,11 @@ def test_train_step_memory(arch, summary_tables):
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc (VmHWM)")
     dtype = torch.float32  # bf16 halves what is stored and adds nothing else to compare
-    methods = methods_for(dtype, PLAIN_TRAIN, training=True)
+    methods = with_fast_loss(methods_for(dtype, PLAIN_TRAIN, training=True), dtype)
     peak = {m: in_fresh_process(step_memory, arch, m, dtype, QUICK)["peak_mb"] for m in methods}
-    add_rows(model_table(summary_tables, arch), "memory", dtype, peak, PLAIN_TRAIN, "fresh")
+    table = model_table(summary_tables, arch)
+    add_rows(table, "memory", dtype, peak, PLAIN_TRAIN, "fresh")
+    add_rows(table, "memory_fast", dtype, fast_loss_values(peak, dtype), PLAIN_TRAIN, "fresh")
 
 
 # ---------------------------------------------------------------------------------------------

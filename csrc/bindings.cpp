@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "lora.h"
+#include "loss.h"
 #include "mixed.h"
 #include "nf4.h"
 
@@ -87,7 +88,8 @@ PYBIND11_MODULE(_C, m) {
       .value("bfloat16", DType::bfloat16)
       .value("float16", DType::float16)
       .value("uint8", DType::uint8)
-      .value("int32", DType::int32);
+      .value("int32", DType::int32)
+      .value("int64", DType::int64);
 
   py::class_<Matrix>(m, "Matrix", "A strided row-major view: element (i, j) at ptr + (i*ld + j)*itemsize")
       // Positional only: built several times per layer call, keyword matching would cost more.
@@ -309,6 +311,41 @@ PYBIND11_MODULE(_C, m) {
         py::gil_scoped_release nogil;
         nf4_rows_cuda(a, stream);
       });
+#endif
+
+  m.def(
+      "cross_entropy_cpu",
+      [](const Matrix& logits, const Matrix& labels, const Matrix& loss, const Matrix& lse, int64_t ignore_index,
+         int num_threads) {
+        CrossEntropyArgs a{logits, labels, loss, lse, ignore_index};
+        py::gil_scoped_release nogil;
+        cross_entropy_cpu(a, num_threads);
+      },
+      "loss[i] = lse[i] - logits[i, labels[i]], lse[i] = log sum_j exp(logits[i, j]) (fp32; 0 where labels[i] == "
+      "ignore_index)");
+  m.def(
+      "cross_entropy_backward_cpu",
+      [](const Matrix& grad, const Matrix& logits, const Matrix& labels, const Matrix& lse, const Matrix& grad_loss,
+         int64_t ignore_index, int num_threads) {
+        CrossEntropyBackwardArgs a{grad, logits, labels, lse, grad_loss, ignore_index};
+        py::gil_scoped_release nogil;
+        cross_entropy_backward_cpu(a, num_threads);
+      },
+      "grad[i, j] = grad_loss[i] * (exp(logits[i, j] - lse[i]) - [j == labels[i]]), 0 in ignored rows");
+#ifdef LOWRANK_WITH_CUDA
+  m.def("cross_entropy_cuda", [](const Matrix& logits, const Matrix& labels, const Matrix& loss, const Matrix& lse,
+                                 int64_t ignore_index, std::uintptr_t stream) {
+    CrossEntropyArgs a{logits, labels, loss, lse, ignore_index};
+    py::gil_scoped_release nogil;
+    cross_entropy_cuda(a, stream);
+  });
+  m.def("cross_entropy_backward_cuda", [](const Matrix& grad, const Matrix& logits, const Matrix& labels,
+                                          const Matrix& lse, const Matrix& grad_loss, int64_t ignore_index,
+                                          std::uintptr_t stream) {
+    CrossEntropyBackwardArgs a{grad, logits, labels, lse, grad_loss, ignore_index};
+    py::gil_scoped_release nogil;
+    cross_entropy_backward_cuda(a, stream);
+  });
 #endif
 
   m.def("supported_cpu_isas", &cpu::supported_isas, "CPU kernel variants this CPU can run");

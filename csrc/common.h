@@ -7,7 +7,7 @@
 
 namespace lowrank {
 
-enum class DType : int { float32 = 0, bfloat16 = 1, float16 = 2, uint8 = 3, int32 = 4 };
+enum class DType : int { float32 = 0, bfloat16 = 1, float16 = 2, uint8 = 3, int32 = 4, int64 = 5 };
 
 inline const char* dtype_name(DType t) {
   switch (t) {
@@ -16,6 +16,7 @@ inline const char* dtype_name(DType t) {
     case DType::float16: return "float16";
     case DType::uint8: return "uint8";
     case DType::int32: return "int32";
+    case DType::int64: return "int64";
   }
   return "?";
 }
@@ -27,6 +28,7 @@ inline int dtype_size(DType t) {
     case DType::float16: return 2;
     case DType::uint8: return 1;
     case DType::int32: return 4;
+    case DType::int64: return 8;
   }
   return 0;
 }

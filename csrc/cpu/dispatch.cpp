@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "lora.h"
+#include "loss.h"
 #include "mixed.h"
 #include "nf4.h"
 
@@ -23,6 +24,8 @@ namespace lowrank::cpu {
   void nf4_rows(const Nf4RowsArgs& a, int num_threads);               \
   void nf4_input_grad(const Nf4InputGradArgs& a, int num_threads);    \
   void mixed_rows(const MixedRowsArgs& a, int num_threads);           \
+  void cross_entropy(const CrossEntropyArgs& a, int num_threads);     \
+  void cross_entropy_backward(const CrossEntropyBackwardArgs& a, int num_threads); \
   }
 LOWRANK_DECLARE_ISA(portable)
 LOWRANK_DECLARE_ISA(avx2)
@@ -40,18 +43,20 @@ struct Variant {
   void (*nf4_rows)(const Nf4RowsArgs&, int);
   void (*nf4_input_grad)(const Nf4InputGradArgs&, int);
   void (*mixed_rows)(const MixedRowsArgs&, int);
+  void (*cross_entropy)(const CrossEntropyArgs&, int);
+  void (*cross_entropy_backward)(const CrossEntropyBackwardArgs&, int);
 };
 
 static const Variant kVariants[] = {
     {"portable", &portable::lora_rows, &portable::lora_input_grad, &portable::adapter_products, &portable::nf4_quantize, &portable::nf4_double_quant,
      &portable::nf4_dequantize, &portable::nf4_rows, &portable::nf4_input_grad,
-     &portable::mixed_rows},
+     &portable::mixed_rows, &portable::cross_entropy, &portable::cross_entropy_backward},
     {"avx2", &avx2::lora_rows, &avx2::lora_input_grad, &avx2::adapter_products, &avx2::nf4_quantize, &avx2::nf4_double_quant,
      &avx2::nf4_dequantize, &avx2::nf4_rows, &avx2::nf4_input_grad,
-     &avx2::mixed_rows},
+     &avx2::mixed_rows, &avx2::cross_entropy, &avx2::cross_entropy_backward},
     {"avx512", &avx512::lora_rows, &avx512::lora_input_grad, &avx512::adapter_products, &avx512::nf4_quantize, &avx512::nf4_double_quant,
      &avx512::nf4_dequantize, &avx512::nf4_rows, &avx512::nf4_input_grad,
-     &avx512::mixed_rows},
+     &avx512::mixed_rows, &avx512::cross_entropy, &avx512::cross_entropy_backward},
 };
 
 static bool cpu_supports(const std::string& name) {
@@ -272,6 +277,20 @@ void nf4_rows_cpu(const Nf4RowsArgs& a, int num_threads) {
   validate_nf4_rows(a, /*cuda=*/false);
   if (a.out.rows == 0 || a.out.cols == 0) return;
   cpu::active()->nf4_rows(a, num_threads);
+}
+
+void cross_entropy_cpu(const CrossEntropyArgs& a, int num_threads) {
+  validate_cross_entropy(a, /*cuda=*/false);
+  check_labels_host(a.labels, a.logits.cols, a.ignore_index);
+  if (a.logits.rows == 0) return;  // with no classes every label is ignore_index: every row is 0
+  cpu::active()->cross_entropy(a, num_threads);
+}
+
+void cross_entropy_backward_cpu(const CrossEntropyBackwardArgs& a, int num_threads) {
+  validate_cross_entropy_backward(a, /*cuda=*/false);
+  check_labels_host(a.labels, a.logits.cols, a.ignore_index);
+  if (a.logits.rows == 0 || a.logits.cols == 0) return;
+  cpu::active()->cross_entropy_backward(a, num_threads);
 }
 
 }  // namespace lowrank

@@ -36,6 +36,15 @@ inline bf16_t float_to_bf16(float f) {
   return bf16_t(u >> 16);
 }
 
+// exp(x) for fp32 (vexp below, one algorithm in every variant): n = round(x·log2 e), r = x − n·ln 2 in
+// two parts (Cody-Waite: n·kLn2Hi is exact for |n| < 2^15), exp(r) by its Taylor polynomial of degree 7
+// on |r| ≤ ln2/2 (truncation ≤ 5e-9 relative), times 2^n built in the exponent field. Results below
+// FLT_MIN (x < kExpMin) are 0, exactly: -inf gives 0, NaN stays NaN. Valid for x ≤ 88 (the callers
+// pass x − max ≤ 0); larger x is clamped.
+constexpr float kExpMin = -87.0f, kExpMax = 88.0f;
+constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kExpC[8] = {1.0f, 1.0f, 0.5f, 1.0f / 6, 1.0f / 24, 1.0f / 120, 1.0f / 720, 1.0f / 5040};
+
 inline float load_scalar(const float* p) { return *p; }
 inline float load_scalar(const bf16_t* p) { return bf16_to_float(*p); }
 inline void store_scalar(float* p, float v) { *p = v; }
@@ -70,6 +79,22 @@ inline Vec vfma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; 
 inline Vec vadd(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline Vec vmul(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
 inline float vsum(Vec a) { return _mm512_reduce_add_ps(a.v); }
+inline Vec vsub(Vec a, Vec b) { return {_mm512_sub_ps(a.v, b.v)}; }
+// max(a, b) lane by lane; b where either is NaN (the instruction's rule, in every variant).
+inline Vec vmax(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
+inline float vhmax(Vec a) { return _mm512_reduce_max_ps(a.v); }
+inline Vec vexp(Vec x) {
+  const __m512 lo = _mm512_set1_ps(kExpMin);
+  const __m512 xc = _mm512_min_ps(_mm512_set1_ps(kExpMax), _mm512_max_ps(lo, x.v));  // NaN passes through
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(kExpC[7]);
+  for (int i = 6; i >= 0; --i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpC[i]));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  const __m512 y = _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+  return {_mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x.v, lo, _CMP_LT_OQ), _mm512_setzero_ps())};
+}
 inline void vprefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
 // AVX512-BF16 (vdpbf16ps, vcvtne2ps2bf16) is not part of this variant's baseline: the kernels that use
@@ -122,6 +147,26 @@ inline float vsum(Vec a) {
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
 }
+inline Vec vsub(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline Vec vmax(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
+inline float vhmax(Vec a) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+}
+inline Vec vexp(Vec x) {
+  const __m256 lo = _mm256_set1_ps(kExpMin);
+  const __m256 xc = _mm256_min_ps(_mm256_set1_ps(kExpMax), _mm256_max_ps(lo, x.v));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(kExpC[7]);
+  for (int i = 6; i >= 0; --i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpC[i]));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  const __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  return {_mm256_andnot_ps(_mm256_cmp_ps(x.v, lo, _CMP_LT_OQ), y)};
+}
 inline void vprefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
 #else
@@ -169,6 +214,39 @@ inline float vsum(Vec a) {
   float s = 0.f;
   for (int i = 0; i < 8; ++i) s += a.v[i];
   return s;
+}
+inline Vec vsub(Vec a, Vec b) {
+  for (int i = 0; i < 8; ++i) a.v[i] -= b.v[i];
+  return a;
+}
+inline Vec vmax(Vec a, Vec b) {
+  for (int i = 0; i < 8; ++i) a.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i];
+  return a;
+}
+inline float vhmax(Vec a) {
+  float m = a.v[0];
+  for (int i = 1; i < 8; ++i) m = a.v[i] > m ? a.v[i] : m;
+  return m;
+}
+inline Vec vexp(Vec x) {
+  Vec y;
+  for (int i = 0; i < 8; ++i) {
+    const float xi = x.v[i];
+    if (!(xi >= kExpMin)) {  // below FLT_MIN's logarithm, or NaN (no float-to-int of a NaN)
+      y.v[i] = xi != xi ? xi : 0.0f;
+      continue;
+    }
+    const float xc = xi > kExpMax ? kExpMax : xi;
+    const float n = __builtin_nearbyintf(xc * kLog2e);
+    const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
+    float p = kExpC[7];
+    for (int c = 6; c >= 0; --c) p = p * r + kExpC[c];
+    const uint32_t bits = uint32_t(int32_t(n) + 127) << 23;
+    float two_n;
+    std::memcpy(&two_n, &bits, 4);
+    y.v[i] = p * two_n;
+  }
+  return y;
 }
 inline void vprefetch(const void* p) { __builtin_prefetch(p); }
 #endif

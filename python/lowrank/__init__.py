@@ -6,6 +6,7 @@ hand-written C++ (CPU) and CUDA kernels.
     qlayer = lowrank.QLoRALinear.from_linear(linear, r=16)       # NF4 base + LoRA (QLoRA)
     vlayer = lowrank.VeRALinear(4096, 4096, r=256)               # or VeRALinear.from_linear(linear)
     lowrank.inject(model, lowrank.LoRAConfig(r=16))              # adapters into a whole model (lowrank.adapters)
+    lowrank.fast_loss(model)                                     # a causal LM's loss on lowrank's kernels
     lowrank.info()                                               # what was built, what runs here
 """
 
@@ -14,6 +15,7 @@ import torch  # noqa: F401  (first: _C's libgomp.so.1 must bind to the OpenMP ru
 from . import _C
 from ._info import info
 from .autograd import LoRALinearFunction, NF4LinearFunction, VeRALinearFunction
+from .loss import CrossEntropyFunction, causal_lm_loss, cross_entropy, fast_loss
 from .layers import LoRALinear, NF4Linear, QLoRALinear, VeRALinear, quantize_nf4, vera_shared_projections
 from .adapters import *  # noqa: F401,F403  (the model-level API: inject, set_adapter, save_adapter, ...)
 from .adapters import __all__ as _adapters_all
@@ -30,6 +32,10 @@ __all__ = [
     "VeRALinear",
     "VeRALinearFunction",
     "vera_shared_projections",
+    "CrossEntropyFunction",
+    "cross_entropy",
+    "causal_lm_loss",
+    "fast_loss",
     "info",
     "__version__",
     *_adapters_all,

@@ -20,6 +20,7 @@ _DTYPES = {
     torch.float16: _C.DType.float16,
     torch.uint8: _C.DType.uint8,
     torch.int32: _C.DType.int32,
+    torch.int64: _C.DType.int64,
 }
 
 

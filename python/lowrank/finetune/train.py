@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 import lowrank
 
@@ -87,11 +86,12 @@ def collate(enc: Encoded, index: list[int], pad_id: int, device) -> tuple[torch.
 
 
 def completion_loss(model, ids, attn, target, reduction="mean"):
-    """Cross-entropy of the completion tokens, the output head applied to their positions only."""
+    """Cross-entropy of the completion tokens, the output head applied to their positions only, on
+    lowrank's loss kernels (fp32, as F.cross_entropy(logits.float(), ...), without the fp32 copies)."""
     hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
     sel = target[:, 1:]
     logits = model.get_output_embeddings()(hidden[:, :-1][sel])
-    return F.cross_entropy(logits.float(), ids[:, 1:][sel], reduction=reduction)
+    return lowrank.cross_entropy(logits, ids[:, 1:][sel], reduction=reduction)
 
 
 @torch.no_grad()

@@ -11,9 +11,11 @@ VeRA (lowrank/ops/vera.py): vera_linear_forward, vera_linear_backward_adapter (i
 lora_linear_backward_input).
 
 Mixed-adapter batches (lowrank/ops/mixed.py): mixed_linear_forward (a different adapter per row).
+
+The language-model loss (lowrank/ops/loss.py): cross_entropy_forward, cross_entropy_backward.
 """
 
-from . import lora, mixed, nf4, vera
+from . import lora, loss, mixed, nf4, vera
 from .lora import (
     lora_linear_backward_adapter,
     lora_linear_backward_adapter_reference,
@@ -32,6 +34,7 @@ from .vera import (
 
 __all__ = [
     "lora",
+    "loss",
     "mixed",
     "nf4",
     "vera",

@@ -1,0 +1,379 @@
+"""lowrank's cross-entropy (ops/loss.py, csrc/cpu/cross_entropy.cpp, csrc/cuda/cross_entropy.cu) against
+float64, against torch's and transformers' losses, on bad input, and as a causal LM's loss."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lowrank
+from lowrank import _C
+from lowrank.ops import loss as loss_ops
+
+from conftest import HAS_CUDA, device_dtype_params, dtype_name, max_error
+
+# (rows, classes): one element, fewer classes than a vector, a vector and a tail, SmolLM2's vocabulary.
+SHAPES = [(1, 1), (3, 7), (17, 15), (5, 33), (9, 257), (40, 1000), (3, 49152)]
+EPS32 = 2.0**-24
+
+
+def _exact(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, grad_loss: torch.Tensor):
+    """(loss, lse, grad) in float64 from the logits' own values."""
+    x = logits.detach().double()
+    valid = labels != ignore_index
+    lse = torch.logsumexp(x, dim=1)
+    picked = x.gather(1, torch.where(valid, labels, 0)[:, None])[:, 0]
+    loss = torch.where(valid, lse - picked, 0.0)
+    p = torch.exp(x - lse[:, None])
+    one_hot = torch.zeros_like(p).scatter_(1, torch.where(valid, labels, 0)[:, None], 1.0)
+    grad = torch.where(valid[:, None], (p - one_hot) * grad_loss.double()[:, None], 0.0)
+    return loss, torch.where(valid, lse, 0.0), grad
+
+
+def _torch_fp32(logits, labels, ignore_index, grad_loss):
+    """torch's own fp32 computation (what transformers runs), rounded as the kernels' outputs are."""
+    x = logits.detach().float().requires_grad_()
+    rows = F.cross_entropy(x, labels, ignore_index=ignore_index, reduction="none")
+    rows.backward(grad_loss.float())
+    return rows.detach(), x.grad.to(logits.dtype)
+
+
+def _check_against_float64(logits, labels, ignore_index=-100):
+    n, v = logits.shape
+    grad_loss = torch.rand(n, device=logits.device) + 0.5
+    loss, lse = loss_ops._forward_native(logits, labels, ignore_index)
+    grad = loss_ops._backward_native(grad_loss, logits, labels, lse, ignore_index)
+    assert loss.dtype == lse.dtype == torch.float32 and grad.dtype == logits.dtype
+    exact_loss, exact_lse, exact_grad = _exact(logits, labels, ignore_index, grad_loss)
+    torch_loss, torch_grad = _torch_fp32(logits, labels, ignore_index, grad_loss)
+    scale = logits.detach().double().abs().amax(dim=1) + math.log(max(v, 1)) + 1.0  # |terms| of lse − x[label]
+    # fp32 roundings of the loss: at most 3x torch's own error, or a few roundings of its terms.
+    floor = 8 * EPS32 * scale.max().item()
+    assert max_error(loss, exact_loss) <= 3 * max_error(torch_loss, exact_loss) + floor
+    valid = labels != ignore_index
+    assert max_error(lse[valid], exact_lse[valid]) <= floor
+    assert torch.equal(loss[~valid].cpu(), torch.zeros(int((~valid).sum()))), "ignored rows give 0"
+    grad_floor = 8 * EPS32 * exact_grad.abs().max().item() + 16 * EPS32 * scale.max().item() * grad_loss.max().item()
+    assert max_error(grad, exact_grad) <= 3 * max_error(torch_grad, exact_grad) + grad_floor
+    assert torch.all(grad[~valid] == 0), "ignored rows take no gradient"
+    return loss, lse, grad
+
+
+@pytest.mark.parametrize("n,v", SHAPES, ids=[f"{n}x{v}" for n, v in SHAPES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+def test_each_cpu_isa_matches_float64(cpu_isa, dtype, n, v):
+    logits = (torch.randn(n, v) * 4).to(dtype)
+    labels = torch.randint(0, v, (n,))
+    if n > 2:
+        labels[1] = -100
+    _check_against_float64(logits, labels)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+def test_strided_rows_and_ignore_index(device, dtype):
+    wide = (torch.randn(11, 300, device=device) * 3).to(dtype)
+    logits = wide[:, 7:264]  # rows 300 elements apart, starting mid-row
+    assert not logits.is_contiguous()
+    labels = torch.randint(0, 257, (11,), device=device)
+    labels[::3] = 5  # ignore_index 5 is also a class: rows labelled 5 are ignored, not scored
+    _check_against_float64(logits, labels, ignore_index=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+def test_extreme_logits(cpu_isa, dtype):
+    v = 70
+    logits = torch.randn(6, v).to(dtype)
+    logits[0] *= 1e4  # a spread far past exp's range: only the max term counts
+    logits[1, 3:40] = float("-inf")  # a masked vocabulary
+    logits[2] += 1e4  # every logit large: the max is subtracted first
+    logits[3] = -1e4 - logits[3].abs()
+    labels = torch.tensor([5, 50, 7, 8, 9, 10])
+    loss, lse, grad = _check_against_float64(logits, labels)
+    assert torch.all(grad[1, 3:40] == 0), "exp(-inf) is exactly 0"
+    assert torch.isfinite(loss).all()
+
+
+def test_nan_and_inf_propagate_as_torch():
+    logits = torch.randn(3, 40)
+    logits[0, 17] = float("nan")
+    logits[1, 2] = float("-inf")  # the label's own logit is -inf: an infinite loss
+    labels = torch.tensor([3, 2, 4])
+    loss, lse = loss_ops._forward_native(logits, labels, -100)
+    expected = F.cross_entropy(logits, labels, reduction="none")
+    assert torch.isnan(loss[0]) and torch.isnan(expected[0])
+    assert loss[1] == float("inf") and expected[1] == float("inf")
+    assert torch.isfinite(loss[2])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=dtype_name)
+def test_functional_matches_torch(dtype, reduction):
+    logits = (torch.randn(2, 9, 130) * 2).to(dtype).requires_grad_()
+    labels = torch.randint(0, 130, (2, 9))
+    labels[0, :4] = -100
+    got = lowrank.cross_entropy(logits, labels, reduction=reduction)
+    weights = torch.rand(2, 9, dtype=torch.float64)
+    if reduction == "none":
+        (got.double() * weights).sum().backward()
+    else:
+        got.backward()
+    mine = logits.grad.clone()
+    logits.grad = None
+    x64 = logits.detach().double().requires_grad_()
+    want = F.cross_entropy(x64.reshape(-1, 130), labels.reshape(-1), reduction=reduction)
+    want = want.reshape(2, 9) if reduction == "none" else want
+    if reduction == "none":
+        (want * weights).sum().backward()
+    else:
+        want.backward()
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-5)
+    assert torch.allclose(got.double(), want.detach(), rtol=tol, atol=tol)
+    grad_tol = {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 2 ** -8)
+    assert torch.allclose(mine.double(), x64.grad, rtol=grad_tol, atol=grad_tol * x64.grad.abs().max().item())
+
+
+def test_mean_over_no_labels_is_nan_as_torch():
+    logits = torch.randn(4, 10, requires_grad=True)
+    labels = torch.full((4,), -100)
+    got = lowrank.cross_entropy(logits, labels)
+    assert torch.isnan(got) and torch.isnan(F.cross_entropy(logits, labels))
+    assert lowrank.cross_entropy(logits, labels, reduction="sum") == 0
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+def test_empty_and_classless(device, dtype):
+    logits = torch.randn(0, 50, device=device, dtype=dtype, requires_grad=True)
+    got = lowrank.cross_entropy(logits, torch.zeros(0, dtype=torch.int64, device=device), reduction="sum")
+    got.backward()
+    assert got == 0 and logits.grad.shape == (0, 50)
+    none = torch.randn(3, 0, device=device, dtype=dtype, requires_grad=True)
+    rows = lowrank.cross_entropy(none, torch.full((3,), -100, device=device), reduction="none")
+    assert torch.equal(rows.cpu(), torch.zeros(3))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [49152, -1, -101], ids=["too-large", "negative", "not-ignore"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_name)
+def test_labels_outside_the_classes_are_refused(dtype, bad):
+    logits = torch.randn(4, 49152, dtype=dtype)
+    labels = torch.tensor([1, 2, bad, 3])
+    with pytest.raises(ValueError, match=r"labels: .* at position 2 is not a class in \[0, 49152\)"):
+        lowrank.cross_entropy(logits, labels)
+    with pytest.raises(ValueError, match="labels: .* at position 2"):  # the op (fp64: its reference)
+        loss_ops.cross_entropy_forward(logits, labels, -100)
+    if dtype != torch.float64:  # and the binding itself, which never trusts its caller
+        with pytest.raises(ValueError, match="labels: .* at position 2"):
+            _C.cross_entropy_cpu(*_matrices(logits, labels), -100, 1)
+
+
+def _matrices(logits, labels):
+    from lowrank._validate import matrix
+
+    n = logits.shape[0]
+    out = torch.empty(n), torch.empty(n)
+    return matrix("logits", logits), matrix("labels", labels), matrix("loss", out[0]), matrix("lse", out[1])
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(labels=torch.zeros(4, dtype=torch.int32)), TypeError, "labels: expected dtype int64"),
+        (dict(labels=torch.zeros(5, dtype=torch.int64)), ValueError, r"labels: expected shape \[4\]"),
+        (dict(logits=torch.zeros(4, 10, dtype=torch.int64)), TypeError, "logits: expected dtype"),
+        (dict(logits=torch.tensor(1.0)), ValueError, "logits: expected at least 1 dimension"),
+        (dict(reduction="avg"), ValueError, "reduction: expected one of mean, sum, none"),
+        (dict(ignore_index=-100.0), TypeError, "ignore_index: expected an int"),
+        (dict(logits=[1.0, 2.0]), TypeError, "logits: expected a torch.Tensor"),
+        (dict(labels=[1, 2, 3, 4]), TypeError, "labels: expected a torch.Tensor"),
+    ],
+)
+def test_bad_arguments_name_themselves(kwargs, error, match):
+    args = dict(logits=torch.randn(4, 10), labels=torch.randint(0, 10, (4,)), ignore_index=-100, reduction="mean")
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        lowrank.cross_entropy(**args)
+
+
+def test_binding_refuses_mismatched_views():
+    from lowrank._validate import matrix
+
+    logits, labels = torch.randn(4, 10), torch.randint(0, 10, (4,))
+    short = torch.empty(3)
+    with pytest.raises(ValueError, match=r"loss: expected shape \[1, 4\]"):
+        _C.cross_entropy_cpu(matrix("logits", logits), matrix("labels", labels), matrix("loss", short),
+                             matrix("lse", torch.empty(4)), -100, 1)  # fmt: skip
+    with pytest.raises(ValueError, match="labels: expected int64"):
+        _C.cross_entropy_cpu(matrix("logits", logits), matrix("labels", labels.int()), matrix("loss", torch.empty(4)),
+                             matrix("lse", torch.empty(4)), -100, 1)  # fmt: skip
+    with pytest.raises(ValueError, match="grad: expected logits' dtype"):
+        _C.cross_entropy_backward_cpu(matrix("grad", torch.empty(4, 10, dtype=torch.bfloat16)), matrix("logits", logits),
+                                      matrix("labels", labels), matrix("lse", torch.empty(4)),
+                                      matrix("grad_loss", torch.empty(4)), -100, 1)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The backward's reused gradient buffer never overwrites a gradient somebody holds
+# ---------------------------------------------------------------------------------------------
+def test_a_held_gradient_is_never_overwritten():
+    v = 4096  # 128 rows x 4096 fp32: 2 MB, past the reuse threshold
+    logits = torch.randn(128, v, requires_grad=True)
+    labels = torch.randint(0, v, (128,))
+    lowrank.cross_entropy(logits, labels).backward()
+    first = logits.grad  # held by the leaf: the next backward must not reuse its memory
+    kept = first.clone()
+    logits.grad = None
+    with torch.no_grad():
+        logits.mul_(3)
+    lowrank.cross_entropy(logits, labels).backward()
+    assert torch.equal(first, kept)
+    assert not torch.equal(logits.grad, kept)
+    # Once nothing holds it, the storage is used again (so a training step allocates nothing new).
+    del first
+    second_ptr = logits.grad.data_ptr()
+    logits.grad = None
+    lowrank.cross_entropy(logits, labels).backward()
+    assert logits.grad.data_ptr() == second_ptr
+    hooked = []
+    h = logits.register_hook(lambda g: hooked.append(g))
+    logits.grad = None
+    lowrank.cross_entropy(logits, labels).backward()
+    h.remove()
+    kept = hooked[0].clone()
+    logits.grad = None
+    lowrank.cross_entropy(logits * 2, labels).backward()
+    assert torch.equal(hooked[0], kept), "a gradient kept by a hook is not reused"
+    loss_ops.release_workspace()
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library: schema, fake kernels, autograd registration
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_name)
+def test_opcheck(dtype):
+    logits = torch.randn(6, 37, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, 37, (6,))
+    labels[2] = -100
+    torch.library.opcheck(torch.ops.lowrank.cross_entropy_forward, (logits, labels, -100))
+    loss, lse = torch.ops.lowrank.cross_entropy_forward(logits.detach(), labels, -100)
+    torch.library.opcheck(torch.ops.lowrank.cross_entropy_backward, (torch.rand(6, dtype=lse.dtype), logits.detach(), labels, lse, -100))
+
+
+def test_gradcheck_float64():
+    logits = torch.randn(5, 11, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([1, -100, 10, 0, 4])
+    assert torch.autograd.gradcheck(lambda x: torch.ops.lowrank.cross_entropy_forward(x, labels, -100)[0], (logits,))
+    assert torch.autograd.gradcheck(lambda x: lowrank.cross_entropy(x, labels), (logits,))
+
+
+def test_compiles():
+    logits = torch.randn(8, 300, requires_grad=True)
+    labels = torch.randint(0, 300, (8,))
+    fn = torch.compile(lambda x, y: lowrank.cross_entropy(x, y), fullgraph=True, backend="aot_eager")
+    got = fn(logits, labels)
+    got.backward()
+    want = F.cross_entropy(logits.detach(), labels)
+    assert torch.allclose(got, want, rtol=1e-5)
+    assert logits.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers: causal_lm_loss against ForCausalLMLoss, fast_loss on whole models
+# ---------------------------------------------------------------------------------------------
+transformers = pytest.importorskip("transformers")
+from transformers.loss.loss_utils import ForCausalLMLoss  # noqa: E402
+
+
+@pytest.mark.parametrize("items", [None, 7, "tensor"])
+@pytest.mark.parametrize("shifted", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+def test_causal_lm_loss_matches_transformers(dtype, shifted, items):
+    v = 301
+    logits = (torch.randn(3, 10, v) * 2).to(dtype).requires_grad_()
+    labels = torch.randint(0, v, (3, 10))
+    labels[1, :3] = -100
+    kwargs = dict(num_items_in_batch=torch.tensor(7) if items == "tensor" else items)
+    if shifted:
+        kwargs["shift_labels"] = torch.randint(0, v, (3, 10))
+    mine = lowrank.causal_lm_loss(logits, labels, v, **kwargs)
+    mine.backward()
+    g_mine = logits.grad.clone()
+    logits.grad = None
+    theirs = ForCausalLMLoss(logits, labels, v, **kwargs)
+    theirs.backward()
+    assert mine.dtype == theirs.dtype == torch.float32
+    assert torch.allclose(mine, theirs, rtol=2e-6, atol=1e-6)
+    ulp = 2**-8 if dtype == torch.bfloat16 else 1e-6
+    assert torch.allclose(g_mine.double(), logits.grad.double(), rtol=ulp, atol=ulp * logits.grad.abs().max().item())
+
+
+def _tiny(arch: str, dtype=torch.float32):
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                       num_key_value_heads=2, vocab_size=517, tie_word_embeddings=True)  # fmt: skip
+        return transformers.LlamaForCausalLM(cfg).to(dtype)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=517, bos_token_id=0, eos_token_id=1,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
+    return transformers.GPT2LMHeadModel(cfg).to(dtype)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+def test_fast_loss_trains_the_same_model(arch, dtype):
+    import copy
+
+    model = lowrank.inject(_tiny(arch, dtype), lowrank.LoRAConfig(r=4, target_modules="all-linear"))
+    for p in model.parameters():  # nonzero B: the adapters take part
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    fast = lowrank.fast_loss(copy.deepcopy(model))
+    ids = torch.randint(0, 517, (2, 12))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    out_fast, out_plain = fast(input_ids=ids, labels=labels), model(input_ids=ids, labels=labels)
+    assert torch.equal(out_fast.logits, out_plain.logits), "the outputs keep their logits"
+    assert torch.allclose(out_fast.loss, out_plain.loss, rtol=1e-5, atol=1e-6)
+    out_fast.loss.backward()
+    out_plain.loss.backward()
+    tol = 2**-7 if dtype == torch.bfloat16 else 1e-5
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for n, p in fast.named_parameters():
+        if p.requires_grad:
+            ref = grads[n].double()
+            assert (p.grad.double() - ref).abs().max() <= tol * ref.abs().max() + 1e-9, n
+    assert lowrank.fast_loss(fast, enabled=False) is fast
+    assert fast.loss_function is ForCausalLMLoss
+
+
+def test_fast_loss_refuses_other_models():
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
+        lowrank.fast_loss("llama")
+    with pytest.raises(ValueError, match="has no transformers loss_function"):
+        lowrank.fast_loss(torch.nn.Linear(3, 3))
+    cfg = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=100, num_labels=3, pad_token_id=0)  # fmt: skip
+    classifier = transformers.LlamaForSequenceClassification(cfg)
+    with pytest.raises(ValueError, match="not a causal language model's cross-entropy"):
+        lowrank.fast_loss(classifier)
+    custom = _tiny("llama")
+    custom.loss_function = lambda *a, **k: 0
+    with pytest.raises(ValueError, match="its loss_function was set"):
+        lowrank.fast_loss(custom)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device and lowrank's CUDA kernels")
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=dtype_name)
+def test_cuda_matches_float64(dtype):
+    for n, v in SHAPES:
+        logits = (torch.randn(n, v, device="cuda") * 4).to(dtype)
+        labels = torch.randint(0, v, (n,), device="cuda")
+        _check_against_float64(logits, labels)
+    with pytest.raises(ValueError, match="labels"):
+        lowrank.cross_entropy(torch.randn(2, 5, device="cuda"), torch.tensor([0, 5], device="cuda"))
+
