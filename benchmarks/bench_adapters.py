@@ -56,7 +56,7 @@ from torch import nn
 
 import lowrank
 
-from ._memory_step import _reset_peak, _status_kb
+from ._memory_step import _reset_peak, _status_kb, fixed_allocator
 from ._peers import available
 from ._report import format_ms, format_ratio
 from ._timing import QUICK, benchmark_within_budget, interleaved_medians, interleaved_rounds, rounds_within
@@ -345,6 +345,7 @@ def test_full_finetuning_step_memory(summary_tables):
 
 def memory_step(method: str) -> dict:
     """One step of ``method`` in this process: VmHWM above the post-import baseline (see _memory_step)."""
+    fixed_allocator()
     step_call(full_finetuning_model(method, TINY), (2, 8), TINY)()  # code pages, thread pools: the baseline
     gc.collect()
     baseline_kb = _status_kb("VmRSS")

@@ -38,7 +38,10 @@ plain model's: below 1, lowrank is faster or smaller):
 - train step peak (fp32 only; bf16 halves what is stored): the step's peak resident memory (VmHWM)
   above the baseline, the model included, each method in a fresh process forked from a server that
   has only imported the libraries (so no process pays peft's 6 s import): after a tiny warm-up step of
-  the same method, the counter reset once the model is built (as benchmarks/_memory_step.py);
+  the same method, the counter reset once the model is built, every allocation of 64 KiB or more its
+  own mmap so freed memory leaves at once (as benchmarks/_memory_step.py: the memory in use, not
+  what glibc's adaptive heap kept, which made the same step read up to 1.34x more in one process
+  than another);
 - decode: greedy ``generate`` of 32 new tokens after a 16-token prompt, batch 1, eval, ``no_grad``,
   reported per new token (the prompt's prefill, about one decode step's cost, is in the time);
 - prefill: one forward of 1 x 512 tokens, eval, ``no_grad``, logits of the last position only
@@ -84,7 +87,7 @@ from torch import nn
 
 import lowrank
 
-from ._memory_step import _reset_peak, _status_kb
+from ._memory_step import _reset_peak, _status_kb, fixed_allocator
 from ._peers import available
 from ._report import cpu_name, dtype_label, format_ms, format_ratio
 from ._timing import QUICK, interleaved_medians, interleaved_rounds_warmed_once
@@ -493,7 +496,9 @@ def test_train_step(case, summary_tables):
 
 def step_memory(arch: str, method: str, dtype: torch.dtype, tiny: bool) -> dict:
     """One training step of ``method`` in this (fresh) process: its peak resident memory above the
-    baseline, in MB (see benchmarks/_memory_step.py)."""
+    baseline, in MB (see benchmarks/_memory_step.py: large allocations are each their own mmap here, so
+    the reading is memory in use, not what glibc's heap kept)."""
+    fixed_allocator()
     # a tiny step of the same method first: code pages, thread pools, caches go into the baseline
     step_call(build(method, base_model(arch, dtype, tiny=True)).train(), (2, 8), shape(arch, tiny=True))()
     gc.collect()

@@ -40,3 +40,19 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+
+
+def fix_mmap_threshold(nbytes: int = 64 << 10) -> bool:
+    """Serve every allocation of ``nbytes`` or more with its own mmap, returned to the system when freed
+    (glibc's ``mallopt(M_MMAP_THRESHOLD)``, which also stops glibc from raising the threshold as large
+    blocks are freed). The resident size then follows the memory in use instead of what the adaptive
+    threshold happened to keep: a peak reading compares what two programs allocate, not their
+    allocation histories. Costs page faults on every large allocation; for measuring processes only.
+    False where it cannot be set."""
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(nbytes)) == 1
+    except (OSError, AttributeError):
+        return False
