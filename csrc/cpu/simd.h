@@ -228,23 +228,24 @@ inline float vhmax(Vec a) {
   for (int i = 1; i < 8; ++i) m = a.v[i] > m ? a.v[i] : m;
   return m;
 }
+// Branch-free, so the compiler can vectorize it for the baseline target: the clamp by comparisons (a
+// NaN becomes the lower bound, so none reaches the float-to-int conversion; it is put back at the end),
+// rounding to nearest by adding and subtracting 1.5·2^23 (|x·log2 e| < 2^22 here).
 inline Vec vexp(Vec x) {
   Vec y;
   for (int i = 0; i < 8; ++i) {
     const float xi = x.v[i];
-    if (!(xi >= kExpMin)) {  // below FLT_MIN's logarithm, or NaN (no float-to-int of a NaN)
-      y.v[i] = xi != xi ? xi : 0.0f;
-      continue;
-    }
-    const float xc = xi > kExpMax ? kExpMax : xi;
-    const float n = __builtin_nearbyintf(xc * kLog2e);
+    float xc = xi > kExpMin ? xi : kExpMin;
+    xc = xc < kExpMax ? xc : kExpMax;
+    const float n = (xc * kLog2e + 12582912.0f) - 12582912.0f;
     const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
-    float p = kExpC[7];
-    for (int c = 6; c >= 0; --c) p = p * r + kExpC[c];
+    const float p = kExpC[0] + r * (kExpC[1] + r * (kExpC[2] + r * (kExpC[3] + r * (kExpC[4] + r * (kExpC[5] +
+                    r * (kExpC[6] + r * kExpC[7]))))));  // (written out: a loop here keeps GCC from vectorizing)
     const uint32_t bits = uint32_t(int32_t(n) + 127) << 23;
     float two_n;
     std::memcpy(&two_n, &bits, 4);
-    y.v[i] = p * two_n;
+    const float e = xi < kExpMin ? 0.0f : p * two_n;
+    y.v[i] = xi != xi ? xi : e;
   }
   return y;
 }
