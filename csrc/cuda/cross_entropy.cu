@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "cuda/convert.cuh"
 #include "cuda/cuda_common.h"
 #include "loss.h"
 
@@ -17,15 +18,6 @@ namespace lowrank::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-
-template <class T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
 
 // The block's max (kMax) or sum of v, returned to every thread. NaN propagates through the max.
 template <bool kMax>

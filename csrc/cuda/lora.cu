@@ -18,6 +18,7 @@
 
 #include <cstdint>
 
+#include "cuda/convert.cuh"
 #include "cuda/cuda_common.h"
 #include "lora.h"
 
@@ -26,15 +27,6 @@ namespace {
 
 constexpr int kWarpsPerBlock = 8;
 constexpr int kMTile = 8;  // x rows per pass over a w row; larger M loops over tiles
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-
-template <class T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
 
 // 16 bytes of T as fp32: 4 floats or 8 halves.
 template <class T>

@@ -39,6 +39,7 @@
 #include <string>
 #include <vector>
 
+#include "cuda/convert.cuh"
 #include "cuda/cuda_common.h"
 #include "mixed.h"
 
@@ -80,15 +81,6 @@ struct Plan {
 static_assert(sizeof(Plan) + 256 < 32764, "kernel parameters are limited to 32764 bytes");
 
 // ---- device helpers -------------------------------------------------------------------------------
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-
-template <class T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
 
 // Element i of a buffer whose dtype is a runtime tag.
 __device__ __forceinline__ float load_f32(const void* p, int dtype, int64_t i) {

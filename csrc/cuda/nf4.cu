@@ -37,6 +37,7 @@
 #include <cstdint>
 #include <string>
 
+#include "cuda/convert.cuh"
 #include "cuda/cuda_common.h"
 #include "nf4.h"
 
@@ -73,15 +74,6 @@ bool rows_aligned16(const Matrix& m) {
 }
 
 // ---- dtype conversions -----------------------------------------------------------------------------
-
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-
-template <class T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
 
 // Element i of a float32 / bfloat16 / float16 array whose dtype is only known at run time (bias and e:
 // read once per output or once per rank column, so a switch costs nothing measurable).
