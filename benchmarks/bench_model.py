@@ -34,7 +34,9 @@ plain model's: below 1, lowrank is faster or smaller):
 - train step, lowrank.fast_loss (time, and peak memory below): the same step, lowrank's models computing
   their loss with ``lowrank.fast_loss`` (lowrank's cross-entropy kernels: the same fp32 loss without
   transformers' fp32 copies of the logits), in the same interleaved run or set of fresh processes; the
-  peers and the plain model keep transformers' loss, so these rows say what a lowrank user gets;
+  peers and the plain model keep transformers' loss, so these rows say what a lowrank user gets; and
+  the same with ``fast_loss(model, keep_logits=False)``, the output head run inside the loss a chunk
+  of rows at a time, so the step never holds the whole logits matrix;
 - train step peak (fp32 only; bf16 halves what is stored): the step's peak resident memory (VmHWM)
   above the baseline, the model included, each method in a fresh process forked from a server that
   has only imported the libraries (so no process pays peft's 6 s import): after a tiny warm-up step of
@@ -240,12 +242,15 @@ LOWRANK_CONFIGS = {
 
 
 FAST_LOSS = "+fast-loss"  # a lowrank method's model whose loss runs on lowrank's kernels (lowrank.fast_loss)
+FUSED_HEAD = "+fused-head"  # ...and whose output head runs inside the loss (fast_loss(keep_logits=False))
 
 
 def build(method: str, base: nn.Module) -> nn.Module:
     """``method`` over ``base`` (changed in place; pass a copy to keep it). Eval mode."""
     if method.endswith(FAST_LOSS):
         return lowrank.fast_loss(build(method.removesuffix(FAST_LOSS), base))
+    if method.endswith(FUSED_HEAD):
+        return lowrank.fast_loss(build(method.removesuffix(FUSED_HEAD), base), keep_logits=False)
     if method in LOWRANK_CONFIGS:
         model = lowrank.inject(base, LOWRANK_CONFIGS[method]())
     elif method.startswith("peft-"):
@@ -270,14 +275,16 @@ def methods_for(dtype: torch.dtype, plain: str, training: bool) -> list[str]:
 
 
 def with_fast_loss(methods: list[str], dtype: torch.dtype) -> list[str]:
-    """``methods`` and, for each lowrank method among them, the same with lowrank's loss (FAST_LOSS)."""
-    return methods + [row.mine + FAST_LOSS for row in rows_for(dtype) if row.mine in methods]
+    """``methods`` and, for each lowrank method among them, the same with lowrank's loss (FAST_LOSS) and
+    with the output head fused into it (FUSED_HEAD)."""
+    mine = [row.mine for row in rows_for(dtype) if row.mine in methods]
+    return methods + [m + FAST_LOSS for m in mine] + [m + FUSED_HEAD for m in mine]
 
 
-def fast_loss_values(values: dict[str, float], dtype: torch.dtype) -> dict[str, float]:
-    """``values`` with each lowrank method's entry taken from its FAST_LOSS run (the peers' stay)."""
-    return {**values, **{row.mine: values[row.mine + FAST_LOSS] for row in rows_for(dtype)
-                         if row.mine + FAST_LOSS in values}}  # fmt: skip
+def fast_loss_values(values: dict[str, float], dtype: torch.dtype, suffix: str = FAST_LOSS) -> dict[str, float]:
+    """``values`` with each lowrank method's entry taken from its ``suffix`` run (the peers' stay)."""
+    return {**values, **{row.mine: values[row.mine + suffix] for row in rows_for(dtype)
+                         if row.mine + suffix in values}}  # fmt: skip
 
 
 def build_all(arch: str, dtype: torch.dtype, methods: list[str]) -> dict[str, nn.Module]:
@@ -317,8 +324,10 @@ COLUMNS = ("metric", "method (peer)", "dtype", "lowrank", "peer", "plain", "lowr
 METRICS = {
     "train": f"train step {tokens_label(STEP_TOKENS)}, ms",
     "train_fast": f"train step {tokens_label(STEP_TOKENS)}, lowrank.fast_loss, ms",
+    "train_fused": f"train step {tokens_label(STEP_TOKENS)}, fast_loss(keep_logits=False), ms",
     "memory": f"train step {tokens_label(STEP_TOKENS)} peak, MB",
     "memory_fast": f"train step {tokens_label(STEP_TOKENS)} peak, lowrank.fast_loss, MB",
+    "memory_fused": f"train step {tokens_label(STEP_TOKENS)} peak, fast_loss(keep_logits=False), MB",
     "decode": f"decode {PROMPT_TOKENS}+{NEW_TOKENS}, ms/token",
     "prefill": f"prefill {tokens_label(PREFILL_TOKENS)}, tokens/s",
 }
@@ -338,7 +347,8 @@ def model_table(summary_tables, arch: str):
             "projections' weights and biases)",
             "peak MB: one step in a fresh process per method, above the process's baseline (the model included)",
             "lowrank.fast_loss rows: lowrank's models compute their loss on lowrank's cross-entropy kernels, the "
-            "peers and the plain model on transformers' (the same runs as the rows above them, interleaved)",
+            "peers and the plain model on transformers' (the same runs as the rows above them, interleaved); "
+            "keep_logits=False: the output head runs inside the loss, a chunk of rows at a time",
         ]
     return table
 
@@ -346,7 +356,7 @@ def model_table(summary_tables, arch: str):
 def display(metric: str, value: Optional[float]) -> str:
     if value is None:
         return "—"
-    if metric in ("memory", "memory_fast"):
+    if metric in ("memory", "memory_fast", "memory_fused"):
         return f"{value:.0f}"
     if metric == "decode":
         return format_ms(value / NEW_TOKENS)
@@ -365,7 +375,7 @@ def add_rows(table, metric: str, dtype: torch.dtype, values: dict[str, float], p
     """One row per method of ``dtype``: lowrank, its peer (none for full fine-tuning at inference, where
     plain PyTorch's model is the plain model) and the plain model."""
     for row in rows_for(dtype):
-        has_peer = row.peer != PLAIN_TRAIN or metric in ("train", "train_fast", "memory", "memory_fast")
+        has_peer = row.peer != PLAIN_TRAIN or metric.startswith(("train", "memory"))
         mine, peer, base = values.get(row.mine), values.get(row.peer) if has_peer else None, values.get(plain)
         table.add_row(METRICS[metric], f"{row.label} ({row.peer_label})" if has_peer else row.label, dtype_label(dtype),
                       display(metric, mine), display(metric, peer), display(metric, base), format_ratio(mine, peer),
@@ -492,6 +502,7 @@ def test_train_step(case, summary_tables):
     table = model_table(summary_tables, arch)
     add_rows(table, "train", dtype, median, PLAIN_TRAIN, str(rounds))
     add_rows(table, "train_fast", dtype, fast_loss_values(median, dtype), PLAIN_TRAIN, str(rounds))
+    add_rows(table, "train_fused", dtype, fast_loss_values(median, dtype, FUSED_HEAD), PLAIN_TRAIN, str(rounds))
 
 
 def step_memory(arch: str, method: str, dtype: torch.dtype, tiny: bool) -> dict:
@@ -578,6 +589,7 @@ def test_train_step_memory(arch, summary_tables):
     table = model_table(summary_tables, arch)
     add_rows(table, "memory", dtype, peak, PLAIN_TRAIN, "fresh")
     add_rows(table, "memory_fast", dtype, fast_loss_values(peak, dtype), PLAIN_TRAIN, "fresh")
+    add_rows(table, "memory_fused", dtype, fast_loss_values(peak, dtype, FUSED_HEAD), PLAIN_TRAIN, "fresh")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ struct CrossEntropyArgs {
 };
 
 struct CrossEntropyBackwardArgs {
-  Matrix grad;       // [N, V] logits' dtype, out
+  Matrix grad;       // [N, V] logits' dtype, out; may be the logits themselves (in place)
   Matrix logits;     // [N, V]
   Matrix labels;     // [1, N] int64
   Matrix lse;        // [1, N] float32, from the forward

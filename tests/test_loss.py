@@ -377,3 +377,114 @@ def test_cuda_matches_float64(dtype):
     with pytest.raises(ValueError, match="labels"):
         lowrank.cross_entropy(torch.randn(2, 5, device="cuda"), torch.tensor([0, 5], device="cuda"))
 
+
+
+# ---------------------------------------------------------------------------------------------
+# fast_loss(model, keep_logits=False): the output head fused into the loss
+# ---------------------------------------------------------------------------------------------
+def _head_reference(hidden, weight, bias, labels, ignore_index, scale):
+    """float64: scale·Σ CE(hidden Wᵀ + b, labels) and its gradients."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    b = None if bias is None else bias.detach().double().requires_grad_()
+    logits = h @ w.t() + (0 if b is None else b)
+    loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum") * scale
+    loss.backward()
+    return loss.detach(), h.grad, w.grad, None if b is None else b.grad
+
+
+@pytest.mark.parametrize("chunk_bytes", [1 << 10, 16 << 20], ids=["many-chunks", "one-chunk"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=dtype_name)
+def test_head_loss_matches_float64(dtype, with_bias, chunk_bytes, monkeypatch):
+    monkeypatch.setattr(lowrank.loss, "_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(lowrank.loss, "_MIN_CHUNK_ROWS", 1)
+    n, d, v = 37, 24, 301
+    hidden = torch.randn(n, d).to(dtype).requires_grad_()
+    weight = (torch.randn(v, d) / 4).to(dtype).requires_grad_()
+    bias = torch.randn(v).to(dtype).requires_grad_() if with_bias else None
+    labels = torch.randint(0, v, (n,))
+    labels[::5] = -100
+    scale = 1.0 / int((labels != -100).sum())
+    got = lowrank.loss.HeadLossFunction.apply(hidden, weight, bias, labels, -100, scale)
+    (got * 3).backward()  # the backward scales by the incoming gradient
+    want, dh, dw, db = _head_reference(hidden, weight, bias, labels, -100, scale)
+    # bf16: logits, their gradient and the GEMMs round to bf16, as the unfused head does
+    tol = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 3e-2}[dtype]
+    assert abs(got.item() - want.item()) <= tol * max(1.0, abs(want.item()))
+    for name, g, ref in (("hidden", hidden.grad, dh), ("weight", weight.grad, dw), ("bias", None if bias is None else bias.grad, db)):
+        if ref is None:
+            continue
+        assert g.dtype == dtype, name
+        assert (g.double() - 3 * ref).abs().max() <= tol * (3 * ref).abs().max() + 1e-12, name
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+def test_fused_head_trains_the_same_model(arch, dtype, monkeypatch):
+    import copy
+
+    monkeypatch.setattr(lowrank.loss, "_CHUNK_BYTES", 4096)  # several chunks even on the tiny model
+    monkeypatch.setattr(lowrank.loss, "_MIN_CHUNK_ROWS", 1)
+    model = lowrank.inject(_tiny(arch, dtype), lowrank.LoRAConfig(r=4, target_modules="all-linear"))
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    fused = lowrank.fast_loss(copy.deepcopy(model), keep_logits=False)
+    ids = torch.randint(0, 517, (2, 12))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    for kwargs in ({}, {"num_items_in_batch": torch.tensor(9)}):
+        out_fused, out_plain = fused(input_ids=ids, labels=labels, **kwargs), model(input_ids=ids, labels=labels, **kwargs)
+        assert out_fused.logits is None, "a fused training forward keeps no logits"
+        tol = 2**-7 if dtype == torch.bfloat16 else 1e-5
+        assert torch.allclose(out_fused.loss, out_plain.loss, rtol=tol, atol=1e-6)
+        out_fused.loss.backward()
+        out_plain.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        for n, p in fused.named_parameters():
+            if p.requires_grad:
+                ref = grads[n].double()
+                assert (p.grad.double() - ref).abs().max() <= 2 * tol * ref.abs().max() + 1e-9, n
+        model.zero_grad(set_to_none=True)
+        fused.zero_grad(set_to_none=True)
+    with torch.no_grad():  # any other forward is the plain head's
+        assert torch.equal(fused(input_ids=ids, labels=labels).logits, model(input_ids=ids, labels=labels).logits)
+    fused.eval()
+    assert torch.equal(fused(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+    assert type(fused.get_output_embeddings()) is not torch.nn.Linear
+    assert "lm_head.weight" in fused.state_dict() or "transformer.wte.weight" in fused.state_dict()
+    lowrank.fast_loss(fused, enabled=False)
+    assert type(fused.get_output_embeddings()) is torch.nn.Linear
+    assert not fused._forward_pre_hooks and not fused._forward_hooks
+    assert fused.loss_function is ForCausalLMLoss
+
+
+def test_fused_head_with_a_trainable_head():
+    model = _tiny("llama")
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model.requires_grad_(False)
+    model.lm_head.requires_grad_(True)
+    import copy
+
+    fused = lowrank.fast_loss(copy.deepcopy(model).train(), keep_logits=False)
+    ids = torch.randint(0, 517, (3, 9))
+    fused(input_ids=ids, labels=ids).loss.backward()
+    model.train()(input_ids=ids, labels=ids).loss.backward()
+    ref = model.lm_head.weight.grad
+    assert (fused.lm_head.weight.grad - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_fused_head_refuses_what_it_cannot_do():
+    model = lowrank.fast_loss(_tiny("llama").train(), keep_logits=False)
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: out * 2.0)  # a soft cap of sorts
+    ids = torch.randint(0, 517, (1, 6))
+    with pytest.raises(RuntimeError, match="changes its logits between the output head and the loss"):
+        model(input_ids=ids, labels=ids)
+    handle.remove()
+    assert model(input_ids=ids, labels=ids).loss.isfinite()  # the state did not stick
+    other = _tiny("llama")
+    other.lm_head = torch.nn.Sequential(torch.nn.Linear(64, 517))
+    with pytest.raises(ValueError, match="keep_logits: the fused head needs an nn.Linear"):
+        lowrank.fast_loss(other, keep_logits=False)

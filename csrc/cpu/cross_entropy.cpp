@@ -112,6 +112,9 @@ struct BackwardJob {
       }
       const T* x = a.logits.data<T>() + i * a.logits.ld;
       const float l = a.lse.data<float>()[i], s = a.grad_loss.data<float>()[i];
+      const int64_t c = labels[i];
+      const float label_grad = (exp1(load_scalar(x + c) - l) - 1.0f) * s;  // softmax − one-hot, (p − 1)·s exactly;
+      // read before the row is written: grad may be the logits' own memory (each element is read, then written)
       const Vec vl = vset1(l), vs = vset1(s);
       int64_t j = 0;
       for (; j + 2 * W <= V; j += 2 * W) {
@@ -124,8 +127,7 @@ struct BackwardJob {
         vstore(buf, vmul(vexp(vsub(load_tail(x + j, V - j), vl)), vs));
         for (int64_t t = 0; t < V - j; ++t) store_scalar(g + j + t, buf[t]);
       }
-      const int64_t c = labels[i];
-      store_scalar(g + c, (exp1(load_scalar(x + c) - l) - 1.0f) * s);  // softmax − one-hot, (p − 1)·s exactly
+      store_scalar(g + c, label_grad);
     }
   }
 };

@@ -72,7 +72,7 @@ cross_entropy_kernel(const T* __restrict__ logits, int64_t ld, int64_t V, const 
 
 template <class T>
 __global__ void __launch_bounds__(kThreads)
-cross_entropy_backward_kernel(T* __restrict__ grad, int64_t ldg, const T* __restrict__ logits, int64_t ld, int64_t V,
+cross_entropy_backward_kernel(T* grad, int64_t ldg, const T* logits, int64_t ld, int64_t V,  // may alias: in place
                               const int64_t* __restrict__ labels, const float* __restrict__ lse,
                               const float* __restrict__ grad_loss, int64_t ignore_index) {
   const int64_t i = blockIdx.x;

@@ -203,12 +203,22 @@ def _backward_native(grad_loss, logits, labels, lse, ignore_index):
     _check_backward(grad_loss, logits, labels, lse, ignore_index)
     if not _native(logits):
         return cross_entropy_backward_reference(grad_loss, logits, labels, lse, ignore_index)
-    logits, labels, lse = last_dim_contiguous(logits), labels.contiguous(), lse.contiguous()
-    grad_loss = grad_loss.to(torch.float32).contiguous()  # often a stride-0 expand of a mean's scalar
     if logits.is_cuda:  # (torch's caching allocator reuses memory on CUDA)
         grad = _runtime.empty(*logits.shape, dtype=logits.dtype, device=logits.device)
     else:
         grad = _grad_buffer(logits.shape, logits.dtype)
+    return backward_into(grad, grad_loss, logits, labels, lse, ignore_index)
+
+
+def backward_into(grad: Tensor, grad_loss, logits, labels, lse, ignore_index) -> Tensor:
+    """The backward written into ``grad`` (contiguous rows, logits' shape and dtype), which may be the
+    logits themselves: the kernels read each element before they write it. Returns ``grad``."""
+    _check_backward(grad_loss, logits, labels, lse, ignore_index)
+    check_tensor("grad", grad, dtypes=(logits.dtype,), device=logits.device, shape=tuple(logits.shape))
+    if not _native(logits):
+        return grad.copy_(cross_entropy_backward_reference(grad_loss, logits, labels, lse, ignore_index))
+    logits, labels, lse = last_dim_contiguous(logits), labels.contiguous(), lse.contiguous()
+    grad_loss = grad_loss.to(torch.float32).contiguous()  # often a stride-0 expand of a mean's scalar
     args = (matrix("grad", grad), matrix("logits", logits), matrix("labels", labels), matrix("lse", lse),
             matrix("grad_loss", grad_loss), ignore_index)  # fmt: skip
     if logits.is_cuda:
