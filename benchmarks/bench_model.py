@@ -281,7 +281,7 @@ def with_fast_loss(methods: list[str], dtype: torch.dtype) -> list[str]:
     return methods + [m + FAST_LOSS for m in mine] + [m + FUSED_HEAD for m in mine]
 
 
-def fast_loss_values(values: dict[str, float], dtype: torch.dtype, suffix: str = FAST_LOSS) -> dict[str, float]:
+def variant_values(values: dict[str, float], dtype: torch.dtype, suffix: str) -> dict[str, float]:
     """``values`` with each lowrank method's entry taken from its ``suffix`` run (the peers' stay)."""
     return {**values, **{row.mine: values[row.mine + suffix] for row in rows_for(dtype)
                          if row.mine + suffix in values}}  # fmt: skip
@@ -501,8 +501,8 @@ def test_train_step(case, summary_tables):
     median = interleaved_medians(calls, rounds)
     table = model_table(summary_tables, arch)
     add_rows(table, "train", dtype, median, PLAIN_TRAIN, str(rounds))
-    add_rows(table, "train_fast", dtype, fast_loss_values(median, dtype), PLAIN_TRAIN, str(rounds))
-    add_rows(table, "train_fused", dtype, fast_loss_values(median, dtype, FUSED_HEAD), PLAIN_TRAIN, str(rounds))
+    add_rows(table, "train_fast", dtype, variant_values(median, dtype, FAST_LOSS), PLAIN_TRAIN, str(rounds))
+    add_rows(table, "train_fused", dtype, variant_values(median, dtype, FUSED_HEAD), PLAIN_TRAIN, str(rounds))
 
 
 def step_memory(arch: str, method: str, dtype: torch.dtype, tiny: bool) -> dict:
@@ -588,8 +588,8 @@ def test_train_step_memory(arch, summary_tables):
     peak = {m: in_fresh_process(step_memory, arch, m, dtype, QUICK)["peak_mb"] for m in methods}
     table = model_table(summary_tables, arch)
     add_rows(table, "memory", dtype, peak, PLAIN_TRAIN, "fresh")
-    add_rows(table, "memory_fast", dtype, fast_loss_values(peak, dtype), PLAIN_TRAIN, "fresh")
-    add_rows(table, "memory_fused", dtype, fast_loss_values(peak, dtype, FUSED_HEAD), PLAIN_TRAIN, "fresh")
+    add_rows(table, "memory_fast", dtype, variant_values(peak, dtype, FAST_LOSS), PLAIN_TRAIN, "fresh")
+    add_rows(table, "memory_fused", dtype, variant_values(peak, dtype, FUSED_HEAD), PLAIN_TRAIN, "fresh")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -89,20 +89,8 @@ _MIN_CHUNK_ROWS = 256
 _head_state = threading.local()  # defer: the next head call returns a stand-in; pending: one was returned
 
 
-def _chunk_buffer(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The chunk workspace: on the CPU one private buffer per thread, kept (fresh pages cost more than the
-    arithmetic there); on CUDA torch's caching allocator does that."""
-    if device.type != "cpu":
-        return torch.empty(numel, dtype=dtype, device=device)
-    buf = getattr(_head_state, "buf", None)
-    if buf is None or buf.dtype != dtype or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=dtype)
-        _head_state.buf = buf
-    return buf[:numel]
-
-
 class HeadLossFunction(torch.autograd.Function):
-    """``scale · Σ_i CE(hidden[i] Wᵀ + bias, labels[i])`` (fp32) with the logits made a chunk of rows at
+    """``scale · Σ_i CE(hidden[i] Wᵀ + bias, labels[i])`` (fp32; fp64 for fp64) with the logits made a chunk of rows at
     a time in one workspace and never kept: each chunk's logits (the head's GEMM, in hidden's dtype, as
     the head computes them), its per-row losses, then in the same memory its gradient ``scale·(softmax −
     one-hot)`` and from it the gradients of hidden, W and bias, which the backward scales by the incoming
@@ -116,7 +104,9 @@ class HeadLossFunction(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         rows = max(1, min(n, max(_MIN_CHUNK_ROWS, _CHUNK_BYTES // max(1, v * hidden.element_size()))))
-        flat = _chunk_buffer(rows * v, hidden.dtype, hidden.device)
+        # The chunk workspace: on the CPU the thread's reused buffer (ops/loss.py), on CUDA torch's cache.
+        flat = (_loss._grad_buffer(torch.Size([rows * v]), hidden.dtype) if hidden.device.type == "cpu"
+                else torch.empty(rows * v, dtype=hidden.dtype, device=hidden.device))  # fmt: skip
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
@@ -198,7 +188,6 @@ def _head_loss(head, labels: Tensor, ignore_index: int, num_items_in_batch, shif
         scale = 1.0 / valid if valid else float("nan")  # (torch's mean over no labels is NaN)
     else:
         scale = 1.0 / float(num_items_in_batch)
-    _loss._check_label_values(hidden.new_empty((0, weight.shape[0])), labels2, ignore_index)
     return HeadLossFunction.apply(hidden.reshape(n, hidden.shape[-1]).contiguous(), weight, bias, labels2,
                                   ignore_index, scale)  # fmt: skip
 

@@ -182,7 +182,8 @@ def _only_ours(t: Tensor) -> bool:
 
 
 def _grad_buffer(shape: torch.Size, dtype: torch.dtype) -> Tensor:
-    """An uninitialized CPU tensor for the backward's gradient (see above)."""
+    """An uninitialized CPU tensor for the backward's gradient, or for lowrank.loss's fused-head chunks
+    (see above)."""
     numel = shape.numel()
     if numel * dtype.itemsize < _REUSE_BYTES:
         return _runtime.empty(*shape, dtype=dtype, device="cpu")
@@ -195,14 +196,15 @@ def _grad_buffer(shape: torch.Size, dtype: torch.dtype) -> Tensor:
 
 
 def release_workspace() -> None:
-    """Free this thread's cached gradient buffer of the CPU backward (it is made again when needed)."""
+    """Free this thread's cached buffer (the CPU backward's gradient, the fused head's chunks); it is made
+    again when needed."""
     _workspace.flat = None
 
 
 def _backward_native(grad_loss, logits, labels, lse, ignore_index):
-    _check_backward(grad_loss, logits, labels, lse, ignore_index)
-    if not _native(logits):
+    if not _native(logits):  # (each path checks its arguments)
         return cross_entropy_backward_reference(grad_loss, logits, labels, lse, ignore_index)
+    _check(logits, labels, ignore_index)  # before grad's shape is taken from logits
     if logits.is_cuda:  # (torch's caching allocator reuses memory on CUDA)
         grad = _runtime.empty(*logits.shape, dtype=logits.dtype, device=logits.device)
     else:
