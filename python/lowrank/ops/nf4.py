@@ -577,8 +577,11 @@ def _forward_native(x, codes, absmax, absmax2, code2, offset, shape, blocksize, 
         u = x.new_empty((m, 0), dtype=torch.float32)
     if bias is not None:
         y32.add_(bias)
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    y.copy_(y32)
+    if x.dtype == torch.float32 and y32.is_contiguous():
+        y = y32  # already the output: fresh, contiguous (the tiles' product went straight into it)
+    else:
+        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        y.copy_(y32)
     return y.reshape(lead + (n,)), u.reshape(lead + (r,))
 
 
