@@ -36,7 +36,9 @@ plain model's: below 1, lowrank is faster or smaller):
   transformers' fp32 copies of the logits), in the same interleaved run or set of fresh processes; the
   peers and the plain model keep transformers' loss, so these rows say what a lowrank user gets; and
   the same with ``fast_loss(model, keep_logits=False)``, the output head run inside the loss a chunk
-  of rows at a time, so the step never holds the whole logits matrix;
+  of rows at a time, so the step never holds the whole logits matrix; and that with the forward under
+  ``lowrank.recompute_pointwise`` (saved activations that one pointwise op makes from tensors autograd
+  keeps anyway, such as the MLP's act(gate) * up and the norms' outputs, rebuilt in the backward);
 - train step peak (fp32 only; bf16 halves what is stored): the step's peak resident memory (VmHWM)
   above the baseline, the model included, each method in a fresh process forked from a server that
   has only imported the libraries (so no process pays peft's 6 s import): after a tiny warm-up step of
@@ -243,12 +245,15 @@ LOWRANK_CONFIGS = {
 
 FAST_LOSS = "+fast-loss"  # a lowrank method's model whose loss runs on lowrank's kernels (lowrank.fast_loss)
 FUSED_HEAD = "+fused-head"  # ...and whose output head runs inside the loss (fast_loss(keep_logits=False))
+LEAN = "+lean"  # ...and whose forward runs under lowrank.recompute_pointwise
 
 
 def build(method: str, base: nn.Module) -> nn.Module:
     """``method`` over ``base`` (changed in place; pass a copy to keep it). Eval mode."""
     if method.endswith(FAST_LOSS):
         return lowrank.fast_loss(build(method.removesuffix(FAST_LOSS), base))
+    if method.endswith(LEAN):
+        return lowrank.recompute_pointwise(build(method.removesuffix(LEAN) + FUSED_HEAD, base))
     if method.endswith(FUSED_HEAD):
         return lowrank.fast_loss(build(method.removesuffix(FUSED_HEAD), base), keep_logits=False)
     if method in LOWRANK_CONFIGS:
@@ -275,10 +280,10 @@ def methods_for(dtype: torch.dtype, plain: str, training: bool) -> list[str]:
 
 
 def with_fast_loss(methods: list[str], dtype: torch.dtype) -> list[str]:
-    """``methods`` and, for each lowrank method among them, the same with lowrank's loss (FAST_LOSS) and
-    with the output head fused into it (FUSED_HEAD)."""
+    """``methods`` and, for each lowrank method among them, the same with lowrank's loss (FAST_LOSS), with
+    the output head fused into it (FUSED_HEAD), and that under recompute_pointwise (LEAN)."""
     mine = [row.mine for row in rows_for(dtype) if row.mine in methods]
-    return methods + [m + FAST_LOSS for m in mine] + [m + FUSED_HEAD for m in mine]
+    return methods + [m + suffix for suffix in (FAST_LOSS, FUSED_HEAD, LEAN) for m in mine]
 
 
 def variant_values(values: dict[str, float], dtype: torch.dtype, suffix: str) -> dict[str, float]:
@@ -325,9 +330,11 @@ METRICS = {
     "train": f"train step {tokens_label(STEP_TOKENS)}, ms",
     "train_fast": f"train step {tokens_label(STEP_TOKENS)}, lowrank.fast_loss, ms",
     "train_fused": f"train step {tokens_label(STEP_TOKENS)}, fast_loss(keep_logits=False), ms",
+    "train_lean": f"train step {tokens_label(STEP_TOKENS)}, keep_logits=False + recompute_pointwise, ms",
     "memory": f"train step {tokens_label(STEP_TOKENS)} peak, MB",
     "memory_fast": f"train step {tokens_label(STEP_TOKENS)} peak, lowrank.fast_loss, MB",
     "memory_fused": f"train step {tokens_label(STEP_TOKENS)} peak, fast_loss(keep_logits=False), MB",
+    "memory_lean": f"train step {tokens_label(STEP_TOKENS)} peak, keep_logits=False + recompute_pointwise, MB",
     "decode": f"decode {PROMPT_TOKENS}+{NEW_TOKENS}, ms/token",
     "prefill": f"prefill {tokens_label(PREFILL_TOKENS)}, tokens/s",
 }
@@ -348,7 +355,8 @@ def model_table(summary_tables, arch: str):
             "peak MB: one step in a fresh process per method, above the process's baseline (the model included)",
             "lowrank.fast_loss rows: lowrank's models compute their loss on lowrank's cross-entropy kernels, the "
             "peers and the plain model on transformers' (the same runs as the rows above them, interleaved); "
-            "keep_logits=False: the output head runs inside the loss, a chunk of rows at a time",
+            "keep_logits=False: the output head runs inside the loss, a chunk of rows at a time; + recompute_pointwise: "
+            "saved activations one pointwise op makes from tensors autograd keeps anyway are rebuilt in the backward",
         ]
     return table
 
@@ -356,7 +364,7 @@ def model_table(summary_tables, arch: str):
 def display(metric: str, value: Optional[float]) -> str:
     if value is None:
         return "—"
-    if metric in ("memory", "memory_fast", "memory_fused"):
+    if metric.startswith("memory"):
         return f"{value:.0f}"
     if metric == "decode":
         return format_ms(value / NEW_TOKENS)
@@ -503,6 +511,7 @@ def test_train_step(case, summary_tables):
     add_rows(table, "train", dtype, median, PLAIN_TRAIN, str(rounds))
     add_rows(table, "train_fast", dtype, variant_values(median, dtype, FAST_LOSS), PLAIN_TRAIN, str(rounds))
     add_rows(table, "train_fused", dtype, variant_values(median, dtype, FUSED_HEAD), PLAIN_TRAIN, str(rounds))
+    add_rows(table, "train_lean", dtype, variant_values(median, dtype, LEAN), PLAIN_TRAIN, str(rounds))
 
 
 def step_memory(arch: str, method: str, dtype: torch.dtype, tiny: bool) -> dict:
@@ -590,6 +599,7 @@ def test_train_step_memory(arch, summary_tables):
     add_rows(table, "memory", dtype, peak, PLAIN_TRAIN, "fresh")
     add_rows(table, "memory_fast", dtype, variant_values(peak, dtype, FAST_LOSS), PLAIN_TRAIN, "fresh")
     add_rows(table, "memory_fused", dtype, variant_values(peak, dtype, FUSED_HEAD), PLAIN_TRAIN, "fresh")
+    add_rows(table, "memory_lean", dtype, variant_values(peak, dtype, LEAN), PLAIN_TRAIN, "fresh")
 
 
 # ---------------------------------------------------------------------------------------------

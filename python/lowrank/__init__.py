@@ -7,6 +7,7 @@ hand-written C++ (CPU) and CUDA kernels.
     vlayer = lowrank.VeRALinear(4096, 4096, r=256)               # or VeRALinear.from_linear(linear)
     lowrank.inject(model, lowrank.LoRAConfig(r=16))              # adapters into a whole model (lowrank.adapters)
     lowrank.fast_loss(model)                                     # a causal LM's loss on lowrank's kernels
+    lowrank.recompute_pointwise(model)                           # less activation memory, the same gradients
     lowrank.info()                                               # what was built, what runs here
 """
 
@@ -16,6 +17,7 @@ from . import _C
 from ._info import info
 from .autograd import LoRALinearFunction, NF4LinearFunction, VeRALinearFunction
 from .loss import CrossEntropyFunction, causal_lm_loss, cross_entropy, fast_loss
+from .recompute import PointwiseRecompute, recompute_pointwise, recomputes_pointwise
 from .layers import LoRALinear, NF4Linear, QLoRALinear, VeRALinear, quantize_nf4, vera_shared_projections
 from .adapters import *  # noqa: F401,F403  (the model-level API: inject, set_adapter, save_adapter, ...)
 from .adapters import __all__ as _adapters_all
@@ -36,6 +38,9 @@ __all__ = [
     "cross_entropy",
     "causal_lm_loss",
     "fast_loss",
+    "PointwiseRecompute",
+    "recompute_pointwise",
+    "recomputes_pointwise",
     "info",
     "__version__",
     *_adapters_all,

@@ -1,0 +1,185 @@
+"""Saved activations rebuilt in the backward from what autograd keeps anyway: ``recompute_pointwise``.
+
+Most of a training step's memory is the activations autograd saves for the backward, and many of them
+are the output of one pointwise op whose operands autograd saves as well:
+
+- a gated MLP's ``act(gate) * up``: the down projection's adapter saves the product to compute its
+  own gradient; the multiplication saves both factors;
+- ``act(gate)``: the multiplication saves it; the activation saves ``gate``;
+- an RMSNorm's output ``weight * (h * rsqrt(mean(h²) + eps))``: every adapter that reads it saves it;
+  the norm's inner multiplication saves ``h`` and the rsqrt, and the outer one ``weight``.
+
+Under :class:`PointwiseRecompute` each tensor autograd saves (through
+``torch.autograd.graph.saved_tensors_hooks``) is looked at: when its ``grad_fn`` is one such op (a
+product of two tensors, SiLU, GELU, or a view of one of them) and every operand is either saved on
+that node or is itself such an output (at most two ops deep), what is stored is the recipe, not the
+tensor. The backward that needs it runs the op again on the same saved operands: the same kernel on
+the same inputs, so the same bits (the tests compare gradients bit for bit). Nothing else changes:
+the forward does the same work, and a recompute is one pointwise pass per use.
+
+A consumer's backward always runs before its producer's (the producer needs the consumer's gradient),
+so the operands a recipe reads are still held when it runs. A tensor that is still alive when the
+backward wants it (another reference kept it) is used as it is, and raises autograd's error if it was
+modified in place since it was saved. One that was modified in place and then dropped is not detected:
+autograd would have refused such a program (a saved tensor modified in place), so no program that
+runs without this can differ with it.
+
+Not applied under ``torch.compile`` (its graphs already choose what to save and recompute), to tensor
+subclasses, or to tensors under :data:`MIN_BYTES`.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+# Smaller saved tensors are stored: the bookkeeping would cost more than the memory is worth.
+MIN_BYTES = 1 << 18
+# How many pointwise ops back a recipe may reach for an operand its node did not save.
+_MAX_DEPTH = 2
+
+_state = threading.local()  # probing: a recipe's operands are being checked, not used
+_PROBED = torch.empty(0)  # what a recipe reads as while probing (only "is it saved" is asked)
+
+Make = Callable[[], Tensor]
+
+
+class _Recipe:
+    """A saved tensor that is not stored: how to make it again, and what it must look like."""
+
+    __slots__ = ("make", "shape", "stride", "dtype", "ref", "version")
+
+    def __init__(self, make: Make, t: Tensor):
+        self.make = make
+        self.shape, self.stride, self.dtype = t.shape, t.stride(), t.dtype
+        self.ref = weakref.ref(t)
+        self.version = t._version
+
+
+def _saved(node, attr: str) -> bool:
+    """Whether ``node`` saved the operand ``attr`` (without rebuilding it when it is itself a recipe)."""
+    _state.probing = True
+    try:
+        return getattr(node, attr) is not None
+    finally:
+        _state.probing = False
+
+
+def _operand(node, attr: str, index: int, depth: int) -> Optional[Make]:
+    if _saved(node, attr):
+        return lambda: getattr(node, attr)
+    if depth >= _MAX_DEPTH:
+        return None
+    producer, output = node.next_functions[index]
+    return None if producer is None or output != 0 else _plan(producer, depth + 1)
+
+
+def _plan(node, depth: int = 0) -> Optional[Make]:
+    """How to make ``node``'s output again from what the graph holds, or None."""
+    kind = type(node).__name__
+    if kind == "MulBackward0":
+        a = _operand(node, "_saved_self", 0, depth)
+        b = a and _operand(node, "_saved_other", 1, depth)
+        return None if b is None else lambda: torch.mul(a(), b())
+    if kind == "SiluBackward0":
+        return lambda: nn.functional.silu(node._saved_self)
+    if kind == "GeluBackward0":
+        approximate = node._saved_approximate
+        return lambda: nn.functional.gelu(node._saved_self, approximate=approximate)
+    if kind in ("ViewBackward0", "UnsafeViewBackward0") and depth == 0:
+        # a view of such an output (a Linear's 2-D view of its 3-D input): its shape is the saved tensor's
+        producer, output = node.next_functions[0]
+        return None if producer is None or output != 0 else _plan(producer, depth + 1)
+    return None
+
+
+def _pack(t: Tensor):
+    node = t.grad_fn
+    if node is None or type(t) is not Tensor or t.numel() * t.element_size() < MIN_BYTES:
+        return t
+    make = _plan(node)
+    return t if make is None else _Recipe(make, t)
+
+
+def _unpack(packed):
+    if type(packed) is not _Recipe:
+        return packed
+    if getattr(_state, "probing", False):
+        return _PROBED
+    alive = packed.ref()
+    if alive is not None:  # still held elsewhere: no need to make it again
+        if alive._version != packed.version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace operation: "
+                f"a tensor of shape {list(packed.shape)} is at version {alive._version}; expected version "
+                f"{packed.version} instead (lowrank.PointwiseRecompute)"
+            )
+        return alive
+    with torch.no_grad():
+        t = packed.make()
+    if t.shape != packed.shape:  # (a view's recipe makes its base)
+        t = t.reshape(packed.shape)
+    if t.dtype != packed.dtype or t.stride() != packed.stride:  # (the same op on the same operands: not seen)
+        t = torch.empty_strided(packed.shape, packed.stride, dtype=packed.dtype, device=t.device).copy_(t)
+    return t
+
+
+class PointwiseRecompute(torch.autograd.graph.saved_tensors_hooks):
+    """A context: tensors saved for the backward inside it that one pointwise op makes from operands
+    autograd keeps anyway are rebuilt in the backward instead of stored (see the module docstring).
+    :func:`recompute_pointwise` puts a model's forward inside one."""
+
+    def __init__(self):
+        super().__init__(_pack, _unpack)
+
+
+_scopes = threading.local()
+
+
+def _enter(module: nn.Module, args, kwargs) -> None:
+    stack = _scopes.__dict__.setdefault("stack", [])
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        stack.append(None)
+        return
+    scope = PointwiseRecompute()
+    scope.__enter__()
+    stack.append(scope)
+
+
+def _exit(module: nn.Module, args, kwargs, output):
+    scope = _scopes.stack.pop()
+    if scope is not None:
+        scope.__exit__(None, None, None)
+    return output
+
+
+def recompute_pointwise(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Run ``model``'s forward under :class:`PointwiseRecompute`: the same results and gradients (bit for
+    bit), less memory held between forward and backward (a gated MLP's activation and product, the
+    norms' outputs that adapters save), for one pointwise pass per such tensor in the backward. Any
+    ``nn.Module`` (a lowrank model, a PEFT one, a plain one); ``enabled=False`` takes it off. Returns
+    ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    for hooks, ours in ((model._forward_pre_hooks, _enter), (model._forward_hooks, _exit)):
+        for key in [k for k, hook in hooks.items() if hook is ours]:
+            del hooks[key]
+            model._forward_pre_hooks_with_kwargs.pop(key, None)
+            model._forward_hooks_with_kwargs.pop(key, None)
+            model._forward_hooks_always_called.pop(key, None)
+    if enabled:
+        model.register_forward_pre_hook(_enter, with_kwargs=True)
+        model.register_forward_hook(_exit, with_kwargs=True, always_call=True)
+    return model
+
+
+def recomputes_pointwise(model: nn.Module) -> bool:
+    """Whether :func:`recompute_pointwise` is on for ``model``."""
+    return any(hook is _enter for hook in model._forward_pre_hooks.values())
+
+
+__all__ = ["PointwiseRecompute", "recompute_pointwise", "recomputes_pointwise"]
