@@ -101,10 +101,12 @@ def test_same_loss_and_gradients_bit_for_bit(arch, dtype, method, recipes):
         assert torch.equal(grad, lean_grads[name]), name
 
 
-def test_what_llama_recomputes(recipes):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+def test_what_llama_recomputes(recipes, dtype):
     """Per decoder layer of a LoRA Llama: the MLP's act(gate) and act(gate) * up, and both norms' outputs
-    (product of the norm weight and h * rsqrt(...), two ops deep); and the final norm's, for the head."""
-    model = _adapted("llama", torch.float32, "lora")
+    (product of the norm weight and h * rsqrt(...), two ops deep; in bf16 through the cast of that fp32
+    product to bf16); and the final norm's, for the head."""
+    model = _adapted("llama", dtype, "lora")
     lowrank.recompute_pointwise(model)
     _step(model, torch.randint(0, VOCAB, (2, 9)), torch.randint(0, VOCAB, (2, 9)))
     layers = model.config.num_hidden_layers

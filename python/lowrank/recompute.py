@@ -6,14 +6,15 @@ are the output of one pointwise op whose operands autograd saves as well:
 - a gated MLP's ``act(gate) * up``: the down projection's adapter saves the product to compute its
   own gradient; the multiplication saves both factors;
 - ``act(gate)``: the multiplication saves it; the activation saves ``gate``;
-- an RMSNorm's output ``weight * (h * rsqrt(mean(h²) + eps))``: every adapter that reads it saves it;
-  the norm's inner multiplication saves ``h`` and the rsqrt, and the outer one ``weight``.
+- an RMSNorm's output ``weight * (h * rsqrt(mean(h²) + eps))`` (in a bf16 model the inner product is
+  fp32, cast to bf16): every adapter that reads it saves it; the norm's inner multiplication saves ``h``
+  and the rsqrt, and the outer one ``weight``.
 
 Under :class:`PointwiseRecompute` each tensor autograd saves (through
 ``torch.autograd.graph.saved_tensors_hooks``) is looked at: when its ``grad_fn`` is one such op (a
 product of two tensors, SiLU, GELU, or a view of one of them) and every operand is either saved on
-that node or is itself such an output (at most two ops deep), what is stored is the recipe, not the
-tensor. The backward that needs it runs the op again on the same saved operands: the same kernel on
+that node or is itself such an output (at most two ops deep, through a cast to a 16-bit product's own
+dtype), what is stored is the recipe, not the tensor. The backward that needs it runs the op again on the same saved operands: the same kernel on
 the same inputs, so the same bits (the tests compare gradients bit for bit). Nothing else changes:
 the forward does the same work, and a recompute is one pointwise pass per use.
 
@@ -43,7 +44,6 @@ MIN_BYTES = 1 << 18
 _MAX_DEPTH = 2
 
 _state = threading.local()  # probing: a recipe's operands are being checked, not used
-_PROBED = torch.empty(0)  # what a recipe reads as while probing (only "is it saved" is asked)
 
 Make = Callable[[], Tensor]
 
@@ -60,31 +60,54 @@ class _Recipe:
         self.version = t._version
 
 
-def _saved(node, attr: str) -> bool:
-    """Whether ``node`` saved the operand ``attr`` (without rebuilding it when it is itself a recipe)."""
+def _probe(node, attr: str) -> Optional[Tensor]:
+    """The operand ``attr`` that ``node`` saved, or None; one that is itself a recipe reads as an empty
+    tensor of its dtype (it is not rebuilt to be looked at)."""
     _state.probing = True
     try:
-        return getattr(node, attr) is not None
+        return getattr(node, attr)
     finally:
         _state.probing = False
 
 
-def _operand(node, attr: str, index: int, depth: int) -> Optional[Make]:
-    if _saved(node, attr):
-        return lambda: getattr(node, attr)
-    if depth >= _MAX_DEPTH:
-        return None
+def _producer(node, index: int, depth: int) -> Optional[Make]:
+    """How to make ``node``'s input ``index`` again from its producer, or None."""
     producer, output = node.next_functions[index]
-    return None if producer is None or output != 0 else _plan(producer, depth + 1)
+    if producer is None or output != 0 or depth >= _MAX_DEPTH:
+        return None
+    return _plan(producer, depth + 1)
 
 
-def _plan(node, depth: int = 0) -> Optional[Make]:
-    """How to make ``node``'s output again from what the graph holds, or None."""
+def _cast_producer(node, index: int, depth: int, dtype: torch.dtype) -> Optional[Callable[[torch.device], Tensor]]:
+    """An input made by a cast to ``dtype`` (``ToCopyBackward0``) of something :func:`_plan` can make
+    again, as a function of the device the product ran on (the cast's own target)."""
+    producer, output = node.next_functions[index]
+    if producer is None or output != 0 or depth >= _MAX_DEPTH or type(producer).__name__ != "ToCopyBackward0":
+        return None
+    source = _producer(producer, 0, depth + 1)
+    return None if source is None else lambda device: source().to(device=device, dtype=dtype)
+
+
+def _plan(node, depth: int = 0, dtype: Optional[torch.dtype] = None) -> Optional[Make]:
+    """How to make ``node``'s output (of ``dtype`` where known) again from what the graph holds, or None."""
     kind = type(node).__name__
     if kind == "MulBackward0":
-        a = _operand(node, "_saved_self", 0, depth)
-        b = a and _operand(node, "_saved_other", 1, depth)
-        return None if b is None else lambda: torch.mul(a(), b())
+        a, b = _probe(node, "_saved_self"), _probe(node, "_saved_other")
+        if a is not None and b is not None:
+            return lambda: torch.mul(node._saved_self, node._saved_other)
+        if a is None and b is None:
+            return None
+        index, attr, kept = (1, "_saved_self", a) if a is not None else (0, "_saved_other", b)
+        missing = _producer(node, index, depth)
+        if missing is not None:
+            return lambda: _product(getattr(node, attr), missing(), index)
+        # An RMSNorm's ``weight * h.to(weight.dtype)`` in a 16-bit model: the only floating dtype that
+        # leaves a 16-bit product's dtype unchanged next to an operand of that dtype is that dtype.
+        if dtype in (torch.bfloat16, torch.float16) and kept.dtype == dtype:
+            cast = _cast_producer(node, index, depth, dtype)
+            if cast is not None:
+                return lambda: _product_cast(getattr(node, attr), cast, index)
+        return None
     if kind == "SiluBackward0":
         return lambda: nn.functional.silu(node._saved_self)
     if kind == "GeluBackward0":
@@ -92,16 +115,24 @@ def _plan(node, depth: int = 0) -> Optional[Make]:
         return lambda: nn.functional.gelu(node._saved_self, approximate=approximate)
     if kind in ("ViewBackward0", "UnsafeViewBackward0") and depth == 0:
         # a view of such an output (a Linear's 2-D view of its 3-D input): its shape is the saved tensor's
-        producer, output = node.next_functions[0]
-        return None if producer is None or output != 0 else _plan(producer, depth + 1)
+        return _producer(node, 0, depth)
     return None
+
+
+def _product(kept: Tensor, made: Tensor, made_index: int) -> Tensor:
+    """The product with its operands in their original order (``made`` was input ``made_index``)."""
+    return torch.mul(kept, made) if made_index == 1 else torch.mul(made, kept)
+
+
+def _product_cast(kept: Tensor, cast: Callable[[torch.device], Tensor], made_index: int) -> Tensor:
+    return _product(kept, cast(kept.device), made_index)
 
 
 def _pack(t: Tensor):
     node = t.grad_fn
     if node is None or type(t) is not Tensor or t.numel() * t.element_size() < MIN_BYTES:
         return t
-    make = _plan(node)
+    make = _plan(node, 0, t.dtype)
     return t if make is None else _Recipe(make, t)
 
 
@@ -109,7 +140,7 @@ def _unpack(packed):
     if type(packed) is not _Recipe:
         return packed
     if getattr(_state, "probing", False):
-        return _PROBED
+        return torch.empty(0, dtype=packed.dtype)
     alive = packed.ref()
     if alive is not None:  # still held elsewhere: no need to make it again
         if alive._version != packed.version:
@@ -123,8 +154,10 @@ def _unpack(packed):
         t = packed.make()
     if t.shape != packed.shape:  # (a view's recipe makes its base)
         t = t.reshape(packed.shape)
-    if t.dtype != packed.dtype or t.stride() != packed.stride:  # (the same op on the same operands: not seen)
-        t = torch.empty_strided(packed.shape, packed.stride, dtype=packed.dtype, device=t.device).copy_(t)
+    if t.dtype != packed.dtype:  # the same op on the same operands: never seen
+        raise RuntimeError(f"lowrank.PointwiseRecompute: rebuilt a {t.dtype} tensor for a saved {packed.dtype} one")
+    if t.stride() != packed.stride:  # the same values in the layout the consumer saved
+        t = torch.empty_strided(packed.shape, packed.stride, dtype=t.dtype, device=t.device).copy_(t)
     return t
 
 
