@@ -114,6 +114,29 @@ def test_what_llama_recomputes(recipes, dtype):
     assert recipes["MulBackward0"] >= 2 * layers + 1
 
 
+def test_each_recipe_runs_once_per_backward(recipes, monkeypatch):
+    """x saved by q, k and v (and by gate and up) is one recipe, made once and shared; act(gate), read
+    by the product's recipe and by the product's own backward, is made once too."""
+    created, runs = [], collections.Counter()
+    init = recompute._Recipe.__init__
+
+    def counting_init(self, make, t):
+        key = len(created)
+        created.append(key)
+
+        def counted():
+            runs[key] += 1
+            return make()
+
+        init(self, counted, t)
+
+    monkeypatch.setattr(recompute._Recipe, "__init__", counting_init)
+    model = lowrank.recompute_pointwise(_adapted("llama", torch.float32, "lora"))
+    _step(model, torch.randint(0, VOCAB, (2, 9)), torch.randint(0, VOCAB, (2, 9)))
+    assert created and sum(recipes.values()) > len(created), "some tensors were saved more than once"
+    assert all(runs[key] == 1 for key in created), runs
+
+
 def test_recomputed_activations_are_not_kept(recipes):
     """Between forward and backward, the MLP activations' outputs are gone with recompute_pointwise and
     held without it."""
@@ -204,6 +227,11 @@ def test_hooks_only_inside_the_forward(recipes):
     a, b = torch.randn(5, requires_grad=True), torch.randn(5, requires_grad=True)
     with pytest.raises(ValueError, match="inside the forward"):
         lowrank.recompute_pointwise(Failing())(a, b)
+    failing_first = lowrank.recompute_pointwise(_GatedMLP())
+    failing_first.register_forward_pre_hook(lambda m, args: 1 / 0, prepend=True)  # before recompute's own
+    with pytest.raises(ZeroDivisionError):
+        failing_first(torch.randn(3, 48))
+    assert not recompute._scopes.stack, "no scope left open"
     recipes.clear()
     ((a * b) * b).sum().backward()  # outside any model: saved as usual
     assert not recipes

@@ -49,74 +49,97 @@ Make = Callable[[], Tensor]
 
 
 class _Recipe:
-    """A saved tensor that is not stored: how to make it again, and what it must look like."""
+    """A saved tensor that is not stored: how to make it again, and what it must look like. ``uses``:
+    the unpacks one backward will ask of it (the SavedVariables that hold it, and the recipes that read
+    it); the tensor made for the first is kept for the rest (x read by q, k and v, made once)."""
 
-    __slots__ = ("make", "shape", "stride", "dtype", "ref", "version")
+    __slots__ = ("make", "shape", "stride", "dtype", "ref", "version", "uses", "made")
 
     def __init__(self, make: Make, t: Tensor):
         self.make = make
         self.shape, self.stride, self.dtype = t.shape, t.stride(), t.dtype
         self.ref = weakref.ref(t)
         self.version = t._version
+        self.uses = 1
+        self.made: Optional[Tensor] = None
 
 
-def _probe(node, attr: str) -> Optional[Tensor]:
+def _probe(node, attr: str, reads: list) -> Optional[Tensor]:
     """The operand ``attr`` that ``node`` saved, or None; one that is itself a recipe reads as an empty
-    tensor of its dtype (it is not rebuilt to be looked at)."""
-    _state.probing = True
+    tensor of its dtype (it is not rebuilt to be looked at) and goes into ``reads``."""
+    _state.probing, _state.probed = True, None
     try:
-        return getattr(node, attr)
+        value = getattr(node, attr)
     finally:
         _state.probing = False
+    if _state.probed is not None:
+        reads.append(_state.probed)
+    return value
 
 
-def _producer(node, index: int, depth: int) -> Optional[Make]:
+def _producer(node, index: int, depth: int, reads: list) -> Optional[Make]:
     """How to make ``node``'s input ``index`` again from its producer, or None."""
     producer, output = node.next_functions[index]
     if producer is None or output != 0 or depth >= _MAX_DEPTH:
         return None
-    return _plan(producer, depth + 1)
+    return _plan(producer, depth + 1, None, reads)
 
 
-def _cast_producer(node, index: int, depth: int, dtype: torch.dtype) -> Optional[Callable[[torch.device], Tensor]]:
+def _cast_producer(node, index: int, depth: int, dtype: torch.dtype, reads: list):
     """An input made by a cast to ``dtype`` (``ToCopyBackward0``) of something :func:`_plan` can make
     again, as a function of the device the product ran on (the cast's own target)."""
     producer, output = node.next_functions[index]
     if producer is None or output != 0 or depth >= _MAX_DEPTH or type(producer).__name__ != "ToCopyBackward0":
         return None
-    source = _producer(producer, 0, depth + 1)
+    source = _producer(producer, 0, depth + 1, reads)
     return None if source is None else lambda device: source().to(device=device, dtype=dtype)
 
 
-def _plan(node, depth: int = 0, dtype: Optional[torch.dtype] = None) -> Optional[Make]:
-    """How to make ``node``'s output (of ``dtype`` where known) again from what the graph holds, or None."""
+def _plan(node, depth: int, dtype: Optional[torch.dtype], reads: list) -> Optional[Make]:
+    """How to make ``node``'s output (of ``dtype`` where known) again from what the graph holds, or None;
+    the recipes the plan reads are added to ``reads``."""
     kind = type(node).__name__
     if kind == "MulBackward0":
-        a, b = _probe(node, "_saved_self"), _probe(node, "_saved_other")
+        mine = []
+        a, b = _probe(node, "_saved_self", mine), _probe(node, "_saved_other", mine)
         if a is not None and b is not None:
+            reads += mine
             return lambda: torch.mul(node._saved_self, node._saved_other)
         if a is None and b is None:
             return None
         index, attr, kept = (1, "_saved_self", a) if a is not None else (0, "_saved_other", b)
-        missing = _producer(node, index, depth)
+        missing = _producer(node, index, depth, mine)
         if missing is not None:
+            reads += mine
             return lambda: _product(getattr(node, attr), missing(), index)
         # An RMSNorm's ``weight * h.to(weight.dtype)`` in a 16-bit model: the only floating dtype that
         # leaves a 16-bit product's dtype unchanged next to an operand of that dtype is that dtype.
         if dtype in (torch.bfloat16, torch.float16) and kept.dtype == dtype:
-            cast = _cast_producer(node, index, depth, dtype)
+            cast_reads = []
+            cast = _cast_producer(node, index, depth, dtype, cast_reads)
             if cast is not None:
+                reads += _kept_reads(node, attr) + cast_reads
                 return lambda: _product_cast(getattr(node, attr), cast, index)
         return None
-    if kind == "SiluBackward0":
-        return lambda: nn.functional.silu(node._saved_self)
-    if kind == "GeluBackward0":
+    if kind in ("SiluBackward0", "GeluBackward0"):
+        mine = []
+        if _probe(node, "_saved_self", mine) is None:
+            return None
+        reads += mine
+        if kind == "SiluBackward0":
+            return lambda: nn.functional.silu(node._saved_self)
         approximate = node._saved_approximate
         return lambda: nn.functional.gelu(node._saved_self, approximate=approximate)
     if kind in ("ViewBackward0", "UnsafeViewBackward0") and depth == 0:
         # a view of such an output (a Linear's 2-D view of its 3-D input): its shape is the saved tensor's
-        return _producer(node, 0, depth)
+        return _producer(node, 0, depth, reads)
     return None
+
+
+def _kept_reads(node, attr: str) -> list:
+    reads = []
+    _probe(node, attr, reads)
+    return reads
 
 
 def _product(kept: Tensor, made: Tensor, made_index: int) -> Tensor:
@@ -132,14 +155,29 @@ def _pack(t: Tensor):
     node = t.grad_fn
     if node is None or type(t) is not Tensor or t.numel() * t.element_size() < MIN_BYTES:
         return t
-    make = _plan(node, 0, t.dtype)
-    return t if make is None else _Recipe(make, t)
+    memo = _state.memo[-1] if getattr(_state, "memo", None) else None
+    if memo is not None:
+        seen = memo.get(id(t))
+        if seen is not None and seen.ref() is t and seen.version == t._version:
+            seen.uses += 1  # the same tensor saved again (x by q, k and v): one recipe, made once
+            return seen
+    reads = []
+    make = _plan(node, 0, t.dtype, reads)
+    if make is None:
+        return t
+    for recipe in reads:
+        recipe.uses += 1
+    recipe = _Recipe(make, t)
+    if memo is not None:
+        memo[id(t)] = recipe
+    return recipe
 
 
 def _unpack(packed):
     if type(packed) is not _Recipe:
         return packed
     if getattr(_state, "probing", False):
+        _state.probed = packed
         return torch.empty(0, dtype=packed.dtype)
     alive = packed.ref()
     if alive is not None:  # still held elsewhere: no need to make it again
@@ -150,14 +188,18 @@ def _unpack(packed):
                 f"{packed.version} instead (lowrank.PointwiseRecompute)"
             )
         return alive
-    with torch.no_grad():
-        t = packed.make()
-    if t.shape != packed.shape:  # (a view's recipe makes its base)
-        t = t.reshape(packed.shape)
-    if t.dtype != packed.dtype:  # the same op on the same operands: never seen
-        raise RuntimeError(f"lowrank.PointwiseRecompute: rebuilt a {t.dtype} tensor for a saved {packed.dtype} one")
-    if t.stride() != packed.stride:  # the same values in the layout the consumer saved
-        t = torch.empty_strided(packed.shape, packed.stride, dtype=t.dtype, device=t.device).copy_(t)
+    t = packed.made
+    if t is None:
+        with torch.no_grad():
+            t = packed.make()
+        if t.shape != packed.shape:  # (a view's recipe makes its base)
+            t = t.reshape(packed.shape)
+        if t.dtype != packed.dtype:  # the same op on the same operands: never seen
+            raise RuntimeError(f"lowrank.PointwiseRecompute: rebuilt a {t.dtype} tensor for a saved {packed.dtype} one")
+        if t.stride() != packed.stride:  # the same values in the layout the consumer saved
+            t = torch.empty_strided(packed.shape, packed.stride, dtype=t.dtype, device=t.device).copy_(t)
+    packed.uses -= 1
+    packed.made = t if packed.uses > 0 else None  # (a second backward, retain_graph: made again)
     return t
 
 
@@ -169,24 +211,33 @@ class PointwiseRecompute(torch.autograd.graph.saved_tensors_hooks):
     def __init__(self):
         super().__init__(_pack, _unpack)
 
+    def __enter__(self):
+        _state.__dict__.setdefault("memo", []).append({})  # id(tensor) -> its recipe, for this forward
+        return super().__enter__()
 
-_scopes = threading.local()
+    def __exit__(self, *exc):
+        _state.memo.pop()
+        return super().__exit__(*exc)
+
+
+_scopes = threading.local()  # per thread: (module, scope or None) for each forward entered
 
 
 def _enter(module: nn.Module, args, kwargs) -> None:
-    stack = _scopes.__dict__.setdefault("stack", [])
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-        stack.append(None)
-        return
-    scope = PointwiseRecompute()
-    scope.__enter__()
-    stack.append(scope)
+    scope = None
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        scope = PointwiseRecompute()
+        scope.__enter__()
+    _scopes.__dict__.setdefault("stack", []).append((module, scope))
 
 
 def _exit(module: nn.Module, args, kwargs, output):
-    scope = _scopes.stack.pop()
-    if scope is not None:
-        scope.__exit__(None, None, None)
+    stack = _scopes.__dict__.get("stack")
+    # (an always-called hook: it also runs when an earlier pre-hook raised before _enter did)
+    if stack and stack[-1][0] is module:
+        scope = stack.pop()[1]
+        if scope is not None:
+            scope.__exit__(None, None, None)
     return output
 
 
