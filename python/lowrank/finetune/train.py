@@ -227,7 +227,8 @@ def run_method(method: str, base, tokenizer, data: Dataset, enc_train: Encoded, 
         ids, attn, target = collate(enc_train, index, pad, device)
         start_bytes = _step_start(device) if step > 0 else None
         start = time.perf_counter()
-        loss = completion_loss(model, ids, attn, target)
+        with lowrank.PointwiseRecompute():  # the same gradients, less activation memory held to the backward
+            loss = completion_loss(model, ids, attn, target)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
