@@ -57,9 +57,10 @@ takes seconds, so the rounds are MIN_ROUNDS (3). fp32 for every row; bf16 for Lo
 ``test_peers_compute_the_same_model`` tests (first in the file) check, on tiny models, that each peer
 trains the same parameters and computes the same logits as lowrank given the same values.
 
-Time on this 2-core Zen 4, estimated from one call of every case at full size: about 11 minutes
-(training steps 2.7-4.9 s fp32 and 1.1-2.3 s bf16, a 32-token generate 1.7-2.6 s, a 512-token prefill
-0.5-1.7 s, a memory process 4-7 s; each interleaved case is one warm-up call and 3 rounds).
+Time on this 2-core Zen 4: 18 minutes for everything (measured 2026-12-05, four variants of each
+lowrank method in the training rows; training steps 2.0-3.3 s fp32 and 1.1-1.6 s bf16, a 32-token
+generate 1.7-2.6 s, a 512-token prefill 0.5-1.7 s, a memory process 4-7 s; each interleaved case is
+one warm-up call and 3 rounds).
 
     pytest benchmarks/bench_model.py -s                                  # everything
     pytest benchmarks/bench_model.py -s -k llama                         # one model
