@@ -14,9 +14,11 @@ Under :class:`PointwiseRecompute` each tensor autograd saves (through
 ``torch.autograd.graph.saved_tensors_hooks``) is looked at: when its ``grad_fn`` is one such op (a
 product of two tensors, SiLU, GELU, or a view of one of them) and every operand is either saved on
 that node or is itself such an output (at most two ops deep, through a cast to a 16-bit product's own
-dtype), what is stored is the recipe, not the tensor. The backward that needs it runs the op again on the same saved operands: the same kernel on
-the same inputs, so the same bits (the tests compare gradients bit for bit). Nothing else changes:
-the forward does the same work, and a recompute is one pointwise pass per use.
+dtype), what is stored is the recipe, not the tensor. The backward that needs it runs the op again on
+the same saved operands: the same kernel on the same inputs, so the same bits (the tests compare
+gradients bit for bit). Nothing else changes: the forward does the same work, and the backward makes
+each such tensor once (a tensor saved by several consumers, x by q, k and v, is one recipe, kept from
+its first use to its last).
 
 A consumer's backward always runs before its producer's (the producer needs the consumer's gradient),
 so the operands a recipe reads are still held when it runs. A tensor that is still alive when the
