@@ -31,6 +31,7 @@ plain model's: below 1, lowrank is faster or smaller):
 
 - train step: forward on 4 x 128 tokens with ``labels`` (HF's loss), backward, ``AdamW.step()`` on the
   trainable parameters, ``zero_grad(set_to_none=True)`` (bench_adapters.step_call), training mode;
+  each (model, dtype) case in a fresh process (as the peak memory below), its methods interleaved;
 - train step, lowrank.fast_loss (time, and peak memory below): the same step, lowrank's models computing
   their loss with ``lowrank.fast_loss`` (lowrank's cross-entropy kernels: the same fp32 loss without
   transformers' fp32 copies of the logits), in the same interleaved run or set of fresh processes; the
@@ -116,6 +117,7 @@ STEP_TOKENS = (2, 16) if QUICK else (4, 128)  # (batch, sequence) of a training 
 PROMPT_TOKENS, NEW_TOKENS = (8, 4) if QUICK else (16, 32)  # decode: batch 1
 PREFILL_TOKENS = (1, 32) if QUICK else (1, 512)
 MEMORY_TIMEOUT_S = 600.0  # one method's fresh process (build, warm-up step, measured step): 4-7 s at full size
+TRAIN_TIMEOUT_S = 1800.0  # one case's training steps, every method interleaved: ~3-5 min at full size
 
 RANK, ALPHA, VERA_RANK = 16, 32, 256
 
@@ -500,14 +502,25 @@ def test_peers_compute_the_same_model(arch: str, row: Row, dtype: torch.dtype):
 # ---------------------------------------------------------------------------------------------
 # Training step: time, then peak memory
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_train_step(case, summary_tables):
-    arch, dtype = case
+def train_medians(arch: str, dtype: torch.dtype) -> tuple[dict[str, float], int]:
+    """Every training method of one case, its steps interleaved, in this (fresh) process: the medians
+    (seconds) and the rounds."""
     methods = with_fast_loss(methods_for(dtype, PLAIN_TRAIN, training=True), dtype)
     models = build_all(arch, dtype, methods)
     calls = {m: step_call(model.train(), STEP_TOKENS, shape(arch)) for m, model in models.items()}
     rounds = interleaved_rounds_warmed_once(calls)
-    median = interleaved_medians(calls, rounds)
+    return interleaved_medians(calls, rounds), rounds
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_train_step(case, summary_tables):
+    """Each case in a process of its own (forked from the server that has only imported the libraries,
+    as the memory rows): with glibc's default allocator a step's time depends on what the process
+    allocated and freed before (PEFT's bf16 step took 1348 ms after the rest of the suite had run in
+    the process and 1984 ms in a fresh one, lowrank's the same in both), so every case starts from the
+    state a user's training process starts from."""
+    arch, dtype = case
+    median, rounds = in_fresh_process(train_medians, arch, dtype, timeout_s=TRAIN_TIMEOUT_S)
     table = model_table(summary_tables, arch)
     add_rows(table, "train", dtype, median, PLAIN_TRAIN, str(rounds))
     add_rows(table, "train_fast", dtype, variant_values(median, dtype, FAST_LOSS), PLAIN_TRAIN, str(rounds))
@@ -552,7 +565,7 @@ def _fresh_process_context():
     return ctx
 
 
-def in_fresh_process(fn: Callable, *args):
+def in_fresh_process(fn: Callable, *args, timeout_s: float = MEMORY_TIMEOUT_S):
     """``fn(*args)`` in a process of its own, forked from a server process that has imported torch,
     transformers, PEFT, bitsandbytes and lowrank and run nothing (multiprocessing's "forkserver"): a
     fresh process that pays no import (peft's alone takes 6 s here)."""
@@ -562,8 +575,8 @@ def in_fresh_process(fn: Callable, *args):
     process.start()
     send.close()
     try:
-        if not receive.poll(MEMORY_TIMEOUT_S):
-            raise TimeoutError(f"{fn.__name__}{args}: no answer from its process in {MEMORY_TIMEOUT_S:.0f} s")
+        if not receive.poll(timeout_s):
+            raise TimeoutError(f"{fn.__name__}{args}: no answer from its process in {timeout_s:.0f} s")
         ok, value = receive.recv()
     except EOFError:
         process.join(10)
@@ -580,10 +593,11 @@ def in_fresh_process(fn: Callable, *args):
 
 @pytest.fixture(scope="module", autouse=True)
 def _fresh_process_server_early(request):
-    """Quick mode (CI), where no time counts: when a memory test is selected, the fresh processes'
-    server starts its imports at the file's first test, in the background, rather than when the first
-    memory test waits for it."""
-    if QUICK and any(getattr(item, "originalname", None) == "test_train_step_memory" for item in request.session.items):
+    """Quick mode (CI), where no time counts: when a training or memory test is selected, the fresh
+    processes' server starts its imports at the file's first test, in the background, rather than when
+    the first such test waits for it."""
+    fresh = ("test_train_step", "test_train_step_memory")
+    if QUICK and any(getattr(item, "originalname", None) in fresh for item in request.session.items):
         _fresh_process_context()
         multiprocessing.forkserver.ensure_running()
     yield
