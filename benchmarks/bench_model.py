@@ -516,9 +516,9 @@ def train_medians(arch: str, dtype: torch.dtype) -> tuple[dict[str, float], int]
 def test_train_step(case, summary_tables):
     """Each case in a process of its own (forked from the server that has only imported the libraries,
     as the memory rows): with glibc's default allocator a step's time depends on what the process
-    allocated and freed before (PEFT's bf16 step took 1348 ms after the rest of the suite had run in
-    the process and 1984 ms in a fresh one, lowrank's the same in both), so every case starts from the
-    state a user's training process starts from."""
+    allocated and freed before (PEFT's bf16 LoRA step took 1348 ms after the rest of the suite had run
+    in the process and 1949-1984 ms in a fresh one, lowrank's with the fused head 1448 and 1456 ms), so
+    a case's rows do not depend on which cases ran before it."""
     arch, dtype = case
     median, rounds = in_fresh_process(train_medians, arch, dtype, timeout_s=TRAIN_TIMEOUT_S)
     table = model_table(summary_tables, arch)
