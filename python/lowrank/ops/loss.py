@@ -202,14 +202,14 @@ def release_workspace() -> None:
 
 
 def _backward_native(grad_loss, logits, labels, lse, ignore_index):
-    if not _native(logits):  # (each path checks its arguments)
+    if not _native(logits):  # (the reference checks its arguments)
         return cross_entropy_backward_reference(grad_loss, logits, labels, lse, ignore_index)
-    _check(logits, labels, ignore_index)  # before grad's shape is taken from logits
+    _check_backward(grad_loss, logits, labels, lse, ignore_index)  # before grad's shape is taken from logits
     if logits.is_cuda:  # (torch's caching allocator reuses memory on CUDA)
         grad = _runtime.empty(*logits.shape, dtype=logits.dtype, device=logits.device)
     else:
         grad = _grad_buffer(logits.shape, logits.dtype)
-    return backward_into(grad, grad_loss, logits, labels, lse, ignore_index)
+    return _backward_kernel(grad, grad_loss, logits, labels, lse, ignore_index)
 
 
 def backward_into(grad: Tensor, grad_loss, logits, labels, lse, ignore_index) -> Tensor:
@@ -219,6 +219,11 @@ def backward_into(grad: Tensor, grad_loss, logits, labels, lse, ignore_index) ->
     check_tensor("grad", grad, dtypes=(logits.dtype,), device=logits.device, shape=tuple(logits.shape))
     if not _native(logits):
         return grad.copy_(cross_entropy_backward_reference(grad_loss, logits, labels, lse, ignore_index))
+    return _backward_kernel(grad, grad_loss, logits, labels, lse, ignore_index)
+
+
+def _backward_kernel(grad: Tensor, grad_loss, logits, labels, lse, ignore_index) -> Tensor:
+    """The CPU or CUDA backward kernel into ``grad``, on checked arguments."""
     logits, labels, lse = last_dim_contiguous(logits), labels.contiguous(), lse.contiguous()
     grad_loss = grad_loss.to(torch.float32).contiguous()  # often a stride-0 expand of a mean's scalar
     args = (matrix("grad", grad), matrix("logits", logits), matrix("labels", labels), matrix("lse", lse),
