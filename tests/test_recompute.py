@@ -156,9 +156,15 @@ def test_recomputed_activations_are_not_kept(recipes):
 def test_default_floor_keeps_small_tensors():
     made = []
     pack = recompute._pack
+
+    def recording(t):
+        packed = pack(t)
+        made.append(type(packed) is recompute._Recipe)
+        return packed
+
     model = lowrank.recompute_pointwise(_adapted("llama", torch.float32, "lora"))
     try:
-        recompute._pack = lambda t: made.append(type(pack(t)) is recompute._Recipe) or pack(t)
+        recompute._pack = recording
         _step(model, torch.randint(0, VOCAB, (1, 5)), torch.randint(0, VOCAB, (1, 5)))
     finally:
         recompute._pack = pack

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ._hooks import remove_forward_hooks
 from .ops import _direct
 from .ops import loss as _loss
 
@@ -90,11 +91,11 @@ _head_state = threading.local()  # defer: the next head call returns a stand-in;
 
 
 class HeadLossFunction(torch.autograd.Function):
-    """``scale · Σ_i CE(hidden[i] Wᵀ + bias, labels[i])`` (fp32; fp64 for fp64) with the logits made a chunk of rows at
-    a time in one workspace and never kept: each chunk's logits (the head's GEMM, in hidden's dtype, as
-    the head computes them), its per-row losses, then in the same memory its gradient ``scale·(softmax −
-    one-hot)`` and from it the gradients of hidden, W and bias, which the backward scales by the incoming
-    gradient. The head's backward GEMMs thus run in the forward (as a fused loss must, having dropped
+    """``scale · Σ_i CE(hidden[i] Wᵀ + bias, labels[i])`` (fp32; fp64 for fp64) with the logits made a
+    chunk of rows at a time in one workspace and never kept: each chunk's logits (the head's GEMM, in
+    hidden's dtype, as the head computes them), its per-row losses, then in the same memory its gradient
+    ``scale·(softmax − one-hot)`` and from it the gradients of hidden, W and bias, which the backward
+    scales by the incoming gradient. The head's backward GEMMs thus run in the forward (as a fused loss must, having dropped
     the logits), and the step allocates nothing the size of the logits."""
 
     @staticmethod
@@ -239,16 +240,8 @@ def causal_lm_loss(
     return cross_entropy(logits, shift_labels, ignore_index, "sum") / num_items_in_batch
 
 
-def _head_fused(model: nn.Module) -> bool:
-    return any(hook is _defer_head_pre_hook for hook in model._forward_pre_hooks.values())
-
-
 def _unfuse_head(model: nn.Module) -> None:
-    for hooks, ours in ((model._forward_pre_hooks, _defer_head_pre_hook), (model._forward_hooks, _defer_head_hook)):
-        for key in [k for k, hook in hooks.items() if hook is ours]:
-            del hooks[key]
-            model._forward_hooks_with_kwargs.pop(key, None)
-            model._forward_pre_hooks_with_kwargs.pop(key, None)
+    remove_forward_hooks(model, _defer_head_pre_hook, _defer_head_hook)
     head = model.get_output_embeddings()
     if type(head) is _StandInHead:
         head.__class__ = nn.Linear

@@ -40,6 +40,8 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from ._hooks import has_forward_pre_hook, remove_forward_hooks
+
 # Smaller saved tensors are stored: the bookkeeping would cost more than the memory is worth.
 MIN_BYTES = 1 << 18
 # How many pointwise ops back a recipe may reach for an operand its node did not save.
@@ -102,25 +104,26 @@ def _plan(node, depth: int, dtype: Optional[torch.dtype], reads: list) -> Option
     the recipes the plan reads are added to ``reads``."""
     kind = type(node).__name__
     if kind == "MulBackward0":
-        mine = []
-        a, b = _probe(node, "_saved_self", mine), _probe(node, "_saved_other", mine)
+        saved = []  # the recipes among the saved operands
+        a, b = _probe(node, "_saved_self", saved), _probe(node, "_saved_other", saved)
         if a is not None and b is not None:
-            reads += mine
+            reads += saved
             return lambda: torch.mul(node._saved_self, node._saved_other)
         if a is None and b is None:
             return None
         index, attr, kept = (1, "_saved_self", a) if a is not None else (0, "_saved_other", b)
-        missing = _producer(node, index, depth, mine)
+        made = []  # the recipes the unsaved operand's own plan reads
+        missing = _producer(node, index, depth, made)
         if missing is not None:
-            reads += mine
+            reads += saved + made
             return lambda: _product(getattr(node, attr), missing(), index)
         # An RMSNorm's ``weight * h.to(weight.dtype)`` in a 16-bit model: the only floating dtype that
         # leaves a 16-bit product's dtype unchanged next to an operand of that dtype is that dtype.
         if dtype in (torch.bfloat16, torch.float16) and kept.dtype == dtype:
-            cast_reads = []
-            cast = _cast_producer(node, index, depth, dtype, cast_reads)
+            made = []
+            cast = _cast_producer(node, index, depth, dtype, made)
             if cast is not None:
-                reads += _kept_reads(node, attr) + cast_reads
+                reads += saved + made
                 return lambda: _product_cast(getattr(node, attr), cast, index)
         return None
     if kind in ("SiluBackward0", "GeluBackward0"):
@@ -136,12 +139,6 @@ def _plan(node, depth: int, dtype: Optional[torch.dtype], reads: list) -> Option
         # a view of such an output (a Linear's 2-D view of its 3-D input): its shape is the saved tensor's
         return _producer(node, 0, depth, reads)
     return None
-
-
-def _kept_reads(node, attr: str) -> list:
-    reads = []
-    _probe(node, attr, reads)
-    return reads
 
 
 def _product(kept: Tensor, made: Tensor, made_index: int) -> Tensor:
@@ -251,12 +248,7 @@ def recompute_pointwise(model: nn.Module, enabled: bool = True) -> nn.Module:
     ``model``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    for hooks, ours in ((model._forward_pre_hooks, _enter), (model._forward_hooks, _exit)):
-        for key in [k for k, hook in hooks.items() if hook is ours]:
-            del hooks[key]
-            model._forward_pre_hooks_with_kwargs.pop(key, None)
-            model._forward_hooks_with_kwargs.pop(key, None)
-            model._forward_hooks_always_called.pop(key, None)
+    remove_forward_hooks(model, _enter, _exit)
     if enabled:
         model.register_forward_pre_hook(_enter, with_kwargs=True)
         model.register_forward_hook(_exit, with_kwargs=True, always_call=True)
@@ -265,7 +257,7 @@ def recompute_pointwise(model: nn.Module, enabled: bool = True) -> nn.Module:
 
 def recomputes_pointwise(model: nn.Module) -> bool:
     """Whether :func:`recompute_pointwise` is on for ``model``."""
-    return any(hook is _enter for hook in model._forward_pre_hooks.values())
+    return has_forward_pre_hook(model, _enter)
 
 
 __all__ = ["PointwiseRecompute", "recompute_pointwise", "recomputes_pointwise"]
