@@ -3,6 +3,7 @@ float64, against torch's and transformers' losses, on bad input, and as a causal
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -325,8 +326,6 @@ def _tiny(arch: str, dtype=torch.float32):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
 def test_fast_loss_trains_the_same_model(arch, dtype):
-    import copy
-
     model = lowrank.inject(_tiny(arch, dtype), lowrank.LoRAConfig(r=4, target_modules="all-linear"))
     for p in model.parameters():  # nonzero B: the adapters take part
         if p.requires_grad:
@@ -376,7 +375,6 @@ def test_cuda_matches_float64(dtype):
         _check_against_float64(logits, labels)
     with pytest.raises(ValueError, match="labels"):
         lowrank.cross_entropy(torch.randn(2, 5, device="cuda"), torch.tensor([0, 5], device="cuda"))
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,8 +434,6 @@ def test_head_loss_matches_the_unfused_head(dtype, with_bias, chunk_bytes, monke
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
 def test_fused_head_trains_the_same_model(arch, dtype, monkeypatch):
-    import copy
-
     monkeypatch.setattr(lowrank.loss, "_CHUNK_BYTES", 4096)  # several chunks even on the tiny model
     monkeypatch.setattr(lowrank.loss, "_MIN_CHUNK_ROWS", 1)
     model = lowrank.inject(_tiny(arch, dtype), lowrank.LoRAConfig(r=4, target_modules="all-linear"))
@@ -480,8 +476,6 @@ def test_fused_head_with_a_trainable_head():
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     model.requires_grad_(False)
     model.lm_head.requires_grad_(True)
-    import copy
-
     fused = lowrank.fast_loss(copy.deepcopy(model).train(), keep_logits=False)
     ids = torch.randint(0, 517, (3, 9))
     fused(input_ids=ids, labels=ids).loss.backward()
