@@ -157,13 +157,16 @@ PYBIND11_MODULE(_C, m) {
       "lora_backward_cpu",
       [](const Matrix& dx, const Matrix& grad_a, const Matrix& grad_b, const Matrix& g, const Matrix& dy,
          const Matrix& xa, const Matrix& u, const Matrix& w, const Matrix& a, const Matrix& b, float scale,
-         int num_threads) {
-        LoraBackwardArgs p{dx, grad_a, grad_b, g, dy, xa, u, w, a, b, scale};
+         int num_threads, bool bf16_dot) {
+        LoraBackwardArgs p{dx, grad_a, grad_b, g, dy, xa, u, w, a, b, scale, bf16_dot};
         py::gil_scoped_release nogil;
         lora_backward_cpu(p, num_threads);
       },
       "The LoRA backward for few tokens in one call: g = scale * dy b, grad_b = scale * dyᵀ u, grad_a = gᵀ xa, "
-      "dx = dy w + g a (positional arguments: dx, grad_a, grad_b, g, dy, xa, u, w, a, b, scale, num_threads)");
+      "dx = dy w + g a (positional arguments: dx, grad_a, grad_b, g, dy, xa, u, w, a, b, scale, num_threads, "
+      "bf16_dot: a bf16 dy read as it is by dx's AVX512-BF16 products where the CPU has them, else widened)",
+      py::arg("dx"), py::arg("grad_a"), py::arg("grad_b"), py::arg("g"), py::arg("dy"), py::arg("xa"), py::arg("u"),
+      py::arg("w"), py::arg("a"), py::arg("b"), py::arg("scale"), py::arg("num_threads"), py::arg("bf16_dot") = false);
 
 #ifdef LOWRANK_WITH_CUDA
   m.def(

@@ -85,7 +85,7 @@ void lora_fused_cpu(const LoraRowsArgs& args, const Matrix& a, const Matrix& u, 
 // each task accumulates into its own fp32 slice of `workspace`, and the slices are summed at the end.
 struct LoraInputGradArgs {
   Matrix out;        // [M, K]  float32 or w's dtype
-  Matrix dy;         // [M, N]  float32
+  Matrix dy;         // [M, N]  float32, or bfloat16 (AVX512-BF16 products against a bf16 w; else widened)
   Matrix w;          // [N, K]  float32 / bfloat16
   Matrix g;          // [M, R]  float32, or ptr == 0 for no adapter term
   Matrix a;          // [R, K]  float32 or w's dtype
@@ -98,7 +98,8 @@ inline void validate_lora_input_grad(const LoraInputGradArgs& p) {
   check_matrix(p.out, "out", M, K);
   LOWRANK_CHECK(p.w.dtype == DType::float32 || p.w.dtype == DType::bfloat16,
         std::string("w: unsupported dtype ") + dtype_name(p.w.dtype));
-  LOWRANK_CHECK(p.dy.dtype == DType::float32, std::string("dy: expected float32, got ") + dtype_name(p.dy.dtype));
+  LOWRANK_CHECK(p.dy.dtype == DType::float32 || p.dy.dtype == DType::bfloat16,
+        std::string("dy: expected float32 or bfloat16, got ") + dtype_name(p.dy.dtype));
   LOWRANK_CHECK(p.out.dtype == DType::float32 || p.out.dtype == p.w.dtype,
         std::string("out: expected float32 or w's dtype, got ") + dtype_name(p.out.dtype));
   LOWRANK_CHECK((p.g.ptr == 0) == (p.a.ptr == 0), "g and a: give both or neither");
@@ -174,7 +175,8 @@ void adapter_products_cpu(const AdapterProductsArgs& a, int num_threads);
 
 // The whole LoRA backward for few tokens in one call (the eager training step of a small layer, where
 // per-call costs decide): g = s·dy B and grad_B = s·dyᵀ u, grad_A = gᵀ x_a (adapter_products), then
-// dx = dy W + g A (lora_input_grad; a bf16 dy is widened into scratch for it). Each step's own checks
+// dx = dy W + g A (lora_input_grad; a bf16 dy is read as it is with `bf16_dot`, for the AVX512-BF16
+// products where the CPU has them, and otherwise widened into scratch for it). Each step's own checks
 // all run before anything is written.
 struct LoraBackwardArgs {
   Matrix dx;      // [M, K]  float32 or w's dtype
@@ -188,6 +190,7 @@ struct LoraBackwardArgs {
   Matrix a;       // [R, K]  float32 or w's dtype
   Matrix b;       // [N, R]  float32 / bfloat16
   float scale = 1.0f;
+  bool bf16_dot = false;  // a bf16 dy with a bf16 w: the input gradient's bf16 products (measured choice)
 };
 
 void lora_backward_cpu(const LoraBackwardArgs& a, int num_threads);

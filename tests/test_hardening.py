@@ -55,6 +55,7 @@ def _pinned_crossovers(monkeypatch):
     monkeypatch.setattr(_runtime, "NF4_CPU_FUSED_MAX_M", d["nf4_cpu_fused_max_m/float32"])
     monkeypatch.setattr(_runtime, "NF4_CPU_BF16_DOT", d["nf4_cpu_bf16_rows"] == "dot")
     monkeypatch.setattr(_runtime, "CPU_LORA_BF16_DOT", d["cpu_lora_bf16_rows"] == "dot")
+    monkeypatch.setattr(_runtime, "CPU_INPUT_GRAD_BF16_DOT", d["cpu_input_grad_bf16_rows"] == "dot")
     monkeypatch.setattr(_runtime, "NF4_CPU_INPUT_GRAD_MAX_M", d["nf4_cpu_input_grad_max_m"])
 
 

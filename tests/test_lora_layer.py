@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank import LoRALinear
+from lowrank.ops import _runtime
 
 from conftest import absolute, assert_error_within, dtype_name, fp64, plain_lora_linear
 
@@ -571,10 +572,12 @@ def _grads_fp64(layer, x, gy):
     return torch.autograd.grad(y, (x64, a, bb), fp64(gy))
 
 
-@pytest.mark.parametrize("lead", [(), (1,), (3,), (2, 2)], ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
-def test_few_token_training_shortcut(dtype, lead, force_path, kernel_calls):
+@pytest.mark.parametrize("lead", [(), (1,), (3,), (2, 2), (11,)], ids=str)
+@pytest.mark.parametrize("dtype,dot", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)],
+                         ids=["float32", "bfloat16-widen", "bfloat16-dot"])  # fmt: skip
+def test_few_token_training_shortcut(dtype, dot, lead, force_path, monkeypatch, kernel_calls):
     force_path("fused")
+    monkeypatch.setattr(_runtime, "CPU_INPUT_GRAD_BF16_DOT", dot)  # a bf16 dy read as bf16 in dx, or widened
     layer = LoRALinear(45, 23, dtype=dtype, r=5, alpha=10)
     nn.init.normal_(layer.lora_B.weight, std=0.3)
     for _ in range(2):  # the second call reuses the views the first built

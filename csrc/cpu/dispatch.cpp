@@ -192,8 +192,8 @@ void lora_backward_cpu(const LoraBackwardArgs& p, int num_threads) {
   validate_adapter_products(down);  // xa, g, grad_a [R, K]
   LOWRANK_CHECK(extent_fits(M, N + K, N + K), "dy: too many elements for the backward's scratch");
   const int64_t tasks = num_threads < 1 ? 1 : num_threads;
-  const bool widen = p.dy.dtype == DType::bfloat16;
-  thread_local std::vector<float> scratch;  // dy in fp32 (bf16 only) and the input gradient's partial sums
+  const bool widen = p.dy.dtype == DType::bfloat16 && !(p.bf16_dot && p.w.dtype == DType::bfloat16);
+  thread_local std::vector<float> scratch;  // dy in fp32 (widened bf16 only) and the input gradient's partial sums
   const size_t need = size_t((widen ? M * N : 0) + tasks * M * K);
   if (scratch.size() < need) scratch.resize(need);
   Matrix dy32 = p.dy;

@@ -13,7 +13,12 @@ measurement on first use, of the two candidate paths on one probe shape, interle
   M = 1, 16, 64, 256 (stopping at the first loss). The weight is read cold (copies adding up to twice the
   last-level cache, used in turn), as in a model whose layers do not all fit in cache.
 - ``cpu_input_grad_max_m/<dtype>``: the same for the few-token ``dx = dy W + g A`` kernel; M = 1, 4,
-  8, 16, 32.
+  8, 16, 32, 64.
+- ``cpu_input_grad_bf16_rows``: for a bf16 dy in that kernel (bf16 W), ``"dot"`` (AVX512-BF16 products
+  over pairs of W's rows interleaved in registers: exact, summed in fp32) or ``"widen"`` (dy widened to
+  fp32, fp32 FMAs over W widened). Probe: 2048 → 4096, r=16, M = 16 (cold weights). Not measured where
+  the kernel variant has no AVX512-BF16 ("widen"). Measured before ``cpu_input_grad_max_m/bfloat16``,
+  whose fused side runs it.
 - ``cpu_adapter_products/<dtype>``: ``"kernel"`` (csrc/cpu/adapter_products.cpp: the adapter's
   gradients from one pass over dy and one over x_a, both read in their own dtype) or ``"gemm"``
   (torch's GEMMs on fp32 operands, a bf16 dy or x_a widened first). Probe: the LoRA adapter backward
@@ -68,8 +73,8 @@ import torch
 from .._info import cpu_model
 
 UNBOUNDED = 1 << 62
-# Bumped when the probes change how they measure, so decisions measured the old way are measured again.
-CALIBRATION_VERSION = 4
+# Bumped when the probes or the kernels they time change, so decisions measured the old way are measured again.
+CALIBRATION_VERSION = 5
 STEADY_RATIO = 1.3  # the steadiness workload's time may change this much across a probe and be cached
 
 # What runs when calibration is off: the fused kernels where they were written for (few tokens),
@@ -87,6 +92,7 @@ DEFAULTS: dict[str, Any] = {
     "nf4_cpu_input_grad_max_m": 8,
     "nf4_cpu_bf16_rows": "widen",
     "cpu_lora_bf16_rows": "widen",
+    "cpu_input_grad_bf16_rows": "widen",
     "cpu_tile_buffer_max_m/float32": 256,
     "cpu_tile_buffer_max_m/bfloat16": 0,
 }
@@ -405,6 +411,10 @@ def _probe_input_grad(dtype: torch.dtype) -> tuple[int, dict]:
     from . import lora
 
     g, weights, a, _, _, n = _lora_probe_weights(dtype)
+    if dtype == torch.bfloat16:
+        from . import _runtime
+
+        _runtime.cpu_input_grad_bf16_dot()  # decided first: the fused side of this probe runs what it chose
 
     def call(m: int, limit: int):
         dy = torch.randn(m, n, generator=g).to(dtype)
@@ -416,7 +426,29 @@ def _probe_input_grad(dtype: torch.dtype) -> tuple[int, dict]:
 
         return run
 
-    return _crossover([1, 4, 8, 16, 32], lambda m: call(m, UNBOUNDED), lambda m: call(m, 0))
+    return _crossover([1, 4, 8, 16, 32, 64], lambda m: call(m, UNBOUNDED), lambda m: call(m, 0))
+
+
+def _probe_input_grad_bf16_rows() -> tuple[str, dict]:
+    from .. import _C
+    from . import lora
+
+    if not _C.cpu_bf16_dot():
+        return "widen", {}  # nothing to measure: this kernel variant has no AVX512-BF16
+    g, weights, a, _, _, n = _lora_probe_weights(torch.bfloat16)
+    m = 16
+    dy = torch.randn(m, n, generator=g).bfloat16()
+    gg = torch.randn(m, a.shape[0], generator=g)
+
+    def call(dot: bool):
+        def run():
+            with _pinned("CPU_INPUT_GRAD_MAX_M", {torch.bfloat16: UNBOUNDED}), _pinned("CPU_INPUT_GRAD_BF16_DOT", dot):
+                return lora._backward_input_native(dy, weights(), gg, a)
+
+        return run
+
+    t = _compared_ms({"dot": call(True), "widen": call(False)})
+    return ("dot" if t["dot"] < t["widen"] else "widen"), {str(m): t}
 
 
 def _probe_adapter_products(dtype: torch.dtype) -> tuple[str, dict]:
@@ -566,6 +598,7 @@ _PROBES: dict[str, Callable[[], tuple[Any, dict]]] = {
     "nf4_cpu_input_grad_max_m": _probe_nf4_input_grad,
     "nf4_cpu_bf16_rows": _probe_nf4_bf16_rows,
     "cpu_lora_bf16_rows": _probe_lora_bf16_rows,
+    "cpu_input_grad_bf16_rows": _probe_input_grad_bf16_rows,
     "cpu_tile_buffer_max_m/float32": lambda: _probe_tile_layout(torch.float32),
     "cpu_tile_buffer_max_m/bfloat16": lambda: _probe_tile_layout(torch.bfloat16),
 }

@@ -36,6 +36,7 @@ NF4_CPU_BF16_DOT: Optional[bool] = None  # bf16 x in the NF4 rows kernel: AVX512
 NF4_CPU_INPUT_GRAD_MAX_M: Optional[int] = None  # largest M for the NF4 dx = dy W kernel
 CPU_ADAPTER_PRODUCTS: Optional[dict] = None  # {dtype: True for csrc/cpu/adapter_products.cpp, False for GEMMs}
 CPU_LORA_BF16_DOT: Optional[bool] = None  # bf16 x in the LoRA rows kernel: AVX512-BF16 products (True) or widened
+CPU_INPUT_GRAD_BF16_DOT: Optional[bool] = None  # bf16 dy in the dx = dy W + g A kernel: AVX512-BF16 products or widened
 CPU_TILE_BUFFER_MAX_M: Optional[dict] = None  # {dtype: largest M whose tile products go to an [n, M] buffer}
 
 
@@ -68,6 +69,16 @@ def cpu_lora_bf16_dot() -> bool:
     if CPU_LORA_BF16_DOT is not None:
         return CPU_LORA_BF16_DOT
     return _dispatch.decide("cpu_lora_bf16_rows") == "dot"
+
+
+def cpu_input_grad_bf16_dot() -> bool:
+    """Whether a bf16 dy in the few-token input-gradient kernel is read as bf16 for AVX512-BF16 products
+    against the bf16 W (exact products, fp32 sums) rather than widened to fp32: measured where the kernel
+    variant has them ("widen" without measuring elsewhere; the kernel itself widens where they are
+    missing)."""
+    if CPU_INPUT_GRAD_BF16_DOT is not None:
+        return CPU_INPUT_GRAD_BF16_DOT
+    return _dispatch.decide("cpu_input_grad_bf16_rows") == "dot"
 
 
 def cpu_tile_buffer_max_m(dtype: torch.dtype) -> int:

@@ -555,7 +555,9 @@ def _backward_input_checked(grad_y, weight, g, lora_a):
     if grad_y.device.type == "cpu" and grad_y.dtype in _CPU_NATIVE and m <= _runtime.cpu_input_grad_max_m(grad_y.dtype):
         # Few tokens: stream W once by rows, partial sums per task (csrc/cpu/lora_input_grad.cpp).
         # Every tensor whose pointer the kernel gets is held in a local until it returns.
-        dy32 = last_dim_contiguous(dy if dy.dtype == torch.float32 else dy.float())
+        # A bf16 dy stays bf16 where this machine measured the kernel's bf16 products faster.
+        keep = dy.dtype == torch.float32 or (dy.dtype == torch.bfloat16 and _runtime.cpu_input_grad_bf16_dot())
+        dy_in = last_dim_contiguous(dy if keep else dy.float())
         weight = last_dim_contiguous(weight)
         g2 = None if g2 is None else last_dim_contiguous(g2)
         lora_a = None if lora_a is None else last_dim_contiguous(lora_a)
@@ -564,7 +566,7 @@ def _backward_input_checked(grad_y, weight, g, lora_a):
         dx = _runtime.empty(m, k, dtype=grad_y.dtype, device=grad_y.device)
         _C.lora_input_grad_cpu(
             matrix("out", dx),
-            matrix("grad_y", dy32),
+            matrix("grad_y", dy_in),
             matrix("weight", weight),
             optional_matrix("g", g2),
             optional_matrix("lora_a", lora_a),
@@ -631,7 +633,7 @@ def _backward_fast(state: tuple, grad_y: Tensor, xa, weight, lora_a, lora_b, u, 
     dy, xa2, u2 = grad_y.reshape(m, n), rows(xa, m, k), u.reshape(m, r)  # held until the kernel returns
     _C.lora_backward_cpu(matrix("dx", dx), matrix("grad_a", grad_a), matrix("grad_b", grad_b), matrix("g", g),
                          matrix("grad_y", dy), matrix("adapter_input", xa2), matrix("u", u2), mw, ma, mb, float(scale),
-                         _runtime.num_threads())  # fmt: skip
+                         _runtime.num_threads(), dy.dtype == torch.bfloat16 and _runtime.cpu_input_grad_bf16_dot())  # fmt: skip
     return dx, grad_a, grad_b
 
 
