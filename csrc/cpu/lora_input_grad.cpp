@@ -143,8 +143,8 @@ struct InputGradJob {
 
 #if defined(__AVX512F__)
 constexpr int DOT_MB = 8;           // dy rows per register tile: 2 x 8 accumulators of 16 columns
-constexpr int64_t DOT_ROWS = 64;    // w rows per chunk
-constexpr int64_t DOT_KB = 128;     // columns per block: its pairs, 64 rows x 128 x 2 B = 16 KiB, kept for later m tiles
+constexpr int64_t DOT_ROWS = 128;   // w rows per chunk (fewer flushes of the partial sums than 32 or 64)
+constexpr int64_t DOT_KB = 128;     // columns per block: its pairs, 128 rows x 128 x 2 B = 32 KiB, kept for later m tiles
 constexpr int64_t DOT_AHEAD = 128;  // the next block's columns, prefetched into L2 by the first m tile
 
 // Lane j of unpacklo(w0, w1) holds the pair (w0[k], w1[k]) for k = 8(j/4) + j%4, of unpackhi for
