@@ -154,6 +154,17 @@ PYBIND11_MODULE(_C, m) {
       "d_transposed, scale, num_threads)");
 
   m.def(
+      "adapter_term_cpu",
+      [](const Matrix& out, const Matrix& u, const Matrix& e, const std::optional<Matrix>& bias, float scale,
+         bool e_transposed, bool accumulate, int num_threads) {
+        AdapterTermArgs p{out, u, e, opt(bias), scale, e_transposed, accumulate};
+        py::gil_scoped_release nogil;
+        adapter_term_cpu(p, num_threads);
+      },
+      "out = [out +] bias + scale * u eᵀ (fp32 sums, one rounding; e read as [R, N] with e_transposed; "
+      "positional arguments: out, u, e, bias, scale, e_transposed, accumulate, num_threads)");
+
+  m.def(
       "lora_backward_cpu",
       [](const Matrix& dx, const Matrix& grad_a, const Matrix& grad_b, const Matrix& g, const Matrix& dy,
          const Matrix& xa, const Matrix& u, const Matrix& w, const Matrix& a, const Matrix& b, float scale,

@@ -173,6 +173,46 @@ inline void validate_adapter_products(const AdapterProductsArgs& p) {
 
 void adapter_products_cpu(const AdapterProductsArgs& a, int num_threads);
 
+// The adapter's term of a many-token product (csrc/cpu/adapter_products.cpp), for the GEMM paths:
+//
+//   out[m, n] = [out[m, n] +] bias[n] + scale * sum_j u[m, j] * e[n, j]
+//
+// fp32 products and sums, one rounding to out's dtype (with `accumulate`, out's values are added
+// before that rounding). Forward: u = x Aᵀ, e = B, then the base GEMM accumulates onto out (or out is
+// the base GEMM's fp32 product); input gradient: u = g, e = A read transposed ([R, K]).
+struct AdapterTermArgs {
+  Matrix out;    // [M, N]  float32 / bfloat16
+  Matrix u;      // [M, R]  float32
+  Matrix e;      // [N, R] float32 / bfloat16, or [R, N] with e_transposed
+  Matrix bias;   // [1, N]  float32 / bfloat16, or ptr == 0
+  float scale = 1.0f;
+  bool e_transposed = false;
+  bool accumulate = false;
+};
+
+inline void validate_adapter_term(const AdapterTermArgs& p) {
+  const int64_t M = p.out.rows, N = p.out.cols, R = p.u.cols;
+  auto float_or_bf16 = [](const Matrix& m) { return m.dtype == DType::float32 || m.dtype == DType::bfloat16; };
+  check_matrix(p.out, "out", M, N);
+  LOWRANK_CHECK(float_or_bf16(p.out), std::string("out: expected float32 or bfloat16, got ") + dtype_name(p.out.dtype));
+  check_matrix(p.u, "u", M, R);
+  LOWRANK_CHECK(p.u.dtype == DType::float32, std::string("u: expected float32, got ") + dtype_name(p.u.dtype));
+  if (p.e_transposed)
+    check_matrix(p.e, "e", R, N);
+  else
+    check_matrix(p.e, "e", N, R);
+  LOWRANK_CHECK(float_or_bf16(p.e), std::string("e: expected float32 or bfloat16, got ") + dtype_name(p.e.dtype));
+  if (p.bias.ptr) {
+    check_matrix(p.bias, "bias", 1, N);
+    LOWRANK_CHECK(float_or_bf16(p.bias), std::string("bias: expected float32 or bfloat16, got ") + dtype_name(p.bias.dtype));
+  }
+  LOWRANK_CHECK(extent_fits(R, N + 32, N + 32), "e: too large for the adapter term's scratch");
+  for (const Matrix* m : {&p.out, &p.u, &p.e, &p.bias})
+    LOWRANK_CHECK(m->ptr == 0 || m->device == -1, "adapter_term_cpu: every tensor must be on the CPU");
+}
+
+void adapter_term_cpu(const AdapterTermArgs& a, int num_threads);
+
 // The whole LoRA backward for few tokens in one call (the eager training step of a small layer, where
 // per-call costs decide): g = s·dy B and grad_B = s·dyᵀ u, grad_A = gᵀ x_a (adapter_products), then
 // dx = dy W + g A (lora_input_grad; a bf16 dy is read as it is with `bf16_dot`, for the AVX512-BF16

@@ -226,7 +226,122 @@ const float* padded(const Matrix& m, bool transposed, int64_t rows, int64_t R, i
   return scratch;
 }
 
+// ---- adapter_term: out = [out +] bias + scale · u eᵀ -------------------------------------------
+// An outer-product tile: TM rows of u (broadcast) against 2W columns of eᵀ (fp32, zero-padded to Np
+// columns, built once per call in the thread's scratch), R steps of 2·TM FMAs on 2·TM accumulators.
+constexpr int TM = W == 16 ? 8 : 4;
+
+struct TermPlan {
+  const AdapterTermArgs* a;
+  const float* et;  // [R, Np] fp32
+  int64_t Np;
+  int64_t blocks;  // row blocks of TM
+  int64_t tasks;
+};
+
+// Rows [mb, mb + NB) of out, every column.
+template <int NB, class TO, class TB>
+void term_block(const TermPlan& p, int64_t mb) {
+  const AdapterTermArgs& A = *p.a;
+  const int64_t N = A.out.cols, R = A.u.cols;
+  const float* u = A.u.data<float>() + mb * A.u.ld;
+  const TB* bias = A.bias.ptr ? A.bias.data<TB>() : nullptr;
+  TO* out = A.out.data<TO>() + mb * A.out.ld;
+  const Vec s = vset1(A.scale);
+  for (int64_t n = 0; n < N; n += 2 * W) {
+    Vec acc[NB][2];
+    for (int i = 0; i < NB; ++i) acc[i][0] = acc[i][1] = vzero();
+    for (int64_t j = 0; j < R; ++j) {
+      const Vec e0 = vload(p.et + j * p.Np + n), e1 = vload(p.et + j * p.Np + n + W);
+      for (int i = 0; i < NB; ++i) {
+        const Vec ub = vset1(u[i * A.u.ld + j]);
+        acc[i][0] = vfma(ub, e0, acc[i][0]);
+        acc[i][1] = vfma(ub, e1, acc[i][1]);
+      }
+    }
+    if (n + 2 * W <= N) {
+      for (int i = 0; i < NB; ++i)
+        for (int h = 0; h < 2; ++h) {
+          TO* at = out + i * A.out.ld + n + h * W;
+          Vec v = vmul(s, acc[i][h]);
+          if (bias) v = vadd(v, vload(bias + n + h * W));
+          if (A.accumulate) v = vadd(v, vload(at));
+          vstore(at, v);
+        }
+    } else {  // the last columns: through a buffer, element by element
+      alignas(64) float tail[2 * W];
+      for (int i = 0; i < NB; ++i) {
+        vstore(tail, acc[i][0]);
+        vstore(tail + W, acc[i][1]);
+        TO* row = out + i * A.out.ld + n;
+        for (int64_t c = 0; c < N - n; ++c) {
+          float v = A.scale * tail[c];
+          if (bias) v += load_scalar(bias + n + c);
+          if (A.accumulate) v += load_scalar(row + c);
+          store_scalar(row + c, v);
+        }
+      }
+    }
+  }
+}
+
+template <class TO, class TB>
+void term_rows(const TermPlan& p, int64_t m0, int64_t m1) {
+  for (int64_t mb = m0; mb < m1; mb += TM) {
+    switch (int(min64(TM, m1 - mb))) {  // cases past 4 run with AVX-512 only
+#define LOWRANK_TERM_CASE(n) \
+  case n: term_block<n, TO, TB>(p, mb); break;
+      LOWRANK_TERM_CASE(1)
+      LOWRANK_TERM_CASE(2)
+      LOWRANK_TERM_CASE(3)
+      LOWRANK_TERM_CASE(4)
+      LOWRANK_TERM_CASE(5)
+      LOWRANK_TERM_CASE(6)
+      LOWRANK_TERM_CASE(7)
+      LOWRANK_TERM_CASE(8)
+#undef LOWRANK_TERM_CASE
+    }
+  }
+}
+
+template <class TO, class TB>
+void term_task(void* ctx, int64_t t) {
+  const TermPlan& p = *static_cast<const TermPlan*>(ctx);
+  const int64_t M = p.a->out.rows;
+  term_rows<TO, TB>(p, min64(M, p.blocks * t / p.tasks * TM), min64(M, p.blocks * (t + 1) / p.tasks * TM));
+}
+
 }  // namespace
+
+void adapter_term(const AdapterTermArgs& a, int num_threads) {
+  const int64_t M = a.out.rows, N = a.out.cols, R = a.u.cols;
+  TermPlan p{};
+  p.a = &a;
+  p.Np = (N + 2 * W - 1) / (2 * W) * (2 * W);
+  thread_local std::vector<float> scratch;  // eᵀ in fp32, kept between calls (see adapter_products)
+  if (scratch.size() < size_t(R * p.Np)) scratch.resize(size_t(R * p.Np));
+  float* et = scratch.data();
+  auto value = [&](int64_t at) {
+    return a.e.dtype == DType::float32 ? a.e.data<float>()[at] : bf16_to_float(a.e.data<bf16_t>()[at]);
+  };
+  for (int64_t j = 0; j < R; ++j)
+    for (int64_t n = N; n < p.Np; ++n) et[j * p.Np + n] = 0.f;
+  if (a.e_transposed) {
+    for (int64_t j = 0; j < R; ++j)
+      for (int64_t n = 0; n < N; ++n) et[j * p.Np + n] = value(j * a.e.ld + n);
+  } else {  // e's rows in order (each R long), scattered over eᵀ's R rows
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t j = 0; j < R; ++j) et[j * p.Np + n] = value(n * a.e.ld + j);
+  }
+  p.et = et;
+  p.blocks = (M + TM - 1) / TM;
+  const int64_t threads = num_threads < 1 ? 1 : num_threads;
+  p.tasks = min64(threads, p.blocks);
+  const bool o16 = a.out.dtype == DType::bfloat16, b16 = a.bias.ptr && a.bias.dtype == DType::bfloat16;
+  void (*task)(void*, int64_t) = o16 ? (b16 ? &term_task<bf16_t, bf16_t> : &term_task<bf16_t, float>)
+                                     : (b16 ? &term_task<float, bf16_t> : &term_task<float, float>);
+  parallel_for(p.tasks, num_threads, task, &p);
+}
 
 void adapter_products(const AdapterProductsArgs& a, int num_threads) {
   Plan p{};

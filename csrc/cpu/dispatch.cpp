@@ -18,6 +18,7 @@ namespace lowrank::cpu {
   void lora_rows(const LoraRowsArgs& a, int num_threads);      \
   void lora_input_grad(const LoraInputGradArgs& a, int num_threads); \
   void adapter_products(const AdapterProductsArgs& a, int num_threads); \
+  void adapter_term(const AdapterTermArgs& a, int num_threads);      \
   void nf4_quantize(const Nf4QuantizeArgs& a, int num_threads);       \
   void nf4_double_quant(const Nf4DoubleQuantArgs& a, int num_threads); \
   void nf4_dequantize(const Nf4DequantizeArgs& a, int num_threads);   \
@@ -37,6 +38,7 @@ struct Variant {
   void (*lora_rows)(const LoraRowsArgs&, int);
   void (*lora_input_grad)(const LoraInputGradArgs&, int);
   void (*adapter_products)(const AdapterProductsArgs&, int);
+  void (*adapter_term)(const AdapterTermArgs&, int);
   void (*nf4_quantize)(const Nf4QuantizeArgs&, int);
   void (*nf4_double_quant)(const Nf4DoubleQuantArgs&, int);
   void (*nf4_dequantize)(const Nf4DequantizeArgs&, int);
@@ -48,13 +50,13 @@ struct Variant {
 };
 
 static const Variant kVariants[] = {
-    {"portable", &portable::lora_rows, &portable::lora_input_grad, &portable::adapter_products, &portable::nf4_quantize, &portable::nf4_double_quant,
+    {"portable", &portable::lora_rows, &portable::lora_input_grad, &portable::adapter_products, &portable::adapter_term, &portable::nf4_quantize, &portable::nf4_double_quant,
      &portable::nf4_dequantize, &portable::nf4_rows, &portable::nf4_input_grad,
      &portable::mixed_rows, &portable::cross_entropy, &portable::cross_entropy_backward},
-    {"avx2", &avx2::lora_rows, &avx2::lora_input_grad, &avx2::adapter_products, &avx2::nf4_quantize, &avx2::nf4_double_quant,
+    {"avx2", &avx2::lora_rows, &avx2::lora_input_grad, &avx2::adapter_products, &avx2::adapter_term, &avx2::nf4_quantize, &avx2::nf4_double_quant,
      &avx2::nf4_dequantize, &avx2::nf4_rows, &avx2::nf4_input_grad,
      &avx2::mixed_rows, &avx2::cross_entropy, &avx2::cross_entropy_backward},
-    {"avx512", &avx512::lora_rows, &avx512::lora_input_grad, &avx512::adapter_products, &avx512::nf4_quantize, &avx512::nf4_double_quant,
+    {"avx512", &avx512::lora_rows, &avx512::lora_input_grad, &avx512::adapter_products, &avx512::adapter_term, &avx512::nf4_quantize, &avx512::nf4_double_quant,
      &avx512::nf4_dequantize, &avx512::nf4_rows, &avx512::nf4_input_grad,
      &avx512::mixed_rows, &avx512::cross_entropy, &avx512::cross_entropy_backward},
 };
@@ -179,6 +181,12 @@ void lora_input_grad_cpu(const LoraInputGradArgs& a, int num_threads) {
 void adapter_products_cpu(const AdapterProductsArgs& a, int num_threads) {
   validate_adapter_products(a);
   cpu::active()->adapter_products(a, num_threads);
+}
+
+void adapter_term_cpu(const AdapterTermArgs& a, int num_threads) {
+  validate_adapter_term(a);
+  if (a.out.rows == 0 || a.out.cols == 0) return;
+  cpu::active()->adapter_term(a, num_threads);
 }
 
 void lora_backward_cpu(const LoraBackwardArgs& p, int num_threads) {

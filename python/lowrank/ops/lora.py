@@ -263,6 +263,27 @@ def adapter_products(
     return c, d
 
 
+def adapter_term(
+    out: Tensor,
+    u: Tensor,
+    e: Tensor,
+    bias: Optional[Tensor] = None,
+    scale: float = 1.0,
+    *,
+    e_transposed: bool = False,
+    accumulate: bool = False,
+) -> Tensor:
+    """``out = [out +] bias + scale·u eᵀ`` on the CPU ([M, N]; u fp32 [M, R], e [N, R] or [R, N] with
+    ``e_transposed``): fp32 products and sums, one rounding to out's dtype, in one call
+    (csrc/cpu/adapter_products.cpp) — the adapter's term of the many-token GEMM paths, where torch's
+    skinny GEMMs (and, for 16-bit outputs, the hi/lo splits they need to keep u exact) cost several
+    times the products themselves. Returns ``out``."""
+    u, e = last_dim_contiguous(u), last_dim_contiguous(e)  # held until the kernel returns
+    _C.adapter_term_cpu(matrix("out", out), matrix("u", u), matrix("e", e), optional_matrix("bias", bias),
+                        float(scale), e_transposed, accumulate, _runtime.num_threads())  # fmt: skip
+    return out
+
+
 def use_adapter_products(t: Tensor, m: int, k: int, r: int) -> bool:
     """The adapter's products of a CPU tensor ``t`` ([m, k] rows against rank r) go to
     :func:`adapter_products` rather than torch's GEMMs (where this machine measured it faster)."""
@@ -453,17 +474,17 @@ def _forward_gemm(x2, xa2, weight, bias, lora_a, lora_b, scale):
         y = torch.empty(y32.shape, dtype=x2.dtype, device=x2.device)
         y.copy_(y32)
         return y, u
-    if x2.dtype == torch.float32:
+    if x2.dtype == torch.float32 and not x2.is_cpu:
         u = torch.mm(xa2, lora_a.t() if lora_a.dtype == torch.float32 else lora_a.float().t())
         y = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
         y.addmm_(u, lora_b.t() if lora_b.dtype == torch.float32 else lora_b.float().t(), alpha=scale)
         return y, u
-    # bf16/fp16 GEMMs (CUDA, or CPUs where torch's bf16 GEMM is the fast one, as measured): u in fp32
-    # from fp32 operands (M*K + r*K widened, small next to W). The adapter term and the bias go first,
-    # into c = bias + s·u Bᵀ with u and B each split into two 16-bit halves (hi + lo) so nothing is
-    # rounded before that sum: c = bias + s·[u_hi u_lo u_hi]·[B_hi B_hi B_lo]ᵀ, a rank-3r product (no
-    # M x N fp32 temporary). Then c.addmm_(x, Wᵀ): the GEMM adds c to its fp32 accumulator, so the
-    # large sum x Wᵀ + c is rounded once (only c's own, much smaller, rounding comes before it).
+    # The CPU, and 16-bit GEMMs (CUDA, or CPUs where torch's bf16 GEMM is the fast one, as measured): u
+    # in fp32. The adapter term and the bias go first, into c = bias + s·u Bᵀ, with nothing rounded
+    # before that sum (_base_after_adapter). Then c.addmm_(x, Wᵀ): the GEMM adds c to its fp32
+    # accumulator, so the large sum x Wᵀ + c is rounded once (only c's own, much smaller, rounding comes
+    # before it). On the CPU this also measured faster in fp32 than y = x Wᵀ followed by the adapter's
+    # pass over y (576 → 1536, M = 512, Zen 4: 5.07 against 5.81 ms; the GEMM alone 5.36).
     u = down_projection_many(xa2, lora_a)
     return _base_after_adapter(x2, weight, bias, u, lora_b, scale), u
 
@@ -478,10 +499,16 @@ def down_projection_many(xa2: Tensor, a: Tensor) -> Tensor:
 
 
 def _base_after_adapter(x2, weight, bias, u, e, scale):
-    """``x Wᵀ + bias + scale·u eᵀ`` in x's 16-bit dtype: the adapter term (u fp32, e any float dtype)
-    and bias summed first in one 16-bit GEMM with fp32 accumulation, then the base GEMM accumulated
-    onto it (addmm's C enters the fp32 accumulator), so the large sum is rounded once."""
+    """``x Wᵀ + bias + scale·u eᵀ`` in x's dtype (16-bit, or fp32 on the CPU): the adapter term (u fp32, e any float dtype)
+    and bias summed first and rounded once, then the base GEMM accumulated onto it (addmm's C enters
+    the fp32 accumulator), so the large sum is rounded once. On the CPU the first sum is adapter_term's
+    (fp32 products); elsewhere one 16-bit GEMM with fp32 accumulation over u and e each split into two
+    16-bit halves (hi + lo), so nothing is rounded before it: bias + s·[u_hi u_lo u_hi]·[e_hi e_hi
+    e_lo]ᵀ, a rank-3r product (no M x N fp32 temporary)."""
     dtype = x2.dtype
+    if x2.is_cpu and dtype in _CPU_NATIVE:  # c = bias + s·u eᵀ in fp32, rounded once, in one call (adapter_term)
+        c = adapter_term(_runtime.empty(x2.shape[0], weight.shape[0], dtype=dtype, device=x2.device), u, e, bias, scale)
+        return c.addmm_(x2, weight.t())
     us_hi, us_lo = split_16bit(u * scale if scale != 1.0 else u, dtype)  # s folded in while still fp32
     e_hi, e_lo = split_16bit(e, dtype)
     left, right = [us_hi, us_lo], [e_hi, e_hi]
@@ -579,6 +606,12 @@ def _backward_input_checked(grad_y, weight, g, lora_a):
         if g2 is not None:
             dx32.addmm_(g2, lora_a.float())
         return dx32.to(grad_y.dtype).reshape(lead + (k,))
+    if g2 is not None and dy.is_cpu and dy.dtype in _CPU_NATIVE:
+        # g A first (adapter_term: fp32 sums, rounded once; no 16-bit copies of g), then the GEMM adds
+        # dy W to it in its fp32 accumulator, as the forward does.
+        dx = adapter_term(_runtime.empty(m, k, dtype=dy.dtype, device=dy.device), g2, lora_a, e_transposed=True)
+        dx.addmm_(dy, weight)
+        return dx.reshape(lead + (k,))
     dx = torch.mm(dy, weight)
     if g2 is not None:
         dx.addmm_(g2.to(dx.dtype), lora_a.to(dx.dtype))
