@@ -284,6 +284,18 @@ def adapter_term(
     return out
 
 
+def add_adapter_term(y: Tensor, u: Tensor, e: Tensor, bias: Optional[Tensor] = None, scale: float = 1.0, *,
+                     e_transposed: bool = False) -> Tensor:  # fmt: skip
+    """``y += bias + scale·u eᵀ`` for a CPU fp32 product ``y`` [M, N] in either layout: in place when its
+    rows are contiguous, else (a transposed tile buffer) made apart and added. The same bits either way:
+    each element is ``((scale·Σ) + bias) + y``, rounded at each step in that order."""
+    if y.stride(-1) == 1:
+        return adapter_term(y, u, e, bias, scale, e_transposed=e_transposed, accumulate=True)
+    term = adapter_term(_runtime.empty(*y.shape, dtype=y.dtype, device=y.device), u, e, bias, scale,
+                        e_transposed=e_transposed)  # fmt: skip
+    return y.add_(term)
+
+
 def use_adapter_products(t: Tensor, m: int, k: int, r: int) -> bool:
     """The adapter's products of a CPU tensor ``t`` ([m, k] rows against rank r) go to
     :func:`adapter_products` rather than torch's GEMMs (where this machine measured it faster)."""

@@ -220,6 +220,9 @@ def _forward_gemm(x2, xa2, weight, bias, vera_a, vera_b, d32, b32):
         h = _lora.down_projection_many(xa2, vera_a)
     u = h * d32
     b_scaled = _fp32(vera_b) * b32[:, None]  # [N, r] fp32: small next to W
+    if fp32_base and weight is not None and weight.dtype == torch.float32 and x2.is_cpu:
+        # bias + u (b ⊙ B_s)ᵀ first, then the GEMM adds x Wᵀ to it (as LoRA's fp32 CPU path)
+        return _lora._base_after_adapter(x32, weight, bias, u, b_scaled, 1.0), h  # x is fp32 like W
     if fp32_base:
         if weight is None:
             y32 = torch.mm(u, b_scaled.t())
