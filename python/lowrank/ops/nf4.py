@@ -569,11 +569,7 @@ def _forward_native(x, codes, absmax, absmax2, code2, offset, shape, blocksize, 
                                    scale, lead)  # fmt: skip
     x32 = x2.float()
     y32 = _gemm.linear_tiles_fp32(x32, n, k, _tile_filler(w))
-    if lora_a is not None and cpu:  # bias + s·u Bᵀ added to the product in one pass (adapter_term)
-        u = _lora.down_projection_many(x32 if adapter_input is None else xa2, lora_a)
-        _lora.add_adapter_term(y32, u, lora_b, bias, scale)
-        bias = None
-    elif lora_a is not None:
+    if lora_a is not None:
         xa32 = x32 if adapter_input is None else xa2.float()
         u = torch.mm(xa32, lora_a.float().t())
         y32.addmm_(u, lora_b.float().t(), alpha=scale)
@@ -690,9 +686,7 @@ def _backward_input_native(grad_y, codes, absmax, absmax2, code2, offset, shape,
         _C.nf4_input_grad_cpu(matrix("out", dx32), matrix("grad_y", dy32), w, matrix("workspace", workspace), tasks)
     else:
         dx32 = _gemm.matmul_tiles_fp32(dy32, n, k, _tile_filler(w))
-    if g is not None and cpu:
-        _lora.add_adapter_term(dx32, g.reshape(m, -1), lora_a, e_transposed=True)
-    elif g is not None:
+    if g is not None:
         dx32.addmm_(g.reshape(m, -1), lora_a.float())
     return dx32.to(grad_y.dtype).reshape(lead + (k,))
 
