@@ -156,13 +156,13 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "adapter_term_cpu",
       [](const Matrix& out, const Matrix& u, const Matrix& e, const std::optional<Matrix>& bias, float scale,
-         bool e_transposed, bool accumulate, int num_threads) {
-        AdapterTermArgs p{out, u, e, opt(bias), scale, e_transposed, accumulate};
+         bool e_transposed, int num_threads) {
+        AdapterTermArgs p{out, u, e, opt(bias), scale, e_transposed};
         py::gil_scoped_release nogil;
         adapter_term_cpu(p, num_threads);
       },
-      "out = [out +] bias + scale * u eᵀ (fp32 sums, one rounding; e read as [R, N] with e_transposed; "
-      "positional arguments: out, u, e, bias, scale, e_transposed, accumulate, num_threads)");
+      "out = bias + scale * u eᵀ (fp32 sums, one rounding; e read as [R, N] with e_transposed; "
+      "positional arguments: out, u, e, bias, scale, e_transposed, num_threads)");
 
   m.def(
       "lora_backward_cpu",

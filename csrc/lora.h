@@ -175,11 +175,11 @@ void adapter_products_cpu(const AdapterProductsArgs& a, int num_threads);
 
 // The adapter's term of a many-token product (csrc/cpu/adapter_products.cpp), for the GEMM paths:
 //
-//   out[m, n] = [out[m, n] +] bias[n] + scale * sum_j u[m, j] * e[n, j]
+//   out[m, n] = bias[n] + scale * sum_j u[m, j] * e[n, j]
 //
-// fp32 products and sums, one rounding to out's dtype (with `accumulate`, out's values are added
-// before that rounding). Forward: u = x Aᵀ, e = B, then the base GEMM accumulates onto out (or out is
-// the base GEMM's fp32 product); input gradient: u = g, e = A read transposed ([R, K]).
+// fp32 products and sums, one rounding to out's dtype. Forward: u = x Aᵀ, e = B, then the base GEMM
+// accumulates onto out; input gradient: u = g, e = A read transposed ([R, K]). (The bf16 paths: in
+// fp32 torch's GEMM makes the same sum as fast or faster.)
 struct AdapterTermArgs {
   Matrix out;    // [M, N]  float32 / bfloat16
   Matrix u;      // [M, R]  float32
@@ -187,7 +187,6 @@ struct AdapterTermArgs {
   Matrix bias;   // [1, N]  float32 / bfloat16, or ptr == 0
   float scale = 1.0f;
   bool e_transposed = false;
-  bool accumulate = false;
 };
 
 inline void validate_adapter_term(const AdapterTermArgs& p) {
