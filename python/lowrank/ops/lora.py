@@ -475,9 +475,9 @@ def _forward_gemm(x2, xa2, weight, bias, lora_a, lora_b, scale):
     # in fp32. The adapter term and the bias go first, into c = bias + s·u Bᵀ, with nothing rounded
     # before that sum (_base_after_adapter). Then c.addmm_(x, Wᵀ): the GEMM adds c to its fp32
     # accumulator, so the large sum x Wᵀ + c is rounded once (only c's own, much smaller, rounding comes
-    # before it). On the CPU this also measured faster in fp32 than y = x Wᵀ followed by the adapter's
-    # pass over y: a LoRA r=16 training step of 576 → 1536, M = 512, Zen 4, 1.12x nn.Linear's against
-    # 1.23x (bf16, with adapter_term: 1.21x against 1.27x).
+    # before it). On the CPU the fp32 path does the same: a LoRA r=16 training step of one 576 → 1536
+    # layer at M = 512 (Zen 4, 100 interleaved rounds) took 1.11x nn.Linear's time against 1.14x with
+    # y = x Wᵀ followed by the adapter's pass over y (bf16, with adapter_term: 1.21x against 1.27x).
     u = down_projection_many(xa2, lora_a)
     return _base_after_adapter(x2, weight, bias, u, lora_b, scale), u
 
@@ -492,12 +492,13 @@ def down_projection_many(xa2: Tensor, a: Tensor) -> Tensor:
 
 
 def _base_after_adapter(x2, weight, bias, u, e, scale):
-    """``x Wᵀ + bias + scale·u eᵀ`` in x's dtype (16-bit, or fp32 on the CPU): the adapter term (u fp32, e any float dtype)
-    and bias summed first and rounded once, then the base GEMM accumulated onto it (addmm's C enters
-    the fp32 accumulator), so the large sum is rounded once. On the CPU the first sum is adapter_term's
-    (fp32 products); elsewhere one 16-bit GEMM with fp32 accumulation over u and e each split into two
-    16-bit halves (hi + lo), so nothing is rounded before it: bias + s·[u_hi u_lo u_hi]·[e_hi e_hi
-    e_lo]ᵀ, a rank-3r product (no M x N fp32 temporary)."""
+    """``x Wᵀ + bias + scale·u eᵀ`` in x's dtype (16-bit, or fp32 on the CPU): the adapter term (u
+    fp32, e any float dtype) and bias summed first and rounded once, then the base GEMM accumulated
+    onto it (addmm's C enters the fp32 accumulator), so the large sum is rounded once. The first sum:
+    on the CPU torch's fp32 GEMM (fp32) or adapter_term (bf16: fp32 products, one call); elsewhere one
+    16-bit GEMM with fp32 accumulation over u and e each split into two 16-bit halves (hi + lo), so
+    nothing is rounded before it: bias + s·[u_hi u_lo u_hi]·[e_hi e_hi e_lo]ᵀ, a rank-3r product (no
+    M x N fp32 temporary)."""
     dtype = x2.dtype
     if x2.is_cpu and dtype == torch.float32:  # torch's fp32 GEMMs: c = bias + s·u eᵀ, then + x Wᵀ
         e32 = e if e.dtype == torch.float32 else e.float()
