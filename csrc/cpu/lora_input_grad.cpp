@@ -104,6 +104,27 @@ void fold_range(float* P, int64_t M, int64_t K, const T* src, int64_t ld_src, co
   }
 }
 
+// Task t of `tasks`: its partial sums (zeroed) and its virtual rows [v0, v1) of [w; a] (rows of w, then
+// rows of a; ranges contiguous and balanced).
+inline float* task_start(const LoraInputGradArgs& A, int64_t t, int64_t tasks, int64_t* v0, int64_t* v1) {
+  const int64_t M = A.dy.rows, N = A.w.rows, K = A.w.cols, R = A.g.ptr ? A.g.cols : 0;
+  float* P = A.workspace.data<float>() + t * M * K;
+  for (int64_t i = 0; i < M * K; ++i) P[i] = 0.f;
+  *v0 = (N + R) * t / tasks;
+  *v1 = (N + R) * (t + 1) / tasks;
+  return P;
+}
+
+// The adapter's rows among [v0, v1), after w's (the small terms first, then the large: g·A may be
+// much larger than one row of dy·W).
+template <class TA>
+void fold_adapter_rows(const LoraInputGradArgs& A, float* P, int64_t v0, int64_t v1) {
+  const int64_t N = A.w.rows;
+  if (v1 > N)
+    fold_range(P, A.dy.rows, A.w.cols, A.a.data<TA>(), A.a.ld, A.g.data<float>(), A.g.ld, (v0 > N ? v0 : N) - N,
+               v1 - N);
+}
+
 template <class TW, class TA, class TO>
 struct InputGradJob {
   const LoraInputGradArgs* p;
@@ -111,16 +132,11 @@ struct InputGradJob {
 
   void accumulate(int64_t t) const {
     const LoraInputGradArgs& A = *p;
-    const int64_t M = A.dy.rows, N = A.w.rows, K = A.w.cols, R = A.g.ptr ? A.g.cols : 0;
-    float* P = A.workspace.data<float>() + t * M * K;
-    for (int64_t i = 0; i < M * K; ++i) P[i] = 0.f;
-    // Virtual rows [0, N + R): rows of w, then rows of a. Ranges are contiguous and balanced.
-    const int64_t total = N + R;
-    const int64_t v0 = total * t / tasks, v1 = total * (t + 1) / tasks;
-    if (v0 < N)
-      fold_range(P, M, K, A.w.data<TW>(), A.w.ld, A.dy.data<float>(), A.dy.ld, v0, min64(v1, N));
-    if (v1 > N)
-      fold_range(P, M, K, A.a.data<TA>(), A.a.ld, A.g.data<float>(), A.g.ld, (v0 > N ? v0 : N) - N, v1 - N);
+    int64_t v0, v1;
+    float* P = task_start(A, t, tasks, &v0, &v1);
+    if (v0 < A.w.rows)
+      fold_range(P, A.dy.rows, A.w.cols, A.w.data<TW>(), A.w.ld, A.dy.data<float>(), A.dy.ld, v0, min64(v1, A.w.rows));
+    fold_adapter_rows<TA>(A, P, v0, v1);
   }
 
   void reduce(int64_t c) const {
@@ -262,7 +278,7 @@ LOWRANK_BF16_DOT void dot_fold_range(float* P, int64_t M, int64_t K, const bf16_
 }
 
 // InputGradJob for a bf16 dy and w: the w rows by dot_fold_range, the adapter's rows (g is fp32) by
-// fold_range, as there.
+// fold_adapter_rows, as there.
 template <class TA, class TO>
 struct DotInputGradJob {
   const LoraInputGradArgs* p;
@@ -270,14 +286,12 @@ struct DotInputGradJob {
 
   LOWRANK_BF16_DOT void accumulate(int64_t t) const {
     const LoraInputGradArgs& A = *p;
-    const int64_t M = A.dy.rows, N = A.w.rows, K = A.w.cols, R = A.g.ptr ? A.g.cols : 0;
-    float* P = A.workspace.data<float>() + t * M * K;
-    for (int64_t i = 0; i < M * K; ++i) P[i] = 0.f;
-    const int64_t total = N + R;
-    const int64_t v0 = total * t / tasks, v1 = total * (t + 1) / tasks;
-    if (v0 < N) dot_fold_range(P, M, K, A.w.data<bf16_t>(), A.w.ld, A.dy.data<bf16_t>(), A.dy.ld, v0, min64(v1, N));
-    if (v1 > N)
-      fold_range(P, M, K, A.a.data<TA>(), A.a.ld, A.g.data<float>(), A.g.ld, (v0 > N ? v0 : N) - N, v1 - N);
+    int64_t v0, v1;
+    float* P = task_start(A, t, tasks, &v0, &v1);
+    if (v0 < A.w.rows)
+      dot_fold_range(P, A.dy.rows, A.w.cols, A.w.data<bf16_t>(), A.w.ld, A.dy.data<bf16_t>(), A.dy.ld, v0,
+                     min64(v1, A.w.rows));
+    fold_adapter_rows<TA>(A, P, v0, v1);
   }
 
   static void accumulate_task(void* ctx, int64_t t) { static_cast<const DotInputGradJob*>(ctx)->accumulate(t); }

@@ -430,25 +430,14 @@ def _probe_input_grad(dtype: torch.dtype) -> tuple[int, dict]:
 
 
 def _probe_input_grad_bf16_rows() -> tuple[str, dict]:
-    from .. import _C
     from . import lora
 
-    if not _C.cpu_bf16_dot():
-        return "widen", {}  # nothing to measure: this kernel variant has no AVX512-BF16
-    g, weights, a, _, _, n = _lora_probe_weights(torch.bfloat16)
-    m = 16
-    dy = torch.randn(m, n, generator=g).bfloat16()
-    gg = torch.randn(m, a.shape[0], generator=g)
+    def make(m: int):
+        g, weights, a, _, _, n = _lora_probe_weights(torch.bfloat16)
+        dy, gg = torch.randn(m, n, generator=g).bfloat16(), torch.randn(m, a.shape[0], generator=g)
+        return lambda: lora._backward_input_native(dy, weights(), gg, a)
 
-    def call(dot: bool):
-        def run():
-            with _pinned("CPU_INPUT_GRAD_MAX_M", {torch.bfloat16: UNBOUNDED}), _pinned("CPU_INPUT_GRAD_BF16_DOT", dot):
-                return lora._backward_input_native(dy, weights(), gg, a)
-
-        return run
-
-    t = _compared_ms({"dot": call(True), "widen": call(False)})
-    return ("dot" if t["dot"] < t["widen"] else "widen"), {str(m): t}
+    return _probe_bf16_dot("CPU_INPUT_GRAD_MAX_M", "CPU_INPUT_GRAD_BF16_DOT", make)
 
 
 def _probe_adapter_products(dtype: torch.dtype) -> tuple[str, dict]:
@@ -544,25 +533,37 @@ def _probe_nf4_input_grad() -> tuple[int, dict]:
     return _crossover([1, 2, 4, 8, 16], lambda m: call(m, UNBOUNDED), lambda m: call(m, 0))
 
 
-def _probe_lora_bf16_rows() -> tuple[str, dict]:
+def _probe_bf16_dot(limit: str, flag: str, make: Callable[[int], Callable[[], Any]]) -> tuple[str, dict]:
+    """``"dot"`` or ``"widen"`` for a bf16 operand of a fused LoRA kernel: the call ``make(16)`` builds,
+    with the kernel forced (``_runtime.<limit>`` unbounded for bf16) and ``_runtime.<flag>`` pinned each
+    way. Nothing is measured where this kernel variant has no AVX512-BF16 ("widen")."""
     from .. import _C
-    from . import lora
 
     if not _C.cpu_bf16_dot():
-        return "widen", {}  # nothing to measure: this kernel variant has no AVX512-BF16
-    g, weights, a, b, k, _ = _lora_probe_weights(torch.bfloat16)
+        return "widen", {}
     m = 16
-    x = torch.randn(m, k, generator=g).bfloat16()
+    run = make(m)
 
     def call(dot: bool):
-        def run():
-            with _pinned("CPU_FUSED_MAX_M", {torch.bfloat16: UNBOUNDED}), _pinned("CPU_LORA_BF16_DOT", dot):
-                return lora._forward_native(x, weights(), None, a, b, 2.0, None)
+        def timed():
+            with _pinned(limit, {torch.bfloat16: UNBOUNDED}), _pinned(flag, dot):
+                return run()
 
-        return run
+        return timed
 
     t = _compared_ms({"dot": call(True), "widen": call(False)})
     return ("dot" if t["dot"] < t["widen"] else "widen"), {str(m): t}
+
+
+def _probe_lora_bf16_rows() -> tuple[str, dict]:
+    from . import lora
+
+    def make(m: int):
+        g, weights, a, b, k, _ = _lora_probe_weights(torch.bfloat16)
+        x = torch.randn(m, k, generator=g).bfloat16()
+        return lambda: lora._forward_native(x, weights(), None, a, b, 2.0, None)
+
+    return _probe_bf16_dot("CPU_FUSED_MAX_M", "CPU_LORA_BF16_DOT", make)
 
 
 def _probe_tile_layout(dtype: torch.dtype) -> tuple[int, dict]:
