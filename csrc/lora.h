@@ -178,8 +178,8 @@ void adapter_products_cpu(const AdapterProductsArgs& a, int num_threads);
 //   out[m, n] = bias[n] + scale * sum_j u[m, j] * e[n, j]
 //
 // fp32 products and sums, one rounding to out's dtype. Forward: u = x Aᵀ, e = B, then the base GEMM
-// accumulates onto out; input gradient: u = g, e = A read transposed ([R, K]). (The bf16 paths: in
-// fp32 torch's GEMM makes the same sum as fast or faster.)
+// accumulates onto out; input gradient: u = g, e = A read transposed ([R, K]). Used by the bf16
+// paths; in fp32, torch's GEMM computes the same sum as fast or faster.
 struct AdapterTermArgs {
   Matrix out;    // [M, N]  float32 / bfloat16
   Matrix u;      // [M, R]  float32
