@@ -131,14 +131,15 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "lora_input_grad_cpu",
       [](const Matrix& out, const Matrix& dy, const Matrix& w, const std::optional<Matrix>& g,
-         const std::optional<Matrix>& a, const Matrix& workspace, int num_threads) {
-        LoraInputGradArgs p{out, dy, w, opt(g), opt(a), workspace};
+         const std::optional<Matrix>& a, const Matrix& workspace, int num_threads, bool bf16_dot) {
+        LoraInputGradArgs p{out, dy, w, opt(g), opt(a), workspace, bf16_dot};
         py::gil_scoped_release nogil;
         lora_input_grad_cpu(p, num_threads);
       },
-      "out[m,k] = dy[m]·w[:,k] + g[m]·a[:,k] (fp32 accumulation; workspace: fp32 [tasks*M, K])",
+      "out[m,k] = dy[m]·w[:,k] + g[m]·a[:,k] (fp32 accumulation; workspace: fp32 [tasks*M, K]; a bf16 dy is "
+      "read as it is by AVX512-BF16 products where the CPU has them and bf16_dot is set, else widened)",
       py::arg("out"), py::arg("dy"), py::arg("w"), py::arg("g"), py::arg("a"), py::arg("workspace"),
-      py::arg("num_threads"));
+      py::arg("num_threads"), py::arg("bf16_dot") = true);
 
   m.def(
       "adapter_products_cpu",

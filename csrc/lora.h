@@ -90,6 +90,7 @@ struct LoraInputGradArgs {
   Matrix g;          // [M, R]  float32, or ptr == 0 for no adapter term
   Matrix a;          // [R, K]  float32 or w's dtype
   Matrix workspace;  // [tasks * M, K] float32, tasks >= 1; its row count picks the task count
+  bool bf16_dot = true;  // a bf16 dy: AVX512-BF16 products where the CPU has them (else widened), or widened
 };
 
 inline void validate_lora_input_grad(const LoraInputGradArgs& p) {
@@ -214,9 +215,8 @@ void adapter_term_cpu(const AdapterTermArgs& a, int num_threads);
 
 // The whole LoRA backward for few tokens in one call (the eager training step of a small layer, where
 // per-call costs decide): g = s·dy B and grad_B = s·dyᵀ u, grad_A = gᵀ x_a (adapter_products), then
-// dx = dy W + g A (lora_input_grad; a bf16 dy is read as it is with `bf16_dot`, for the AVX512-BF16
-// products where the CPU has them, and otherwise widened into scratch for it). Each step's own checks
-// all run before anything is written.
+// dx = dy W + g A (lora_input_grad, whose `bf16_dot` this passes on). Each step's own checks all run
+// before anything is written.
 struct LoraBackwardArgs {
   Matrix dx;      // [M, K]  float32 or w's dtype
   Matrix grad_a;  // [R, K]  float32 / bfloat16
@@ -229,7 +229,7 @@ struct LoraBackwardArgs {
   Matrix a;       // [R, K]  float32 or w's dtype
   Matrix b;       // [N, R]  float32 / bfloat16
   float scale = 1.0f;
-  bool bf16_dot = false;  // a bf16 dy with a bf16 w: the input gradient's bf16 products (measured choice)
+  bool bf16_dot = false;  // LoraInputGradArgs::bf16_dot for dx (the measured choice)
 };
 
 void lora_backward_cpu(const LoraBackwardArgs& a, int num_threads);

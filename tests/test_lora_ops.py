@@ -608,7 +608,7 @@ def test_input_grad_kernel_thread_counts(dtype, force_path):
         torch.set_num_threads(old)
 
 
-# (M, K, N): one row of w and an odd count (the pair tail), N past the 64-row chunk with tasks split at
+# (M, K, N): one row of w and an odd count (the pair tail), N past the 128-row chunk with tasks split at
 # odd rows, K under and past the 32-column step and the 128-column block (masked tails), M past the
 # 8-row register tile (pairs kept for the later tiles) and not a multiple of it.
 BF16_INPUT_GRAD_CASES = [(1, 7, 1), (3, 31, 9), (5, 70, 33), (8, 32, 64), (9, 130, 65), (16, 300, 129),
@@ -620,7 +620,7 @@ BF16_INPUT_GRAD_CASES = [(1, 7, 1), (3, 31, 9), (5, 70, 33), (8, 32, 64), (9, 13
 @pytest.mark.parametrize("m,k,n", BF16_INPUT_GRAD_CASES, ids=[f"M{m}-{k}x{n}" for m, k, n in BF16_INPUT_GRAD_CASES])
 def test_input_grad_bf16_dy_either_choice(cpu_isa, dot, m, k, n, force_path, monkeypatch, kernel_calls):
     """``cpu_input_grad_bf16_rows``: a bf16 dy read as bf16 (AVX512-BF16 products over pairs of W's rows
-    where the CPU and kernel variant have them, dy widened in the kernel elsewhere) or widened in Python:
+    where the CPU and kernel variant have them, dy widened in the kernel elsewhere) or widened in the kernel:
     within the contract of float64 either way, with and without the adapter term (a bf16 or fp32 A), on
     one, two and three threads."""
     force_path("fused")
@@ -642,10 +642,11 @@ def test_input_grad_bf16_dy_either_choice(cpu_isa, dot, m, k, n, force_path, mon
 @pytest.mark.skipif(not HAS_CPU_INPUT_GRAD_KERNEL, reason="this build has no CPU input-gradient kernel")
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
 def test_input_grad_kernel_bf16_dy_matches_widened_dy(cpu_isa, out_dtype):
-    """``lora_input_grad_cpu`` with a bf16 dy (bf16 products, or widened in C++ where they are missing)
-    against the same dy widened to fp32 by the caller: the same exact products summed in another order,
-    each within fp32 summation error of float64 (and half a bf16 ulp more for a bf16 out). dy's rows
-    strided; outputs poisoned: every element must be written, and nothing past dy's rows read into it."""
+    """``lora_input_grad_cpu`` with a bf16 dy (bf16 products, or widened in C++ where they are missing or
+    ``bf16_dot`` is off) against the same dy widened to fp32 by the caller: the same exact products summed
+    in another order, each within fp32 summation error of float64 (and half a bf16 ulp more for a bf16
+    out). dy's rows strided; outputs poisoned: every element must be written, and nothing past dy's rows
+    read into it."""
     from lowrank._validate import matrix
 
     torch.manual_seed(12)
@@ -655,11 +656,11 @@ def test_input_grad_kernel_bf16_dy_matches_widened_dy(cpu_isa, out_dtype):
         w = (torch.randn(n, k) * n**-0.5).bfloat16()
         g, a = torch.randn(m, 4), (torch.randn(4, k) * 0.3).bfloat16()
         outs = []
-        for dy_in in (dy, dy.float()):
+        for dy_in, dot in ((dy, True), (dy, False), (dy.float(), True)):
             out = torch.full((m, k), float("nan"), dtype=out_dtype)
             ws = torch.full((tasks * m, k), float("nan"))
             _C.lora_input_grad_cpu(matrix("out", out), matrix("dy", dy_in), matrix("w", w), matrix("g", g),
-                                   matrix("a", a), matrix("ws", ws), tasks)  # fmt: skip
+                                   matrix("a", a), matrix("ws", ws), tasks, dot)  # fmt: skip
             outs.append(out)
         exact = dy.double() @ w.double() + g.double() @ a.double()
         mag = dy.double().abs() @ w.double().abs() + g.double().abs() @ a.double().abs()

@@ -200,26 +200,12 @@ void lora_backward_cpu(const LoraBackwardArgs& p, int num_threads) {
   validate_adapter_products(down);  // xa, g, grad_a [R, K]
   LOWRANK_CHECK(extent_fits(M, N + K, N + K), "dy: too many elements for the backward's scratch");
   const int64_t tasks = num_threads < 1 ? 1 : num_threads;
-  const bool widen = p.dy.dtype == DType::bfloat16 && !(p.bf16_dot && p.w.dtype == DType::bfloat16);
-  thread_local std::vector<float> scratch;  // dy in fp32 (widened bf16 only) and the input gradient's partial sums
-  const size_t need = size_t((widen ? M * N : 0) + tasks * M * K);
-  if (scratch.size() < need) scratch.resize(need);
-  Matrix dy32 = p.dy;
-  if (widen) dy32 = Matrix{reinterpret_cast<std::uintptr_t>(scratch.data()), M, N, N, DType::float32, -1};
-  float* ws = scratch.data() + (widen ? M * N : 0);
-  LoraInputGradArgs ig{p.dx, dy32, p.w, p.g, p.a,
-                       Matrix{reinterpret_cast<std::uintptr_t>(ws), tasks * M, K, K, DType::float32, -1}};
+  thread_local std::vector<float> scratch;  // the input gradient's partial sums
+  if (scratch.size() < size_t(tasks * M * K)) scratch.resize(size_t(tasks * M * K));
+  LoraInputGradArgs ig{p.dx, p.dy, p.w, p.g, p.a,
+                       Matrix{reinterpret_cast<std::uintptr_t>(scratch.data()), tasks * M, K, K, DType::float32, -1},
+                       p.bf16_dot};
   validate_lora_input_grad(ig);  // dx [M, K], w [N, K], a [R, K]
-  if (widen) {
-    for (int64_t m = 0; m < M; ++m) {
-      const uint16_t* src = p.dy.data<uint16_t>() + m * p.dy.ld;
-      float* dst = scratch.data() + m * N;
-      for (int64_t n = 0; n < N; ++n) {
-        const uint32_t bits = uint32_t(src[n]) << 16;
-        std::memcpy(dst + n, &bits, 4);
-      }
-    }
-  }
   cpu::active()->adapter_products(up, num_threads);
   cpu::active()->adapter_products(down, num_threads);
   cpu::active()->lora_input_grad(ig, int(tasks));

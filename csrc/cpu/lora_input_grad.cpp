@@ -318,17 +318,17 @@ void run(const LoraInputGradArgs& a, int num_threads) {
 
 }  // namespace
 
-// A bf16 dy takes the bf16 products where the kernel variant and the CPU have them and w is bf16 too;
-// anywhere else it is widened here, once (M x N), for the fp32 path.
+// A bf16 dy takes the bf16 products where asked (bf16_dot), the kernel variant and the CPU have them and
+// w is bf16 too; anywhere else it is widened here, once (M x N, into the thread's reused scratch), for
+// the fp32 path.
 void lora_input_grad(const LoraInputGradArgs& a_in, int num_threads) {
   LoraInputGradArgs a = a_in;
   const bool w_bf16 = a.w.dtype == DType::bfloat16;
   const bool a_bf16 = a.a.ptr ? a.a.dtype == DType::bfloat16 : w_bf16;
   const bool o_bf16 = a.out.dtype == DType::bfloat16;
-  std::vector<float> dy32;
   if (a.dy.dtype == DType::bfloat16) {
 #if defined(__AVX512F__)
-    if (w_bf16 && cpu_has_bf16_dot()) {
+    if (a.bf16_dot && w_bf16 && cpu_has_bf16_dot()) {
       if (a_bf16) return o_bf16 ? run_job<DotInputGradJob<bf16_t, bf16_t>>(a, num_threads)
                                 : run_job<DotInputGradJob<bf16_t, float>>(a, num_threads);
       return o_bf16 ? run_job<DotInputGradJob<float, bf16_t>>(a, num_threads)
@@ -336,7 +336,8 @@ void lora_input_grad(const LoraInputGradArgs& a_in, int num_threads) {
     }
 #endif
     const int64_t M = a.dy.rows, N = a.dy.cols;
-    dy32.resize(size_t(M * N));
+    thread_local std::vector<float> dy32;
+    if (dy32.size() < size_t(M * N)) dy32.resize(size_t(M * N));
     for (int64_t m = 0; m < M; ++m) widen(dy32.data() + m * N, a.dy.data<bf16_t>() + m * a.dy.ld, N);
     a.dy = Matrix{reinterpret_cast<std::uintptr_t>(dy32.data()), M, N, N, DType::float32, a.dy.device};
   }

@@ -15,7 +15,8 @@ Ops (``torch.ops.lowrank.*``):
 
 Kernels: few tokens (M up to the measured crossover) take the fused row kernel, which streams W once
 and adds the adapter term in the same pass; many tokens take the best GEMM with the adapter
-accumulated into its output (``addmm``). dtypes: fp32/bf16 on CPU, fp32/bf16/fp16 on CUDA; anything
+accumulated with it (``addmm``: on the CPU, and for 16-bit dtypes, ``bias + s·u Bᵀ`` first and the base
+product added onto it, so the large sum is rounded once). dtypes: fp32/bf16 on CPU, fp32/bf16/fp16 on CUDA; anything
 else (fp16 on CPU, fp64, other devices) runs the reference.
 """
 
@@ -454,7 +455,8 @@ def forward_train_fast(frozen: FrozenOperands, x, weight, bias, lora_a, lora_b, 
 
 
 def _forward_gemm(x2, xa2, weight, bias, lora_a, lora_b, scale):
-    """Many tokens: base GEMM, adapter accumulated into its output with addmm."""
+    """Many tokens: the base GEMM and the adapter term accumulated together with addmm (the term first,
+    _base_after_adapter; fp32 on CUDA: the adapter added into the GEMM's output)."""
     if _gemm.upcast_tiles_needed(weight):
         x32 = x2.float()
         xa32 = x32 if xa2 is x2 else xa2.float()
@@ -581,9 +583,9 @@ def _backward_input_checked(grad_y, weight, g, lora_a):
     if grad_y.device.type == "cpu" and grad_y.dtype in _CPU_NATIVE and m <= _runtime.cpu_input_grad_max_m(grad_y.dtype):
         # Few tokens: stream W once by rows, partial sums per task (csrc/cpu/lora_input_grad.cpp).
         # Every tensor whose pointer the kernel gets is held in a local until it returns.
-        # A bf16 dy stays bf16 where this machine measured the kernel's bf16 products faster.
-        keep = dy.dtype == torch.float32 or (dy.dtype == torch.bfloat16 and _runtime.cpu_input_grad_bf16_dot())
-        dy_in = last_dim_contiguous(dy if keep else dy.float())
+        # A bf16 dy is read as is: by the kernel's bf16 products where this machine measured them faster,
+        # else widened by the kernel into its reused scratch.
+        dy = last_dim_contiguous(dy)
         weight = last_dim_contiguous(weight)
         g2 = None if g2 is None else last_dim_contiguous(g2)
         lora_a = None if lora_a is None else last_dim_contiguous(lora_a)
@@ -592,12 +594,13 @@ def _backward_input_checked(grad_y, weight, g, lora_a):
         dx = _runtime.empty(m, k, dtype=grad_y.dtype, device=grad_y.device)
         _C.lora_input_grad_cpu(
             matrix("out", dx),
-            matrix("grad_y", dy_in),
+            matrix("grad_y", dy),
             matrix("weight", weight),
             optional_matrix("g", g2),
             optional_matrix("lora_a", lora_a),
             matrix("workspace", workspace),
             tasks,
+            dy.dtype == torch.bfloat16 and _runtime.cpu_input_grad_bf16_dot(),
         )
         return dx.reshape(lead + (k,))
     if _gemm.upcast_tiles_needed(weight):

@@ -27,8 +27,8 @@ The projections never get gradients.
 Kernels: few tokens take the fused row kernel twice: ``h = x_a A_sᵀ`` (w = A_s), then ``y`` with W
 streamed once and the adapter term ``b ⊙ ((d ⊙ h) B_sᵀ)`` added in the same pass (d and b are the
 kernel's per-rank and per-column scales: both diagonal scalings fused, h kept unscaled for the
-backward). Many tokens take the best GEMM with the adapter accumulated into its output (``addmm`` of
-``u`` and the small ``(b ⊙ B_s)`` copy). dtypes: fp32/bf16 on CPU,
+backward). Many tokens take the best GEMM with the adapter term ``u (b ⊙ B_s)ᵀ`` (the small
+``(b ⊙ B_s)`` copy) accumulated with it by ``addmm``, as LoRA's (ops/lora.py). dtypes: fp32/bf16 on CPU,
 fp32/bf16/fp16 on CUDA; anything else (fp16 on CPU, fp64, other devices) runs the reference.
 """
 
@@ -211,7 +211,7 @@ def _forward_native(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter
 
 
 def _forward_gemm(x2, xa2, weight, bias, vera_a, vera_b, d32, b32):
-    """Many tokens: base GEMM, adapter accumulated into its output with addmm of u and (b ⊙ B_s)."""
+    """Many tokens: base GEMM and the adapter term u (b ⊙ B_s)ᵀ accumulated together with addmm."""
     fp32_base = weight is None or _gemm.upcast_tiles_needed(weight) or x2.dtype == torch.float32
     if fp32_base:
         x32 = _fp32(x2)
@@ -240,8 +240,8 @@ def _forward_gemm(x2, xa2, weight, bias, vera_a, vera_b, d32, b32):
         y.copy_(y32)
         return y, h
     # bf16/fp16 GEMMs (CUDA, CPUs where torch's bf16 GEMM is the fast one): as LoRA, bias + adapter term
-    # first (u and b ⊙ B_s split into 16-bit halves), then the base GEMM accumulated onto it: one
-    # rounding of the large sum.
+    # first (adapter_term on the CPU, u and b ⊙ B_s split into 16-bit halves elsewhere), then the base
+    # GEMM accumulated onto it: one rounding of the large sum.
     return _lora._base_after_adapter(x2, weight, bias, u, b_scaled, 1.0), h
 
 
