@@ -95,8 +95,8 @@ class HeadLossFunction(torch.autograd.Function):
     chunk of rows at a time in one workspace and never kept: each chunk's logits (the head's GEMM, in
     hidden's dtype, as the head computes them), its per-row losses, then in the same memory its gradient
     ``scale·(softmax − one-hot)`` and from it the gradients of hidden, W and bias, which the backward
-    scales by the incoming gradient. The head's backward GEMMs thus run in the forward (as a fused loss must, having dropped
-    the logits), and the step allocates nothing the size of the logits."""
+    scales by the incoming gradient. The head's backward GEMMs thus run in the forward (as a fused loss
+    must, having dropped the logits), and the step allocates nothing the size of the logits."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, ignore_index: int,
