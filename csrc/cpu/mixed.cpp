@@ -153,8 +153,10 @@ inline void fused_tile(const TW* const* wrow, const float* const* xrow, int64_t 
         for (int i = 0; i < NR; ++i) tail[i][m] += (t.cs ? t.cs[i] : 1.f) * load_scalar(t.e[i] + j) * t.v[j];
     }
   }
+  float total[NR * MRT];
+  vsums<NR * MRT>(&acc[0][0], total);
   for (int i = 0; i < NR; ++i)
-    for (int m = 0; m < MRT; ++m) sums[i][m] += vsum(acc[i][m]) + tail[i][m];
+    for (int m = 0; m < MRT; ++m) sums[i][m] += total[i * MRT + m] + tail[i][m];
 }
 
 template <class TW, class TE>

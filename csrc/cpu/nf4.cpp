@@ -908,8 +908,10 @@ LOWRANK_BF16_DOT static void dot_rows(const DotCtx& c, int64_t n0, int64_t n1, i
           }
       }
     }
+    float total[NR * MR];
+    vsums<NR * MR>(&acc[0][0], total);
     for (int r = 0; r < rows; ++r)
-      for (int m = 0; m < MR && m0 + m < M; ++m) finish(a, m0 + m, n + r, _mm512_reduce_add_ps(acc[r][m]));
+      for (int m = 0; m < MR && m0 + m < M; ++m) finish(a, m0 + m, n + r, total[r * MR + m]);
   }
 }
 

@@ -39,8 +39,10 @@ inline void micro_tile_rows(const TW* const* wrow, const float* const* xrow, int
       for (int i = 0; i < NR; ++i) acc[i][m] = vfma(wv[i], xv, acc[i][m]);
     }
   }
+  float total[NR * MRT];
+  vsums<NR * MRT>(&acc[0][0], total);
   for (int i = 0; i < NR; ++i)
-    for (int m = 0; m < MRT; ++m) sums[i][m] += vsum(acc[i][m]);
+    for (int m = 0; m < MRT; ++m) sums[i][m] += total[i * MRT + m];
   for (; k < k1; ++k)
     for (int i = 0; i < NR; ++i) {
       float wk = load_scalar(wrow[i] + k);
