@@ -184,14 +184,26 @@ def _importable(name: str) -> bool:
     return True
 
 
-def test_uncached_code_paths_take_defaults_only_inside(monkeypatch, tmp_path):
-    """With nothing cached on disk the bench runs lowrank's built-in code-path defaults rather than
-    measuring (~30 s), says so, and leaves the process as it found it."""
+def test_uncached_code_paths_are_measured_first(monkeypatch, tmp_path):
+    """With nothing cached on disk the bench measures lowrank's code-path choices before its rows (so
+    the table times what lowrank runs in use, not built-in defaults), caches them, and says so; a
+    second run finds them cached; LOWRANK_CALIBRATION=off keeps the defaults and says that."""
     monkeypatch.setenv("LOWRANK_CALIBRATION", "disk")
     monkeypatch.setenv("LOWRANK_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(_dispatch, "_decisions", {})
-    with bench.uncached_code_paths_as_defaults(torch.device("cpu")) as note:
-        assert f"{len(_dispatch.DEFAULTS)} of {len(_dispatch.DEFAULTS)} not measured" in note
-        assert {name: _dispatch.decide(name) for name in _dispatch.DEFAULTS} == _dispatch.DEFAULTS
-    assert _dispatch._decisions == {}
-    assert not (tmp_path / "calibration.json").exists()
+    measured = []
+    monkeypatch.setitem(_dispatch._PROBES, "cpu_bf16_gemm", lambda: measured.append(1) or ("native", {"probe": 1}))
+    monkeypatch.setattr(_dispatch, "DEFAULTS", {"cpu_bf16_gemm": "widen"})
+    note, seconds = bench.measure_code_paths(torch.device("cpu"))
+    assert measured == [1] and seconds >= 0
+    assert "1 of 1 measured now" in note and "cached on disk" in note
+    assert _dispatch.decide("cpu_bf16_gemm") == "native"
+    assert (tmp_path / "calibration.json").exists()
+    monkeypatch.setattr(_dispatch, "_decisions", {})
+    note, seconds = bench.measure_code_paths(torch.device("cpu"))
+    assert measured == [1] and seconds == 0.0 and "disk cache" in note
+    monkeypatch.setenv("LOWRANK_CALIBRATION", "off")
+    note, seconds = bench.measure_code_paths(torch.device("cpu"))
+    assert measured == [1] and "built-in defaults" in note
+
+

@@ -57,7 +57,6 @@ built-in defaults (no measuring) — for reproducible runs.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import statistics
@@ -171,28 +170,6 @@ def reset() -> None:
     with _lock:
         _decisions.clear()
         _decided_under = None
-
-
-@contextlib.contextmanager
-def defaults_where_unmeasured(why: str):
-    """Within the block, decisions this process has not taken and the disk cache does not hold take
-    their built-in defaults instead of being measured (``why`` goes in their ``source``); yields their
-    names. Afterwards they are forgotten, so a later use measures as usual. Only in ``disk`` mode."""
-    placed: dict[str, Decision] = {}
-    _follow_thread_count()
-    if mode() == "disk":
-        known = report(include_disk=True)
-        with _lock:
-            for name in DEFAULTS:
-                if name not in known:
-                    placed[name] = _decisions[name] = Decision(DEFAULTS[name], f"default ({why})")
-    try:
-        yield list(placed)
-    finally:
-        with _lock:
-            for name, decision in placed.items():
-                if _decisions.get(name) is decision:
-                    del _decisions[name]
 
 
 # ---------------------------------------------------------------------------------------------
