@@ -575,8 +575,9 @@ def _grads_fp64(layer, x, gy):
 @pytest.mark.parametrize("lead", [(), (1,), (3,), (2, 2), (11,)], ids=str)
 @pytest.mark.parametrize("dtype,dot", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)],
                          ids=["float32", "bfloat16-widen", "bfloat16-dot"])  # fmt: skip
-def test_few_token_training_shortcut(dtype, dot, lead, force_path, monkeypatch, kernel_calls):
+def test_few_token_training_shortcut(dtype, dot, lead, force_path, adapter_products, monkeypatch, kernel_calls):
     force_path("fused")
+    adapter_products(True)  # (the shortcut computes them with the kernel: taken only where that is the choice)
     monkeypatch.setattr(_runtime, "CPU_INPUT_GRAD_BF16_DOT", dot)  # a bf16 dy read as bf16 in dx, or widened
     layer = LoRALinear(45, 23, dtype=dtype, r=5, alpha=10)
     nn.init.normal_(layer.lora_B.weight, std=0.3)
@@ -590,6 +591,18 @@ def test_few_token_training_shortcut(dtype, dot, lead, force_path, monkeypatch, 
             assert g.dtype == dtype and g.shape == e.shape, name
             assert torch.allclose(g.double(), e, rtol=U[dtype], atol=1e-5 * e.abs().max().item()), name
         assert kernel_calls[-2:] == ["lora_fused_cpu", "lora_backward_cpu"], kernel_calls
+
+
+def test_few_token_training_shortcut_not_where_adapter_products_go_to_gemms(force_path, adapter_products, kernel_calls):
+    """The shortcut computes the adapter's gradients with lowrank's kernel: where this machine chose GEMMs
+    for them it is not taken, so an eager call gives the bits of the op registry's path."""
+    force_path("fused")
+    adapter_products(False)
+    layer = LoRALinear(16, 8, r=4, alpha=4)
+    nn.init.normal_(layer.lora_B.weight, std=0.3)
+    x = torch.randn(2, 16, requires_grad=True)
+    torch.autograd.grad(layer(x).sum(), (x, layer.lora_A.weight))
+    assert "lora_backward_cpu" not in kernel_calls and "lora_fused_cpu" in kernel_calls, kernel_calls
 
 
 def test_few_token_training_shortcut_after_data_assignment(force_path, kernel_calls):

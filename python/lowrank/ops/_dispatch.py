@@ -8,6 +8,12 @@ measurement on first use, of the two candidate paths on one probe shape, interle
 - ``cpu_bf16_gemm``: ``"native"`` (torch's bf16 GEMM, fp32 accumulation inside) or ``"widen"`` (the
   bf16 weight widened to fp32 tile by tile into one reused workspace, then fp32 GEMMs). Probe:
   128 × 2048 × 2048, the forward ``x Wᵀ`` and the backward ``dy W`` together.
+- ``cpu_fp32_gemm``: ``"torch"`` (torch.mm, MKL in the usual x86 build) or ``"onednn"`` (oneDNN's matmul
+  through torch's ``mkldnn._linear_pointwise`` op) for the many-token fp32 products (ops/_gemm.py's
+  ``linear_fp32``). Probe: 256 × 1024 × 1536, ``x Wᵀ + C`` and ``dy W`` (W transposed), after checking
+  that oneDNN's results agree with float64 within fp32 rounding. A 2-core Zen 4 VM measured oneDNN
+  2.2× faster (MKL there runs at half the AVX-512 FMA rate); taken before every other probe, whose GEMM
+  side then runs it.
 - ``cpu_fused_max_m/<dtype>``: the largest token count M at which the fused LoRA row kernel (W
   streamed once, adapter in the same pass) still beats the GEMM path. Probe: 2048 → 4096, r=16,
   M = 1, 16, 64, 256 (stopping at the first loss). The weight is read cold (copies adding up to twice the
@@ -19,11 +25,13 @@ measurement on first use, of the two candidate paths on one probe shape, interle
   fp32, fp32 FMAs over W widened). Probe: 2048 → 4096, r=16, M = 16 (cold weights). Not measured where
   the kernel variant has no AVX512-BF16 ("widen"). Measured before ``cpu_input_grad_max_m/bfloat16``,
   whose fused side runs it.
-- ``cpu_adapter_products/<dtype>``: ``"kernel"`` (csrc/cpu/adapter_products.cpp: the adapter's
-  gradients from one pass over dy and one over x_a, both read in their own dtype) or ``"gemm"``
-  (torch's GEMMs on fp32 operands, a bf16 dy or x_a widened first). Probe: the LoRA adapter backward
-  at 512 tokens, 1536 → 1536, r=16. Every other use of the kernel follows it: the QLoRA and VeRA
-  backward and the bf16 many-token forwards' ``u = x_a Aᵀ``.
+- ``cpu_adapter_products_max_r/<dtype>``: the largest rank at which ``"kernel"``
+  (csrc/cpu/adapter_products.cpp: the adapter's gradients from one pass over dy and one over x_a, both
+  read in their own dtype) beats ``"gemm"`` (the fp32 GEMMs of ``cpu_fp32_gemm``, a bf16 dy or x_a
+  widened first); 0 where the GEMMs win at r=16. Probe: the LoRA adapter backward at 512 tokens,
+  1536 → 1536, r = 16, 64, 256 (a skinny product is the kernel's business, a VeRA-sized one a GEMM's:
+  a Zen 4 measured fp32 0.30 against 0.62 ms at r=16, 4.8 against 3.1 ms at r=256). Every other use of
+  the kernel follows it: the QLoRA and VeRA backward and the bf16 many-token forwards' ``u = x_a Aᵀ``.
 - ``nf4_cpu_fused_max_m/<dtype>`` / ``nf4_cpu_input_grad_max_m``: the NF4 fused dequant kernels
   (4096 × 4096) against dequantizing tile by tile for the GEMM; M = 1, 16, 64, 256 and 1, 2, 4, 8, 16.
 - ``nf4_cpu_bf16_rows``: for a bf16 x in the NF4 rows kernel, ``"dot"`` (AVX512-BF16 products over W
@@ -58,6 +66,7 @@ built-in defaults (no measuring) — for reproducible runs.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import tempfile
@@ -73,19 +82,20 @@ from .._info import cpu_model
 
 UNBOUNDED = 1 << 62
 # Bumped when the probes or the kernels they time change, so decisions measured the old way are measured again.
-CALIBRATION_VERSION = 5
+CALIBRATION_VERSION = 6
 STEADY_RATIO = 1.3  # the steadiness workload's time may change this much across a probe and be cached
 
 # What runs when calibration is off: the fused kernels where they were written for (few tokens),
 # widened bf16 GEMMs (never slower than fp32 GEMM).
 DEFAULTS: dict[str, Any] = {
     "cpu_bf16_gemm": "widen",
+    "cpu_fp32_gemm": "torch",
     "cpu_fused_max_m/float32": 64,
     "cpu_fused_max_m/bfloat16": 64,
     "cpu_input_grad_max_m/float32": 16,
     "cpu_input_grad_max_m/bfloat16": 16,
-    "cpu_adapter_products/float32": "gemm",
-    "cpu_adapter_products/bfloat16": "gemm",
+    "cpu_adapter_products_max_r/float32": 0,
+    "cpu_adapter_products_max_r/bfloat16": 0,
     "nf4_cpu_fused_max_m/float32": 64,
     "nf4_cpu_fused_max_m/bfloat16": 64,
     "nf4_cpu_input_grad_max_m": 8,
@@ -229,6 +239,8 @@ def _make(name: str) -> Decision:
         cached = _read_cache().get(name)
         if isinstance(cached, dict) and "value" in cached:
             return Decision(cached["value"], "disk cache", 0.0, cached.get("timings_ms", {}))
+    if name not in ("cpu_fp32_gemm", "cpu_bf16_gemm"):
+        decide("cpu_fp32_gemm")  # taken first: a probe's GEMM side runs the fp32 GEMM it chose
     before = min(_steadiness_ms() for _ in range(5))
     start = time.perf_counter()
     value, timings = _PROBES[name]()
@@ -334,6 +346,35 @@ def _probe_bf16_gemm() -> tuple[str, dict]:
     return ("native" if t["native"] < t["widen"] else "widen"), {f"{m}x{k}x{n} fwd+bwd": t}
 
 
+def _probe_fp32_gemm() -> tuple[str, dict]:
+    """``"onednn"`` where oneDNN's fp32 GEMM (torch's mkldnn linear op) beats torch.mm's on the many-token
+    products (x Wᵀ with a term added, dy W through W's transposed view) and agrees with it; else
+    ``"torch"`` (also where this torch has no oneDNN)."""
+    from . import _gemm
+
+    if not _gemm.onednn_available():
+        return "torch", {}
+    g = torch.Generator().manual_seed(0)
+    m, k, n = 256, 1024, 1536
+    w = torch.randn(n, k, generator=g) * 0.02
+    x, dy, c = torch.randn(m, k, generator=g), torch.randn(m, n, generator=g), torch.randn(m, n, generator=g)
+    try:
+        got = (_gemm._LINEAR_ADD(x, c, w, None, "add"), _gemm._LINEAR(dy, w.t(), None, "none", [], ""))
+    except RuntimeError as exc:  # an op this build registers but cannot run
+        return "torch", {"onednn failed": str(exc)[:200]}
+    exact = ((x.double() @ w.double().t()) + c.double(), dy.double() @ w.double())
+    bound = [2.0**-24 * 8 * math.sqrt(k) * ((x.double().abs() @ w.double().abs().t()) + c.double().abs()).max().item(),
+             2.0**-24 * 8 * math.sqrt(n) * (dy.double().abs() @ w.double().abs()).max().item()]  # fmt: skip
+    errors = [(a.double() - b).abs().max().item() for a, b in zip(got, exact)]
+    if not all(e <= b for e, b in zip(errors, bound)):
+        return "torch", {"onednn disagreed": {"max error": errors, "bound": bound}}
+    t = _compared_ms({
+        "torch": lambda: (torch.addmm(c, x, w.t()), torch.mm(dy, w)),
+        "onednn": lambda: (_gemm._LINEAR_ADD(x, c, w, None, "add"), _gemm._LINEAR(dy, w.t(), None, "none", [], "")),
+    })  # fmt: skip
+    return ("onednn" if t["onednn"] < t["torch"] else "torch"), {f"{m}x{k}x{n} fwd+bwd": t}
+
+
 def _llc_bytes() -> int:
     """The last-level cache's size (32 MiB when the system does not say)."""
     try:
@@ -417,24 +458,25 @@ def _probe_input_grad_bf16_rows() -> tuple[str, dict]:
     return _probe_bf16_dot("CPU_INPUT_GRAD_MAX_M", "CPU_INPUT_GRAD_BF16_DOT", make)
 
 
-def _probe_adapter_products(dtype: torch.dtype) -> tuple[str, dict]:
+def _probe_adapter_products(dtype: torch.dtype) -> tuple[int, dict]:
     from . import lora
 
     gen = torch.Generator().manual_seed(0)
-    m, k, n, r = 512, 1536, 1536, 16
+    m, k, n = 512, 1536, 1536
     dy, xa = torch.randn(m, n, generator=gen).to(dtype), torch.randn(m, k, generator=gen).to(dtype)
-    u = torch.randn(m, r, generator=gen)
-    a, b = (torch.randn(r, k, generator=gen) * 0.02).to(dtype), (torch.randn(n, r, generator=gen) * 0.02).to(dtype)
 
-    def call(kernel: bool):
+    def call(r: int, kernel: bool):
+        u = torch.randn(m, r, generator=gen)
+        a, b = (torch.randn(r, k, generator=gen) * 0.02).to(dtype), (torch.randn(n, r, generator=gen) * 0.02).to(dtype)
+
         def run():
             with _pinned("CPU_ADAPTER_PRODUCTS", {dtype: kernel}):
                 return lora._backward_adapter_native(dy, xa, u, a, b, 2.0)
 
         return run
 
-    t = _compared_ms({"kernel": call(True), "gemm": call(False)})
-    return ("kernel" if t["kernel"] < t["gemm"] else "gemm"), {f"{m}x{k}x{n} r={r} adapter backward": t}
+    limit, timings = _crossover([16, 64, 256], lambda r: call(r, True), lambda r: call(r, False), ("kernel", "gemm"))
+    return limit, {f"{m}x{k}x{n} adapter backward, r={r}": t for r, t in timings.items()}
 
 
 def _nf4_probe_weights(k: int = 4096, n: int = 4096):
@@ -565,12 +607,13 @@ def _probe_tile_layout(dtype: torch.dtype) -> tuple[int, dict]:
 
 _PROBES: dict[str, Callable[[], tuple[Any, dict]]] = {
     "cpu_bf16_gemm": _probe_bf16_gemm,
+    "cpu_fp32_gemm": _probe_fp32_gemm,
     "cpu_fused_max_m/float32": lambda: _probe_fused(torch.float32),
     "cpu_fused_max_m/bfloat16": lambda: _probe_fused(torch.bfloat16),
     "cpu_input_grad_max_m/float32": lambda: _probe_input_grad(torch.float32),
     "cpu_input_grad_max_m/bfloat16": lambda: _probe_input_grad(torch.bfloat16),
-    "cpu_adapter_products/float32": lambda: _probe_adapter_products(torch.float32),
-    "cpu_adapter_products/bfloat16": lambda: _probe_adapter_products(torch.bfloat16),
+    "cpu_adapter_products_max_r/float32": lambda: _probe_adapter_products(torch.float32),
+    "cpu_adapter_products_max_r/bfloat16": lambda: _probe_adapter_products(torch.bfloat16),
     "nf4_cpu_fused_max_m/float32": lambda: _probe_nf4_fused(torch.float32),
     "nf4_cpu_fused_max_m/bfloat16": lambda: _probe_nf4_fused(torch.bfloat16),
     "nf4_cpu_input_grad_max_m": _probe_nf4_input_grad,

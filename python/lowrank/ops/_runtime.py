@@ -37,6 +37,7 @@ NF4_CPU_INPUT_GRAD_MAX_M: Optional[int] = None  # largest M for the NF4 dx = dy 
 CPU_ADAPTER_PRODUCTS: Optional[dict] = None  # {dtype: True for csrc/cpu/adapter_products.cpp, False for GEMMs}
 CPU_LORA_BF16_DOT: Optional[bool] = None  # bf16 x in the LoRA rows kernel: AVX512-BF16 products (True) or widened
 CPU_INPUT_GRAD_BF16_DOT: Optional[bool] = None  # bf16 dy in the dx = dy W + g A kernel: AVX512-BF16 products or widened
+CPU_FP32_GEMM: Optional[str] = None  # many-token fp32 products: "torch" (torch.mm) or "onednn" (_gemm.linear_fp32)
 CPU_TILE_BUFFER_MAX_M: Optional[dict] = None  # {dtype: largest M whose tile products go to an [n, M] buffer}
 
 
@@ -56,10 +57,11 @@ def cpu_input_grad_max_m(dtype: torch.dtype) -> int:
     return _dispatch.decide(f"cpu_input_grad_max_m/{_name(dtype)}")
 
 
-def cpu_adapter_products(dtype: torch.dtype) -> bool:
+def cpu_adapter_products(dtype: torch.dtype, r: int) -> bool:
+    """Whether rank-``r`` adapter products go to csrc/cpu/adapter_products.cpp rather than GEMMs."""
     if CPU_ADAPTER_PRODUCTS is not None:
         return CPU_ADAPTER_PRODUCTS[dtype]
-    return _dispatch.decide(f"cpu_adapter_products/{_name(dtype)}") == "kernel"
+    return r <= _dispatch.decide(f"cpu_adapter_products_max_r/{_name(dtype)}")
 
 
 def cpu_lora_bf16_dot() -> bool:

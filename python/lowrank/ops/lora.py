@@ -280,7 +280,7 @@ def adapter_term(out: Tensor, u: Tensor, e: Tensor, bias: Optional[Tensor] = Non
 def use_adapter_products(t: Tensor, m: int, k: int, r: int) -> bool:
     """The adapter's products of a CPU tensor ``t`` ([m, k] rows against rank r) go to
     :func:`adapter_products` rather than torch's GEMMs (where this machine measured it faster)."""
-    return t.is_cpu and t.dtype in _CPU_NATIVE and m > 0 and k > 0 and r > 0 and _runtime.cpu_adapter_products(t.dtype)
+    return t.is_cpu and t.dtype in _CPU_NATIVE and min(m, k, r) > 0 and _runtime.cpu_adapter_products(t.dtype, r)
 
 
 def _use_fused(x: Tensor, m: int) -> bool:
@@ -460,7 +460,7 @@ def _forward_gemm(x2, xa2, weight, bias, lora_a, lora_b, scale):
     if _gemm.upcast_tiles_needed(weight):
         x32 = x2.float()
         xa32 = x32 if xa2 is x2 else xa2.float()
-        u = torch.mm(xa32, lora_a.float().t())
+        u = _gemm.linear(xa32, lora_a.float())
         y32 = _gemm.linear_t_fp32(x32, weight)
         y32.addmm_(u, lora_b.float().t(), alpha=scale)
         if bias is not None:
@@ -490,7 +490,7 @@ def down_projection_many(xa2: Tensor, a: Tensor) -> Tensor:
     m, k = xa2.shape
     if use_adapter_products(xa2, m, k, a.shape[0]):
         return adapter_products(xa2, y=last_dim_contiguous(a), y_transposed=True)[0]
-    return torch.mm(xa2.float(), a.float().t())
+    return _gemm.linear(xa2.float(), a.float())
 
 
 def _base_after_adapter(x2, weight, bias, u, e, scale):
@@ -502,8 +502,11 @@ def _base_after_adapter(x2, weight, bias, u, e, scale):
     nothing is rounded before it: bias + s·[u_hi u_lo u_hi]·[e_hi e_hi e_lo]ᵀ, a rank-3r product (no
     M x N fp32 temporary)."""
     dtype = x2.dtype
-    if x2.is_cpu and dtype == torch.float32:  # torch's fp32 GEMMs: c = bias + s·u eᵀ, then + x Wᵀ
+    if x2.is_cpu and dtype == torch.float32:  # fp32 GEMMs: c = bias + s·u eᵀ, then + x Wᵀ
         e32 = e if e.dtype == torch.float32 else e.float()
+        if _gemm.cpu_fp32_onednn():  # oneDNN's GEMM, c entering its accumulator (sum post-op)
+            c = _gemm.linear(u if scale == 1.0 else u * scale, e32, bias=bias)
+            return _gemm.linear(x2, weight, add=c)
         if bias is None:  # the scale as the GEMM's beta: c = u eᵀ, then s·c + x Wᵀ
             return torch.mm(u, e32.t()).addmm_(x2, weight.t(), beta=scale)
         return torch.addmm(bias, u, e32.t(), alpha=scale).addmm_(x2, weight.t())
@@ -555,11 +558,17 @@ def _backward_adapter_checked(grad_y, adapter_input, u, lora_a, lora_b, scale):
     dy32 = dy if dy.dtype == torch.float32 else dy.float()
     u2 = u.reshape(m, r)
     b32 = lora_b if lora_b.dtype == torch.float32 else lora_b.float()
+    xa = adapter_input.reshape(m, k)
+    xa32 = xa if xa.dtype == torch.float32 else xa.float()
+    if dy32.is_cpu and _gemm.cpu_fp32_onednn():  # the scale on the small operands (oneDNN takes no alpha)
+        us = u2 if scale == 1.0 else u2 * scale
+        grad_b = _gemm.mm(dy32.t(), us)
+        g = _gemm.mm(dy32, b32 if scale == 1.0 else b32 * scale)
+        return _gemm.mm(g.t(), xa32).to(lora_a.dtype), grad_b.to(lora_b.dtype), g.reshape(u.shape)
     # Scale folded into the GEMMs (alpha), no extra passes.
     grad_b = torch.addmm(b32, dy32.t(), u2, beta=0.0, alpha=scale)
     g = torch.addmm(u2, dy32, b32, beta=0.0, alpha=scale)
-    xa = adapter_input.reshape(m, k)
-    grad_a = torch.mm(g.t(), xa if xa.dtype == torch.float32 else xa.float())
+    grad_a = torch.mm(g.t(), xa32)
     return grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), g.reshape(u.shape)
 
 
@@ -612,11 +621,13 @@ def _backward_input_checked(grad_y, weight, g, lora_a):
         # g A first, then the GEMM adds dy W to it in its fp32 accumulator, as the forward does: by
         # torch's fp32 GEMM, or for bf16 by adapter_term (fp32 sums rounded once; no 16-bit copies of g).
         if dy.dtype == torch.float32:
-            dx = torch.mm(g2, lora_a if lora_a.dtype == torch.float32 else lora_a.float())
+            dx = _gemm.mm(g2, lora_a if lora_a.dtype == torch.float32 else lora_a.float())
+            if _gemm.cpu_fp32_onednn():  # oneDNN's GEMM, g A entering its accumulator (sum post-op)
+                return _gemm.mm(dy, weight, add=dx).reshape(lead + (k,))
         else:
             dx = adapter_term(_runtime.empty(m, k, dtype=dy.dtype, device=dy.device), g2, lora_a, e_transposed=True)
         return dx.addmm_(dy, weight).reshape(lead + (k,))
-    dx = torch.mm(dy, weight)
+    dx = _gemm.mm(dy, weight)
     if g2 is not None:
         dx.addmm_(g2.to(dx.dtype), lora_a.to(dx.dtype))
     return dx.reshape(lead + (k,))
@@ -652,10 +663,14 @@ def _backward_fast(state: tuple, grad_y: Tensor, xa, weight, lora_a, lora_b, u, 
     """``(grad_x, grad_a, grad_b)`` in one ``lora_backward_cpu`` call with the forward's kernel views
     (``state``), for few tokens on the CPU, where per-call costs decide; None where it does not apply
     (then the usual path runs). The views are used only while the saved tensors still are what they
-    point at (a ``.data`` assignment between forward and backward falls back)."""
+    point at (a ``.data`` assignment between forward and backward falls back). Only where the adapter's
+    products go to lowrank's kernel anyway (``cpu_adapter_products``): the call computes them that way,
+    and an eager call must give the bits the op registry's path gives."""
     if not (grad_y.is_cpu and grad_y.dtype in _CPU_NATIVE and type(grad_y) is Tensor):
         return None
     (n, k), r = weight.shape, lora_a.shape[0]
+    if not _runtime.cpu_adapter_products(grad_y.dtype, r):
+        return None
     m = grad_y.numel() // n
     if m > _runtime.cpu_input_grad_max_m(grad_y.dtype):
         return None
@@ -700,11 +715,11 @@ def forward_backward(ctx, grad_y: Tensor, _grad_u: Optional[Tensor]):
         else:
             grad_x = backward_input(grad_y, weight, g, lora_a)
     if need_xa and ctx.has_dropout:
-        grad_xa = (g @ lora_a.float()).to(xa.dtype)
+        grad_xa = _gemm.mm(g.reshape(-1, g.shape[-1]), lora_a.float()).to(xa.dtype).reshape(xa.shape)
     n, k = weight.shape
     m = math.prod(ctx.x_shape[:-1])
     if need_w:
-        grad_w = grad_y.reshape(m, n).t().mm(x.reshape(m, k))
+        grad_w = _gemm.mm(grad_y.reshape(m, n).t(), x.reshape(m, k))
     if need_bias and ctx.has_bias:
         grad_bias = grad_y.reshape(m, n).sum(0)
     return grad_x, grad_w, grad_bias, grad_a if need_a else None, grad_b if need_b else None, None, grad_xa

@@ -571,7 +571,7 @@ def _forward_native(x, codes, absmax, absmax2, code2, offset, shape, blocksize, 
     y32 = _gemm.linear_tiles_fp32(x32, n, k, _tile_filler(w))
     if lora_a is not None:
         xa32 = x32 if adapter_input is None else xa2.float()
-        u = torch.mm(xa32, lora_a.float().t())
+        u = _gemm.linear(xa32, lora_a.float())
         y32.addmm_(u, lora_b.float().t(), alpha=scale)
     else:
         u = x.new_empty((m, 0), dtype=torch.float32)

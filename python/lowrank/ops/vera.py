@@ -215,7 +215,7 @@ def _forward_gemm(x2, xa2, weight, bias, vera_a, vera_b, d32, b32):
     fp32_base = weight is None or _gemm.upcast_tiles_needed(weight) or x2.dtype == torch.float32
     if fp32_base:
         x32 = _fp32(x2)
-        h = torch.mm(x32 if xa2 is x2 else _fp32(xa2), _fp32(vera_a).t())
+        h = _gemm.linear(x32 if xa2 is x2 else _fp32(xa2), _fp32(vera_a))
     else:  # the base GEMM takes x as is: h from x_a without an fp32 copy where that is faster
         h = _lora.down_projection_many(xa2, vera_a)
     u = h * d32
@@ -225,9 +225,9 @@ def _forward_gemm(x2, xa2, weight, bias, vera_a, vera_b, d32, b32):
         return _lora._base_after_adapter(x32, weight, bias, u, b_scaled, 1.0), h  # x is fp32 like W
     if fp32_base:
         if weight is None:
-            y32 = torch.mm(u, b_scaled.t())
+            y32 = _gemm.linear(u, b_scaled)
         elif weight.dtype == torch.float32:
-            y32 = torch.mm(x32, weight.t())
+            y32 = _gemm.linear(x32, weight)
         else:  # bf16 weight on a CPU whose bf16 GEMM is slow: widened tile by tile into one workspace
             y32 = _gemm.linear_t_fp32(x32, weight)
         if weight is not None:
@@ -270,11 +270,11 @@ def _backward_adapter_checked(grad_y, h, vera_b, lambda_d, lambda_b):
     # Each product is M·N·r multiply-adds; the diagonal scaling goes on whichever operand is smaller,
     # and the M x N / N x r temporaries likewise (few tokens: M x N; many tokens: N x r).
     if m <= r:
-        g_prime = torch.mm(dy32 * b32, b_s)
-        grad_b = torch.mm(u, b_s.t()).mul_(dy32).sum(0)
+        g_prime = _gemm.mm(dy32 * b32, b_s)
+        grad_b = _gemm.linear(u, b_s).mul_(dy32).sum(0)
     else:
-        g_prime = torch.mm(dy32, b_s * b32[:, None])
-        grad_b = torch.mm(dy32.t(), u).mul_(b_s).sum(1)
+        g_prime = _gemm.mm(dy32, b_s * b32[:, None])
+        grad_b = _gemm.mm(dy32.t(), u).mul_(b_s).sum(1)
     grad_d = (h2 * g_prime).sum(0)
     g = g_prime.mul_(d32)
     return grad_d.to(lambda_d.dtype), grad_b.to(lambda_b.dtype), g.reshape(h.shape)
@@ -320,13 +320,13 @@ def forward_backward(ctx, grad_y: Tensor, _grad_h: Optional[Tensor]):
         else:
             grad_x = backward_input(grad_y, weight, g, vera_a)
     elif adapter_grad_to_x:  # no dense weight: the base layer's own autograd adds grad_y W
-        grad_x = (g @ vera_a.to(g.dtype)).to(ctx.x_dtype).reshape(ctx.x_shape)
+        grad_x = _gemm.mm(g.reshape(-1, g.shape[-1]), vera_a.to(g.dtype)).to(ctx.x_dtype).reshape(ctx.x_shape)
     if need_xa and ctx.has_dropout:
-        grad_xa = (g @ vera_a.to(g.dtype)).to(ctx.x_dtype).reshape(ctx.x_shape)
+        grad_xa = _gemm.mm(g.reshape(-1, g.shape[-1]), vera_a.to(g.dtype)).to(ctx.x_dtype).reshape(ctx.x_shape)
     if need_w and weight is not None:
         n, k = weight.shape
         m = math.prod(ctx.x_shape[:-1])
-        grad_w = grad_y.reshape(m, n).t().mm(x.reshape(m, k))
+        grad_w = _gemm.mm(grad_y.reshape(m, n).t(), x.reshape(m, k))
     if need_bias and ctx.has_bias:
         grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
     # The projections (vera_a, vera_b) are frozen: they never get gradients.

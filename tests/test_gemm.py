@@ -1,0 +1,144 @@
+"""ops/_gemm.py's fp32 GEMM choice (``cpu_fp32_gemm``): torch.mm's or oneDNN's, whichever this machine
+measured the faster. Both engines must give fp32-accurate products for every operand layout the
+callers pass (a weight or its transposed view, a slice with a leading dimension, a term added into the
+accumulator), and whole layers must match float64 whichever engine runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowrank
+from lowrank.ops import _dispatch, _gemm, _runtime
+
+from conftest import FLOOR_ROUNDINGS, FP32_UNIT_ROUNDOFF, assert_error_within
+
+ENGINES = ["torch"] + (["onednn"] if _gemm.onednn_available() else [])
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request, monkeypatch):
+    monkeypatch.setattr(_runtime, "CPU_FP32_GEMM", request.param)
+    return request.param
+
+
+def _bound(a: torch.Tensor, b_t: torch.Tensor, add=None) -> float:
+    """FLOOR_ROUNDINGS fp32 roundings of the largest |term| sum (conftest's floor): what any fp32 GEMM
+    may err by at these sizes."""
+    mag = a.double().abs() @ b_t.double().abs().t()
+    if add is not None:
+        mag = mag + add.double().abs()
+    return FLOOR_ROUNDINGS * FP32_UNIT_ROUNDOFF * mag.max().item()
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 7, 5), (37, 129, 65), (300, 576, 200)])
+def test_linear_and_mm_match_float64(engine, m, k, n):
+    x = torch.randn(m, k)
+    w_big = torch.randn(n + 3, k + 5)
+    w = w_big[1 : n + 1, 2 : k + 2]  # a slice: leading dimension k + 5
+    bias, add = torch.randn(n), torch.randn(m, n)
+    exact = x.double() @ w.double().t()
+    for got, want, term in [
+        (_gemm.linear(x, w), exact, None),
+        (_gemm.linear(x, w, bias=bias), exact + bias.double(), bias.expand(m, n)),
+        (_gemm.linear(x, w, add=add), exact + add.double(), add),
+        (_gemm.linear(x, w, bias=bias, add=add), exact + bias.double() + add.double(), add + bias),
+    ]:
+        assert got.shape == (m, n) and got.dtype == torch.float32
+        assert (got.double() - want).abs().max().item() <= _bound(x, w, term), engine
+    dy = torch.randn(m, n)
+    term = torch.randn(m, k)
+    got = _gemm.mm(dy, w, add=term)  # dy W through W's transposed view, plus a term
+    assert (got.double() - (dy.double() @ w.double() + term.double())).abs().max().item() <= _bound(dy, w.t(), term)
+    got = _gemm.mm(dy.t(), x)  # a weight gradient's product: both operands transposed views
+    assert (got.double() - dy.double().t() @ x.double()).abs().max().item() <= _bound(dy.t(), x.t())
+
+
+def test_empty_and_other_dtypes_fall_back_to_torch(engine):
+    assert _gemm.linear(torch.randn(0, 4), torch.randn(3, 4)).shape == (0, 3)
+    assert torch.equal(_gemm.linear(torch.randn(2, 0), torch.randn(3, 0)), torch.zeros(2, 3))
+    x, w = torch.randn(5, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    assert torch.equal(_gemm.linear(x, w), x @ w.t())
+    xb, wb = x.bfloat16(), w.bfloat16()
+    assert torch.equal(_gemm.linear(xb, wb), torch.mm(xb, wb.t()))
+
+
+@pytest.mark.parametrize("kind", ["lora", "vera", "qlora"])
+def test_layers_many_tokens_match_float64_either_engine(engine, kind, monkeypatch):
+    """A layer's fp32 training step on the GEMM path (forward, input and parameter gradients) against the
+    same layer in float64, with each engine."""
+    monkeypatch.setattr(_runtime, "CPU_FUSED_MAX_M", {torch.float32: 0, torch.bfloat16: 0})
+    monkeypatch.setattr(_runtime, "CPU_INPUT_GRAD_MAX_M", {torch.float32: 0, torch.bfloat16: 0})
+    monkeypatch.setattr(_runtime, "NF4_CPU_FUSED_MAX_M", 0)
+    monkeypatch.setattr(_runtime, "NF4_CPU_INPUT_GRAD_MAX_M", 0)
+    dense = torch.nn.Linear(192, 320)
+    if kind == "lora":
+        layer = lowrank.LoRALinear.from_linear(dense, r=8, alpha=16)
+    elif kind == "vera":
+        layer = lowrank.VeRALinear.from_linear(dense, r=64)
+    else:
+        layer = lowrank.QLoRALinear.from_linear(dense, r=8, alpha=16)
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    x = torch.randn(3, 100, 192)
+    grad_y = torch.randn(3, 100, 320)
+
+    def step(module, inp):
+        inp = inp.clone().requires_grad_()
+        y = module(inp)
+        y.backward(grad_y.to(y.dtype))
+        grads = [inp.grad] + [p.grad for p in module.parameters() if p.requires_grad]
+        return [y.detach()] + grads
+
+    got = step(layer, x)
+    exact = step(_float64_twin(layer, kind), x.double())
+    plain32 = step(_float64_twin(layer, kind, torch.float32), x)  # torch's own fp32 formula: the yardstick
+    for name, g, e, p in zip(["y", "grad_x", "param 0", "param 1", "param 2"], got, exact, plain32):
+        assert_error_within(f"{kind} {engine} {name}", g, p, e)
+
+
+def _float64_twin(layer, kind, dtype=torch.float64):
+    """The same layer as plain torch ops in ``dtype`` (y = x Wᵀ + b + the adapter term), its trainable
+    parameters in the layer's order."""
+    from torch import nn
+
+    w = layer.dequantize(torch.float32) if kind == "qlora" else layer.weight.detach()
+    names = [n for n, p in layer.named_parameters() if p.requires_grad]
+    values = dict(layer.named_parameters())
+
+    class Twin(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("w", w.to(dtype))
+            self.register_buffer("b", layer.bias.detach().to(dtype))
+            self.ps = nn.ParameterList([nn.Parameter(values[n].detach().to(dtype)) for n in names])
+
+        def forward(self, x):
+            p = dict(zip(names, self.ps))
+            y = x @ self.w.t() + self.b
+            if kind == "vera":
+                k, n = x.shape[-1], self.w.shape[0]
+                va, vb = layer.vera_A[:, :k].to(dtype), layer.vera_B[:n].to(dtype)
+                return y + ((x @ va.t()) * p["vera_lambda_d"]) @ vb.t() * p["vera_lambda_b"]
+            return y + layer.scaling * ((x @ p["lora_A.weight"].t()) @ p["lora_B.weight"].t())
+
+    return Twin()
+
+
+def test_probe_chooses_and_records(fresh_decisions):
+    value, timings = _dispatch._probe_fp32_gemm()
+    assert value in ("torch", "onednn")
+    if not _gemm.onednn_available():
+        assert value == "torch" and timings == {}
+    else:
+        (t,) = timings.values()
+        assert set(t) == {"torch", "onednn", "sets"}
+        assert value == min(("torch", "onednn"), key=t.get)
+
+
+@pytest.fixture
+def fresh_decisions(monkeypatch, tmp_path):
+    monkeypatch.setenv("LOWRANK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_dispatch, "_decisions", {})
