@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ._hooks import remove_forward_hooks
-from .ops import _direct
+from .ops import _direct, _gemm
 from .ops import loss as _loss
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -114,20 +114,29 @@ class HeadLossFunction(torch.autograd.Function):
         grad_b = torch.zeros(v, dtype=acc, device=weight.device) if need_b else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
         weight_t = weight.t()
+        onednn = hidden.is_cpu and hidden.dtype == torch.float32 and weight.dtype == torch.float32 and (
+            _gemm.cpu_fp32_onednn()
+        )
         for start in range(0, n, rows):
             end = min(n, start + rows)
             h, lab = hidden[start:end], labels[start:end]
             logits = flat[: (end - start) * v].view(end - start, v)
-            torch.mm(h, weight_t, out=logits)
-            if bias is not None:
-                logits += bias
+            if onednn:  # the faster GEMM writes a fresh chunk: copied into the workspace that the rest reuses
+                logits.copy_(_gemm.linear(h, weight, bias=bias))
+            else:
+                torch.mm(h, weight_t, out=logits)
+                if bias is not None:
+                    logits += bias
             loss_rows, lse = _loss._forward_native(logits, lab, ignore_index)
             total += loss_rows.sum()
             if need_h or need_w or need_b:
                 grad_loss = torch.full((end - start,), scale, dtype=acc, device=hidden.device)
                 _loss.backward_into(logits, grad_loss, logits, lab, lse, ignore_index)  # in place
                 if need_h:
-                    torch.mm(logits, weight, out=grad_h[start:end])
+                    if onednn:
+                        grad_h[start:end] = _gemm.mm(logits, weight)
+                    else:
+                        torch.mm(logits, weight, out=grad_h[start:end])
                 if need_w:
                     grad_w.addmm_(logits.t().to(acc), h.to(acc))
                 if need_b:

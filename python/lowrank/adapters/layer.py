@@ -30,7 +30,7 @@ from ..autograd import LoRALinearFunction, VeRALinearFunction
 from ..layers.lora import LoRAAdapter
 from ..layers.nf4 import NF4Linear
 from ..layers.vera import SharedProjections, _has_dense_weight
-from ..ops import _direct
+from ..ops import _direct, _gemm
 from ..ops import lora as _lora_ops
 from ..ops import vera as _vera_ops
 
@@ -173,7 +173,7 @@ class FullDelta(nn.Module):
 
     def forward(self, layer: "AdaptedLinear", x: Tensor) -> Tensor:
         if not self.conv1d:
-            return F.linear(x, self.weight, self.bias)
+            return _gemm.dense_linear(x, self.weight, self.bias)
         shape = x.shape[:-1] + (self.weight.shape[1],)
         x2 = x.reshape(-1, x.shape[-1])
         y = torch.addmm(self.bias, x2, self.weight) if self.bias is not None else x2 @ self.weight

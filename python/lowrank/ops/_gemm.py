@@ -189,3 +189,41 @@ def matmul_fp32(dy32: torch.Tensor, weight: torch.Tensor, out: Optional[torch.Te
             return mm(dy32, weight)
         return torch.mm(dy32, weight, out=out)
     return matmul_tiles_fp32(dy32, *weight.shape, _copy_rows(weight), out=out)
+
+
+class DenseLinearFunction(torch.autograd.Function):
+    """``x Wᵀ + b`` for fp32 CPU tensors with every product on :func:`linear` / :func:`mm` (the fp32 GEMM
+    this machine measured the faster): the forward, ``dx = dy W``, ``dW = dyᵀ x`` and ``db = Σ dy``.
+    Full fine-tuning's layers run on it (adapters/layer.py's FullDelta), as ``F.linear`` would on
+    torch.mm's GEMM."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, weight)
+        ctx.has_bias, ctx.x_shape = bias is not None, x.shape
+        return linear(x2, weight, bias=bias).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x2, weight = ctx.saved_tensors
+        dy = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_x = mm(dy, weight).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_w = mm(dy.t(), x2) if ctx.needs_input_grad[1] else None
+        grad_b = dy.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``F.linear``, with :class:`DenseLinearFunction` where it helps: fp32 CPU tensors on a machine whose
+    measured fp32 GEMM is oneDNN's, outside torch.compile (anything else: ``F.linear`` itself)."""
+    if (
+        x.is_cpu
+        and x.dtype == weight.dtype == torch.float32
+        and (bias is None or bias.dtype == torch.float32)
+        and x.numel() > 0
+        and not torch.compiler.is_compiling()
+        and cpu_fp32_onednn()
+    ):
+        return DenseLinearFunction.apply(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
