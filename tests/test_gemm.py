@@ -211,3 +211,16 @@ def test_onednn_gets_dense_operands(monkeypatch):
     for got in (_gemm.linear(a, w), _gemm.linear(a, w, add=torch.zeros(40, 30)), _gemm.mm(a, w.t())):
         assert (got.double() - exact).abs().max().item() <= _bound(a, w)
     assert seen == [(True, True)] * 3
+
+
+def test_dense_linear_double_backward_raises(engine):
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(3, 8, requires_grad=True)
+    y = _gemm.dense_linear(x, w)
+    (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    if engine == "onednn":
+        with pytest.raises(RuntimeError):  # an error, never a silently wrong second derivative
+            torch.autograd.grad(gx.sum(), w)
+    else:  # F.linear: twice differentiable
+        (gw,) = torch.autograd.grad(gx.sum(), w)
+        assert gw.shape == w.shape

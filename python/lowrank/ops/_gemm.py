@@ -13,6 +13,7 @@ import threading
 from typing import Callable, Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _dispatch, _runtime
 
@@ -215,6 +216,7 @@ class DenseLinearFunction(torch.autograd.Function):
         return linear(x2, weight, bias=bias).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @once_differentiable  # (oneDNN's op has no derivative of its own: a double backward raises, naming this)
     def backward(ctx, grad_y: torch.Tensor):
         x2, weight = ctx.saved_tensors
         dy = grad_y.reshape(-1, grad_y.shape[-1])
