@@ -75,7 +75,10 @@ def test_finetune_every_method(run, tiny):
     # activations outweigh the tiny layers they adapt, as they do not on SmolLM2.)
     held = {m: r["held_bytes"] for m, r in results["methods"].items()}
     assert held["full"] > 3 * 4 * expect["full"] and held["full"] == max(held.values())
-    assert all(r["peak_bytes"] > r["held_bytes"] for r in results["methods"].values())
+    # A step's growth is read as the rise of the process's resident high-water mark: in a long-lived
+    # process (this whole test session) a tiny model's step can be served entirely from memory glibc
+    # already holds, so it may read 0 (seen once in CI, after fp32 products moved to oneDNN's GEMM).
+    assert all(r["peak_bytes"] >= r["held_bytes"] for r in results["methods"].values())
     assert {t["target"].split()[0] for t in results["targets"]} >= {"lora", "vera", "qlora", "some"}
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
