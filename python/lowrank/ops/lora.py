@@ -497,10 +497,10 @@ def _base_after_adapter(x2, weight, bias, u, e, scale):
     """``x Wᵀ + bias + scale·u eᵀ`` in x's dtype (16-bit, or fp32 on the CPU): the adapter term (u
     fp32, e any float dtype) and bias summed first and rounded once, then the base GEMM accumulated
     onto it (addmm's C enters the fp32 accumulator), so the large sum is rounded once. The first sum:
-    on the CPU torch's fp32 GEMM (fp32) or adapter_term (bf16: fp32 products, one call); elsewhere one
+    on the CPU the measured fp32 GEMM (fp32) or adapter_term (bf16: fp32 products, one call); elsewhere one
     16-bit GEMM with fp32 accumulation over u and e each split into two 16-bit halves (hi + lo), so
     nothing is rounded before it: bias + s·[u_hi u_lo u_hi]·[e_hi e_hi e_lo]ᵀ, a rank-3r product (no
-    M x N fp32 temporary)."""
+    M x N fp32 temporary). The measured fp32 GEMM: torch's or oneDNN's, ops/_gemm.py's linear."""
     dtype = x2.dtype
     if x2.is_cpu and dtype == torch.float32:  # fp32 GEMMs: c = bias + s·u eᵀ, then + x Wᵀ
         e32 = e if e.dtype == torch.float32 else e.float()
@@ -618,8 +618,9 @@ def _backward_input_checked(grad_y, weight, g, lora_a):
             dx32.addmm_(g2, lora_a.float())
         return dx32.to(grad_y.dtype).reshape(lead + (k,))
     if g2 is not None and dy.is_cpu and dy.dtype in _CPU_NATIVE:
-        # g A first, then the GEMM adds dy W to it in its fp32 accumulator, as the forward does: by
-        # torch's fp32 GEMM, or for bf16 by adapter_term (fp32 sums rounded once; no 16-bit copies of g).
+        # g A first, then the GEMM adds dy W to it in its fp32 accumulator, as the forward does: by the
+        # measured fp32 GEMM (torch's or oneDNN's), or for bf16 by adapter_term (fp32 sums rounded once; no
+        # 16-bit copies of g).
         if dy.dtype == torch.float32:
             dx = _gemm.mm(g2, lora_a if lora_a.dtype == torch.float32 else lora_a.float())
             if _gemm.cpu_fp32_onednn():  # oneDNN's GEMM, g A entering its accumulator (sum post-op)
