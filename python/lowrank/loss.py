@@ -114,9 +114,7 @@ class HeadLossFunction(torch.autograd.Function):
         grad_b = torch.zeros(v, dtype=acc, device=weight.device) if need_b else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
         weight_t = weight.t()
-        onednn = hidden.is_cpu and hidden.dtype == torch.float32 and weight.dtype == torch.float32 and (
-            _gemm.cpu_fp32_onednn()
-        )
+        onednn = _gemm.onednn_for(hidden, weight)
         for start in range(0, n, rows):
             end = min(n, start + rows)
             h, lab = hidden[start:end], labels[start:end]

@@ -10,7 +10,7 @@ measurement on first use, of the two candidate paths on one probe shape, interle
   128 × 2048 × 2048, the forward ``x Wᵀ`` and the backward ``dy W`` together.
 - ``cpu_fp32_gemm``: ``"torch"`` (torch.mm, MKL in the usual x86 build) or ``"onednn"`` (oneDNN's matmul
   through torch's ``mkldnn._linear_pointwise`` op) for the many-token fp32 products (ops/_gemm.py's
-  ``linear_fp32``). Probe: 256 × 1024 × 1536, ``x Wᵀ + C`` and ``dy W`` (W transposed), after checking
+  ``linear`` and ``mm``). Probe: 256 × 1024 × 1536, ``x Wᵀ + C`` and ``dy W`` (W transposed), after checking
   that oneDNN's results agree with float64 within fp32 rounding. A 2-core Zen 4 VM measured oneDNN
   2.2× faster (MKL there runs at half the AVX-512 FMA rate); taken before every other probe, whose GEMM
   side then runs it.
@@ -358,20 +358,27 @@ def _probe_fp32_gemm() -> tuple[str, dict]:
     m, k, n = 256, 1024, 1536
     w = torch.randn(n, k, generator=g) * 0.02
     x, dy, c = torch.randn(m, k, generator=g), torch.randn(m, n, generator=g), torch.randn(m, n, generator=g)
+
+    def call(engine: str):
+        def run():
+            with _pinned("CPU_FP32_GEMM", engine):
+                return _gemm.linear(x, w, add=c), _gemm.mm(dy, w)
+
+        return run
+
     try:
-        got = (_gemm._LINEAR_ADD(x, c, w, None, "add"), _gemm._LINEAR(dy, w.t(), None, "none", [], ""))
+        got = call("onednn")()
     except RuntimeError as exc:  # an op this build registers but cannot run
         return "torch", {"onednn failed": str(exc)[:200]}
-    exact = ((x.double() @ w.double().t()) + c.double(), dy.double() @ w.double())
-    bound = [2.0**-24 * 8 * math.sqrt(k) * ((x.double().abs() @ w.double().abs().t()) + c.double().abs()).max().item(),
-             2.0**-24 * 8 * math.sqrt(n) * (dy.double().abs() @ w.double().abs()).max().item()]  # fmt: skip
+    # Within 8·sqrt(K) fp32 roundings of the |term| sums (fp32 accumulation in any order), else not used.
+    exact = (x.double() @ w.double().t() + c.double(), dy.double() @ w.double())
+    magnitude = ((x.double().abs() @ w.double().abs().t() + c.double().abs()).max().item(),
+                 (dy.double().abs() @ w.double().abs()).max().item())  # fmt: skip
+    bound = [8 * math.sqrt(depth) * 2.0**-24 * mag for depth, mag in zip((k, n), magnitude)]
     errors = [(a.double() - b).abs().max().item() for a, b in zip(got, exact)]
     if not all(e <= b for e, b in zip(errors, bound)):
         return "torch", {"onednn disagreed": {"max error": errors, "bound": bound}}
-    t = _compared_ms({
-        "torch": lambda: (torch.addmm(c, x, w.t()), torch.mm(dy, w)),
-        "onednn": lambda: (_gemm._LINEAR_ADD(x, c, w, None, "add"), _gemm._LINEAR(dy, w.t(), None, "none", [], "")),
-    })  # fmt: skip
+    t = _compared_ms({"torch": call("torch"), "onednn": call("onednn")})
     return ("onednn" if t["onednn"] < t["torch"] else "torch"), {f"{m}x{k}x{n} fwd+bwd": t}
 
 

@@ -1,5 +1,8 @@
 """The many-token path: products handed to the best GEMM torch has, with one reused workspace.
 
+fp32 products go to torch.mm's GEMM or to oneDNN's (torch's mkldnn linear op), whichever this machine
+measured the faster (``cpu_fp32_gemm``): :func:`linear` and :func:`mm`.
+
 Where torch's bf16 GEMM runs slower than its fp32 one (an AVX2 EPYC, 4096x11008 at M=512: 2.8 s vs
 0.48 s; measured on each machine by ops/_dispatch.py, never guessed from its name), a bf16 weight is
 widened to fp32 tile by tile into one workspace that every call reuses, and each tile goes to the
@@ -62,10 +65,10 @@ def cpu_fp32_onednn() -> bool:
     return _dispatch.decide("cpu_fp32_gemm") == "onednn"
 
 
-def _onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
-    return x.is_cpu and x.dtype == torch.float32 and w.dtype == torch.float32 and min(*x.shape, w.shape[0]) > 0 and (
-        cpu_fp32_onednn()
-    )
+def onednn_for(*tensors: torch.Tensor) -> bool:
+    """Whether a product of ``tensors`` goes to oneDNN: all fp32 CPU tensors, none empty, and oneDNN's
+    GEMM the one this machine measured the faster."""
+    return all(t.is_cpu and t.dtype == torch.float32 and t.numel() > 0 for t in tensors) and cpu_fp32_onednn()
 
 
 def linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -76,7 +79,7 @@ def linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor] = None
     (addmm's C, oneDNN's sum post-op), so the whole sum is rounded once."""
     if add is not None and bias is not None:
         add = add + bias  # (callers with both fold the bias into their term themselves)
-    if _onednn(x, w):
+    if onednn_for(x, w):
         # oneDNN's fast kernels take a matrix stored densely, row- or column-major: a slice with a longer
         # leading dimension (VeRA's shared projections, A[:, :k] of A [r, max_in]) sent it to a reference
         # loop 2500x slower (256 x 576 of a 1536-wide A at 512 tokens: 756 ms against 0.3). Such an operand
@@ -129,7 +132,7 @@ def linear_tiles(x: torch.Tensor, n: int, k: int, fill: Callable[[int, torch.Ten
     """
     rows = _tile_rows(k)
     ws = _workspace(min(rows, n) * k, x.device, x.dtype)
-    if x.dtype == torch.float32 and _onednn(x, ws):  # oneDNN writes fresh outputs: one per tile
+    if onednn_for(x, ws):  # oneDNN writes fresh outputs: one per tile
         if n <= rows:
             tile = ws.view(n, k)
             fill(0, tile)
@@ -161,7 +164,7 @@ def matmul_tiles_fp32(
     (fp32 only: the tiles split the reduction over n, which 16-bit products would round per tile.)"""
     rows = _tile_rows(k)
     ws = _workspace(min(rows, n) * k, dy32.device)
-    if out is None and _onednn(dy32, ws.view(-1, k)):  # oneDNN writes a fresh output per tile, the sum so far added in
+    if out is None and onednn_for(dy32, ws):  # oneDNN writes a fresh output per tile, the sum so far added in
         dx = None
         for n0 in range(0, n, rows):
             n1 = min(n, n0 + rows)
@@ -229,13 +232,6 @@ class DenseLinearFunction(torch.autograd.Function):
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear``, with :class:`DenseLinearFunction` where it helps: fp32 CPU tensors on a machine whose
     measured fp32 GEMM is oneDNN's, outside torch.compile (anything else: ``F.linear`` itself)."""
-    if (
-        x.is_cpu
-        and x.dtype == weight.dtype == torch.float32
-        and (bias is None or bias.dtype == torch.float32)
-        and x.numel() > 0
-        and not torch.compiler.is_compiling()
-        and cpu_fp32_onednn()
-    ):
+    if not torch.compiler.is_compiling() and onednn_for(x, weight, *([] if bias is None else [bias])):
         return DenseLinearFunction.apply(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)

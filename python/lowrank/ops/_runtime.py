@@ -37,7 +37,7 @@ NF4_CPU_INPUT_GRAD_MAX_M: Optional[int] = None  # largest M for the NF4 dx = dy 
 CPU_ADAPTER_PRODUCTS: Optional[dict] = None  # {dtype: True for csrc/cpu/adapter_products.cpp, False for GEMMs}
 CPU_LORA_BF16_DOT: Optional[bool] = None  # bf16 x in the LoRA rows kernel: AVX512-BF16 products (True) or widened
 CPU_INPUT_GRAD_BF16_DOT: Optional[bool] = None  # bf16 dy in the dx = dy W + g A kernel: AVX512-BF16 products or widened
-CPU_FP32_GEMM: Optional[str] = None  # many-token fp32 products: "torch" (torch.mm) or "onednn" (_gemm.linear_fp32)
+CPU_FP32_GEMM: Optional[str] = None  # many-token fp32 products: "torch" (torch.mm) or "onednn" (ops/_gemm.py)
 CPU_TILE_BUFFER_MAX_M: Optional[dict] = None  # {dtype: largest M whose tile products go to an [n, M] buffer}
 
 
