@@ -475,11 +475,12 @@ def _forward_gemm(x2, xa2, weight, bias, lora_a, lora_b, scale):
         return y, u
     # The CPU, and 16-bit GEMMs (CUDA, or CPUs where torch's bf16 GEMM is the fast one, as measured): u
     # in fp32. The adapter term and the bias go first, into c = bias + s·u Bᵀ, with nothing rounded
-    # before that sum (_base_after_adapter). Then c.addmm_(x, Wᵀ): the GEMM adds c to its fp32
-    # accumulator, so the large sum x Wᵀ + c is rounded once (only c's own, much smaller, rounding comes
-    # before it). On the CPU the fp32 path does the same: a LoRA r=16 training step of one 576 → 1536
-    # layer at M = 512 (Zen 4, 100 interleaved rounds) took 1.11x nn.Linear's time against 1.14x with
-    # y = x Wᵀ followed by the adapter's pass over y (bf16, with adapter_term: 1.21x against 1.27x).
+    # before that sum (_base_after_adapter). Then the GEMM adds c to its fp32 accumulator (addmm's C, or
+    # oneDNN's sum post-op for the CPU's fp32), so the large sum x Wᵀ + c is rounded once (only c's own,
+    # much smaller, rounding comes before it). Measured against y = x Wᵀ followed by the adapter's pass
+    # over y, with torch's fp32 GEMM: a LoRA r=16 training step of one 576 → 1536 layer at M = 512 (Zen 4,
+    # 100 interleaved rounds) took 1.11x nn.Linear's time against 1.14x (bf16, with adapter_term: 1.21x
+    # against 1.27x).
     u = down_projection_many(xa2, lora_a)
     return _base_after_adapter(x2, weight, bias, u, lora_b, scale), u
 
@@ -502,14 +503,10 @@ def _base_after_adapter(x2, weight, bias, u, e, scale):
     nothing is rounded before it: bias + s·[u_hi u_lo u_hi]·[e_hi e_hi e_lo]ᵀ, a rank-3r product (no
     M x N fp32 temporary). The measured fp32 GEMM: torch's or oneDNN's, ops/_gemm.py's linear."""
     dtype = x2.dtype
-    if x2.is_cpu and dtype == torch.float32:  # fp32 GEMMs: c = bias + s·u eᵀ, then + x Wᵀ
+    if x2.is_cpu and dtype == torch.float32:  # c = bias + (s·u) eᵀ, then x Wᵀ added in the GEMM's accumulator
         e32 = e if e.dtype == torch.float32 else e.float()
-        if _gemm.cpu_fp32_onednn():  # oneDNN's GEMM, c entering its accumulator (sum post-op)
-            c = _gemm.linear(u if scale == 1.0 else u * scale, e32, bias=bias)
-            return _gemm.linear(x2, weight, add=c)
-        if bias is None:  # the scale as the GEMM's beta: c = u eᵀ, then s·c + x Wᵀ
-            return torch.mm(u, e32.t()).addmm_(x2, weight.t(), beta=scale)
-        return torch.addmm(bias, u, e32.t(), alpha=scale).addmm_(x2, weight.t())
+        c = _gemm.linear(u if scale == 1.0 else u * scale, e32, bias=bias)
+        return _gemm.linear(x2, weight, add=c)
     if x2.is_cpu and dtype in _CPU_NATIVE:  # c = bias + s·u eᵀ in fp32, rounded once, in one call (adapter_term)
         c = adapter_term(_runtime.empty(x2.shape[0], weight.shape[0], dtype=dtype, device=x2.device), u, e, bias, scale)
         return c.addmm_(x2, weight.t())
@@ -560,15 +557,10 @@ def _backward_adapter_checked(grad_y, adapter_input, u, lora_a, lora_b, scale):
     b32 = lora_b if lora_b.dtype == torch.float32 else lora_b.float()
     xa = adapter_input.reshape(m, k)
     xa32 = xa if xa.dtype == torch.float32 else xa.float()
-    if dy32.is_cpu and _gemm.cpu_fp32_onednn():  # the scale on the small operands (oneDNN takes no alpha)
-        us = u2 if scale == 1.0 else u2 * scale
-        grad_b = _gemm.mm(dy32.t(), us)
-        g = _gemm.mm(dy32, b32 if scale == 1.0 else b32 * scale)
-        return _gemm.mm(g.t(), xa32).to(lora_a.dtype), grad_b.to(lora_b.dtype), g.reshape(u.shape)
-    # Scale folded into the GEMMs (alpha), no extra passes.
-    grad_b = torch.addmm(b32, dy32.t(), u2, beta=0.0, alpha=scale)
-    g = torch.addmm(u2, dy32, b32, beta=0.0, alpha=scale)
-    grad_a = torch.mm(g.t(), xa32)
+    # The scale on the small operands (u, B: M·r and N·r values), none on the M x N ones.
+    grad_b = _gemm.mm(dy32.t(), u2 if scale == 1.0 else u2 * scale)
+    g = _gemm.mm(dy32, b32 if scale == 1.0 else b32 * scale)
+    grad_a = _gemm.mm(g.t(), xa32)
     return grad_a.to(lora_a.dtype), grad_b.to(lora_b.dtype), g.reshape(u.shape)
 
 
@@ -622,11 +614,9 @@ def _backward_input_checked(grad_y, weight, g, lora_a):
         # measured fp32 GEMM (torch's or oneDNN's), or for bf16 by adapter_term (fp32 sums rounded once; no
         # 16-bit copies of g).
         if dy.dtype == torch.float32:
-            dx = _gemm.mm(g2, lora_a if lora_a.dtype == torch.float32 else lora_a.float())
-            if _gemm.cpu_fp32_onednn():  # oneDNN's GEMM, g A entering its accumulator (sum post-op)
-                return _gemm.mm(dy, weight, add=dx).reshape(lead + (k,))
-        else:
-            dx = adapter_term(_runtime.empty(m, k, dtype=dy.dtype, device=dy.device), g2, lora_a, e_transposed=True)
+            ga = _gemm.mm(g2, lora_a if lora_a.dtype == torch.float32 else lora_a.float())
+            return _gemm.mm(dy, weight, add=ga).reshape(lead + (k,))
+        dx = adapter_term(_runtime.empty(m, k, dtype=dy.dtype, device=dy.device), g2, lora_a, e_transposed=True)
         return dx.addmm_(dy, weight).reshape(lead + (k,))
     dx = _gemm.mm(dy, weight)
     if g2 is not None:
