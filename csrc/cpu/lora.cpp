@@ -170,10 +170,7 @@ LOWRANK_BF16_DOT inline void dot_tile(const bf16_t* const* wrow, const bf16_t* x
       for (int i = 0; i < NR; ++i) acc[i][m] = _mm512_dpbf16_ps(acc[i][m], (__m512bh)wv[i], (__m512bh)xv);
     }
   }
-  float total[NR * MRT];
-  vsums<NR * MRT>(&acc[0][0], total);
-  for (int i = 0; i < NR; ++i)
-    for (int m = 0; m < MRT; ++m) sums[i][m] += total[i * MRT + m];
+  add_tile_sums(acc, sums);
 }
 
 LOWRANK_BF16_DOT inline void dot_dispatch(int mr, const bf16_t* const* wrow, const bf16_t* x, int64_t ldx,

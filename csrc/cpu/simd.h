@@ -101,11 +101,12 @@ inline void vprefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p),
 // it carry this target attribute and run only where the CPU reports it (nf4.cpp, lora.cpp). A vdpbf16ps
 // zmm does 32 multiply-adds against an fp32 FMA's 16, at the same issue rate: the VM lscpu calls a Zen 4
 // (family 25 model 17) issued two of either per cycle, 273 vs 136 G multiply-adds/s on one core, in an
-// inline-asm loop of 16 independent register accumulators. (Earlier notes here said 117 vs 59: that loop
-// kept its accumulators on the stack, and measured store-to-load forwarding. torch's bf16 GEMM reaches
-// 258 per core there, 94 %; the kernels below are at 30-45 %.) (An earlier note also said they were equal, from a LoRA rows
-// kernel that lost to widening; the kernel was at fault, not the instruction: lora.cpp's DotRowsJob,
-// written with NR x MR register tiles over both operands as they are, runs M=16 in half the time.)
+// inline-asm loop of 16 independent register accumulators; torch's bf16 GEMM reaches 258 per core there
+// (94 %), the kernels below 30-45 %. Earlier notes here said 117 vs 59 (that loop kept its accumulators
+// on the stack: it measured store-to-load forwarding), and before that that the two were equal, from a
+// LoRA rows kernel that lost to widening: the kernel was at fault, not the instruction (lora.cpp's
+// DotRowsJob, written with NR x MR register tiles over both operands as they are, runs M=16 in half
+// the time).
 #define LOWRANK_BF16_DOT __attribute__((target("avx512f,avx512bw,avx512bf16")))
 inline bool cpu_has_bf16_dot() {
   static const bool ok = [] {

@@ -18,6 +18,16 @@ constexpr int MR = 3;
 #endif
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// sums[i][m] += the lane sum of acc[i][m]: the tile's accumulators reduced together (vsums). V: Vec or
+// the instruction set's raw register type.
+template <int MRT, class V>
+inline void add_tile_sums(const V (&acc)[NR][MRT], float sums[NR][MR]) {
+  float total[NR * MRT];
+  vsums<NR * MRT>(&acc[0][0], total);
+  for (int i = 0; i < NR; ++i)
+    for (int m = 0; m < MRT; ++m) sums[i][m] += total[i * MRT + m];
+}
+
 // sums[i][m] += sum_{k in [k0, k1)} w_i[k] * x_m[k], x rows given by pointer (gathered rows need no copy).
 // ahead (elements, 0: none): each w row's data that far on is prefetched as the row is read — at M = 1
 // the w rows of a small layer are too short a stream for the hardware prefetcher (see lora.cpp).
@@ -39,10 +49,7 @@ inline void micro_tile_rows(const TW* const* wrow, const float* const* xrow, int
       for (int i = 0; i < NR; ++i) acc[i][m] = vfma(wv[i], xv, acc[i][m]);
     }
   }
-  float total[NR * MRT];
-  vsums<NR * MRT>(&acc[0][0], total);
-  for (int i = 0; i < NR; ++i)
-    for (int m = 0; m < MRT; ++m) sums[i][m] += total[i * MRT + m];
+  add_tile_sums(acc, sums);
   for (; k < k1; ++k)
     for (int i = 0; i < NR; ++i) {
       float wk = load_scalar(wrow[i] + k);
