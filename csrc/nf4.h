@@ -243,6 +243,85 @@ inline void validate_nf4_input_grad(const Nf4InputGradArgs& a) {
 
 void nf4_input_grad_cpu(const Nf4InputGradArgs& a, int num_threads);
 
+// ---- the inference layout (CPU, AVX-512): tiles of 16 rows -------------------------------------------
+// A copy of the codes re-laid so that one 512-bit lane is one output row: 16 rows x 8 columns per 64
+// bytes, and each row's block scales decoded once to fp32, transposed to match. The few-token kernel
+// then broadcasts x and accumulates 16 rows per register with no horizontal sums (cpu/nf4_packed.cpp).
+// Needs cols % blocksize == 0 (rows made of whole blocks; blocksize >= 32 makes cols % 8 == 0 too).
+//   codes   uint8 [tiles][cols / 8][64]: byte 4j + q of tile t, chunk c holds in its low nibble the
+//           code of (row 16t + j/2, column 8c + 2q + j%2) and in its high nibble that of row 16t + 8 + j/2
+//           (same column); rows past the weight's end hold code 7 (0.0)
+//   scales  float32 [tiles][cols / blocksize][16]: absmax of (row 16t + l, block b of that row), 0 past
+//           the end
+struct Nf4Packed {
+  std::uintptr_t codes = 0;
+  std::uintptr_t scales = 0;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t blocksize = 64;
+  int64_t tiles() const { return (rows + 15) / 16; }
+  int64_t code_bytes() const { return tiles() * cols * 8; }
+  int64_t scale_count() const { return blocksize > 0 ? tiles() * (cols / blocksize) * 16 : 0; }
+};
+
+inline bool nf4_packable(const Nf4Weight& w) {
+  return w.rows > 0 && w.cols > 0 && w.blocksize >= 32 && w.cols % w.blocksize == 0;
+}
+
+// out[M, N] = x[M, K] · dequant(W)ᵀ + bias + scale · v eᵀ over the packed copy. x float32 (exact W,
+// fp32 products) or bfloat16 (W rounded once to bf16, AVX512-BF16 products); fp32 accumulation, one
+// rounding per output, as nf4_rows.
+struct Nf4PackedRowsArgs {
+  Matrix out;
+  Matrix x;
+  Nf4Packed w;
+  Matrix bias;
+  Matrix v;
+  Matrix e;
+  float scale = 1.0f;
+};
+
+inline void validate_nf4_packed(const Nf4Packed& p, const char* name) {
+  const std::string n(name);
+  LOWRANK_CHECK(p.rows > 0 && p.cols > 0 && extent_fits(p.rows, p.cols, p.cols), n + ": bad shape");
+  LOWRANK_CHECK(p.blocksize >= 32 && p.blocksize <= 4096 && (p.blocksize & (p.blocksize - 1)) == 0 &&
+                    p.cols % p.blocksize == 0,
+                n + ": blocksize must be a power of two in [32, 4096] dividing in_features");
+  LOWRANK_CHECK(p.codes != 0 && p.scales != 0, n + ": null pointer");
+}
+
+inline void validate_nf4_packed_rows(const Nf4PackedRowsArgs& a) {
+  validate_nf4_packed(a.w, "packed");
+  const int64_t M = a.x.rows, K = a.w.cols, N = a.w.rows;
+  check_matrix(a.x, "x", M, K);
+  check_matrix(a.out, "out", M, N);
+  LOWRANK_CHECK(a.x.dtype == DType::float32 || a.x.dtype == DType::bfloat16,
+                std::string("x: unsupported dtype ") + dtype_name(a.x.dtype));
+  LOWRANK_CHECK(a.out.dtype == DType::float32 || a.out.dtype == DType::bfloat16,
+                std::string("out: unsupported dtype ") + dtype_name(a.out.dtype));
+  if (a.bias.ptr) {
+    check_matrix(a.bias, "bias", 1, N);
+    LOWRANK_CHECK(a.bias.dtype == DType::float32 || a.bias.dtype == DType::bfloat16,
+                  std::string("bias: unsupported dtype ") + dtype_name(a.bias.dtype));
+  }
+  LOWRANK_CHECK((a.v.ptr == 0) == (a.e.ptr == 0), "v and e: give both or neither");
+  if (a.v.ptr) {
+    check_matrix(a.v, "v", M, a.v.cols);
+    check_matrix(a.e, "e", N, a.v.cols);
+    LOWRANK_CHECK(a.v.dtype == DType::float32, std::string("v: expected float32, got ") + dtype_name(a.v.dtype));
+    LOWRANK_CHECK(a.e.dtype == DType::float32 || a.e.dtype == DType::bfloat16,
+                  std::string("e: unsupported dtype ") + dtype_name(a.e.dtype));
+  }
+  for (const Matrix* m : {&a.out, &a.x, &a.bias, &a.v, &a.e})
+    LOWRANK_CHECK(m->ptr == 0 || m->device == -1, "all tensors must be on the CPU");
+}
+
+// Whether the CPU kernel variant in use has the packed kernels (AVX-512; bf16 x also needs AVX512-BF16).
+bool nf4_packed_available(DType x_dtype);
+// Fills `packed` (its buffers allocated by the caller: code_bytes() and scale_count()) from `w`.
+void nf4_pack_cpu(const Nf4Weight& w, const Nf4Packed& packed, int num_threads);
+void nf4_rows_packed_cpu(const Nf4PackedRowsArgs& a, int num_threads);
+
 // Launchers. CPU: num_threads as torch.get_num_threads(). CUDA: a raw cudaStream_t.
 void nf4_quantize_cpu(const Nf4QuantizeArgs& a, int num_threads);
 void nf4_double_quant_cpu(const Nf4DoubleQuantArgs& a, int num_threads);

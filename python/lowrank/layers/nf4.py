@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from ..autograd import NF4LinearFunction
 from ..ops import _direct
 from ..ops import nf4 as _ops
-from ..ops.lora import FrozenOperands
 from .lora import LoRAAdapter, check_linear_args
 
 _QS_KEY = "quant_state.bitsandbytes__nf4"
@@ -226,7 +225,7 @@ class NF4Linear(nn.Module):
         elif adapter_input is None:  # inference: the packed weight's kernel view built once (ops/nf4.py)
             frozen = self.__dict__.get("_frozen")
             if frozen is None:  # every way a layer is made (constructor, from_linear, state dict) ends here
-                frozen = self._frozen = FrozenOperands()
+                frozen = self._frozen = _ops.Nf4Frozen()
             y = _ops.forward_fast(frozen, *args[:13])
         else:
             y, _ = (_ops._forward_native if _direct.ok(x) else torch.ops.lowrank.nf4_linear_forward)(*args)
@@ -234,6 +233,14 @@ class NF4Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._forward(x, None, None, 1.0, None)
+
+    def train(self, mode: bool = True):
+        """As ``nn.Module.train``; training also frees the packed inference copy of the codes, if one was
+        made (``ops.nf4.PackedWeight``: made again by the next few-token call without gradients)."""
+        frozen = self.__dict__.get("_frozen")
+        if mode and frozen is not None:
+            frozen.drop_packed()
+        return super().train(mode)
 
     # ---- bitsandbytes-compatible state dict --------------------------------------------------
     def _quant_state_dict(self) -> dict:

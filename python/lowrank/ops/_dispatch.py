@@ -38,6 +38,12 @@ measurement on first use, of the two candidate paths on one probe shape, interle
   decoded in fp32 and rounded once to bf16, DESIGN's contract for a 16-bit compute dtype) or
   ``"widen"`` (x widened to fp32 against the exact fp32 W). Probe: 4096 × 4096 at M = 1 and 16; "dot"
   only where it wins both. Not measured where the kernel variant has no AVX512-BF16 ("widen").
+- ``nf4_cpu_packed_m/<dtype>``: ``[lo, hi]``, the token counts at which few-token inference (no
+  gradients) takes the packed NF4 layout (ops/nf4.py's ``PackedWeight``: a copy of the codes in tiles
+  of 16 rows, one 512-bit lane per output row, csrc/cpu/nf4_packed.cpp) rather than the row-major path
+  the decisions above choose. Probe: 4096 x 4096 (cold weights), M = 1, 4, 16, 64, 256; ``lo`` is the
+  first M where the packed kernel won and ``hi`` the last of the unbroken run of wins from there
+  (``[0, 0]``: never, also where the kernel variant has no packed kernel for the dtype).
 - ``cpu_lora_bf16_rows``: for a bf16 x in the fused LoRA row kernel (bf16 W), ``"dot"`` (AVX512-BF16
   products: exact, summed in fp32) or ``"widen"`` (x widened to fp32, fp32 FMAs over W widened in
   registers). Probe: 2048 → 4096, r=16, M = 16 (cold weights), where the products are what the kernel
@@ -82,7 +88,7 @@ from .._info import cpu_model
 
 UNBOUNDED = 1 << 62
 # Bumped when the probes or the kernels they time change, so decisions measured the old way are measured again.
-CALIBRATION_VERSION = 6
+CALIBRATION_VERSION = 7
 STEADY_RATIO = 1.3  # the steadiness workload's time may change this much across a probe and be cached
 
 # What runs when calibration is off: the fused kernels where they were written for (few tokens),
@@ -100,6 +106,8 @@ DEFAULTS: dict[str, Any] = {
     "nf4_cpu_fused_max_m/bfloat16": 64,
     "nf4_cpu_input_grad_max_m": 8,
     "nf4_cpu_bf16_rows": "widen",
+    "nf4_cpu_packed_m/float32": [0, 0],
+    "nf4_cpu_packed_m/bfloat16": [0, 0],
     "cpu_lora_bf16_rows": "widen",
     "cpu_input_grad_bf16_rows": "widen",
     "cpu_tile_buffer_max_m/float32": 256,
@@ -542,6 +550,42 @@ def _probe_nf4_bf16_rows() -> tuple[str, dict]:
     return ("dot" if wins else "widen"), timings
 
 
+def _probe_nf4_packed(dtype: torch.dtype) -> tuple[list, dict]:
+    from .. import _C
+    from . import _runtime, nf4
+
+    if not _C.nf4_packed_available(nf4._DTYPE_CODES[dtype]):
+        return [0, 0], {}  # nothing to measure: no packed kernel in this kernel variant for this dtype
+    _runtime.nf4_cpu_fused_max_m(dtype)  # decided first: the other side runs what they chose
+    if dtype == torch.bfloat16:
+        _runtime.nf4_cpu_bf16_dot()
+    g = torch.Generator().manual_seed(0)
+    k = n = 4096
+    weights = _nf4_probe_weights(k, n)[1]
+    packed = _cold_copies(lambda: nf4.PackedWeight(nf4._weight(*weights())), n * k // 2)
+    probes, timings, wins = (1, 4, 16, 64, 256), {}, []
+    for m in probes:
+        x = torch.randn(m, k, generator=g).to(dtype)
+        y = torch.empty(m, n, dtype=dtype)
+
+        def run_packed(x=x, y=y):
+            _C.nf4_rows_packed_cpu(nf4.matrix("out", y), nf4.matrix("x", x), packed().view, None, None, None, 1.0,
+                                   _runtime.num_threads())  # fmt: skip
+
+        def run_rows(x=x):  # (_forward_native never takes the packed layout)
+            return nf4._forward_native(x, *weights(), None, None, None, 1.0, None)
+
+        t = timings[str(m)] = _compared_ms({"packed": run_packed, "rows": run_rows})
+        wins.append(t["packed"] < t["rows"])
+    if not any(wins):
+        return [0, 0], timings
+    first = wins.index(True)
+    last = first
+    while last + 1 < len(probes) and wins[last + 1]:
+        last += 1
+    return [probes[first], probes[last]], timings
+
+
 def _probe_nf4_input_grad() -> tuple[int, dict]:
     from . import nf4
 
@@ -625,6 +669,8 @@ _PROBES: dict[str, Callable[[], tuple[Any, dict]]] = {
     "nf4_cpu_fused_max_m/bfloat16": lambda: _probe_nf4_fused(torch.bfloat16),
     "nf4_cpu_input_grad_max_m": _probe_nf4_input_grad,
     "nf4_cpu_bf16_rows": _probe_nf4_bf16_rows,
+    "nf4_cpu_packed_m/float32": lambda: _probe_nf4_packed(torch.float32),
+    "nf4_cpu_packed_m/bfloat16": lambda: _probe_nf4_packed(torch.bfloat16),
     "cpu_lora_bf16_rows": _probe_lora_bf16_rows,
     "cpu_input_grad_bf16_rows": _probe_input_grad_bf16_rows,
     "cpu_tile_buffer_max_m/float32": lambda: _probe_tile_layout(torch.float32),

@@ -34,6 +34,7 @@ CPU_INPUT_GRAD_MAX_M: Optional[dict] = None  # {dtype: largest M for the dx = dy
 NF4_CPU_FUSED_MAX_M: Optional[int] = None  # largest M for the fused NF4 dequant-GEMV rows kernel (every dtype)
 NF4_CPU_BF16_DOT: Optional[bool] = None  # bf16 x in the NF4 rows kernel: AVX512-BF16 products (True) or widened
 NF4_CPU_INPUT_GRAD_MAX_M: Optional[int] = None  # largest M for the NF4 dx = dy W kernel
+NF4_CPU_PACKED_M: Optional[tuple] = None  # (lo, hi): inference M in [lo, hi] takes the packed NF4 layout
 CPU_ADAPTER_PRODUCTS: Optional[dict] = None  # {dtype: True for csrc/cpu/adapter_products.cpp, False for GEMMs}
 CPU_LORA_BF16_DOT: Optional[bool] = None  # bf16 x in the LoRA rows kernel: AVX512-BF16 products (True) or widened
 CPU_INPUT_GRAD_BF16_DOT: Optional[bool] = None  # bf16 dy in the dx = dy W + g A kernel: AVX512-BF16 products or widened
@@ -102,6 +103,16 @@ def nf4_cpu_bf16_dot() -> bool:
     if NF4_CPU_BF16_DOT is not None:
         return NF4_CPU_BF16_DOT
     return _dispatch.decide("nf4_cpu_bf16_rows") == "dot"
+
+
+def nf4_cpu_packed(dtype: torch.dtype, m: int) -> bool:
+    """Whether an inference call of ``m`` tokens of ``dtype`` takes the packed NF4 layout (ops/nf4.py's
+    ``PackedWeight``, csrc/cpu/nf4_packed.cpp) rather than the row-major kernels."""
+    if NF4_CPU_PACKED_M is not None:
+        lo, hi = NF4_CPU_PACKED_M
+    else:
+        lo, hi = _dispatch.decide(f"nf4_cpu_packed_m/{_name(dtype if dtype == torch.bfloat16 else torch.float32)}")
+    return lo <= m <= hi
 
 
 def nf4_cpu_input_grad_max_m() -> int:

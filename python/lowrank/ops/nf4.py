@@ -585,16 +585,77 @@ def _forward_native(x, codes, absmax, absmax2, code2, offset, shape, blocksize, 
     return y.reshape(lead + (n,)), u.reshape(lead + (r,))
 
 
+class PackedWeight:
+    """A CPU copy of an NF4 weight in the inference layout (csrc/nf4.h, "the inference layout"): codes in
+    tiles of 16 rows x 8 columns and each row's block scales decoded to fp32. About 1.1x the codes'
+    bytes (blocksize 64), made once per weight where the packed kernel was measured faster for few-token
+    inference (``_runtime.nf4_cpu_packed``) and dropped when the layer trains. The packed kernel
+    broadcasts x and sums 16 rows per register, so no row ends in a horizontal sum and each x row is read
+    once per 16 rows of W."""
+
+    __slots__ = ("codes", "scales", "view")
+
+    def __init__(self, w: "_C.Nf4Weight"):
+        rows, cols, blocksize = w.rows, w.cols, w.blocksize
+        if not _C.nf4_packable(w):
+            raise ValueError(f"weight: the packed layout needs in_features % blocksize == 0, got {cols} and {blocksize}")
+        self.codes = torch.empty(_C.Nf4Packed.code_bytes(rows, cols), dtype=torch.uint8)
+        self.scales = torch.empty(_C.Nf4Packed.scale_count(rows, cols, blocksize), dtype=torch.float32)
+        self.view = _C.Nf4Packed(self.codes.data_ptr(), self.scales.data_ptr(), rows, cols, blocksize)
+        _C.nf4_pack_cpu(w, self.view, _runtime.num_threads())
+
+    @staticmethod
+    def supported(shape, blocksize: int, dtype: torch.dtype) -> bool:
+        """The layout takes this weight (in_features % blocksize == 0) and this CPU's kernel variant runs
+        the packed kernel for x of ``dtype``."""
+        return shape[1] % blocksize == 0 and _C.nf4_packed_available(_DTYPE_CODES[dtype])
+
+
+class Nf4Frozen(_lora.FrozenOperands):
+    """``FrozenOperands`` plus the weight's packed inference copy (``PackedWeight``), made on first use
+    and remade when the codes or scales change: a new tensor, or new values written in place (each
+    tensor's version counter is part of its key, so ``load_state_dict`` into the same buffers counts)."""
+
+    __slots__ = ("packed",)
+
+    def __init__(self):
+        super().__init__()
+        self.packed = None
+
+    def __deepcopy__(self, memo):
+        return Nf4Frozen()
+
+    def __reduce__(self):
+        return (Nf4Frozen, ())
+
+    def packed_copy(self, w: "_C.Nf4Weight", key: tuple, tensors: tuple) -> PackedWeight:
+        """The packed copy of ``w`` (``key``: the views' key, naming pointers, shapes and strides; ``tensors``:
+        the codes and scales, whose version counters are added to it)."""
+        key = (key, tuple([None if t is None else t._version for t in tensors]))
+        held = self.packed
+        if held is None or held[0] != key:
+            held = self.packed = (key, PackedWeight(w))
+        return held[1]
+
+    def drop_packed(self) -> None:
+        self.packed = None
+
+
 def forward_fast(frozen: "_lora.FrozenOperands", x, codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2,
                  bias, lora_a, lora_b, scale) -> Tensor:  # fmt: skip
     """``y`` of ``nf4_linear_forward`` (no dropout) for inference: on the eager CPU few-token path the
     packed weight's kernel view (``_C.Nf4Weight``) and the bias and ``B`` views come from ``frozen``,
     checked and built once and rebuilt whenever a tensor's pointer, shape, strides, dtype or device
-    (or the shape and blocksizes) change; otherwise the op as usual. Same kernels, same bits."""
+    (or the shape and blocksizes) change; otherwise the op as usual. Same kernels, same bits — except
+    where the packed inference layout was measured faster for this many tokens (``_runtime.nf4_cpu_packed``;
+    ``frozen`` an ``Nf4Frozen``): then its kernel, the same contract (exact W for fp32 x, W rounded once
+    to bf16 for bf16 x, fp32 sums, one rounding), summed in another order."""
     if _lora.eager_cpu(x) and type(codes) in _lora._PLAIN:
         n, k = shape
         m = x.numel() // k if k else 0
-        if 0 < m <= _runtime.nf4_cpu_fused_max_m(x.dtype) and n > 0 and x.shape[-1] == k:
+        packed = (m > 0 and isinstance(frozen, Nf4Frozen) and _runtime.nf4_cpu_packed(x.dtype, m)
+                  and PackedWeight.supported(shape, blocksize, x.dtype))  # fmt: skip
+        if (packed or 0 < m <= _runtime.nf4_cpu_fused_max_m(x.dtype)) and n > 0 and x.shape[-1] == k:
             key = (_lora.FrozenOperands.signature(codes, absmax, absmax2, code2, offset, bias, lora_a, lora_b),
                    tuple(shape), blocksize, blocksize2, x.dtype)  # fmt: skip
             wargs = (codes, absmax, absmax2, code2, offset, list(shape), blocksize, blocksize2)
@@ -610,7 +671,15 @@ def forward_fast(frozen: "_lora.FrozenOperands", x, codes, absmax, absmax2, code
             if state is None:
                 return _forward_native(x, *wargs, bias, lora_a, lora_b, scale, None)[0]
             w, mb, me = state[1]
-            x_in, dot = _rows_input(_lora.rows(x, m, k))
+            x2 = _lora.rows(x, m, k)
+            if packed:
+                pw = frozen.packed_copy(w, state[0], (codes, absmax, absmax2, code2, offset))
+                u = None if lora_a is None else _lora.down_projection(x2.float(), lora_a, x.dtype)
+                y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
+                _C.nf4_rows_packed_cpu(matrix("out", y), matrix("x", x2), pw.view, mb, optional_matrix("u", u), me,
+                                       float(scale), _runtime.num_threads())  # fmt: skip
+                return y.reshape(*x.shape[:-1], n)
+            x_in, dot = _rows_input(x2)
             u = None if lora_a is None else _lora.down_projection(x_in.float(), lora_a, x.dtype)
             y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
             _rows_cpu(y, x_in, w, mb, u, me, scale, dot)
