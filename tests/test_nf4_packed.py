@@ -151,7 +151,7 @@ def test_variants_without_the_kernel_say_so(cpu_isa):
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture
 def packed_on(monkeypatch):
-    monkeypatch.setattr(_runtime, "NF4_CPU_PACKED_M", (1, 1 << 30))
+    monkeypatch.setattr(_runtime, "NF4_CPU_PACKED_M", (1, 1 << 30, 0))
 
 
 @needs_packed
@@ -207,12 +207,12 @@ def test_packed_copy_follows_the_weight(packed_on, monkeypatch):
 @needs_packed
 def test_layout_off_or_unsupported_uses_the_row_kernels(monkeypatch):
     """Pinned off, or a weight whose rows are not whole blocks, never makes a packed copy."""
-    monkeypatch.setattr(_runtime, "NF4_CPU_PACKED_M", (0, 0))
+    monkeypatch.setattr(_runtime, "NF4_CPU_PACKED_M", (0, 0, 0))
     layer = lowrank.NF4Linear.from_linear(torch.nn.Linear(128, 48)).eval()
     with torch.no_grad():
         layer(torch.randn(2, 128))
     assert layer._frozen.packed is None
-    monkeypatch.setattr(_runtime, "NF4_CPU_PACKED_M", (1, 1 << 30))
+    monkeypatch.setattr(_runtime, "NF4_CPU_PACKED_M", (1, 1 << 30, 0))
     odd = lowrank.NF4Linear.from_linear(torch.nn.Linear(96, 48), blocksize=64).eval()
     with torch.no_grad():
         y = odd(torch.randn(2, 96))

@@ -138,41 +138,71 @@ static void transpose_e(const Nf4PackedRowsArgs& a, int64_t t, float* bt) {
 }
 
 // x rows [m0, m0 + MR) (rows past M repeat the last one; their sums are not stored) against tile t.
+// For up to 4 x rows the decode is most of the work: the table values are summed against x per block
+// and the block's sums scaled once (sum_k t[q] x, then * absmax, as nf4.cpp's M = 1 kernel), which takes
+// the 8 multiplies per chunk out of the loop; 8 x rows have no registers left for the block sums.
 template <int MR>
 static void tile_fp32(const Nf4PackedRowsArgs& a, int64_t t, int64_t m0, const float* xb, const float* bt) {
   const int64_t K = a.w.cols, M = a.x.rows, chunks = K / 8, cpb = a.w.blocksize / 8, nblk = K / a.w.blocksize;
   const uint8_t* codes = reinterpret_cast<const uint8_t*>(a.w.codes) + t * chunks * 64;
   const float* scales = reinterpret_cast<const float*>(a.w.scales) + t * nblk * 16;
   const int64_t ahead = std::min(kPackedAhead, chunks * 64);
-  const __m512 table = _mm512_loadu_ps(kPackTable);
+  const __m512 table = _mm512_loadu_ps(kPackTable), one = _mm512_set1_ps(1.f);
+  constexpr bool kScaleSums = MR <= 4;
   constexpr int S = MR >= 4 ? 1 : 4 / MR;  // independent sums per x row: the FMA chains' latency, hidden
-  __m512 acc[MR][S][2];
-  for (int m = 0; m < MR; ++m)
-    for (int i = 0; i < S; ++i) acc[m][i][0] = acc[m][i][1] = _mm512_setzero_ps();
+  __m512 acc[MR][2], blk[MR][S][2];
+  for (int m = 0; m < MR; ++m) {
+    acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    for (int i = 0; i < S; ++i) blk[m][i][0] = blk[m][i][1] = _mm512_setzero_ps();
+  }
   for (int64_t b = 0; b < nblk; ++b) {
     __m512 slo, shi;
     spread_scales(scales + 16 * b, slo, shi);
+    const __m512 wlo = kScaleSums ? one : slo, whi = kScaleSums ? one : shi;  // the scales inside W, or after
     for (int64_t ch = b * cpb; ch < (b + 1) * cpb; ++ch) {
       _mm_prefetch(reinterpret_cast<const char*>(codes + 64 * ch + ahead), _MM_HINT_T0);
       const __m512i d = _mm512_loadu_si512(codes + 64 * ch);
 #pragma GCC unroll 4
       for (int p = 0; p < 4; ++p) {
-        const __m512 lo = chunk_vector(d, 8 * p, table, slo), hi = chunk_vector(d, 8 * p + 4, table, shi);
+        __m512 lo, hi;
+        if (kScaleSums) {
+          lo = _mm512_permutexvar_ps(p ? _mm512_srli_epi32(d, 8 * p) : d, table);
+          hi = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 8 * p + 4), table);
+        } else {
+          lo = chunk_vector(d, 8 * p, table, wlo), hi = chunk_vector(d, 8 * p + 4, table, whi);
+        }
         for (int m = 0; m < MR; ++m) {
           double pair;
           std::memcpy(&pair, xb + (ch * MR + m) * 8 + 2 * p, 8);
           const __m512 xp = _mm512_castpd_ps(_mm512_set1_pd(pair));  // x[2p], x[2p+1], repeated
-          acc[m][p % S][0] = _mm512_fmadd_ps(lo, xp, acc[m][p % S][0]);
-          acc[m][p % S][1] = _mm512_fmadd_ps(hi, xp, acc[m][p % S][1]);
+          blk[m][p % S][0] = _mm512_fmadd_ps(lo, xp, blk[m][p % S][0]);
+          blk[m][p % S][1] = _mm512_fmadd_ps(hi, xp, blk[m][p % S][1]);
         }
+      }
+    }
+    if (kScaleSums) {
+      for (int m = 0; m < MR; ++m) {
+        for (int i = 1; i < S; ++i) {
+          blk[m][0][0] = _mm512_add_ps(blk[m][0][0], blk[m][i][0]);
+          blk[m][0][1] = _mm512_add_ps(blk[m][0][1], blk[m][i][1]);
+        }
+        acc[m][0] = _mm512_fmadd_ps(blk[m][0][0], slo, acc[m][0]);
+        acc[m][1] = _mm512_fmadd_ps(blk[m][0][1], shi, acc[m][1]);
+        for (int i = 0; i < S; ++i) blk[m][i][0] = blk[m][i][1] = _mm512_setzero_ps();
       }
     }
   }
   const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   for (int m = 0; m < MR && m0 + m < M; ++m) {
-    for (int i = 1; i < S; ++i) acc[m][0][0] = _mm512_add_ps(acc[m][0][0], acc[m][i][0]), acc[m][0][1] = _mm512_add_ps(acc[m][0][1], acc[m][i][1]);
-    const __m512 lo = _mm512_add_ps(acc[m][0][0], _mm512_permute_ps(acc[m][0][0], 0xB1));  // lane 2j: row j
-    const __m512 hi = _mm512_add_ps(acc[m][0][1], _mm512_permute_ps(acc[m][0][1], 0xB1));  // lane 2j: row 8 + j
+    if (!kScaleSums) {
+      for (int i = 1; i < S; ++i) {
+        blk[m][0][0] = _mm512_add_ps(blk[m][0][0], blk[m][i][0]);
+        blk[m][0][1] = _mm512_add_ps(blk[m][0][1], blk[m][i][1]);
+      }
+      acc[m][0] = blk[m][0][0], acc[m][1] = blk[m][0][1];
+    }
+    const __m512 lo = _mm512_add_ps(acc[m][0], _mm512_permute_ps(acc[m][0], 0xB1));  // lane 2j: row j
+    const __m512 hi = _mm512_add_ps(acc[m][1], _mm512_permute_ps(acc[m][1], 0xB1));  // lane 2j: row 8 + j
     store_tile(a, t, m0 + m, _mm512_permutex2var_ps(lo, evens, hi), bt);
   }
 }

@@ -43,7 +43,10 @@ measurement on first use, of the two candidate paths on one probe shape, interle
   of 16 rows, one 512-bit lane per output row, csrc/cpu/nf4_packed.cpp) rather than the row-major path
   the decisions above choose. Probe: 4096 x 4096 (cold weights), M = 1, 4, 16, 64, 256; ``lo`` is the
   first M where the packed kernel won and ``hi`` the last of the unbroken run of wins from there
-  (``[0, 0]``: never, also where the kernel variant has no packed kernel for the dtype).
+  (``[0, 0, 0]``: never, also where the kernel variant has no packed kernel for the dtype). For bf16 a
+  third value, measured first: the largest M (of 1, 4, 16) to which the packed kernel is faster with x
+  widened to fp32 (exact W: the decode skips W's bf16 rounding, which costs more than the bf16
+  products save when few x rows share it) than with x read as bf16.
 - ``cpu_lora_bf16_rows``: for a bf16 x in the fused LoRA row kernel (bf16 W), ``"dot"`` (AVX512-BF16
   products: exact, summed in fp32) or ``"widen"`` (x widened to fp32, fp32 FMAs over W widened in
   registers). Probe: 2048 → 4096, r=16, M = 16 (cold weights), where the products are what the kernel
@@ -106,8 +109,8 @@ DEFAULTS: dict[str, Any] = {
     "nf4_cpu_fused_max_m/bfloat16": 64,
     "nf4_cpu_input_grad_max_m": 8,
     "nf4_cpu_bf16_rows": "widen",
-    "nf4_cpu_packed_m/float32": [0, 0],
-    "nf4_cpu_packed_m/bfloat16": [0, 0],
+    "nf4_cpu_packed_m/float32": [0, 0, 0],
+    "nf4_cpu_packed_m/bfloat16": [0, 0, 0],
     "cpu_lora_bf16_rows": "widen",
     "cpu_input_grad_bf16_rows": "widen",
     "cpu_tile_buffer_max_m/float32": 256,
@@ -555,7 +558,7 @@ def _probe_nf4_packed(dtype: torch.dtype) -> tuple[list, dict]:
     from . import _runtime, nf4
 
     if not _C.nf4_packed_available(nf4._DTYPE_CODES[dtype]):
-        return [0, 0], {}  # nothing to measure: no packed kernel in this kernel variant for this dtype
+        return [0, 0, 0], {}  # nothing to measure: no packed kernel in this kernel variant for this dtype
     _runtime.nf4_cpu_fused_max_m(dtype)  # decided first: the other side runs what they chose
     if dtype == torch.bfloat16:
         _runtime.nf4_cpu_bf16_dot()
@@ -563,27 +566,40 @@ def _probe_nf4_packed(dtype: torch.dtype) -> tuple[list, dict]:
     k = n = 4096
     weights = _nf4_probe_weights(k, n)[1]
     packed = _cold_copies(lambda: nf4.PackedWeight(nf4._weight(*weights())), n * k // 2)
-    probes, timings, wins = (1, 4, 16, 64, 256), {}, []
-    for m in probes:
-        x = torch.randn(m, k, generator=g).to(dtype)
+    inputs = {m: torch.randn(m, k, generator=g).to(dtype) for m in (1, 4, 16, 64, 256)}
+
+    def packed_call(m: int, widen: bool):
+        x = inputs[m]
         y = torch.empty(m, n, dtype=dtype)
 
-        def run_packed(x=x, y=y):
-            _C.nf4_rows_packed_cpu(nf4.matrix("out", y), nf4.matrix("x", x), packed().view, None, None, None, 1.0,
+        def run():
+            x_in = x.float() if widen else x
+            _C.nf4_rows_packed_cpu(nf4.matrix("out", y), nf4.matrix("x", x_in), packed().view, None, None, None, 1.0,
                                    _runtime.num_threads())  # fmt: skip
 
-        def run_rows(x=x):  # (_forward_native never takes the packed layout)
+        return run
+
+    timings: dict = {}
+    widen_to = 0
+    if dtype == torch.bfloat16:
+        widen_to, t = _crossover([1, 4, 16], lambda m: packed_call(m, True), lambda m: packed_call(m, False),
+                                 ("widened", "bf16"))  # fmt: skip
+        timings["x widened or bf16"] = t
+    probes, wins = (1, 4, 16, 64, 256), []
+    for m in probes:
+
+        def run_rows(x=inputs[m]):  # (_forward_native never takes the packed layout)
             return nf4._forward_native(x, *weights(), None, None, None, 1.0, None)
 
-        t = timings[str(m)] = _compared_ms({"packed": run_packed, "rows": run_rows})
+        t = timings[str(m)] = _compared_ms({"packed": packed_call(m, m <= widen_to), "rows": run_rows})
         wins.append(t["packed"] < t["rows"])
     if not any(wins):
-        return [0, 0], timings
+        return [0, 0, 0], timings
     first = wins.index(True)
     last = first
     while last + 1 < len(probes) and wins[last + 1]:
         last += 1
-    return [probes[first], probes[last]], timings
+    return [probes[first], probes[last], widen_to], timings
 
 
 def _probe_nf4_input_grad() -> tuple[int, dict]:

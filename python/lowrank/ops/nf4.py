@@ -649,7 +649,8 @@ def forward_fast(frozen: "_lora.FrozenOperands", x, codes, absmax, absmax2, code
     (or the shape and blocksizes) change; otherwise the op as usual. Same kernels, same bits — except
     where the packed inference layout was measured faster for this many tokens (``_runtime.nf4_cpu_packed``;
     ``frozen`` an ``Nf4Frozen``): then its kernel, the same contract (exact W for fp32 x, W rounded once
-    to bf16 for bf16 x, fp32 sums, one rounding), summed in another order."""
+    to bf16 for bf16 x — or, where measured faster for this few tokens, x widened against the exact W as
+    the row kernel's "widen" — fp32 sums, one rounding), summed in another order."""
     if _lora.eager_cpu(x) and type(codes) in _lora._PLAIN:
         n, k = shape
         m = x.numel() // k if k else 0
@@ -674,9 +675,11 @@ def forward_fast(frozen: "_lora.FrozenOperands", x, codes, absmax, absmax2, code
             x2 = _lora.rows(x, m, k)
             if packed:
                 pw = frozen.packed_copy(w, state[0], (codes, absmax, absmax2, code2, offset))
-                u = None if lora_a is None else _lora.down_projection(x2.float(), lora_a, x.dtype)
+                x32 = x2.float()
+                u = None if lora_a is None else _lora.down_projection(x32, lora_a, x.dtype)
+                x_in = x32 if _runtime.nf4_cpu_packed_widen(x.dtype, m) else x2
                 y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
-                _C.nf4_rows_packed_cpu(matrix("out", y), matrix("x", x2), pw.view, mb, optional_matrix("u", u), me,
+                _C.nf4_rows_packed_cpu(matrix("out", y), matrix("x", x_in), pw.view, mb, optional_matrix("u", u), me,
                                        float(scale), _runtime.num_threads())  # fmt: skip
                 return y.reshape(*x.shape[:-1], n)
             x_in, dot = _rows_input(x2)
