@@ -675,9 +675,10 @@ def forward_fast(frozen: "_lora.FrozenOperands", x, codes, absmax, absmax2, code
             x2 = _lora.rows(x, m, k)
             if packed:
                 pw = frozen.packed_copy(w, state[0], (codes, absmax, absmax2, code2, offset))
-                x32 = x2.float()
+                widen = _runtime.nf4_cpu_packed_widen(x.dtype, m)
+                x32 = x2.float() if widen or lora_a is not None else None
                 u = None if lora_a is None else _lora.down_projection(x32, lora_a, x.dtype)
-                x_in = x32 if _runtime.nf4_cpu_packed_widen(x.dtype, m) else x2
+                x_in = x32 if widen else x2
                 y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
                 _C.nf4_rows_packed_cpu(matrix("out", y), matrix("x", x_in), pw.view, mb, optional_matrix("u", u), me,
                                        float(scale), _runtime.num_threads())  # fmt: skip
