@@ -217,3 +217,20 @@ def test_layout_off_or_unsupported_uses_the_row_kernels(monkeypatch):
     with torch.no_grad():
         y = odd(torch.randn(2, 96))
     assert odd._frozen.packed is None and torch.isfinite(y).all()
+
+
+@pytest.mark.skipif(torch.bfloat16 not in PACKED_DTYPES, reason="needs AVX512-BF16")
+def test_bf16_x_widened_where_chosen(monkeypatch):
+    """With the widening choice pinned on, a bf16 layer's few-token call is the packed kernel over x
+    widened to fp32 (exact W), bit for bit; pinned off, over the bf16 x (W rounded to bf16): they differ."""
+    layer = lowrank.NF4Linear.from_linear(torch.nn.Linear(256, 40), compute_dtype=torch.bfloat16).eval()
+    x = torch.randn(3, 256).bfloat16()
+    outs = {}
+    for widen in (True, False):
+        monkeypatch.setattr(_runtime, "NF4_CPU_PACKED_M", (1, 1 << 30, (1 << 30) if widen else 0))
+        with torch.no_grad():
+            outs[widen] = layer(x)
+        pw = layer._frozen.packed[1]
+        want = packed_call(x.float() if widen else x, pw, layer.bias, None, None, torch.bfloat16, scale=1.0)
+        assert torch.equal(outs[widen], want), widen
+    assert not torch.equal(outs[True], outs[False])
