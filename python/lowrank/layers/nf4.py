@@ -59,6 +59,10 @@ class NF4Linear(nn.Module):
         compute_dtype: dtype the product runs in (inputs are cast to it and the output cast back);
             None uses the input's dtype.
         dtype: dtype of the weight before quantization and of the bias.
+
+    Inference (calls without gradients) on an AVX-512 CPU may keep a second, re-laid copy of the codes
+    for its few-token kernel, about 1.1x the codes' bytes, where that kernel was measured faster
+    (``ops.nf4.PackedWeight``); ``train()`` frees it.
     """
 
     def __init__(

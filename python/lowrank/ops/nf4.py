@@ -23,8 +23,10 @@ Kernels: few tokens take the fused dequant-GEMV (codes and scales read once, dec
 the exact fp32 table, the LoRA term added in the same pass), and the backward's ``grad_y W`` streams the
 codes the same way; many tokens dequantize W tile by tile into one reused workspace and hand each tile
 to torch's GEMM (ops/_gemm.py), in forward and backward, so no dense copy of W outlives a call (fp32
-tiles; bf16 tiles for a bf16 forward where torch's bf16 GEMM is the faster). The crossovers are
-measured on the machine (ops/_dispatch.py) and read through ops/_runtime.py.
+tiles; bf16 tiles for a bf16 forward where torch's bf16 GEMM is the faster). Inference without
+gradients may instead run over a packed copy of the codes (``PackedWeight``: tiles of 16 rows, one
+512-bit lane per output row; AVX-512 only) for the token counts where that was measured faster. The
+crossovers are measured on the machine (ops/_dispatch.py) and read through ops/_runtime.py.
 """
 
 from __future__ import annotations
