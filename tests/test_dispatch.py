@@ -109,6 +109,18 @@ def test_crossover_rule():
     assert limit == 2 and set(timings) == {"1", "2", "4"}
 
 
+def test_crossover_tie_goes_to_the_fused_path(monkeypatch):
+    """Within ``tie`` of the other path's time counts as a win (the fused kernels' probes read weights
+    cold, where both paths stream W once); beyond it, a loss."""
+    times = {"fused": 1.04, "gemm": 1.0}
+    monkeypatch.setattr(_dispatch, "_compared_ms", lambda calls: dict(times, sets=2))
+    probe = lambda m: None  # noqa: E731  (never called: _compared_ms is replaced)
+    assert _dispatch._crossover([1, 16], probe, probe, tie=0.05)[0] == 16
+    assert _dispatch._crossover([1, 16], probe, probe)[0] == 0
+    times["fused"] = 1.06
+    assert _dispatch._crossover([1, 16], probe, probe, tie=0.05)[0] == 0
+
+
 def test_one_disturbed_set_does_not_decide(monkeypatch):
     """A burst of other work during one interleaved set (the fused candidate read 3x slow there) is
     outvoted: a second set disagrees, a third is run, and each candidate keeps its quietest median."""

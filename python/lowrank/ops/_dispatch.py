@@ -61,7 +61,8 @@ measurement on first use, of the two candidate paths on one probe shape, interle
   bf16 decision (products ``[M, cols]`` into dx's columns, or ``[cols, M]`` into a transposed buffer).
 
 A decision is the largest probed M at which the fused path won every probe up to it (never more than
-the largest probe). Each comparison is at least two independent interleaved sets (three when they
+the largest probe; for the fused kernels against the GEMM path, coming within ``FUSED_TIE`` — 5 % — of
+the GEMM's time counts as a win: the probes read weights cold, where both stream W once and tie). Each comparison is at least two independent interleaved sets (three when they
 disagree), each candidate taking the least of its set medians, so one burst of other work cannot
 decide it; the timings that made it are kept and shown by ``lowrank.info()``. A fixed
 small GEMM is timed before and after each probe: when it changed by more than ``STEADY_RATIO``,
@@ -300,16 +301,26 @@ def _compared_ms(calls: dict[str, Callable[[], Any]]) -> dict[str, float]:
     return best
 
 
+# A fused few-token kernel within this fraction of the GEMM path's time at a probe counts as winning it.
+# The probes read their weights cold, where both paths stream W once from memory and come out even at
+# M = 16 (a Zen 4: LoRA fp32 1.39 against 1.34 ms in one calibration, 1.32 against 1.38 in the next);
+# a weight that sits in cache (a small model's layers, or a benchmark's) runs the fused kernel up to 2x
+# faster there (576 -> 1536, M = 16: 0.12 against 0.25 ms), and it allocates nothing. So a tie goes to it.
+FUSED_TIE = 0.05
+
+
 def _crossover(
-    ms: list[int], fused: Callable[[int], Callable], other: Callable[[int], Callable], names=("fused", "gemm")
+    ms: list[int], fused: Callable[[int], Callable], other: Callable[[int], Callable], names=("fused", "gemm"),
+    tie: float = 0.0,
 ) -> tuple[int, dict]:
-    """Largest probed M where ``fused`` beat ``other`` at it and every smaller probe (never beyond the
-    largest probe: what was not measured is not assumed). ``names``: the two as the timings call them."""
+    """Largest probed M where ``fused`` beat ``other`` (or came within ``tie`` of its time) at it and every
+    smaller probe (never beyond the largest probe: what was not measured is not assumed). ``names``: the
+    two as the timings call them."""
     limit, timings = 0, {}
     for m in ms:
         t = _compared_ms({names[0]: fused(m), names[1]: other(m)})
         timings[str(m)] = t
-        if t[names[0]] > t[names[1]]:
+        if t[names[0]] > t[names[1]] * (1.0 + tie):
             break
         limit = m
     return limit, timings
@@ -440,7 +451,7 @@ def _probe_fused(dtype: torch.dtype) -> tuple[int, dict]:
 
         return run
 
-    return _crossover([1, 16, 64, 256], lambda m: call(m, UNBOUNDED), lambda m: call(m, 0))
+    return _crossover([1, 16, 64, 256], lambda m: call(m, UNBOUNDED), lambda m: call(m, 0), tie=FUSED_TIE)
 
 
 def _probe_input_grad(dtype: torch.dtype) -> tuple[int, dict]:
@@ -462,7 +473,7 @@ def _probe_input_grad(dtype: torch.dtype) -> tuple[int, dict]:
 
         return run
 
-    return _crossover([1, 4, 8, 16, 32, 64], lambda m: call(m, UNBOUNDED), lambda m: call(m, 0))
+    return _crossover([1, 4, 8, 16, 32, 64], lambda m: call(m, UNBOUNDED), lambda m: call(m, 0), tie=FUSED_TIE)
 
 
 def _probe_input_grad_bf16_rows() -> tuple[str, dict]:
@@ -527,7 +538,7 @@ def _probe_nf4_fused(dtype: torch.dtype) -> tuple[int, dict]:
 
         return run
 
-    return _crossover([1, 16, 64, 256], lambda m: call(m, UNBOUNDED), lambda m: call(m, 0))
+    return _crossover([1, 16, 64, 256], lambda m: call(m, UNBOUNDED), lambda m: call(m, 0), tie=FUSED_TIE)
 
 
 def _probe_nf4_bf16_rows() -> tuple[str, dict]:
@@ -616,7 +627,7 @@ def _probe_nf4_input_grad() -> tuple[int, dict]:
 
         return run
 
-    return _crossover([1, 2, 4, 8, 16], lambda m: call(m, UNBOUNDED), lambda m: call(m, 0))
+    return _crossover([1, 2, 4, 8, 16], lambda m: call(m, UNBOUNDED), lambda m: call(m, 0), tie=FUSED_TIE)
 
 
 def _probe_bf16_dot(limit: str, flag: str, make: Callable[[int], Callable[[], Any]]) -> tuple[str, dict]:
