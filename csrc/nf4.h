@@ -140,34 +140,40 @@ struct Nf4RowsArgs {
   bool bf16_dot = false;  // CPU: a bf16 x may use AVX512-BF16 products over W rounded once to bf16
 };
 
-inline void validate_nf4_rows(const Nf4RowsArgs& a, bool cuda) {
-  validate_nf4_weight(a.w, "weight");
-  const int64_t M = a.x.rows, K = a.w.cols, N = a.w.rows;
-  check_matrix(a.x, "x", M, K);
-  check_matrix(a.out, "out", M, N);
+// The operands of a rows product out[M, N] = x[M, K] · Wᵀ + bias + scale · v eᵀ, W on device `dev`
+// (nf4_rows and the packed layout's rows).
+inline void validate_nf4_rows_operands(const Matrix& out, const Matrix& x, const Matrix& bias, const Matrix& v,
+                                       const Matrix& e, int64_t N, int64_t K, bool cuda, int dev) {
+  const int64_t M = x.rows;
+  check_matrix(x, "x", M, K);
+  check_matrix(out, "out", M, N);
   auto float_ok = [&](DType t) {
     return t == DType::float32 || t == DType::bfloat16 || (cuda && t == DType::float16);
   };
-  LOWRANK_CHECK(cuda ? float_ok(a.x.dtype) : (a.x.dtype == DType::float32 || a.x.dtype == DType::bfloat16),
-        std::string("x: unsupported dtype ") + dtype_name(a.x.dtype));
-  LOWRANK_CHECK(a.out.dtype == DType::float32 || a.out.dtype == a.x.dtype || (!cuda && float_ok(a.out.dtype)),
-        std::string("out: unsupported dtype ") + dtype_name(a.out.dtype));
-  if (a.bias.ptr) {
-    check_matrix(a.bias, "bias", 1, N);
-    LOWRANK_CHECK(float_ok(a.bias.dtype), std::string("bias: unsupported dtype ") + dtype_name(a.bias.dtype));
+  LOWRANK_CHECK(cuda ? float_ok(x.dtype) : (x.dtype == DType::float32 || x.dtype == DType::bfloat16),
+        std::string("x: unsupported dtype ") + dtype_name(x.dtype));
+  LOWRANK_CHECK(out.dtype == DType::float32 || out.dtype == x.dtype || (!cuda && float_ok(out.dtype)),
+        std::string("out: unsupported dtype ") + dtype_name(out.dtype));
+  if (bias.ptr) {
+    check_matrix(bias, "bias", 1, N);
+    LOWRANK_CHECK(float_ok(bias.dtype), std::string("bias: unsupported dtype ") + dtype_name(bias.dtype));
   }
-  LOWRANK_CHECK((a.v.ptr == 0) == (a.e.ptr == 0), "v and e: give both or neither");
-  if (a.v.ptr) {
-    const int64_t R = a.v.cols;
-    check_matrix(a.v, "v", M, R);
-    check_matrix(a.e, "e", N, R);
-    LOWRANK_CHECK(a.v.dtype == DType::float32, std::string("v: expected float32, got ") + dtype_name(a.v.dtype));
-    LOWRANK_CHECK(float_ok(a.e.dtype), std::string("e: unsupported dtype ") + dtype_name(a.e.dtype));
+  LOWRANK_CHECK((v.ptr == 0) == (e.ptr == 0), "v and e: give both or neither");
+  if (v.ptr) {
+    const int64_t R = v.cols;
+    check_matrix(v, "v", M, R);
+    check_matrix(e, "e", N, R);
+    LOWRANK_CHECK(v.dtype == DType::float32, std::string("v: expected float32, got ") + dtype_name(v.dtype));
+    LOWRANK_CHECK(float_ok(e.dtype), std::string("e: unsupported dtype ") + dtype_name(e.dtype));
   }
-  const int dev = a.w.device;
-  LOWRANK_CHECK(cuda ? dev >= 0 : dev == -1, "weight: on the wrong device for this launcher");
-  for (const Matrix* m : {&a.out, &a.x, &a.bias, &a.v, &a.e})
+  for (const Matrix* m : {&out, &x, &bias, &v, &e})
     LOWRANK_CHECK(m->ptr == 0 || m->device == dev, "all tensors must be on the weight's device");
+}
+
+inline void validate_nf4_rows(const Nf4RowsArgs& a, bool cuda) {
+  validate_nf4_weight(a.w, "weight");
+  LOWRANK_CHECK(cuda ? a.w.device >= 0 : a.w.device == -1, "weight: on the wrong device for this launcher");
+  validate_nf4_rows_operands(a.out, a.x, a.bias, a.v, a.e, a.w.rows, a.w.cols, cuda, a.w.device);
 }
 
 // ---- dequantization ------------------------------------------------------------------------------
@@ -292,28 +298,7 @@ inline void validate_nf4_packed(const Nf4Packed& p, const char* name) {
 
 inline void validate_nf4_packed_rows(const Nf4PackedRowsArgs& a) {
   validate_nf4_packed(a.w, "packed");
-  const int64_t M = a.x.rows, K = a.w.cols, N = a.w.rows;
-  check_matrix(a.x, "x", M, K);
-  check_matrix(a.out, "out", M, N);
-  LOWRANK_CHECK(a.x.dtype == DType::float32 || a.x.dtype == DType::bfloat16,
-                std::string("x: unsupported dtype ") + dtype_name(a.x.dtype));
-  LOWRANK_CHECK(a.out.dtype == DType::float32 || a.out.dtype == DType::bfloat16,
-                std::string("out: unsupported dtype ") + dtype_name(a.out.dtype));
-  if (a.bias.ptr) {
-    check_matrix(a.bias, "bias", 1, N);
-    LOWRANK_CHECK(a.bias.dtype == DType::float32 || a.bias.dtype == DType::bfloat16,
-                  std::string("bias: unsupported dtype ") + dtype_name(a.bias.dtype));
-  }
-  LOWRANK_CHECK((a.v.ptr == 0) == (a.e.ptr == 0), "v and e: give both or neither");
-  if (a.v.ptr) {
-    check_matrix(a.v, "v", M, a.v.cols);
-    check_matrix(a.e, "e", N, a.v.cols);
-    LOWRANK_CHECK(a.v.dtype == DType::float32, std::string("v: expected float32, got ") + dtype_name(a.v.dtype));
-    LOWRANK_CHECK(a.e.dtype == DType::float32 || a.e.dtype == DType::bfloat16,
-                  std::string("e: unsupported dtype ") + dtype_name(a.e.dtype));
-  }
-  for (const Matrix* m : {&a.out, &a.x, &a.bias, &a.v, &a.e})
-    LOWRANK_CHECK(m->ptr == 0 || m->device == -1, "all tensors must be on the CPU");
+  validate_nf4_rows_operands(a.out, a.x, a.bias, a.v, a.e, a.w.rows, a.w.cols, /*cuda=*/false, /*dev=*/-1);
 }
 
 // Whether the CPU kernel variant in use has the packed kernels (AVX-512; bf16 x also needs AVX512-BF16).
