@@ -198,6 +198,11 @@ def test_packed_copy_follows_the_weight(packed_on, monkeypatch):
         want = other.eval()(x)
     assert not torch.equal(before, after)
     assert torch.equal(after, want)
+    made = layer._frozen.packed
+    with torch.no_grad():
+        layer(x.bfloat16()).float()  # another dtype (and its views) reuse the copy
+        layer(x)
+    assert layer._frozen.packed is made
     clone = copy.deepcopy(layer)
     assert clone._frozen.packed is None
     with torch.no_grad():

@@ -631,8 +631,9 @@ class Nf4Frozen(_lora.FrozenOperands):
         return (Nf4Frozen, ())
 
     def packed_copy(self, w: "_C.Nf4Weight", key: tuple, tensors: tuple) -> PackedWeight:
-        """The packed copy of ``w`` (``key``: the views' key, naming pointers, shapes and strides; ``tensors``:
-        the codes and scales, whose version counters are added to it)."""
+        """The packed copy of ``w`` (``key``: the codes' and scales' pointers, shapes and strides, the weight's
+        shape and blocksizes; ``tensors``: the codes and scales, whose version counters are added to it).
+        Not the bias, the adapter or x's dtype: a new adapter or a bf16 call after an fp32 one reuses it."""
         key = (key, tuple([None if t is None else t._version for t in tensors]))
         held = self.packed
         if held is None or held[0] != key:
@@ -676,7 +677,8 @@ def forward_fast(frozen: "_lora.FrozenOperands", x, codes, absmax, absmax2, code
             w, mb, me = state[1]
             x2 = _lora.rows(x, m, k)
             if packed:
-                pw = frozen.packed_copy(w, state[0], (codes, absmax, absmax2, code2, offset))
+                weight_key = (state[0][0][:5],) + state[0][1:4]  # the codes' and scales' part of the key
+                pw = frozen.packed_copy(w, weight_key, (codes, absmax, absmax2, code2, offset))
                 widen = _runtime.nf4_cpu_packed_widen(x.dtype, m)
                 x32 = x2.float() if widen or lora_a is not None else None
                 u = None if lora_a is None else _lora.down_projection(x32, lora_a, x.dtype)
