@@ -68,6 +68,16 @@ def _init(rank: int, port: int) -> None:
                             timeout=datetime.timedelta(seconds=60))  # fmt: skip
 
 
+def _teardown() -> None:
+    """Both ranks leave together: a rank that tore its gloo group down while the other was still working
+    (rank 0 computes the single-process reference alone) died now and then in gloo's teardown with
+    "terminate called without an active exception" (SIGABRT), seen with the machine busy."""
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def _randomize_adapters(model, seed=1) -> None:
     """Nonzero B (LoRA starts it at zeros) so A gets gradients; the same values in every process."""
     torch.manual_seed(seed)
@@ -150,7 +160,7 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
             result["ref_after"] = _adapter_values(ref)
         torch.save(result, os.path.join(out_dir, f"ddp{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def test_ddp_lora_gradients_and_step_match_single_process(tmp_path):
@@ -256,7 +266,7 @@ def _fsdp_worker(rank: int, port: int, out_dir: str) -> None:
             result["ref_after"] = _adapter_values(ref)
         torch.save(result, os.path.join(out_dir, f"fsdp{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        _teardown()
 
 
 def test_fsdp2_fully_shard_trains_lora(tmp_path):
