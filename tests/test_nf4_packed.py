@@ -239,3 +239,25 @@ def test_bf16_x_widened_where_chosen(monkeypatch):
         want = packed_call(x.float() if widen else x, pw, layer.bias, None, None, torch.bfloat16, scale=1.0)
         assert torch.equal(outs[widen], want), widen
     assert not torch.equal(outs[True], outs[False])
+
+
+@needs_packed
+def test_bf16_x_without_bf16_products_is_widened(monkeypatch):
+    """On an AVX-512 CPU without AVX512-BF16 the probe sends every packed bf16 call to the fp32 kernel
+    (x widened), and the layer then takes the packed layout for bf16 x all the same."""
+    from lowrank.ops import _dispatch
+
+    monkeypatch.setattr(_runtime, "NF4_CPU_FUSED_MAX_M", 16)  # the decisions the probe takes first, pinned
+    monkeypatch.setattr(_runtime, "NF4_CPU_BF16_DOT", False)
+    real = _C.nf4_packed_available
+    monkeypatch.setattr(_C, "nf4_packed_available", lambda d: False if d == _C.DType.bfloat16 else real(d))
+    monkeypatch.setattr(_dispatch, "_compared_ms", lambda calls: {"packed": 1.0, "rows": 2.0, "sets": 2})
+    value, _ = _dispatch._probe_nf4_packed(torch.bfloat16)
+    assert value == [1, 256, 256]
+    monkeypatch.setattr(_runtime, "NF4_CPU_PACKED_M", tuple(value))
+    layer = lowrank.NF4Linear.from_linear(torch.nn.Linear(128, 40), compute_dtype=torch.bfloat16).eval()
+    x = torch.randn(3, 128).bfloat16()
+    with torch.no_grad():
+        y = layer(x)
+    pw = layer._frozen.packed[1]
+    assert torch.equal(y, packed_call(x.float(), pw, layer.bias, None, None, torch.bfloat16, scale=1.0))

@@ -46,7 +46,8 @@ measurement on first use, of the two candidate paths on one probe shape, interle
   (``[0, 0, 0]``: never, also where the kernel variant has no packed kernel for the dtype). For bf16 a
   third value, measured first: the largest M (of 1, 4, 16) to which the packed kernel is faster with x
   widened to fp32 (exact W: the decode skips W's bf16 rounding, which costs more than the bf16
-  products save when few x rows share it) than with x read as bf16.
+  products save when few x rows share it) than with x read as bf16 (256, every M, where the kernel
+  variant has AVX-512 but no AVX512-BF16).
 - ``cpu_lora_bf16_rows``: for a bf16 x in the fused LoRA row kernel (bf16 W), ``"dot"`` (AVX512-BF16
   products: exact, summed in fp32) or ``"widen"`` (x widened to fp32, fp32 FMAs over W widened in
   registers). Probe: 2048 → 4096, r=16, M = 16 (cold weights), where the products are what the kernel
@@ -568,8 +569,10 @@ def _probe_nf4_packed(dtype: torch.dtype) -> tuple[list, dict]:
     from .. import _C
     from . import _runtime, nf4
 
-    if not _C.nf4_packed_available(nf4._DTYPE_CODES[dtype]):
-        return [0, 0, 0], {}  # nothing to measure: no packed kernel in this kernel variant for this dtype
+    if not _C.nf4_packed_available(_C.DType.float32):
+        return [0, 0, 0], {}  # nothing to measure: no packed kernel in this kernel variant
+    # bf16 x without AVX512-BF16: the packed kernel can still take it widened (fp32 products)
+    bf16_products = _C.nf4_packed_available(nf4._DTYPE_CODES[dtype])
     _runtime.nf4_cpu_fused_max_m(dtype)  # decided first: the other side runs what they chose
     if dtype == torch.bfloat16:
         _runtime.nf4_cpu_bf16_dot()
@@ -592,7 +595,9 @@ def _probe_nf4_packed(dtype: torch.dtype) -> tuple[list, dict]:
 
     timings: dict = {}
     widen_to = 0
-    if dtype == torch.bfloat16:
+    if dtype == torch.bfloat16 and not bf16_products:
+        widen_to = 256  # the largest probe: every packed call widens
+    elif dtype == torch.bfloat16:
         widen_to, t = _crossover([1, 4, 16], lambda m: packed_call(m, True), lambda m: packed_call(m, False),
                                  ("widened", "bf16"))  # fmt: skip
         timings["x widened or bf16"] = t

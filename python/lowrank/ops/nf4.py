@@ -657,8 +657,9 @@ def forward_fast(frozen: "_lora.FrozenOperands", x, codes, absmax, absmax2, code
     if _lora.eager_cpu(x) and type(codes) in _lora._PLAIN:
         n, k = shape
         m = x.numel() // k if k else 0
+        widen = _runtime.nf4_cpu_packed_widen(x.dtype, m)
         packed = (m > 0 and isinstance(frozen, Nf4Frozen) and _runtime.nf4_cpu_packed(x.dtype, m)
-                  and PackedWeight.supported(shape, blocksize, x.dtype))  # fmt: skip
+                  and PackedWeight.supported(shape, blocksize, torch.float32 if widen else x.dtype))  # fmt: skip
         if (packed or 0 < m <= _runtime.nf4_cpu_fused_max_m(x.dtype)) and n > 0 and x.shape[-1] == k:
             key = (_lora.FrozenOperands.signature(codes, absmax, absmax2, code2, offset, bias, lora_a, lora_b),
                    tuple(shape), blocksize, blocksize2, x.dtype)  # fmt: skip
@@ -679,7 +680,6 @@ def forward_fast(frozen: "_lora.FrozenOperands", x, codes, absmax, absmax2, code
             if packed:
                 weight_key = (state[0][0][:5],) + state[0][1:4]  # the codes' and scales' part of the key
                 pw = frozen.packed_copy(w, weight_key, (codes, absmax, absmax2, code2, offset))
-                widen = _runtime.nf4_cpu_packed_widen(x.dtype, m)
                 x32 = x2.float() if widen or lora_a is not None else None
                 u = None if lora_a is None else _lora.down_projection(x32, lora_a, x.dtype)
                 x_in = x32 if widen else x2
