@@ -137,7 +137,7 @@ static void transpose_e(const Nf4PackedRowsArgs& a, int64_t t, float* bt) {
   }
 }
 
-// x rows [m0, m0 + MR) (rows past M repeat the last one; their sums are not stored) against tile t.
+// x rows [m0, m0 + MR) (block xb of interleave_x; rows past M are zeros, their sums not stored) against tile t.
 // For up to 4 x rows the decode is most of the work: the table values are summed against x per block
 // and the block's sums scaled once (sum_k t[q] x, then * absmax, as nf4.cpp's M = 1 kernel), which takes
 // the 8 multiplies per chunk out of the loop; 8 x rows have no registers left for the block sums.
