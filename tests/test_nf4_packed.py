@@ -210,6 +210,24 @@ def test_packed_copy_follows_the_weight(packed_on, monkeypatch):
 
 
 @needs_packed
+def test_packed_inference_can_be_turned_off(packed_on, monkeypatch):
+    """``packed_inference = False`` keeps a layer's inference on the codes as stored: the copy it held is
+    freed and the row kernels answer (the same bits as with the layout pinned off)."""
+    layer = lowrank.NF4Linear.from_linear(torch.nn.Linear(128, 48)).eval()
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        layer(x)
+        assert layer._frozen.packed is not None
+        layer.packed_inference = False
+        y = layer(x)
+    assert layer._frozen.packed is None
+    monkeypatch.setattr(_runtime, "NF4_CPU_PACKED_M", (0, 0, 0))
+    layer.packed_inference = True
+    with torch.no_grad():
+        assert torch.equal(layer(x), y)
+
+
+@needs_packed
 def test_layout_off_or_unsupported_uses_the_row_kernels(monkeypatch):
     """Pinned off, or a weight whose rows are not whole blocks, never makes a packed copy."""
     monkeypatch.setattr(_runtime, "NF4_CPU_PACKED_M", (0, 0, 0))

@@ -62,8 +62,12 @@ class NF4Linear(nn.Module):
 
     Inference (calls without gradients) on an AVX-512 CPU may keep a second, re-laid copy of the codes
     for its few-token kernel, about 1.1x the codes' bytes, where that kernel was measured faster
-    (``ops.nf4.PackedWeight``); ``train()`` frees it.
+    (``ops.nf4.PackedWeight``); ``train()`` frees it. Set ``packed_inference = False`` (on a layer, or on
+    the class for every layer) to keep inference on the codes as stored: no second copy, the row-major
+    kernels.
     """
+
+    packed_inference: bool = True
 
     def __init__(
         self,
@@ -232,7 +236,7 @@ class NF4Linear(nn.Module):
             frozen = self.__dict__.get("_frozen")
             if frozen is None:  # every way a layer is made (constructor, from_linear, state dict) ends here
                 frozen = self._frozen = _ops.Nf4Frozen()
-            y = _ops.forward_fast(frozen, *args[:13])
+            y = _ops.forward_fast(frozen, *args[:13], packed=self.packed_inference)
         else:
             y, _ = (_ops._forward_native if _direct.ok(x) else torch.ops.lowrank.nf4_linear_forward)(*args)
         return y if y.dtype == in_dtype else y.to(in_dtype)

@@ -645,7 +645,7 @@ class Nf4Frozen(_lora.FrozenOperands):
 
 
 def forward_fast(frozen: "_lora.FrozenOperands", x, codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2,
-                 bias, lora_a, lora_b, scale) -> Tensor:  # fmt: skip
+                 bias, lora_a, lora_b, scale, *, packed: bool = True) -> Tensor:  # fmt: skip
     """``y`` of ``nf4_linear_forward`` (no dropout) for inference: on the eager CPU few-token path the
     packed weight's kernel view (``_C.Nf4Weight``) and the bias and ``B`` views come from ``frozen``,
     checked and built once and rebuilt whenever a tensor's pointer, shape, strides, dtype or device
@@ -653,12 +653,15 @@ def forward_fast(frozen: "_lora.FrozenOperands", x, codes, absmax, absmax2, code
     where the packed inference layout was measured faster for this many tokens (``_runtime.nf4_cpu_packed``;
     ``frozen`` an ``Nf4Frozen``): then its kernel, the same contract (exact W for fp32 x, W rounded once
     to bf16 for bf16 x — or, where measured faster for this few tokens, x widened against the exact W as
-    the row kernel's "widen" — fp32 sums, one rounding), summed in another order."""
+    the row kernel's "widen" — fp32 sums, one rounding), summed in another order. ``packed=False``: never
+    the packed layout (and a copy ``frozen`` holds is freed)."""
     if _lora.eager_cpu(x) and type(codes) in _lora._PLAIN:
         n, k = shape
         m = x.numel() // k if k else 0
+        if not packed and isinstance(frozen, Nf4Frozen) and frozen.packed is not None:
+            frozen.drop_packed()
         widen = _runtime.nf4_cpu_packed_widen(x.dtype, m)
-        packed = (m > 0 and isinstance(frozen, Nf4Frozen) and _runtime.nf4_cpu_packed(x.dtype, m)
+        packed = (packed and m > 0 and isinstance(frozen, Nf4Frozen) and _runtime.nf4_cpu_packed(x.dtype, m)
                   and PackedWeight.supported(shape, blocksize, torch.float32 if widen else x.dtype))  # fmt: skip
         if (packed or 0 < m <= _runtime.nf4_cpu_fused_max_m(x.dtype)) and n > 0 and x.shape[-1] == k:
             key = (_lora.FrozenOperands.signature(codes, absmax, absmax2, code2, offset, bias, lora_a, lora_b),
