@@ -303,7 +303,9 @@ static void packed_task(void* ctx, int64_t task) {
   }
 }
 
-bool nf4_packed_supported(DType x_dtype) { return x_dtype == DType::float32 || cpu_has_bf16_dot(); }
+bool nf4_packed_supported(DType x_dtype) {
+  return x_dtype == DType::float32 || (x_dtype == DType::bfloat16 && cpu_has_bf16_dot());
+}
 
 void nf4_rows_packed(const Nf4PackedRowsArgs& a, int num_threads) {
   LOWRANK_CHECK(nf4_packed_supported(a.x.dtype), "x: bfloat16 over the packed layout needs AVX512-BF16");

@@ -334,10 +334,10 @@ class FrozenOperands:
         self.state = None
 
     def __deepcopy__(self, memo):
-        return FrozenOperands()
+        return type(self)()
 
     def __reduce__(self):
-        return (FrozenOperands, ())
+        return (type(self), ())
 
     @staticmethod
     def signature(*tensors) -> tuple:

@@ -624,12 +624,6 @@ class Nf4Frozen(_lora.FrozenOperands):
         super().__init__()
         self.packed = None
 
-    def __deepcopy__(self, memo):
-        return Nf4Frozen()
-
-    def __reduce__(self):
-        return (Nf4Frozen, ())
-
     def packed_copy(self, w: "_C.Nf4Weight", key: tuple, tensors: tuple) -> PackedWeight:
         """The packed copy of ``w`` (``key``: the codes' and scales' pointers, shapes and strides, the weight's
         shape and blocksizes; ``tensors``: the codes and scales, whose version counters are added to it).
@@ -644,28 +638,30 @@ class Nf4Frozen(_lora.FrozenOperands):
         self.packed = None
 
 
-def forward_fast(frozen: "_lora.FrozenOperands", x, codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2,
-                 bias, lora_a, lora_b, scale, *, packed: bool = True) -> Tensor:  # fmt: skip
+def forward_fast(frozen: "Nf4Frozen", x, codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2, bias,
+                 lora_a, lora_b, scale, *, packed: bool = True) -> Tensor:  # fmt: skip
     """``y`` of ``nf4_linear_forward`` (no dropout) for inference: on the eager CPU few-token path the
-    packed weight's kernel view (``_C.Nf4Weight``) and the bias and ``B`` views come from ``frozen``,
+    NF4 weight's kernel view (``_C.Nf4Weight``) and the bias and ``B`` views come from ``frozen``,
     checked and built once and rebuilt whenever a tensor's pointer, shape, strides, dtype or device
     (or the shape and blocksizes) change; otherwise the op as usual. Same kernels, same bits — except
-    where the packed inference layout was measured faster for this many tokens (``_runtime.nf4_cpu_packed``;
-    ``frozen`` an ``Nf4Frozen``): then its kernel, the same contract (exact W for fp32 x, W rounded once
-    to bf16 for bf16 x — or, where measured faster for this few tokens, x widened against the exact W as
-    the row kernel's "widen" — fp32 sums, one rounding), summed in another order. ``packed=False``: never
-    the packed layout (and a copy ``frozen`` holds is freed)."""
+    where the packed inference layout was measured faster for this many tokens (``_runtime.nf4_cpu_packed``):
+    then its kernel, the same contract (exact W for fp32 x, W rounded once to bf16 for bf16 x — or, where
+    measured faster for this few tokens, x widened against the exact W as the row kernel's "widen" —
+    fp32 sums, one rounding), summed in another order. ``packed=False``: never the packed layout (and a
+    copy ``frozen`` holds is freed)."""
     if _lora.eager_cpu(x) and type(codes) in _lora._PLAIN:
         n, k = shape
         m = x.numel() // k if k else 0
-        if not packed and isinstance(frozen, Nf4Frozen) and frozen.packed is not None:
+        widen = False
+        if packed:
+            packed, widen = _runtime.nf4_cpu_packed(x.dtype, m)
+            packed = packed and PackedWeight.supported(shape, blocksize, torch.float32 if widen else x.dtype)
+        elif frozen.packed is not None:
             frozen.drop_packed()
-        widen = _runtime.nf4_cpu_packed_widen(x.dtype, m)
-        packed = (packed and m > 0 and isinstance(frozen, Nf4Frozen) and _runtime.nf4_cpu_packed(x.dtype, m)
-                  and PackedWeight.supported(shape, blocksize, torch.float32 if widen else x.dtype))  # fmt: skip
         if (packed or 0 < m <= _runtime.nf4_cpu_fused_max_m(x.dtype)) and n > 0 and x.shape[-1] == k:
-            key = (_lora.FrozenOperands.signature(codes, absmax, absmax2, code2, offset, bias, lora_a, lora_b),
-                   tuple(shape), blocksize, blocksize2, x.dtype)  # fmt: skip
+            weight_key = (_lora.FrozenOperands.signature(codes, absmax, absmax2, code2, offset), tuple(shape), blocksize,
+                          blocksize2)  # fmt: skip
+            key = (weight_key, _lora.FrozenOperands.signature(bias, lora_a, lora_b), x.dtype)
             wargs = (codes, absmax, absmax2, code2, offset, list(shape), blocksize, blocksize2)
 
             def build():
@@ -681,7 +677,6 @@ def forward_fast(frozen: "_lora.FrozenOperands", x, codes, absmax, absmax2, code
             w, mb, me = state[1]
             x2 = _lora.rows(x, m, k)
             if packed:
-                weight_key = (state[0][0][:5],) + state[0][1:4]  # the codes' and scales' part of the key
                 pw = frozen.packed_copy(w, weight_key, (codes, absmax, absmax2, code2, offset))
                 x32 = x2.float() if widen or lora_a is not None else None
                 u = None if lora_a is None else _lora.down_projection(x32, lora_a, x.dtype)
