@@ -287,39 +287,39 @@ PYBIND11_MODULE(_C, m) {
       py::arg("out"), py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("v"), py::arg("e"), py::arg("scale"),
       py::arg("num_threads"), py::arg("bf16_dot") = false);
 
-  py::class_<Nf4Packed>(m, "Nf4Packed", "An NF4 weight's inference copy in tiles of 16 rows (nf4.h): raw addresses and shape")
+  py::class_<Nf4Tiled>(m, "Nf4Tiled", "An NF4 weight's inference copy in tiles of 16 rows (nf4.h): raw addresses and shape")
       .def(py::init([](std::uintptr_t codes, std::uintptr_t scales, int64_t rows, int64_t cols, int64_t blocksize) {
-        Nf4Packed p{codes, scales, rows, cols, blocksize};
-        validate_nf4_packed(p, "packed");
+        Nf4Tiled p{codes, scales, rows, cols, blocksize};
+        validate_nf4_tiled(p, "tiled");
         return p;
       }))
-      .def_readonly("rows", &Nf4Packed::rows)
-      .def_readonly("cols", &Nf4Packed::cols)
-      .def_readonly("blocksize", &Nf4Packed::blocksize)
-      .def_static("code_bytes", [](int64_t rows, int64_t cols) { return Nf4Packed{0, 0, rows, cols, 64}.code_bytes(); })
+      .def_readonly("rows", &Nf4Tiled::rows)
+      .def_readonly("cols", &Nf4Tiled::cols)
+      .def_readonly("blocksize", &Nf4Tiled::blocksize)
+      .def_static("code_bytes", [](int64_t rows, int64_t cols) { return Nf4Tiled{0, 0, rows, cols, 64}.code_bytes(); })
       .def_static("scale_count", [](int64_t rows, int64_t cols, int64_t blocksize) {
-        return Nf4Packed{0, 0, rows, cols, blocksize}.scale_count();
+        return Nf4Tiled{0, 0, rows, cols, blocksize}.scale_count();
       });
-  m.def("nf4_packable", [](const Nf4Weight& w) { return nf4_packable(w); },
-        "whether the weight's shape and blocksize allow the packed layout (in_features % blocksize == 0)");
-  m.def("nf4_packed_available", [](DType x) { return nf4_packed_available(x); },
-        "whether the CPU kernel variant in use runs the packed kernel for x of this dtype");
+  m.def("nf4_tileable", [](const Nf4Weight& w) { return nf4_tileable(w); },
+        "whether the weight's shape and blocksize allow the tiled layout (in_features % blocksize == 0)");
+  m.def("nf4_tiled_available", [](DType x) { return nf4_tiled_available(x); },
+        "whether the CPU kernel variant in use runs the tiled kernel for x of this dtype");
   m.def(
-      "nf4_pack_cpu",
-      [](const Nf4Weight& w, const Nf4Packed& p, int num_threads) {
+      "nf4_tile_cpu",
+      [](const Nf4Weight& w, const Nf4Tiled& p, int num_threads) {
         py::gil_scoped_release nogil;
-        nf4_pack_cpu(w, p, num_threads);
+        nf4_tile_cpu(w, p, num_threads);
       },
-      "fills the packed copy's codes and scales from the weight");
+      "fills the tiled copy's codes and scales from the weight");
   m.def(
-      "nf4_rows_packed_cpu",
-      [](const Matrix& out, const Matrix& x, const Nf4Packed& w, const std::optional<Matrix>& bias,
+      "nf4_rows_tiled_cpu",
+      [](const Matrix& out, const Matrix& x, const Nf4Tiled& w, const std::optional<Matrix>& bias,
          const std::optional<Matrix>& v, const std::optional<Matrix>& e, float scale, int num_threads) {
-        Nf4PackedRowsArgs a{out, x, w, opt(bias), opt(v), opt(e), scale};
+        Nf4TiledRowsArgs a{out, x, w, opt(bias), opt(v), opt(e), scale};
         py::gil_scoped_release nogil;
-        nf4_rows_packed_cpu(a, num_threads);
+        nf4_rows_tiled_cpu(a, num_threads);
       },
-      "nf4_rows_cpu over the packed copy: out[m,n] = x[m]·dequant(W)[n] + bias[n] + scale * v[m]·e[n]",
+      "nf4_rows_cpu over the tiled copy: out[m,n] = x[m]·dequant(W)[n] + bias[n] + scale * v[m]·e[n]",
       py::arg("out"), py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("v"), py::arg("e"), py::arg("scale"),
       py::arg("num_threads"));
 

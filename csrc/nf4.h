@@ -141,7 +141,7 @@ struct Nf4RowsArgs {
 };
 
 // The operands of a rows product out[M, N] = x[M, K] · Wᵀ + bias + scale · v eᵀ, W on device `dev`
-// (nf4_rows and the packed layout's rows).
+// (nf4_rows and the tiled layout's rows).
 inline void validate_nf4_rows_operands(const Matrix& out, const Matrix& x, const Matrix& bias, const Matrix& v,
                                        const Matrix& e, int64_t N, int64_t K, bool cuda, int dev) {
   const int64_t M = x.rows;
@@ -252,14 +252,14 @@ void nf4_input_grad_cpu(const Nf4InputGradArgs& a, int num_threads);
 // ---- the inference layout (CPU, AVX-512): tiles of 16 rows -------------------------------------------
 // A copy of the codes re-laid so that one 512-bit lane is one output row: 16 rows x 8 columns per 64
 // bytes, and each row's block scales decoded once to fp32, transposed to match. The few-token kernel
-// then broadcasts x and accumulates 16 rows per register with no horizontal sums (cpu/nf4_packed.cpp).
+// then broadcasts x and accumulates 16 rows per register with no horizontal sums (cpu/nf4_tiled.cpp).
 // Needs cols % blocksize == 0 (rows made of whole blocks; blocksize >= 32 makes cols % 8 == 0 too).
 //   codes   uint8 [tiles][cols / 8][64]: byte 4j + q of tile t, chunk c holds in its low nibble the
 //           code of (row 16t + j/2, column 8c + 2q + j%2) and in its high nibble that of row 16t + 8 + j/2
 //           (same column); rows past the weight's end hold code 7 (0.0)
 //   scales  float32 [tiles][cols / blocksize][16]: absmax of (row 16t + l, block b of that row), 0 past
 //           the end
-struct Nf4Packed {
+struct Nf4Tiled {
   std::uintptr_t codes = 0;
   std::uintptr_t scales = 0;
   int64_t rows = 0;
@@ -270,24 +270,24 @@ struct Nf4Packed {
   int64_t scale_count() const { return blocksize > 0 ? tiles() * (cols / blocksize) * 16 : 0; }
 };
 
-inline bool nf4_packable(const Nf4Weight& w) {
+inline bool nf4_tileable(const Nf4Weight& w) {
   return w.rows > 0 && w.cols > 0 && w.blocksize >= 32 && w.cols % w.blocksize == 0;
 }
 
-// out[M, N] = x[M, K] · dequant(W)ᵀ + bias + scale · v eᵀ over the packed copy. x float32 (exact W,
+// out[M, N] = x[M, K] · dequant(W)ᵀ + bias + scale · v eᵀ over the tiled copy. x float32 (exact W,
 // fp32 products) or bfloat16 (W rounded once to bf16, AVX512-BF16 products); fp32 accumulation, one
 // rounding per output, as nf4_rows.
-struct Nf4PackedRowsArgs {
+struct Nf4TiledRowsArgs {
   Matrix out;
   Matrix x;
-  Nf4Packed w;
+  Nf4Tiled w;
   Matrix bias;
   Matrix v;
   Matrix e;
   float scale = 1.0f;
 };
 
-inline void validate_nf4_packed(const Nf4Packed& p, const char* name) {
+inline void validate_nf4_tiled(const Nf4Tiled& p, const char* name) {
   const std::string n(name);
   LOWRANK_CHECK(p.rows > 0 && p.cols > 0 && extent_fits(p.rows, p.cols, p.cols), n + ": bad shape");
   LOWRANK_CHECK(p.blocksize >= 32 && p.blocksize <= 4096 && (p.blocksize & (p.blocksize - 1)) == 0 &&
@@ -296,16 +296,16 @@ inline void validate_nf4_packed(const Nf4Packed& p, const char* name) {
   LOWRANK_CHECK(p.codes != 0 && p.scales != 0, n + ": null pointer");
 }
 
-inline void validate_nf4_packed_rows(const Nf4PackedRowsArgs& a) {
-  validate_nf4_packed(a.w, "packed");
+inline void validate_nf4_tiled_rows(const Nf4TiledRowsArgs& a) {
+  validate_nf4_tiled(a.w, "tiled");
   validate_nf4_rows_operands(a.out, a.x, a.bias, a.v, a.e, a.w.rows, a.w.cols, /*cuda=*/false, /*dev=*/-1);
 }
 
-// Whether the CPU kernel variant in use has the packed kernels (AVX-512; bf16 x also needs AVX512-BF16).
-bool nf4_packed_available(DType x_dtype);
-// Fills `packed` (its buffers allocated by the caller: code_bytes() and scale_count()) from `w`.
-void nf4_pack_cpu(const Nf4Weight& w, const Nf4Packed& packed, int num_threads);
-void nf4_rows_packed_cpu(const Nf4PackedRowsArgs& a, int num_threads);
+// Whether the CPU kernel variant in use has the tiled kernels (AVX-512; bf16 x also needs AVX512-BF16).
+bool nf4_tiled_available(DType x_dtype);
+// Fills `tiled` (its buffers allocated by the caller: code_bytes() and scale_count()) from `w`.
+void nf4_tile_cpu(const Nf4Weight& w, const Nf4Tiled& tiled, int num_threads);
+void nf4_rows_tiled_cpu(const Nf4TiledRowsArgs& a, int num_threads);
 
 // Launchers. CPU: num_threads as torch.get_num_threads(). CUDA: a raw cudaStream_t.
 void nf4_quantize_cpu(const Nf4QuantizeArgs& a, int num_threads);

@@ -319,7 +319,7 @@ def test_inference_views_give_the_op_bits_and_follow_the_weight(dtype, monkeypat
     from lowrank.ops import _runtime
 
     monkeypatch.setattr(_runtime, "NF4_CPU_FUSED_MAX_M", 1 << 30)
-    monkeypatch.setattr(_runtime, "NF4_CPU_PACKED_M", (0, 0, 0))  # the op's kernels (the packed layout: test_nf4_packed.py)
+    monkeypatch.setattr(_runtime, "NF4_CPU_TILED_M", (0, 0, 0))  # the op's kernels (the tiled layout: test_nf4_tiled.py)
     torch.manual_seed(0)
     dense = nn.Linear(128, 40).to(dtype)
     for layer in (lowrank.NF4Linear.from_linear(dense), lowrank.QLoRALinear.from_linear(dense, r=4)):

@@ -56,7 +56,7 @@ def nf4_path(monkeypatch):
         monkeypatch.setattr(_runtime, "NF4_CPU_FUSED_MAX_M", limit)
         monkeypatch.setattr(_runtime, "NF4_CPU_INPUT_GRAD_MAX_M", limit)
         monkeypatch.setattr(_runtime, "CUDA_FUSED_MAX_M", limit)
-        monkeypatch.setattr(_runtime, "NF4_CPU_PACKED_M", (0, 0, 0))  # the row-major kernels (test_nf4_packed.py)
+        monkeypatch.setattr(_runtime, "NF4_CPU_TILED_M", (0, 0, 0))  # the row-major kernels (test_nf4_tiled.py)
 
     return force
 

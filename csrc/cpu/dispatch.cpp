@@ -24,9 +24,9 @@ namespace lowrank::cpu {
   void nf4_dequantize(const Nf4DequantizeArgs& a, int num_threads);   \
   void nf4_rows(const Nf4RowsArgs& a, int num_threads);               \
   void nf4_input_grad(const Nf4InputGradArgs& a, int num_threads);    \
-  void nf4_pack(const Nf4Weight& w, const Nf4Packed& p, int num_threads); \
-  void nf4_rows_packed(const Nf4PackedRowsArgs& a, int num_threads);  \
-  bool nf4_packed_supported(DType x_dtype);                           \
+  void nf4_tile(const Nf4Weight& w, const Nf4Tiled& p, int num_threads); \
+  void nf4_rows_tiled(const Nf4TiledRowsArgs& a, int num_threads);  \
+  bool nf4_tiled_supported(DType x_dtype);                           \
   void mixed_rows(const MixedRowsArgs& a, int num_threads);           \
   void cross_entropy(const CrossEntropyArgs& a, int num_threads);     \
   void cross_entropy_backward(const CrossEntropyBackwardArgs& a, int num_threads); \
@@ -47,9 +47,9 @@ struct Variant {
   void (*nf4_dequantize)(const Nf4DequantizeArgs&, int);
   void (*nf4_rows)(const Nf4RowsArgs&, int);
   void (*nf4_input_grad)(const Nf4InputGradArgs&, int);
-  void (*nf4_pack)(const Nf4Weight&, const Nf4Packed&, int);
-  void (*nf4_rows_packed)(const Nf4PackedRowsArgs&, int);
-  bool (*nf4_packed_supported)(DType);
+  void (*nf4_tile)(const Nf4Weight&, const Nf4Tiled&, int);
+  void (*nf4_rows_tiled)(const Nf4TiledRowsArgs&, int);
+  bool (*nf4_tiled_supported)(DType);
   void (*mixed_rows)(const MixedRowsArgs&, int);
   void (*cross_entropy)(const CrossEntropyArgs&, int);
   void (*cross_entropy_backward)(const CrossEntropyBackwardArgs&, int);
@@ -57,16 +57,16 @@ struct Variant {
 
 static const Variant kVariants[] = {
     {"portable", &portable::lora_rows, &portable::lora_input_grad, &portable::adapter_products, &portable::adapter_term, &portable::nf4_quantize, &portable::nf4_double_quant,
-     &portable::nf4_dequantize, &portable::nf4_rows, &portable::nf4_input_grad, &portable::nf4_pack, &portable::nf4_rows_packed,
-     &portable::nf4_packed_supported,
+     &portable::nf4_dequantize, &portable::nf4_rows, &portable::nf4_input_grad, &portable::nf4_tile, &portable::nf4_rows_tiled,
+     &portable::nf4_tiled_supported,
      &portable::mixed_rows, &portable::cross_entropy, &portable::cross_entropy_backward},
     {"avx2", &avx2::lora_rows, &avx2::lora_input_grad, &avx2::adapter_products, &avx2::adapter_term, &avx2::nf4_quantize, &avx2::nf4_double_quant,
-     &avx2::nf4_dequantize, &avx2::nf4_rows, &avx2::nf4_input_grad, &avx2::nf4_pack, &avx2::nf4_rows_packed,
-     &avx2::nf4_packed_supported,
+     &avx2::nf4_dequantize, &avx2::nf4_rows, &avx2::nf4_input_grad, &avx2::nf4_tile, &avx2::nf4_rows_tiled,
+     &avx2::nf4_tiled_supported,
      &avx2::mixed_rows, &avx2::cross_entropy, &avx2::cross_entropy_backward},
     {"avx512", &avx512::lora_rows, &avx512::lora_input_grad, &avx512::adapter_products, &avx512::adapter_term, &avx512::nf4_quantize, &avx512::nf4_double_quant,
-     &avx512::nf4_dequantize, &avx512::nf4_rows, &avx512::nf4_input_grad, &avx512::nf4_pack, &avx512::nf4_rows_packed,
-     &avx512::nf4_packed_supported,
+     &avx512::nf4_dequantize, &avx512::nf4_rows, &avx512::nf4_input_grad, &avx512::nf4_tile, &avx512::nf4_rows_tiled,
+     &avx512::nf4_tiled_supported,
      &avx512::mixed_rows, &avx512::cross_entropy, &avx512::cross_entropy_backward},
 };
 
@@ -282,22 +282,22 @@ void nf4_rows_cpu(const Nf4RowsArgs& a, int num_threads) {
   cpu::active()->nf4_rows(a, num_threads);
 }
 
-bool nf4_packed_available(DType x_dtype) { return cpu::active()->nf4_packed_supported(x_dtype); }
+bool nf4_tiled_available(DType x_dtype) { return cpu::active()->nf4_tiled_supported(x_dtype); }
 
-void nf4_pack_cpu(const Nf4Weight& w, const Nf4Packed& p, int num_threads) {
+void nf4_tile_cpu(const Nf4Weight& w, const Nf4Tiled& p, int num_threads) {
   validate_nf4_weight(w, "weight");
   LOWRANK_CHECK(w.device == -1, "weight: must be on the CPU");
-  LOWRANK_CHECK(nf4_packable(w), "weight: the packed layout needs in_features % blocksize == 0");
-  validate_nf4_packed(p, "packed");
+  LOWRANK_CHECK(nf4_tileable(w), "weight: the tiled layout needs in_features % blocksize == 0");
+  validate_nf4_tiled(p, "tiled");
   LOWRANK_CHECK(p.rows == w.rows && p.cols == w.cols && p.blocksize == w.blocksize,
-                "packed: shape or blocksize differs from the weight's");
-  cpu::active()->nf4_pack(w, p, num_threads);
+                "tiled: shape or blocksize differs from the weight's");
+  cpu::active()->nf4_tile(w, p, num_threads);
 }
 
-void nf4_rows_packed_cpu(const Nf4PackedRowsArgs& a, int num_threads) {
-  validate_nf4_packed_rows(a);
+void nf4_rows_tiled_cpu(const Nf4TiledRowsArgs& a, int num_threads) {
+  validate_nf4_tiled_rows(a);
   if (a.out.rows == 0) return;
-  cpu::active()->nf4_rows_packed(a, num_threads);
+  cpu::active()->nf4_rows_tiled(a, num_threads);
 }
 
 void cross_entropy_cpu(const CrossEntropyArgs& a, int num_threads) {

@@ -62,12 +62,12 @@ class NF4Linear(nn.Module):
 
     Inference (calls without gradients) on an AVX-512 CPU may keep a second, re-laid copy of the codes
     for its few-token kernel, about 1.1x the codes' bytes, where that kernel was measured faster
-    (``ops.nf4.PackedWeight``); ``train()`` frees it. Set ``packed_inference = False`` (on a layer, or on
+    (``ops.nf4.TiledWeight``); ``train()`` frees it. Set ``tiled_inference = False`` (on a layer, or on
     the class for every layer) to keep inference on the codes as stored: no second copy, the row-major
     kernels.
     """
 
-    packed_inference: bool = True
+    tiled_inference: bool = True
 
     def __init__(
         self,
@@ -236,7 +236,7 @@ class NF4Linear(nn.Module):
             frozen = self.__dict__.get("_frozen")
             if frozen is None:  # every way a layer is made (constructor, from_linear, state dict) ends here
                 frozen = self._frozen = _ops.Nf4Frozen()
-            y = _ops.forward_fast(frozen, *args[:13], packed=self.packed_inference)
+            y = _ops.forward_fast(frozen, *args[:13], tiled=self.tiled_inference)
         else:
             y, _ = (_ops._forward_native if _direct.ok(x) else torch.ops.lowrank.nf4_linear_forward)(*args)
         return y if y.dtype == in_dtype else y.to(in_dtype)
@@ -245,11 +245,11 @@ class NF4Linear(nn.Module):
         return self._forward(x, None, None, 1.0, None)
 
     def train(self, mode: bool = True):
-        """As ``nn.Module.train``; training also frees the packed inference copy of the codes, if one was
-        made (``ops.nf4.PackedWeight``: made again by the next few-token call without gradients)."""
+        """As ``nn.Module.train``; training also frees the tiled inference copy of the codes, if one was
+        made (``ops.nf4.TiledWeight``: made again by the next few-token call without gradients)."""
         frozen = self.__dict__.get("_frozen")
         if mode and frozen is not None:
-            frozen.drop_packed()
+            frozen.drop_tiled()
         return super().train(mode)
 
     # ---- bitsandbytes-compatible state dict --------------------------------------------------

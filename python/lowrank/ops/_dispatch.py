@@ -38,13 +38,13 @@ measurement on first use, of the two candidate paths on one probe shape, interle
   decoded in fp32 and rounded once to bf16, DESIGN's contract for a 16-bit compute dtype) or
   ``"widen"`` (x widened to fp32 against the exact fp32 W). Probe: 4096 × 4096 at M = 1 and 16; "dot"
   only where it wins both. Not measured where the kernel variant has no AVX512-BF16 ("widen").
-- ``nf4_cpu_packed_m/<dtype>``: ``[lo, hi]``, the token counts at which few-token inference (no
-  gradients) takes the packed NF4 layout (ops/nf4.py's ``PackedWeight``: a copy of the codes in tiles
-  of 16 rows, one 512-bit lane per output row, csrc/cpu/nf4_packed.cpp) rather than the row-major path
+- ``nf4_cpu_tiled_m/<dtype>``: ``[lo, hi, widen]``, the token counts at which few-token inference (no
+  gradients) takes the tiled NF4 layout (ops/nf4.py's ``TiledWeight``: a copy of the codes in tiles
+  of 16 rows, one 512-bit lane per output row, csrc/cpu/nf4_tiled.cpp) rather than the row-major path
   the decisions above choose. Probe: 4096 x 4096 (cold weights), M = 1, 4, 16, 64, 256; ``lo`` is the
-  first M where the packed kernel won and ``hi`` the last of the unbroken run of wins from there
-  (``[0, 0, 0]``: never, also where the kernel variant has no packed kernel for the dtype). For bf16 a
-  third value, measured first: the largest M (of 1, 4, 16) to which the packed kernel is faster with x
+  first M where the tiled kernel won and ``hi`` the last of the unbroken run of wins from there
+  (``[0, 0, 0]``: never, also where the kernel variant has no tiled kernel for the dtype). For bf16 a
+  third value, measured first: the largest M (of 1, 4, 16) to which the tiled kernel is faster with x
   widened to fp32 (exact W: the decode skips W's bf16 rounding, which costs more than the bf16
   products save when few x rows share it) than with x read as bf16 (256, every M, where the kernel
   variant has AVX-512 but no AVX512-BF16).
@@ -111,8 +111,8 @@ DEFAULTS: dict[str, Any] = {
     "nf4_cpu_fused_max_m/bfloat16": 64,
     "nf4_cpu_input_grad_max_m": 8,
     "nf4_cpu_bf16_rows": "widen",
-    "nf4_cpu_packed_m/float32": [0, 0, 0],
-    "nf4_cpu_packed_m/bfloat16": [0, 0, 0],
+    "nf4_cpu_tiled_m/float32": [0, 0, 0],
+    "nf4_cpu_tiled_m/bfloat16": [0, 0, 0],
     "cpu_lora_bf16_rows": "widen",
     "cpu_input_grad_bf16_rows": "widen",
     "cpu_tile_buffer_max_m/float32": 256,
@@ -565,30 +565,30 @@ def _probe_nf4_bf16_rows() -> tuple[str, dict]:
     return ("dot" if wins else "widen"), timings
 
 
-def _probe_nf4_packed(dtype: torch.dtype) -> tuple[list, dict]:
+def _probe_nf4_tiled(dtype: torch.dtype) -> tuple[list, dict]:
     from .. import _C
     from . import _runtime, nf4
 
-    if not _C.nf4_packed_available(_C.DType.float32):
-        return [0, 0, 0], {}  # nothing to measure: no packed kernel in this kernel variant
-    # bf16 x without AVX512-BF16: the packed kernel can still take it widened (fp32 products)
-    bf16_products = _C.nf4_packed_available(nf4._DTYPE_CODES[dtype])
+    if not _C.nf4_tiled_available(_C.DType.float32):
+        return [0, 0, 0], {}  # nothing to measure: no tiled kernel in this kernel variant
+    # bf16 x without AVX512-BF16: the tiled kernel can still take it widened (fp32 products)
+    bf16_products = _C.nf4_tiled_available(nf4._DTYPE_CODES[dtype])
     _runtime.nf4_cpu_fused_max_m(dtype)  # decided first: the other side runs what they chose
     if dtype == torch.bfloat16:
         _runtime.nf4_cpu_bf16_dot()
     g = torch.Generator().manual_seed(0)
     k = n = 4096
     weights = _nf4_probe_weights(k, n)[1]
-    packed = _cold_copies(lambda: nf4.PackedWeight(nf4._weight(*weights())), n * k // 2)
+    tiled = _cold_copies(lambda: nf4.TiledWeight(nf4._weight(*weights())), n * k // 2)
     inputs = {m: torch.randn(m, k, generator=g).to(dtype) for m in (1, 4, 16, 64, 256)}
 
-    def packed_call(m: int, widen: bool):
+    def tiled_call(m: int, widen: bool):
         x = inputs[m]
         y = torch.empty(m, n, dtype=dtype)
 
         def run():
             x_in = x.float() if widen else x
-            _C.nf4_rows_packed_cpu(nf4.matrix("out", y), nf4.matrix("x", x_in), packed().view, None, None, None, 1.0,
+            _C.nf4_rows_tiled_cpu(nf4.matrix("out", y), nf4.matrix("x", x_in), tiled().view, None, None, None, 1.0,
                                    _runtime.num_threads())  # fmt: skip
 
         return run
@@ -596,19 +596,19 @@ def _probe_nf4_packed(dtype: torch.dtype) -> tuple[list, dict]:
     timings: dict = {}
     widen_to = 0
     if dtype == torch.bfloat16 and not bf16_products:
-        widen_to = 256  # the largest probe: every packed call widens
+        widen_to = 256  # the largest probe: every tiled call widens
     elif dtype == torch.bfloat16:
-        widen_to, t = _crossover([1, 4, 16], lambda m: packed_call(m, True), lambda m: packed_call(m, False),
+        widen_to, t = _crossover([1, 4, 16], lambda m: tiled_call(m, True), lambda m: tiled_call(m, False),
                                  ("widened", "bf16"))  # fmt: skip
         timings["x widened or bf16"] = t
     probes, wins = (1, 4, 16, 64, 256), []
     for m in probes:
 
-        def run_rows(x=inputs[m]):  # (_forward_native never takes the packed layout)
+        def run_rows(x=inputs[m]):  # (_forward_native never takes the tiled layout)
             return nf4._forward_native(x, *weights(), None, None, None, 1.0, None)
 
-        t = timings[str(m)] = _compared_ms({"packed": packed_call(m, m <= widen_to), "rows": run_rows})
-        wins.append(t["packed"] < t["rows"])
+        t = timings[str(m)] = _compared_ms({"tiled": tiled_call(m, m <= widen_to), "rows": run_rows})
+        wins.append(t["tiled"] < t["rows"])
     if not any(wins):
         return [0, 0, 0], timings
     first = wins.index(True)
@@ -701,8 +701,8 @@ _PROBES: dict[str, Callable[[], tuple[Any, dict]]] = {
     "nf4_cpu_fused_max_m/bfloat16": lambda: _probe_nf4_fused(torch.bfloat16),
     "nf4_cpu_input_grad_max_m": _probe_nf4_input_grad,
     "nf4_cpu_bf16_rows": _probe_nf4_bf16_rows,
-    "nf4_cpu_packed_m/float32": lambda: _probe_nf4_packed(torch.float32),
-    "nf4_cpu_packed_m/bfloat16": lambda: _probe_nf4_packed(torch.bfloat16),
+    "nf4_cpu_tiled_m/float32": lambda: _probe_nf4_tiled(torch.float32),
+    "nf4_cpu_tiled_m/bfloat16": lambda: _probe_nf4_tiled(torch.bfloat16),
     "cpu_lora_bf16_rows": _probe_lora_bf16_rows,
     "cpu_input_grad_bf16_rows": _probe_input_grad_bf16_rows,
     "cpu_tile_buffer_max_m/float32": lambda: _probe_tile_layout(torch.float32),

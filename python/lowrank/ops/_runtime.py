@@ -34,7 +34,7 @@ CPU_INPUT_GRAD_MAX_M: Optional[dict] = None  # {dtype: largest M for the dx = dy
 NF4_CPU_FUSED_MAX_M: Optional[int] = None  # largest M for the fused NF4 dequant-GEMV rows kernel (every dtype)
 NF4_CPU_BF16_DOT: Optional[bool] = None  # bf16 x in the NF4 rows kernel: AVX512-BF16 products (True) or widened
 NF4_CPU_INPUT_GRAD_MAX_M: Optional[int] = None  # largest M for the NF4 dx = dy W kernel
-NF4_CPU_PACKED_M: Optional[tuple] = None  # (lo, hi, w): inference M in [lo, hi] takes the packed NF4 layout, bf16 x widened to M = w
+NF4_CPU_TILED_M: Optional[tuple] = None  # (lo, hi, w): inference M in [lo, hi] takes the tiled NF4 layout, bf16 x widened to M = w
 CPU_ADAPTER_PRODUCTS: Optional[dict] = None  # {dtype: True for csrc/cpu/adapter_products.cpp, False for GEMMs}
 CPU_LORA_BF16_DOT: Optional[bool] = None  # bf16 x in the LoRA rows kernel: AVX512-BF16 products (True) or widened
 CPU_INPUT_GRAD_BF16_DOT: Optional[bool] = None  # bf16 dy in the dx = dy W + g A kernel: AVX512-BF16 products or widened
@@ -105,19 +105,19 @@ def nf4_cpu_bf16_dot() -> bool:
     return _dispatch.decide("nf4_cpu_bf16_rows") == "dot"
 
 
-def nf4_cpu_packed(dtype: torch.dtype, m: int) -> tuple[bool, bool]:
-    """``(packed, widen)`` for an inference call of ``m`` tokens of ``dtype``: whether it takes the packed
-    NF4 layout (ops/nf4.py's ``PackedWeight``, csrc/cpu/nf4_packed.cpp) rather than the row-major
+def nf4_cpu_tiled(dtype: torch.dtype, m: int) -> tuple[bool, bool]:
+    """``(tiled, widen)`` for an inference call of ``m`` tokens of ``dtype``: whether it takes the tiled
+    NF4 layout (ops/nf4.py's ``TiledWeight``, csrc/cpu/nf4_tiled.cpp) rather than the row-major
     kernels, and whether a bf16 x is widened to fp32 there (exact W, fp32 products: at few tokens the
     decode then costs less than the bf16 rounding of W it skips) rather than read as bf16."""
-    if NF4_CPU_PACKED_M is not None:
-        lo, hi, widen_to = NF4_CPU_PACKED_M
+    if NF4_CPU_TILED_M is not None:
+        lo, hi, widen_to = NF4_CPU_TILED_M
     else:
-        lo, hi, widen_to = _dispatch.decide(_NF4_PACKED_DECISION[dtype == torch.bfloat16])
+        lo, hi, widen_to = _dispatch.decide(_NF4_TILED_DECISION[dtype == torch.bfloat16])
     return lo <= m <= hi, dtype == torch.bfloat16 and m <= widen_to
 
 
-_NF4_PACKED_DECISION = ("nf4_cpu_packed_m/float32", "nf4_cpu_packed_m/bfloat16")
+_NF4_TILED_DECISION = ("nf4_cpu_tiled_m/float32", "nf4_cpu_tiled_m/bfloat16")
 
 
 def nf4_cpu_input_grad_max_m() -> int:

@@ -24,7 +24,7 @@ the exact fp32 table, the LoRA term added in the same pass), and the backward's 
 codes the same way; many tokens dequantize W tile by tile into one reused workspace and hand each tile
 to torch's GEMM (ops/_gemm.py), in forward and backward, so no dense copy of W outlives a call (fp32
 tiles; bf16 tiles for a bf16 forward where torch's bf16 GEMM is the faster). Inference without
-gradients may instead run over a packed copy of the codes (``PackedWeight``: tiles of 16 rows, one
+gradients may instead run over a tiled copy of the codes (``TiledWeight``: tiles of 16 rows, one
 512-bit lane per output row; AVX-512 only) for the token counts where that was measured faster. The
 crossovers are measured on the machine (ops/_dispatch.py) and read through ops/_runtime.py.
 """
@@ -587,11 +587,11 @@ def _forward_native(x, codes, absmax, absmax2, code2, offset, shape, blocksize, 
     return y.reshape(lead + (n,)), u.reshape(lead + (r,))
 
 
-class PackedWeight:
+class TiledWeight:
     """A CPU copy of an NF4 weight in the inference layout (csrc/nf4.h, "the inference layout"): codes in
     tiles of 16 rows x 8 columns and each row's block scales decoded to fp32. About 1.1x the codes'
-    bytes (blocksize 64), made once per weight where the packed kernel was measured faster for few-token
-    inference (``_runtime.nf4_cpu_packed``) and dropped when the layer trains. The packed kernel
+    bytes (blocksize 64), made once per weight where the tiled kernel was measured faster for few-token
+    inference (``_runtime.nf4_cpu_tiled``) and dropped when the layer trains. The tiled kernel
     broadcasts x and sums 16 rows per register, so no row ends in a horizontal sum and each x row is read
     once per 16 rows of W."""
 
@@ -599,66 +599,66 @@ class PackedWeight:
 
     def __init__(self, w: "_C.Nf4Weight"):
         rows, cols, blocksize = w.rows, w.cols, w.blocksize
-        if not _C.nf4_packable(w):
-            raise ValueError(f"weight: the packed layout needs in_features % blocksize == 0, got {cols} and {blocksize}")
-        self.codes = torch.empty(_C.Nf4Packed.code_bytes(rows, cols), dtype=torch.uint8)
-        self.scales = torch.empty(_C.Nf4Packed.scale_count(rows, cols, blocksize), dtype=torch.float32)
-        self.view = _C.Nf4Packed(self.codes.data_ptr(), self.scales.data_ptr(), rows, cols, blocksize)
-        _C.nf4_pack_cpu(w, self.view, _runtime.num_threads())
+        if not _C.nf4_tileable(w):
+            raise ValueError(f"weight: the tiled layout needs in_features % blocksize == 0, got {cols} and {blocksize}")
+        self.codes = torch.empty(_C.Nf4Tiled.code_bytes(rows, cols), dtype=torch.uint8)
+        self.scales = torch.empty(_C.Nf4Tiled.scale_count(rows, cols, blocksize), dtype=torch.float32)
+        self.view = _C.Nf4Tiled(self.codes.data_ptr(), self.scales.data_ptr(), rows, cols, blocksize)
+        _C.nf4_tile_cpu(w, self.view, _runtime.num_threads())
 
     @staticmethod
     def supported(shape, blocksize: int, dtype: torch.dtype) -> bool:
         """The layout takes this weight (in_features % blocksize == 0) and this CPU's kernel variant runs
-        the packed kernel for x of ``dtype``."""
-        return shape[1] % blocksize == 0 and _C.nf4_packed_available(_DTYPE_CODES[dtype])
+        the tiled kernel for x of ``dtype``."""
+        return shape[1] % blocksize == 0 and _C.nf4_tiled_available(_DTYPE_CODES[dtype])
 
 
 class Nf4Frozen(_lora.FrozenOperands):
-    """``FrozenOperands`` plus the weight's packed inference copy (``PackedWeight``), made on first use
+    """``FrozenOperands`` plus the weight's tiled inference copy (``TiledWeight``), made on first use
     and remade when the codes or scales change: a new tensor, or new values written in place (each
     tensor's version counter is part of its key, so ``load_state_dict`` into the same buffers counts)."""
 
-    __slots__ = ("packed",)
+    __slots__ = ("tiled",)
 
     def __init__(self):
         super().__init__()
-        self.packed = None
+        self.tiled = None
 
-    def packed_copy(self, w: "_C.Nf4Weight", key: tuple, tensors: tuple) -> PackedWeight:
-        """The packed copy of ``w`` (``key``: the codes' and scales' pointers, shapes and strides, the weight's
+    def tiled_copy(self, w: "_C.Nf4Weight", key: tuple, tensors: tuple) -> TiledWeight:
+        """The tiled copy of ``w`` (``key``: the codes' and scales' pointers, shapes and strides, the weight's
         shape and blocksizes; ``tensors``: the codes and scales, whose version counters are added to it).
         Not the bias, the adapter or x's dtype: a new adapter or a bf16 call after an fp32 one reuses it."""
         key = (key, tuple([None if t is None else t._version for t in tensors]))
-        held = self.packed
+        held = self.tiled
         if held is None or held[0] != key:
-            held = self.packed = (key, PackedWeight(w))
+            held = self.tiled = (key, TiledWeight(w))
         return held[1]
 
-    def drop_packed(self) -> None:
-        self.packed = None
+    def drop_tiled(self) -> None:
+        self.tiled = None
 
 
 def forward_fast(frozen: "Nf4Frozen", x, codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2, bias,
-                 lora_a, lora_b, scale, *, packed: bool = True) -> Tensor:  # fmt: skip
+                 lora_a, lora_b, scale, *, tiled: bool = True) -> Tensor:  # fmt: skip
     """``y`` of ``nf4_linear_forward`` (no dropout) for inference: on the eager CPU few-token path the
     NF4 weight's kernel view (``_C.Nf4Weight``) and the bias and ``B`` views come from ``frozen``,
     checked and built once and rebuilt whenever a tensor's pointer, shape, strides, dtype or device
     (or the shape and blocksizes) change; otherwise the op as usual. Same kernels, same bits — except
-    where the packed inference layout was measured faster for this many tokens (``_runtime.nf4_cpu_packed``):
+    where the tiled inference layout was measured faster for this many tokens (``_runtime.nf4_cpu_tiled``):
     then its kernel, the same contract (exact W for fp32 x, W rounded once to bf16 for bf16 x — or, where
     measured faster for this few tokens, x widened against the exact W as the row kernel's "widen" —
-    fp32 sums, one rounding), summed in another order. ``packed=False``: never the packed layout (and a
+    fp32 sums, one rounding), summed in another order. ``tiled=False``: never the tiled layout (and a
     copy ``frozen`` holds is freed)."""
     if _lora.eager_cpu(x) and type(codes) in _lora._PLAIN:
         n, k = shape
         m = x.numel() // k if k else 0
         widen = False
-        if packed:
-            packed, widen = _runtime.nf4_cpu_packed(x.dtype, m)
-            packed = packed and PackedWeight.supported(shape, blocksize, torch.float32 if widen else x.dtype)
-        elif frozen.packed is not None:
-            frozen.drop_packed()
-        if (packed or 0 < m <= _runtime.nf4_cpu_fused_max_m(x.dtype)) and n > 0 and x.shape[-1] == k:
+        if tiled:
+            tiled, widen = _runtime.nf4_cpu_tiled(x.dtype, m)
+            tiled = tiled and TiledWeight.supported(shape, blocksize, torch.float32 if widen else x.dtype)
+        elif frozen.tiled is not None:
+            frozen.drop_tiled()
+        if (tiled or 0 < m <= _runtime.nf4_cpu_fused_max_m(x.dtype)) and n > 0 and x.shape[-1] == k:
             weight_key = (_lora.FrozenOperands.signature(codes, absmax, absmax2, code2, offset), tuple(shape), blocksize,
                           blocksize2)  # fmt: skip
             key = (weight_key, _lora.FrozenOperands.signature(bias, lora_a, lora_b), x.dtype)
@@ -676,13 +676,13 @@ def forward_fast(frozen: "Nf4Frozen", x, codes, absmax, absmax2, code2, offset, 
                 return _forward_native(x, *wargs, bias, lora_a, lora_b, scale, None)[0]
             w, mb, me = state[1]
             x2 = _lora.rows(x, m, k)
-            if packed:
-                pw = frozen.packed_copy(w, weight_key, (codes, absmax, absmax2, code2, offset))
+            if tiled:
+                tw = frozen.tiled_copy(w, weight_key, (codes, absmax, absmax2, code2, offset))
                 x32 = x2.float() if widen or lora_a is not None else None
                 u = None if lora_a is None else _lora.down_projection(x32, lora_a, x.dtype)
                 x_in = x32 if widen else x2
                 y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
-                _C.nf4_rows_packed_cpu(matrix("out", y), matrix("x", x_in), pw.view, mb, optional_matrix("u", u), me,
+                _C.nf4_rows_tiled_cpu(matrix("out", y), matrix("x", x_in), tw.view, mb, optional_matrix("u", u), me,
                                        float(scale), _runtime.num_threads())  # fmt: skip
                 return y.reshape(*x.shape[:-1], n)
             x_in, dot = _rows_input(x2)

@@ -1,4 +1,4 @@
-// NF4 few-token inference over the packed layout (nf4.h, "the inference layout"): one 512-bit lane per
+// NF4 few-token inference over the tiled layout (nf4.h, "the inference layout"): one 512-bit lane per
 // output row, so x is broadcast and a register accumulates 16 rows' sums at once.
 //
 // Why a second layout. The row-major kernel (nf4.cpp, dot_rows) puts K in the lanes: every row's sums end
@@ -26,12 +26,12 @@
 
 namespace lowrank::cpu::LOWRANK_ISA {
 
-static const float kPackTable[16] = LOWRANK_NF4_TABLE;
+static const float kTileTable[16] = LOWRANK_NF4_TABLE;
 
-// ---- packing (any variant: plain C++, once per weight) ---------------------------------------------
-struct PackCtx {
+// ---- making the tiles (any variant: plain C++, once per weight) -----------------------------------------
+struct TileCtx {
   const Nf4Weight* w;
-  const Nf4Packed* p;
+  const Nf4Tiled* p;
 };
 
 static inline uint8_t code_at(const Nf4Weight& w, int64_t row, int64_t col) {
@@ -40,8 +40,8 @@ static inline uint8_t code_at(const Nf4Weight& w, int64_t row, int64_t col) {
   return (f & 1) ? (b & 0x0F) : uint8_t(b >> 4);
 }
 
-static void pack_task(void* ctx, int64_t t) {
-  const PackCtx& c = *static_cast<PackCtx*>(ctx);
+static void tile_task(void* ctx, int64_t t) {
+  const TileCtx& c = *static_cast<TileCtx*>(ctx);
   const Nf4Weight& w = *c.w;
   const int64_t K = w.cols, N = w.rows, chunks = K / 8, nblk = K / w.blocksize;
   uint8_t* dst = reinterpret_cast<uint8_t*>(c.p->codes) + t * chunks * 64;
@@ -66,18 +66,18 @@ static void pack_task(void* ctx, int64_t t) {
   }
 }
 
-void nf4_pack(const Nf4Weight& w, const Nf4Packed& p, int num_threads) {
-  PackCtx c{&w, &p};
-  parallel_for(p.tiles(), num_threads, pack_task, &c);
+void nf4_tile(const Nf4Weight& w, const Nf4Tiled& p, int num_threads) {
+  TileCtx c{&w, &p};
+  parallel_for(p.tiles(), num_threads, tile_task, &c);
 }
 
 #if defined(__AVX512F__)
 // Codes are requested this far ahead of the load (at most one tile's length): a weight read cold from
 // memory needs it (4096 x 4096 at M = 1, 2 threads, Zen 4: 247 us at 512 bytes ahead, 179 at 16 KiB).
-constexpr int64_t kPackedAhead = 16384;
+constexpr int64_t kTiledAhead = 16384;
 
-struct PackedCtx {
-  const Nf4PackedRowsArgs* a;
+struct TiledCtx {
+  const Nf4TiledRowsArgs* a;
   int64_t tiles_per_task;
   const void* xs;  // x interleaved (interleave_x)
 };
@@ -96,14 +96,15 @@ inline __m512 chunk_vector(__m512i d, int shift, __m512 table, __m512 scale) {
 
 // Sums of the tile's 16 rows for one x row (lane l = row 16t + l), plus the adapter term and the bias,
 // rounded once into out. bt: the tile's e rows transposed ([R][16], fp32).
-static void store_tile(const Nf4PackedRowsArgs& a, int64_t t, int64_t m, __m512 s, const float* bt) {
+static void store_tile(const Nf4TiledRowsArgs& a, int64_t t, int64_t m, __m512 s, const float* bt) {
   const int64_t N = a.w.rows, n0 = 16 * t;
   const int valid = int(std::min<int64_t>(16, N - n0));
   const __mmask16 mask = valid == 16 ? __mmask16(0xFFFF) : __mmask16((1u << valid) - 1);
   if (a.v.ptr) {
     const float* v = a.v.data<float>() + m * a.v.ld;
     __m512 adapter = _mm512_setzero_ps();
-    for (int64_t j = 0; j < a.v.cols; ++j) adapter = _mm512_fmadd_ps(_mm512_loadu_ps(bt + 16 * j), _mm512_set1_ps(v[j]), adapter);
+    for (int64_t j = 0; j < a.v.cols; ++j)
+      adapter = _mm512_fmadd_ps(_mm512_loadu_ps(bt + 16 * j), _mm512_set1_ps(v[j]), adapter);
     s = _mm512_fmadd_ps(adapter, _mm512_set1_ps(a.scale), s);
   }
   if (a.bias.ptr) {
@@ -124,14 +125,15 @@ static void store_tile(const Nf4PackedRowsArgs& a, int64_t t, int64_t m, __m512 
 }
 
 // e's rows of tile t, transposed to [R][16] fp32 (zero past the end).
-static void transpose_e(const Nf4PackedRowsArgs& a, int64_t t, float* bt) {
+static void transpose_e(const Nf4TiledRowsArgs& a, int64_t t, float* bt) {
   const int64_t R = a.v.cols, N = a.w.rows;
   for (int l = 0; l < 16; ++l) {
     const int64_t n = 16 * t + l;
     for (int64_t j = 0; j < R; ++j) {
       float e = 0.f;
       if (n < N)
-        e = a.e.dtype == DType::float32 ? a.e.data<float>()[n * a.e.ld + j] : bf16_to_float(a.e.data<bf16_t>()[n * a.e.ld + j]);
+        e = a.e.dtype == DType::float32 ? a.e.data<float>()[n * a.e.ld + j]
+                                        : bf16_to_float(a.e.data<bf16_t>()[n * a.e.ld + j]);
       bt[j * 16 + l] = e;
     }
   }
@@ -142,12 +144,12 @@ static void transpose_e(const Nf4PackedRowsArgs& a, int64_t t, float* bt) {
 // and the block's sums scaled once (sum_k t[q] x, then * absmax, as nf4.cpp's M = 1 kernel), which takes
 // the 8 multiplies per chunk out of the loop; 8 x rows have no registers left for the block sums.
 template <int MR>
-static void tile_fp32(const Nf4PackedRowsArgs& a, int64_t t, int64_t m0, const float* xb, const float* bt) {
+static void tile_fp32(const Nf4TiledRowsArgs& a, int64_t t, int64_t m0, const float* xb, const float* bt) {
   const int64_t K = a.w.cols, M = a.x.rows, chunks = K / 8, cpb = a.w.blocksize / 8, nblk = K / a.w.blocksize;
   const uint8_t* codes = reinterpret_cast<const uint8_t*>(a.w.codes) + t * chunks * 64;
   const float* scales = reinterpret_cast<const float*>(a.w.scales) + t * nblk * 16;
-  const int64_t ahead = std::min(kPackedAhead, chunks * 64);
-  const __m512 table = _mm512_loadu_ps(kPackTable), one = _mm512_set1_ps(1.f);
+  const int64_t ahead = std::min(kTiledAhead, chunks * 64);
+  const __m512 table = _mm512_loadu_ps(kTileTable), one = _mm512_set1_ps(1.f);
   constexpr bool kScaleSums = MR <= 4;
   constexpr int S = MR >= 4 ? 1 : 4 / MR;  // independent sums per x row: the FMA chains' latency, hidden
   __m512 acc[MR][2], blk[MR][S][2];
@@ -208,13 +210,13 @@ static void tile_fp32(const Nf4PackedRowsArgs& a, int64_t t, int64_t m0, const f
 }
 
 template <int MR>
-LOWRANK_BF16_DOT static void tile_bf16(const Nf4PackedRowsArgs& a, int64_t t, int64_t m0, const bf16_t* xb,
+LOWRANK_BF16_DOT static void tile_bf16(const Nf4TiledRowsArgs& a, int64_t t, int64_t m0, const bf16_t* xb,
                                        const float* bt) {
   const int64_t K = a.w.cols, M = a.x.rows, chunks = K / 8, cpb = a.w.blocksize / 8, nblk = K / a.w.blocksize;
   const uint8_t* codes = reinterpret_cast<const uint8_t*>(a.w.codes) + t * chunks * 64;
   const float* scales = reinterpret_cast<const float*>(a.w.scales) + t * nblk * 16;
-  const int64_t ahead = std::min(kPackedAhead, chunks * 64);
-  const __m512 table = _mm512_loadu_ps(kPackTable);
+  const int64_t ahead = std::min(kTiledAhead, chunks * 64);
+  const __m512 table = _mm512_loadu_ps(kTileTable);
   constexpr int S = MR >= 8 ? 1 : MR == 4 ? 2 : 4;  // sums per x row: 8+ vdpbf16ps chains hide its latency
   __m512 acc[MR][S];
   for (int m = 0; m < MR; ++m)
@@ -251,7 +253,7 @@ inline int block_rows(int64_t left, bool bf16) {
 }
 
 template <class T>
-static void interleave_x(const Nf4PackedRowsArgs& a, std::vector<T>& xs) {
+static void interleave_x(const Nf4TiledRowsArgs& a, std::vector<T>& xs) {
   const int64_t M = a.x.rows, K = a.w.cols, chunks = K / 8;
   const bool bf16 = a.x.dtype == DType::bfloat16;
   int64_t total = 0;
@@ -268,10 +270,11 @@ static void interleave_x(const Nf4PackedRowsArgs& a, std::vector<T>& xs) {
   }
 }
 
-static void packed_task(void* ctx, int64_t task) {
-  const PackedCtx& c = *static_cast<PackedCtx*>(ctx);
-  const Nf4PackedRowsArgs& a = *c.a;
-  const int64_t M = a.x.rows, K = a.w.cols, t0 = task * c.tiles_per_task, t1 = std::min(a.w.tiles(), t0 + c.tiles_per_task);
+static void tiled_task(void* ctx, int64_t task) {
+  const TiledCtx& c = *static_cast<TiledCtx*>(ctx);
+  const Nf4TiledRowsArgs& a = *c.a;
+  const int64_t M = a.x.rows, K = a.w.cols, t0 = task * c.tiles_per_task;
+  const int64_t t1 = std::min(a.w.tiles(), t0 + c.tiles_per_task);
   std::vector<float> bt(size_t(a.v.ptr ? 16 * a.v.cols : 0));
   const bool bf16 = a.x.dtype == DType::bfloat16;
   for (int64_t t = t0; t < t1; ++t) {
@@ -303,12 +306,12 @@ static void packed_task(void* ctx, int64_t task) {
   }
 }
 
-bool nf4_packed_supported(DType x_dtype) {
+bool nf4_tiled_supported(DType x_dtype) {
   return x_dtype == DType::float32 || (x_dtype == DType::bfloat16 && cpu_has_bf16_dot());
 }
 
-void nf4_rows_packed(const Nf4PackedRowsArgs& a, int num_threads) {
-  LOWRANK_CHECK(nf4_packed_supported(a.x.dtype), "x: bfloat16 over the packed layout needs AVX512-BF16");
+void nf4_rows_tiled(const Nf4TiledRowsArgs& a, int num_threads) {
+  LOWRANK_CHECK(nf4_tiled_supported(a.x.dtype), "x: bfloat16 over the tiled layout needs AVX512-BF16");
   // Few x rows stream the codes once (memory-bound): a task takes a run of tiles, about four per
   // thread, as nf4.cpp's rows_per_task; more rows are compute-bound and take one tile per task.
   const int64_t tiles = a.w.tiles(), threads = std::max(1, num_threads);
@@ -319,14 +322,14 @@ void nf4_rows_packed(const Nf4PackedRowsArgs& a, int num_threads) {
     interleave_x(a, xs16);
   else
     interleave_x(a, xs32);
-  PackedCtx c{&a, per, a.x.dtype == DType::bfloat16 ? static_cast<const void*>(xs16.data()) : xs32.data()};
-  parallel_for((tiles + per - 1) / per, num_threads, packed_task, &c);
+  TiledCtx c{&a, per, a.x.dtype == DType::bfloat16 ? static_cast<const void*>(xs16.data()) : xs32.data()};
+  parallel_for((tiles + per - 1) / per, num_threads, tiled_task, &c);
 }
 #else
-bool nf4_packed_supported(DType) { return false; }
+bool nf4_tiled_supported(DType) { return false; }
 
-void nf4_rows_packed(const Nf4PackedRowsArgs&, int) {
-  fail("the packed NF4 layout needs the avx512 CPU kernel variant");
+void nf4_rows_tiled(const Nf4TiledRowsArgs&, int) {
+  fail("the tiled NF4 layout needs the avx512 CPU kernel variant");
 }
 #endif
 
