@@ -303,10 +303,11 @@ def _compared_ms(calls: dict[str, Callable[[], Any]]) -> dict[str, float]:
 
 
 # A fused few-token kernel within this fraction of the GEMM path's time at a probe counts as winning it.
-# The probes read their weights cold, where both paths stream W once from memory and come out even at
-# M = 16 (a Zen 4: LoRA fp32 1.39 against 1.34 ms in one calibration, 1.32 against 1.38 in the next);
-# a weight that sits in cache (a small model's layers, or a benchmark's) runs the fused kernel up to 2x
-# faster there (576 -> 1536, M = 16: 0.12 against 0.25 ms), and it allocates nothing. So a tie goes to it.
+# The probes read their weights cold, where both paths stream W once from memory and come out within a
+# few percent at M = 16 (a Zen 4, LoRA fp32: 1.27-1.47 against 1.32-1.38 ms over eight probes, so the
+# verdict flipped between calibrations); a weight that sits in cache (a small model's layers, or a
+# benchmark's) runs the fused kernel up to 2x faster there (576 -> 1536, M = 16: 0.12 against 0.25 ms),
+# and it allocates nothing. So a near-tie goes to it; a clear loss (those 1.41-1.47) does not.
 FUSED_TIE = 0.05
 
 
