@@ -114,7 +114,7 @@ def nf4_cpu_tiled(dtype: torch.dtype, m: int) -> tuple[bool, bool]:
         lo, hi, widen_to = NF4_CPU_TILED_M
     else:
         lo, hi, widen_to = _dispatch.decide(_NF4_TILED_DECISION[dtype == torch.bfloat16])
-    return lo <= m <= hi, dtype == torch.bfloat16 and m <= widen_to
+    return 0 < lo <= m <= hi, dtype == torch.bfloat16 and m <= widen_to  # (lo = 0: never)
 
 
 _NF4_TILED_DECISION = ("nf4_cpu_tiled_m/float32", "nf4_cpu_tiled_m/bfloat16")
