@@ -94,22 +94,7 @@ class SummaryTables:
 
 
 def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo, with its family and model numbers (a VM may report only
-    "AMD EPYC"; family 25 model 17 says Zen 4 Genoa); ``platform.processor()`` where there is no
-    /proc/cpuinfo."""
-    import platform
+    """The CPU's model name with its family and model numbers (lowrank._info.cpu_model)."""
+    from lowrank._info import cpu_model
 
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():
-                    break  # the first processor is enough
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        return platform.processor() or platform.machine()
-    name = fields.get("model name") or platform.processor() or platform.machine()
-    if "cpu family" in fields and "model" in fields:
-        name += f" (family {fields['cpu family']}, model {fields['model']})"
-    return name
+    return cpu_model()

@@ -139,6 +139,29 @@ def test_cache_key_names_the_calibration_version():
     assert f"calibration {_dispatch.CALIBRATION_VERSION}" in _dispatch.cache_key()
 
 
+ZEN4 = {"model name": "AMD EPYC", "vendor_id": "AuthenticAMD", "cpu family": "25", "model": "17", "stepping": "1",
+        "cache size": "1024 KB", "flags": "fpu avx2 avx512f avx512_bf16"}  # fmt: skip
+
+
+def test_cache_key_tells_cpus_with_one_model_name_apart(monkeypatch):
+    """Two VMs that both say "AMD EPYC" (a Zen 4 and a Zen 5 did, on this project's machines) keep
+    separate decisions: the key holds the family, model, stepping, cache size and a digest of the flags."""
+    from lowrank import _info
+
+    keys = []
+    for change in ({}, {"cpu family": "26", "model": "2"}, {"stepping": "2"}, {"cache size": "2048 KB"},
+                   {"flags": ZEN4["flags"] + " amx_bf16"}):  # fmt: skip
+        monkeypatch.setattr(_info, "_cpuinfo", lambda fields={**ZEN4, **change}: fields)
+        keys.append(_dispatch.cache_key())
+    assert len(set(keys)) == len(keys)
+    assert all("AMD EPYC" in key for key in keys)
+    monkeypatch.setattr(_info, "_cpuinfo", lambda: dict(ZEN4))
+    assert _dispatch.cache_key() == keys[0]  # the same CPU: the same key
+    assert _info.cpu_model() == "AMD EPYC (family 25, model 17)"
+    monkeypatch.setattr(_info, "_cpuinfo", dict)  # no /proc/cpuinfo
+    assert _info.cpu_identity() == _info.cpu_model() and _info.cpu_model()
+
+
 def test_decisions_follow_the_thread_count(fresh, monkeypatch):
     """A decision holds for the thread count it was measured at: after torch.set_num_threads the
     process takes the decision again for the new count (measured, or the disk cache's)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import platform
 
 import torch
@@ -9,16 +10,46 @@ import torch
 from . import _C
 
 
-def cpu_model() -> str:
-    """The CPU's model name as lscpu prints it (what every reported number is labelled with)."""
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown CPU"
+    return fields
+
+
+def cpu_model() -> str:
+    """The CPU's model name as lscpu prints it, with its family and model numbers where /proc/cpuinfo has
+    them (what every reported number is labelled with: a VM may report only "AMD EPYC", where family 25
+    model 17 is a Zen 4 and family 26 model 2 a Zen 5)."""
+    fields = _cpuinfo()
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
+
+
+def cpu_identity() -> str:
+    """What tells one CPU's timings from another's, for keying measured decisions: the model name, the
+    vendor's family / model / stepping, the cache size and a digest of the feature flags. VMs on
+    different hosts can share a model name ("AMD EPYC" on a Zen 4 and on a Zen 5): the numbers and the
+    flags tell them apart."""
+    fields = _cpuinfo()
+    if not fields:
+        return cpu_model()
+    parts = [fields.get("model name", "?"), fields.get("vendor_id", "?")]
+    parts += [f"{k} {fields[k]}" for k in ("cpu family", "model", "stepping", "cache size") if k in fields]
+    flags = " ".join(sorted(fields.get("flags", "").split()))
+    if flags:
+        parts.append("flags " + hashlib.sha256(flags.encode()).hexdigest()[:12])
+    return ", ".join(parts)
 
 
 def info(calibrate: bool = False) -> dict:

@@ -69,7 +69,9 @@ decide it; the timings that made it are kept and shown by ``lowrank.info()``. A 
 small GEMM is timed before and after each probe: when it changed by more than ``STEADY_RATIO``,
 something else had the machine, and the decision is used by this process but not cached. Decisions are cached per process and, by default, on disk
 (``$LOWRANK_CACHE_DIR`` or ``~/.cache/lowrank``, ``calibration.json``), keyed by what they depend on:
-lowrank's and torch's versions, the CPU kernel variant, the thread count and the CPU model.
+lowrank's and torch's versions, the CPU kernel variant, the thread count and the CPU
+(``_info.cpu_identity``: its name, family, model, stepping, cache size and flags, since VMs on a
+Zen 4 and on a Zen 5 both call theirs "AMD EPYC").
 ``LOWRANK_CALIBRATION=process`` measures without the disk cache; ``off`` uses the conservative
 built-in defaults (no measuring) — for reproducible runs.
 """
@@ -89,7 +91,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .._info import cpu_model
+from .._info import cpu_identity
 
 UNBOUNDED = 1 << 62
 # Bumped when the probes or the kernels they time change, so decisions measured the old way are measured again.
@@ -206,7 +208,7 @@ def cache_key() -> str:
         f"torch {torch.__version__}",
         f"isa {_C.cpu_isa()}",
         f"threads {torch.get_num_threads()}",
-        cpu_model(),
+        cpu_identity(),
     ))  # fmt: skip
 
 
