@@ -80,6 +80,59 @@ static LoraRowsArgs lora_rows_args(const Matrix& out, const Matrix& x, const Mat
   return a;
 }
 
+// A layer's few-token inference call with everything but x and out fixed: the kernel views of the
+// weight (plain, NF4 row-major or NF4 tiled), bias and B, the scale and the dtypes. Python builds one
+// per layer after the op's full checks (ops/lora.py, ops/nf4.py: CallPlan) and calls run() with the
+// raw addresses of a contiguous x [m, k] it has checked, a fresh out [m, n] and, for NF4 with an
+// adapter, u = x Aᵀ [m, r] in fp32 (LoRA's fused kernel makes u itself): one call instead of building
+// three Matrix views per call. The launchers re-check every size as usual.
+struct RowsPlan {
+  enum class Kind { lora_fused, nf4_rows, nf4_tiled };
+  Kind kind = Kind::lora_fused;
+  Matrix w, bias, a, e;
+  Nf4Weight nf4{};
+  Nf4Tiled tiled{};
+  int64_t k = 0, n = 0, r = 0;
+  DType x_dtype = DType::float32, out_dtype = DType::float32;
+  float scale = 1.0f;
+  bool bf16_dot = false;
+
+  void run(std::uintptr_t out_ptr, std::uintptr_t x_ptr, int64_t m, std::uintptr_t u_ptr, int num_threads) const {
+    LOWRANK_CHECK(m >= 0, "m: negative");
+    LOWRANK_CHECK(out_ptr != 0 && x_ptr != 0, "out, x: null addresses");
+    const Matrix x{x_ptr, m, k, k, x_dtype, -1}, out{out_ptr, m, n, n, out_dtype, -1};
+    const Matrix u = u_ptr ? Matrix{u_ptr, m, r, r, DType::float32, -1} : Matrix{};
+    switch (kind) {
+      case Kind::lora_fused: {
+        LoraRowsArgs args;
+        args.out = out;
+        args.x = x;
+        args.w = w;
+        args.bias = bias;
+        args.e = e;
+        args.scale = scale;
+        py::gil_scoped_release nogil;
+        lora_fused_cpu(args, a, u, num_threads);
+        return;
+      }
+      case Kind::nf4_rows: {
+        LOWRANK_CHECK(r == 0 || u_ptr != 0, "u: the adapter's u = x Aᵀ is required");
+        const Nf4RowsArgs args{out, x, nf4, bias, u, u_ptr ? e : Matrix{}, scale, bf16_dot};
+        py::gil_scoped_release nogil;
+        nf4_rows_cpu(args, num_threads);
+        return;
+      }
+      case Kind::nf4_tiled: {
+        LOWRANK_CHECK(r == 0 || u_ptr != 0, "u: the adapter's u = x Aᵀ is required");
+        const Nf4TiledRowsArgs args{out, x, tiled, bias, u, u_ptr ? e : Matrix{}, scale};
+        py::gil_scoped_release nogil;
+        nf4_rows_tiled_cpu(args, num_threads);
+        return;
+      }
+    }
+  }
+};
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "lowrank kernels (CPU and, when built, CUDA). Use lowrank.ops, not this module.";
 
@@ -196,6 +249,47 @@ PYBIND11_MODULE(_C, m) {
 #endif
 
   // ---- mixed-adapter batches ---------------------------------------------------------------------
+  py::class_<RowsPlan>(m, "RowsPlan",
+                       "A layer's few-token inference call with the weight, bias, B, scale and dtypes fixed: "
+                       "run(out_ptr, x_ptr, m, u_ptr, num_threads) on contiguous x [m, k] and out [m, n]")
+      .def_static(
+          "lora",
+          [](const Matrix& w, const std::optional<Matrix>& bias, const Matrix& a, const Matrix& e, float scale,
+             DType x_dtype, DType out_dtype) {
+            RowsPlan p;
+            p.kind = RowsPlan::Kind::lora_fused;
+            p.w = w, p.bias = opt(bias), p.a = a, p.e = e, p.scale = scale;
+            p.k = w.cols, p.n = w.rows, p.r = a.rows, p.x_dtype = x_dtype, p.out_dtype = out_dtype;
+            return p;
+          },
+          "the fused LoRA rows (lora_fused_cpu: u = x aᵀ made inside)")
+      .def_static(
+          "nf4_rows",
+          [](const Nf4Weight& w, const std::optional<Matrix>& bias, const std::optional<Matrix>& e, float scale,
+             DType x_dtype, DType out_dtype, bool bf16_dot) {
+            RowsPlan p;
+            p.kind = RowsPlan::Kind::nf4_rows;
+            p.nf4 = w, p.bias = opt(bias), p.e = opt(e), p.scale = scale, p.bf16_dot = bf16_dot;
+            p.k = w.cols, p.n = w.rows, p.r = e ? e->cols : 0, p.x_dtype = x_dtype, p.out_dtype = out_dtype;
+            return p;
+          },
+          "the NF4 rows kernel over the stored codes (nf4_rows_cpu)")
+      .def_static(
+          "nf4_tiled",
+          [](const Nf4Tiled& w, const std::optional<Matrix>& bias, const std::optional<Matrix>& e, float scale,
+             DType x_dtype, DType out_dtype) {
+            RowsPlan p;
+            p.kind = RowsPlan::Kind::nf4_tiled;
+            p.tiled = w, p.bias = opt(bias), p.e = opt(e), p.scale = scale;
+            p.k = w.cols, p.n = w.rows, p.r = e ? e->cols : 0, p.x_dtype = x_dtype, p.out_dtype = out_dtype;
+            return p;
+          },
+          "the NF4 rows kernel over the tiled inference copy (nf4_rows_tiled_cpu)")
+      .def_readonly("k", &RowsPlan::k)
+      .def_readonly("n", &RowsPlan::n)
+      .def_readonly("r", &RowsPlan::r)
+      .def("run", &RowsPlan::run, "out_ptr, x_ptr, m, u_ptr (0: none), num_threads");
+
   py::class_<MixedAdapters>(m, "MixedAdapters", "The adapters one layer may use in a mixed batch (raw views)")
       .def(py::init(&make_mixed_adapters), py::arg("a"), py::arg("e"), py::arg("v_scale"), py::arg("col_scale"),
            py::arg("scale"), py::arg("et") = std::vector<std::optional<Matrix>>{})
@@ -399,6 +493,9 @@ PYBIND11_MODULE(_C, m) {
   });
 #endif
 
+  m.def("set_parallel_min_work", &set_parallel_min_work, py::arg("work"),
+        "the fewest multiply-adds per thread in the CPU few-token kernels (0: every call takes every thread)");
+  m.def("parallel_min_work", &parallel_min_work, "see set_parallel_min_work");
   m.def("supported_cpu_isas", &cpu::supported_isas, "CPU kernel variants this CPU can run");
   m.def("cpu_isa", &cpu::active_isa, "the CPU kernel variant in use");
   m.def("cpu_bf16_dot", &cpu::bf16_dot_available,

@@ -77,6 +77,11 @@ void lora_rows_cpu(const LoraRowsArgs& a, int num_threads);
 // `args.e` is B ([N, R]); with R = 0 there is no adapter term and e is not read.
 void lora_fused_cpu(const LoraRowsArgs& args, const Matrix& a, const Matrix& u, int num_threads);
 
+// The CPU few-token kernels (LoRA and NF4 rows, input gradients, adapter products) give a call fewer
+// threads than asked when it has less than this many multiply-adds per thread (0: never fewer).
+void set_parallel_min_work(int64_t work);
+int64_t parallel_min_work();
+
 // The input gradient of the LoRA linear, streaming W once (few-token backward):
 //
 //   out[m, k] = sum_n dy[m, n] * w[n, k]  +  sum_j g[m, j] * a[j, k]

@@ -1,5 +1,6 @@
 // Picks the CPU kernel variant at run time: AVX-512 where the CPU and OS support it, else AVX2+FMA,
 // else portable C++. LOWRANK_CPU_ISA (or set_cpu_isa) may force a lower one, e.g. for tests.
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -136,14 +137,39 @@ void set_isa(const std::string& name) {
 
 namespace lowrank {
 
+// The fewest multiply-adds worth a thread of its own in the few-token kernels below (0: every call
+// takes every thread it is given). Waking a second thread costs microseconds (2.9 against 0.4 µs for a
+// 64 -> 64 row at M = 1 on a Zen 5), so small calls run on fewer threads. Measured per machine and thread
+// count (ops/_dispatch.py, cpu_parallel_min_work) and set from Python.
+static std::atomic<int64_t> g_min_work{0};
+
+void set_parallel_min_work(int64_t work) {
+  LOWRANK_CHECK(work >= 0, "work: expected a count of multiply-adds >= 0, got " + std::to_string(work));
+  g_min_work.store(work, std::memory_order_relaxed);
+}
+
+int64_t parallel_min_work() { return g_min_work.load(std::memory_order_relaxed); }
+
+// The threads a call of `work` multiply-adds takes: num_threads, or fewer, so that each has at least
+// the measured minimum.
+static int threads_for(double work, int num_threads) {
+  const int64_t per = g_min_work.load(std::memory_order_relaxed);
+  if (per <= 0 || num_threads <= 1) return num_threads;
+  const double t = work / double(per);
+  return t >= double(num_threads) ? num_threads : (t < 2.0 ? 1 : int(t));
+}
+
+static double rows_work(int64_t m, int64_t n, int64_t k, int64_t r) { return double(m) * double(n) * double(k + r); }
+
 void lora_rows_cpu(const LoraRowsArgs& a, int num_threads) {
   validate_lora_rows(a, /*cuda=*/false);
   if (a.out.rows == 0 || a.out.cols == 0) return;
-  cpu::active()->lora_rows(a, num_threads);
+  cpu::active()->lora_rows(a, threads_for(rows_work(a.x.rows, a.w.rows, a.x.cols, a.v.cols), num_threads));
 }
 
 void lora_fused_cpu(const LoraRowsArgs& args, const Matrix& a, const Matrix& u, int num_threads) {
   const int64_t M = args.x.rows, K = args.x.cols, R = a.rows;
+  num_threads = threads_for(rows_work(M, args.w.rows + R, K, R), num_threads);
   LOWRANK_CHECK(args.v.ptr == 0, "v: the fused forward computes v (u = x aᵀ) itself");
   check_matrix(a, "a", R, K);
   LOWRANK_CHECK(a.dtype == DType::float32 || a.dtype == args.w.dtype,
@@ -184,18 +210,20 @@ void lora_fused_cpu(const LoraRowsArgs& args, const Matrix& a, const Matrix& u, 
 void lora_input_grad_cpu(const LoraInputGradArgs& a, int num_threads) {
   validate_lora_input_grad(a);
   if (a.out.rows == 0 || a.out.cols == 0) return;
-  cpu::active()->lora_input_grad(a, num_threads);
+  cpu::active()->lora_input_grad(a, threads_for(rows_work(a.dy.rows, a.dy.cols, a.out.cols, a.g.cols), num_threads));
 }
 
 void adapter_products_cpu(const AdapterProductsArgs& a, int num_threads) {
   validate_adapter_products(a);
-  cpu::active()->adapter_products(a, num_threads);
+  const int64_t R = a.c.ptr ? a.c.cols : (a.d_transposed ? a.d.rows : a.d.cols);
+  const double work = double(a.x.rows) * double(a.x.cols) * double(R) * ((a.c.ptr && a.d.ptr) ? 2.0 : 1.0);
+  cpu::active()->adapter_products(a, threads_for(work, num_threads));
 }
 
 void adapter_term_cpu(const AdapterTermArgs& a, int num_threads) {
   validate_adapter_term(a);
   if (a.out.rows == 0 || a.out.cols == 0) return;
-  cpu::active()->adapter_term(a, num_threads);
+  cpu::active()->adapter_term(a, threads_for(rows_work(a.out.rows, a.out.cols, 0, a.u.cols), num_threads));
 }
 
 void lora_backward_cpu(const LoraBackwardArgs& p, int num_threads) {
@@ -215,9 +243,12 @@ void lora_backward_cpu(const LoraBackwardArgs& p, int num_threads) {
                        Matrix{reinterpret_cast<std::uintptr_t>(scratch.data()), tasks * M, K, K, DType::float32, -1},
                        p.bf16_dot};
   validate_lora_input_grad(ig);  // dx [M, K], w [N, K], a [R, K]
-  cpu::active()->adapter_products(up, num_threads);
-  cpu::active()->adapter_products(down, num_threads);
-  cpu::active()->lora_input_grad(ig, int(tasks));
+  // The task count stays num_threads (the input gradient's partial sums, and so its bits, follow it,
+  // as lora_input_grad_cpu's workspace rows do); a small call runs those tasks on fewer threads.
+  const int threads = threads_for(rows_work(M, N, K, 3 * p.u.cols), int(tasks));
+  cpu::active()->adapter_products(up, threads);
+  cpu::active()->adapter_products(down, threads);
+  cpu::active()->lora_input_grad(ig, threads);
 }
 
 void nf4_quantize_cpu(const Nf4QuantizeArgs& a, int num_threads) {
@@ -241,7 +272,7 @@ void nf4_dequantize_cpu(const Nf4DequantizeArgs& a, int num_threads) {
 void nf4_input_grad_cpu(const Nf4InputGradArgs& a, int num_threads) {
   validate_nf4_input_grad(a);
   if (a.out.rows == 0 || a.out.cols == 0) return;
-  cpu::active()->nf4_input_grad(a, num_threads);
+  cpu::active()->nf4_input_grad(a, threads_for(rows_work(a.dy.rows, a.dy.cols, a.out.cols, 0), num_threads));
 }
 
 int64_t validate_mixed_plan_cpu(const MixedRowsArgs& p) {
@@ -279,7 +310,7 @@ void mixed_rows_cpu(const MixedRowsArgs& a, int num_threads) {
 void nf4_rows_cpu(const Nf4RowsArgs& a, int num_threads) {
   validate_nf4_rows(a, /*cuda=*/false);
   if (a.out.rows == 0 || a.out.cols == 0) return;
-  cpu::active()->nf4_rows(a, num_threads);
+  cpu::active()->nf4_rows(a, threads_for(rows_work(a.x.rows, a.w.rows, a.x.cols, a.v.cols), num_threads));
 }
 
 bool nf4_tiled_available(DType x_dtype) { return cpu::active()->nf4_tiled_supported(x_dtype); }
@@ -297,7 +328,7 @@ void nf4_tile_cpu(const Nf4Weight& w, const Nf4Tiled& p, int num_threads) {
 void nf4_rows_tiled_cpu(const Nf4TiledRowsArgs& a, int num_threads) {
   validate_nf4_tiled_rows(a);
   if (a.out.rows == 0) return;
-  cpu::active()->nf4_rows_tiled(a, num_threads);
+  cpu::active()->nf4_rows_tiled(a, threads_for(rows_work(a.x.rows, a.w.rows, a.x.cols, a.v.cols), num_threads));
 }
 
 void cross_entropy_cpu(const CrossEntropyArgs& a, int num_threads) {

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from ..autograd import LoRALinearFunction
 from ..ops import _direct
+from ..ops._direct import param, submodule
 from ..ops import lora as _lora_ops
 
 
@@ -198,9 +199,10 @@ class LoRALinear(LoRAAdapter, nn.Module):
         if self.merged:
             return F.linear(x, self.weight, self.bias)
         adapter_input = None
-        if isinstance(self.lora_dropout, nn.Dropout) and self.training:
+        if self.training and isinstance(self.lora_dropout, nn.Dropout):
             adapter_input = self.lora_dropout(x)
-        args = (x, self.weight, self.bias, self.lora_A.weight, self.lora_B.weight, self.scaling, adapter_input)
+        lora_a, lora_b = param(submodule(self, "lora_A"), "weight"), param(submodule(self, "lora_B"), "weight")
+        args = (x, param(self, "weight"), param(self, "bias"), lora_a, lora_b, self.scaling, adapter_input)
         if torch.is_grad_enabled():
             y, _ = _direct.apply(LoRALinearFunction, *args, self._frozen)
         elif adapter_input is None:  # inference: the kernel with this layer's views built once (ops/lora.py)

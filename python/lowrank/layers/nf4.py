@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from ..autograd import NF4LinearFunction
 from ..ops import _direct
 from ..ops import nf4 as _ops
+from ..ops._direct import param, submodule
 from .lora import LoRAAdapter, check_linear_args
 
 _QS_KEY = "quant_state.bitsandbytes__nf4"
@@ -224,7 +225,7 @@ class NF4Linear(nn.Module):
             x = x.to(self.compute_dtype)
             if adapter_input is not None:
                 adapter_input = adapter_input.to(self.compute_dtype)
-        bias = self.bias
+        bias = param(self, "bias")
         if bias is not None and bias.dtype not in (x.dtype, torch.float32):
             bias = bias.to(x.dtype)
         if lora_a is not None and lora_a.dtype not in (x.dtype, torch.float32):
@@ -412,9 +413,10 @@ class QLoRALinear(LoRAAdapter, NF4Linear):
         if self.merged:
             return self._forward(x, None, None, 1.0, None)
         adapter_input = None
-        if isinstance(self.lora_dropout, nn.Dropout) and self.training:
+        if self.training and isinstance(self.lora_dropout, nn.Dropout):
             adapter_input = self.lora_dropout(x)
-        return self._forward(x, self.lora_A.weight, self.lora_B.weight, self.scaling, adapter_input)
+        lora_a, lora_b = param(submodule(self, "lora_A"), "weight"), param(submodule(self, "lora_B"), "weight")
+        return self._forward(x, lora_a, lora_b, self.scaling, adapter_input)
 
     @torch.no_grad()
     def merged_linear(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:

@@ -27,3 +27,20 @@ def apply(function: type, *args):
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return function.apply(*args)
     return super(torch.autograd.Function, function).apply(*args)
+
+
+_ABSENT = object()
+
+
+def param(module: torch.nn.Module, name: str):
+    """``module.<name>`` for a parameter (or None), read from ``_parameters`` where it is registered there:
+    ``Module.__getattr__`` costs ~0.4 µs, a call's largest cost after the kernel for a small layer. Any
+    other attribute (a parametrization's property, a plain one) the usual way."""
+    t = module._parameters.get(name, _ABSENT)
+    return getattr(module, name) if t is _ABSENT else t
+
+
+def submodule(module: torch.nn.Module, name: str):
+    """``module.<name>`` for a submodule, read from ``_modules`` (as :func:`param`)."""
+    m = module._modules.get(name, _ABSENT)
+    return getattr(module, name) if m is _ABSENT else m

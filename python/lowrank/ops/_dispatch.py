@@ -61,6 +61,14 @@ measurement on first use, of the two candidate paths on one probe shape, interle
   from a weight's row tiles, M = 16, 64, 256. The QLoRA bf16 input gradient's column tiles follow the
   bf16 decision (products ``[M, cols]`` into dx's columns, or ``[cols, M]`` into a transposed buffer).
 
+- ``cpu_parallel_min_work``: the fewest multiply-adds a thread is given in the few-token kernels (LoRA
+  and NF4 rows, input gradients, adapter products; csrc/cpu/dispatch.cpp): a smaller call runs on fewer
+  threads than torch's count, since waking another costs microseconds (a Zen 5 VM: a 64 -> 64 row at
+  M = 1 in 0.4 µs on one thread, 2.9 on two). Probe: the fp32 row kernel at M = 1 over a warm
+  s × s weight, s = 64, 128, ..., 2048, on one thread and on all of them; the first size at which all
+  threads won by 5 % (a tie keeps one thread: the kernel may split a small call into one task) sets it (s² / threads: from that work on, every thread has its share; 0 where they win at
+  64, and 2048² where they never do). Not measured with one thread (0).
+
 A decision is the largest probed M at which the fused path won every probe up to it (never more than
 the largest probe; for the fused kernels against the GEMM path, coming within ``FUSED_TIE`` — 5 % — of
 the GEMM's time counts as a win: the probes read weights cold, where both stream W once and tie). Each comparison is at least two independent interleaved sets (three when they
@@ -101,6 +109,7 @@ STEADY_RATIO = 1.3  # the steadiness workload's time may change this much across
 # What runs when calibration is off: the fused kernels where they were written for (few tokens),
 # widened bf16 GEMMs (never slower than fp32 GEMM).
 DEFAULTS: dict[str, Any] = {
+    "cpu_parallel_min_work": 0,
     "cpu_bf16_gemm": "widen",
     "cpu_fp32_gemm": "torch",
     "cpu_fused_max_m/float32": 64,
@@ -254,7 +263,7 @@ def _make(name: str) -> Decision:
         cached = _read_cache().get(name)
         if isinstance(cached, dict) and "value" in cached:
             return Decision(cached["value"], "disk cache", 0.0, cached.get("timings_ms", {}))
-    if name not in ("cpu_fp32_gemm", "cpu_bf16_gemm"):
+    if name not in ("cpu_fp32_gemm", "cpu_bf16_gemm", "cpu_parallel_min_work"):
         decide("cpu_fp32_gemm")  # taken first: a probe's GEMM side runs the fp32 GEMM it chose
     before = min(_steadiness_ms() for _ in range(5))
     start = time.perf_counter()
@@ -691,7 +700,49 @@ def _probe_tile_layout(dtype: torch.dtype) -> tuple[int, dict]:
     return _crossover([16, 64, 256], lambda m: call(m, UNBOUNDED), lambda m: call(m, 0), ("buffer", "columns"))
 
 
+PARALLEL_PROBE_SIZES = (64, 128, 256, 512, 1024, 2048)
+PARALLEL_MARGIN = 0.05  # all threads must beat one by this fraction: a small kernel may run as one task either way
+
+
+def _probe_parallel_min_work() -> tuple[int, dict]:
+    """``s² // threads`` for the first probed ``s`` at which the fp32 row kernel (M = 1, a warm s × s
+    weight) ran faster on all of torch's threads than on one; 0 where they won at the smallest, the
+    largest s² where they never won. Each timing is a loop of calls (a call takes 0.4 µs and up), the
+    kernel called straight through ``_C`` (no Python dispatch, no decision of its own)."""
+    from .. import _C
+    from .._validate import matrix
+
+    threads = torch.get_num_threads()
+    if threads <= 1:
+        return 0, {}
+    before = _C.parallel_min_work()
+    _C.set_parallel_min_work(0)  # the probe's thread counts as given
+    try:
+        g = torch.Generator().manual_seed(0)
+        timings: dict = {}
+        for s in PARALLEL_PROBE_SIZES:
+            w, x, y = torch.randn(s, s, generator=g), torch.randn(1, s, generator=g), torch.empty(1, s)
+            mw, mx, my = matrix("w", w), matrix("x", x), matrix("out", y)
+            reps = max(4, (1 << 20) // (s * s))  # ~1 M multiply-adds per timed loop
+
+            def loop(t: int) -> Callable[[], None]:
+                def run():
+                    for _ in range(reps):
+                        _C.lora_rows_cpu(my, mx, mw, None, None, None, None, None, 1.0, t)
+
+                return run
+
+            t = _compared_ms({"1 thread": loop(1), f"{threads} threads": loop(threads)})
+            timings[f"{s}x{s} M=1, {reps} calls"] = t
+            if t[f"{threads} threads"] < (1.0 - PARALLEL_MARGIN) * t["1 thread"]:  # a tie keeps one thread
+                return (0 if s == PARALLEL_PROBE_SIZES[0] else s * s // threads), timings
+        return PARALLEL_PROBE_SIZES[-1] ** 2, timings
+    finally:
+        _C.set_parallel_min_work(before)
+
+
 _PROBES: dict[str, Callable[[], tuple[Any, dict]]] = {
+    "cpu_parallel_min_work": _probe_parallel_min_work,
     "cpu_bf16_gemm": _probe_bf16_gemm,
     "cpu_fp32_gemm": _probe_fp32_gemm,
     "cpu_fused_max_m/float32": lambda: _probe_fused(torch.float32),

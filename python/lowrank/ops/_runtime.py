@@ -22,13 +22,26 @@ def empty(*shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 
 
 def num_threads() -> int:
-    """As many threads as torch itself uses for intra-op work (never more)."""
-    return max(1, torch.get_num_threads())
+    """As many threads as torch itself uses for intra-op work (never more). The kernels give a small call
+    fewer (``cpu_parallel_min_work``, applied here: every kernel call on the full path asks for this)."""
+    threads = torch.get_num_threads()
+    global _applied_min_work
+    work = PARALLEL_MIN_WORK if PARALLEL_MIN_WORK is not None else _dispatch.decide("cpu_parallel_min_work")
+    if work != _applied_min_work:
+        from .. import _C
+
+        _C.set_parallel_min_work(int(work))
+        _applied_min_work = work
+    return max(1, threads)
+
+
+_applied_min_work = 0  # the value _C holds (its own default: 0, every call takes every thread)
 
 
 # The CPU crossovers (fused few-token kernels vs the GEMM path) are measured on the machine that runs
 # them, on first use: ops/_dispatch.py. Tests and benchmarks may pin one for every variant here
 # (None: the measured value).
+PARALLEL_MIN_WORK: Optional[int] = None  # fewest multiply-adds per thread in the few-token kernels (0: no limit)
 CPU_FUSED_MAX_M: Optional[dict] = None  # {dtype: largest M for the fused LoRA/VeRA row kernel}
 CPU_INPUT_GRAD_MAX_M: Optional[dict] = None  # {dtype: largest M for the dx = dy W + g A kernel}
 NF4_CPU_FUSED_MAX_M: Optional[int] = None  # largest M for the fused NF4 dequant-GEMV rows kernel (every dtype)

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import _C
-from .._validate import check_tensor, cuda_stream, last_dim_contiguous, matrix, optional_matrix
+from .._validate import _DTYPES, check_tensor, cuda_stream, last_dim_contiguous, matrix, optional_matrix
 from . import _direct, _gemm, _runtime
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -328,10 +328,11 @@ class FrozenOperands:
     ``state`` is one ``(signature, views)`` tuple, replaced whole, so threads sharing a layer never see
     half of one. A copy of the layer starts empty (views point into the original's memory)."""
 
-    __slots__ = ("state",)
+    __slots__ = ("state", "plan")
 
     def __init__(self):
         self.state = None
+        self.plan = None  # a CallPlan for the next inference call (ops/lora.py, ops/nf4.py), or None
 
     def __deepcopy__(self, memo):
         return type(self)()
@@ -427,17 +428,90 @@ def _fused_cpu(views: tuple, x, n: int, scale, u: Optional[Tensor]) -> Tensor:
     return y
 
 
+class CallPlan:
+    """One layer's few-token inference call with everything but ``x`` fixed, for the calls after the
+    first: the C++ side (``_C.RowsPlan``: the weight's kernel view, bias, B, scale and dtypes) and what
+    it was made for — the layer's tensors (``key``: their signatures, and for a tiled NF4 copy their
+    version counters), x's dtype, the thread count and the measured choices in force then (``mode``).
+    :meth:`fits` re-reads those per call (a decision pinned or re-measured since, another thread count,
+    another tensor: no fit, and the caller takes the full path, which makes a new plan). A call through
+    the plan runs the same kernel on the same views as the full path: the same bits, in a third of the
+    Python (64 → 64, M=1: the full path's 12 µs were mostly views, signatures and checks rebuilt per call)."""
+
+    __slots__ = ("key", "dtype", "k", "n", "threads", "mode", "widen", "rows", "scale", "blocksize")
+
+    def __init__(self, key: tuple, dtype: torch.dtype, k: int, n: int, mode, widen: bool, rows: "_C.RowsPlan",
+                 scale: float, blocksize: int = 0):  # fmt: skip
+        self.key, self.dtype, self.k, self.n, self.mode, self.widen = key, dtype, k, n, mode, widen
+        self.rows, self.scale, self.blocksize = rows, scale, blocksize
+        self.threads = torch.get_num_threads()
+
+    def tokens(self, x) -> int:
+        """``x``'s token count where x is a plain contiguous CPU tensor of the plan's dtype and width, ``0``
+        where the plan cannot take it."""
+        shape = x.shape
+        if (type(x) is not Tensor or x.dtype is not self.dtype or not shape or shape[-1] != self.k or not x.is_cpu
+                or not x.is_contiguous() or torch.get_num_threads() != self.threads
+                or torch.compiler.is_compiling()):  # fmt: skip
+            return 0
+        return x.numel() // self.k
+
+    def output(self, x, m: int) -> Tensor:
+        """A fresh CPU ``y`` of x's leading shape (a tuple argument costs ~0.3 µs more than unpacked sizes)."""
+        dtype = self.dtype
+        y = torch.empty(m, self.n, dtype=dtype) if x.dim() == 2 else torch.empty(*x.shape[:-1], self.n, dtype=dtype)
+        return y.fill_(float("nan")) if _runtime.poison_outputs else y
+
+
+def _lora_mode(dtype: torch.dtype, m: int) -> Optional[bool]:
+    """The fused LoRA rows' measured choices for ``m`` tokens of ``dtype``: None where the fused kernel is
+    not the choice, else whether a bf16 x is widened (rows_input)."""
+    if not 0 < m <= _runtime.cpu_fused_max_m(dtype):
+        return None
+    return dtype is torch.bfloat16 and not _runtime.cpu_lora_bf16_dot()
+
+
+def _planned_forward(plan: CallPlan, x, key, scale) -> Optional[Tensor]:
+    m = plan.tokens(x)
+    if not m or key != plan.key or scale != plan.scale or _lora_mode(plan.dtype, m) is not plan.widen:
+        return None
+    x_in = x.float() if plan.widen else x
+    y = plan.output(x, m)
+    plan.rows.run(y.data_ptr(), x_in.data_ptr(), m, 0, plan.threads)
+    return y
+
+
 def forward_fast(frozen: FrozenOperands, x, weight, bias, lora_a, lora_b, scale) -> Tensor:
     """``y`` of ``lora_linear_forward`` (no dropout) for inference, through the fused row kernel with
     the per-layer views of ``frozen`` where that kernel is the measured choice (eager, plain CPU
-    tensors, fp32/bf16, few tokens); otherwise through the op as usual. Same kernel, same bits."""
+    tensors, fp32/bf16, few tokens); otherwise through the op as usual. Same kernel, same bits. After
+    one such call the next go through ``frozen.plan`` (:class:`CallPlan`) while it fits."""
+    plan = frozen.plan
+    if plan is not None:
+        y = _planned_forward(plan, x, FrozenOperands.signature(weight, bias, lora_a, lora_b), scale)
+        if y is not None:
+            return y
     state = _frozen_state(frozen, x, weight, bias, lora_a, lora_b, scale)
     if state is not None:
         n = weight.shape[0]
         y = _fused_cpu(state[1], x, n, scale, None)
+        frozen.plan = _lora_plan(state, x, n, scale)
         return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
     op = _forward_native if _direct.ok(x) else torch.ops.lowrank.lora_linear_forward
     return op(x, weight, bias, lora_a, lora_b, scale, None)[0]
+
+
+def _lora_plan(state: tuple, x, n: int, scale) -> Optional[CallPlan]:
+    """A CallPlan of the fused LoRA rows for calls like ``x`` (None where the measured choices for it are
+    not the fused kernel's)."""
+    k = x.shape[-1]
+    widen = _lora_mode(x.dtype, x.numel() // k if k else 0)
+    if widen is None:
+        return None
+    mw, mb, ma, me = state[1]
+    x_code = _DTYPES[torch.float32 if widen else x.dtype]
+    rows = _C.RowsPlan.lora(mw, mb, ma, me, float(scale), x_code, _DTYPES[x.dtype])
+    return CallPlan(state[0], x.dtype, k, n, widen, widen, rows, scale)
 
 
 def forward_train_fast(frozen: FrozenOperands, x, weight, bias, lora_a, lora_b, scale) -> Optional[tuple]:

@@ -638,6 +638,47 @@ class Nf4Frozen(_lora.FrozenOperands):
         self.tiled = None
 
 
+def _inference_mode(dtype: torch.dtype, m: int, shape, blocksize: int, tiled: bool) -> Optional[tuple]:
+    """The measured choices for an inference call of ``m`` tokens of ``dtype`` on the eager CPU path:
+    ``("tiled", widen)`` for the tiled layout (``_runtime.nf4_cpu_tiled``; ``tiled=False``: never),
+    ``("rows", dot)`` for the row-major kernel over the stored codes (a bf16 x read as bf16 with
+    ``dot``, else widened: ``_rows_input``), None for the op's usual path (many tokens)."""
+    if tiled:
+        tiled, widen = _runtime.nf4_cpu_tiled(dtype, m)
+        if tiled and TiledWeight.supported(shape, blocksize, torch.float32 if widen else dtype):
+            return ("tiled", widen)
+    if 0 < m <= _runtime.nf4_cpu_fused_max_m(dtype):
+        return ("rows", dtype is torch.bfloat16 and _runtime.nf4_cpu_bf16_dot())
+    return None
+
+
+def _plan_key(codes, absmax, absmax2, code2, offset, bias, lora_a, lora_b, tiled: bool) -> tuple:
+    """What a CallPlan of this layer depends on: the tensors' signatures, and where the plan reads the
+    tiled copy, the codes' and scales' version counters (new values written in place remake the copy)."""
+    key = _lora.FrozenOperands.signature(codes, absmax, absmax2, code2, offset, bias, lora_a, lora_b)
+    if tiled:
+        key += tuple([None if t is None else t._version for t in (codes, absmax, absmax2, code2, offset)])
+    return key
+
+
+def _planned_forward(plan: "_lora.CallPlan", x, codes, absmax, absmax2, code2, offset, bias, lora_a, lora_b, scale,
+                     tiled: bool) -> Optional[Tensor]:  # fmt: skip
+    m = plan.tokens(x)
+    if not m or scale != plan.scale or (plan.mode[0] == "tiled" and not tiled):
+        return None
+    if plan.key != _plan_key(codes, absmax, absmax2, code2, offset, bias, lora_a, lora_b, plan.mode[0] == "tiled"):
+        return None
+    if _inference_mode(plan.dtype, m, (plan.n, plan.k), plan.blocksize, tiled) != plan.mode:
+        return None
+    x_in = x.float() if plan.widen else x
+    u = None
+    if lora_a is not None:
+        u = _lora.down_projection(x_in.float().reshape(m, plan.k), lora_a, x.dtype)
+    y = plan.output(x, m)
+    plan.rows.run(y.data_ptr(), x_in.data_ptr(), m, 0 if u is None else u.data_ptr(), plan.threads)
+    return y
+
+
 def forward_fast(frozen: "Nf4Frozen", x, codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2, bias,
                  lora_a, lora_b, scale, *, tiled: bool = True) -> Tensor:  # fmt: skip
     """``y`` of ``nf4_linear_forward`` (no dropout) for inference: on the eager CPU few-token path the
@@ -648,17 +689,20 @@ def forward_fast(frozen: "Nf4Frozen", x, codes, absmax, absmax2, code2, offset, 
     then its kernel, the same contract (exact W for fp32 x, W rounded once to bf16 for bf16 x — or, where
     measured faster for this few tokens, x widened against the exact W as the row kernel's "widen" —
     fp32 sums, one rounding), summed in another order. ``tiled=False``: never the tiled layout (and a
-    copy ``frozen`` holds is freed)."""
+    copy ``frozen`` holds is freed). After one such call the next go through ``frozen.plan``
+    (``ops/lora.py``'s ``CallPlan``) while it fits."""
+    plan = frozen.plan
+    if plan is not None:
+        y = _planned_forward(plan, x, codes, absmax, absmax2, code2, offset, bias, lora_a, lora_b, scale, tiled)
+        if y is not None:
+            return y
+    if not tiled and frozen.tiled is not None:
+        frozen.drop_tiled()
     if _lora.eager_cpu(x) and type(codes) in _lora._PLAIN:
         n, k = shape
         m = x.numel() // k if k else 0
-        widen = False
-        if tiled:
-            tiled, widen = _runtime.nf4_cpu_tiled(x.dtype, m)
-            tiled = tiled and TiledWeight.supported(shape, blocksize, torch.float32 if widen else x.dtype)
-        elif frozen.tiled is not None:
-            frozen.drop_tiled()
-        if (tiled or 0 < m <= _runtime.nf4_cpu_fused_max_m(x.dtype)) and n > 0 and x.shape[-1] == k:
+        mode = _inference_mode(x.dtype, m, shape, blocksize, tiled) if n > 0 and x.shape[-1] == k else None
+        if mode is not None:
             weight_key = (_lora.FrozenOperands.signature(codes, absmax, absmax2, code2, offset), tuple(shape), blocksize,
                           blocksize2)  # fmt: skip
             key = (weight_key, _lora.FrozenOperands.signature(bias, lora_a, lora_b), x.dtype)
@@ -676,19 +720,26 @@ def forward_fast(frozen: "Nf4Frozen", x, codes, absmax, absmax2, code2, offset, 
                 return _forward_native(x, *wargs, bias, lora_a, lora_b, scale, None)[0]
             w, mb, me = state[1]
             x2 = _lora.rows(x, m, k)
-            if tiled:
+            kind, flag = mode
+            if kind == "tiled":
                 tw = frozen.tiled_copy(w, weight_key, (codes, absmax, absmax2, code2, offset))
-                x32 = x2.float() if widen or lora_a is not None else None
+                x32 = x2.float() if flag or lora_a is not None else None
                 u = None if lora_a is None else _lora.down_projection(x32, lora_a, x.dtype)
-                x_in = x32 if widen else x2
+                x_in = x32 if flag else x2
                 y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
                 _C.nf4_rows_tiled_cpu(matrix("out", y), matrix("x", x_in), tw.view, mb, optional_matrix("u", u), me,
                                        float(scale), _runtime.num_threads())  # fmt: skip
-                return y.reshape(*x.shape[:-1], n)
-            x_in, dot = _rows_input(x2)
-            u = None if lora_a is None else _lora.down_projection(x_in.float(), lora_a, x.dtype)
-            y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
-            _rows_cpu(y, x_in, w, mb, u, me, scale, dot)
+                rows = _C.RowsPlan.nf4_tiled(tw.view, mb, me, float(scale), _DTYPE_CODES[x_in.dtype],
+                                             _DTYPE_CODES[x.dtype])  # fmt: skip
+            else:
+                x_in, dot = _rows_input(x2)
+                u = None if lora_a is None else _lora.down_projection(x_in.float(), lora_a, x.dtype)
+                y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
+                _rows_cpu(y, x_in, w, mb, u, me, scale, dot)
+                rows = _C.RowsPlan.nf4_rows(w, mb, me, float(scale), _DTYPE_CODES[x_in.dtype], _DTYPE_CODES[x.dtype],
+                                            dot)  # fmt: skip
+            plan_key = _plan_key(codes, absmax, absmax2, code2, offset, bias, lora_a, lora_b, kind == "tiled")
+            frozen.plan = _lora.CallPlan(plan_key, x.dtype, k, n, mode, x_in.dtype != x.dtype, rows, scale, blocksize)
             return y.reshape(*x.shape[:-1], n)
     op = _forward_native if _direct.ok(x) else torch.ops.lowrank.nf4_linear_forward
     return op(x, codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2, bias, lora_a, lora_b, scale, None)[0]
