@@ -39,7 +39,9 @@ plain model's: below 1, lowrank is faster or smaller):
   the same with ``fast_loss(model, keep_logits=False)``, the output head run inside the loss a chunk
   of rows at a time, so the step never holds the whole logits matrix; and that with the forward under
   ``lowrank.recompute_pointwise`` (saved activations that one pointwise op makes from tensors autograd
-  keeps anyway, such as the MLP's act(gate) * up and the norms' outputs, rebuilt in the backward);
+  keeps anyway, such as the MLP's act(gate) * up and the norms' outputs, rebuilt in the backward); and
+  that with the attention on ``lowrank.fast_attention`` (lowrank's causal attention kernels in place of
+  torch's SDPA);
 - train step peak (fp32 only; bf16 halves what is stored): the step's peak resident memory (VmHWM)
   above the baseline, the model included, each method in a fresh process forked from a server that
   has only imported the libraries (so no process pays peft's 6 s import): after a tiny warm-up step of
@@ -50,7 +52,8 @@ plain model's: below 1, lowrank is faster or smaller):
 - decode: greedy ``generate`` of 32 new tokens after a 16-token prompt, batch 1, eval, ``no_grad``,
   reported per new token (the prompt's prefill, about one decode step's cost, is in the time);
 - prefill: one forward of 1 x 512 tokens, eval, ``no_grad``, logits of the last position only
-  (``logits_to_keep=1``, as ``generate`` prefills), reported in tokens/s (its ratios are of time).
+  (``logits_to_keep=1``, as ``generate`` prefills), reported in tokens/s (its ratios are of time);
+  decode and prefill also for each lowrank model with ``lowrank.fast_attention``, in the same runs.
 
 Each timed metric runs all its methods interleaved (A, B, C, A, B, C, ...; benchmarks/_timing.py)
 after one warm-up call each, so the ratios hold through this machine's slow phases; every call here
@@ -249,10 +252,13 @@ LOWRANK_CONFIGS = {
 FAST_LOSS = "+fast-loss"  # a lowrank method's model whose loss runs on lowrank's kernels (lowrank.fast_loss)
 FUSED_HEAD = "+fused-head"  # ...and whose output head runs inside the loss (fast_loss(keep_logits=False))
 LEAN = "+lean"  # ...and whose forward runs under lowrank.recompute_pointwise
+ATTENTION = "+attention"  # a lowrank method's model (any of the above) whose attention runs on lowrank.fast_attention
 
 
 def build(method: str, base: nn.Module) -> nn.Module:
     """``method`` over ``base`` (changed in place; pass a copy to keep it). Eval mode."""
+    if method.endswith(ATTENTION):
+        return lowrank.fast_attention(build(method.removesuffix(ATTENTION), base))
     if method.endswith(FAST_LOSS):
         return lowrank.fast_loss(build(method.removesuffix(FAST_LOSS), base))
     if method.endswith(LEAN):
@@ -286,7 +292,12 @@ def with_fast_loss(methods: list[str], dtype: torch.dtype) -> list[str]:
     """``methods`` and, for each lowrank method among them, the same with lowrank's loss (FAST_LOSS), with
     the output head fused into it (FUSED_HEAD), and that under recompute_pointwise (LEAN)."""
     mine = [row.mine for row in rows_for(dtype) if row.mine in methods]
-    return methods + [m + suffix for suffix in (FAST_LOSS, FUSED_HEAD, LEAN) for m in mine]
+    return methods + [m + suffix for suffix in (FAST_LOSS, FUSED_HEAD, LEAN, LEAN + ATTENTION) for m in mine]
+
+
+def with_fast_attention(methods: list[str], dtype: torch.dtype) -> list[str]:
+    """``methods`` and, for each lowrank method among them, the same with lowrank.fast_attention (ATTENTION)."""
+    return methods + [row.mine + ATTENTION for row in rows_for(dtype) if row.mine in methods]
 
 
 def variant_values(values: dict[str, float], dtype: torch.dtype, suffix: str) -> dict[str, float]:
@@ -334,12 +345,16 @@ METRICS = {
     "train_fast": f"train step {tokens_label(STEP_TOKENS)}, lowrank.fast_loss, ms",
     "train_fused": f"train step {tokens_label(STEP_TOKENS)}, fast_loss(keep_logits=False), ms",
     "train_lean": f"train step {tokens_label(STEP_TOKENS)}, keep_logits=False + recompute_pointwise, ms",
+    "train_attention": f"train step {tokens_label(STEP_TOKENS)}, that + lowrank.fast_attention, ms",
     "memory": f"train step {tokens_label(STEP_TOKENS)} peak, MB",
     "memory_fast": f"train step {tokens_label(STEP_TOKENS)} peak, lowrank.fast_loss, MB",
     "memory_fused": f"train step {tokens_label(STEP_TOKENS)} peak, fast_loss(keep_logits=False), MB",
     "memory_lean": f"train step {tokens_label(STEP_TOKENS)} peak, keep_logits=False + recompute_pointwise, MB",
+    "memory_attention": f"train step {tokens_label(STEP_TOKENS)} peak, that + lowrank.fast_attention, MB",
     "decode": f"decode {PROMPT_TOKENS}+{NEW_TOKENS}, ms/token",
+    "decode_attention": f"decode {PROMPT_TOKENS}+{NEW_TOKENS}, lowrank.fast_attention, ms/token",
     "prefill": f"prefill {tokens_label(PREFILL_TOKENS)}, tokens/s",
+    "prefill_attention": f"prefill {tokens_label(PREFILL_TOKENS)}, lowrank.fast_attention, tokens/s",
 }
 
 
@@ -359,7 +374,9 @@ def model_table(summary_tables, arch: str):
             "lowrank.fast_loss rows: lowrank's models compute their loss on lowrank's cross-entropy kernels, the "
             "peers and the plain model on transformers' (the same runs as the rows above them, interleaved); "
             "keep_logits=False: the output head runs inside the loss, a chunk of rows at a time; + recompute_pointwise: "
-            "saved activations one pointwise op makes from tensors autograd keeps anyway are rebuilt in the backward",
+            "saved activations one pointwise op makes from tensors autograd keeps anyway are rebuilt in the backward; "
+            "lowrank.fast_attention: lowrank's models run their attention on lowrank's kernels, the others on "
+            "torch's SDPA (GPT-2's attention dropout in training goes to SDPA either way)",
         ]
     return table
 
@@ -369,9 +386,9 @@ def display(metric: str, value: Optional[float]) -> str:
         return "—"
     if metric.startswith("memory"):
         return f"{value:.0f}"
-    if metric == "decode":
+    if metric.startswith("decode"):
         return format_ms(value / NEW_TOKENS)
-    if metric == "prefill":
+    if metric.startswith("prefill"):
         return f"{PREFILL_TOKENS[0] * PREFILL_TOKENS[1] / value:.0f}"
     return format_ms(value)
 
@@ -395,7 +412,7 @@ def add_rows(table, metric: str, dtype: torch.dtype, values: dict[str, float], p
         if absent:
             _note(table, f"{row.label}: {row.peer_label} not run ({', '.join(absent)} not installed)")
     table.rows.sort(key=_row_order)
-    if metric in ("decode", "prefill") and "peft-qlora" in values and _bnb_packed_bf16_kernel():
+    if metric.startswith(("decode", "prefill")) and "peft-qlora" in values and _bnb_packed_bf16_kernel():
         _note(table, "PEFT+bnb at inference (eval, no_grad): bitsandbytes' packed kernel for AVX512-BF16 CPUs, which "
                      "rounds x and the scales to bf16; in training it dequantizes and multiplies in fp32")
 
@@ -526,6 +543,7 @@ def test_train_step(case, summary_tables):
     add_rows(table, "train_fast", dtype, variant_values(median, dtype, FAST_LOSS), PLAIN_TRAIN, str(rounds))
     add_rows(table, "train_fused", dtype, variant_values(median, dtype, FUSED_HEAD), PLAIN_TRAIN, str(rounds))
     add_rows(table, "train_lean", dtype, variant_values(median, dtype, LEAN), PLAIN_TRAIN, str(rounds))
+    add_rows(table, "train_attention", dtype, variant_values(median, dtype, LEAN + ATTENTION), PLAIN_TRAIN, str(rounds))
 
 
 def step_memory(arch: str, method: str, dtype: torch.dtype, tiny: bool) -> dict:
@@ -615,6 +633,7 @@ def test_train_step_memory(arch, summary_tables):
     add_rows(table, "memory_fast", dtype, variant_values(peak, dtype, FAST_LOSS), PLAIN_TRAIN, "fresh")
     add_rows(table, "memory_fused", dtype, variant_values(peak, dtype, FUSED_HEAD), PLAIN_TRAIN, "fresh")
     add_rows(table, "memory_lean", dtype, variant_values(peak, dtype, LEAN), PLAIN_TRAIN, "fresh")
+    add_rows(table, "memory_attention", dtype, variant_values(peak, dtype, LEAN + ATTENTION), PLAIN_TRAIN, "fresh")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -623,7 +642,7 @@ def test_train_step_memory(arch, summary_tables):
 @pytest.fixture(scope="module", params=CASES, ids=case_id)
 def inference_models(request):
     arch, dtype = request.param
-    models = build_all(arch, dtype, methods_for(dtype, PLAIN_INFERENCE, training=False))
+    models = build_all(arch, dtype, with_fast_attention(methods_for(dtype, PLAIN_INFERENCE, training=False), dtype))
     yield arch, dtype, models
     models.clear()
     gc.collect()
@@ -635,7 +654,9 @@ def _inference(metric: str, inference_models, summary_tables) -> None:
     calls = {m: make(model, arch) for m, model in models.items()}
     rounds = interleaved_rounds_warmed_once(calls)
     median = interleaved_medians(calls, rounds)
-    add_rows(model_table(summary_tables, arch), metric, dtype, median, PLAIN_INFERENCE, str(rounds))
+    table = model_table(summary_tables, arch)
+    add_rows(table, metric, dtype, median, PLAIN_INFERENCE, str(rounds))
+    add_rows(table, metric + "_attention", dtype, variant_values(median, dtype, ATTENTION), PLAIN_INFERENCE, str(rounds))
 
 
 def test_decode(inference_models, summary_tables):

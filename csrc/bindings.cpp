@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "attention.h"
 #include "lora.h"
 #include "loss.h"
 #include "mixed.h"
@@ -493,6 +494,35 @@ PYBIND11_MODULE(_C, m) {
   });
 #endif
 
+  py::class_<Strided4>(m, "Strided4", "A 4-D view whose last dimension is contiguous: element (a, b, c, d) at "
+                                      "ptr + (a*s0 + b*s1 + c*s2 + d)*itemsize")
+      .def(py::init([](std::uintptr_t ptr, int64_t s0, int64_t s1, int64_t s2, DType dtype) {
+        return Strided4{ptr, s0, s1, s2, dtype};
+      }));
+  m.def(
+      "attention_cpu",
+      [](const Strided4& q, const Strided4& k, const Strided4& v, const Strided4& out, std::uintptr_t lse,
+         std::vector<int64_t> sizes, float scale, int num_threads) {
+        LOWRANK_CHECK(sizes.size() == 6, "sizes: expected [B, H, KV, T, S, D]");
+        AttentionArgs a{q, k, v, out, lse, sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5], scale};
+        py::gil_scoped_release nogil;
+        attention_cpu(a, num_threads);
+      },
+      "causal grouped-query attention (csrc/attention.h): out and lse (log-sum-exp per query row) from q, k, v; "
+      "sizes [B, H, KV, T, S, D]");
+  m.def(
+      "attention_backward_cpu",
+      [](const Strided4& q, const Strided4& k, const Strided4& v, const Strided4& out, std::uintptr_t lse,
+         std::vector<int64_t> sizes, float scale, const Strided4& dout, const Strided4& dq, const Strided4& dk,
+         const Strided4& dv, int num_threads) {
+        LOWRANK_CHECK(sizes.size() == 6, "sizes: expected [B, H, KV, T, S, D]");
+        AttentionBackwardArgs a{
+            AttentionArgs{q, k, v, out, lse, sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5], scale},
+            dout, dq, dk, dv};
+        py::gil_scoped_release nogil;
+        attention_backward_cpu(a, num_threads);
+      },
+      "the gradients of attention_cpu's out for q, k and v (dq, dk, dv in q's dtype)");
   m.def("set_parallel_min_work", &set_parallel_min_work, py::arg("work"),
         "the fewest multiply-adds per thread in the CPU few-token kernels (0: every call takes every thread)");
   m.def("parallel_min_work", &parallel_min_work, "see set_parallel_min_work");

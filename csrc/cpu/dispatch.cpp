@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "attention.h"
 #include "lora.h"
 #include "loss.h"
 #include "mixed.h"
@@ -31,6 +32,8 @@ namespace lowrank::cpu {
   void mixed_rows(const MixedRowsArgs& a, int num_threads);           \
   void cross_entropy(const CrossEntropyArgs& a, int num_threads);     \
   void cross_entropy_backward(const CrossEntropyBackwardArgs& a, int num_threads); \
+  void attention(const AttentionArgs& a, int num_threads);                \
+  void attention_backward(const AttentionBackwardArgs& a, int num_threads); \
   }
 LOWRANK_DECLARE_ISA(portable)
 LOWRANK_DECLARE_ISA(avx2)
@@ -54,21 +57,26 @@ struct Variant {
   void (*mixed_rows)(const MixedRowsArgs&, int);
   void (*cross_entropy)(const CrossEntropyArgs&, int);
   void (*cross_entropy_backward)(const CrossEntropyBackwardArgs&, int);
+  void (*attention)(const AttentionArgs&, int);
+  void (*attention_backward)(const AttentionBackwardArgs&, int);
 };
 
 static const Variant kVariants[] = {
     {"portable", &portable::lora_rows, &portable::lora_input_grad, &portable::adapter_products, &portable::adapter_term, &portable::nf4_quantize, &portable::nf4_double_quant,
      &portable::nf4_dequantize, &portable::nf4_rows, &portable::nf4_input_grad, &portable::nf4_tile, &portable::nf4_rows_tiled,
      &portable::nf4_tiled_supported,
-     &portable::mixed_rows, &portable::cross_entropy, &portable::cross_entropy_backward},
+     &portable::mixed_rows, &portable::cross_entropy, &portable::cross_entropy_backward,
+     &portable::attention, &portable::attention_backward},
     {"avx2", &avx2::lora_rows, &avx2::lora_input_grad, &avx2::adapter_products, &avx2::adapter_term, &avx2::nf4_quantize, &avx2::nf4_double_quant,
      &avx2::nf4_dequantize, &avx2::nf4_rows, &avx2::nf4_input_grad, &avx2::nf4_tile, &avx2::nf4_rows_tiled,
      &avx2::nf4_tiled_supported,
-     &avx2::mixed_rows, &avx2::cross_entropy, &avx2::cross_entropy_backward},
+     &avx2::mixed_rows, &avx2::cross_entropy, &avx2::cross_entropy_backward,
+     &avx2::attention, &avx2::attention_backward},
     {"avx512", &avx512::lora_rows, &avx512::lora_input_grad, &avx512::adapter_products, &avx512::adapter_term, &avx512::nf4_quantize, &avx512::nf4_double_quant,
      &avx512::nf4_dequantize, &avx512::nf4_rows, &avx512::nf4_input_grad, &avx512::nf4_tile, &avx512::nf4_rows_tiled,
      &avx512::nf4_tiled_supported,
-     &avx512::mixed_rows, &avx512::cross_entropy, &avx512::cross_entropy_backward},
+     &avx512::mixed_rows, &avx512::cross_entropy, &avx512::cross_entropy_backward,
+     &avx512::attention, &avx512::attention_backward},
 };
 
 static bool cpu_supports(const std::string& name) {
@@ -329,6 +337,19 @@ void nf4_rows_tiled_cpu(const Nf4TiledRowsArgs& a, int num_threads) {
   validate_nf4_tiled_rows(a);
   if (a.out.rows == 0) return;
   cpu::active()->nf4_rows_tiled(a, threads_for(rows_work(a.x.rows, a.w.rows, a.x.cols, a.v.cols), num_threads));
+}
+
+void attention_cpu(const AttentionArgs& a, int num_threads) {
+  validate_attention(a);
+  const double work = double(a.B) * double(a.H) * double(a.T) * double(a.S) * double(a.D);
+  cpu::active()->attention(a, threads_for(work, num_threads));
+}
+
+void attention_backward_cpu(const AttentionBackwardArgs& a, int num_threads) {
+  validate_attention_backward(a);
+  const AttentionArgs& f = a.fwd;
+  const double work = 2.0 * double(f.B) * double(f.H) * double(f.T) * double(f.S) * double(f.D);
+  cpu::active()->attention_backward(a, threads_for(work, num_threads));
 }
 
 void cross_entropy_cpu(const CrossEntropyArgs& a, int num_threads) {

@@ -8,6 +8,7 @@ hand-written C++ (CPU) and CUDA kernels.
     lowrank.inject(model, lowrank.LoRAConfig(r=16))              # adapters into a whole model (lowrank.adapters)
     lowrank.fast_loss(model)                                     # a causal LM's loss on lowrank's kernels
     lowrank.recompute_pointwise(model)                           # less activation memory, the same gradients
+    lowrank.fast_attention(model)                                # a decoder's causal attention on lowrank's kernels
     lowrank.info()                                               # what was built, what runs here
 """
 
@@ -16,6 +17,7 @@ import torch  # noqa: F401  (first: _C's libgomp.so.1 must bind to the OpenMP ru
 from . import _C
 from ._info import info
 from .autograd import LoRALinearFunction, NF4LinearFunction, VeRALinearFunction
+from .attention import CausalAttentionFunction, causal_attention, fast_attention
 from .loss import CrossEntropyFunction, causal_lm_loss, cross_entropy, fast_loss
 from .recompute import PointwiseRecompute, recompute_pointwise, recomputes_pointwise
 from .layers import LoRALinear, NF4Linear, QLoRALinear, VeRALinear, quantize_nf4, vera_shared_projections
@@ -38,6 +40,9 @@ __all__ = [
     "cross_entropy",
     "causal_lm_loss",
     "fast_loss",
+    "CausalAttentionFunction",
+    "causal_attention",
+    "fast_attention",
     "PointwiseRecompute",
     "recompute_pointwise",
     "recomputes_pointwise",

@@ -1,0 +1,232 @@
+"""Causal grouped-query attention on lowrank's CPU kernels (lowrank/attention.py, csrc/cpu/attention.cpp)
+against a float64 reference on fresh random inputs and odd shapes (head dimensions that are not a whole
+vector, query blocks with a remainder, decode's single query over many keys, query heads sharing key
+heads), forward and backward, every CPU kernel variant; bad input; and ``fast_attention`` on a
+transformers model against its own SDPA path."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lowrank
+from lowrank import _C
+from lowrank.attention import attention_forward, causal_attention, fast_attention, transformers_attention
+
+from conftest import dtype_name
+
+transformers = pytest.importorskip("transformers")
+
+SHAPES = [  # B, H, KV, T, S, D
+    (1, 1, 1, 1, 1, 1),
+    (2, 6, 3, 7, 7, 24),
+    (1, 4, 1, 1, 9, 16),  # decode: one query sees every key
+    (2, 3, 3, 33, 40, 5),  # more keys than queries: bottom-right causal
+    (1, 2, 2, 70, 70, 64),  # a remainder of the 32-row query blocks
+    (1, 9, 3, 65, 65, 80),
+]
+
+
+def reference(q, k, v, scale):
+    """float64 softmax(scale · Q Kᵀ + mask) V, key j visible to query i when j <= i + S - T."""
+    q, k, v = q.double(), k.double(), v.double()
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    t, s = q.shape[2], k.shape[2]
+    scores = (q @ k.transpose(-1, -2)) * scale
+    hidden = torch.arange(s)[None, :] > torch.arange(t)[:, None] + (s - t)
+    return torch.softmax(scores.masked_fill(hidden, float("-inf")), -1) @ v
+
+
+def assert_rounded_once(name, got, exact, dtype):
+    """fp32 sums (a few fp32 roundings of the largest value), then one rounding to ``dtype``: at most half
+    an ulp of the exact value (bf16: 2^-9 relative) on top."""
+    assert got.dtype == dtype and got.shape == exact.shape, name
+    assert torch.isfinite(got).all(), f"{name}: non-finite (an element the kernel did not write?)"
+    err = (got.double() - exact).abs()
+    scale = exact.abs().max().item()
+    sums = 2e-6 * scale
+    allowed = sums + (exact.abs() * 2.0**-8 if dtype == torch.bfloat16 else 0.0)
+    worst = (err - allowed).max().item()
+    assert worst <= 0, f"{name}: error {err.max().item():.3g} over the bound by {worst:.3g} (scale {scale:.3g})"
+
+
+def _inputs(b, h, kv, t, s, d, dtype, transposed_query=True):
+    q = torch.randn(b, t, h, d).to(dtype).transpose(1, 2) if transposed_query else torch.randn(b, h, t, d).to(dtype)
+    k = torch.randn(b, kv, s, d).to(dtype)
+    v = torch.randn(b, kv, s, d).to(dtype)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_and_backward_match_float64(shape, dtype, cpu_isa):
+    b, h, kv, t, s, d = shape
+    q, k, v = (x.requires_grad_(True) for x in _inputs(b, h, kv, t, s, d, dtype))
+    scale = 0.7 * d**-0.5
+    out = causal_attention(q, k, v, scale)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
+    want = reference(q64, k64, v64, scale)
+    exact = torch.autograd.grad(want, (q64, k64, v64), grad.double())
+    assert out.shape == (b, h, t, d) and out.transpose(1, 2).is_contiguous()
+    assert_rounded_once("out", out, want.detach(), dtype)
+    for name, g, e in zip(("grad_query", "grad_key", "grad_value"), got, exact):
+        assert_rounded_once(name, g, e, dtype)
+
+
+def test_lse_is_the_log_sum_exp_of_each_row():
+    q, k, v = _inputs(2, 4, 2, 5, 8, 16, torch.float32)
+    _, lse = attention_forward(q, k, v, 0.25)
+    scores = (q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)) * 0.25
+    hidden = torch.arange(8)[None, :] > torch.arange(5)[:, None] + 3
+    want = torch.logsumexp(scores.masked_fill(hidden, float("-inf")), -1)
+    assert lse.dtype == torch.float32 and torch.allclose(lse.double(), want, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+def test_thread_count_does_not_change_the_bits(dtype):
+    """Each task owns whole heads (forward) or whole key/value heads (backward)."""
+    q, k, v = (x.requires_grad_(True) for x in _inputs(3, 6, 2, 40, 40, 32, dtype))
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            out = causal_attention(q, k, v)
+            runs.append([out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out))])
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_matches_torch_sdpa():
+    q, k, v = _inputs(2, 6, 3, 19, 19, 32, torch.float32)
+    got = causal_attention(q, k, v)
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda q, k, v: (q.double(), k, v), "^query: expected dtype float32, bfloat16, got float64"),
+    (lambda q, k, v: (q, k.bfloat16(), v), "^key: expected dtype float32, got bfloat16"),
+    (lambda q, k, v: (q, k, v[:, :, :-1]), r"^value: expected shape \[2, 2, 8, 16\]"),
+    (lambda q, k, v: (q[0], k, v), "^query: expected 4 dimensions, got 3"),
+    (lambda q, k, v: (q[:, :3], k, v), "^key: 2 key/value heads do not divide the 3 query heads"),
+    (lambda q, k, v: (torch.randn(2, 4, 9, 16), k, v), "^query: 9 positions, more than the 8 keys"),
+    (lambda q, k, v: (q[..., :8], k, v), r"^key: expected shape \[2, \*, \*, 8\]"),
+    (lambda q, k, v: (q[:, :, :0], k, v), "^query, key: every size must be positive"),
+], ids=["dtype", "key-dtype", "value-shape", "dims", "heads", "too-many-queries", "head-dim", "empty"])  # fmt: skip
+def test_bad_input_names_the_argument(change, match):
+    q, k, v = _inputs(2, 4, 2, 5, 8, 16, torch.float32)
+    with pytest.raises((TypeError, ValueError), match=match):
+        attention_forward(*change(q, k, v), 0.25)
+    with pytest.raises(ValueError, match="^scale: expected a positive number"):
+        attention_forward(q, k, v, 0.0)
+    with pytest.raises(ValueError, match="^query: head dimension 300 above 256"):
+        attention_forward(*_inputs(1, 1, 1, 2, 2, 300, torch.float32), 0.1)
+
+
+def test_c_entry_point_checks_sizes():
+    q, k, v = _inputs(1, 2, 1, 3, 3, 8, torch.float32)
+    view = lambda t: _C.Strided4(t.data_ptr(), t.stride(0), t.stride(1), t.stride(2), _C.DType.float32)  # noqa: E731
+    lse = torch.empty(1, 2, 3)
+    with pytest.raises(ValueError, match="^key: 2 key/value heads do not divide 3 query heads"):
+        _C.attention_cpu(view(q), view(k), view(v), view(q.clone()), lse.data_ptr(), [1, 3, 2, 3, 3, 8], 1.0, 1)
+    with pytest.raises(ValueError, match="^sizes: expected"):
+        _C.attention_cpu(view(q), view(k), view(v), view(q.clone()), lse.data_ptr(), [1, 2, 1], 1.0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers
+# ---------------------------------------------------------------------------------------------
+def _llama(dtype=torch.float32):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=97, bos_token_id=0, eos_token_id=1,
+                                      pad_token_id=1, tie_word_embeddings=True)  # fmt: skip
+    return transformers.LlamaForCausalLM(config).to(dtype).eval()
+
+
+def _ids(shape=(2, 9), seed=3):
+    return torch.randint(2, 97, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+def test_fast_attention_on_a_transformers_model(dtype, monkeypatch):
+    """The same logits and gradients as transformers' SDPA path (within fp32 sums and the model's
+    rounding), the same greedy tokens, every attention call on the kernel; ``enabled=False`` undoes it."""
+    base = lowrank.inject(_llama(dtype), lowrank.LoRAConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    mine = fast_attention(copy.deepcopy(base))
+    calls = []
+    original = lowrank.attention.CausalAttentionFunction.forward
+
+    def spy(ctx, *args):
+        calls.append(args[0].shape)
+        return original(ctx, *args)
+
+    monkeypatch.setattr(lowrank.attention.CausalAttentionFunction, "forward", staticmethod(spy))
+    ids = _ids()
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(mine(input_ids=ids).logits.float(), base(input_ids=ids).logits.float(), **tol)
+        assert len(calls) == 2  # both layers
+        assert torch.equal(mine.generate(ids[:1], max_new_tokens=5, do_sample=False),
+                           base.generate(ids[:1], max_new_tokens=5, do_sample=False))  # fmt: skip
+    assert any(shape[2] == 1 for shape in calls)  # decode steps ran on the kernel too
+    losses, grads = [], []
+    for model in (mine.train(), base.train()):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.float() for p in model.parameters() if p.requires_grad])
+    assert torch.allclose(losses[0].float(), losses[1].float(), **tol)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=5e-2 if dtype == torch.bfloat16 else 1e-4, atol=5e-3 if dtype == torch.bfloat16 else 1e-6)
+    fast_attention(mine, enabled=False)
+    assert mine.config._attn_implementation == "sdpa"
+
+
+def test_fast_attention_leaves_masked_calls_to_sdpa(monkeypatch):
+    """A padding mask (or any mask tensor) goes to transformers' SDPA function, unchanged."""
+    model = fast_attention(_llama())
+    sdpa = fast_attention(_llama(), enabled=False)
+    used = []
+    original = lowrank.attention.CausalAttentionFunction.forward
+    monkeypatch.setattr(lowrank.attention.CausalAttentionFunction, "forward",
+                        staticmethod(lambda ctx, *a: used.append(1) or original(ctx, *a)))  # fmt: skip
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, sdpa(input_ids=ids, attention_mask=mask).logits)
+    assert not used
+
+
+def test_transformers_attention_falls_back_where_it_does_not_apply():
+    """Dropout in training, a non-causal module, an explicit mask: transformers' SDPA function answers."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = False, 2
+    q, k, v = _inputs(1, 4, 2, 6, 6, 8, torch.float32, transposed_query=False)
+    got, _ = transformers_attention(module, q, k, v, None)
+    want, _ = sdpa_attention_forward(module, q, k, v, None)
+    assert torch.equal(got, want)  # bidirectional: not ours
+    module.is_causal = True
+    got, _ = transformers_attention(module, q, k, v, None)
+    assert torch.allclose(got, causal_attention(q, k, v).transpose(1, 2)) and got.is_contiguous()
+
+
+def test_fast_attention_refuses_a_plain_module():
+    with pytest.raises(TypeError, match="^model: expected a transformers PreTrainedModel, got Linear"):
+        fast_attention(torch.nn.Linear(2, 2))
