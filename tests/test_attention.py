@@ -24,6 +24,8 @@ SHAPES = [  # B, H, KV, T, S, D
     (1, 1, 1, 1, 1, 1),
     (2, 6, 3, 7, 7, 24),
     (1, 4, 1, 1, 9, 16),  # decode: one query sees every key
+    (1, 2, 1, 3, 50, 40),  # few query rows (read where they lie), a head dimension of 2.5 vectors
+    (1, 2, 1, 8, 12, 8),  # the first count of query rows that takes the blocked path
     (2, 3, 3, 33, 40, 5),  # more keys than queries: bottom-right causal
     (1, 2, 2, 70, 70, 64),  # a remainder of the 32-row query blocks
     (1, 9, 3, 65, 65, 80),
@@ -168,13 +170,13 @@ def test_fast_attention_on_a_transformers_model(dtype, monkeypatch):
                 p.normal_(0, 0.1)
     mine = fast_attention(copy.deepcopy(base))
     calls = []
-    original = lowrank.attention.CausalAttentionFunction.forward
+    original = lowrank.attention.attention_forward
 
-    def spy(ctx, *args):
-        calls.append(args[0].shape)
-        return original(ctx, *args)
+    def spy(query, *args):
+        calls.append(query.shape)
+        return original(query, *args)
 
-    monkeypatch.setattr(lowrank.attention.CausalAttentionFunction, "forward", staticmethod(spy))
+    monkeypatch.setattr(lowrank.attention, "attention_forward", spy)
     ids = _ids()
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     with torch.no_grad():
@@ -201,9 +203,8 @@ def test_fast_attention_leaves_masked_calls_to_sdpa(monkeypatch):
     model = fast_attention(_llama())
     sdpa = fast_attention(_llama(), enabled=False)
     used = []
-    original = lowrank.attention.CausalAttentionFunction.forward
-    monkeypatch.setattr(lowrank.attention.CausalAttentionFunction, "forward",
-                        staticmethod(lambda ctx, *a: used.append(1) or original(ctx, *a)))  # fmt: skip
+    original = lowrank.attention.attention_forward
+    monkeypatch.setattr(lowrank.attention, "attention_forward", lambda *a: used.append(1) or original(*a))
     ids = _ids()
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding

@@ -34,10 +34,16 @@ def _head_rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
+def _plain(t, dtype) -> bool:
+    return isinstance(t, Tensor) and t.dtype == dtype and t.is_cpu and t.dim() == 4
+
+
 def _check(query: Tensor, key: Tensor, value: Tensor, scale: float) -> tuple[int, ...]:
-    check_tensor("query", query, dtypes=_NATIVE, device="cpu", ndim=4)
-    check_tensor("key", key, dtypes=(query.dtype,), device="cpu", ndim=4)
-    check_tensor("value", value, dtypes=(query.dtype,), device="cpu", shape=tuple(key.shape))
+    if not (_plain(query, query.dtype) and query.dtype in _NATIVE and _plain(key, query.dtype)
+            and _plain(value, query.dtype) and value.shape == key.shape):  # fmt: skip
+        check_tensor("query", query, dtypes=_NATIVE, device="cpu", ndim=4)  # raises, naming the argument
+        check_tensor("key", key, dtypes=(query.dtype,), device="cpu", ndim=4)
+        check_tensor("value", value, dtypes=(query.dtype,), device="cpu", shape=tuple(key.shape))
     b, h, t, d = query.shape
     kb, kv, s, kd = key.shape
     if kb != b or kd != d:
@@ -104,6 +110,8 @@ def causal_attention(query: Tensor, key: Tensor, value: Tensor, scale: Optional[
     on lowrank's CPU kernels, differentiable. ``scale`` defaults to ``D ** -0.5``. Returns [B, H, T, D] (a
     view of a contiguous [B, T, H, D] buffer)."""
     scale = query.shape[-1] ** -0.5 if scale is None else scale
+    if not torch.is_grad_enabled() or not (query.requires_grad or key.requires_grad or value.requires_grad):
+        return attention_forward(query, key, value, scale)[0]  # nothing to differentiate (decode): no Function
     return _direct.apply(CausalAttentionFunction, query, key, value, scale)
 
 
