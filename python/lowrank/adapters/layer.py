@@ -31,6 +31,7 @@ from ..layers.lora import LoRAAdapter
 from ..layers.nf4 import NF4Linear
 from ..layers.vera import SharedProjections, _has_dense_weight
 from ..ops import _direct, _gemm
+from ..ops._direct import param, submodule
 from ..ops import lora as _lora_ops
 from ..ops import vera as _vera_ops
 
@@ -96,13 +97,13 @@ class LoRA(LoRAAdapter, nn.Module):
         self._frozen = _lora_ops.FrozenOperands()  # the base it adapts stays the same tensors between calls
 
     def forward(self, layer: "AdaptedLinear", x: Tensor) -> Tensor:
-        base = layer.base_layer
-        a, b = self.lora_A.weight, self.lora_B.weight
-        adapter_input = _adapter_input(self.lora_dropout, x, self.training)
+        base = submodule(layer, "base_layer")
+        a, b = param(submodule(self, "lora_A"), "weight"), param(submodule(self, "lora_B"), "weight")
+        adapter_input = _adapter_input(submodule(self, "lora_dropout"), x, self.training) if self.training else None
         if layer.kind == "nf4":
             return base._forward(x, a, b, self.scaling, adapter_input)
         if layer.kind == "linear":
-            args = (x, base.weight, base.bias, a, b, self.scaling, adapter_input)
+            args = (x, param(base, "weight"), param(base, "bias"), a, b, self.scaling, adapter_input)
             if torch.is_grad_enabled():
                 return _direct.apply(LoRALinearFunction, *args, self._frozen)[0]
             if adapter_input is None:  # inference: this adapter's views of base and factors built once
@@ -232,7 +233,7 @@ class AdaptedLinear(nn.Module):
         name = self.active_adapter
         if name is None or self.adapters_disabled or name in self.merged_adapters:
             return self.base_layer(x)
-        return self.adapters[name](self, x)
+        return submodule(self, "adapters")[name](self, x)  # (_modules, not Module.__getattr__: ~0.4 µs a lookup)
 
     # ---- the dense update an adapter stands for, in [out, in] fp32 --------------------------------
     def delta_weight(self, name: str) -> Tensor:
