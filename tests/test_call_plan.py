@@ -312,3 +312,34 @@ def test_parallel_probe_reads_the_first_clear_win(monkeypatch, wins_from, want):
         assert _dispatch._probe_parallel_min_work() == (0, {})
     finally:
         torch.set_num_threads(threads)
+
+
+def test_tiled_copy_is_of_these_very_tensors(monkeypatch):
+    """A derived copy must not outlive its tensors: another tensor at the same address, with the same
+    shape, strides and version counter (new values written behind torch's back, as a freed tensor's
+    memory handed to a new one would hold), is not the tensor the tiled copy was made from."""
+    monkeypatch.setattr(_runtime, "NF4_CPU_FUSED_MAX_M", 1 << 30)
+    monkeypatch.setattr(_runtime, "NF4_CPU_TILED_M", (1, 1 << 30, 0))
+    if not nf4_ops.TiledWeight.supported((40, 128), 64, torch.float32):
+        pytest.skip("this CPU kernel variant has no tiled kernel")
+    layer = _nf4(lowrank.NF4Linear)
+    other = lowrank.NF4Linear.from_linear(nn.Linear(128, 40)).eval()
+    names = [n for n in lowrank.NF4Linear._QUANT_BUFFERS if layer._buffers[n] is not None]
+    arrays = {n: layer._buffers[n].numpy().copy() for n in names}
+    for n in names:
+        layer._buffers[n] = torch.from_numpy(arrays[n])
+    with torch.no_grad():
+        other.bias.copy_(layer.bias)
+        x = torch.randn(2, 128)
+        before = layer(x)
+        assert torch.equal(layer(x), before) and layer._frozen.plan.mode[0] == "tiled"
+        for n in names:
+            arrays[n][...] = other._buffers[n].numpy()  # no version counter sees this
+            layer._buffers[n] = torch.from_numpy(arrays[n])  # same address, shape, strides, version 0
+        assert torch.equal(layer(x), other(x))
+        layer._frozen.plan = None  # the full path's own check of the copy
+        arrays["weight"][...] = 0x77  # other codes again, behind torch's back
+        for n in names:
+            layer._buffers[n] = torch.from_numpy(arrays[n])
+        got = layer(x)
+        assert torch.allclose(got, _nf4_op(layer, x), rtol=1e-5, atol=1e-5) and not torch.allclose(got, before)

@@ -432,19 +432,21 @@ class CallPlan:
     """One layer's few-token inference call with everything but ``x`` fixed, for the calls after the
     first: the C++ side (``_C.RowsPlan``: the weight's kernel view, bias, B, scale and dtypes) and what
     it was made for — the layer's tensors (``key``: their signatures, and for a tiled NF4 copy their
-    version counters), x's dtype, the thread count and the measured choices in force then (``mode``).
-    :meth:`fits` re-reads those per call (a decision pinned or re-measured since, another thread count,
-    another tensor: no fit, and the caller takes the full path, which makes a new plan). A call through
+    version counters and the tensors themselves), x's dtype, the thread count and the measured choices in
+    force then (``mode``). The callers re-read those per call (:meth:`tokens` and ``_planned_forward`` here
+    and in ops/nf4.py: a decision pinned or re-measured since, another thread count, another tensor: no
+    fit, and the caller takes the full path, which makes a new plan). A call through
     the plan runs the same kernel on the same views as the full path: the same bits, in a third of the
     Python (64 → 64, M=1: the full path's 12 µs were mostly views, signatures and checks rebuilt per call)."""
 
-    __slots__ = ("key", "dtype", "k", "n", "threads", "mode", "widen", "rows", "scale", "blocksize")
+    __slots__ = ("key", "dtype", "k", "n", "threads", "mode", "widen", "rows", "scale", "blocksize", "refs")
 
     def __init__(self, key: tuple, dtype: torch.dtype, k: int, n: int, mode, widen: bool, rows: "_C.RowsPlan",
                  scale: float, blocksize: int = 0):  # fmt: skip
         self.key, self.dtype, self.k, self.n, self.mode, self.widen = key, dtype, k, n, mode, widen
         self.rows, self.scale, self.blocksize = rows, scale, blocksize
         self.threads = torch.get_num_threads()
+        self.refs = None  # weak references to the tensors a derived copy the plan reads was made from (ops/nf4.py)
 
     def tokens(self, x) -> int:
         """``x``'s token count where x is a plain contiguous CPU tensor of the plan's dtype and width, ``0``

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import weakref
 from typing import Optional, Sequence
 
 import torch
@@ -613,10 +614,22 @@ class TiledWeight:
         return shape[1] % blocksize == 0 and _C.nf4_tiled_available(_DTYPE_CODES[dtype])
 
 
+def _refs(tensors) -> tuple:
+    """Weak references to ``tensors`` (None stays None)."""
+    return tuple([None if t is None else weakref.ref(t) for t in tensors])
+
+
+def same_tensors(refs: tuple, tensors) -> bool:
+    """Each of ``tensors`` is the very tensor its weak reference in ``refs`` was made from. Pointers and
+    version counters alone could be fooled: a tensor freed and another allocated at its address, never
+    written (version 0 both), with the same shape."""
+    return all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, tensors))
+
+
 class Nf4Frozen(_lora.FrozenOperands):
     """``FrozenOperands`` plus the weight's tiled inference copy (``TiledWeight``), made on first use
-    and remade when the codes or scales change: a new tensor, or new values written in place (each
-    tensor's version counter is part of its key, so ``load_state_dict`` into the same buffers counts)."""
+    and remade when the codes or scales change: another tensor, or new values written in place (each
+    tensor's version counter is part of its key, so a copy into the same buffers counts)."""
 
     __slots__ = ("tiled",)
 
@@ -626,12 +639,13 @@ class Nf4Frozen(_lora.FrozenOperands):
 
     def tiled_copy(self, w: "_C.Nf4Weight", key: tuple, tensors: tuple) -> TiledWeight:
         """The tiled copy of ``w`` (``key``: the codes' and scales' pointers, shapes and strides, the weight's
-        shape and blocksizes; ``tensors``: the codes and scales, whose version counters are added to it).
-        Not the bias, the adapter or x's dtype: a new adapter or a bf16 call after an fp32 one reuses it."""
+        shape and blocksizes; ``tensors``: the codes and scales, whose version counters are added to it, and
+        which must be the very tensors it was made from). Not the bias, the adapter or x's dtype: a new
+        adapter or a bf16 call after an fp32 one reuses it."""
         key = (key, tuple([None if t is None else t._version for t in tensors]))
         held = self.tiled
-        if held is None or held[0] != key:
-            held = self.tiled = (key, TiledWeight(w))
+        if held is None or held[0] != key or not same_tensors(held[2], tensors):
+            held = self.tiled = (key, TiledWeight(w), _refs(tensors))
         return held[1]
 
     def drop_tiled(self) -> None:
@@ -668,6 +682,8 @@ def _planned_forward(plan: "_lora.CallPlan", x, codes, absmax, absmax2, code2, o
         return None
     if plan.key != _plan_key(codes, absmax, absmax2, code2, offset, bias, lora_a, lora_b, plan.mode[0] == "tiled"):
         return None
+    if plan.refs is not None and not same_tensors(plan.refs, (codes, absmax, absmax2, code2, offset)):
+        return None  # (the tiled copy is derived data: it must be of these very tensors)
     if _inference_mode(plan.dtype, m, (plan.n, plan.k), plan.blocksize, tiled) != plan.mode:
         return None
     x_in = x.float() if plan.widen else x
@@ -740,6 +756,8 @@ def forward_fast(frozen: "Nf4Frozen", x, codes, absmax, absmax2, code2, offset, 
                                             dot)  # fmt: skip
             plan_key = _plan_key(codes, absmax, absmax2, code2, offset, bias, lora_a, lora_b, kind == "tiled")
             frozen.plan = _lora.CallPlan(plan_key, x.dtype, k, n, mode, x_in.dtype != x.dtype, rows, scale, blocksize)
+            if kind == "tiled":
+                frozen.plan.refs = frozen.tiled[2]
             return y.reshape(*x.shape[:-1], n)
     op = _forward_native if _direct.ok(x) else torch.ops.lowrank.nf4_linear_forward
     return op(x, codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2, bias, lora_a, lora_b, scale, None)[0]
