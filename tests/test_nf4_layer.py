@@ -345,3 +345,29 @@ def test_inference_views_give_the_op_bits_and_follow_the_weight(dtype, monkeypat
             if isinstance(layer, lowrank.QLoRALinear):
                 layer.lora_B.weight.data = torch.randn(40, 4).to(layer.lora_B.weight.dtype)
                 assert torch.equal(layer(x), op(layer))
+
+
+def test_load_state_dict_copies_unless_assign():
+    """As torch's modules: a layer loaded from another's state dict holds its own copy of the codes and
+    scales (the other's later in-place writes do not reach it); with ``assign=True`` it takes the
+    state dict's tensors themselves."""
+    torch.manual_seed(0)
+    source = lowrank.NF4Linear.from_linear(nn.Linear(128, 40))
+    x = torch.randn(3, 128)
+    for assign in (False, True):
+        layer = lowrank.NF4Linear.from_linear(nn.Linear(128, 40)).eval()
+        state = source.state_dict()
+        layer.load_state_dict(state, assign=assign)
+        with torch.no_grad():
+            before = layer(x)
+            assert torch.equal(before, source.eval()(x))
+        names = ("weight", "weight_absmax", "weight_absmax2", "weight_code2")
+        shared = [layer._buffers[n].untyped_storage().data_ptr() == state[n if n == "weight" else
+                  {"weight_absmax": "weight.absmax", "weight_absmax2": "weight.nested_absmax",
+                   "weight_code2": "weight.nested_quant_map"}[n]].untyped_storage().data_ptr() for n in names]  # fmt: skip
+        assert shared == [assign] * len(names), (assign, shared)
+        if not assign:
+            with torch.no_grad():
+                source.weight.bitwise_xor_(0x11)  # the source's codes change in place
+                assert torch.equal(layer(x), before)
+                source.weight.bitwise_xor_(0x11)

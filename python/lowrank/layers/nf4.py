@@ -294,7 +294,8 @@ class NF4Linear(nn.Module):
                 error_msgs.append(f"{wkey}: no '{qs_prefix}{_QS_KEY}' entry: not an NF4 (bitsandbytes) checkpoint")
         else:
             try:
-                self._load_quant_state(state_dict[wkey], qs)
+                assign = local_metadata.get("assign_to_params_buffers", False)
+                self._load_quant_state(state_dict[wkey], qs, copy=not assign)
             except (ValueError, KeyError, TypeError) as e:
                 error_msgs.append(f"{wkey}: {e}")
         for k in qs:
@@ -315,7 +316,7 @@ class NF4Linear(nn.Module):
             unexpected_keys.append(bkey)
         # Submodules (QLoRALinear's adapter) load through their own modules.
 
-    def _load_quant_state(self, codes: Tensor, qs: dict) -> None:
+    def _load_quant_state(self, codes: Tensor, qs: dict, copy: bool = True) -> None:
         raw = qs[_QS_KEY]
         info = json.loads(bytes(raw.to("cpu", torch.uint8).tolist()).decode("utf-8"))  # data, never code
         if info.get("quant_type") != "nf4":
@@ -328,12 +329,15 @@ class NF4Linear(nn.Module):
             raise ValueError("quant_map is not the NF4 table")
         dev = self.weight.device
         nested = "nested_absmax" in qs
-        st = dict(codes=codes.to(dev, torch.uint8).reshape(-1, 1), absmax=qs["absmax"].to(dev),
+        # Copies, as load_state_dict copies into a module's tensors (unless assign=True): the layer must not
+        # share memory with the state dict it was loaded from (another layer's buffers, written in place later).
+        st = dict(codes=codes.to(dev, torch.uint8, copy=copy).reshape(-1, 1), absmax=qs["absmax"].to(dev, copy=copy),
                   absmax2=None, code2=None, offset=None)  # fmt: skip
         blocksize2 = 256
         if nested:
             blocksize2 = int(info["nested_blocksize"])
-            st.update(absmax2=qs["nested_absmax"].to(dev, torch.float32), code2=qs["nested_quant_map"].to(dev, torch.float32),
+            st.update(absmax2=qs["nested_absmax"].to(dev, torch.float32, copy=copy),
+                      code2=qs["nested_quant_map"].to(dev, torch.float32, copy=copy),
                       offset=torch.tensor(float(info["nested_offset"]), dtype=torch.float32, device=dev))  # fmt: skip
         else:
             st["absmax"] = st["absmax"].float()
