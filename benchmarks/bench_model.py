@@ -64,7 +64,8 @@ trains the same parameters and computes the same logits as lowrank given the sam
 Time on this 2-core Zen 4: 18 minutes for everything (measured 2026-12-05, four variants of each
 lowrank method in the training rows; training steps 2.0-3.3 s fp32 and 1.1-1.6 s bf16, a 32-token
 generate 1.7-2.6 s, a 512-token prefill 0.5-1.7 s, a memory process 4-7 s; each interleaved case is
-one warm-up call and 3 rounds).
+one warm-up call and 3 rounds). A fifth variant since 2026-12-06 (with lowrank.fast_attention): ``-k llama``
+took 7.6 minutes on a Zen 5.
 
     pytest benchmarks/bench_model.py -s                                  # everything
     pytest benchmarks/bench_model.py -s -k llama                         # one model
@@ -290,7 +291,8 @@ def methods_for(dtype: torch.dtype, plain: str, training: bool) -> list[str]:
 
 def with_fast_loss(methods: list[str], dtype: torch.dtype) -> list[str]:
     """``methods`` and, for each lowrank method among them, the same with lowrank's loss (FAST_LOSS), with
-    the output head fused into it (FUSED_HEAD), and that under recompute_pointwise (LEAN)."""
+    the output head fused into it (FUSED_HEAD), that under recompute_pointwise (LEAN), and that with
+    lowrank.fast_attention (LEAN + ATTENTION)."""
     mine = [row.mine for row in rows_for(dtype) if row.mine in methods]
     return methods + [m + suffix for suffix in (FAST_LOSS, FUSED_HEAD, LEAN, LEAN + ATTENTION) for m in mine]
 

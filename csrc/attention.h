@@ -23,14 +23,14 @@ struct AttentionArgs {
   Strided4 q;    // [B, H, T, D]
   Strided4 k;    // [B, KV, S, D]
   Strided4 v;    // [B, KV, S, D]
-  Strided4 out;  // [B, H, T, D]  q's dtype
+  Strided4 out;  // [B, H, T, D]  q's dtype (forward only: the backward does not read it)
   std::uintptr_t lse = 0;  // [B, H, T] float32, contiguous
   int64_t B = 0, H = 0, KV = 0, T = 0, S = 0, D = 0;
   float scale = 1.0f;
 };
 
 struct AttentionBackwardArgs {
-  AttentionArgs fwd;  // q, k, v and lse as the forward left them (out is not read: see attention.cpp)
+  AttentionArgs fwd;  // q, k, v and lse as the forward left them (no out: see attention.cpp)
   Strided4 dout;      // [B, H, T, D]
   Strided4 dq;        // [B, H, T, D]
   Strided4 dk;        // [B, KV, S, D]
@@ -39,7 +39,7 @@ struct AttentionBackwardArgs {
 
 constexpr int64_t kAttentionMaxHeadDim = 256;
 
-inline void validate_attention(const AttentionArgs& a) {
+inline void validate_attention(const AttentionArgs& a, bool forward = true) {
   LOWRANK_CHECK(a.B >= 1 && a.H >= 1 && a.KV >= 1 && a.T >= 1 && a.S >= 1 && a.D >= 1,
                 "attention: every size must be positive, got B=" + std::to_string(a.B) + " H=" + std::to_string(a.H) +
                     " KV=" + std::to_string(a.KV) + " T=" + std::to_string(a.T) + " S=" + std::to_string(a.S) +
@@ -54,14 +54,17 @@ inline void validate_attention(const AttentionArgs& a) {
                 "attention: too many elements");
   LOWRANK_CHECK(a.q.dtype == DType::float32 || a.q.dtype == DType::bfloat16,
                 std::string("query: expected float32 or bfloat16, got ") + dtype_name(a.q.dtype));
-  for (const auto& [t, name] : {std::pair{a.k, "key"}, std::pair{a.v, "value"}, std::pair{a.out, "out"}})
+  for (const auto& [t, name] : {std::pair{a.k, "key"}, std::pair{a.v, "value"}})
     LOWRANK_CHECK(t.dtype == a.q.dtype, std::string(name) + ": expected query's dtype " + dtype_name(a.q.dtype) +
                                             ", got " + dtype_name(t.dtype));
-  LOWRANK_CHECK(a.q.ptr && a.k.ptr && a.v.ptr && a.out.ptr && a.lse, "attention: null address");
+  LOWRANK_CHECK(a.q.ptr && a.k.ptr && a.v.ptr && a.lse, "attention: null address");
+  if (forward)
+    LOWRANK_CHECK(a.out.ptr && a.out.dtype == a.q.dtype, std::string("out: expected query's dtype ") +
+                                                             dtype_name(a.q.dtype) + " and an address");
 }
 
 inline void validate_attention_backward(const AttentionBackwardArgs& a) {
-  validate_attention(a.fwd);
+  validate_attention(a.fwd, /*forward=*/false);
   for (const auto& [t, name] :
        {std::pair{a.dout, "grad_out"}, std::pair{a.dq, "grad_query"}, std::pair{a.dk, "grad_key"},
         std::pair{a.dv, "grad_value"}})

@@ -512,17 +512,17 @@ PYBIND11_MODULE(_C, m) {
       "sizes [B, H, KV, T, S, D]");
   m.def(
       "attention_backward_cpu",
-      [](const Strided4& q, const Strided4& k, const Strided4& v, const Strided4& out, std::uintptr_t lse,
-         std::vector<int64_t> sizes, float scale, const Strided4& dout, const Strided4& dq, const Strided4& dk,
-         const Strided4& dv, int num_threads) {
+      [](const Strided4& q, const Strided4& k, const Strided4& v, std::uintptr_t lse, std::vector<int64_t> sizes,
+         float scale, const Strided4& dout, const Strided4& dq, const Strided4& dk, const Strided4& dv,
+         int num_threads) {
         LOWRANK_CHECK(sizes.size() == 6, "sizes: expected [B, H, KV, T, S, D]");
         AttentionBackwardArgs a{
-            AttentionArgs{q, k, v, out, lse, sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5], scale},
+            AttentionArgs{q, k, v, Strided4{}, lse, sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5], scale},
             dout, dq, dk, dv};
         py::gil_scoped_release nogil;
         attention_backward_cpu(a, num_threads);
       },
-      "the gradients of attention_cpu's out for q, k and v (dq, dk, dv in q's dtype)");
+      "the gradients of attention_cpu's out for q, k and v (dq, dk, dv in q's dtype), from q, k, v and lse");
   m.def("set_parallel_min_work", &set_parallel_min_work, py::arg("work"),
         "the fewest multiply-adds per thread in the CPU few-token kernels (0: every call takes every thread)");
   m.def("parallel_min_work", &parallel_min_work, "see set_parallel_min_work");

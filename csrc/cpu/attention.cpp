@@ -39,12 +39,6 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t pad(int64_t n) { return (n + W - 1) / W * W; }
 
-inline float exp1(float x) {
-  float buf[W];
-  vstore(buf, vexp(vset1(x)));
-  return buf[0];
-}
-
 template <int NR, int NV>
 inline void tile(int64_t kdim, const float* A, int64_t ars, int64_t aks, const float* B, int64_t ldb, float* C,
                  int64_t ldc, bool accumulate) {
@@ -118,7 +112,7 @@ void store_rows(const Strided4& t, int64_t b, int64_t h, int64_t r0, int64_t r1,
 }
 
 struct Scratch {
-  std::vector<float> kt, vt, k, v, q, o, s, p, dq, dk, dv, lse, di;
+  std::vector<float> kt, vt, k, v, q, o, s, p, dq, dk, dv, di;
   static Scratch& mine() {
     thread_local Scratch s;
     return s;
@@ -142,17 +136,6 @@ void scores(const float* q, int64_t ldq, const float* kt, int64_t lds, int64_t i
   }
 }
 
-// Σ_d x[d] · y[d] over a head row (x fp32, padded; y where it lies).
-template <class T>
-inline float dot_row(const float* x, const T* y, int64_t D) {
-  Vec acc = vzero();
-  int64_t d = 0;
-  for (; d + W <= D; d += W) acc = vfma(vload(x + d), vload(y + d), acc);
-  float sum = vsum(acc);
-  for (; d < D; ++d) sum += x[d] * load_scalar(y + d);
-  return sum;
-}
-
 // Few query rows (decode: one row over the whole cache): scores and output straight from K's and V's
 // rows where they lie, with no fp32 copy of the head, whose cost (S·D per head, transposed) would be
 // the call's (a 512-key cache: 770 against 30 µs for torch's SDPA before this path).
@@ -169,7 +152,7 @@ void forward_few(const AttentionArgs& a, int64_t b, int64_t h) {
     const int64_t n = keys_seen(i, Tq, S);
     float mx = kNegInf;
     for (int64_t j = 0; j < n; ++j) {
-      s[j] = dot_row(q, at<T>(a.k, b, kvh, j), D);
+      s[j] = dot(q, at<T>(a.k, b, kvh, j), D);  // simd.h
       mx = std::max(mx, s[j]);
     }
     const Vec mv = vset1(mx);

@@ -27,12 +27,6 @@ inline Vec load_tail(const T* p, int64_t n) {
   return vload(buf);
 }
 
-inline float exp1(float x) {
-  float buf[W];
-  vstore(buf, vexp(vset1(x)));
-  return buf[0];
-}
-
 // max of the row, and log Σ exp(x − max). A NaN anywhere makes the sum NaN (exp(NaN − m) is NaN,
 // whatever m came to be), so the loss is NaN as torch's is.
 template <class T>

@@ -177,7 +177,7 @@ void lora_rows_cpu(const LoraRowsArgs& a, int num_threads) {
 
 void lora_fused_cpu(const LoraRowsArgs& args, const Matrix& a, const Matrix& u, int num_threads) {
   const int64_t M = args.x.rows, K = args.x.cols, R = a.rows;
-  num_threads = threads_for(rows_work(M, args.w.rows + R, K, R), num_threads);
+  num_threads = threads_for(rows_work(M, R, K, 0) + rows_work(M, args.w.rows, K, R), num_threads);  // u, then the rows
   LOWRANK_CHECK(args.v.ptr == 0, "v: the fused forward computes v (u = x aᵀ) itself");
   check_matrix(a, "a", R, K);
   LOWRANK_CHECK(a.dtype == DType::float32 || a.dtype == args.w.dtype,

@@ -346,4 +346,11 @@ inline float dot(const float* a, const TB* b, int64_t n) {
   return s;
 }
 
+// exp(x) of one float by vexp's algorithm (the same value a vector lane would get).
+inline float exp1(float x) {
+  float buf[Vec::width];
+  vstore(buf, vexp(vset1(x)));
+  return buf[0];
+}
+
 }  // namespace lowrank::cpu::LOWRANK_ISA

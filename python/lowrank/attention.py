@@ -76,15 +76,15 @@ def attention_forward(query: Tensor, key: Tensor, value: Tensor, scale: float) -
     return out, lse
 
 
-def attention_backward(grad_out, query, key, value, out, lse, scale) -> tuple[Tensor, Tensor, Tensor]:
+def attention_backward(grad_out, query, key, value, lse, scale) -> tuple[Tensor, Tensor, Tensor]:
     """``(grad_query, grad_key, grad_value)`` of :func:`attention_forward`'s ``out`` (contiguous, in
-    query's dtype)."""
+    query's dtype), from the inputs and ``lse`` (the probabilities are rebuilt; ``out`` is not needed)."""
     sizes = _check(query, key, value, scale)
     check_tensor("grad_out", grad_out, dtypes=(query.dtype,), device="cpu", shape=tuple(query.shape))
     query, key, value, grad_out = (_head_rows(x) for x in (query, key, value, grad_out))
     dq, dk, dv = (_runtime.empty(*x.shape, dtype=x.dtype, device=x.device) for x in (query, key, value))
-    _C.attention_backward_cpu(_view(query), _view(key), _view(value), _view(out), lse.data_ptr(), list(sizes),
-                              float(scale), _view(grad_out), _view(dq), _view(dk), _view(dv),
+    _C.attention_backward_cpu(_view(query), _view(key), _view(value), lse.data_ptr(), list(sizes), float(scale),
+                              _view(grad_out), _view(dq), _view(dk), _view(dv),
                               _runtime.num_threads())  # fmt: skip
     return dq, dk, dv
 
@@ -93,14 +93,14 @@ class CausalAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, scale):
         out, lse = attention_forward(query, key, value, scale)
-        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.save_for_backward(query, key, value, lse)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, out, lse = ctx.saved_tensors
-        dq, dk, dv = attention_backward(grad_out, query, key, value, out, lse, ctx.scale)
+        query, key, value, lse = ctx.saved_tensors
+        dq, dk, dv = attention_backward(grad_out, query, key, value, lse, ctx.scale)
         return dq, dk, dv, None
 
 

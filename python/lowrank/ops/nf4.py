@@ -678,7 +678,7 @@ def _plan_key(codes, absmax, absmax2, code2, offset, bias, lora_a, lora_b, tiled
 def _planned_forward(plan: "_lora.CallPlan", x, codes, absmax, absmax2, code2, offset, bias, lora_a, lora_b, scale,
                      tiled: bool) -> Optional[Tensor]:  # fmt: skip
     m = plan.tokens(x)
-    if not m or scale != plan.scale or (plan.mode[0] == "tiled" and not tiled):
+    if not m or scale != plan.scale:
         return None
     if plan.key != _plan_key(codes, absmax, absmax2, code2, offset, bias, lora_a, lora_b, plan.mode[0] == "tiled"):
         return None
