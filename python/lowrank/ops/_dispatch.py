@@ -62,12 +62,14 @@ measurement on first use, of the two candidate paths on one probe shape, interle
   bf16 decision (products ``[M, cols]`` into dx's columns, or ``[cols, M]`` into a transposed buffer).
 
 - ``cpu_parallel_min_work``: the fewest multiply-adds a thread is given in the few-token kernels (LoRA
-  and NF4 rows, input gradients, adapter products; csrc/cpu/dispatch.cpp): a smaller call runs on fewer
-  threads than torch's count, since waking another costs microseconds (a Zen 5 VM: a 64 -> 64 row at
-  M = 1 in 0.4 µs on one thread, 2.9 on two). Probe: the fp32 row kernel at M = 1 over a warm
-  s × s weight, s = 64, 128, ..., 2048, on one thread and on all of them; the first size at which all
-  threads won by 5 % (a tie keeps one thread: the kernel may split a small call into one task) sets it (s² / threads: from that work on, every thread has its share; 0 where they win at
-  64, and 2048² where they never do). Not measured with one thread (0).
+  and NF4 rows, input gradients, adapter products, attention; csrc/cpu/dispatch.cpp): a smaller call
+  runs on fewer threads than torch's count, since waking another costs microseconds (a Zen 5 VM: a
+  64 -> 64 row at M = 1 in 0.4 µs on one thread, 2.9 on two). Probe: the fp32 row kernel at M = 1 over
+  a warm s × s weight, s = 64, 128, ..., 2048, on one thread and on all of them; the first size at
+  which all threads won by 5 % (a tie keeps one thread: the kernel may split a small call into one
+  task) sets it to s² / threads (from that work on, every thread has its share; 0 where they win at
+  64, and 2048² where they never do). Not measured with one thread (0). Measured at the first kernel
+  call of whatever runs first, which may be another probe.
 
 A decision is the largest probed M at which the fused path won every probe up to it (never more than
 the largest probe; for the fused kernels against the GEMM path, coming within ``FUSED_TIE`` — 5 % — of
