@@ -242,65 +242,71 @@ struct TermPlan {
   int64_t tasks;
 };
 
-// Rows [mb, mb + NB) of out, every column.
+// Rows [mb, mb + NB) of out, columns [n, n + 2W) (fewer at the right edge).
 template <int NB, class TO, class TB>
-void term_block(const TermPlan& p, int64_t mb) {
+void term_tile(const TermPlan& p, int64_t mb, int64_t n) {
   const AdapterTermArgs& A = *p.a;
   const int64_t N = A.out.cols, R = A.u.cols;
   const float* u = A.u.data<float>() + mb * A.u.ld;
   const TB* bias = A.bias.ptr ? A.bias.data<TB>() : nullptr;
   TO* out = A.out.data<TO>() + mb * A.out.ld;
   const Vec s = vset1(A.scale);
-  for (int64_t n = 0; n < N; n += 2 * W) {
-    Vec acc[NB][2];
-    for (int i = 0; i < NB; ++i) acc[i][0] = acc[i][1] = vzero();
-    for (int64_t j = 0; j < R; ++j) {
-      const Vec e0 = vload(p.et + j * p.Np + n), e1 = vload(p.et + j * p.Np + n + W);
-      for (int i = 0; i < NB; ++i) {
-        const Vec ub = vset1(u[i * A.u.ld + j]);
-        acc[i][0] = vfma(ub, e0, acc[i][0]);
-        acc[i][1] = vfma(ub, e1, acc[i][1]);
-      }
+  Vec acc[NB][2];
+  for (int i = 0; i < NB; ++i) acc[i][0] = acc[i][1] = vzero();
+  const float* e = p.et + n;
+  for (int64_t j = 0; j < R; ++j, e += p.Np) {
+    const Vec e0 = vload(e), e1 = vload(e + W);
+    for (int i = 0; i < NB; ++i) {
+      const Vec ub = vset1(u[i * A.u.ld + j]);
+      acc[i][0] = vfma(ub, e0, acc[i][0]);
+      acc[i][1] = vfma(ub, e1, acc[i][1]);
     }
-    if (n + 2 * W <= N) {
-      for (int i = 0; i < NB; ++i)
-        for (int h = 0; h < 2; ++h) {
-          TO* at = out + i * A.out.ld + n + h * W;
-          Vec v = vmul(s, acc[i][h]);
-          if (bias) v = vadd(v, vload(bias + n + h * W));
-          vstore(at, v);
-        }
-    } else {  // the last columns: through a buffer, element by element
-      alignas(64) float tail[2 * W];
-      for (int i = 0; i < NB; ++i) {
-        vstore(tail, acc[i][0]);
-        vstore(tail + W, acc[i][1]);
-        TO* row = out + i * A.out.ld + n;
-        for (int64_t c = 0; c < N - n; ++c) {
-          float v = A.scale * tail[c];
-          if (bias) v += load_scalar(bias + n + c);
-          store_scalar(row + c, v);
-        }
+  }
+  if (n + 2 * W <= N) {
+    for (int i = 0; i < NB; ++i)
+      for (int h = 0; h < 2; ++h) {
+        TO* at = out + i * A.out.ld + n + h * W;
+        Vec v = vmul(s, acc[i][h]);
+        if (bias) v = vadd(v, vload(bias + n + h * W));
+        vstore(at, v);
+      }
+  } else {  // the last columns: through a buffer, element by element
+    alignas(64) float tail[2 * W];
+    for (int i = 0; i < NB; ++i) {
+      vstore(tail, acc[i][0]);
+      vstore(tail + W, acc[i][1]);
+      TO* row = out + i * A.out.ld + n;
+      for (int64_t c = 0; c < N - n; ++c) {
+        float v = A.scale * tail[c];
+        if (bias) v += load_scalar(bias + n + c);
+        store_scalar(row + c, v);
       }
     }
   }
 }
 
+// Rows [m0, m1) of out. Column panels outermost: one panel of eᵀ (R x 2W floats, 32 KiB at R = 256
+// with AVX-512) stays in L1 while every row block of the task passes it; the task's rows of u stay in
+// L2. Row blocks outermost had streamed all of eᵀ (1.5 MiB at 1536 x 256) from L2/L3 once per 8 rows:
+// VeRA's r = 256 term ran at ~35 G multiply-adds/s per core on a Zen 5.
 template <class TO, class TB>
 void term_rows(const TermPlan& p, int64_t m0, int64_t m1) {
-  for (int64_t mb = m0; mb < m1; mb += TM) {
-    switch (int(min64(TM, m1 - mb))) {  // cases past 4 run with AVX-512 only
-#define LOWRANK_TERM_CASE(n) \
-  case n: term_block<n, TO, TB>(p, mb); break;
-      LOWRANK_TERM_CASE(1)
-      LOWRANK_TERM_CASE(2)
-      LOWRANK_TERM_CASE(3)
-      LOWRANK_TERM_CASE(4)
-      LOWRANK_TERM_CASE(5)
-      LOWRANK_TERM_CASE(6)
-      LOWRANK_TERM_CASE(7)
-      LOWRANK_TERM_CASE(8)
+  const int64_t N = p.a->out.cols;
+  for (int64_t n = 0; n < N; n += 2 * W) {
+    for (int64_t mb = m0; mb < m1; mb += TM) {
+      switch (int(min64(TM, m1 - mb))) {  // cases past 4 run with AVX-512 only
+#define LOWRANK_TERM_CASE(k) \
+  case k: term_tile<k, TO, TB>(p, mb, n); break;
+        LOWRANK_TERM_CASE(1)
+        LOWRANK_TERM_CASE(2)
+        LOWRANK_TERM_CASE(3)
+        LOWRANK_TERM_CASE(4)
+        LOWRANK_TERM_CASE(5)
+        LOWRANK_TERM_CASE(6)
+        LOWRANK_TERM_CASE(7)
+        LOWRANK_TERM_CASE(8)
 #undef LOWRANK_TERM_CASE
+      }
     }
   }
 }
@@ -330,9 +336,15 @@ void adapter_term(const AdapterTermArgs& a, int num_threads) {
   if (a.e_transposed) {
     for (int64_t j = 0; j < R; ++j)
       for (int64_t n = 0; n < N; ++n) et[j * p.Np + n] = value(j * a.e.ld + n);
-  } else {  // e's rows in order (each R long), scattered over eᵀ's R rows
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t j = 0; j < R; ++j) et[j * p.Np + n] = value(n * a.e.ld + j);
+  } else {  // e [N, R] transposed in 16 x 64 blocks: each block writes 64 rows of eᵀ a cache line each
+    // (element by element over all of e, the writes strided by Np, it had cost more than the products:
+    // 1.7 ms of VeRA's 1536 x 256 term at M = 16 on a Zen 5)
+    for (int64_t n0 = 0; n0 < N; n0 += 16)
+      for (int64_t j0 = 0; j0 < R; j0 += 64) {
+        const int64_t n1 = min64(N, n0 + 16), j1 = min64(R, j0 + 64);
+        for (int64_t j = j0; j < j1; ++j)
+          for (int64_t n = n0; n < n1; ++n) et[j * p.Np + n] = value(n * a.e.ld + j);
+      }
   }
   p.et = et;
   p.blocks = (M + TM - 1) / TM;
