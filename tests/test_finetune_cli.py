@@ -217,3 +217,40 @@ def test_own_data_files_and_bf16(tiny, tmp_path):
         assert (results["base"]["exact_match"] is not None) == scored
         assert results["demo"]["answers"].keys() == {"base", "lora", "qlora"}
         assert all(row["prompt"] for row in results["demo"]["mixed_batch"])
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_training_loss_is_the_masked_unfused_loss(method):
+    """The training loss leaves out the padding mask (so attention runs on lowrank's causal kernel) and
+    fuses the head with the loss: on a right-padded batch it is the loss, and gives the gradients, of
+    the padding-masked decoder under SDPA with the head and the loss unfused."""
+    import torch.nn.functional as Fn
+
+    from lowrank.finetune import data as D
+    from lowrank.finetune import train as T
+
+    base, tok = F.tiny_llama()
+    s = T.Settings(r=4)
+    enc = T.encode(tok, D.builtin().train[:12], 40)
+    ids, attn, target = T.collate(enc, list(range(12)), tok.pad_token_id, "cpu")
+    assert (attn == 0).any() and (attn[:, 0] == 1).all()  # padding that a mask would matter for
+    torch.manual_seed(3)
+    model = T.build(method, base, s).train()
+    assert model.config._attn_implementation == "lowrank"
+    params = [p for _, p in lowrank.adapter_parameters(model, method)]
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.05)  # B is zero at init: make the adapter matter
+    loss = T.completion_loss(model, ids, attn, target)
+    got = torch.autograd.grad(loss, params)
+    lowrank.fast_attention(model, enabled=False)
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
+    sel = target[:, 1:]
+    logits = model.get_output_embeddings()(hidden[:, :-1][sel]).float()
+    want = Fn.cross_entropy(logits, ids[:, 1:][sel])
+    expected = torch.autograd.grad(want, params)
+    assert abs(loss.item() - want.item()) <= 1e-5 * abs(want.item())
+    for g, e in zip(got, expected):
+        assert (g - e).abs().max() <= 1e-4 * e.abs().max() + 1e-7
+    with pytest.raises(ValueError, match="attn: expected a right-padded batch"):
+        T.completion_loss(model, ids, attn.flip(1), target)

@@ -496,3 +496,79 @@ def test_fused_head_refuses_what_it_cannot_do():
     other.lm_head = torch.nn.Sequential(torch.nn.Linear(64, 517))
     with pytest.raises(ValueError, match="keep_logits: the fused head needs an nn.Linear"):
         lowrank.fast_loss(other, keep_logits=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# lowrank.linear_cross_entropy: the public fused head and loss
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+def test_linear_cross_entropy_matches_head_then_loss(dtype, with_bias, reduction, monkeypatch):
+    """F.cross_entropy(F.linear(hidden, W, b).float(), labels) on [B, T, H] hidden states with ignored
+    labels, over several chunks, against float64: the loss and the gradients of hidden, W and b."""
+    monkeypatch.setattr(lowrank.loss, "_CHUNK_BYTES", 2048)
+    monkeypatch.setattr(lowrank.loss, "_MIN_CHUNK_ROWS", 1)
+    torch.manual_seed(11)
+    b, t, d, v = 3, 7, 20, 131
+    hidden = torch.randn(b, t, d).to(dtype).requires_grad_()
+    weight = (torch.randn(v, d) / 3).to(dtype).requires_grad_()
+    bias = torch.randn(v).to(dtype).requires_grad_() if with_bias else None
+    labels = torch.randint(0, v, (b, t))
+    labels[:, ::3] = -100
+    got = lowrank.linear_cross_entropy(hidden, weight, labels, bias=bias, reduction=reduction)
+    assert got.dtype == torch.float32 and got.shape == ()
+    (got * 2).backward()
+    h, w = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    bb = None if bias is None else bias.detach().double().requires_grad_()
+    want = F.cross_entropy(F.linear(h, w, bb).reshape(-1, v), labels.reshape(-1), reduction=reduction)
+    (want * 2).backward()
+    # fp32 sums (and for bf16 the logits rounded to bf16, as the head computes them)
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-20
+    assert abs(got.item() - want.item()) <= 8 * ulp * abs(want.item())
+    for name, g, ref in (("hidden", hidden.grad, h.grad), ("weight", weight.grad, w.grad),
+                         ("bias", None if bias is None else bias.grad, None if bb is None else bb.grad)):  # fmt: skip
+        if ref is None:
+            continue
+        assert g.dtype == dtype and g.shape == ref.shape, name
+        assert (g.double() - ref).abs().max() <= 16 * ulp * ref.abs().max(), name
+
+
+def test_linear_cross_entropy_without_gradients_and_edge_cases():
+    torch.manual_seed(12)
+    hidden, weight = torch.randn(9, 8), torch.randn(50, 8)
+    labels = torch.randint(0, 50, (9,))
+    want = F.cross_entropy(F.linear(hidden.double(), weight.double()), labels)
+    with torch.no_grad():
+        got = lowrank.linear_cross_entropy(hidden, weight, labels)
+    assert abs(got.item() - want.item()) <= 1e-5 * abs(want.item())
+    # every label ignored: the mean is NaN (as torch's), the sum 0
+    none = torch.full((9,), -100)
+    assert math.isnan(lowrank.linear_cross_entropy(hidden, weight, none).item())
+    assert lowrank.linear_cross_entropy(hidden, weight, none, reduction="sum").item() == 0.0
+    # a custom ignore_index
+    labels2 = labels.clone()
+    labels2[:4] = 7777
+    want2 = F.cross_entropy(F.linear(hidden.double(), weight.double()), labels2, ignore_index=7777)
+    got2 = lowrank.linear_cross_entropy(hidden, weight, labels2, ignore_index=7777)
+    assert abs(got2.item() - want2.item()) <= 1e-5 * abs(want2.item())
+
+
+def test_linear_cross_entropy_bad_input_names_the_argument():
+    hidden, weight, labels = torch.randn(4, 8), torch.randn(10, 8), torch.randint(0, 10, (4,))
+    cases = [
+        (dict(hidden=hidden.numpy()), TypeError, "hidden: expected a torch.Tensor"),
+        (dict(hidden=hidden.long()), TypeError, "hidden: expected a floating-point"),
+        (dict(weight=weight.double()), TypeError, "weight: expected dtype"),
+        (dict(weight=torch.randn(10, 9)), ValueError, r"weight: expected \[classes, 8\]"),
+        (dict(bias=torch.randn(11)), ValueError, r"bias: expected shape \[10\]"),
+        (dict(labels=labels.int()), TypeError, "labels: expected dtype"),
+        (dict(labels=labels[:3]), ValueError, r"labels: expected shape \[4\]"),
+        (dict(labels=torch.tensor([0, 1, 10, 2])), ValueError, "labels: 10 at position 2"),
+        (dict(reduction="none"), ValueError, "reduction: expected 'mean' or 'sum'"),
+    ]
+    for change, kind, match in cases:
+        args = dict(hidden=hidden, weight=weight, labels=labels, bias=None, reduction="mean") | change
+        with pytest.raises(kind, match=match):
+            lowrank.linear_cross_entropy(args["hidden"], args["weight"], args["labels"], bias=args["bias"],
+                                         reduction=args["reduction"])  # fmt: skip

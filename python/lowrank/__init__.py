@@ -18,7 +18,7 @@ from . import _C
 from ._info import info
 from .autograd import LoRALinearFunction, NF4LinearFunction, VeRALinearFunction
 from .attention import CausalAttentionFunction, causal_attention, fast_attention
-from .loss import CrossEntropyFunction, causal_lm_loss, cross_entropy, fast_loss
+from .loss import CrossEntropyFunction, causal_lm_loss, cross_entropy, fast_loss, linear_cross_entropy
 from .recompute import PointwiseRecompute, recompute_pointwise, recomputes_pointwise
 from .layers import LoRALinear, NF4Linear, QLoRALinear, VeRALinear, quantize_nf4, vera_shared_projections
 from .adapters import *  # noqa: F401,F403  (the model-level API: inject, set_adapter, save_adapter, ...)
@@ -38,6 +38,7 @@ __all__ = [
     "vera_shared_projections",
     "CrossEntropyFunction",
     "cross_entropy",
+    "linear_cross_entropy",
     "causal_lm_loss",
     "fast_loss",
     "CausalAttentionFunction",

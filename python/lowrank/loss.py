@@ -3,6 +3,7 @@
     loss = lowrank.cross_entropy(logits, labels)            # like F.cross_entropy over the last dim, in fp32
     lowrank.fast_loss(model)                                # a transformers causal LM's loss on these kernels
     lowrank.fast_loss(model, keep_logits=False)             # ...and its output head fused into the loss
+    loss = lowrank.linear_cross_entropy(hidden, head.weight, labels)  # a head and its loss, fused
 
 A training step of a small model spends a large share of its time in the loss: SmolLM2-135M's
 vocabulary has 49152 entries, so 512 tokens make a 25 M-element logits matrix, and transformers' loss
@@ -22,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ._hooks import remove_forward_hooks
+from ._validate import check_tensor
 from .ops import _direct, _gemm
 from .ops import loss as _loss
 
@@ -151,6 +153,48 @@ class HeadLossFunction(torch.autograd.Function):
         dw = None if grad_w is None else (grad_w * grad).to(w_dtype)
         db = None if grad_b is None else (grad_b * grad).to(b_dtype)
         return dh, dw, db, None, None, None
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: Optional[Tensor] = None,
+                         ignore_index: int = -100, reduction: str = "mean") -> Tensor:  # fmt: skip
+    """``F.cross_entropy(F.linear(hidden, weight, bias).float(), labels, ...)``: an output head and the
+    loss in one (:class:`HeadLossFunction`), for ``hidden [..., H]``, ``weight [V, H]`` (and ``bias
+    [V]``) of one float dtype and ``labels [...]`` int64; ``reduction`` "mean" (over labels that are not
+    ``ignore_index``; NaN when there are none, as torch's) or "sum". Returned in fp32 (fp64 for fp64).
+
+    The logits are made a chunk of rows at a time in one reused workspace and never kept; the head's
+    GEMMs are the measured fastest on this machine (ops/_gemm.py). Where a gradient is wanted, the
+    gradients of ``hidden``, ``weight`` and ``bias`` are computed in this forward (the backward only
+    scales them), so call it where the loss will be backpropagated, or under ``no_grad``.
+    """
+    if not isinstance(hidden, Tensor):
+        raise TypeError(f"hidden: expected a torch.Tensor, got {type(hidden).__name__}")
+    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        raise TypeError(f"hidden: expected a floating-point tensor, got {str(hidden.dtype).replace('torch.', '')}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden: expected at least 1 dimension (features last), got a scalar")
+    h = hidden.shape[-1]
+    check_tensor("weight", weight, dtypes=(hidden.dtype,), device=hidden.device, ndim=2)
+    if weight.shape[1] != h:
+        raise ValueError(f"weight: expected [classes, {h}] to match hidden's last dimension {h}, got {list(weight.shape)}")
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=(hidden.dtype,), device=hidden.device, shape=(weight.shape[0],))
+    check_tensor("labels", labels, dtypes=(torch.int64,), device=hidden.device)
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(
+            f"labels: expected shape {list(hidden.shape[:-1])} (hidden's shape without its last dimension), "
+            f"got {list(labels.shape)}"
+        )
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction: expected 'mean' or 'sum' (the fused head keeps no per-row losses), got {reduction!r}")
+    n = labels.numel()
+    flat = labels.reshape(n).contiguous()
+    if reduction == "sum":
+        scale = 1.0
+    else:
+        valid = int((flat != ignore_index).sum())
+        scale = 1.0 / valid if valid else float("nan")
+    return HeadLossFunction.apply(hidden.reshape(n, h).contiguous(), weight, bias, flat, int(ignore_index), scale)
 
 
 class _StandInHead(nn.Linear):

@@ -86,12 +86,28 @@ def collate(enc: Encoded, index: list[int], pad_id: int, device) -> tuple[torch.
 
 
 def completion_loss(model, ids, attn, target, reduction="mean"):
-    """Cross-entropy of the completion tokens, the output head applied to their positions only, on
-    lowrank's loss kernels (fp32, as F.cross_entropy(logits.float(), ...), without the fp32 copies)."""
-    hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
+    """Cross-entropy of the completion tokens, the output head applied to their positions only, fused
+    with the loss where the head is a plain ``nn.Linear`` (``lowrank.linear_cross_entropy``: fp32, as
+    F.cross_entropy(logits.float(), ...), the head's GEMMs the measured fastest, no logits kept).
+
+    The batch is right-padded (``collate``), so under the decoder's causal mask no real token sees a
+    pad: the padding mask changes only the pad positions' states, which no loss reads. It is left out,
+    so that the attention runs on the plain causal kernel (``lowrank.fast_attention``) rather than on
+    the masked fallback."""
+    if not bool(_right_padded(attn)):
+        raise ValueError("attn: expected a right-padded batch (each row's real tokens first)")
+    hidden = model.get_decoder()(input_ids=ids).last_hidden_state
     sel = target[:, 1:]
-    logits = model.get_output_embeddings()(hidden[:, :-1][sel])
-    return lowrank.cross_entropy(logits, ids[:, 1:][sel], reduction=reduction)
+    rows, labels = hidden[:, :-1][sel], ids[:, 1:][sel]
+    head = model.get_output_embeddings()
+    if type(head) is torch.nn.Linear:
+        return lowrank.linear_cross_entropy(rows, head.weight, labels, bias=head.bias, reduction=reduction)
+    return lowrank.cross_entropy(head(rows), labels, reduction=reduction)
+
+
+def _right_padded(attn: torch.Tensor) -> torch.Tensor:
+    """Every row of the 0/1 mask is ones, then zeros."""
+    return (attn[:, 1:] <= attn[:, :-1]).all()
 
 
 @torch.no_grad()
@@ -199,7 +215,10 @@ def build(method: str, base: torch.nn.Module, s: Settings) -> torch.nn.Module:
         config = lowrank.QLoRAConfig(r=s.r, alpha=s.alpha, target_modules="all-linear", quantize_base="all-linear")
     else:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
-    return lowrank.inject(model, config, adapter_name=method)
+    model = lowrank.inject(model, config, adapter_name=method)
+    if hasattr(model, "set_attn_implementation"):  # a transformers model: attention on lowrank's kernel
+        lowrank.fast_attention(model)
+    return model
 
 
 def run_method(method: str, base, tokenizer, data: Dataset, enc_train: Encoded, enc_eval: Encoded, s: Settings,
