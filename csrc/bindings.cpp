@@ -211,13 +211,15 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "adapter_term_cpu",
       [](const Matrix& out, const Matrix& u, const Matrix& e, const std::optional<Matrix>& bias, float scale,
-         bool e_transposed, int num_threads) {
-        AdapterTermArgs p{out, u, e, opt(bias), scale, e_transposed};
+         bool e_transposed, int num_threads, const std::optional<Matrix>& col_scale) {
+        AdapterTermArgs p{out, u, e, opt(bias), scale, e_transposed, opt(col_scale)};
         py::gil_scoped_release nogil;
         adapter_term_cpu(p, num_threads);
       },
-      "out = bias + scale * u eᵀ (fp32 sums, one rounding; e read as [R, N] with e_transposed; "
-      "positional arguments: out, u, e, bias, scale, e_transposed, num_threads)");
+      py::arg("out"), py::arg("u"), py::arg("e"), py::arg("bias"), py::arg("scale"), py::arg("e_transposed"),
+      py::arg("num_threads"), py::arg("col_scale") = py::none(),
+      "out = bias + scale * col_scale ⊙ u eᵀ (fp32 sums, one rounding; e read as [R, N] with e_transposed, "
+      "in place where it is fp32; col_scale [1, N] fp32 or None)");
 
   m.def(
       "lora_backward_cpu",

@@ -193,6 +193,7 @@ struct AdapterTermArgs {
   Matrix bias;   // [1, N]  float32 / bfloat16, or ptr == 0
   float scale = 1.0f;
   bool e_transposed = false;
+  Matrix col_scale;  // [1, N] float32 (out = bias + scale · col_scale ⊙ u eᵀ), or ptr == 0
 };
 
 inline void validate_adapter_term(const AdapterTermArgs& p) {
@@ -211,8 +212,13 @@ inline void validate_adapter_term(const AdapterTermArgs& p) {
     check_matrix(p.bias, "bias", 1, N);
     LOWRANK_CHECK(float_or_bf16(p.bias), std::string("bias: expected float32 or bfloat16, got ") + dtype_name(p.bias.dtype));
   }
+  if (p.col_scale.ptr) {
+    check_matrix(p.col_scale, "col_scale", 1, N);
+    LOWRANK_CHECK(p.col_scale.dtype == DType::float32,
+                  std::string("col_scale: expected float32, got ") + dtype_name(p.col_scale.dtype));
+  }
   LOWRANK_CHECK(extent_fits(R, N + 32, N + 32), "e: too large for the adapter term's scratch");
-  for (const Matrix* m : {&p.out, &p.u, &p.e, &p.bias})
+  for (const Matrix* m : {&p.out, &p.u, &p.e, &p.bias, &p.col_scale})
     LOWRANK_CHECK(m->ptr == 0 || m->device == -1, "adapter_term_cpu: every tensor must be on the CPU");
 }
 

@@ -136,19 +136,24 @@ TERM_SHAPES = [(1, 5, 1), (3, 33, 7), (9, 64, 16), (17, 100, 16), (70, 31, 256),
 @pytest.mark.parametrize("e_dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
 def test_adapter_term_each_cpu_isa(cpu_isa, m, n, r, out_dtype, e_dtype):
     """Against float64: rows past the 8-row tile and not a multiple of it, columns past the 32-wide step
-    (the element-wise tail), e as [N, R] (a column slice) and as [R, N] read transposed, with and without
-    a bias (out's dtype or fp32), into a poisoned out; fp32 sums and one rounding."""
+    (the element-wise tail), e as [N, R] (a column slice) and as [R, N] read transposed (rows longer
+    than N, NaN past it), with and without a bias (out's dtype or fp32) and a column scale, into a
+    poisoned out; fp32 sums and one rounding."""
     torch.manual_seed(m * 1000 + n)
     u = torch.randn(m, r + 3)[:, 1 : r + 1]  # rows at stride r + 3
     e = _operand(n, r, e_dtype, "slice")
-    for transposed, bias_dtype, threads in ((False, None, 1), (True, out_dtype, 2), (False, torch.float32, 3)):
+    variants = ((False, None, 1, False), (True, out_dtype, 2, True), (False, torch.float32, 3, True), (True, None, 1, False))
+    for transposed, bias_dtype, threads, scaled in variants:
         bias = None if bias_dtype is None else torch.randn(n).to(bias_dtype)
+        col_scale = torch.randn(n) if scaled else None
         out = torch.full((m, n), float("nan"), dtype=out_dtype)
-        e_in = e.t().contiguous() if transposed else e
+        # eᵀ with rows longer than N (read in place when fp32: the last panel must not run past a row)
+        e_in = torch.full((r, n + 5), float("nan"), dtype=e_dtype)[:, :n].copy_(e.t()) if transposed else e
         _C.adapter_term_cpu(matrix("out", out), matrix("u", u), matrix("e", e_in), optional_matrix("bias", bias),
-                            1.7, transposed, threads)  # fmt: skip
-        exact = 1.7 * (u.double() @ e.double().t())
-        mag = 1.7 * (u.double().abs() @ e.double().abs().t())
+                            1.7, transposed, threads, optional_matrix("col_scale", col_scale))  # fmt: skip
+        cs = 1.0 if col_scale is None else col_scale.double()
+        exact = 1.7 * cs * (u.double() @ e.double().t())
+        mag = 1.7 * abs(cs) * (u.double().abs() @ e.double().abs().t())
         if bias is not None:
             exact, mag = exact + bias.double(), mag + bias.double().abs()
         rounding = 2.0**-8 * exact.abs() if out_dtype == torch.bfloat16 else 0
@@ -173,6 +178,10 @@ def test_adapter_term_argument_errors():
         call(M("out", out), M("u", u.bfloat16()), M("e", e), None, 1.0, False, 1)
     with pytest.raises(ValueError, match="out: expected float32 or bfloat16"):
         call(M("out", out.to(torch.int32)), M("u", u), M("e", e), None, 1.0, False, 1)
+    with pytest.raises(ValueError, match=r"col_scale: expected shape \[1, 6\]"):
+        call(M("out", out), M("u", u), M("e", e), None, 1.0, False, 1, M("col_scale", torch.randn(5)))
+    with pytest.raises(ValueError, match="col_scale: expected float32, got bfloat16"):
+        call(M("out", out), M("u", u), M("e", e), None, 1.0, False, 1, M("col_scale", torch.randn(6).bfloat16()))
 
 
 # ---------------------------------------------------------------------------------------------

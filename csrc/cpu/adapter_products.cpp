@@ -226,19 +226,22 @@ const float* padded(const Matrix& m, bool transposed, int64_t rows, int64_t R, i
   return scratch;
 }
 
-// ---- adapter_term: out = bias + scale · u eᵀ -------------------------------------------
+// ---- adapter_term: out = bias + scale · col_scale ⊙ u eᵀ ----------------------------------
 // The bf16 many-token paths' adapter term (lora.h), computed before the base GEMM accumulates onto it.
-// An outer-product tile: TM rows of u (broadcast) against 2W columns of eᵀ (fp32, zero-padded to Np
-// columns, built once per call in the thread's scratch), R steps of 2·TM FMAs on 2·TM accumulators.
+// An outer-product tile: TM rows of u (broadcast) against 2W columns of eᵀ (fp32), R steps of 2·TM
+// FMAs on 2·TM accumulators. eᵀ is read in place where it comes fp32 and transposed; else it is built
+// once per call in the thread's scratch (zero-padded to Np columns). The last, partial, column panel
+// always comes from scratch, zero-padded, so no load passes the end of a row.
 // (At 512 x 1536, Zen 4: 0.20 ms at r = 16 against 0.33 for torch's fp32 GEMM and a bf16 copy, and
-// the split 16-bit GEMM it replaced; ~57 % of the FMA peak, and slower than torch's GEMM from r = 128.)
+// the split 16-bit GEMM it replaced; Zen 5, r = 256: ~74 % of the FMA peak.)
 constexpr int TM = W == 16 ? 8 : 4;
 
 struct TermPlan {
   const AdapterTermArgs* a;
-  const float* et;  // [R, Np] fp32
-  int64_t Np;
-  int64_t blocks;  // row blocks of TM
+  const float* et;    // eᵀ, [R, ld_et] fp32: every full panel of 2W columns
+  int64_t ld_et;
+  const float* tail;  // [R, 2W] fp32, the last partial panel zero-padded (nullptr when N % 2W == 0)
+  int64_t blocks;     // row blocks of TM
   int64_t tasks;
 };
 
@@ -249,12 +252,15 @@ void term_tile(const TermPlan& p, int64_t mb, int64_t n) {
   const int64_t N = A.out.cols, R = A.u.cols;
   const float* u = A.u.data<float>() + mb * A.u.ld;
   const TB* bias = A.bias.ptr ? A.bias.data<TB>() : nullptr;
+  const float* cs = A.col_scale.ptr ? A.col_scale.data<float>() : nullptr;
   TO* out = A.out.data<TO>() + mb * A.out.ld;
   const Vec s = vset1(A.scale);
+  const bool full = n + 2 * W <= N;
   Vec acc[NB][2];
   for (int i = 0; i < NB; ++i) acc[i][0] = acc[i][1] = vzero();
-  const float* e = p.et + n;
-  for (int64_t j = 0; j < R; ++j, e += p.Np) {
+  const float* e = full ? p.et + n : p.tail;
+  const int64_t ld = full ? p.ld_et : 2 * W;
+  for (int64_t j = 0; j < R; ++j, e += ld) {
     const Vec e0 = vload(e), e1 = vload(e + W);
     for (int i = 0; i < NB; ++i) {
       const Vec ub = vset1(u[i * A.u.ld + j]);
@@ -262,14 +268,12 @@ void term_tile(const TermPlan& p, int64_t mb, int64_t n) {
       acc[i][1] = vfma(ub, e1, acc[i][1]);
     }
   }
-  if (n + 2 * W <= N) {
-    for (int i = 0; i < NB; ++i)
-      for (int h = 0; h < 2; ++h) {
-        TO* at = out + i * A.out.ld + n + h * W;
-        Vec v = vmul(s, acc[i][h]);
-        if (bias) v = vadd(v, vload(bias + n + h * W));
-        vstore(at, v);
-      }
+  if (full) {
+    for (int h = 0; h < 2; ++h) {
+      const Vec sc = cs ? vmul(s, vload(cs + n + h * W)) : s;
+      const Vec bv = bias ? vload(bias + n + h * W) : vzero();
+      for (int i = 0; i < NB; ++i) vstore(out + i * A.out.ld + n + h * W, vfma(sc, acc[i][h], bv));
+    }
   } else {  // the last columns: through a buffer, element by element
     alignas(64) float tail[2 * W];
     for (int i = 0; i < NB; ++i) {
@@ -277,7 +281,7 @@ void term_tile(const TermPlan& p, int64_t mb, int64_t n) {
       vstore(tail + W, acc[i][1]);
       TO* row = out + i * A.out.ld + n;
       for (int64_t c = 0; c < N - n; ++c) {
-        float v = A.scale * tail[c];
+        float v = (cs ? A.scale * cs[n + c] : A.scale) * tail[c];
         if (bias) v += load_scalar(bias + n + c);
         store_scalar(row + c, v);
       }
@@ -324,29 +328,49 @@ void adapter_term(const AdapterTermArgs& a, int num_threads) {
   const int64_t M = a.out.rows, N = a.out.cols, R = a.u.cols;
   TermPlan p{};
   p.a = &a;
-  p.Np = (N + 2 * W - 1) / (2 * W) * (2 * W);
-  thread_local std::vector<float> scratch;  // eᵀ in fp32, kept between calls (see adapter_products)
-  if (scratch.size() < size_t(R * p.Np)) scratch.resize(size_t(R * p.Np));
+  const int64_t full = N / (2 * W) * (2 * W);  // columns in full panels
+  const bool in_place = a.e_transposed && a.e.dtype == DType::float32;
+  // eᵀ built in fp32 (when not read in place: full panels, ld Np) and the zero-padded last panel.
+  const int64_t Np = in_place ? 0 : (N + 2 * W - 1) / (2 * W) * (2 * W);
+  const int64_t tail_n = full < N ? 2 * W : 0;
+  thread_local std::vector<float> scratch;  // kept between calls (see adapter_products)
+  const size_t need = size_t(R * (Np + tail_n));
+  if (scratch.size() < need) scratch.resize(need);
   float* et = scratch.data();
   auto value = [&](int64_t at) {
     return a.e.dtype == DType::float32 ? a.e.data<float>()[at] : bf16_to_float(a.e.data<bf16_t>()[at]);
   };
-  for (int64_t j = 0; j < R; ++j)
-    for (int64_t n = N; n < p.Np; ++n) et[j * p.Np + n] = 0.f;
-  if (a.e_transposed) {
+  if (in_place) {
+    p.et = a.e.data<float>();
+    p.ld_et = a.e.ld;
+  } else {
     for (int64_t j = 0; j < R; ++j)
-      for (int64_t n = 0; n < N; ++n) et[j * p.Np + n] = value(j * a.e.ld + n);
-  } else {  // e [N, R] transposed in 16 x 64 blocks: each block writes 64 rows of eᵀ a cache line each
-    // (element by element over all of e, the writes strided by Np, it had cost more than the products:
-    // 1.7 ms of VeRA's 1536 x 256 term at M = 16 on a Zen 5)
-    for (int64_t n0 = 0; n0 < N; n0 += 16)
-      for (int64_t j0 = 0; j0 < R; j0 += 64) {
-        const int64_t n1 = min64(N, n0 + 16), j1 = min64(R, j0 + 64);
-        for (int64_t j = j0; j < j1; ++j)
-          for (int64_t n = n0; n < n1; ++n) et[j * p.Np + n] = value(n * a.e.ld + j);
-      }
+      for (int64_t n = N; n < Np; ++n) et[j * Np + n] = 0.f;
+    if (a.e_transposed) {
+      for (int64_t j = 0; j < R; ++j)
+        for (int64_t n = 0; n < N; ++n) et[j * Np + n] = value(j * a.e.ld + n);
+    } else {  // e [N, R] transposed in 16 x 64 blocks: each block writes 64 rows of eᵀ a cache line each
+      // (element by element over all of e, the writes strided by Np, it had cost more than the products:
+      // 1.7 ms of VeRA's 1536 x 256 term at M = 16 on a Zen 5)
+      for (int64_t n0 = 0; n0 < N; n0 += 16)
+        for (int64_t j0 = 0; j0 < R; j0 += 64) {
+          const int64_t n1 = min64(N, n0 + 16), j1 = min64(R, j0 + 64);
+          for (int64_t j = j0; j < j1; ++j)
+            for (int64_t n = n0; n < n1; ++n) et[j * Np + n] = value(n * a.e.ld + j);
+        }
+    }
+    p.et = et;
+    p.ld_et = Np;
   }
-  p.et = et;
+  if (tail_n) {  // the last partial panel, zero-padded to 2W columns
+    float* tail = et + R * Np;
+    for (int64_t j = 0; j < R; ++j)
+      for (int64_t c = 0; c < 2 * W; ++c) {
+        const int64_t n = full + c;
+        tail[j * 2 * W + c] = n >= N ? 0.f : in_place ? a.e.data<float>()[j * a.e.ld + n] : et[j * Np + n];
+      }
+    p.tail = tail;
+  }
   p.blocks = (M + TM - 1) / TM;
   const int64_t threads = num_threads < 1 ? 1 : num_threads;
   p.tasks = min64(threads, p.blocks);

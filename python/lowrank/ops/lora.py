@@ -265,15 +265,16 @@ def adapter_products(
 
 
 def adapter_term(out: Tensor, u: Tensor, e: Tensor, bias: Optional[Tensor] = None, scale: float = 1.0, *,
-                 e_transposed: bool = False) -> Tensor:  # fmt: skip
-    """``out = bias + scale·u eᵀ`` on the CPU ([M, N]; u fp32 [M, R], e [N, R] or [R, N] with
-    ``e_transposed``): fp32 products and sums, one rounding to out's dtype, in one call
-    (csrc/cpu/adapter_products.cpp) — the adapter's term of the bf16 many-token GEMM paths, where
-    torch's skinny bf16 GEMM needs u split into 16-bit halves to keep it exact, and costs several times
-    the products themselves. Returns ``out``."""
+                 e_transposed: bool = False, col_scale: Optional[Tensor] = None) -> Tensor:  # fmt: skip
+    """``out = bias + scale·col_scale ⊙ u eᵀ`` on the CPU ([M, N]; u fp32 [M, R], e [N, R] or [R, N]
+    with ``e_transposed``, col_scale fp32 [N] or None): fp32 products and sums, one rounding to out's
+    dtype, in one call (csrc/cpu/adapter_products.cpp) — the adapter's term of the bf16 many-token GEMM
+    paths, where torch's skinny bf16 GEMM needs u split into 16-bit halves to keep it exact, and costs
+    several times the products themselves. Returns ``out``."""
     u, e = last_dim_contiguous(u), last_dim_contiguous(e)  # held until the kernel returns
+    cs = None if col_scale is None else col_scale.reshape(1, -1)
     _C.adapter_term_cpu(matrix("out", out), matrix("u", u), matrix("e", e), optional_matrix("bias", bias),
-                        float(scale), e_transposed, _runtime.num_threads())  # fmt: skip
+                        float(scale), e_transposed, _runtime.num_threads(), optional_matrix("col_scale", cs))  # fmt: skip
     return out
 
 

@@ -219,6 +219,12 @@ def _forward_gemm(x2, xa2, weight, bias, vera_a, vera_b, d32, b32):
     else:  # the base GEMM takes x as is: h from x_a without an fp32 copy where that is faster
         h = _lora.down_projection_many(xa2, vera_a)
     u = h * d32
+    if not fp32_base and x2.is_cpu and weight is not None:
+        # bias + b ⊙ (u B_sᵀ) in fp32, rounded once (adapter_term, b its column scale: no N x r product
+        # made per call), then the base GEMM accumulated onto it
+        c = _lora.adapter_term(_runtime.empty(x2.shape[0], weight.shape[0], dtype=x2.dtype, device=x2.device), u,
+                               vera_b, bias, col_scale=b32)  # fmt: skip
+        return c.addmm_(x2, weight.t()), h
     b_scaled = _fp32(vera_b) * b32[:, None]  # [N, r] fp32: small next to W
     if fp32_base and weight is not None and weight.dtype == torch.float32 and x2.is_cpu:
         # bias + u (b ⊙ B_s)ᵀ first, then the GEMM adds x Wᵀ to it (as LoRA's fp32 CPU path)
