@@ -32,14 +32,17 @@ SHAPES = [  # B, H, KV, T, S, D
 ]
 
 
-def reference(q, k, v, scale):
-    """float64 softmax(scale · Q Kᵀ + mask) V, key j visible to query i when j <= i + S - T."""
+def reference(q, k, v, scale, key_lengths=None):
+    """float64 softmax(scale · Q Kᵀ + mask) V, key j visible to query i when j <= i + S - T (and, with
+    ``key_lengths``, j < key_lengths[b])."""
     q, k, v = q.double(), k.double(), v.double()
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     t, s = q.shape[2], k.shape[2]
     scores = (q @ k.transpose(-1, -2)) * scale
     hidden = torch.arange(s)[None, :] > torch.arange(t)[:, None] + (s - t)
+    if key_lengths is not None:
+        hidden = hidden[None, None] | (torch.arange(s) >= key_lengths[:, None, None, None])
     return torch.softmax(scores.masked_fill(hidden, float("-inf")), -1) @ v
 
 
@@ -79,6 +82,52 @@ def test_forward_and_backward_match_float64(shape, dtype, cpu_isa):
     assert_rounded_once("out", out, want.detach(), dtype)
     for name, g, e in zip(("grad_query", "grad_key", "grad_value"), got, exact):
         assert_rounded_once(name, g, e, dtype)
+
+
+PADDED = [  # B, H, KV, T, S, D, key lengths
+    (3, 2, 1, 7, 7, 16, [7, 1, 4]),  # one batch unpadded, one that sees only its first key
+    (2, 6, 3, 40, 40, 24, [33, 17]),  # query blocks past the keys (pad queries), a block remainder
+    (2, 4, 2, 3, 20, 8, [20, 11]),  # few query rows, more keys than queries
+    (2, 2, 2, 1, 9, 40, [5, 9]),  # decode
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+@pytest.mark.parametrize("shape", PADDED, ids=str)
+def test_key_lengths_match_float64(shape, dtype, cpu_isa):
+    """A right-padded batch: batch b's keys from key_lengths[b] on hidden from every query (its pad
+    queries too, which see the real keys). Against float64, forward and backward, into poisoned memory:
+    the hidden keys' gradients are exactly 0."""
+    b, h, kv, t, s, d, lengths = shape
+    lengths = torch.tensor(lengths)
+    q, k, v = (x.requires_grad_(True) for x in _inputs(b, h, kv, t, s, d, dtype))
+    scale = 0.6 * d**-0.5
+    out = causal_attention(q, k, v, scale, key_lengths=lengths)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
+    want = reference(q64, k64, v64, scale, lengths)
+    exact = torch.autograd.grad(want, (q64, k64, v64), grad.double())
+    assert_rounded_once("out", out, want.detach(), dtype)
+    for name, g, e in zip(("grad_query", "grad_key", "grad_value"), got, exact):
+        assert_rounded_once(name, g, e, dtype)
+    for i, n in enumerate(lengths.tolist()):
+        assert (got[1][i, :, n:] == 0).all() and (got[2][i, :, n:] == 0).all()
+    with torch.no_grad():  # the no-Function path passes them too
+        assert torch.equal(causal_attention(q, k, v, scale, key_lengths=lengths), out.detach())
+
+
+def test_key_lengths_bad_input_names_the_argument():
+    q, k, v = _inputs(2, 4, 2, 5, 8, 16, torch.float32)
+    for lengths, kind, match in [
+        (torch.tensor([8, 3], dtype=torch.int32), TypeError, "^key_lengths: expected dtype int64"),
+        (torch.tensor([8, 3, 1]), ValueError, r"^key_lengths: expected shape \[2\]"),
+        (torch.tensor([[8, 3], [1, 1]])[:, 0], ValueError, "^key_lengths: expected a contiguous tensor"),
+        (torch.tensor([8, 0]), ValueError, "^kv_len: 0 keys at batch 1, expected 1 to 8"),
+        (torch.tensor([9, 3]), ValueError, "^kv_len: 9 keys at batch 0, expected 1 to 8"),
+    ]:
+        with pytest.raises(kind, match=match):
+            attention_forward(q, k, v, 0.25, lengths)
 
 
 def test_lse_is_the_log_sum_exp_of_each_row():
@@ -198,8 +247,65 @@ def test_fast_attention_on_a_transformers_model(dtype, monkeypatch):
     assert mine.config._attn_implementation == "sdpa"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+def test_fast_attention_takes_right_padded_batches(dtype, monkeypatch):
+    """A right-padded batch's mask runs on the kernel, as per-batch key counts: the logits (pad positions
+    too), the loss and its gradients of transformers' SDPA path on the same mask."""
+    base = lowrank.inject(_llama(dtype), lowrank.LoRAConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    mine = fast_attention(copy.deepcopy(base))
+    used = []
+    original = lowrank.attention.attention_forward
+    monkeypatch.setattr(lowrank.attention, "attention_forward", lambda *a: used.append(a[-1]) or original(*a))
+    ids = _ids((3, 11))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    mask[2, 1:] = 0  # one real token
+    labels = ids.masked_fill(mask == 0, -100)
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        got = mine(input_ids=ids, attention_mask=mask).logits.float()
+        assert torch.allclose(got, base(input_ids=ids, attention_mask=mask).logits.float(), **tol)
+    assert len(used) == 2 and all(torch.equal(lengths, torch.tensor([6, 11, 1])) for lengths in used)
+    losses, grads = [], []
+    for model in (mine.train(), base.train()):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        losses.append(loss.detach().float())
+        grads.append([p.grad.float() for p in model.parameters() if p.requires_grad])
+    assert torch.allclose(losses[0], losses[1], **tol)
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=5e-2 if dtype == torch.bfloat16 else 1e-4, atol=5e-3 if dtype == torch.bfloat16 else 1e-6)
+
+
+def test_right_padding_lengths_reads_only_right_padding():
+    from lowrank.attention import right_padding_lengths
+    from transformers.masking_utils import sdpa_mask
+
+    def mask_of(attention_mask, t=6, s=6):
+        return sdpa_mask(batch_size=attention_mask.shape[0], q_length=t, kv_length=s, q_offset=s - t,
+                         attention_mask=attention_mask.bool(), allow_is_causal_skip=False)  # fmt: skip
+
+    right = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    m = mask_of(right)
+    found = right_padding_lengths(m, 6, 6)
+    assert torch.equal(found, torch.tensor([4, 6])) and right_padding_lengths(m, 6, 6) is found  # read once
+    m[1, 0, 5, 2] = False  # changed in place: read again, and no longer right padding
+    assert right_padding_lengths(m, 6, 6) is None
+    assert right_padding_lengths(mask_of(torch.tensor([[0, 0, 1, 1, 1, 1]])), 6, 6) is None  # left padding
+    assert right_padding_lengths(mask_of(torch.tensor([[1, 0, 1, 1, 1, 1]])), 6, 6) is None  # a hole
+    assert right_padding_lengths(mask_of(right)[:, :, :5], 5, 6) is None  # the wrong query count
+    assert right_padding_lengths(mask_of(right).float(), 6, 6) is None  # not a bool mask
+    bidirectional = torch.ones(2, 1, 6, 6, dtype=torch.bool)
+    assert right_padding_lengths(bidirectional, 6, 6) is None
+
+
 def test_fast_attention_leaves_masked_calls_to_sdpa(monkeypatch):
-    """A padding mask (or any mask tensor) goes to transformers' SDPA function, unchanged."""
+    """A mask that is not a right-padded batch's (left padding here) goes to transformers' SDPA function,
+    unchanged."""
     model = fast_attention(_llama())
     sdpa = fast_attention(_llama(), enabled=False)
     used = []

@@ -220,10 +220,10 @@ def test_own_data_files_and_bf16(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_training_loss_is_the_masked_unfused_loss(method):
-    """The training loss leaves out the padding mask (so attention runs on lowrank's causal kernel) and
-    fuses the head with the loss: on a right-padded batch it is the loss, and gives the gradients, of
-    the padding-masked decoder under SDPA with the head and the loss unfused."""
+def test_training_loss_is_the_sdpa_unfused_loss(method, monkeypatch):
+    """The training loss runs attention on lowrank's kernel (the right-padded batch's mask as key counts)
+    and fuses the head with the loss: it is the loss, and gives the gradients, of the padding-masked
+    decoder under SDPA with the head and the loss unfused."""
     import torch.nn.functional as Fn
 
     from lowrank.finetune import data as D
@@ -241,7 +241,11 @@ def test_training_loss_is_the_masked_unfused_loss(method):
     with torch.no_grad():
         for p in params:
             p.normal_(0, 0.05)  # B is zero at init: make the adapter matter
+    used = []
+    original = lowrank.attention.attention_forward
+    monkeypatch.setattr(lowrank.attention, "attention_forward", lambda *a: used.append(a[-1]) or original(*a))
     loss = T.completion_loss(model, ids, attn, target)
+    assert used and all(torch.equal(lengths, attn.sum(1)) for lengths in used)  # on the kernel, as key counts
     got = torch.autograd.grad(loss, params)
     lowrank.fast_attention(model, enabled=False)
     hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
@@ -252,5 +256,3 @@ def test_training_loss_is_the_masked_unfused_loss(method):
     assert abs(loss.item() - want.item()) <= 1e-5 * abs(want.item())
     for g, e in zip(got, expected):
         assert (g - e).abs().max() <= 1e-4 * e.abs().max() + 1e-7
-    with pytest.raises(ValueError, match="attn: expected a right-padded batch"):
-        T.completion_loss(model, ids, attn.flip(1), target)

@@ -123,16 +123,23 @@ struct Scratch {
   }
 };
 
-// The keys query row i (of T) sees: [0, i + S - T].
-inline int64_t keys_seen(int64_t i, int64_t T, int64_t S) { return i + (S - T) + 1; }
+// Batch b's visible keys: [0, kv_len[b]) under a right-padding mask, else all S.
+inline int64_t key_count(const AttentionArgs& a, int64_t b) {
+  return a.kv_len ? reinterpret_cast<const int64_t*>(a.kv_len)[b] : a.S;
+}
+
+// How many keys query row i (of T) sees: [0, i + S - T], and none from `count` on.
+inline int64_t keys_seen(int64_t i, int64_t T, int64_t S, int64_t count) {
+  return std::min(i + (S - T) + 1, count);
+}
 
 // S = (scale·Q) Kᵀ for rows [i0, i1), masked: each row's keys past keys_seen are −inf (up to pad(n)).
 void scores(const float* q, int64_t ldq, const float* kt, int64_t lds, int64_t i0, int64_t i1, int64_t n,
-            int64_t D, int64_t T, int64_t S, float* s) {
+            int64_t D, int64_t T, int64_t S, int64_t count, float* s) {
   bcast_gemm(i1 - i0, n, D, q, ldq, 1, kt, lds, s, lds, false);
   for (int64_t i = i0; i < i1; ++i) {
     float* row = s + (i - i0) * lds;
-    for (int64_t j = keys_seen(i, T, S); j < pad(n); ++j) row[j] = kNegInf;
+    for (int64_t j = keys_seen(i, T, S, count); j < pad(n); ++j) row[j] = kNegInf;
   }
 }
 
@@ -149,7 +156,7 @@ void forward_few(const AttentionArgs& a, int64_t b, int64_t h) {
   float* lse = reinterpret_cast<float*>(a.lse) + (b * a.H + h) * Tq;
   for (int64_t i = 0; i < Tq; ++i) {
     load_rows<T>(a.q, b, h, i, i + 1, D, a.scale, q, ldd, false);
-    const int64_t n = keys_seen(i, Tq, S);
+    const int64_t n = keys_seen(i, Tq, S, key_count(a, b));
     float mx = kNegInf;
     for (int64_t j = 0; j < n; ++j) {
       s[j] = dot(q, at<T>(a.k, b, kvh, j), D);  // simd.h
@@ -188,14 +195,17 @@ void forward_head(const AttentionArgs& a, int64_t b, int64_t h) {
   float* q = Scratch::sized(w.q, QB * ldd);
   float* s = Scratch::sized(w.s, QB * lds);
   float* o = Scratch::sized(w.o, QB * ldd);
+  // Only the keys some query sees are loaded (kt's other columns stay 0: finite scores, masked; V's other
+  // rows are never read, every product stopping at its block's key count).
+  const int64_t count = key_count(a, b);
   std::fill(kt, kt + D * lds, 0.f);
-  load_rows<T>(a.k, b, kvh, 0, S, D, 1.f, kt, lds, /*transposed=*/true);
-  load_rows<T>(a.v, b, kvh, 0, S, D, 1.f, v, ldd, false);
+  load_rows<T>(a.k, b, kvh, 0, count, D, 1.f, kt, lds, /*transposed=*/true);
+  load_rows<T>(a.v, b, kvh, 0, count, D, 1.f, v, ldd, false);
   float* lse = reinterpret_cast<float*>(a.lse) + (b * a.H + h) * Tq;
   for (int64_t i0 = 0; i0 < Tq; i0 += QB) {
-    const int64_t i1 = std::min(Tq, i0 + QB), n = keys_seen(i1 - 1, Tq, S);
+    const int64_t i1 = std::min(Tq, i0 + QB), n = keys_seen(i1 - 1, Tq, S, count);
     load_rows<T>(a.q, b, h, i0, i1, D, a.scale, q, ldd, false);
-    scores(q, ldd, kt, lds, i0, i1, n, D, Tq, S, s);
+    scores(q, ldd, kt, lds, i0, i1, n, D, Tq, S, count, s);
     for (int64_t i = i0; i < i1; ++i) {
       float* row = s + (i - i0) * lds;
       Vec m = vset1(kNegInf);
@@ -234,20 +244,21 @@ void backward_group(const AttentionBackwardArgs& g, int64_t b, int64_t kvh) {
   float* dk = Scratch::sized(w.dk, S * ldd);
   float* dv = Scratch::sized(w.dv, S * ldd);
   float* di = Scratch::sized(w.di, QB);
+  const int64_t count = key_count(a, b);  // keys past it: no query sees them, their gradients stay 0
   std::fill(kt, kt + D * lds, 0.f);
   std::fill(vt, vt + D * lds, 0.f);
   std::fill(dk, dk + S * ldd, 0.f);
   std::fill(dv, dv + S * ldd, 0.f);
-  load_rows<T>(a.k, b, kvh, 0, S, D, 1.f, kt, lds, true);
-  load_rows<T>(a.v, b, kvh, 0, S, D, 1.f, vt, lds, true);
-  load_rows<T>(a.k, b, kvh, 0, S, D, 1.f, k, ldd, false);
+  load_rows<T>(a.k, b, kvh, 0, count, D, 1.f, kt, lds, true);
+  load_rows<T>(a.v, b, kvh, 0, count, D, 1.f, vt, lds, true);
+  load_rows<T>(a.k, b, kvh, 0, count, D, 1.f, k, ldd, false);
   for (int64_t h = kvh * rep; h < (kvh + 1) * rep; ++h) {
     const float* lse = reinterpret_cast<const float*>(a.lse) + (b * a.H + h) * Tq;
     for (int64_t i0 = 0; i0 < Tq; i0 += QB) {
-      const int64_t i1 = std::min(Tq, i0 + QB), rows = i1 - i0, n = keys_seen(i1 - 1, Tq, S);
+      const int64_t i1 = std::min(Tq, i0 + QB), rows = i1 - i0, n = keys_seen(i1 - 1, Tq, S, count);
       load_rows<T>(a.q, b, h, i0, i1, D, a.scale, q, ldd, false);
       load_rows<T>(g.dout, b, h, i0, i1, D, 1.f, o, ldd, false);
-      scores(q, ldd, kt, lds, i0, i1, n, D, Tq, S, p);
+      scores(q, ldd, kt, lds, i0, i1, n, D, Tq, S, count, p);
       for (int64_t i = i0; i < i1; ++i) {  // P = exp(S − lse): 0 where masked
         float* row = p + (i - i0) * lds;
         const Vec l = vset1(lse[i]);

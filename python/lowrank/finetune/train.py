@@ -88,26 +88,15 @@ def collate(enc: Encoded, index: list[int], pad_id: int, device) -> tuple[torch.
 def completion_loss(model, ids, attn, target, reduction="mean"):
     """Cross-entropy of the completion tokens, the output head applied to their positions only, fused
     with the loss where the head is a plain ``nn.Linear`` (``lowrank.linear_cross_entropy``: fp32, as
-    F.cross_entropy(logits.float(), ...), the head's GEMMs the measured fastest, no logits kept).
-
-    The batch is right-padded (``collate``), so under the decoder's causal mask no real token sees a
-    pad: the padding mask changes only the pad positions' states, which no loss reads. It is left out,
-    so that the attention runs on the plain causal kernel (``lowrank.fast_attention``) rather than on
-    the masked fallback."""
-    if not bool(_right_padded(attn)):
-        raise ValueError("attn: expected a right-padded batch (each row's real tokens first)")
-    hidden = model.get_decoder()(input_ids=ids).last_hidden_state
+    F.cross_entropy(logits.float(), ...), the head's GEMMs the measured fastest, no logits kept). The
+    batch is right-padded (``collate``): under ``lowrank.fast_attention`` its mask runs on the kernel."""
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
     sel = target[:, 1:]
     rows, labels = hidden[:, :-1][sel], ids[:, 1:][sel]
     head = model.get_output_embeddings()
     if type(head) is torch.nn.Linear:
         return lowrank.linear_cross_entropy(rows, head.weight, labels, bias=head.bias, reduction=reduction)
     return lowrank.cross_entropy(head(rows), labels, reduction=reduction)
-
-
-def _right_padded(attn: torch.Tensor) -> torch.Tensor:
-    """Every row of the 0/1 mask is ones, then zeros."""
-    return (attn[:, 1:] <= attn[:, :-1]).all()
 
 
 @torch.no_grad()
