@@ -3,7 +3,7 @@
 One decoder layer's attention of SmolLM2-135M's shape (9 query heads over 3 key/value heads, head
 dimension 64): a training step's 4 x 128 tokens, forward and backward (the gradients of q, k and v), the
 same right-padded (sequences of 128 down to 52 tokens: SDPA given transformers' padding mask, lowrank the
-key counts), and a 512-token prefill, forward only; fp32 and bf16. The query is a transposed view, as transformers hands it
+key ranges), and a 512-token prefill, forward only; fp32 and bf16. The query is a transposed view, as transformers hands it
 over. torch runs its CPU flash-attention kernel (``is_causal=True``, ``enable_gqa=True``); lowrank its own
 (csrc/cpu/attention.cpp). Both sum in fp32; the interleaved medians go to one table.
 
@@ -51,15 +51,17 @@ def sdpa(q, k, v):
 
 def padded_calls(lengths: torch.Tensor, seq: int):
     """SDPA with the padding mask as transformers builds it (causal and each sequence's real keys), and
-    lowrank's kernel with the same mask as key counts."""
+    lowrank's kernel with the same mask as key ranges."""
     keys = torch.arange(seq)
     mask = (keys[None, :] <= keys[:, None])[None, None] & (keys < lengths[:, None, None, None])
 
     def masked_sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
+    ranges = torch.stack([torch.zeros_like(lengths), lengths], 1)
+
     def masked_lowrank(q, k, v):
-        return lowrank.causal_attention(q, k, v, key_lengths=lengths)
+        return lowrank.causal_attention(q, k, v, key_ranges=ranges)
 
     return masked_sdpa, masked_lowrank
 

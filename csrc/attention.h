@@ -1,8 +1,8 @@
 // Causal self-attention on the CPU (csrc/cpu/attention.cpp), forward and backward, for the decoder
 // layers around the adapters: grouped-query (H query heads share KV key/value heads, H % KV == 0),
 // key j visible to query i when j <= i + (S - T) (the bottom-right causal mask: T == S in training and
-// prefill, T == 1 in decode, which then sees every key) and, given per-batch key counts, j < kv_len[b]
-// (right padding). fp32 products and sums, each output rounded
+// prefill, T == 1 in decode, which then sees every key) and, given per-batch key ranges, start_b <= j <
+// end_b (a padded batch). fp32 products and sums, each output rounded
 // once to the inputs' dtype (fp32 or bf16); the forward also returns each row's log-sum-exp (fp32),
 // from which the backward rebuilds the probabilities instead of keeping them.
 #pragma once
@@ -28,9 +28,10 @@ struct AttentionArgs {
   std::uintptr_t lse = 0;  // [B, H, T] float32, contiguous
   int64_t B = 0, H = 0, KV = 0, T = 0, S = 0, D = 0;
   float scale = 1.0f;
-  // [B] int64, or 0: batch b's keys j >= kv_len[b] are hidden from every query (a right-padded batch's
-  // padding mask), each in [1, S]
-  std::uintptr_t kv_len = 0;
+  // [B, 2] int64, or 0: batch b's queries see only keys j in [kv_range[b][0], kv_range[b][1]) (a padded
+  // batch's mask: right padding ends the range early, left padding starts it late), 0 <= start <= end <= S.
+  // A query row that sees no key (a left pad's) gets zeros and lse = −inf, as torch's SDPA gives it.
+  std::uintptr_t kv_range = 0;
 };
 
 struct AttentionBackwardArgs {
@@ -62,11 +63,12 @@ inline void validate_attention(const AttentionArgs& a, bool forward = true) {
     LOWRANK_CHECK(t.dtype == a.q.dtype, std::string(name) + ": expected query's dtype " + dtype_name(a.q.dtype) +
                                             ", got " + dtype_name(t.dtype));
   LOWRANK_CHECK(a.q.ptr && a.k.ptr && a.v.ptr && a.lse, "attention: null address");
-  if (a.kv_len) {
-    const int64_t* len = reinterpret_cast<const int64_t*>(a.kv_len);
+  if (a.kv_range) {
+    const int64_t* r = reinterpret_cast<const int64_t*>(a.kv_range);
     for (int64_t b = 0; b < a.B; ++b)
-      LOWRANK_CHECK(len[b] >= 1 && len[b] <= a.S, "kv_len: " + std::to_string(len[b]) + " keys at batch " +
-                                                      std::to_string(b) + ", expected 1 to " + std::to_string(a.S));
+      LOWRANK_CHECK(0 <= r[2 * b] && r[2 * b] <= r[2 * b + 1] && r[2 * b + 1] <= a.S,
+                    "key_ranges: [" + std::to_string(r[2 * b]) + ", " + std::to_string(r[2 * b + 1]) +
+                        ") at batch " + std::to_string(b) + ", expected 0 <= start <= end <= " + std::to_string(a.S));
   }
   if (forward)
     LOWRANK_CHECK(a.out.ptr && a.out.dtype == a.q.dtype, std::string("out: expected query's dtype ") +

@@ -504,30 +504,30 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "attention_cpu",
       [](const Strided4& q, const Strided4& k, const Strided4& v, const Strided4& out, std::uintptr_t lse,
-         std::vector<int64_t> sizes, float scale, int num_threads, std::uintptr_t kv_len) {
+         std::vector<int64_t> sizes, float scale, int num_threads, std::uintptr_t kv_range) {
         LOWRANK_CHECK(sizes.size() == 6, "sizes: expected [B, H, KV, T, S, D]");
-        AttentionArgs a{q, k, v, out, lse, sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5], scale, kv_len};
+        AttentionArgs a{q, k, v, out, lse, sizes[0], sizes[1], sizes[2], sizes[3], sizes[4], sizes[5], scale, kv_range};
         py::gil_scoped_release nogil;
         attention_cpu(a, num_threads);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("sizes"), py::arg("scale"),
-      py::arg("num_threads"), py::arg("kv_len") = 0,
+      py::arg("num_threads"), py::arg("kv_range") = 0,
       "causal grouped-query attention (csrc/attention.h): out and lse (log-sum-exp per query row) from q, k, v; "
-      "sizes [B, H, KV, T, S, D]; kv_len: the address of [B] int64 key counts (right padding), or 0");
+      "sizes [B, H, KV, T, S, D]; kv_range: the address of [B, 2] int64 key ranges [start, end) (padding), or 0");
   m.def(
       "attention_backward_cpu",
       [](const Strided4& q, const Strided4& k, const Strided4& v, std::uintptr_t lse, std::vector<int64_t> sizes,
          float scale, const Strided4& dout, const Strided4& dq, const Strided4& dk, const Strided4& dv,
-         int num_threads, std::uintptr_t kv_len) {
+         int num_threads, std::uintptr_t kv_range) {
         LOWRANK_CHECK(sizes.size() == 6, "sizes: expected [B, H, KV, T, S, D]");
         AttentionBackwardArgs a{AttentionArgs{q, k, v, Strided4{}, lse, sizes[0], sizes[1], sizes[2], sizes[3],
-                                              sizes[4], sizes[5], scale, kv_len},
+                                              sizes[4], sizes[5], scale, kv_range},
                                 dout, dq, dk, dv};
         py::gil_scoped_release nogil;
         attention_backward_cpu(a, num_threads);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("lse"), py::arg("sizes"), py::arg("scale"), py::arg("dout"),
-      py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("num_threads"), py::arg("kv_len") = 0,
+      py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("num_threads"), py::arg("kv_range") = 0,
       "the gradients of attention_cpu's out for q, k and v (dq, dk, dv in q's dtype), from q, k, v and lse");
   m.def("set_parallel_min_work", &set_parallel_min_work, py::arg("work"),
         "the fewest multiply-adds per thread in the CPU few-token kernels (0: every call takes every thread)");

@@ -32,18 +32,21 @@ SHAPES = [  # B, H, KV, T, S, D
 ]
 
 
-def reference(q, k, v, scale, key_lengths=None):
+def reference(q, k, v, scale, key_ranges=None):
     """float64 softmax(scale · Q Kᵀ + mask) V, key j visible to query i when j <= i + S - T (and, with
-    ``key_lengths``, j < key_lengths[b])."""
+    ``key_ranges``, start_b <= j < end_b; a row that sees no key is 0, as torch's SDPA)."""
     q, k, v = q.double(), k.double(), v.double()
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     t, s = q.shape[2], k.shape[2]
     scores = (q @ k.transpose(-1, -2)) * scale
     hidden = torch.arange(s)[None, :] > torch.arange(t)[:, None] + (s - t)
-    if key_lengths is not None:
-        hidden = hidden[None, None] | (torch.arange(s) >= key_lengths[:, None, None, None])
-    return torch.softmax(scores.masked_fill(hidden, float("-inf")), -1) @ v
+    if key_ranges is not None:
+        keys = torch.arange(s)
+        outside = (keys < key_ranges[:, :1]) | (keys >= key_ranges[:, 1:])
+        hidden = hidden[None, None] | outside[:, None, None, :]
+    p = torch.softmax(scores.masked_fill(hidden, float("-inf")), -1)
+    return torch.nan_to_num(p, nan=0.0) @ v  # (softmax of a row of −inf is NaN: no key, a zero row)
 
 
 def assert_rounded_once(name, got, exact, dtype):
@@ -84,50 +87,54 @@ def test_forward_and_backward_match_float64(shape, dtype, cpu_isa):
         assert_rounded_once(name, g, e, dtype)
 
 
-PADDED = [  # B, H, KV, T, S, D, key lengths
-    (3, 2, 1, 7, 7, 16, [7, 1, 4]),  # one batch unpadded, one that sees only its first key
-    (2, 6, 3, 40, 40, 24, [33, 17]),  # query blocks past the keys (pad queries), a block remainder
-    (2, 4, 2, 3, 20, 8, [20, 11]),  # few query rows, more keys than queries
-    (2, 2, 2, 1, 9, 40, [5, 9]),  # decode
+PADDED = [  # B, H, KV, T, S, D, key ranges [start, end)
+    (3, 2, 1, 7, 7, 16, [[0, 7], [0, 1], [0, 4]]),  # right padding: unpadded, only the first key, pad queries
+    (2, 6, 3, 40, 40, 24, [[0, 33], [0, 17]]),  # whole query blocks past the keys, a block remainder
+    (3, 2, 1, 40, 40, 24, [[5, 40], [37, 40], [0, 40]]),  # left padding: pad queries that see no key
+    (2, 2, 2, 9, 9, 8, [[2, 6], [9, 9]]),  # both sides; a sequence that is all padding
+    (2, 4, 2, 3, 20, 8, [[0, 11], [18, 20]]),  # few query rows, more keys than queries, one row with no key
+    (2, 2, 2, 1, 9, 40, [[0, 5], [4, 9]]),  # decode: right padding, left padding
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
 @pytest.mark.parametrize("shape", PADDED, ids=str)
-def test_key_lengths_match_float64(shape, dtype, cpu_isa):
-    """A right-padded batch: batch b's keys from key_lengths[b] on hidden from every query (its pad
-    queries too, which see the real keys). Against float64, forward and backward, into poisoned memory:
-    the hidden keys' gradients are exactly 0."""
-    b, h, kv, t, s, d, lengths = shape
-    lengths = torch.tensor(lengths)
+def test_key_ranges_match_float64(shape, dtype, cpu_isa):
+    """A padded batch: batch b's keys outside [start, end) hidden from every query (right padding's pad
+    queries see the real keys; left padding's see none and get zeros, as SDPA gives them). Against
+    float64, forward and backward: the hidden keys' gradients are exactly 0."""
+    b, h, kv, t, s, d, ranges = shape
+    ranges = torch.tensor(ranges)
     q, k, v = (x.requires_grad_(True) for x in _inputs(b, h, kv, t, s, d, dtype))
     scale = 0.6 * d**-0.5
-    out = causal_attention(q, k, v, scale, key_lengths=lengths)
+    out = causal_attention(q, k, v, scale, key_ranges=ranges)
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad)
     q64, k64, v64 = (x.detach().double().requires_grad_(True) for x in (q, k, v))
-    want = reference(q64, k64, v64, scale, lengths)
+    want = reference(q64, k64, v64, scale, ranges)
     exact = torch.autograd.grad(want, (q64, k64, v64), grad.double())
     assert_rounded_once("out", out, want.detach(), dtype)
     for name, g, e in zip(("grad_query", "grad_key", "grad_value"), got, exact):
         assert_rounded_once(name, g, e, dtype)
-    for i, n in enumerate(lengths.tolist()):
-        assert (got[1][i, :, n:] == 0).all() and (got[2][i, :, n:] == 0).all()
+    for i, (lo, hi) in enumerate(ranges.tolist()):
+        for grad_kv in got[1:]:
+            assert (grad_kv[i, :, :lo] == 0).all() and (grad_kv[i, :, hi:] == 0).all()
     with torch.no_grad():  # the no-Function path passes them too
-        assert torch.equal(causal_attention(q, k, v, scale, key_lengths=lengths), out.detach())
+        assert torch.equal(causal_attention(q, k, v, scale, key_ranges=ranges), out.detach())
 
 
-def test_key_lengths_bad_input_names_the_argument():
+def test_key_ranges_bad_input_names_the_argument():
     q, k, v = _inputs(2, 4, 2, 5, 8, 16, torch.float32)
-    for lengths, kind, match in [
-        (torch.tensor([8, 3], dtype=torch.int32), TypeError, "^key_lengths: expected dtype int64"),
-        (torch.tensor([8, 3, 1]), ValueError, r"^key_lengths: expected shape \[2\]"),
-        (torch.tensor([[8, 3], [1, 1]])[:, 0], ValueError, "^key_lengths: expected a contiguous tensor"),
-        (torch.tensor([8, 0]), ValueError, "^kv_len: 0 keys at batch 1, expected 1 to 8"),
-        (torch.tensor([9, 3]), ValueError, "^kv_len: 9 keys at batch 0, expected 1 to 8"),
+    for ranges, kind, match in [
+        (torch.tensor([[0, 8], [0, 3]], dtype=torch.int32), TypeError, "^key_ranges: expected dtype int64"),
+        (torch.tensor([8, 3]), ValueError, r"^key_ranges: expected shape \[2, 2\]"),
+        (torch.tensor([[0, 0], [8, 3]]).t(), ValueError, "^key_ranges: expected a contiguous tensor"),
+        (torch.tensor([[0, 8], [4, 3]]), ValueError, r"^key_ranges: \[4, 3\) at batch 1, expected 0 <= start <= end <= 8"),
+        (torch.tensor([[0, 9], [0, 3]]), ValueError, r"^key_ranges: \[0, 9\) at batch 0"),
+        (torch.tensor([[-1, 2], [0, 3]]), ValueError, r"^key_ranges: \[-1, 2\) at batch 0"),
     ]:
         with pytest.raises(kind, match=match):
-            attention_forward(q, k, v, 0.25, lengths)
+            attention_forward(q, k, v, 0.25, ranges)
 
 
 def test_lse_is_the_log_sum_exp_of_each_row():
@@ -249,7 +256,7 @@ def test_fast_attention_on_a_transformers_model(dtype, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
 def test_fast_attention_takes_right_padded_batches(dtype, monkeypatch):
-    """A right-padded batch's mask runs on the kernel, as per-batch key counts: the logits (pad positions
+    """A right-padded batch's mask runs on the kernel, as per-batch key ranges: the logits (pad positions
     too), the loss and its gradients of transformers' SDPA path on the same mask."""
     base = lowrank.inject(_llama(dtype), lowrank.LoRAConfig(r=4, alpha=8))
     with torch.no_grad():
@@ -269,7 +276,7 @@ def test_fast_attention_takes_right_padded_batches(dtype, monkeypatch):
     with torch.no_grad():
         got = mine(input_ids=ids, attention_mask=mask).logits.float()
         assert torch.allclose(got, base(input_ids=ids, attention_mask=mask).logits.float(), **tol)
-    assert len(used) == 2 and all(torch.equal(lengths, torch.tensor([6, 11, 1])) for lengths in used)
+    assert len(used) == 2 and all(torch.equal(r, torch.tensor([[0, 6], [0, 11], [0, 1]])) for r in used)
     losses, grads = [], []
     for model in (mine.train(), base.train()):
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -281,31 +288,56 @@ def test_fast_attention_takes_right_padded_batches(dtype, monkeypatch):
         assert torch.allclose(a, b, rtol=5e-2 if dtype == torch.bfloat16 else 1e-4, atol=5e-3 if dtype == torch.bfloat16 else 1e-6)
 
 
-def test_right_padding_lengths_reads_only_right_padding():
-    from lowrank.attention import right_padding_lengths
+def test_fast_attention_generates_left_padded_batches(monkeypatch):
+    """Batched generation pads on the left: prefill (pad queries that see no key) and every decode step
+    run on the kernel, and give transformers' SDPA path's logits and greedy tokens."""
+    base = _llama()
+    mine = fast_attention(copy.deepcopy(base))
+    used = []
+    original = lowrank.attention.attention_forward
+    monkeypatch.setattr(lowrank.attention, "attention_forward", lambda *a: used.append(a[-1]) or original(*a))
+    ids = _ids((3, 8))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :7] = 0  # one real token
+    with torch.no_grad():
+        got = mine(input_ids=ids, attention_mask=mask).logits
+        want = base(input_ids=ids, attention_mask=mask).logits
+        real = mask.bool()
+        assert torch.allclose(got[real], want[real], rtol=1e-5, atol=1e-5)
+        assert torch.equal(used[0], torch.tensor([[3, 8], [0, 8], [7, 8]]))
+        used.clear()
+        gen = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=1)
+        assert torch.equal(mine.generate(ids, **gen), base.generate(ids, **gen))
+    assert used and all(r is not None for r in used)  # every call on the kernel, with ranges
+
+
+def test_padding_key_ranges_reads_only_padding():
+    from lowrank.attention import padding_key_ranges
     from transformers.masking_utils import sdpa_mask
 
     def mask_of(attention_mask, t=6, s=6):
         return sdpa_mask(batch_size=attention_mask.shape[0], q_length=t, kv_length=s, q_offset=s - t,
                          attention_mask=attention_mask.bool(), allow_is_causal_skip=False)  # fmt: skip
 
-    right = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
-    m = mask_of(right)
-    found = right_padding_lengths(m, 6, 6)
-    assert torch.equal(found, torch.tensor([4, 6])) and right_padding_lengths(m, 6, 6) is found  # read once
-    m[1, 0, 5, 2] = False  # changed in place: read again, and no longer right padding
-    assert right_padding_lengths(m, 6, 6) is None
-    assert right_padding_lengths(mask_of(torch.tensor([[0, 0, 1, 1, 1, 1]])), 6, 6) is None  # left padding
-    assert right_padding_lengths(mask_of(torch.tensor([[1, 0, 1, 1, 1, 1]])), 6, 6) is None  # a hole
-    assert right_padding_lengths(mask_of(right)[:, :, :5], 5, 6) is None  # the wrong query count
-    assert right_padding_lengths(mask_of(right).float(), 6, 6) is None  # not a bool mask
-    bidirectional = torch.ones(2, 1, 6, 6, dtype=torch.bool)
-    assert right_padding_lengths(bidirectional, 6, 6) is None
+    padded = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1], [0, 1, 1, 1, 0, 0],
+                           [0, 0, 0, 0, 0, 0]])  # fmt: skip
+    m = mask_of(padded)
+    found = padding_key_ranges(m, 6, 6)
+    assert torch.equal(found, torch.tensor([[0, 4], [0, 6], [2, 6], [1, 4], [0, 0]]))
+    assert padding_key_ranges(m, 6, 6) is found  # read once per mask
+    m[1, 0, 5, 2] = False  # changed in place: read again, and no longer a range
+    assert padding_key_ranges(m, 6, 6) is None
+    assert padding_key_ranges(mask_of(torch.tensor([[1, 0, 1, 1, 1, 1]])), 6, 6) is None  # a hole
+    assert torch.equal(padding_key_ranges(mask_of(padded[2:3], t=1), 1, 6), torch.tensor([[2, 6]]))  # decode
+    assert padding_key_ranges(mask_of(padded)[:, :, :5], 5, 6) is None  # the wrong query count
+    assert padding_key_ranges(mask_of(padded).float(), 6, 6) is None  # not a bool mask
+    assert padding_key_ranges(torch.ones(2, 1, 6, 6, dtype=torch.bool), 6, 6) is None  # bidirectional
 
 
 def test_fast_attention_leaves_masked_calls_to_sdpa(monkeypatch):
-    """A mask that is not a right-padded batch's (left padding here) goes to transformers' SDPA function,
-    unchanged."""
+    """A mask that is not a padded batch's (a hole in a sequence here) goes to transformers' SDPA
+    function, unchanged."""
     model = fast_attention(_llama())
     sdpa = fast_attention(_llama(), enabled=False)
     used = []
@@ -313,7 +345,7 @@ def test_fast_attention_leaves_masked_calls_to_sdpa(monkeypatch):
     monkeypatch.setattr(lowrank.attention, "attention_forward", lambda *a: used.append(1) or original(*a))
     ids = _ids()
     mask = torch.ones_like(ids)
-    mask[0, :3] = 0  # left padding
+    mask[0, 3] = 0  # a hole
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, sdpa(input_ids=ids, attention_mask=mask).logits)
     assert not used

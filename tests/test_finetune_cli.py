@@ -221,7 +221,7 @@ def test_own_data_files_and_bf16(tiny, tmp_path):
 
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_training_loss_is_the_sdpa_unfused_loss(method, monkeypatch):
-    """The training loss runs attention on lowrank's kernel (the right-padded batch's mask as key counts)
+    """The training loss runs attention on lowrank's kernel (the right-padded batch's mask as key ranges)
     and fuses the head with the loss: it is the loss, and gives the gradients, of the padding-masked
     decoder under SDPA with the head and the loss unfused."""
     import torch.nn.functional as Fn
@@ -245,7 +245,8 @@ def test_training_loss_is_the_sdpa_unfused_loss(method, monkeypatch):
     original = lowrank.attention.attention_forward
     monkeypatch.setattr(lowrank.attention, "attention_forward", lambda *a: used.append(a[-1]) or original(*a))
     loss = T.completion_loss(model, ids, attn, target)
-    assert used and all(torch.equal(lengths, attn.sum(1)) for lengths in used)  # on the kernel, as key counts
+    ranges = torch.stack([torch.zeros_like(attn[:, 0]), attn.sum(1)], 1)
+    assert used and all(torch.equal(r, ranges) for r in used)  # on the kernel, as key ranges
     got = torch.autograd.grad(loss, params)
     lowrank.fast_attention(model, enabled=False)
     hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state

@@ -123,23 +123,29 @@ struct Scratch {
   }
 };
 
-// Batch b's visible keys: [0, kv_len[b]) under a right-padding mask, else all S.
-inline int64_t key_count(const AttentionArgs& a, int64_t b) {
-  return a.kv_len ? reinterpret_cast<const int64_t*>(a.kv_len)[b] : a.S;
+// Batch b's visible keys: [start, end) under a padding mask, else [0, S).
+struct KeyRange {
+  int64_t start, end;
+};
+inline KeyRange key_range(const AttentionArgs& a, int64_t b) {
+  if (!a.kv_range) return {0, a.S};
+  const int64_t* r = reinterpret_cast<const int64_t*>(a.kv_range) + 2 * b;
+  return {r[0], r[1]};
 }
 
-// How many keys query row i (of T) sees: [0, i + S - T], and none from `count` on.
-inline int64_t keys_seen(int64_t i, int64_t T, int64_t S, int64_t count) {
-  return std::min(i + (S - T) + 1, count);
-}
+// One past the last key query row i (of T) sees: i + S - T, and none from the range's end on. The row sees
+// keys [start, keys_seen): none when keys_seen <= start (a left pad).
+inline int64_t keys_seen(int64_t i, int64_t T, int64_t S, KeyRange r) { return std::min(i + (S - T) + 1, r.end); }
 
-// S = (scale·Q) Kᵀ for rows [i0, i1), masked: each row's keys past keys_seen are −inf (up to pad(n)).
+// S = (scale·Q) Kᵀ for rows [i0, i1), masked: each row's keys before the range and from keys_seen on
+// are −inf (up to pad(n)).
 void scores(const float* q, int64_t ldq, const float* kt, int64_t lds, int64_t i0, int64_t i1, int64_t n,
-            int64_t D, int64_t T, int64_t S, int64_t count, float* s) {
+            int64_t D, int64_t T, int64_t S, KeyRange r, float* s) {
   bcast_gemm(i1 - i0, n, D, q, ldq, 1, kt, lds, s, lds, false);
   for (int64_t i = i0; i < i1; ++i) {
     float* row = s + (i - i0) * lds;
-    for (int64_t j = keys_seen(i, T, S, count); j < pad(n); ++j) row[j] = kNegInf;
+    for (int64_t j = 0; j < std::min(r.start, pad(n)); ++j) row[j] = kNegInf;
+    for (int64_t j = std::max(r.start, keys_seen(i, T, S, r)); j < pad(n); ++j) row[j] = kNegInf;
   }
 }
 
@@ -154,17 +160,24 @@ void forward_few(const AttentionArgs& a, int64_t b, int64_t h) {
   float* o = Scratch::sized(w.o, ldd);
   float* s = Scratch::sized(w.s, S);
   float* lse = reinterpret_cast<float*>(a.lse) + (b * a.H + h) * Tq;
+  const KeyRange r = key_range(a, b);
   for (int64_t i = 0; i < Tq; ++i) {
+    const int64_t n = keys_seen(i, Tq, S, r);
+    if (n <= r.start) {  // no key: zeros, as SDPA
+      std::fill(o, o + ldd, 0.f);
+      store_rows<T>(a.out, b, h, i, i + 1, D, o, ldd, 1.f);
+      lse[i] = kNegInf;
+      continue;
+    }
     load_rows<T>(a.q, b, h, i, i + 1, D, a.scale, q, ldd, false);
-    const int64_t n = keys_seen(i, Tq, S, key_count(a, b));
     float mx = kNegInf;
-    for (int64_t j = 0; j < n; ++j) {
+    for (int64_t j = r.start; j < n; ++j) {
       s[j] = dot(q, at<T>(a.k, b, kvh, j), D);  // simd.h
       mx = std::max(mx, s[j]);
     }
     const Vec mv = vset1(mx);
     Vec sum = vzero();
-    int64_t j = 0;
+    int64_t j = r.start;
     for (; j + W <= n; j += W) {
       const Vec e = vexp(vsub(vload(s + j), mv));
       vstore(s + j, e);
@@ -173,7 +186,7 @@ void forward_few(const AttentionArgs& a, int64_t b, int64_t h) {
     float total = vsum(sum);
     for (; j < n; ++j) total += (s[j] = exp1(s[j] - mx));
     std::fill(o, o + ldd, 0.f);
-    for (int64_t j = 0; j < n; ++j) {
+    for (int64_t j = r.start; j < n; ++j) {
       const T* vr = at<T>(a.v, b, kvh, j);
       const Vec p = vset1(s[j]);
       int64_t d = 0;
@@ -195,19 +208,25 @@ void forward_head(const AttentionArgs& a, int64_t b, int64_t h) {
   float* q = Scratch::sized(w.q, QB * ldd);
   float* s = Scratch::sized(w.s, QB * lds);
   float* o = Scratch::sized(w.o, QB * ldd);
-  // Only the keys some query sees are loaded (kt's other columns stay 0: finite scores, masked; V's other
-  // rows are never read, every product stopping at its block's key count).
-  const int64_t count = key_count(a, b);
+  // Keys past the range's end are not loaded (kt's other columns stay 0: finite scores, masked; V's other
+  // rows are never read, every product stopping at its block's last key). Keys before its start are
+  // (masked: their probabilities are 0, against finite values).
+  const KeyRange r = key_range(a, b);
   std::fill(kt, kt + D * lds, 0.f);
-  load_rows<T>(a.k, b, kvh, 0, count, D, 1.f, kt, lds, /*transposed=*/true);
-  load_rows<T>(a.v, b, kvh, 0, count, D, 1.f, v, ldd, false);
+  load_rows<T>(a.k, b, kvh, 0, r.end, D, 1.f, kt, lds, /*transposed=*/true);
+  load_rows<T>(a.v, b, kvh, 0, r.end, D, 1.f, v, ldd, false);
   float* lse = reinterpret_cast<float*>(a.lse) + (b * a.H + h) * Tq;
   for (int64_t i0 = 0; i0 < Tq; i0 += QB) {
-    const int64_t i1 = std::min(Tq, i0 + QB), n = keys_seen(i1 - 1, Tq, S, count);
+    const int64_t i1 = std::min(Tq, i0 + QB), n = keys_seen(i1 - 1, Tq, S, r);
     load_rows<T>(a.q, b, h, i0, i1, D, a.scale, q, ldd, false);
-    scores(q, ldd, kt, lds, i0, i1, n, D, Tq, S, count, s);
+    scores(q, ldd, kt, lds, i0, i1, n, D, Tq, S, r, s);
     for (int64_t i = i0; i < i1; ++i) {
       float* row = s + (i - i0) * lds;
+      if (keys_seen(i, Tq, S, r) <= r.start) {  // no key: a zero row of P (zeros out, as SDPA)
+        std::fill(row, row + pad(n), 0.f);
+        lse[i] = kNegInf;
+        continue;
+      }
       Vec m = vset1(kNegInf);
       for (int64_t j = 0; j < pad(n); j += W) m = vmax(m, vload(row + j));
       const float mx = vhmax(m);
@@ -244,23 +263,27 @@ void backward_group(const AttentionBackwardArgs& g, int64_t b, int64_t kvh) {
   float* dk = Scratch::sized(w.dk, S * ldd);
   float* dv = Scratch::sized(w.dv, S * ldd);
   float* di = Scratch::sized(w.di, QB);
-  const int64_t count = key_count(a, b);  // keys past it: no query sees them, their gradients stay 0
+  const KeyRange r = key_range(a, b);  // keys outside it: no query sees them, their gradients stay 0
   std::fill(kt, kt + D * lds, 0.f);
   std::fill(vt, vt + D * lds, 0.f);
   std::fill(dk, dk + S * ldd, 0.f);
   std::fill(dv, dv + S * ldd, 0.f);
-  load_rows<T>(a.k, b, kvh, 0, count, D, 1.f, kt, lds, true);
-  load_rows<T>(a.v, b, kvh, 0, count, D, 1.f, vt, lds, true);
-  load_rows<T>(a.k, b, kvh, 0, count, D, 1.f, k, ldd, false);
+  load_rows<T>(a.k, b, kvh, 0, r.end, D, 1.f, kt, lds, true);
+  load_rows<T>(a.v, b, kvh, 0, r.end, D, 1.f, vt, lds, true);
+  load_rows<T>(a.k, b, kvh, 0, r.end, D, 1.f, k, ldd, false);
   for (int64_t h = kvh * rep; h < (kvh + 1) * rep; ++h) {
     const float* lse = reinterpret_cast<const float*>(a.lse) + (b * a.H + h) * Tq;
     for (int64_t i0 = 0; i0 < Tq; i0 += QB) {
-      const int64_t i1 = std::min(Tq, i0 + QB), rows = i1 - i0, n = keys_seen(i1 - 1, Tq, S, count);
+      const int64_t i1 = std::min(Tq, i0 + QB), rows = i1 - i0, n = keys_seen(i1 - 1, Tq, S, r);
       load_rows<T>(a.q, b, h, i0, i1, D, a.scale, q, ldd, false);
       load_rows<T>(g.dout, b, h, i0, i1, D, 1.f, o, ldd, false);
-      scores(q, ldd, kt, lds, i0, i1, n, D, Tq, S, count, p);
-      for (int64_t i = i0; i < i1; ++i) {  // P = exp(S − lse): 0 where masked
+      scores(q, ldd, kt, lds, i0, i1, n, D, Tq, S, r, p);
+      for (int64_t i = i0; i < i1; ++i) {  // P = exp(S − lse): 0 where masked, and on a row with no key
         float* row = p + (i - i0) * lds;
+        if (keys_seen(i, Tq, S, r) <= r.start) {
+          std::fill(row, row + pad(n), 0.f);
+          continue;
+        }
         const Vec l = vset1(lse[i]);
         for (int64_t j = 0; j < pad(n); j += W) vstore(row + j, vexp(vsub(vload(row + j), l)));
       }

@@ -63,76 +63,79 @@ def _check(query: Tensor, key: Tensor, value: Tensor, scale: float) -> tuple[int
     return b, h, kv, t, s, d
 
 
-def _key_lengths_address(key_lengths: Optional[Tensor], b: int, s: int) -> int:
-    """The address of ``key_lengths`` ([B] int64, each in [1, S]: the C++ side checks the values), or 0."""
-    if key_lengths is None:
+def _key_ranges_address(key_ranges: Optional[Tensor], b: int) -> int:
+    """The address of ``key_ranges`` ([B, 2] int64, 0 <= start <= end <= S: the C++ side checks the
+    values), or 0."""
+    if key_ranges is None:
         return 0
-    check_tensor("key_lengths", key_lengths, dtypes=(torch.int64,), device="cpu", shape=(b,))
-    if not key_lengths.is_contiguous():
-        raise ValueError("key_lengths: expected a contiguous tensor")
-    return key_lengths.data_ptr()
+    check_tensor("key_ranges", key_ranges, dtypes=(torch.int64,), device="cpu", shape=(b, 2))
+    if not key_ranges.is_contiguous():
+        raise ValueError("key_ranges: expected a contiguous tensor")
+    return key_ranges.data_ptr()
 
 
 def attention_forward(query: Tensor, key: Tensor, value: Tensor, scale: float,
-                      key_lengths: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+                      key_ranges: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``(out, lse)``: causal grouped-query attention of ``query`` [B, H, T, D] over ``key`` / ``value``
     [B, KV, S, D] (fp32 or bf16, CPU), ``out`` [B, H, T, D] in query's dtype — a view of a contiguous
     [B, T, H, D] buffer, the layout transformers' attention functions return — and ``lse`` [B, H, T]
-    (fp32) each query row's log-sum-exp of its scaled scores. ``key_lengths`` ([B] int64, or None):
-    batch b's keys from ``key_lengths[b]`` on are hidden (a right-padded batch)."""
+    (fp32) each query row's log-sum-exp of its scaled scores (−inf for a row that sees no key).
+    ``key_ranges`` ([B, 2] int64, or None): batch b's queries see only keys in ``[key_ranges[b, 0],
+    key_ranges[b, 1])`` (a padded batch)."""
     sizes = _check(query, key, value, scale)
     b, h, _, t, s, d = sizes
-    lengths = _key_lengths_address(key_lengths, b, s)
+    ranges = _key_ranges_address(key_ranges, b)
     query, key, value = _head_rows(query), _head_rows(key), _head_rows(value)
     out = _runtime.empty(b, t, h, d, dtype=query.dtype, device=query.device).transpose(1, 2)
     lse = _runtime.empty(b, h, t, dtype=torch.float32, device=query.device)
     _C.attention_cpu(_view(query), _view(key), _view(value), _view(out), lse.data_ptr(), list(sizes), float(scale),
-                     _runtime.num_threads(), lengths)  # fmt: skip
+                     _runtime.num_threads(), ranges)  # fmt: skip
     return out, lse
 
 
 def attention_backward(grad_out, query, key, value, lse, scale,
-                       key_lengths: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+                       key_ranges: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """``(grad_query, grad_key, grad_value)`` of :func:`attention_forward`'s ``out`` (contiguous, in
     query's dtype), from the inputs and ``lse`` (the probabilities are rebuilt; ``out`` is not needed)."""
     sizes = _check(query, key, value, scale)
     check_tensor("grad_out", grad_out, dtypes=(query.dtype,), device="cpu", shape=tuple(query.shape))
-    lengths = _key_lengths_address(key_lengths, sizes[0], sizes[4])
+    ranges = _key_ranges_address(key_ranges, sizes[0])
     query, key, value, grad_out = (_head_rows(x) for x in (query, key, value, grad_out))
     dq, dk, dv = (_runtime.empty(*x.shape, dtype=x.dtype, device=x.device) for x in (query, key, value))
     _C.attention_backward_cpu(_view(query), _view(key), _view(value), lse.data_ptr(), list(sizes), float(scale),
                               _view(grad_out), _view(dq), _view(dk), _view(dv),
-                              _runtime.num_threads(), lengths)  # fmt: skip
+                              _runtime.num_threads(), ranges)  # fmt: skip
     return dq, dk, dv
 
 
 class CausalAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query, key, value, scale, key_lengths=None):
-        out, lse = attention_forward(query, key, value, scale, key_lengths)
-        ctx.save_for_backward(query, key, value, lse, key_lengths)
+    def forward(ctx, query, key, value, scale, key_ranges=None):
+        out, lse = attention_forward(query, key, value, scale, key_ranges)
+        ctx.save_for_backward(query, key, value, lse, key_ranges)
         ctx.scale = scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, lse, key_lengths = ctx.saved_tensors
-        dq, dk, dv = attention_backward(grad_out, query, key, value, lse, ctx.scale, key_lengths)
+        query, key, value, lse, key_ranges = ctx.saved_tensors
+        dq, dk, dv = attention_backward(grad_out, query, key, value, lse, ctx.scale, key_ranges)
         return dq, dk, dv, None, None
 
 
 def causal_attention(query: Tensor, key: Tensor, value: Tensor, scale: Optional[float] = None, *,
-                     key_lengths: Optional[Tensor] = None) -> Tensor:  # fmt: skip
+                     key_ranges: Optional[Tensor] = None) -> Tensor:  # fmt: skip
     """``softmax(scale · Q Kᵀ + causal mask) V`` with grouped-query heads (``query`` [B, H, T, D], ``key``
     and ``value`` [B, KV, S, D], H a multiple of KV; key ``j`` visible to query ``i`` when ``j <= i + S - T``),
-    on lowrank's CPU kernels, differentiable. ``scale`` defaults to ``D ** -0.5``. ``key_lengths`` ([B]
-    int64, each in [1, S]) also hides batch b's keys from ``key_lengths[b]`` on: a right-padded batch's
-    padding mask (its pad queries then see the real keys). Returns [B, H, T, D] (a view of a contiguous
+    on lowrank's CPU kernels, differentiable. ``scale`` defaults to ``D ** -0.5``. ``key_ranges`` ([B, 2]
+    int64, ``0 <= start <= end <= S``) also hides batch b's keys outside ``[start, end)``: a padded
+    batch's mask (right padding ends the range, left padding starts it). A query that then sees no key
+    (a left pad) gets zeros, as under torch's SDPA. Returns [B, H, T, D] (a view of a contiguous
     [B, T, H, D] buffer)."""
     scale = query.shape[-1] ** -0.5 if scale is None else scale
     if not torch.is_grad_enabled() or not (query.requires_grad or key.requires_grad or value.requires_grad):
-        return attention_forward(query, key, value, scale, key_lengths)[0]  # nothing to differentiate (decode)
-    return _direct.apply(CausalAttentionFunction, query, key, value, scale, key_lengths)
+        return attention_forward(query, key, value, scale, key_ranges)[0]  # nothing to differentiate (decode)
+    return _direct.apply(CausalAttentionFunction, query, key, value, scale, key_ranges)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,27 +144,30 @@ def causal_attention(query: Tensor, key: Tensor, value: Tensor, scale: Optional[
 NAME = "lowrank"
 
 
-# The last mask read as right padding: (weakref to the mask, its version, its key lengths or None).
-# transformers builds one mask per forward and hands it to every layer: it is read once.
+# The last mask read: (weakref to the mask, its version, its key ranges or None). transformers builds one
+# mask per forward and hands it to every layer: it is read once.
 _mask_memo = threading.local()
 
 
-def right_padding_lengths(mask: Tensor, t: int, s: int) -> Optional[Tensor]:
+def padding_key_ranges(mask: Tensor, t: int, s: int) -> Optional[Tensor]:
     """``mask`` ([B, 1, T, S] bool, True = attend, as transformers' ``sdpa_mask`` makes it) as per-batch
-    key counts ([B] int64) when it is exactly the bottom-right causal mask with each batch's keys from
-    some count ≥ 1 on hidden — a right-padded batch — else None (any other mask: left padding, packing,
-    sliding windows, a float mask)."""
+    key ranges ([B, 2] int64, ``[start, end)``) when it is exactly the bottom-right causal mask with
+    each batch's keys outside one range hidden — a padded batch, right or left — else None (any other
+    mask: packed sequences, holes, sliding windows, a float mask)."""
     if not (isinstance(mask, Tensor) and mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1
             and mask.shape[2] == t and mask.shape[3] == s and mask.device.type == "cpu"):  # fmt: skip
         return None
     memo = getattr(_mask_memo, "last", None)
     if memo is not None and memo[0]() is mask and memo[1] == mask._version:
         return memo[2]
-    lengths = mask[:, 0, -1, :].sum(-1)  # the last query sees every key below its count
+    last = mask[:, 0, -1, :]  # the last query sees every key of its range
+    count = last.sum(-1)
+    start = torch.where(count > 0, last.to(torch.uint8).argmax(-1), 0)
+    end = start + count
     keys = torch.arange(s)
     causal = keys[None, :] <= torch.arange(t)[:, None] + (s - t)
-    expected = causal[None] & (keys[None, None, :] < lengths[:, None, None])
-    found = lengths.contiguous() if bool((lengths >= 1).all()) and torch.equal(mask[:, 0], expected) else None
+    inside = (keys[None, :] >= start[:, None]) & (keys[None, :] < end[:, None])
+    found = torch.stack([start, end], 1).contiguous() if torch.equal(mask[:, 0], causal[None] & inside[:, None]) else None
     _mask_memo.last = (weakref.ref(mask), mask._version, found)
     return found
 
@@ -187,23 +193,24 @@ def transformers_attention(module: nn.Module, query: Tensor, key: Tensor, value:
                            is_causal: Optional[bool] = None, **kwargs) -> tuple[Tensor, None]:  # fmt: skip
     """A transformers attention function (``AttentionInterface``): :func:`causal_attention` where the call
     is one it computes — no mask tensor (transformers passes none when the mask is plain causal: training,
-    prefill, decode) or a right-padded batch's mask (:func:`right_padding_lengths`), a causal decoder
-    module, no dropout in training, CPU fp32/bf16 — and transformers' own SDPA function otherwise (left
-    padding, packed or other masks, sliding windows, other devices, ``torch.compile``)."""
+    prefill, decode) or a padded batch's mask (:func:`padding_key_ranges`: right padding in training,
+    left padding in batched generation), a causal decoder module, no dropout in training, CPU fp32/bf16 —
+    and transformers' own SDPA function otherwise (packed or other masks, sliding windows, other
+    devices, ``torch.compile``)."""
     usable = _usable(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
-    lengths = None
+    ranges = None
     if usable and attention_mask is not None:
-        lengths = right_padding_lengths(attention_mask, query.shape[2], key.shape[2])
-        usable = lengths is not None
+        ranges = padding_key_ranges(attention_mask, query.shape[2], key.shape[2])
+        usable = ranges is not None
     if not usable:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)  # fmt: skip
     t, s = query.shape[2], key.shape[2]
-    if 1 < t < s and lengths is None:  # no mask, more keys than queries: an empty static cache's prefill (as sdpa)
+    if 1 < t < s and ranges is None:  # no mask, more keys than queries: an empty static cache's prefill (as sdpa)
         key, value = key[:, :, :t], value[:, :, :t]
-    out = causal_attention(query, key, value, scaling, key_lengths=lengths)
+    out = causal_attention(query, key, value, scaling, key_ranges=ranges)
     return out.transpose(1, 2), None  # [B, T, H, D], contiguous
 
 
