@@ -114,16 +114,18 @@ def _tile_rows(k: int) -> int:
     return max(16, _TILE_FLOATS // max(k, 1))
 
 
-def linear_tiles_fp32(x32: torch.Tensor, n: int, k: int, fill: Callable[[int, torch.Tensor], None]) -> torch.Tensor:
-    """``x32 @ Wᵀ`` in fp32 ([M, n], contiguous or a transposed view as :func:`linear_tiles` measured) for a
-    weight [n, k] that ``fill(n0, tile)`` writes into fp32 row tiles."""
-    return linear_tiles(x32, n, k, fill)
+def linear_tiles_fp32(x32: torch.Tensor, n: int, k: int, fill: Callable[[int, torch.Tensor], None],
+                      bias: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
+    """``x32 @ Wᵀ (+ bias)`` in fp32 ([M, n], contiguous or a transposed view as :func:`linear_tiles`
+    measured) for a weight [n, k] that ``fill(n0, tile)`` writes into fp32 row tiles."""
+    return linear_tiles(x32, n, k, fill, bias=None if bias is None else bias.float())
 
 
-def linear_tiles(x: torch.Tensor, n: int, k: int, fill: Callable[[int, torch.Tensor], None]) -> torch.Tensor:
-    """``x @ Wᵀ`` ([M, n] of x's dtype) for a weight [n, k] that ``fill(n0, tile)`` writes into row tiles
-    of x's dtype (fp32, or bf16 where torch's bf16 GEMM is the faster one: fp32 accumulation inside,
-    one rounding).
+def linear_tiles(x: torch.Tensor, n: int, k: int, fill: Callable[[int, torch.Tensor], None],
+                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
+    """``x @ Wᵀ (+ bias)`` ([M, n] of x's dtype) for a weight [n, k] that ``fill(n0, tile)`` writes into
+    row tiles of x's dtype (fp32, or bf16 where torch's bf16 GEMM is the faster one: fp32 accumulation
+    inside, the bias (x's dtype) added to it as addmm's C, one rounding).
 
     Each tile's product goes either into an ``[n, M]`` buffer, returned as its transposed view, or straight
     into the tile's columns of a contiguous ``[M, n]`` (a strided ``out``): the same bits, at speeds that
@@ -136,13 +138,13 @@ def linear_tiles(x: torch.Tensor, n: int, k: int, fill: Callable[[int, torch.Ten
         if n <= rows:
             tile = ws.view(n, k)
             fill(0, tile)
-            return linear(x, tile)
+            return linear(x, tile, bias=bias)
         y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
         for n0 in range(0, n, rows):
             n1 = min(n, n0 + rows)
             tile = ws[: (n1 - n0) * k].view(n1 - n0, k)
             fill(n0, tile)
-            y[:, n0:n1] = linear(x, tile)
+            y[:, n0:n1] = linear(x, tile, bias=None if bias is None else bias[n0:n1])
         return y
     direct = x.shape[0] > _runtime.cpu_tile_buffer_max_m(x.dtype)
     y = torch.empty((x.shape[0], n) if direct else (n, x.shape[0]), dtype=x.dtype, device=x.device)
@@ -151,9 +153,14 @@ def linear_tiles(x: torch.Tensor, n: int, k: int, fill: Callable[[int, torch.Ten
         tile = ws[: (n1 - n0) * k].view(n1 - n0, k)
         fill(n0, tile)
         if direct:
-            torch.mm(x, tile.t(), out=y[:, n0:n1])
-        else:
+            if bias is None:
+                torch.mm(x, tile.t(), out=y[:, n0:n1])
+            else:
+                torch.addmm(bias[n0:n1], x, tile.t(), out=y[:, n0:n1])
+        elif bias is None:
             torch.mm(tile, x.t(), out=y[n0:n1])
+        else:
+            torch.addmm(bias[n0:n1, None], tile, x.t(), out=y[n0:n1])
     return y if direct else y.t()
 
 

@@ -571,15 +571,13 @@ def _forward_native(x, codes, absmax, absmax2, code2, offset, shape, blocksize, 
         return _forward_bf16_tiles(x2, xa2 if adapter_input is not None else None, w, n, k, bias, lora_a, lora_b,
                                    scale, lead)  # fmt: skip
     x32 = x2.float()
-    y32 = _gemm.linear_tiles_fp32(x32, n, k, _tile_filler(w))
+    y32 = _gemm.linear_tiles_fp32(x32, n, k, _tile_filler(w), bias=bias)  # (the bias inside the GEMM: no pass)
     if lora_a is not None:
         xa32 = x32 if adapter_input is None else xa2.float()
         u = _gemm.linear(xa32, lora_a.float())
         y32.addmm_(u, lora_b.float().t(), alpha=scale)
     else:
         u = x.new_empty((m, 0), dtype=torch.float32)
-    if bias is not None:
-        y32.add_(bias)
     if x.dtype == torch.float32 and y32.is_contiguous():
         y = y32  # already the output: fresh, contiguous (the tiles' product went straight into it)
     else:
@@ -765,13 +763,15 @@ def forward_fast(frozen: "Nf4Frozen", x, codes, absmax, absmax2, code2, offset, 
 
 def _forward_bf16_tiles(x2, xa2, w, n, k, bias, lora_a, lora_b, scale, lead):
     """Many bf16 tokens where torch's bf16 GEMM is the fast one: W decoded tile by tile to bf16, and the
-    adapter and bias ride in the same GEMM as extra reduction columns, so each output is one fp32
-    accumulation rounded once (the contract), not a rounded base plus a second rounding:
+    adapter rides in the same GEMM as extra reduction columns and the bias as its C (added to the fp32
+    accumulator), so each output is one fp32 accumulation rounded once (the contract), not a rounded
+    base plus a second rounding:
 
-        [x | s·u_hi | s·u_lo | s·u_hi | 1] · [W | B_hi | B_hi | B_lo | bias]ᵀ,   u = x_a Aᵀ in fp32
+        [x | s·u_hi | s·u_lo | s·u_hi] · [W | B_hi | B_hi | B_lo]ᵀ + bias,   u = x_a Aᵀ in fp32
 
     (``s·u ≈ hi + lo`` and ``B ≈ B_hi + B_lo`` in bf16; the dropped ``lo·lo`` term is below fp32's
-    rounding of the sum.)"""
+    rounding of the sum.) The bias had been a column of ones against it: a cat of x per call, and a GEMM
+    whose K is no longer 576 (SmolLM2's) ran 12 % slower on a Zen 5 — as slow as addmm's C."""
     m = x2.shape[0]
     r = 0 if lora_a is None else lora_a.shape[0]
     u = x2.new_empty((m, 0), dtype=torch.float32)
@@ -781,8 +781,6 @@ def _forward_bf16_tiles(x2, xa2, w, n, k, bias, lora_a, lora_b, scale, lead):
         us_hi, us_lo = _lora.split_16bit(u * scale, torch.bfloat16)
         b_hi, b_lo = _lora.split_16bit(lora_b, torch.bfloat16)
         blocks += [(us_hi, b_hi), (us_lo, b_hi)] + ([(us_hi, b_lo)] if b_lo is not None else [])
-    if bias is not None:
-        blocks.append((x2.new_ones(m, 1), bias.to(torch.bfloat16).reshape(n, 1)))
     width = k + sum(b[0].shape[1] for b in blocks)
     x_aug = torch.cat([x2] + [b[0] for b in blocks], 1) if blocks else x2
     extra = torch.cat([b[1] for b in blocks], 1) if blocks else None  # [n, width - k]: one copy per tile
@@ -792,7 +790,7 @@ def _forward_bf16_tiles(x2, xa2, w, n, k, bias, lora_a, lora_b, scale, lead):
         if extra is not None:
             tile[:, k:] = extra[n0 : n0 + tile.shape[0]]
 
-    y = _gemm.linear_tiles(x_aug, n, width, fill)
+    y = _gemm.linear_tiles(x_aug, n, width, fill, bias=None if bias is None else bias.to(torch.bfloat16))
     return y.reshape(lead + (n,)), u.reshape(lead + (r,))
 
 
