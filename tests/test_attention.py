@@ -308,7 +308,13 @@ def test_fast_attention_generates_left_padded_batches(monkeypatch):
         used.clear()
         gen = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=1)
         assert torch.equal(mine.generate(ids, **gen), base.generate(ids, **gen))
-    assert used and all(r is not None for r in used)  # every call on the kernel, with ranges
+        assert used and all(r is not None for r in used)  # every call on the kernel, with ranges
+        # A static cache: its prefill's mask is top-left causal over the whole cache (SDPA's); each decode
+        # step's is a range of the cache (the kernel's)
+        used.clear()
+        gen["cache_implementation"] = "static"
+        assert torch.equal(mine.generate(ids, **gen), base.generate(ids, **gen))
+        assert len(used) == 2 * 4  # 2 layers x the 4 decode steps after the prefill
 
 
 def test_padding_key_ranges_reads_only_padding():
