@@ -674,7 +674,11 @@ LIES_IN_CHILD = [
 def test_c_entry_point_refuses_undetectable_lie(call):
     raw = Raw()
     outcome = _outcome_in_child(lambda: call(raw))
-    assert outcome.startswith("raised ValueError"), f"_C accepted the lie: {outcome}"
+    # A refusal of the lie itself, not an error about the data the out-of-bounds read happened to meet:
+    # nf4_quantize reading past its buffer now and then met NaN bit patterns there and raised "weight:
+    # contains NaN or infinity", which made the strict xfail pass (a red CI run, 2026-12-06)
+    refused = outcome.startswith("raised ValueError") and "NaN or infinity" not in outcome
+    assert refused, f"_C accepted the lie: {outcome}"
 
 
 def test_child_harness_sees_crashes_and_exceptions():
