@@ -523,15 +523,18 @@ def test_linear_cross_entropy_matches_head_then_loss(dtype, with_bias, reduction
     bb = None if bias is None else bias.detach().double().requires_grad_()
     want = F.cross_entropy(F.linear(h, w, bb).reshape(-1, v), labels.reshape(-1), reduction=reduction)
     (want * 2).backward()
-    # fp32 sums (and for bf16 the logits rounded to bf16, as the head computes them)
-    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-20
-    assert abs(got.item() - want.item()) <= 8 * ulp * abs(want.item())
+    # fp32: sums in fp32 (worst of 20 seeds: loss 1e-7, gradients 6e-7 of their largest). bf16: the logits,
+    # the logits' gradient and the gradients themselves each rounded to bf16 (worst of 20 seeds: loss
+    # 3.6e-4; gradients 9.3e-3 of their largest, the bias's sums of rounded terms cancelling most)
+    bf16 = dtype == torch.bfloat16
+    loss_bound, grad_bound = (2.0**-9, 2.0**-5) if bf16 else (2.0**-20, 2.0**-18)
+    assert abs(got.item() - want.item()) <= loss_bound * abs(want.item())
     for name, g, ref in (("hidden", hidden.grad, h.grad), ("weight", weight.grad, w.grad),
                          ("bias", None if bias is None else bias.grad, None if bb is None else bb.grad)):  # fmt: skip
         if ref is None:
             continue
         assert g.dtype == dtype and g.shape == ref.shape, name
-        assert (g.double() - ref).abs().max() <= 16 * ulp * ref.abs().max(), name
+        assert (g.double() - ref).abs().max() <= grad_bound * ref.abs().max(), name
 
 
 def test_linear_cross_entropy_without_gradients_and_edge_cases():

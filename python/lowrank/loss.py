@@ -189,12 +189,15 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: O
         raise ValueError(f"reduction: expected 'mean' or 'sum' (the fused head keeps no per-row losses), got {reduction!r}")
     n = labels.numel()
     flat = labels.reshape(n).contiguous()
-    if reduction == "sum":
-        scale = 1.0
-    else:
-        valid = int((flat != ignore_index).sum())
-        scale = 1.0 / valid if valid else float("nan")
+    scale = 1.0 if reduction == "sum" else _mean_scale(flat, ignore_index)
     return HeadLossFunction.apply(hidden.reshape(n, h).contiguous(), weight, bias, flat, int(ignore_index), scale)
+
+
+def _mean_scale(labels: Tensor, ignore_index: int) -> float:
+    """1 / the number of labels that are not ``ignore_index``; NaN when there are none (torch's mean over
+    no labels is NaN)."""
+    valid = int((labels != ignore_index).sum())
+    return 1.0 / valid if valid else float("nan")
 
 
 class _StandInHead(nn.Linear):
@@ -235,11 +238,7 @@ def _head_loss(head, labels: Tensor, ignore_index: int, num_items_in_batch, shif
     if hidden.numel() != n * hidden.shape[-1]:
         raise ValueError(f"labels: {list(shift_labels.shape)} labels for hidden states of shape {list(hidden.shape)}")
     labels2 = shift_labels.reshape(n).contiguous()
-    if num_items_in_batch is None:
-        valid = int((labels2 != ignore_index).sum())
-        scale = 1.0 / valid if valid else float("nan")  # (torch's mean over no labels is NaN)
-    else:
-        scale = 1.0 / float(num_items_in_batch)
+    scale = _mean_scale(labels2, ignore_index) if num_items_in_batch is None else 1.0 / float(num_items_in_batch)
     return HeadLossFunction.apply(hidden.reshape(n, hidden.shape[-1]).contiguous(), weight, bias, labels2,
                                   ignore_index, scale)  # fmt: skip
 
