@@ -229,9 +229,9 @@ const float* padded(const Matrix& m, bool transposed, int64_t rows, int64_t R, i
 // ---- adapter_term: out = bias + scale · col_scale ⊙ u eᵀ ----------------------------------
 // The bf16 many-token paths' adapter term (lora.h), computed before the base GEMM accumulates onto it.
 // An outer-product tile: TM rows of u (broadcast) against 2W columns of eᵀ (fp32), R steps of 2·TM
-// FMAs on 2·TM accumulators. eᵀ is read in place where it comes fp32 and transposed; else it is built
-// once per call in the thread's scratch (zero-padded to Np columns). The last, partial, column panel
-// always comes from scratch, zero-padded, so no load passes the end of a row.
+// FMAs on 2·TM accumulators. eᵀ is read in place where it comes fp32 and transposed; else its full
+// panels are built once per call in the thread's scratch. The last, partial, column panel always comes
+// from scratch, zero-padded, so no load passes the end of a row.
 // (At 512 x 1536, Zen 4: 0.20 ms at r = 16 against 0.33 for torch's fp32 GEMM and a bf16 copy, and
 // the split 16-bit GEMM it replaced; Zen 5, r = 256: ~74 % of the FMA peak.)
 constexpr int TM = W == 16 ? 8 : 4;
@@ -330,45 +330,41 @@ void adapter_term(const AdapterTermArgs& a, int num_threads) {
   p.a = &a;
   const int64_t full = N / (2 * W) * (2 * W);  // columns in full panels
   const bool in_place = a.e_transposed && a.e.dtype == DType::float32;
-  // eᵀ built in fp32 (when not read in place: full panels, ld Np) and the zero-padded last panel.
-  const int64_t Np = in_place ? 0 : (N + 2 * W - 1) / (2 * W) * (2 * W);
-  const int64_t tail_n = full < N ? 2 * W : 0;
-  thread_local std::vector<float> scratch;  // kept between calls (see adapter_products)
-  const size_t need = size_t(R * (Np + tail_n));
+  // Scratch (kept between calls, see adapter_products): eᵀ's full panels in fp32 unless read in place,
+  // then the zero-padded last panel.
+  const int64_t built = in_place ? 0 : full, tail_n = full < N ? 2 * W : 0;
+  thread_local std::vector<float> scratch;
+  const size_t need = size_t(R * (built + tail_n));
   if (scratch.size() < need) scratch.resize(need);
-  float* et = scratch.data();
-  auto value = [&](int64_t at) {
+  auto e_at = [&](int64_t j, int64_t n) {  // eᵀ[j, n] in fp32
+    const int64_t at = a.e_transposed ? j * a.e.ld + n : n * a.e.ld + j;
     return a.e.dtype == DType::float32 ? a.e.data<float>()[at] : bf16_to_float(a.e.data<bf16_t>()[at]);
   };
   if (in_place) {
     p.et = a.e.data<float>();
     p.ld_et = a.e.ld;
   } else {
-    for (int64_t j = 0; j < R; ++j)
-      for (int64_t n = N; n < Np; ++n) et[j * Np + n] = 0.f;
+    float* et = scratch.data();
     if (a.e_transposed) {
       for (int64_t j = 0; j < R; ++j)
-        for (int64_t n = 0; n < N; ++n) et[j * Np + n] = value(j * a.e.ld + n);
+        for (int64_t n = 0; n < full; ++n) et[j * full + n] = e_at(j, n);
     } else {  // e [N, R] transposed in 16 x 64 blocks: each block writes 64 rows of eᵀ a cache line each
-      // (element by element over all of e, the writes strided by Np, it had cost more than the products:
+      // (element by element over all of e, the writes strided by N, it had cost more than the products:
       // 1.7 ms of VeRA's 1536 x 256 term at M = 16 on a Zen 5)
-      for (int64_t n0 = 0; n0 < N; n0 += 16)
+      for (int64_t n0 = 0; n0 < full; n0 += 16)
         for (int64_t j0 = 0; j0 < R; j0 += 64) {
-          const int64_t n1 = min64(N, n0 + 16), j1 = min64(R, j0 + 64);
+          const int64_t n1 = min64(full, n0 + 16), j1 = min64(R, j0 + 64);
           for (int64_t j = j0; j < j1; ++j)
-            for (int64_t n = n0; n < n1; ++n) et[j * Np + n] = value(n * a.e.ld + j);
+            for (int64_t n = n0; n < n1; ++n) et[j * full + n] = e_at(j, n);
         }
     }
     p.et = et;
-    p.ld_et = Np;
+    p.ld_et = full;
   }
   if (tail_n) {  // the last partial panel, zero-padded to 2W columns
-    float* tail = et + R * Np;
+    float* tail = scratch.data() + R * built;
     for (int64_t j = 0; j < R; ++j)
-      for (int64_t c = 0; c < 2 * W; ++c) {
-        const int64_t n = full + c;
-        tail[j * 2 * W + c] = n >= N ? 0.f : in_place ? a.e.data<float>()[j * a.e.ld + n] : et[j * Np + n];
-      }
+      for (int64_t c = 0; c < 2 * W; ++c) tail[j * 2 * W + c] = full + c < N ? e_at(j, full + c) : 0.f;
     p.tail = tail;
   }
   p.blocks = (M + TM - 1) / TM;
