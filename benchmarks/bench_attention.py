@@ -2,10 +2,11 @@
 
 One decoder layer's attention of SmolLM2-135M's shape (9 query heads over 3 key/value heads, head
 dimension 64): a training step's 4 x 128 tokens, forward and backward (the gradients of q, k and v), the
-same right-padded (sequences of 128 down to 52 tokens: SDPA given transformers' padding mask, lowrank the
-key ranges), and a 512-token prefill, forward only; fp32 and bf16. The query is a transposed view, as transformers hands it
-over. torch runs its CPU flash-attention kernel (``is_causal=True``, ``enable_gqa=True``); lowrank its own
-(csrc/cpu/attention.cpp). Both sum in fp32; the interleaved medians go to one table.
+same right-padded (sequences of 128 down to 52 tokens: SDPA given the padding mask transformers builds,
+lowrank the key ranges), and a 512-token prefill, forward only; fp32 and bf16. The query is a transposed
+view, as transformers hands it over. torch runs its CPU flash-attention kernel (``is_causal=True`` or the
+mask, ``enable_gqa=True``); lowrank its own (csrc/cpu/attention.cpp). Both sum in fp32; the interleaved
+medians go to one table.
 
     pytest benchmarks/bench_attention.py -s
     LOWRANK_BENCH_QUICK=1 pytest benchmarks/bench_attention.py -q     # CI: tiny shapes, each call once

@@ -2,9 +2,9 @@
 // layers around the adapters: grouped-query (H query heads share KV key/value heads, H % KV == 0),
 // key j visible to query i when j <= i + (S - T) (the bottom-right causal mask: T == S in training and
 // prefill, T == 1 in decode, which then sees every key) and, given per-batch key ranges, start_b <= j <
-// end_b (a padded batch). fp32 products and sums, each output rounded
-// once to the inputs' dtype (fp32 or bf16); the forward also returns each row's log-sum-exp (fp32),
-// from which the backward rebuilds the probabilities instead of keeping them.
+// end_b (a padded batch). fp32 products and sums, each output rounded once to the inputs' dtype (fp32
+// or bf16); the forward also returns each row's log-sum-exp (fp32), from which the backward rebuilds
+// the probabilities instead of keeping them.
 #pragma once
 #include <string>
 

@@ -17,7 +17,10 @@
 //     dQ = scale · dS K,  dK += dSᵀ (scale·Q)
 //
 // A block of query rows reads only the keys its last row sees; a row's masked keys get P = 0, so the
-// products over the block's key range need no mask. Each output is rounded once to the inputs' dtype.
+// products over the block's key range need no mask. Under a padding mask (kv_range) each sequence's keys
+// past its range are neither loaded nor read, keys before it are masked like later ones, and a query row
+// that sees no key gets P = 0, O = 0 and lse = −inf (torch SDPA's zeros). Each output is rounded once
+// to the inputs' dtype.
 #include <algorithm>
 #include <cmath>
 #include <limits>
