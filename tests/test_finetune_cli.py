@@ -254,6 +254,8 @@ def test_training_loss_is_the_sdpa_unfused_loss(method, monkeypatch):
     logits = model.get_output_embeddings()(hidden[:, :-1][sel]).float()
     want = Fn.cross_entropy(logits, ids[:, 1:][sel])
     expected = torch.autograd.grad(want, params)
-    assert abs(loss.item() - want.item()) <= 1e-5 * abs(want.item())
+    # fp32 sums in other orders (attention's, the head's): worst seen 1.2e-7 of the loss, 2.3e-6 of a
+    # gradient's largest entry
+    assert abs(loss.item() - want.item()) <= 2.0**-20 * abs(want.item())
     for g, e in zip(got, expected):
-        assert (g - e).abs().max() <= 1e-4 * e.abs().max() + 1e-7
+        assert (g - e).abs().max() <= 2.0**-16 * e.abs().max()

@@ -361,11 +361,11 @@ def test_load_state_dict_copies_unless_assign():
         with torch.no_grad():
             before = layer(x)
             assert torch.equal(before, source.eval()(x))
-        names = ("weight", "weight_absmax", "weight_absmax2", "weight_code2")
-        shared = [layer._buffers[n].untyped_storage().data_ptr() == state[n if n == "weight" else
-                  {"weight_absmax": "weight.absmax", "weight_absmax2": "weight.nested_absmax",
-                   "weight_code2": "weight.nested_quant_map"}[n]].untyped_storage().data_ptr() for n in names]  # fmt: skip
-        assert shared == [assign] * len(names), (assign, shared)
+        keys = {"weight": "weight", "weight_absmax": "weight.absmax", "weight_absmax2": "weight.nested_absmax",
+                "weight_code2": "weight.nested_quant_map"}  # buffer -> its state-dict key  # fmt: skip
+        ptr = lambda t: t.untyped_storage().data_ptr()  # noqa: E731
+        shared = [ptr(layer._buffers[buf]) == ptr(state[key]) for buf, key in keys.items()]
+        assert shared == [assign] * len(keys), (assign, shared)
         if not assign:
             with torch.no_grad():
                 source.weight.bitwise_xor_(0x11)  # the source's codes change in place
