@@ -41,7 +41,7 @@ plain model's: below 1, lowrank is faster or smaller):
   ``lowrank.recompute_pointwise`` (saved activations that one pointwise op makes from tensors autograd
   keeps anyway, such as the MLP's act(gate) * up and the norms' outputs, rebuilt in the backward); and
   that with the attention on ``lowrank.fast_attention`` (lowrank's causal attention kernels in place of
-  torch's SDPA);
+  torch's SDPA); and, for the Llama, that with its RMSNorms on ``lowrank.fast_norm``;
 - train step peak (fp32 only; bf16 halves what is stored): the step's peak resident memory (VmHWM)
   above the baseline, the model included, each method in a fresh process forked from a server that
   has only imported the libraries (so no process pays peft's 6 s import): after a tiny warm-up step of
@@ -53,7 +53,8 @@ plain model's: below 1, lowrank is faster or smaller):
   reported per new token (the prompt's prefill, about one decode step's cost, is in the time);
 - prefill: one forward of 1 x 512 tokens, eval, ``no_grad``, logits of the last position only
   (``logits_to_keep=1``, as ``generate`` prefills), reported in tokens/s (its ratios are of time);
-  decode and prefill also for each lowrank model with ``lowrank.fast_attention``, in the same runs.
+  decode and prefill also for each lowrank model with ``lowrank.fast_attention`` (and, for the Llama, that
+  with ``lowrank.fast_norm``), in the same runs.
 
 Each timed metric runs all its methods interleaved (A, B, C, A, B, C, ...; benchmarks/_timing.py)
 after one warm-up call each, so the ratios hold through this machine's slow phases; every call here
@@ -254,10 +255,13 @@ FAST_LOSS = "+fast-loss"  # a lowrank method's model whose loss runs on lowrank'
 FUSED_HEAD = "+fused-head"  # ...and whose output head runs inside the loss (fast_loss(keep_logits=False))
 LEAN = "+lean"  # ...and whose forward runs under lowrank.recompute_pointwise
 ATTENTION = "+attention"  # a lowrank method's model (any of the above) whose attention runs on lowrank.fast_attention
+NORM = "+norm"  # ...and whose RMSNorms run on lowrank.fast_norm
 
 
 def build(method: str, base: nn.Module) -> nn.Module:
     """``method`` over ``base`` (changed in place; pass a copy to keep it). Eval mode."""
+    if method.endswith(NORM):
+        return lowrank.fast_norm(build(method.removesuffix(NORM), base))
     if method.endswith(ATTENTION):
         return lowrank.fast_attention(build(method.removesuffix(ATTENTION), base))
     if method.endswith(FAST_LOSS):
@@ -289,17 +293,26 @@ def methods_for(dtype: torch.dtype, plain: str, training: bool) -> list[str]:
     return list(dict.fromkeys(methods + [plain]))
 
 
-def with_fast_loss(methods: list[str], dtype: torch.dtype) -> list[str]:
+def has_rms_norms(arch: str) -> bool:
+    """Whether ``arch``'s norms are RMSNorms that lowrank.fast_norm takes (Llama's; GPT-2 has LayerNorms)."""
+    return arch == "llama"
+
+
+def with_fast_loss(methods: list[str], dtype: torch.dtype, arch: str) -> list[str]:
     """``methods`` and, for each lowrank method among them, the same with lowrank's loss (FAST_LOSS), with
-    the output head fused into it (FUSED_HEAD), that under recompute_pointwise (LEAN), and that with
-    lowrank.fast_attention (LEAN + ATTENTION)."""
+    the output head fused into it (FUSED_HEAD), that under recompute_pointwise (LEAN), that with
+    lowrank.fast_attention (LEAN + ATTENTION), and that with lowrank.fast_norm (+ NORM, where the model has
+    RMSNorms)."""
     mine = [row.mine for row in rows_for(dtype) if row.mine in methods]
-    return methods + [m + suffix for suffix in (FAST_LOSS, FUSED_HEAD, LEAN, LEAN + ATTENTION) for m in mine]
+    suffixes = (FAST_LOSS, FUSED_HEAD, LEAN, LEAN + ATTENTION) + ((LEAN + ATTENTION + NORM,) if has_rms_norms(arch) else ())
+    return methods + [m + suffix for suffix in suffixes for m in mine]
 
 
-def with_fast_attention(methods: list[str], dtype: torch.dtype) -> list[str]:
-    """``methods`` and, for each lowrank method among them, the same with lowrank.fast_attention (ATTENTION)."""
-    return methods + [row.mine + ATTENTION for row in rows_for(dtype) if row.mine in methods]
+def with_fast_attention(methods: list[str], dtype: torch.dtype, arch: str) -> list[str]:
+    """``methods`` and, for each lowrank method among them, the same with lowrank.fast_attention (ATTENTION),
+    and that with lowrank.fast_norm (+ NORM, where the model has RMSNorms)."""
+    suffixes = (ATTENTION,) + ((ATTENTION + NORM,) if has_rms_norms(arch) else ())
+    return methods + [row.mine + suffix for suffix in suffixes for row in rows_for(dtype) if row.mine in methods]
 
 
 def variant_values(values: dict[str, float], dtype: torch.dtype, suffix: str) -> dict[str, float]:
@@ -348,15 +361,19 @@ METRICS = {
     "train_fused": f"train step {tokens_label(STEP_TOKENS)}, fast_loss(keep_logits=False), ms",
     "train_lean": f"train step {tokens_label(STEP_TOKENS)}, keep_logits=False + recompute_pointwise, ms",
     "train_attention": f"train step {tokens_label(STEP_TOKENS)}, that + lowrank.fast_attention, ms",
+    "train_norm": f"train step {tokens_label(STEP_TOKENS)}, that + lowrank.fast_norm, ms",
     "memory": f"train step {tokens_label(STEP_TOKENS)} peak, MB",
     "memory_fast": f"train step {tokens_label(STEP_TOKENS)} peak, lowrank.fast_loss, MB",
     "memory_fused": f"train step {tokens_label(STEP_TOKENS)} peak, fast_loss(keep_logits=False), MB",
     "memory_lean": f"train step {tokens_label(STEP_TOKENS)} peak, keep_logits=False + recompute_pointwise, MB",
     "memory_attention": f"train step {tokens_label(STEP_TOKENS)} peak, that + lowrank.fast_attention, MB",
+    "memory_norm": f"train step {tokens_label(STEP_TOKENS)} peak, that + lowrank.fast_norm, MB",
     "decode": f"decode {PROMPT_TOKENS}+{NEW_TOKENS}, ms/token",
     "decode_attention": f"decode {PROMPT_TOKENS}+{NEW_TOKENS}, lowrank.fast_attention, ms/token",
+    "decode_norm": f"decode {PROMPT_TOKENS}+{NEW_TOKENS}, that + lowrank.fast_norm, ms/token",
     "prefill": f"prefill {tokens_label(PREFILL_TOKENS)}, tokens/s",
     "prefill_attention": f"prefill {tokens_label(PREFILL_TOKENS)}, lowrank.fast_attention, tokens/s",
+    "prefill_norm": f"prefill {tokens_label(PREFILL_TOKENS)}, that + lowrank.fast_norm, tokens/s",
 }
 
 
@@ -378,7 +395,8 @@ def model_table(summary_tables, arch: str):
             "keep_logits=False: the output head runs inside the loss, a chunk of rows at a time; + recompute_pointwise: "
             "saved activations one pointwise op makes from tensors autograd keeps anyway are rebuilt in the backward; "
             "lowrank.fast_attention: lowrank's models run their attention on lowrank's kernels, the others on "
-            "torch's SDPA (GPT-2's attention dropout in training goes to SDPA either way)",
+            "torch's SDPA (GPT-2's attention dropout in training goes to SDPA either way); lowrank.fast_norm: and "
+            "their RMSNorms on lowrank's kernels (Llama; GPT-2's norms are LayerNorms)",
         ]
     return table
 
@@ -524,7 +542,7 @@ def test_peers_compute_the_same_model(arch: str, row: Row, dtype: torch.dtype):
 def train_medians(arch: str, dtype: torch.dtype) -> tuple[dict[str, float], int]:
     """Every training method of one case, its steps interleaved, in this (fresh) process: the medians
     (seconds) and the rounds."""
-    methods = with_fast_loss(methods_for(dtype, PLAIN_TRAIN, training=True), dtype)
+    methods = with_fast_loss(methods_for(dtype, PLAIN_TRAIN, training=True), dtype, arch)
     models = build_all(arch, dtype, methods)
     calls = {m: step_call(model.train(), STEP_TOKENS, shape(arch)) for m, model in models.items()}
     rounds = interleaved_rounds_warmed_once(calls)
@@ -546,6 +564,9 @@ def test_train_step(case, summary_tables):
     add_rows(table, "train_fused", dtype, variant_values(median, dtype, FUSED_HEAD), PLAIN_TRAIN, str(rounds))
     add_rows(table, "train_lean", dtype, variant_values(median, dtype, LEAN), PLAIN_TRAIN, str(rounds))
     add_rows(table, "train_attention", dtype, variant_values(median, dtype, LEAN + ATTENTION), PLAIN_TRAIN, str(rounds))
+    if has_rms_norms(arch):
+        add_rows(table, "train_norm", dtype, variant_values(median, dtype, LEAN + ATTENTION + NORM), PLAIN_TRAIN,
+                 str(rounds))  # fmt: skip
 
 
 def step_memory(arch: str, method: str, dtype: torch.dtype, tiny: bool) -> dict:
@@ -628,7 +649,7 @@ def test_train_step_memory(arch, summary_tables):
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc (VmHWM)")
     dtype = torch.float32  # bf16 halves what is stored and adds nothing else to compare
-    methods = with_fast_loss(methods_for(dtype, PLAIN_TRAIN, training=True), dtype)
+    methods = with_fast_loss(methods_for(dtype, PLAIN_TRAIN, training=True), dtype, arch)
     peak = {m: in_fresh_process(step_memory, arch, m, dtype, QUICK)["peak_mb"] for m in methods}
     table = model_table(summary_tables, arch)
     add_rows(table, "memory", dtype, peak, PLAIN_TRAIN, "fresh")
@@ -636,6 +657,8 @@ def test_train_step_memory(arch, summary_tables):
     add_rows(table, "memory_fused", dtype, variant_values(peak, dtype, FUSED_HEAD), PLAIN_TRAIN, "fresh")
     add_rows(table, "memory_lean", dtype, variant_values(peak, dtype, LEAN), PLAIN_TRAIN, "fresh")
     add_rows(table, "memory_attention", dtype, variant_values(peak, dtype, LEAN + ATTENTION), PLAIN_TRAIN, "fresh")
+    if has_rms_norms(arch):
+        add_rows(table, "memory_norm", dtype, variant_values(peak, dtype, LEAN + ATTENTION + NORM), PLAIN_TRAIN, "fresh")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -644,7 +667,7 @@ def test_train_step_memory(arch, summary_tables):
 @pytest.fixture(scope="module", params=CASES, ids=case_id)
 def inference_models(request):
     arch, dtype = request.param
-    models = build_all(arch, dtype, with_fast_attention(methods_for(dtype, PLAIN_INFERENCE, training=False), dtype))
+    models = build_all(arch, dtype, with_fast_attention(methods_for(dtype, PLAIN_INFERENCE, training=False), dtype, arch))
     yield arch, dtype, models
     models.clear()
     gc.collect()
@@ -659,6 +682,9 @@ def _inference(metric: str, inference_models, summary_tables) -> None:
     table = model_table(summary_tables, arch)
     add_rows(table, metric, dtype, median, PLAIN_INFERENCE, str(rounds))
     add_rows(table, metric + "_attention", dtype, variant_values(median, dtype, ATTENTION), PLAIN_INFERENCE, str(rounds))
+    if has_rms_norms(arch):
+        add_rows(table, metric + "_norm", dtype, variant_values(median, dtype, ATTENTION + NORM), PLAIN_INFERENCE,
+                 str(rounds))  # fmt: skip
 
 
 def test_decode(inference_models, summary_tables):

@@ -14,6 +14,7 @@
 #include "loss.h"
 #include "mixed.h"
 #include "nf4.h"
+#include "pointwise.h"
 
 namespace py = pybind11;
 using namespace lowrank;
@@ -529,6 +530,25 @@ PYBIND11_MODULE(_C, m) {
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("lse"), py::arg("sizes"), py::arg("scale"), py::arg("dout"),
       py::arg("dq"), py::arg("dk"), py::arg("dv"), py::arg("num_threads"), py::arg("kv_range") = 0,
       "the gradients of attention_cpu's out for q, k and v (dq, dk, dv in q's dtype), from q, k, v and lse");
+  m.def(
+      "rms_norm_cpu",
+      [](const Matrix& out, const Matrix& x, const Matrix& weight, const Matrix& rstd, float eps, int num_threads) {
+        RMSNormArgs a{out, x, weight, rstd, eps};
+        py::gil_scoped_release nogil;
+        rms_norm_cpu(a, num_threads);
+      },
+      py::arg("out"), py::arg("x"), py::arg("weight"), py::arg("rstd"), py::arg("eps"), py::arg("num_threads"),
+      "RMSNorm (csrc/pointwise.h): out = round(weight * round(x * rstd)), rstd = 1/sqrt(mean(x^2) + eps) per row (fp32)");
+  m.def(
+      "rms_norm_backward_cpu",
+      [](const Matrix& grad_x, const std::optional<Matrix>& grad_weight, const Matrix& grad_y, const Matrix& x,
+         const Matrix& weight, const Matrix& rstd, int num_threads) {
+        RMSNormBackwardArgs a{grad_x, opt(grad_weight), grad_y, x, weight, rstd};
+        py::gil_scoped_release nogil;
+        rms_norm_backward_cpu(a, num_threads);
+      },
+      py::arg("grad_x"), py::arg("grad_weight"), py::arg("grad_y"), py::arg("x"), py::arg("weight"), py::arg("rstd"),
+      py::arg("num_threads"), "the gradients of rms_norm_cpu's out for x and (when grad_weight is given) weight");
   m.def("set_parallel_min_work", &set_parallel_min_work, py::arg("work"),
         "the fewest multiply-adds per thread in the CPU few-token kernels (0: every call takes every thread)");
   m.def("parallel_min_work", &parallel_min_work, "see set_parallel_min_work");

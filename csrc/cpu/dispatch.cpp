@@ -1,6 +1,7 @@
 // Picks the CPU kernel variant at run time: AVX-512 where the CPU and OS support it, else AVX2+FMA,
 // else portable C++. LOWRANK_CPU_ISA (or set_cpu_isa) may force a lower one, e.g. for tests.
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -12,6 +13,7 @@
 #include "loss.h"
 #include "mixed.h"
 #include "nf4.h"
+#include "pointwise.h"
 
 namespace lowrank::cpu {
 
@@ -34,6 +36,8 @@ namespace lowrank::cpu {
   void cross_entropy_backward(const CrossEntropyBackwardArgs& a, int num_threads); \
   void attention(const AttentionArgs& a, int num_threads);                \
   void attention_backward(const AttentionBackwardArgs& a, int num_threads); \
+  void rms_norm(const RMSNormArgs& a, int num_threads);                    \
+  void rms_norm_backward(const RMSNormBackwardArgs& a, int num_threads);   \
   }
 LOWRANK_DECLARE_ISA(portable)
 LOWRANK_DECLARE_ISA(avx2)
@@ -59,6 +63,8 @@ struct Variant {
   void (*cross_entropy_backward)(const CrossEntropyBackwardArgs&, int);
   void (*attention)(const AttentionArgs&, int);
   void (*attention_backward)(const AttentionBackwardArgs&, int);
+  void (*rms_norm)(const RMSNormArgs&, int);
+  void (*rms_norm_backward)(const RMSNormBackwardArgs&, int);
 };
 
 static const Variant kVariants[] = {
@@ -66,17 +72,17 @@ static const Variant kVariants[] = {
      &portable::nf4_dequantize, &portable::nf4_rows, &portable::nf4_input_grad, &portable::nf4_tile, &portable::nf4_rows_tiled,
      &portable::nf4_tiled_supported,
      &portable::mixed_rows, &portable::cross_entropy, &portable::cross_entropy_backward,
-     &portable::attention, &portable::attention_backward},
+     &portable::attention, &portable::attention_backward, &portable::rms_norm, &portable::rms_norm_backward},
     {"avx2", &avx2::lora_rows, &avx2::lora_input_grad, &avx2::adapter_products, &avx2::adapter_term, &avx2::nf4_quantize, &avx2::nf4_double_quant,
      &avx2::nf4_dequantize, &avx2::nf4_rows, &avx2::nf4_input_grad, &avx2::nf4_tile, &avx2::nf4_rows_tiled,
      &avx2::nf4_tiled_supported,
      &avx2::mixed_rows, &avx2::cross_entropy, &avx2::cross_entropy_backward,
-     &avx2::attention, &avx2::attention_backward},
+     &avx2::attention, &avx2::attention_backward, &avx2::rms_norm, &avx2::rms_norm_backward},
     {"avx512", &avx512::lora_rows, &avx512::lora_input_grad, &avx512::adapter_products, &avx512::adapter_term, &avx512::nf4_quantize, &avx512::nf4_double_quant,
      &avx512::nf4_dequantize, &avx512::nf4_rows, &avx512::nf4_input_grad, &avx512::nf4_tile, &avx512::nf4_rows_tiled,
      &avx512::nf4_tiled_supported,
      &avx512::mixed_rows, &avx512::cross_entropy, &avx512::cross_entropy_backward,
-     &avx512::attention, &avx512::attention_backward},
+     &avx512::attention, &avx512::attention_backward, &avx512::rms_norm, &avx512::rms_norm_backward},
 };
 
 static bool cpu_supports(const std::string& name) {
@@ -364,6 +370,25 @@ void cross_entropy_backward_cpu(const CrossEntropyBackwardArgs& a, int num_threa
   check_labels_host(a.labels, a.logits.cols, a.ignore_index);
   if (a.logits.rows == 0 || a.logits.cols == 0) return;
   cpu::active()->cross_entropy_backward(a, num_threads);
+}
+
+void rms_norm_cpu(const RMSNormArgs& a, int num_threads) {
+  validate_rms_norm(a);
+  if (a.x.rows == 0 || a.x.cols == 0) {
+    for (int64_t m = 0; m < a.x.rows; ++m) a.rstd.data<float>()[m] = 1.0f / std::sqrt(a.eps);  // mean of nothing: 0
+    return;
+  }
+  cpu::active()->rms_norm(a, threads_for(double(a.x.rows) * double(a.x.cols), num_threads));
+}
+
+void rms_norm_backward_cpu(const RMSNormBackwardArgs& a, int num_threads) {
+  validate_rms_norm_backward(a);
+  if (a.x.rows == 0 || a.x.cols == 0) {
+    if (a.grad_weight.ptr)  // no rows: every weight gradient is 0 (+0 in fp32 and bf16 alike)
+      std::memset(reinterpret_cast<void*>(a.grad_weight.ptr), 0, size_t(a.x.cols) * dtype_size(a.x.dtype));
+    return;
+  }
+  cpu::active()->rms_norm_backward(a, threads_for(2.0 * double(a.x.rows) * double(a.x.cols), num_threads));
 }
 
 }  // namespace lowrank

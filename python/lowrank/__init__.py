@@ -9,6 +9,7 @@ hand-written C++ (CPU) and CUDA kernels.
     lowrank.fast_loss(model)                                     # a causal LM's loss on lowrank's kernels
     lowrank.recompute_pointwise(model)                           # less activation memory, the same gradients
     lowrank.fast_attention(model)                                # a decoder's causal attention on lowrank's kernels
+    lowrank.fast_norm(model)                                     # its RMSNorms on lowrank's kernels
     lowrank.info()                                               # what was built, what runs here
 """
 
@@ -18,6 +19,7 @@ from . import _C
 from ._info import info
 from .autograd import LoRALinearFunction, NF4LinearFunction, VeRALinearFunction
 from .attention import CausalAttentionFunction, causal_attention, fast_attention
+from .norm import RMSNormFunction, fast_norm, rms_norm
 from .loss import CrossEntropyFunction, causal_lm_loss, cross_entropy, fast_loss, linear_cross_entropy
 from .recompute import PointwiseRecompute, recompute_pointwise, recomputes_pointwise
 from .layers import LoRALinear, NF4Linear, QLoRALinear, VeRALinear, quantize_nf4, vera_shared_projections
@@ -44,6 +46,9 @@ __all__ = [
     "CausalAttentionFunction",
     "causal_attention",
     "fast_attention",
+    "RMSNormFunction",
+    "rms_norm",
+    "fast_norm",
     "PointwiseRecompute",
     "recompute_pointwise",
     "recomputes_pointwise",

@@ -8,7 +8,8 @@ are the output of one pointwise op whose operands autograd saves as well:
 - ``act(gate)``: the multiplication saves it; the activation saves ``gate``;
 - an RMSNorm's output ``weight * (h * rsqrt(mean(h²) + eps))`` (in a bf16 model the inner product is
   fp32, cast to bf16): every adapter that reads it saves it; the norm's inner multiplication saves ``h``
-  and the rsqrt, and the outer one ``weight``.
+  and the rsqrt, and the outer one ``weight``; under :func:`lowrank.fast_norm` the output of
+  ``lowrank.rms_norm``, whose node saves ``x``, ``weight`` and the rows' ``rstd``.
 
 Under :class:`PointwiseRecompute` each tensor autograd saves (through
 ``torch.autograd.graph.saved_tensors_hooks``) is looked at: when its ``grad_fn`` is one such op (a
@@ -135,10 +136,27 @@ def _plan(node, depth: int, dtype: Optional[torch.dtype], reads: list) -> Option
             return lambda: nn.functional.silu(node._saved_self)
         approximate = node._saved_approximate
         return lambda: nn.functional.gelu(node._saved_self, approximate=approximate)
+    if kind == "RMSNormFunctionBackward":  # lowrank.rms_norm's output, from the x, weight and rstd it saved
+        mine = []
+        saved = _probe(node, "saved_tensors", mine)
+        if saved is None or len(mine) > 1:  # (_probe reports one recipe among several saved tensors)
+            return None
+        reads += mine
+        eps = node.eps
+        return lambda: _rms_norm_again(node.saved_tensors, eps)
     if kind in ("ViewBackward0", "UnsafeViewBackward0") and depth == 0:
         # a view of such an output (a Linear's 2-D view of its 3-D input): its shape is the saved tensor's
         return _producer(node, 0, depth, reads)
     return None
+
+
+def _rms_norm_again(saved: tuple, eps: float) -> Tensor:
+    """The output of lowrank.rms_norm from what its node saved: the same kernel on the same x and weight
+    (the same rstd, the same bits)."""
+    from .norm import rms_norm_forward
+
+    x, weight, _ = saved
+    return rms_norm_forward(x, weight, eps)[0]
 
 
 def _product(kept: Tensor, made: Tensor, made_index: int) -> Tensor:

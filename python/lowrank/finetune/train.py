@@ -205,8 +205,9 @@ def build(method: str, base: torch.nn.Module, s: Settings) -> torch.nn.Module:
     else:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     model = lowrank.inject(model, config, adapter_name=method)
-    if hasattr(model, "set_attn_implementation"):  # a transformers model: attention on lowrank's kernel
+    if hasattr(model, "set_attn_implementation"):  # a transformers model: attention and norms on lowrank's kernels
         lowrank.fast_attention(model)
+        lowrank.fast_norm(model)
     return model
 
 
