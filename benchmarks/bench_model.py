@@ -41,7 +41,8 @@ plain model's: below 1, lowrank is faster or smaller):
   ``lowrank.recompute_pointwise`` (saved activations that one pointwise op makes from tensors autograd
   keeps anyway, such as the MLP's act(gate) * up and the norms' outputs, rebuilt in the backward); and
   that with the attention on ``lowrank.fast_attention`` (lowrank's causal attention kernels in place of
-  torch's SDPA); and, for the Llama, that with its RMSNorms on ``lowrank.fast_norm``;
+  torch's SDPA); and, for the Llama, that with its RMSNorms and its MLPs' SiLU products on
+  ``lowrank.fast_norm`` and ``lowrank.fast_swiglu``;
 - train step peak (fp32 only; bf16 halves what is stored): the step's peak resident memory (VmHWM)
   above the baseline, the model included, each method in a fresh process forked from a server that
   has only imported the libraries (so no process pays peft's 6 s import): after a tiny warm-up step of
@@ -54,7 +55,7 @@ plain model's: below 1, lowrank is faster or smaller):
 - prefill: one forward of 1 x 512 tokens, eval, ``no_grad``, logits of the last position only
   (``logits_to_keep=1``, as ``generate`` prefills), reported in tokens/s (its ratios are of time);
   decode and prefill also for each lowrank model with ``lowrank.fast_attention`` (and, for the Llama, that
-  with ``lowrank.fast_norm``), in the same runs.
+  with ``fast_norm`` and ``fast_swiglu``), in the same runs.
 
 Each timed metric runs all its methods interleaved (A, B, C, A, B, C, ...; benchmarks/_timing.py)
 after one warm-up call each, so the ratios hold through this machine's slow phases; every call here
@@ -255,13 +256,13 @@ FAST_LOSS = "+fast-loss"  # a lowrank method's model whose loss runs on lowrank'
 FUSED_HEAD = "+fused-head"  # ...and whose output head runs inside the loss (fast_loss(keep_logits=False))
 LEAN = "+lean"  # ...and whose forward runs under lowrank.recompute_pointwise
 ATTENTION = "+attention"  # a lowrank method's model (any of the above) whose attention runs on lowrank.fast_attention
-NORM = "+norm"  # ...and whose RMSNorms run on lowrank.fast_norm
+NORM = "+norm"  # ...and whose RMSNorms and MLP products run on lowrank.fast_norm and lowrank.fast_swiglu
 
 
 def build(method: str, base: nn.Module) -> nn.Module:
     """``method`` over ``base`` (changed in place; pass a copy to keep it). Eval mode."""
     if method.endswith(NORM):
-        return lowrank.fast_norm(build(method.removesuffix(NORM), base))
+        return lowrank.fast_swiglu(lowrank.fast_norm(build(method.removesuffix(NORM), base)))
     if method.endswith(ATTENTION):
         return lowrank.fast_attention(build(method.removesuffix(ATTENTION), base))
     if method.endswith(FAST_LOSS):
@@ -294,15 +295,16 @@ def methods_for(dtype: torch.dtype, plain: str, training: bool) -> list[str]:
 
 
 def has_rms_norms(arch: str) -> bool:
-    """Whether ``arch``'s norms are RMSNorms that lowrank.fast_norm takes (Llama's; GPT-2 has LayerNorms)."""
+    """Whether ``arch``'s norms and MLPs are ones lowrank.fast_norm and fast_swiglu take (Llama's; GPT-2 has
+    LayerNorms and a GELU MLP)."""
     return arch == "llama"
 
 
 def with_fast_loss(methods: list[str], dtype: torch.dtype, arch: str) -> list[str]:
     """``methods`` and, for each lowrank method among them, the same with lowrank's loss (FAST_LOSS), with
     the output head fused into it (FUSED_HEAD), that under recompute_pointwise (LEAN), that with
-    lowrank.fast_attention (LEAN + ATTENTION), and that with lowrank.fast_norm (+ NORM, where the model has
-    RMSNorms)."""
+    lowrank.fast_attention (LEAN + ATTENTION), and that with lowrank.fast_norm and fast_swiglu (+ NORM,
+    where the model has what they take)."""
     mine = [row.mine for row in rows_for(dtype) if row.mine in methods]
     suffixes = (FAST_LOSS, FUSED_HEAD, LEAN, LEAN + ATTENTION) + ((LEAN + ATTENTION + NORM,) if has_rms_norms(arch) else ())
     return methods + [m + suffix for suffix in suffixes for m in mine]
@@ -310,7 +312,7 @@ def with_fast_loss(methods: list[str], dtype: torch.dtype, arch: str) -> list[st
 
 def with_fast_attention(methods: list[str], dtype: torch.dtype, arch: str) -> list[str]:
     """``methods`` and, for each lowrank method among them, the same with lowrank.fast_attention (ATTENTION),
-    and that with lowrank.fast_norm (+ NORM, where the model has RMSNorms)."""
+    and that with lowrank.fast_norm and fast_swiglu (+ NORM, where the model has them)."""
     suffixes = (ATTENTION,) + ((ATTENTION + NORM,) if has_rms_norms(arch) else ())
     return methods + [row.mine + suffix for suffix in suffixes for row in rows_for(dtype) if row.mine in methods]
 
@@ -361,19 +363,19 @@ METRICS = {
     "train_fused": f"train step {tokens_label(STEP_TOKENS)}, fast_loss(keep_logits=False), ms",
     "train_lean": f"train step {tokens_label(STEP_TOKENS)}, keep_logits=False + recompute_pointwise, ms",
     "train_attention": f"train step {tokens_label(STEP_TOKENS)}, that + lowrank.fast_attention, ms",
-    "train_norm": f"train step {tokens_label(STEP_TOKENS)}, that + lowrank.fast_norm, ms",
+    "train_norm": f"train step {tokens_label(STEP_TOKENS)}, that + fast_norm + fast_swiglu, ms",
     "memory": f"train step {tokens_label(STEP_TOKENS)} peak, MB",
     "memory_fast": f"train step {tokens_label(STEP_TOKENS)} peak, lowrank.fast_loss, MB",
     "memory_fused": f"train step {tokens_label(STEP_TOKENS)} peak, fast_loss(keep_logits=False), MB",
     "memory_lean": f"train step {tokens_label(STEP_TOKENS)} peak, keep_logits=False + recompute_pointwise, MB",
     "memory_attention": f"train step {tokens_label(STEP_TOKENS)} peak, that + lowrank.fast_attention, MB",
-    "memory_norm": f"train step {tokens_label(STEP_TOKENS)} peak, that + lowrank.fast_norm, MB",
+    "memory_norm": f"train step {tokens_label(STEP_TOKENS)} peak, that + fast_norm + fast_swiglu, MB",
     "decode": f"decode {PROMPT_TOKENS}+{NEW_TOKENS}, ms/token",
     "decode_attention": f"decode {PROMPT_TOKENS}+{NEW_TOKENS}, lowrank.fast_attention, ms/token",
-    "decode_norm": f"decode {PROMPT_TOKENS}+{NEW_TOKENS}, that + lowrank.fast_norm, ms/token",
+    "decode_norm": f"decode {PROMPT_TOKENS}+{NEW_TOKENS}, that + fast_norm + fast_swiglu, ms/token",
     "prefill": f"prefill {tokens_label(PREFILL_TOKENS)}, tokens/s",
     "prefill_attention": f"prefill {tokens_label(PREFILL_TOKENS)}, lowrank.fast_attention, tokens/s",
-    "prefill_norm": f"prefill {tokens_label(PREFILL_TOKENS)}, that + lowrank.fast_norm, tokens/s",
+    "prefill_norm": f"prefill {tokens_label(PREFILL_TOKENS)}, that + fast_norm + fast_swiglu, tokens/s",
 }
 
 
@@ -395,8 +397,9 @@ def model_table(summary_tables, arch: str):
             "keep_logits=False: the output head runs inside the loss, a chunk of rows at a time; + recompute_pointwise: "
             "saved activations one pointwise op makes from tensors autograd keeps anyway are rebuilt in the backward; "
             "lowrank.fast_attention: lowrank's models run their attention on lowrank's kernels, the others on "
-            "torch's SDPA (GPT-2's attention dropout in training goes to SDPA either way); lowrank.fast_norm: and "
-            "their RMSNorms on lowrank's kernels (Llama; GPT-2's norms are LayerNorms)",
+            "torch's SDPA (GPT-2's attention dropout in training goes to SDPA either way); fast_norm + fast_swiglu: "
+            "and their RMSNorms and gated MLPs' SiLU products on lowrank's kernels (Llama; GPT-2 has LayerNorms "
+            "and a GELU MLP)",
         ]
     return table
 

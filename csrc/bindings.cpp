@@ -549,6 +549,25 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("grad_x"), py::arg("grad_weight"), py::arg("grad_y"), py::arg("x"), py::arg("weight"), py::arg("rstd"),
       py::arg("num_threads"), "the gradients of rms_norm_cpu's out for x and (when grad_weight is given) weight");
+  m.def(
+      "silu_mul_cpu",
+      [](const Matrix& out, const Matrix& gate, const Matrix& up, int num_threads) {
+        SiluMulArgs a{out, gate, up};
+        py::gil_scoped_release nogil;
+        silu_mul_cpu(a, num_threads);
+      },
+      py::arg("out"), py::arg("gate"), py::arg("up"), py::arg("num_threads"),
+      "a gated MLP's SiLU product (csrc/pointwise.h): out = round(round(silu(gate)) * up)");
+  m.def(
+      "silu_mul_backward_cpu",
+      [](const Matrix& grad_gate, const Matrix& grad_up, const Matrix& grad_out, const Matrix& gate, const Matrix& up,
+         int num_threads) {
+        SiluMulBackwardArgs a{grad_gate, grad_up, grad_out, gate, up};
+        py::gil_scoped_release nogil;
+        silu_mul_backward_cpu(a, num_threads);
+      },
+      py::arg("grad_gate"), py::arg("grad_up"), py::arg("grad_out"), py::arg("gate"), py::arg("up"),
+      py::arg("num_threads"), "the gradients of silu_mul_cpu's out for gate and up");
   m.def("set_parallel_min_work", &set_parallel_min_work, py::arg("work"),
         "the fewest multiply-adds per thread in the CPU few-token kernels (0: every call takes every thread)");
   m.def("parallel_min_work", &parallel_min_work, "see set_parallel_min_work");

@@ -24,7 +24,7 @@ if [ $# -gt 0 ] && [ "$1" = "--" ]; then shift; fi
 if [ $# -gt 0 ]; then
   pytest_args=("$@")
 else
-  read -r -a pytest_args <<<"${LOWRANK_SANITIZE_TESTS:-tests/test_lora_ops.py tests/test_adapter_products.py tests/test_lora_layer.py tests/test_nf4_ops.py tests/test_nf4_tiled.py tests/test_call_plan.py tests/test_attention.py tests/test_norm.py tests/test_vera_ops.py tests/test_mixed.py tests/test_loss.py tests/test_validate.py tests/test_info.py}"
+  read -r -a pytest_args <<<"${LOWRANK_SANITIZE_TESTS:-tests/test_lora_ops.py tests/test_adapter_products.py tests/test_lora_layer.py tests/test_nf4_ops.py tests/test_nf4_tiled.py tests/test_call_plan.py tests/test_attention.py tests/test_norm.py tests/test_swiglu.py tests/test_vera_ops.py tests/test_mixed.py tests/test_loss.py tests/test_validate.py tests/test_info.py}"
   pytest_args+=(-k "${LOWRANK_SANITIZE_K:-not compile}")
 fi
 mkdir -p "$dir"

@@ -222,9 +222,9 @@ def test_own_data_files_and_bf16(tiny, tmp_path):
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_training_loss_is_the_sdpa_unfused_loss(method, monkeypatch):
     """The training loss runs attention on lowrank's kernel (the right-padded batch's mask as key ranges),
-    the RMSNorms on lowrank.rms_norm, and fuses the head with the loss: it is the loss, and gives the
-    gradients, of the padding-masked decoder under SDPA with transformers' norms and the head and the loss
-    unfused."""
+    the RMSNorms on lowrank.rms_norm and the MLPs' SiLU products on lowrank.silu_mul, and fuses the head
+    with the loss: it is the loss, and gives the gradients, of the padding-masked decoder under SDPA with
+    transformers' norms and MLPs and the head and the loss unfused."""
     import torch.nn.functional as Fn
 
     from lowrank.finetune import data as D
@@ -239,6 +239,7 @@ def test_training_loss_is_the_sdpa_unfused_loss(method, monkeypatch):
     model = T.build(method, base, s).train()
     assert model.config._attn_implementation == "lowrank"
     assert lowrank.norm.fast_norms(model) == 2 * model.config.num_hidden_layers + 1  # every RMSNorm
+    assert lowrank.swiglu.fast_swiglus(model) == model.config.num_hidden_layers  # every MLP
     params = [p for _, p in lowrank.adapter_parameters(model, method)]
     with torch.no_grad():
         for p in params:
@@ -252,6 +253,7 @@ def test_training_loss_is_the_sdpa_unfused_loss(method, monkeypatch):
     got = torch.autograd.grad(loss, params)
     lowrank.fast_attention(model, enabled=False)
     lowrank.fast_norm(model, enabled=False)
+    lowrank.fast_swiglu(model, enabled=False)
     hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
     sel = target[:, 1:]
     logits = model.get_output_embeddings()(hidden[:, :-1][sel]).float()

@@ -38,6 +38,8 @@ namespace lowrank::cpu {
   void attention_backward(const AttentionBackwardArgs& a, int num_threads); \
   void rms_norm(const RMSNormArgs& a, int num_threads);                    \
   void rms_norm_backward(const RMSNormBackwardArgs& a, int num_threads);   \
+  void silu_mul(const SiluMulArgs& a, int num_threads);                    \
+  void silu_mul_backward(const SiluMulBackwardArgs& a, int num_threads);   \
   }
 LOWRANK_DECLARE_ISA(portable)
 LOWRANK_DECLARE_ISA(avx2)
@@ -65,6 +67,8 @@ struct Variant {
   void (*attention_backward)(const AttentionBackwardArgs&, int);
   void (*rms_norm)(const RMSNormArgs&, int);
   void (*rms_norm_backward)(const RMSNormBackwardArgs&, int);
+  void (*silu_mul)(const SiluMulArgs&, int);
+  void (*silu_mul_backward)(const SiluMulBackwardArgs&, int);
 };
 
 static const Variant kVariants[] = {
@@ -72,17 +76,20 @@ static const Variant kVariants[] = {
      &portable::nf4_dequantize, &portable::nf4_rows, &portable::nf4_input_grad, &portable::nf4_tile, &portable::nf4_rows_tiled,
      &portable::nf4_tiled_supported,
      &portable::mixed_rows, &portable::cross_entropy, &portable::cross_entropy_backward,
-     &portable::attention, &portable::attention_backward, &portable::rms_norm, &portable::rms_norm_backward},
+     &portable::attention, &portable::attention_backward, &portable::rms_norm, &portable::rms_norm_backward,
+     &portable::silu_mul, &portable::silu_mul_backward},
     {"avx2", &avx2::lora_rows, &avx2::lora_input_grad, &avx2::adapter_products, &avx2::adapter_term, &avx2::nf4_quantize, &avx2::nf4_double_quant,
      &avx2::nf4_dequantize, &avx2::nf4_rows, &avx2::nf4_input_grad, &avx2::nf4_tile, &avx2::nf4_rows_tiled,
      &avx2::nf4_tiled_supported,
      &avx2::mixed_rows, &avx2::cross_entropy, &avx2::cross_entropy_backward,
-     &avx2::attention, &avx2::attention_backward, &avx2::rms_norm, &avx2::rms_norm_backward},
+     &avx2::attention, &avx2::attention_backward, &avx2::rms_norm, &avx2::rms_norm_backward,
+     &avx2::silu_mul, &avx2::silu_mul_backward},
     {"avx512", &avx512::lora_rows, &avx512::lora_input_grad, &avx512::adapter_products, &avx512::adapter_term, &avx512::nf4_quantize, &avx512::nf4_double_quant,
      &avx512::nf4_dequantize, &avx512::nf4_rows, &avx512::nf4_input_grad, &avx512::nf4_tile, &avx512::nf4_rows_tiled,
      &avx512::nf4_tiled_supported,
      &avx512::mixed_rows, &avx512::cross_entropy, &avx512::cross_entropy_backward,
-     &avx512::attention, &avx512::attention_backward, &avx512::rms_norm, &avx512::rms_norm_backward},
+     &avx512::attention, &avx512::attention_backward, &avx512::rms_norm, &avx512::rms_norm_backward,
+     &avx512::silu_mul, &avx512::silu_mul_backward},
 };
 
 static bool cpu_supports(const std::string& name) {
@@ -389,6 +396,18 @@ void rms_norm_backward_cpu(const RMSNormBackwardArgs& a, int num_threads) {
     return;
   }
   cpu::active()->rms_norm_backward(a, threads_for(2.0 * double(a.x.rows) * double(a.x.cols), num_threads));
+}
+
+void silu_mul_cpu(const SiluMulArgs& a, int num_threads) {
+  validate_silu_mul(a);
+  if (a.gate.rows == 0 || a.gate.cols == 0) return;
+  cpu::active()->silu_mul(a, threads_for(double(a.gate.rows) * double(a.gate.cols), num_threads));
+}
+
+void silu_mul_backward_cpu(const SiluMulBackwardArgs& a, int num_threads) {
+  validate_silu_mul_backward(a);
+  if (a.gate.rows == 0 || a.gate.cols == 0) return;
+  cpu::active()->silu_mul_backward(a, threads_for(2.0 * double(a.gate.rows) * double(a.gate.cols), num_threads));
 }
 
 }  // namespace lowrank

@@ -1,4 +1,4 @@
-// RMSNorm on the CPU (csrc/pointwise.h has the math). One row at a time, rows shared among threads: the
+// RMSNorm and the SiLU product on the CPU (csrc/pointwise.h has the math). RMSNorm: One row at a time, rows shared among threads: the
 // forward reads a row twice (its sum of squares, then the scaling: the second pass finds it in L1), the
 // backward reads x, dy and w twice and writes dx once. In place of transformers' chain of torch ops
 // (a widened fp32 copy, its square, mean, rsqrt, two products and two casts; each backward op again),
@@ -152,7 +152,132 @@ void backward_typed(const RMSNormBackwardArgs& a, int num_threads) {
   }
 }
 
+// ---- SiLU product: out = round(round(silu(gate)) · up) -------------------------------------------
+// σ(g) = 1 / (1 + exp(−g)) with simd.h's vexp (exp(−g) is 0 for g > 87 and clamped at exp(88) below
+// −88: σ there is ~6e-39 where the exact value is smaller still, an absolute error under 1e-36).
+inline Vec sigmoid(Vec g) { return vdiv(vset1(1.0f), vadd(vset1(1.0f), vexp(vsub(vzero(), g)))); }
+
+template <class T>
+struct SiluMulJob {
+  const SiluMulArgs* a;
+  int64_t rows_per_task;
+
+  static void run(void* ctx, int64_t task) {
+    const auto& job = *static_cast<const SiluMulJob*>(ctx);
+    const SiluMulArgs& a = *job.a;
+    const int64_t M = a.gate.rows, N = a.gate.cols;
+    const int64_t end = std::min(M, (task + 1) * job.rows_per_task);
+    alignas(64) float gbuf[W], ubuf[W];
+    for (int64_t m = task * job.rows_per_task; m < end; ++m) {
+      const T* g = a.gate.data<T>() + m * a.gate.ld;
+      const T* u = a.up.data<T>() + m * a.up.ld;
+      T* out = a.out.data<T>() + m * a.out.ld;
+      for (int64_t j = 0; j < N; j += W) {
+        const int64_t n = std::min<int64_t>(W, N - j);
+        Vec gv, uv;
+        if (n == W) {
+          gv = vload(g + j);
+          uv = vload(u + j);
+        } else {  // the row's last partial vector, through buffers (zeros past the row)
+          for (int i = 0; i < W; ++i) {
+            gbuf[i] = i < n ? load_scalar(g + j + i) : 0.0f;
+            ubuf[i] = i < n ? load_scalar(u + j + i) : 0.0f;
+          }
+          gv = vload(gbuf);
+          uv = vload(ubuf);
+        }
+        alignas(64) T act[W];  // silu(g) rounded to T (the module's act_fn output), read back
+        vstore(act, vmul(gv, sigmoid(gv)));
+        const Vec h = vmul(vload(act), uv);
+        if (n == W) {
+          vstore(out + j, h);
+        } else {
+          alignas(64) float hb[W];
+          vstore(hb, h);
+          for (int64_t i = 0; i < n; ++i) store_scalar(out + j + i, hb[i]);
+        }
+      }
+    }
+  }
+};
+
+template <class T>
+struct SiluMulBackwardJob {
+  const SiluMulBackwardArgs* a;
+  int64_t rows_per_task;
+
+  static void run(void* ctx, int64_t task) {
+    const auto& job = *static_cast<const SiluMulBackwardJob*>(ctx);
+    const SiluMulBackwardArgs& a = *job.a;
+    const int64_t M = a.gate.rows, N = a.gate.cols;
+    const int64_t end = std::min(M, (task + 1) * job.rows_per_task);
+    alignas(64) float buf[3][W];
+    for (int64_t m = task * job.rows_per_task; m < end; ++m) {
+      const T* g = a.gate.data<T>() + m * a.gate.ld;
+      const T* u = a.up.data<T>() + m * a.up.ld;
+      const T* dy = a.grad_out.data<T>() + m * a.grad_out.ld;
+      T* dg = a.grad_gate.data<T>() + m * a.grad_gate.ld;
+      T* du = a.grad_up.data<T>() + m * a.grad_up.ld;
+      for (int64_t j = 0; j < N; j += W) {
+        const int64_t n = std::min<int64_t>(W, N - j);
+        Vec gv, uv, dyv;
+        if (n == W) {
+          gv = vload(g + j);
+          uv = vload(u + j);
+          dyv = vload(dy + j);
+        } else {
+          for (int i = 0; i < W; ++i) {
+            buf[0][i] = i < n ? load_scalar(g + j + i) : 0.0f;
+            buf[1][i] = i < n ? load_scalar(u + j + i) : 0.0f;
+            buf[2][i] = i < n ? load_scalar(dy + j + i) : 0.0f;
+          }
+          gv = vload(buf[0]);
+          uv = vload(buf[1]);
+          dyv = vload(buf[2]);
+        }
+        const Vec s = sigmoid(gv);
+        alignas(64) T act[W];  // the forward's rounded silu(g), the factor up was multiplied by
+        vstore(act, vmul(gv, s));
+        const Vec d_up = vmul(dyv, vload(act));
+        const Vec slope = vmul(s, vadd(vset1(1.0f), vmul(gv, vsub(vset1(1.0f), s))));  // silu'(g)
+        const Vec d_gate = vmul(vmul(dyv, uv), slope);
+        if (n == W) {
+          vstore(dg + j, d_gate);
+          vstore(du + j, d_up);
+        } else {
+          vstore(buf[0], d_gate);
+          vstore(buf[1], d_up);
+          for (int64_t i = 0; i < n; ++i) {
+            store_scalar(dg + j + i, buf[0][i]);
+            store_scalar(du + j + i, buf[1][i]);
+          }
+        }
+      }
+    }
+  }
+};
+
 }  // namespace
+
+void silu_mul(const SiluMulArgs& a, int num_threads) {
+  const int64_t rpt = rows_per_task(a.gate.cols), tasks = (a.gate.rows + rpt - 1) / rpt;
+  if (a.gate.dtype == DType::bfloat16) {
+    SiluMulJob<bf16_t> job{&a, rpt};
+    return parallel_for(tasks, num_threads, &SiluMulJob<bf16_t>::run, &job);
+  }
+  SiluMulJob<float> job{&a, rpt};
+  parallel_for(tasks, num_threads, &SiluMulJob<float>::run, &job);
+}
+
+void silu_mul_backward(const SiluMulBackwardArgs& a, int num_threads) {
+  const int64_t rpt = rows_per_task(a.gate.cols), tasks = (a.gate.rows + rpt - 1) / rpt;
+  if (a.gate.dtype == DType::bfloat16) {
+    SiluMulBackwardJob<bf16_t> job{&a, rpt};
+    return parallel_for(tasks, num_threads, &SiluMulBackwardJob<bf16_t>::run, &job);
+  }
+  SiluMulBackwardJob<float> job{&a, rpt};
+  parallel_for(tasks, num_threads, &SiluMulBackwardJob<float>::run, &job);
+}
 
 void rms_norm(const RMSNormArgs& a, int num_threads) {
   if (a.x.dtype == DType::bfloat16) return forward_typed<bf16_t>(a, num_threads);

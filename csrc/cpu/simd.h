@@ -80,6 +80,7 @@ inline Vec vadd(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline Vec vmul(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
 inline float vsum(Vec a) { return _mm512_reduce_add_ps(a.v); }
 inline Vec vsub(Vec a, Vec b) { return {_mm512_sub_ps(a.v, b.v)}; }
+inline Vec vdiv(Vec a, Vec b) { return {_mm512_div_ps(a.v, b.v)}; }
 // max(a, b) lane by lane; b where either is NaN (the instruction's rule, in every variant).
 inline Vec vmax(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
 inline float vhmax(Vec a) { return _mm512_reduce_max_ps(a.v); }
@@ -152,6 +153,7 @@ inline float vsum(Vec a) {
   return _mm_cvtss_f32(s);
 }
 inline Vec vsub(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline Vec vdiv(Vec a, Vec b) { return {_mm256_div_ps(a.v, b.v)}; }
 inline Vec vmax(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
 inline float vhmax(Vec a) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
@@ -221,6 +223,10 @@ inline float vsum(Vec a) {
 }
 inline Vec vsub(Vec a, Vec b) {
   for (int i = 0; i < 8; ++i) a.v[i] -= b.v[i];
+  return a;
+}
+inline Vec vdiv(Vec a, Vec b) {
+  for (int i = 0; i < 8; ++i) a.v[i] /= b.v[i];
   return a;
 }
 inline Vec vmax(Vec a, Vec b) {

@@ -10,6 +10,7 @@ hand-written C++ (CPU) and CUDA kernels.
     lowrank.recompute_pointwise(model)                           # less activation memory, the same gradients
     lowrank.fast_attention(model)                                # a decoder's causal attention on lowrank's kernels
     lowrank.fast_norm(model)                                     # its RMSNorms on lowrank's kernels
+    lowrank.fast_swiglu(model)                                   # its gated MLPs' SiLU products too
     lowrank.info()                                               # what was built, what runs here
 """
 
@@ -20,6 +21,7 @@ from ._info import info
 from .autograd import LoRALinearFunction, NF4LinearFunction, VeRALinearFunction
 from .attention import CausalAttentionFunction, causal_attention, fast_attention
 from .norm import RMSNormFunction, fast_norm, rms_norm
+from .swiglu import SiLUMulFunction, fast_swiglu, silu_mul
 from .loss import CrossEntropyFunction, causal_lm_loss, cross_entropy, fast_loss, linear_cross_entropy
 from .recompute import PointwiseRecompute, recompute_pointwise, recomputes_pointwise
 from .layers import LoRALinear, NF4Linear, QLoRALinear, VeRALinear, quantize_nf4, vera_shared_projections
@@ -49,6 +51,9 @@ __all__ = [
     "RMSNormFunction",
     "rms_norm",
     "fast_norm",
+    "SiLUMulFunction",
+    "silu_mul",
+    "fast_swiglu",
     "PointwiseRecompute",
     "recompute_pointwise",
     "recomputes_pointwise",

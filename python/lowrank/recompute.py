@@ -9,7 +9,8 @@ are the output of one pointwise op whose operands autograd saves as well:
 - an RMSNorm's output ``weight * (h * rsqrt(mean(h²) + eps))`` (in a bf16 model the inner product is
   fp32, cast to bf16): every adapter that reads it saves it; the norm's inner multiplication saves ``h``
   and the rsqrt, and the outer one ``weight``; under :func:`lowrank.fast_norm` the output of
-  ``lowrank.rms_norm``, whose node saves ``x``, ``weight`` and the rows' ``rstd``.
+  ``lowrank.rms_norm``, whose node saves ``x``, ``weight`` and the rows' ``rstd``;
+- under :func:`lowrank.fast_swiglu` a gated MLP's ``lowrank.silu_mul(gate, up)``, whose node saves both.
 
 Under :class:`PointwiseRecompute` each tensor autograd saves (through
 ``torch.autograd.graph.saved_tensors_hooks``) is looked at: when its ``grad_fn`` is one such op (a
@@ -72,13 +73,12 @@ class _Recipe:
 def _probe(node, attr: str, reads: list) -> Optional[Tensor]:
     """The operand ``attr`` that ``node`` saved, or None; one that is itself a recipe reads as an empty
     tensor of its dtype (it is not rebuilt to be looked at) and goes into ``reads``."""
-    _state.probing, _state.probed = True, None
+    _state.probing, _state.probed = True, []
     try:
         value = getattr(node, attr)
     finally:
         _state.probing = False
-    if _state.probed is not None:
-        reads.append(_state.probed)
+    reads += _state.probed
     return value
 
 
@@ -138,12 +138,17 @@ def _plan(node, depth: int, dtype: Optional[torch.dtype], reads: list) -> Option
         return lambda: nn.functional.gelu(node._saved_self, approximate=approximate)
     if kind == "RMSNormFunctionBackward":  # lowrank.rms_norm's output, from the x, weight and rstd it saved
         mine = []
-        saved = _probe(node, "saved_tensors", mine)
-        if saved is None or len(mine) > 1:  # (_probe reports one recipe among several saved tensors)
+        if _probe(node, "saved_tensors", mine) is None:
             return None
         reads += mine
         eps = node.eps
         return lambda: _rms_norm_again(node.saved_tensors, eps)
+    if kind == "SiLUMulFunctionBackward":  # lowrank.silu_mul's output, from the gate and up it saved
+        mine = []
+        if _probe(node, "saved_tensors", mine) is None:
+            return None
+        reads += mine
+        return lambda: _silu_mul_again(node.saved_tensors)
     if kind in ("ViewBackward0", "UnsafeViewBackward0") and depth == 0:
         # a view of such an output (a Linear's 2-D view of its 3-D input): its shape is the saved tensor's
         return _producer(node, 0, depth, reads)
@@ -157,6 +162,13 @@ def _rms_norm_again(saved: tuple, eps: float) -> Tensor:
 
     x, weight, _ = saved
     return rms_norm_forward(x, weight, eps)[0]
+
+
+def _silu_mul_again(saved: tuple) -> Tensor:
+    """The output of lowrank.silu_mul from the gate and up its node saved (the same kernel: the same bits)."""
+    from .swiglu import silu_mul_forward
+
+    return silu_mul_forward(*saved)
 
 
 def _product(kept: Tensor, made: Tensor, made_index: int) -> Tensor:
@@ -194,7 +206,7 @@ def _unpack(packed):
     if type(packed) is not _Recipe:
         return packed
     if getattr(_state, "probing", False):
-        _state.probed = packed
+        _state.probed.append(packed)
         return torch.empty(0, dtype=packed.dtype)
     alive = packed.ref()
     if alive is not None:  # still held elsewhere: no need to make it again

@@ -205,9 +205,10 @@ def build(method: str, base: torch.nn.Module, s: Settings) -> torch.nn.Module:
     else:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     model = lowrank.inject(model, config, adapter_name=method)
-    if hasattr(model, "set_attn_implementation"):  # a transformers model: attention and norms on lowrank's kernels
+    if hasattr(model, "set_attn_implementation"):  # a transformers model: attention, norms, MLP products on lowrank's kernels
         lowrank.fast_attention(model)
         lowrank.fast_norm(model)
+        lowrank.fast_swiglu(model)
     return model
 
 

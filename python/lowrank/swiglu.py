@@ -1,0 +1,178 @@
+"""A gated MLP's SiLU product on lowrank's CPU kernels (csrc/cpu/pointwise.cpp), and :func:`fast_swiglu` to
+make a transformers model use it.
+
+transformers' ``LlamaMLP`` (and the models that copy its forward with a SiLU: Qwen2/3, Mistral, Granite,
+SmolLM3, OLMo-2, ...) computes ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``: the SiLU and the product
+are two torch ops, each with its own pass over [tokens, intermediate] values and its own backward (the
+product's saves both factors; the SiLU's saves its input). :func:`silu_mul` is both in one pass per
+direction:
+
+    out = round(round(silu(gate)) · up)      (fp32 inside; round: to gate's dtype, as the module rounds)
+
+and its backward is the exact derivative in fp32, each gradient rounded once.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import _C
+from ._validate import check_tensor, matrix
+from .ops import _direct, _runtime
+
+_NATIVE = (torch.float32, torch.bfloat16)
+
+
+def _rows(t: Tensor, n: int) -> Tensor:
+    t2 = t.reshape(-1, n)
+    return t2 if t2.stride(-1) == 1 or n <= 1 else t2.contiguous()
+
+
+def _check(gate, up) -> None:
+    if (type(gate) is Tensor and gate.dtype in _NATIVE and gate.is_cpu and gate.dim() >= 1 and type(up) is Tensor
+            and up.dtype == gate.dtype and up.is_cpu and up.shape == gate.shape):  # fmt: skip
+        return  # the usual call
+    check_tensor("gate", gate, dtypes=_NATIVE, device="cpu")  # raises, naming the argument
+    if gate.dim() < 1:
+        raise ValueError("gate: expected at least one dimension")
+    check_tensor("up", up, dtypes=(gate.dtype,), device="cpu", shape=tuple(gate.shape))
+
+
+def silu_mul_forward(gate: Tensor, up: Tensor) -> Tensor:
+    """:func:`silu_mul`'s output, without autograd."""
+    _check(gate, up)
+    n = gate.shape[-1]
+    out = torch.empty(gate.shape, dtype=gate.dtype)
+    _C.silu_mul_cpu(matrix("out", out.view(-1, n)), matrix("gate", _rows(gate, n)), matrix("up", _rows(up, n)),
+                    _runtime.num_threads())  # fmt: skip
+    return out
+
+
+def silu_mul_backward(grad_out: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
+    """``(grad_gate, grad_up)`` of :func:`silu_mul_forward`'s output."""
+    _check(gate, up)
+    if not (type(grad_out) is Tensor and grad_out.dtype == gate.dtype and grad_out.is_cpu and grad_out.shape == gate.shape):
+        check_tensor("grad_out", grad_out, dtypes=(gate.dtype,), device="cpu", shape=tuple(gate.shape))
+    n = gate.shape[-1]
+    dg = torch.empty(gate.shape, dtype=gate.dtype)
+    du = torch.empty(gate.shape, dtype=gate.dtype)
+    _C.silu_mul_backward_cpu(matrix("grad_gate", dg.view(-1, n)), matrix("grad_up", du.view(-1, n)),
+                             matrix("grad_out", _rows(grad_out, n)), matrix("gate", _rows(gate, n)),
+                             matrix("up", _rows(up, n)), _runtime.num_threads())  # fmt: skip
+    return dg, du
+
+
+class SiLUMulFunction(torch.autograd.Function):
+    """:func:`silu_mul` as an autograd Function: saves ``gate`` and ``up`` (lowrank.recompute_pointwise
+    rebuilds the output from them instead of storing it)."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        out = silu_mul_forward(gate, up)
+        ctx.save_for_backward(gate, up)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gate, up = ctx.saved_tensors
+        dg, du = silu_mul_backward(grad_out.contiguous(), gate, up)
+        return (dg if ctx.needs_input_grad[0] else None), (du if ctx.needs_input_grad[1] else None)
+
+
+def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    """``silu(gate) * up`` (fp32 or bf16 CPU tensors of one shape), rounded as transformers' gated MLPs
+    round it (the SiLU to gate's dtype, then the product); differentiable in both."""
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _direct.apply(SiLUMulFunction, gate, up)
+    return silu_mul_forward(gate, up)
+
+
+# ---------------------------------------------------------------------------------------------
+# transformers
+# ---------------------------------------------------------------------------------------------
+_reference_source: Optional[str] = None
+_same_as_llama: dict[type, bool] = {}  # module class -> whether its forward is LlamaMLP's
+
+
+def _llama_source() -> str:
+    global _reference_source
+    if _reference_source is None:
+        from transformers.models.llama.modeling_llama import LlamaMLP
+
+        _reference_source = inspect.getsource(LlamaMLP.forward)
+    return _reference_source
+
+
+def _is_silu(act) -> bool:
+    if isinstance(act, nn.SiLU):
+        return True
+    try:
+        from transformers.activations import SiLUActivation
+    except ImportError:  # pragma: no cover - a transformers without it
+        return False
+    return type(act) is SiLUActivation
+
+
+def is_llama_mlp(module: nn.Module) -> bool:
+    """Whether ``module`` is a gated MLP whose forward is transformers' ``LlamaMLP.forward`` — the same
+    source — with a SiLU ``act_fn`` (Gemma's MLP has the same forward with a GELU: left alone) and its
+    ``gate_proj``, ``up_proj`` and ``down_proj``."""
+    cls = type(module)
+    known = _same_as_llama.get(cls)
+    if known is None:
+        try:
+            known = inspect.getsource(cls.forward) == _llama_source()
+        except (OSError, TypeError):
+            known = False
+        _same_as_llama[cls] = known
+    return (known and _is_silu(getattr(module, "act_fn", None))
+            and all(isinstance(getattr(module, p, None), nn.Module) for p in ("gate_proj", "up_proj", "down_proj")))  # fmt: skip
+
+
+def _usable(gate: Tensor, up: Tensor) -> bool:
+    return (type(gate) is Tensor and type(up) is Tensor and gate.is_cpu and gate.dtype in _NATIVE
+            and up.dtype == gate.dtype and up.shape == gate.shape and gate.dim() >= 1
+            and not torch.compiler.is_compiling())  # fmt: skip
+
+
+def _fast_forward(module: nn.Module, x: Tensor) -> Tensor:
+    gate = module.gate_proj(x)  # the module's order: gate, its activation, then up
+    up = module.up_proj(x)
+    if _usable(gate, up):
+        return module.down_proj(silu_mul(gate, up))
+    return module.down_proj(module.act_fn(gate) * up)  # anything else: the module's own ops
+
+
+def _is_fast(module: nn.Module) -> bool:
+    f = module.__dict__.get("forward")
+    return isinstance(f, functools.partial) and f.func is _fast_forward
+
+
+def fast_swiglu(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Make every gated MLP of ``model`` that is transformers' ``LlamaMLP`` with a SiLU
+    (:func:`is_llama_mlp`) compute ``act_fn(gate) * up`` with :func:`silu_mul` where both are CPU
+    fp32/bf16 tensors (its own ops otherwise, and under ``torch.compile``); the projections run as they
+    are (adapted or not). ``enabled=False`` gives the MLPs back their own forward. Returns ``model``. As
+    :func:`lowrank.fast_norm`, only the instance's ``forward`` is set (a ``functools.partial``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    for module in model.modules():
+        if not enabled:
+            if _is_fast(module):
+                del module.forward
+        elif not _is_fast(module) and "forward" not in module.__dict__ and is_llama_mlp(module):
+            module.forward = functools.partial(_fast_forward, module)
+    return model
+
+
+def fast_swiglus(model: nn.Module) -> int:
+    """How many of ``model``'s MLPs run on :func:`silu_mul` (:func:`fast_swiglu`)."""
+    return sum(1 for m in model.modules() if _is_fast(m))
+
+
+__all__ = ["SiLUMulFunction", "fast_swiglu", "fast_swiglus", "is_llama_mlp", "silu_mul"]
