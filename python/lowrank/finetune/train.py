@@ -223,7 +223,9 @@ def run_method(method: str, base, tokenizer, data: Dataset, enc_train: Encoded, 
     trainable = sum(p.numel() for p in params)
     total = sum(p.numel() for p in base.parameters())
     lr = s.lr if s.lr is not None else DEFAULT_LR[method]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    # torch's fused AdamW: one pass per tensor, where the default runs several ops each (full fine-tuning's
+    # 106 M parameters: 43 against 167 ms a step on a Zen 5, 2 threads)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
     rng = random.Random(s.seed)
     order: list[int] = []
     losses, tokens, step_times, growth = [], [], [], []
