@@ -217,3 +217,17 @@ def test_recompute_pointwise_rebuilds_the_product(dtype, monkeypatch):
     for a, b in zip(*results):
         assert torch.equal(a, b)
     assert len(rebuilt) == 2
+
+
+def test_fast_decoder_turns_all_three_on_and_off():
+    """``fast_decoder``: attention, norms and MLPs in one call (each where it applies), undone in one."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    model = lowrank.fast_decoder(_llama(torch.float32))
+    assert lowrank.fast_decoder_report(model) == {"attention": "lowrank", "norms": 5, "mlps": 2}
+    lowrank.fast_decoder(model, enabled=False)
+    assert lowrank.fast_decoder_report(model) == {"attention": "sdpa", "norms": 0, "mlps": 0}
+    plain = lowrank.fast_decoder(torch.nn.Sequential(Qwen2RMSNorm(8)))  # not a transformers model: no attention
+    assert lowrank.fast_decoder_report(plain) == {"attention": None, "norms": 1, "mlps": 0}
+    with pytest.raises(TypeError, match="^model: expected a torch.nn.Module"):
+        lowrank.fast_decoder(3)

@@ -8,9 +8,9 @@ hand-written C++ (CPU) and CUDA kernels.
     lowrank.inject(model, lowrank.LoRAConfig(r=16))              # adapters into a whole model (lowrank.adapters)
     lowrank.fast_loss(model)                                     # a causal LM's loss on lowrank's kernels
     lowrank.recompute_pointwise(model)                           # less activation memory, the same gradients
-    lowrank.fast_attention(model)                                # a decoder's causal attention on lowrank's kernels
-    lowrank.fast_norm(model)                                     # its RMSNorms on lowrank's kernels
-    lowrank.fast_swiglu(model)                                   # its gated MLPs' SiLU products too
+    lowrank.fast_decoder(model)                                  # a decoder's attention, RMSNorms and MLP products
+                                                                 # on lowrank's kernels (fast_attention, fast_norm,
+                                                                 # fast_swiglu: each alone too)
     lowrank.info()                                               # what was built, what runs here
 """
 
@@ -22,6 +22,7 @@ from .autograd import LoRALinearFunction, NF4LinearFunction, VeRALinearFunction
 from .attention import CausalAttentionFunction, causal_attention, fast_attention
 from .norm import RMSNormFunction, fast_norm, rms_norm
 from .swiglu import SiLUMulFunction, fast_swiglu, silu_mul
+from .decoder import fast_decoder, fast_decoder_report
 from .loss import CrossEntropyFunction, causal_lm_loss, cross_entropy, fast_loss, linear_cross_entropy
 from .recompute import PointwiseRecompute, recompute_pointwise, recomputes_pointwise
 from .layers import LoRALinear, NF4Linear, QLoRALinear, VeRALinear, quantize_nf4, vera_shared_projections
@@ -54,6 +55,8 @@ __all__ = [
     "SiLUMulFunction",
     "silu_mul",
     "fast_swiglu",
+    "fast_decoder",
+    "fast_decoder_report",
     "PointwiseRecompute",
     "recompute_pointwise",
     "recomputes_pointwise",

@@ -205,11 +205,7 @@ def build(method: str, base: torch.nn.Module, s: Settings) -> torch.nn.Module:
     else:
         raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
     model = lowrank.inject(model, config, adapter_name=method)
-    if hasattr(model, "set_attn_implementation"):  # a transformers model: attention, norms, MLP products on lowrank's kernels
-        lowrank.fast_attention(model)
-        lowrank.fast_norm(model)
-        lowrank.fast_swiglu(model)
-    return model
+    return lowrank.fast_decoder(model)  # attention, norms and MLP products on lowrank's kernels
 
 
 def run_method(method: str, base, tokenizer, data: Dataset, enc_train: Encoded, enc_eval: Encoded, s: Settings,
