@@ -306,7 +306,9 @@ def with_fast_loss(methods: list[str], dtype: torch.dtype, arch: str) -> list[st
     lowrank.fast_attention (LEAN + ATTENTION), and that with lowrank.fast_norm and fast_swiglu (+ NORM,
     where the model has what they take)."""
     mine = [row.mine for row in rows_for(dtype) if row.mine in methods]
-    suffixes = (FAST_LOSS, FUSED_HEAD, LEAN, LEAN + ATTENTION) + ((LEAN + ATTENTION + NORM,) if has_rms_norms(arch) else ())
+    suffixes = (FAST_LOSS, FUSED_HEAD, LEAN, LEAN + ATTENTION)
+    if has_rms_norms(arch):
+        suffixes += (LEAN + ATTENTION + NORM,)
     return methods + [m + suffix for suffix in suffixes for m in mine]
 
 

@@ -198,9 +198,10 @@ def test_same_function_as_llama_rms_norm(dtype, h, cpu_isa):
         assert ((out.float() - ref.float()).abs()[differ] <= ref.float().abs()[differ] * 2.0**-7).all()
     else:
         assert torch.allclose(out, ref, rtol=2.0**-20, atol=0)
-    loose = dict(rtol=2e-2, atol=2e-2 * ref_dx.abs().max().item()) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    bf16 = dtype == torch.bfloat16
+    loose = dict(rtol=2e-2, atol=2e-2 * ref_dx.abs().max().item()) if bf16 else dict(rtol=1e-5, atol=1e-6)
     assert torch.allclose(x.grad.float(), ref_dx.float(), **loose)
-    loose_w = dict(rtol=2e-2, atol=2e-2 * ref_dw.abs().max().item()) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-4)
+    loose_w = dict(rtol=2e-2, atol=2e-2 * ref_dw.abs().max().item()) if bf16 else dict(rtol=1e-5, atol=1e-4)
     assert torch.allclose(module.weight.grad.float(), ref_dw.float(), **loose_w)
 
 

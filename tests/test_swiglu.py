@@ -231,3 +231,26 @@ def test_fast_decoder_turns_all_three_on_and_off():
     assert lowrank.fast_decoder_report(plain) == {"attention": None, "norms": 1, "mlps": 0}
     with pytest.raises(TypeError, match="^model: expected a torch.nn.Module"):
         lowrank.fast_decoder(3)
+
+
+def test_without_transformers_nothing_is_patched(monkeypatch):
+    """transformers is optional: without it no module is known to be LlamaRMSNorm / LlamaMLP, and
+    ``fast_decoder`` leaves a model alone rather than failing."""
+    import sys
+
+    from lowrank import norm, swiglu
+
+    class Norm(torch.nn.Module):  # a class never seen before (the answers are cached per class)
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(4))
+            self.variance_epsilon = 1e-6
+
+        def forward(self, x):
+            return x
+
+    monkeypatch.setattr(norm, "_reference_source", None)
+    monkeypatch.setattr(swiglu, "_reference_source", None)
+    monkeypatch.setitem(sys.modules, "transformers.models.llama.modeling_llama", None)  # import fails
+    model = lowrank.fast_decoder(torch.nn.Sequential(Norm()))
+    assert lowrank.fast_decoder_report(model)["norms"] == 0

@@ -133,7 +133,7 @@ def is_llama_rms_norm(module: nn.Module) -> bool:
     if known is None:
         try:
             known = inspect.getsource(cls.forward) == _llama_source()
-        except (OSError, TypeError):  # no source to read: not known to be the same
+        except (OSError, TypeError, ImportError):  # no source, or no transformers: not known
             known = False
         _same_as_llama[cls] = known
     weight = getattr(module, "weight", None)

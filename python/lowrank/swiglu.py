@@ -56,7 +56,8 @@ def silu_mul_forward(gate: Tensor, up: Tensor) -> Tensor:
 def silu_mul_backward(grad_out: Tensor, gate: Tensor, up: Tensor) -> tuple[Tensor, Tensor]:
     """``(grad_gate, grad_up)`` of :func:`silu_mul_forward`'s output."""
     _check(gate, up)
-    if not (type(grad_out) is Tensor and grad_out.dtype == gate.dtype and grad_out.is_cpu and grad_out.shape == gate.shape):
+    plain = type(grad_out) is Tensor and grad_out.dtype == gate.dtype and grad_out.is_cpu
+    if not (plain and grad_out.shape == gate.shape):
         check_tensor("grad_out", grad_out, dtypes=(gate.dtype,), device="cpu", shape=tuple(gate.shape))
     n = gate.shape[-1]
     dg = torch.empty(gate.shape, dtype=gate.dtype)
@@ -127,11 +128,13 @@ def is_llama_mlp(module: nn.Module) -> bool:
     if known is None:
         try:
             known = inspect.getsource(cls.forward) == _llama_source()
-        except (OSError, TypeError):
+        except (OSError, TypeError, ImportError):  # no source, or no transformers: not known
             known = False
         _same_as_llama[cls] = known
-    return (known and _is_silu(getattr(module, "act_fn", None))
-            and all(isinstance(getattr(module, p, None), nn.Module) for p in ("gate_proj", "up_proj", "down_proj")))  # fmt: skip
+    parts = ("gate_proj", "up_proj", "down_proj")
+    return known and _is_silu(getattr(module, "act_fn", None)) and all(
+        isinstance(getattr(module, p, None), nn.Module) for p in parts
+    )
 
 
 def _usable(gate: Tensor, up: Tensor) -> bool:
