@@ -224,3 +224,44 @@ def lora_forward_fp64(x, weight, bias, lora_a, lora_b, scale, adapter_input=None
     if bias is not None:
         y = y + fp64(bias)
     return y, u
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-model helpers (transformers, imported when used)
+# ---------------------------------------------------------------------------------------------
+def tiny_lora_llama(dtype: torch.dtype):
+    """A 2-layer Llama (hidden 64) with LoRA r=4 on every projection, B drawn nonzero so the adapters matter."""
+    import transformers
+
+    import lowrank
+
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=97, bos_token_id=0, eos_token_id=1,
+                                      pad_token_id=1, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = lowrank.inject(transformers.LlamaForCausalLM(config).to(dtype), lowrank.LoRAConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def token_ids(seed: int, shape=(2, 9)) -> torch.Tensor:
+    return torch.randint(2, 97, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def train_once(model, ids) -> list:
+    """One forward with ``labels=ids`` and backward in training mode: [the loss, then each trainable
+    parameter's gradient]."""
+    loss = model.train()(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return [loss.detach()] + [p.grad for p in model.parameters() if p.requires_grad]
+
+
+def assert_same_training(got: list, want: list, dtype: torch.dtype) -> None:
+    """:func:`train_once`'s results alike within fp32 sums in other orders and the model's dtype."""
+    bf16 = dtype == torch.bfloat16
+    assert torch.allclose(got[0].float(), want[0].float(), rtol=2e-2 if bf16 else 1e-5, atol=2e-2 if bf16 else 1e-5)
+    for a, b in zip(got[1:], want[1:]):
+        assert torch.allclose(a.float(), b.float(), rtol=5e-2 if bf16 else 1e-4, atol=5e-3 if bf16 else 1e-6)

@@ -16,7 +16,7 @@ from lowrank import _C
 from lowrank._validate import matrix
 from lowrank.norm import fast_norm, fast_norms, is_llama_rms_norm, rms_norm, rms_norm_backward, rms_norm_forward
 
-from conftest import dtype_name
+from conftest import assert_same_training, dtype_name, tiny_lora_llama, token_ids, train_once
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
@@ -205,45 +205,23 @@ def test_same_function_as_llama_rms_norm(dtype, h, cpu_isa):
     assert torch.allclose(module.weight.grad.float(), ref_dw.float(), **loose_w)
 
 
-def _llama(dtype):
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=97, bos_token_id=0, eos_token_id=1,
-                                      pad_token_id=1, tie_word_embeddings=True)  # fmt: skip
-    torch.manual_seed(0)
-    base = lowrank.inject(transformers.LlamaForCausalLM(config).to(dtype), lowrank.LoRAConfig(r=4, alpha=8))
-    with torch.no_grad():
-        for name, p in base.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    return base
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 def test_fast_norm_on_a_transformers_model(dtype, monkeypatch):
     """Every norm of a LoRA Llama on the kernel (5: two per layer and the last), the same logits, loss and
     adapter gradients as the model's own norms; it survives deepcopy and pickle; ``enabled=False`` undoes
     it; an fp16 input goes to the module's own ops."""
-    base = _llama(dtype)
+    base = tiny_lora_llama(dtype)
     mine = fast_norm(copy.deepcopy(base))
     assert fast_norms(mine) == 5 and fast_norms(base) == 0
     calls = []
     original = lowrank.norm.rms_norm_forward
     monkeypatch.setattr(lowrank.norm, "rms_norm_forward", lambda *a: calls.append(1) or original(*a))
-    ids = torch.randint(2, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+    ids = token_ids(3)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         assert torch.allclose(mine(input_ids=ids).logits.float(), base(input_ids=ids).logits.float(), **tol)
     assert len(calls) == 5
-    losses, grads = [], []
-    for model in (mine.train(), base.train()):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses.append(loss.detach().float())
-        grads.append([p.grad.float() for p in model.parameters() if p.requires_grad])
-    assert torch.allclose(losses[0], losses[1], **tol)
-    for a, b in zip(*grads):
-        assert torch.allclose(a, b, rtol=5e-2 if dtype == torch.bfloat16 else 1e-4,
-                              atol=5e-3 if dtype == torch.bfloat16 else 1e-6)  # fmt: skip
+    assert_same_training(train_once(mine, ids), train_once(base, ids), dtype)
     for copied in (copy.deepcopy(mine), pickle.loads(pickle.dumps(mine))):
         assert fast_norms(copied) == 5
         norm = copied.model.norm
@@ -275,19 +253,14 @@ def test_only_llama_rms_norms():
 def test_recompute_pointwise_rebuilds_the_norms(dtype, monkeypatch):
     """Under recompute_pointwise a fast norm's output is rebuilt from what its node saved, not stored: the
     same loss and gradients, bit for bit, each norm rebuilt in the backward."""
-    base = fast_norm(_llama(dtype)).train()
+    base = fast_norm(tiny_lora_llama(dtype)).train()
     lean = lowrank.recompute_pointwise(copy.deepcopy(base))
     rebuilt = []
     original = lowrank.recompute._rms_norm_again
     monkeypatch.setattr(lowrank.recompute, "_rms_norm_again", lambda *a: rebuilt.append(1) or original(*a))
     monkeypatch.setattr(lowrank.recompute, "MIN_BYTES", 0)
-    ids = torch.randint(2, 97, (2, 9), generator=torch.Generator().manual_seed(4))
-    results = []
-    for model in (base, lean):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        results.append([loss.detach()] + [p.grad for p in model.parameters() if p.requires_grad])
-    for a, b in zip(*results):
+    ids = token_ids(4)
+    for a, b in zip(train_once(base, ids), train_once(lean, ids)):
         assert torch.equal(a, b)
     # Rebuilt: the norms whose output an adapter saves and that have a node. The first layer's first norm
     # reads the frozen embedding (nothing to differentiate: no node, its output is stored); the last feeds

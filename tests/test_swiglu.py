@@ -17,7 +17,7 @@ from lowrank import _C
 from lowrank._validate import matrix
 from lowrank.swiglu import fast_swiglu, fast_swiglus, is_llama_mlp, silu_mul, silu_mul_backward, silu_mul_forward
 
-from conftest import dtype_name
+from conftest import assert_same_training, dtype_name, tiny_lora_llama, token_ids, train_once
 
 transformers = pytest.importorskip("transformers")
 
@@ -134,31 +134,18 @@ def test_autograd_and_bad_input():
 # ---------------------------------------------------------------------------------------------
 # transformers
 # ---------------------------------------------------------------------------------------------
-def _llama(dtype):
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=97, bos_token_id=0, eos_token_id=1,
-                                      pad_token_id=1, tie_word_embeddings=True)  # fmt: skip
-    torch.manual_seed(0)
-    base = lowrank.inject(transformers.LlamaForCausalLM(config).to(dtype), lowrank.LoRAConfig(r=4, alpha=8))
-    with torch.no_grad():
-        for name, p in base.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    return base
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 def test_fast_swiglu_on_a_transformers_model(dtype, monkeypatch):
     """Both MLPs of a LoRA Llama on the kernel, the module's own forward bits (bf16: the same roundings;
     a rare one-ulp difference from the SiLU's fp32 value allowed), the same loss and adapter gradients
     within the dtype; deepcopy, pickle, ``enabled=False``."""
-    base = _llama(dtype)
+    base = tiny_lora_llama(dtype)
     mine = fast_swiglu(copy.deepcopy(base))
     assert fast_swiglus(mine) == 2 and fast_swiglus(base) == 0
     calls = []
     original = lowrank.swiglu.silu_mul_forward
     monkeypatch.setattr(lowrank.swiglu, "silu_mul_forward", lambda *a: calls.append(1) or original(*a))
-    ids = torch.randint(2, 97, (2, 9), generator=torch.Generator().manual_seed(3))
+    ids = token_ids(3)
     x = torch.randn(2, 9, 64).to(dtype)
     with torch.no_grad():
         a, b = mine.model.layers[0].mlp(x), base.model.layers[0].mlp(x)
@@ -166,16 +153,7 @@ def test_fast_swiglu_on_a_transformers_model(dtype, monkeypatch):
         tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
         assert torch.allclose(mine(input_ids=ids).logits.float(), base(input_ids=ids).logits.float(), **tol)
     assert len(calls) == 3
-    losses, grads = [], []
-    for model in (mine.train(), base.train()):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        losses.append(loss.detach().float())
-        grads.append([p.grad.float() for p in model.parameters() if p.requires_grad])
-    assert torch.allclose(losses[0], losses[1], **tol)
-    for a, b in zip(*grads):
-        assert torch.allclose(a, b, rtol=5e-2 if dtype == torch.bfloat16 else 1e-4,
-                              atol=5e-3 if dtype == torch.bfloat16 else 1e-6)  # fmt: skip
+    assert_same_training(train_once(mine, ids), train_once(base, ids), dtype)
     for copied in (copy.deepcopy(mine), pickle.loads(pickle.dumps(mine))):
         assert fast_swiglus(copied) == 2
         mlp = copied.model.layers[1].mlp
@@ -202,19 +180,14 @@ def test_only_silu_llama_mlps():
 def test_recompute_pointwise_rebuilds_the_product(dtype, monkeypatch):
     """Under recompute_pointwise the product (saved by the down projection's adapter) is rebuilt from the
     gate and up its node saved: the same loss and gradients, bit for bit, once per layer."""
-    base = lowrank.fast_norm(fast_swiglu(_llama(dtype))).train()
+    base = lowrank.fast_norm(fast_swiglu(tiny_lora_llama(dtype))).train()
     lean = lowrank.recompute_pointwise(copy.deepcopy(base))
     rebuilt = []
     original = lowrank.recompute._silu_mul_again
     monkeypatch.setattr(lowrank.recompute, "_silu_mul_again", lambda *a: rebuilt.append(1) or original(*a))
     monkeypatch.setattr(lowrank.recompute, "MIN_BYTES", 0)
-    ids = torch.randint(2, 97, (2, 9), generator=torch.Generator().manual_seed(4))
-    results = []
-    for model in (base, lean):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        results.append([loss.detach()] + [p.grad for p in model.parameters() if p.requires_grad])
-    for a, b in zip(*results):
+    ids = token_ids(4)
+    for a, b in zip(train_once(base, ids), train_once(lean, ids)):
         assert torch.equal(a, b)
     assert len(rebuilt) == 2
 
@@ -223,7 +196,7 @@ def test_fast_decoder_turns_all_three_on_and_off():
     """``fast_decoder``: attention, norms and MLPs in one call (each where it applies), undone in one."""
     from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
-    model = lowrank.fast_decoder(_llama(torch.float32))
+    model = lowrank.fast_decoder(tiny_lora_llama(torch.float32))
     assert lowrank.fast_decoder_report(model) == {"attention": "lowrank", "norms": 5, "mlps": 2}
     lowrank.fast_decoder(model, enabled=False)
     assert lowrank.fast_decoder_report(model) == {"attention": "sdpa", "norms": 0, "mlps": 0}
@@ -249,8 +222,8 @@ def test_without_transformers_nothing_is_patched(monkeypatch):
         def forward(self, x):
             return x
 
-    monkeypatch.setattr(norm, "_reference_source", None)
-    monkeypatch.setattr(swiglu, "_reference_source", None)
+    monkeypatch.setattr(norm._patch, "_source", None)
+    monkeypatch.setattr(swiglu._patch, "_source", None)
     monkeypatch.setitem(sys.modules, "transformers.models.llama.modeling_llama", None)  # import fails
     model = lowrank.fast_decoder(torch.nn.Sequential(Norm()))
     assert lowrank.fast_decoder_report(model)["norms"] == 0

@@ -18,14 +18,13 @@ where the module's ops keep an fp32 copy of ``x`` and more.
 
 from __future__ import annotations
 
-import functools
-import inspect
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from . import _C
+from ._patch import SourcePatch
 from ._validate import check_tensor, matrix
 from .ops import _direct, _runtime
 
@@ -111,33 +110,10 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # transformers
 # ---------------------------------------------------------------------------------------------
-_reference_source: Optional[str] = None
-_same_as_llama: dict[type, bool] = {}  # module class -> whether its forward is LlamaRMSNorm's
+def _llama_rms_norm() -> type:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-
-def _llama_source() -> str:
-    global _reference_source
-    if _reference_source is None:
-        from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-        _reference_source = inspect.getsource(LlamaRMSNorm.forward)
-    return _reference_source
-
-
-def is_llama_rms_norm(module: nn.Module) -> bool:
-    """Whether ``module``'s forward is transformers' ``LlamaRMSNorm.forward`` — the same source code (the
-    models that copy it: Qwen2, Mistral, ...), with its ``weight`` [H] and ``variance_epsilon``. Other
-    norms (Gemma's ``1 + weight``, OLMo-2's fp32 product) are left alone."""
-    cls = type(module)
-    known = _same_as_llama.get(cls)
-    if known is None:
-        try:
-            known = inspect.getsource(cls.forward) == _llama_source()
-        except (OSError, TypeError, ImportError):  # no source, or no transformers: not known
-            known = False
-        _same_as_llama[cls] = known
-    weight = getattr(module, "weight", None)
-    return known and isinstance(weight, Tensor) and weight.dim() == 1 and hasattr(module, "variance_epsilon")
+    return LlamaRMSNorm
 
 
 def _fast_forward(module: nn.Module, hidden_states: Tensor) -> Tensor:
@@ -149,9 +125,19 @@ def _fast_forward(module: nn.Module, hidden_states: Tensor) -> Tensor:
     return type(module).forward(module, hidden_states)  # anything else: the module's own ops
 
 
-def _is_fast(module: nn.Module) -> bool:
-    f = module.__dict__.get("forward")
-    return isinstance(f, functools.partial) and f.func is _fast_forward
+def _has_weight_and_eps(module: nn.Module) -> bool:
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, Tensor) and weight.dim() == 1 and hasattr(module, "variance_epsilon")
+
+
+_patch = SourcePatch(_llama_rms_norm, _fast_forward, _has_weight_and_eps)
+
+
+def is_llama_rms_norm(module: nn.Module) -> bool:
+    """Whether ``module``'s forward is transformers' ``LlamaRMSNorm.forward`` — the same source code (the
+    models that copy it: Qwen2, Mistral, ...), with its ``weight`` [H] and ``variance_epsilon``. Other
+    norms (Gemma's ``1 + weight``, OLMo-2's fp32 product) are left alone."""
+    return _patch.applies(module)
 
 
 def fast_norm(model: nn.Module, enabled: bool = True) -> nn.Module:
@@ -160,20 +146,12 @@ def fast_norm(model: nn.Module, enabled: bool = True) -> nn.Module:
     ops otherwise, and under ``torch.compile``); ``enabled=False`` gives them back their own forward.
     Returns ``model``. The modules keep their class, parameters and state-dict keys: only their
     instance's ``forward`` is set (a ``functools.partial``, so the model still pickles and deep-copies)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    for module in model.modules():
-        if not enabled:
-            if _is_fast(module):
-                del module.forward
-        elif not _is_fast(module) and "forward" not in module.__dict__ and is_llama_rms_norm(module):
-            module.forward = functools.partial(_fast_forward, module)
-    return model
+    return _patch.apply(model, enabled)
 
 
 def fast_norms(model: nn.Module) -> int:
     """How many of ``model``'s norms run on :func:`rms_norm` (:func:`fast_norm`)."""
-    return sum(1 for m in model.modules() if _is_fast(m))
+    return _patch.count(model)
 
 
 __all__ = ["RMSNormFunction", "fast_norm", "fast_norms", "is_llama_rms_norm", "rms_norm"]

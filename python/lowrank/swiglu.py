@@ -14,14 +14,12 @@ and its backward is the exact derivative in fp32, each gradient rounded once.
 
 from __future__ import annotations
 
-import functools
-import inspect
-from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
 from . import _C
+from ._patch import SourcePatch
 from ._validate import check_tensor, matrix
 from .ops import _direct, _runtime
 
@@ -96,17 +94,10 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 # transformers
 # ---------------------------------------------------------------------------------------------
-_reference_source: Optional[str] = None
-_same_as_llama: dict[type, bool] = {}  # module class -> whether its forward is LlamaMLP's
+def _llama_mlp() -> type:
+    from transformers.models.llama.modeling_llama import LlamaMLP
 
-
-def _llama_source() -> str:
-    global _reference_source
-    if _reference_source is None:
-        from transformers.models.llama.modeling_llama import LlamaMLP
-
-        _reference_source = inspect.getsource(LlamaMLP.forward)
-    return _reference_source
+    return LlamaMLP
 
 
 def _is_silu(act) -> bool:
@@ -119,22 +110,9 @@ def _is_silu(act) -> bool:
     return type(act) is SiLUActivation
 
 
-def is_llama_mlp(module: nn.Module) -> bool:
-    """Whether ``module`` is a gated MLP whose forward is transformers' ``LlamaMLP.forward`` — the same
-    source — with a SiLU ``act_fn`` (Gemma's MLP has the same forward with a GELU: left alone) and its
-    ``gate_proj``, ``up_proj`` and ``down_proj``."""
-    cls = type(module)
-    known = _same_as_llama.get(cls)
-    if known is None:
-        try:
-            known = inspect.getsource(cls.forward) == _llama_source()
-        except (OSError, TypeError, ImportError):  # no source, or no transformers: not known
-            known = False
-        _same_as_llama[cls] = known
+def _silu_and_projections(module: nn.Module) -> bool:
     parts = ("gate_proj", "up_proj", "down_proj")
-    return known and _is_silu(getattr(module, "act_fn", None)) and all(
-        isinstance(getattr(module, p, None), nn.Module) for p in parts
-    )
+    return _is_silu(getattr(module, "act_fn", None)) and all(isinstance(getattr(module, p, None), nn.Module) for p in parts)
 
 
 def _usable(gate: Tensor, up: Tensor) -> bool:
@@ -151,9 +129,14 @@ def _fast_forward(module: nn.Module, x: Tensor) -> Tensor:
     return module.down_proj(module.act_fn(gate) * up)  # anything else: the module's own ops
 
 
-def _is_fast(module: nn.Module) -> bool:
-    f = module.__dict__.get("forward")
-    return isinstance(f, functools.partial) and f.func is _fast_forward
+_patch = SourcePatch(_llama_mlp, _fast_forward, _silu_and_projections)
+
+
+def is_llama_mlp(module: nn.Module) -> bool:
+    """Whether ``module`` is a gated MLP whose forward is transformers' ``LlamaMLP.forward`` — the same
+    source — with a SiLU ``act_fn`` (Gemma's MLP has the same forward with a GELU: left alone) and its
+    ``gate_proj``, ``up_proj`` and ``down_proj``."""
+    return _patch.applies(module)
 
 
 def fast_swiglu(model: nn.Module, enabled: bool = True) -> nn.Module:
@@ -162,20 +145,12 @@ def fast_swiglu(model: nn.Module, enabled: bool = True) -> nn.Module:
     fp32/bf16 tensors (its own ops otherwise, and under ``torch.compile``); the projections run as they
     are (adapted or not). ``enabled=False`` gives the MLPs back their own forward. Returns ``model``. As
     :func:`lowrank.fast_norm`, only the instance's ``forward`` is set (a ``functools.partial``)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    for module in model.modules():
-        if not enabled:
-            if _is_fast(module):
-                del module.forward
-        elif not _is_fast(module) and "forward" not in module.__dict__ and is_llama_mlp(module):
-            module.forward = functools.partial(_fast_forward, module)
-    return model
+    return _patch.apply(model, enabled)
 
 
 def fast_swiglus(model: nn.Module) -> int:
     """How many of ``model``'s MLPs run on :func:`silu_mul` (:func:`fast_swiglu`)."""
-    return sum(1 for m in model.modules() if _is_fast(m))
+    return _patch.count(model)
 
 
 __all__ = ["SiLUMulFunction", "fast_swiglu", "fast_swiglus", "is_llama_mlp", "silu_mul"]
