@@ -149,6 +149,9 @@ def test_bad_input_names_the_argument():
     x, w = _inputs((3, 8), torch.float32)
     with pytest.raises(TypeError, match="^x: expected a torch.Tensor"):
         rms_norm_forward([1.0], w, 1e-6)
+    with pytest.raises(TypeError, match="^weight: expected a torch.Tensor"):
+        rms_norm(x.requires_grad_(), None)
+    x = x.detach()
     with pytest.raises(TypeError, match="^weight: expected dtype float32, got bfloat16"):
         rms_norm_forward(x, w.bfloat16(), 1e-6)
     with pytest.raises(ValueError, match=r"^weight: expected shape \[8\], got \[7\]"):

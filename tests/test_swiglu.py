@@ -118,6 +118,8 @@ def test_autograd_and_bad_input():
     assert up.grad is None
     with torch.no_grad():
         assert silu_mul(gate, up).grad_fn is None
+    with pytest.raises(TypeError, match="^up: expected a torch.Tensor"):
+        silu_mul(gate, [1.0])
     with pytest.raises(TypeError, match="^gate: expected dtype float32, bfloat16, got float64"):
         silu_mul_forward(gate.detach().double(), up.double())
     with pytest.raises(TypeError, match="^up: expected dtype float32, got bfloat16"):
