@@ -83,7 +83,7 @@ def attention_forward(query: Tensor, key: Tensor, value: Tensor, scale: float,
     ``key_ranges`` ([B, 2] int64, or None): batch b's queries see only keys in ``[key_ranges[b, 0],
     key_ranges[b, 1])`` (a padded batch)."""
     sizes = _check(query, key, value, scale)
-    b, h, _, t, s, d = sizes
+    b, h, _, t, _, d = sizes
     ranges = _key_ranges_address(key_ranges, b)
     query, key, value = _head_rows(query), _head_rows(key), _head_rows(value)
     out = _runtime.empty(b, t, h, d, dtype=query.dtype, device=query.device).transpose(1, 2)

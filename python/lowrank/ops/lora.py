@@ -571,21 +571,27 @@ def down_projection_many(xa2: Tensor, a: Tensor) -> Tensor:
     return _gemm.linear(xa2.float(), a.float())
 
 
-def _base_after_adapter(x2, weight, bias, u, e, scale):
-    """``x Wᵀ + bias + scale·u eᵀ`` in x's dtype (16-bit, or fp32 on the CPU): the adapter term (u
-    fp32, e any float dtype) and bias summed first and rounded once, then the base GEMM accumulated
-    onto it (addmm's C enters the fp32 accumulator), so the large sum is rounded once. The first sum:
+def _base_after_adapter(x2, weight, bias, u, e, scale, col_scale=None):
+    """``x Wᵀ + bias + scale·col_scale ⊙ u eᵀ`` in x's dtype (16-bit, or fp32 on the CPU; ``col_scale``
+    [N] fp32 or None, VeRA's b): the adapter term (u fp32, e any float dtype) and bias summed first and
+    rounded once, then the base GEMM accumulated onto it (addmm's C enters the fp32 accumulator), so the
+    large sum is rounded once. adapter_term takes the column scale as it is; elsewhere it scales e (N·r
+    values, small next to W) first. The first sum:
     on the CPU the measured fp32 GEMM (fp32) or adapter_term (bf16: fp32 products, one call); elsewhere one
     16-bit GEMM with fp32 accumulation over u and e each split into two 16-bit halves (hi + lo), so
     nothing is rounded before it: bias + s·[u_hi u_lo u_hi]·[e_hi e_hi e_lo]ᵀ, a rank-3r product (no
     M x N fp32 temporary). The measured fp32 GEMM: torch's or oneDNN's, ops/_gemm.py's linear."""
     dtype = x2.dtype
+    term_kernel = x2.is_cpu and dtype in _CPU_NATIVE and dtype != torch.float32
+    if col_scale is not None and not term_kernel:
+        e = (e if e.dtype == torch.float32 else e.float()) * col_scale[:, None]
     if x2.is_cpu and dtype == torch.float32:  # c = bias + (s·u) eᵀ, then x Wᵀ added in the GEMM's accumulator
         e32 = e if e.dtype == torch.float32 else e.float()
         c = _gemm.linear(u if scale == 1.0 else u * scale, e32, bias=bias)
         return _gemm.linear(x2, weight, add=c)
-    if x2.is_cpu and dtype in _CPU_NATIVE:  # c = bias + s·u eᵀ in fp32, rounded once, in one call (adapter_term)
-        c = adapter_term(_runtime.empty(x2.shape[0], weight.shape[0], dtype=dtype, device=x2.device), u, e, bias, scale)
+    if term_kernel:  # c = bias + s·col_scale ⊙ u eᵀ in fp32, rounded once, in one call (adapter_term)
+        c = adapter_term(_runtime.empty(x2.shape[0], weight.shape[0], dtype=dtype, device=x2.device), u, e, bias, scale,
+                         col_scale=col_scale)  # fmt: skip
         return c.addmm_(x2, weight.t())
     us_hi, us_lo = split_16bit(u * scale if scale != 1.0 else u, dtype)  # s folded in while still fp32
     e_hi, e_lo = split_16bit(e, dtype)

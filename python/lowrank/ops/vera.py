@@ -219,36 +219,30 @@ def _forward_gemm(x2, xa2, weight, bias, vera_a, vera_b, d32, b32):
     else:  # the base GEMM takes x as is: h from x_a without an fp32 copy where that is faster
         h = _lora.down_projection_many(xa2, vera_a)
     u = h * d32
-    if not fp32_base and x2.is_cpu and weight is not None:
-        # bias + b ⊙ (u B_sᵀ) in fp32, rounded once (adapter_term, b its column scale: no N x r product
-        # made per call), then the base GEMM accumulated onto it
-        c = _lora.adapter_term(_runtime.empty(x2.shape[0], weight.shape[0], dtype=x2.dtype, device=x2.device), u,
-                               vera_b, bias, col_scale=b32)  # fmt: skip
-        return c.addmm_(x2, weight.t()), h
-    b_scaled = _fp32(vera_b) * b32[:, None]  # [N, r] fp32: small next to W
-    if fp32_base and weight is not None and weight.dtype == torch.float32 and x2.is_cpu:
+    if not fp32_base:
+        # bf16/fp16 GEMMs (CUDA, CPUs where torch's bf16 GEMM is the fast one): as LoRA, bias + the adapter
+        # term b ⊙ (u B_sᵀ) first (on the CPU one adapter_term call, b its column scale; u and b ⊙ B_s split
+        # into 16-bit halves elsewhere), then the base GEMM accumulated onto it: one rounding of the large sum.
+        return _lora._base_after_adapter(x2, weight, bias, u, vera_b, 1.0, col_scale=b32), h
+    if weight is not None and weight.dtype == torch.float32 and x2.is_cpu:
         # bias + u (b ⊙ B_s)ᵀ first, then the GEMM adds x Wᵀ to it (as LoRA's fp32 CPU path)
-        return _lora._base_after_adapter(x32, weight, bias, u, b_scaled, 1.0), h  # x is fp32 like W
-    if fp32_base:
-        if weight is None:
-            y32 = _gemm.linear(u, b_scaled)
-        elif weight.dtype == torch.float32:
-            y32 = _gemm.linear(x32, weight)
-        else:  # bf16 weight on a CPU whose bf16 GEMM is slow: widened tile by tile into one workspace
-            y32 = _gemm.linear_t_fp32(x32, weight)
-        if weight is not None:
-            y32.addmm_(u, b_scaled.t())
-        if bias is not None:
-            y32.add_(bias)
-        if y32.dtype == x2.dtype:
-            return y32, h
-        y = torch.empty(y32.shape, dtype=x2.dtype, device=x2.device)
-        y.copy_(y32)
-        return y, h
-    # bf16/fp16 GEMMs (CUDA, CPUs where torch's bf16 GEMM is the fast one): as LoRA, bias + adapter term
-    # first (adapter_term on the CPU, u and b ⊙ B_s split into 16-bit halves elsewhere), then the base
-    # GEMM accumulated onto it: one rounding of the large sum.
-    return _lora._base_after_adapter(x2, weight, bias, u, b_scaled, 1.0), h
+        return _lora._base_after_adapter(x32, weight, bias, u, vera_b, 1.0, col_scale=b32), h  # x is fp32 like W
+    b_scaled = _fp32(vera_b) * b32[:, None]  # [N, r] fp32: small next to W
+    if weight is None:
+        y32 = _gemm.linear(u, b_scaled)
+    elif weight.dtype == torch.float32:
+        y32 = _gemm.linear(x32, weight)
+    else:  # bf16 weight on a CPU whose bf16 GEMM is slow: widened tile by tile into one workspace
+        y32 = _gemm.linear_t_fp32(x32, weight)
+    if weight is not None:
+        y32.addmm_(u, b_scaled.t())
+    if bias is not None:
+        y32.add_(bias)
+    if y32.dtype == x2.dtype:
+        return y32, h
+    y = torch.empty(y32.shape, dtype=x2.dtype, device=x2.device)
+    y.copy_(y32)
+    return y, h
 
 
 def _backward_adapter_native(grad_y, h, vera_b, lambda_d, lambda_b):
