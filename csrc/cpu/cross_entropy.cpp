@@ -21,11 +21,7 @@ constexpr int64_t kTaskElements = 32768;  // rows per parallel task: at least th
 
 // The n < W elements at p as one vector, padded with −inf.
 template <class T>
-inline Vec load_tail(const T* p, int64_t n) {
-  float buf[W];
-  for (int i = 0; i < W; ++i) buf[i] = i < n ? load_scalar(p + i) : kNegInf;
-  return vload(buf);
-}
+inline Vec load_tail(const T* p, int64_t n) { return vload_n(p, n, kNegInf); }
 
 // max of the row, and log Σ exp(x − max). A NaN anywhere makes the sum NaN (exp(NaN − m) is NaN,
 // whatever m came to be), so the loss is NaN as torch's is.
@@ -116,11 +112,7 @@ struct BackwardJob {
         vstore(g + j + W, vmul(vexp(vsub(vload(x + j + W), vl)), vs));
       }
       for (; j + W <= V; j += W) vstore(g + j, vmul(vexp(vsub(vload(x + j), vl)), vs));
-      if (j < V) {
-        float buf[W];
-        vstore(buf, vmul(vexp(vsub(load_tail(x + j, V - j), vl)), vs));
-        for (int64_t t = 0; t < V - j; ++t) store_scalar(g + j + t, buf[t]);
-      }
+      if (j < V) vstore_n(g + j, vmul(vexp(vsub(load_tail(x + j, V - j), vl)), vs), V - j);
       store_scalar(g + c, label_grad);
     }
   }

@@ -134,13 +134,6 @@ struct BackwardJob {
 };
 
 template <class T>
-void forward_typed(const RMSNormArgs& a, int num_threads) {
-  const int64_t rpt = rows_per_task(a.x.cols), tasks = (a.x.rows + rpt - 1) / rpt;
-  ForwardJob<T> job{&a, rpt};
-  parallel_for(tasks, num_threads, &ForwardJob<T>::run, &job);
-}
-
-template <class T>
 void backward_typed(const RMSNormBackwardArgs& a, int num_threads) {
   const int64_t H = a.x.cols, rpt = rows_per_task(H), tasks = (a.x.rows + rpt - 1) / rpt;
   std::vector<float> partials(a.grad_weight.ptr ? size_t(tasks * H) : 0);
@@ -170,34 +163,21 @@ struct SiluMulJob {
     const SiluMulArgs& a = *job.a;
     const int64_t M = a.gate.rows, N = a.gate.cols;
     const int64_t end = std::min(M, (task + 1) * job.rows_per_task);
-    alignas(64) float gbuf[W], ubuf[W];
     for (int64_t m = task * job.rows_per_task; m < end; ++m) {
       const T* g = a.gate.data<T>() + m * a.gate.ld;
       const T* u = a.up.data<T>() + m * a.up.ld;
       T* out = a.out.data<T>() + m * a.out.ld;
       for (int64_t j = 0; j < N; j += W) {
-        const int64_t n = std::min<int64_t>(W, N - j);
-        Vec gv, uv;
-        if (n == W) {
-          gv = vload(g + j);
-          uv = vload(u + j);
-        } else {  // the row's last partial vector, through buffers (zeros past the row)
-          for (int i = 0; i < W; ++i) {
-            gbuf[i] = i < n ? load_scalar(g + j + i) : 0.0f;
-            ubuf[i] = i < n ? load_scalar(u + j + i) : 0.0f;
-          }
-          gv = vload(gbuf);
-          uv = vload(ubuf);
-        }
+        const int64_t n = std::min<int64_t>(W, N - j);  // the row's last vector may be partial
+        const Vec gv = n == W ? vload(g + j) : vload_n(g + j, n, 0.0f);
+        const Vec uv = n == W ? vload(u + j) : vload_n(u + j, n, 0.0f);
         alignas(64) T act[W];  // silu(g) rounded to T (the module's act_fn output), read back
         vstore(act, vmul(gv, sigmoid(gv)));
         const Vec h = vmul(vload(act), uv);
         if (n == W) {
           vstore(out + j, h);
         } else {
-          alignas(64) float hb[W];
-          vstore(hb, h);
-          for (int64_t i = 0; i < n; ++i) store_scalar(out + j + i, hb[i]);
+          vstore_n(out + j, h, n);
         }
       }
     }
@@ -214,7 +194,6 @@ struct SiluMulBackwardJob {
     const SiluMulBackwardArgs& a = *job.a;
     const int64_t M = a.gate.rows, N = a.gate.cols;
     const int64_t end = std::min(M, (task + 1) * job.rows_per_task);
-    alignas(64) float buf[3][W];
     for (int64_t m = task * job.rows_per_task; m < end; ++m) {
       const T* g = a.gate.data<T>() + m * a.gate.ld;
       const T* u = a.up.data<T>() + m * a.up.ld;
@@ -223,21 +202,9 @@ struct SiluMulBackwardJob {
       T* du = a.grad_up.data<T>() + m * a.grad_up.ld;
       for (int64_t j = 0; j < N; j += W) {
         const int64_t n = std::min<int64_t>(W, N - j);
-        Vec gv, uv, dyv;
-        if (n == W) {
-          gv = vload(g + j);
-          uv = vload(u + j);
-          dyv = vload(dy + j);
-        } else {
-          for (int i = 0; i < W; ++i) {
-            buf[0][i] = i < n ? load_scalar(g + j + i) : 0.0f;
-            buf[1][i] = i < n ? load_scalar(u + j + i) : 0.0f;
-            buf[2][i] = i < n ? load_scalar(dy + j + i) : 0.0f;
-          }
-          gv = vload(buf[0]);
-          uv = vload(buf[1]);
-          dyv = vload(buf[2]);
-        }
+        const Vec gv = n == W ? vload(g + j) : vload_n(g + j, n, 0.0f);
+        const Vec uv = n == W ? vload(u + j) : vload_n(u + j, n, 0.0f);
+        const Vec dyv = n == W ? vload(dy + j) : vload_n(dy + j, n, 0.0f);
         const Vec s = sigmoid(gv);
         alignas(64) T act[W];  // the forward's rounded silu(g), the factor up was multiplied by
         vstore(act, vmul(gv, s));
@@ -248,44 +215,37 @@ struct SiluMulBackwardJob {
           vstore(dg + j, d_gate);
           vstore(du + j, d_up);
         } else {
-          vstore(buf[0], d_gate);
-          vstore(buf[1], d_up);
-          for (int64_t i = 0; i < n; ++i) {
-            store_scalar(dg + j + i, buf[0][i]);
-            store_scalar(du + j + i, buf[1][i]);
-          }
+          vstore_n(dg + j, d_gate, n);
+          vstore_n(du + j, d_up, n);
         }
       }
     }
   }
 };
 
+// Job<T>::run over tasks of whole rows (M rows of N values), T the tensors' dtype.
+template <template <class> class Job, class Args>
+void run_rows(const Args& a, DType dtype, int64_t M, int64_t N, int num_threads) {
+  const int64_t rpt = rows_per_task(N), tasks = (M + rpt - 1) / rpt;
+  if (dtype == DType::bfloat16) {
+    Job<bf16_t> job{&a, rpt};
+    return parallel_for(tasks, num_threads, &Job<bf16_t>::run, &job);
+  }
+  Job<float> job{&a, rpt};
+  parallel_for(tasks, num_threads, &Job<float>::run, &job);
+}
+
 }  // namespace
 
 void silu_mul(const SiluMulArgs& a, int num_threads) {
-  const int64_t rpt = rows_per_task(a.gate.cols), tasks = (a.gate.rows + rpt - 1) / rpt;
-  if (a.gate.dtype == DType::bfloat16) {
-    SiluMulJob<bf16_t> job{&a, rpt};
-    return parallel_for(tasks, num_threads, &SiluMulJob<bf16_t>::run, &job);
-  }
-  SiluMulJob<float> job{&a, rpt};
-  parallel_for(tasks, num_threads, &SiluMulJob<float>::run, &job);
+  run_rows<SiluMulJob>(a, a.gate.dtype, a.gate.rows, a.gate.cols, num_threads);
 }
 
 void silu_mul_backward(const SiluMulBackwardArgs& a, int num_threads) {
-  const int64_t rpt = rows_per_task(a.gate.cols), tasks = (a.gate.rows + rpt - 1) / rpt;
-  if (a.gate.dtype == DType::bfloat16) {
-    SiluMulBackwardJob<bf16_t> job{&a, rpt};
-    return parallel_for(tasks, num_threads, &SiluMulBackwardJob<bf16_t>::run, &job);
-  }
-  SiluMulBackwardJob<float> job{&a, rpt};
-  parallel_for(tasks, num_threads, &SiluMulBackwardJob<float>::run, &job);
+  run_rows<SiluMulBackwardJob>(a, a.gate.dtype, a.gate.rows, a.gate.cols, num_threads);
 }
 
-void rms_norm(const RMSNormArgs& a, int num_threads) {
-  if (a.x.dtype == DType::bfloat16) return forward_typed<bf16_t>(a, num_threads);
-  forward_typed<float>(a, num_threads);
-}
+void rms_norm(const RMSNormArgs& a, int num_threads) { run_rows<ForwardJob>(a, a.x.dtype, a.x.rows, a.x.cols, num_threads); }
 
 void rms_norm_backward(const RMSNormBackwardArgs& a, int num_threads) {
   if (a.x.dtype == DType::bfloat16) return backward_typed<bf16_t>(a, num_threads);

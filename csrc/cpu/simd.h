@@ -336,6 +336,21 @@ inline void widen(float* dst, const T* src, int64_t n) {
   for (; k < n; ++k) dst[k] = load_scalar(src + k);
 }
 
+// The n < Vec::width elements at p as one vector, the lanes past them `pad`; and the first n lanes of v
+// stored at p (a row's last partial vector: no access past its end).
+template <class T>
+inline Vec vload_n(const T* p, int64_t n, float pad) {
+  alignas(64) float buf[Vec::width];
+  for (int i = 0; i < Vec::width; ++i) buf[i] = i < n ? load_scalar(p + i) : pad;
+  return vload(buf);
+}
+template <class T>
+inline void vstore_n(T* p, Vec v, int64_t n) {
+  alignas(64) float buf[Vec::width];
+  vstore(buf, v);
+  for (int64_t i = 0; i < n; ++i) store_scalar(p + i, buf[i]);
+}
+
 // dot(a[0:n], b[0:n]) in fp32, vectorized with a scalar tail.
 template <class TB>
 inline float dot(const float* a, const TB* b, int64_t n) {
