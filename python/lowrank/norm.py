@@ -102,9 +102,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
     """``weight · (x / sqrt(mean(x²) + eps))`` over the last dimension of ``x`` (fp32 or bf16, CPU;
     ``weight`` [H] of x's dtype), rounded as transformers' ``LlamaRMSNorm`` rounds it (``x · r`` to x's
     dtype, then the product with ``weight``), ``r`` in fp32; differentiable in ``x`` and ``weight``."""
-    _check(x, weight, eps)  # (before reading requires_grad: bad input names its argument)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return _direct.apply(RMSNormFunction, x, weight, eps)
+    if torch.is_grad_enabled() and _direct.any_requires_grad(x, weight):
+        return _direct.apply(RMSNormFunction, x, weight, eps)  # (its forward checks the arguments)
     return rms_norm_forward(x, weight, eps)[0]
 
 

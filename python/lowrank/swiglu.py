@@ -86,9 +86,8 @@ class SiLUMulFunction(torch.autograd.Function):
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     """``silu(gate) * up`` (fp32 or bf16 CPU tensors of one shape), rounded as transformers' gated MLPs
     round it (the SiLU to gate's dtype, then the product); differentiable in both."""
-    _check(gate, up)  # (before reading requires_grad: bad input names its argument)
-    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-        return _direct.apply(SiLUMulFunction, gate, up)
+    if torch.is_grad_enabled() and _direct.any_requires_grad(gate, up):
+        return _direct.apply(SiLUMulFunction, gate, up)  # (its forward checks the arguments)
     return silu_mul_forward(gate, up)
 
 

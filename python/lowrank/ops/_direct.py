@@ -29,6 +29,12 @@ def apply(function: type, *args):
     return super(torch.autograd.Function, function).apply(*args)
 
 
+def any_requires_grad(*tensors) -> bool:
+    """Whether any of ``tensors`` requires a gradient (a non-tensor does not: the argument checks that
+    follow name it, rather than an AttributeError here)."""
+    return any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+
+
 _ABSENT = object()
 
 
