@@ -161,6 +161,30 @@ def test_adapter_term_each_cpu_isa(cpu_isa, m, n, r, out_dtype, e_dtype):
         assert ((out.double() - exact).abs() <= rounding + 2.0**-24 * (r + 4) * mag).all(), transposed
 
 
+@pytest.mark.parametrize("m,n,r", [(17, 100, 16), (9, 64, 3)], ids=["M17-N100-R16", "M9-N64-R3"])
+def test_adapter_term_bf16_is_its_fp32_sums_rounded_once(cpu_isa, m, n, r):
+    """A bf16 out holds exactly the fp32 out's values rounded to nearest even (torch's rounding) — the
+    same sums, one rounding — also where the AVX-512 variant stores with AVX512-BF16's conversion, which
+    flushes subnormal inputs to zero: rows scaled into the fp32 subnormal range (and down to zero), rows
+    of huge values (where bf16 rounds to infinity) and a NaN row."""
+    u = torch.randn(m, r)
+    u[1] *= 2.0**-130  # fp32 subnormal sums
+    u[2] *= 2.0**-149
+    u[3] *= 2.0**126  # sums near and past the largest finite value
+    u[4, 0] = float("nan")
+    e = torch.randn(n, r).bfloat16()
+    outs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        out = torch.full((m, n), float("nan"), dtype=dtype)
+        _C.adapter_term_cpu(matrix("out", out), matrix("u", u), matrix("e", e), None, 1.0, False, 2)
+        outs[dtype] = out
+    want, got = outs[torch.float32].bfloat16(), outs[torch.bfloat16]
+    assert (outs[torch.float32][1] != 0).any() and (outs[torch.float32][1].abs() < 2.0**-126).any()
+    assert (outs[torch.float32][3].abs() > 2.0**126).any() and torch.isnan(got[4]).all()
+    same = (got.view(torch.int16) == want.view(torch.int16)) | (torch.isnan(got) & torch.isnan(want))
+    assert same.all(), same.logical_not().nonzero()[:5]
+
+
 def test_adapter_term_argument_errors():
     out, u, e = torch.empty(4, 6), torch.randn(4, 3), torch.randn(6, 3)
     M = matrix

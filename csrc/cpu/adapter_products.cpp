@@ -245,15 +245,61 @@ struct TermPlan {
   int64_t tasks;
 };
 
+// The term's functions carry AVX512-BF16 in the AVX-512 variant, so that a bf16 out can be stored with
+// its two-register conversion (CVT, chosen at run time where the CPU has it); without CVT they run on
+// any AVX-512 CPU (the target adds only instructions the compiler takes from intrinsics).
+#if defined(__AVX512F__)
+#define LOWRANK_TERM_TARGET LOWRANK_BF16_DOT
+#else
+#define LOWRANK_TERM_TARGET
+#endif
+
+// out[0, 2W) = lo, hi rounded as float_to_bf16 does. CVT: vcvtne2ps2bf16 rounds the same way (nearest
+// even, NaN quieted the same) but flushes subnormal inputs to zero: a pair that holds one goes the
+// exact way. (Zen 5, 512 x 1536 at r = 16: the rounding was ~40 % of the tile's instructions.)
+template <bool CVT>
+LOWRANK_TERM_TARGET inline void store_pair(bf16_t* out, Vec lo, Vec hi) {
+#if defined(__AVX512F__)
+  if constexpr (CVT) {
+    if ((_mm512_fpclass_ps_mask(lo.v, 0x20) | _mm512_fpclass_ps_mask(hi.v, 0x20)) == 0) {
+      _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(hi.v, lo.v));
+      return;
+    }
+  }
+#endif
+  vstore(out, lo);
+  vstore(out + W, hi);
+}
+template <bool CVT>
+LOWRANK_TERM_TARGET inline void store_pair(float* out, Vec lo, Vec hi) {
+  vstore(out, lo);
+  vstore(out + W, hi);
+}
+
+// The columns [n, N) of nb rows of out from their sums (rows of 2W floats in `sums`); out points at the
+// first row's column n.
+template <class TO, class TB>
+void term_tail(const AdapterTermArgs& A, const float* sums, int nb, TO* out, int64_t n) {
+  const TB* bias = A.bias.ptr ? A.bias.data<TB>() : nullptr;
+  const float* cs = A.col_scale.ptr ? A.col_scale.data<float>() : nullptr;
+  for (int i = 0; i < nb; ++i)
+    for (int64_t c = 0; c < A.out.cols - n; ++c) {
+      float v = (cs ? A.scale * cs[n + c] : A.scale) * sums[i * 2 * W + c];
+      if (bias) v += load_scalar(bias + n + c);
+      store_scalar(out + i * A.out.ld + c, v);
+    }
+}
+
 // Rows [mb, mb + NB) of out, columns [n, n + 2W) (fewer at the right edge).
-template <int NB, class TO, class TB>
-void term_tile(const TermPlan& p, int64_t mb, int64_t n) {
+template <int NB, class TO, class TB, bool CVT>
+LOWRANK_TERM_TARGET void term_tile(const TermPlan& p, int64_t mb, int64_t n) {
   const AdapterTermArgs& A = *p.a;
   const int64_t N = A.out.cols, R = A.u.cols;
   const float* u = A.u.data<float>() + mb * A.u.ld;
   const TB* bias = A.bias.ptr ? A.bias.data<TB>() : nullptr;
   const float* cs = A.col_scale.ptr ? A.col_scale.data<float>() : nullptr;
   TO* out = A.out.data<TO>() + mb * A.out.ld;
+  const int64_t ldu = A.u.ld, ldo = A.out.ld;  // locals: the stores below may alias anything
   const Vec s = vset1(A.scale);
   const bool full = n + 2 * W <= N;
   Vec acc[NB][2];
@@ -263,29 +309,24 @@ void term_tile(const TermPlan& p, int64_t mb, int64_t n) {
   for (int64_t j = 0; j < R; ++j, e += ld) {
     const Vec e0 = vload(e), e1 = vload(e + W);
     for (int i = 0; i < NB; ++i) {
-      const Vec ub = vset1(u[i * A.u.ld + j]);
+      const Vec ub = vset1(u[i * ldu + j]);
       acc[i][0] = vfma(ub, e0, acc[i][0]);
       acc[i][1] = vfma(ub, e1, acc[i][1]);
     }
   }
-  if (full) {
-    for (int h = 0; h < 2; ++h) {
-      const Vec sc = cs ? vmul(s, vload(cs + n + h * W)) : s;
-      const Vec bv = bias ? vload(bias + n + h * W) : vzero();
-      for (int i = 0; i < NB; ++i) vstore(out + i * A.out.ld + n + h * W, vfma(sc, acc[i][h], bv));
-    }
+  if (full) {  // (both loops unrolled: an indexed acc would live on the stack)
+    const Vec sc0 = cs ? vmul(s, vload(cs + n)) : s, sc1 = cs ? vmul(s, vload(cs + n + W)) : s;
+    const Vec bv0 = bias ? vload(bias + n) : vzero(), bv1 = bias ? vload(bias + n + W) : vzero();
+#pragma GCC unroll 8
+    for (int i = 0; i < NB; ++i) store_pair<CVT>(out + i * ldo + n, vfma(sc0, acc[i][0], bv0), vfma(sc1, acc[i][1], bv1));
   } else {  // the last columns: through a buffer, element by element
-    alignas(64) float tail[2 * W];
+    alignas(64) float tail[NB][2 * W];
+#pragma GCC unroll 8
     for (int i = 0; i < NB; ++i) {
-      vstore(tail, acc[i][0]);
-      vstore(tail + W, acc[i][1]);
-      TO* row = out + i * A.out.ld + n;
-      for (int64_t c = 0; c < N - n; ++c) {
-        float v = (cs ? A.scale * cs[n + c] : A.scale) * tail[c];
-        if (bias) v += load_scalar(bias + n + c);
-        store_scalar(row + c, v);
-      }
+      vstore(tail[i], acc[i][0]);
+      vstore(tail[i] + W, acc[i][1]);
     }
+    term_tail<TO, TB>(A, tail[0], NB, out + n, n);
   }
 }
 
@@ -293,14 +334,14 @@ void term_tile(const TermPlan& p, int64_t mb, int64_t n) {
 // with AVX-512) stays in L1 while every row block of the task passes it; the task's rows of u stay in
 // L2. Row blocks outermost had streamed all of eᵀ (1.5 MiB at 1536 x 256) from L2/L3 once per 8 rows:
 // VeRA's r = 256 term ran at ~35 G multiply-adds/s per core on a Zen 5.
-template <class TO, class TB>
-void term_rows(const TermPlan& p, int64_t m0, int64_t m1) {
+template <class TO, class TB, bool CVT>
+LOWRANK_TERM_TARGET void term_rows(const TermPlan& p, int64_t m0, int64_t m1) {
   const int64_t N = p.a->out.cols;
   for (int64_t n = 0; n < N; n += 2 * W) {
     for (int64_t mb = m0; mb < m1; mb += TM) {
       switch (int(min64(TM, m1 - mb))) {  // cases past 4 run with AVX-512 only
 #define LOWRANK_TERM_CASE(k) \
-  case k: term_tile<k, TO, TB>(p, mb, n); break;
+  case k: term_tile<k, TO, TB, CVT>(p, mb, n); break;
         LOWRANK_TERM_CASE(1)
         LOWRANK_TERM_CASE(2)
         LOWRANK_TERM_CASE(3)
@@ -315,11 +356,11 @@ void term_rows(const TermPlan& p, int64_t m0, int64_t m1) {
   }
 }
 
-template <class TO, class TB>
-void term_task(void* ctx, int64_t t) {
+template <class TO, class TB, bool CVT>
+LOWRANK_TERM_TARGET void term_task(void* ctx, int64_t t) {
   const TermPlan& p = *static_cast<const TermPlan*>(ctx);
   const int64_t M = p.a->out.rows;
-  term_rows<TO, TB>(p, min64(M, p.blocks * t / p.tasks * TM), min64(M, p.blocks * (t + 1) / p.tasks * TM));
+  term_rows<TO, TB, CVT>(p, min64(M, p.blocks * t / p.tasks * TM), min64(M, p.blocks * (t + 1) / p.tasks * TM));
 }
 
 }  // namespace
@@ -371,8 +412,14 @@ void adapter_term(const AdapterTermArgs& a, int num_threads) {
   const int64_t threads = num_threads < 1 ? 1 : num_threads;
   p.tasks = min64(threads, p.blocks);
   const bool o16 = a.out.dtype == DType::bfloat16, b16 = a.bias.ptr && a.bias.dtype == DType::bfloat16;
-  void (*task)(void*, int64_t) = o16 ? (b16 ? &term_task<bf16_t, bf16_t> : &term_task<bf16_t, float>)
-                                     : (b16 ? &term_task<float, bf16_t> : &term_task<float, float>);
+#if defined(__AVX512F__)
+  const bool cvt = o16 && cpu_has_bf16_dot();
+#else
+  const bool cvt = false;
+#endif
+  void (*task)(void*, int64_t) = o16 ? (cvt ? (b16 ? &term_task<bf16_t, bf16_t, true> : &term_task<bf16_t, float, true>)
+                                            : (b16 ? &term_task<bf16_t, bf16_t, false> : &term_task<bf16_t, float, false>))
+                                     : (b16 ? &term_task<float, bf16_t, false> : &term_task<float, float, false>);
   parallel_for(p.tasks, num_threads, task, &p);
 }
 
