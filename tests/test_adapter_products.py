@@ -52,7 +52,7 @@ def _exact(x, y, y_t, u, d_t, scale):
     return c, d
 
 
-SHAPES = ((1, 1, 1), (3, 17, 5), (8, 64, 16), (13, 300, 33), (67, 129, 16), (9, 5, 40))
+SHAPES = ((1, 1, 1), (3, 17, 5), (8, 64, 16), (13, 300, 33), (67, 129, 16), (9, 5, 40), (10, 301, 20))
 
 
 @pytest.mark.parametrize("m,k,r", SHAPES, ids=[f"M{m}-K{k}-R{r}" for m, k, r in SHAPES])
@@ -89,8 +89,9 @@ def test_products_thread_counts(x_dtype):
     """Rows split over tasks (each a partial d, summed in task order): the same bits run to run for a
     thread count, and within fp32 accumulation of each other across counts, including more tasks
     than row blocks."""
-    for m, k, r in ((1, 40, 3), (9, 1030, 16), (70, 33, 17), (512, 96, 16)):
-        x, y, u = _operand(m, k, x_dtype, "slice"), torch.randn(k, r), torch.randn(m, r)
+    for m, k, r in ((1, 40, 3), (9, 1030, 16), (70, 33, 17), (512, 96, 16), (300, 513, 16)):
+        # y in x's dtype: a bf16 pair takes AVX512-BF16's products where the CPU has them
+        x, y, u = _operand(m, k, x_dtype, "slice"), torch.randn(k, r).to(x_dtype), torch.randn(m, r)
         ec, ed = _exact(x, y, False, u, False, 1.0)
         x64 = x.double().abs()
         mag_c, mag_d = x64 @ y.double().abs(), x64.t() @ u.double().abs()  # the sums of |terms|
