@@ -454,6 +454,25 @@ LOWRANK_TERM_TARGET void term_tile(const TermPlan& p, int64_t mb, int64_t n) {
   }
 }
 
+// eᵀ's columns [0, full) in fp32, as rows of `full` floats: e [N, R] (or [R, N], transposed: widened a row
+// at a time). [N, R] is transposed in 16 x 64 blocks, so each block writes 64 rows of eᵀ a cache line
+// each (element by element over all of e, the writes strided by N, it had cost more than the products:
+// 1.7 ms of VeRA's 1536 x 256 term at M = 16 on a Zen 5; through a per-element accessor that chose the
+// dtype and layout, 13 us of an r = 16 term's 70 at 512 x 1536).
+template <class TE>
+void build_et(const TE* e, int64_t ld, bool transposed, int64_t R, int64_t full, float* et) {
+  if (transposed) {
+    for (int64_t j = 0; j < R; ++j) widen(et + j * full, e + j * ld, full);
+    return;
+  }
+  for (int64_t n0 = 0; n0 < full; n0 += 16)
+    for (int64_t j0 = 0; j0 < R; j0 += 64) {
+      const int64_t n1 = min64(full, n0 + 16), j1 = min64(R, j0 + 64);
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t n = n0; n < n1; ++n) et[j * full + n] = load_scalar(e + n * ld + j);
+    }
+}
+
 // Rows [m0, m1) of out. Column panels outermost: one panel of eᵀ (R x 2W floats, 32 KiB at R = 256
 // with AVX-512) stays in L1 while every row block of the task passes it; the task's rows of u stay in
 // L2. Row blocks outermost had streamed all of eᵀ (1.5 MiB at 1536 x 256) from L2/L3 once per 8 rows:
@@ -510,19 +529,10 @@ void adapter_term(const AdapterTermArgs& a, int num_threads) {
     p.ld_et = a.e.ld;
   } else {
     float* et = scratch.data();
-    if (a.e_transposed) {
-      for (int64_t j = 0; j < R; ++j)
-        for (int64_t n = 0; n < full; ++n) et[j * full + n] = e_at(j, n);
-    } else {  // e [N, R] transposed in 16 x 64 blocks: each block writes 64 rows of eᵀ a cache line each
-      // (element by element over all of e, the writes strided by N, it had cost more than the products:
-      // 1.7 ms of VeRA's 1536 x 256 term at M = 16 on a Zen 5)
-      for (int64_t n0 = 0; n0 < full; n0 += 16)
-        for (int64_t j0 = 0; j0 < R; j0 += 64) {
-          const int64_t n1 = min64(full, n0 + 16), j1 = min64(R, j0 + 64);
-          for (int64_t j = j0; j < j1; ++j)
-            for (int64_t n = n0; n < n1; ++n) et[j * full + n] = e_at(j, n);
-        }
-    }
+    if (a.e.dtype == DType::float32)
+      build_et(a.e.data<float>(), a.e.ld, a.e_transposed, R, full, et);
+    else
+      build_et(a.e.data<bf16_t>(), a.e.ld, a.e_transposed, R, full, et);
     p.et = et;
     p.ld_et = full;
   }

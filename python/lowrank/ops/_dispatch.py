@@ -105,7 +105,7 @@ from .._info import cpu_identity
 
 UNBOUNDED = 1 << 62
 # Bumped when the probes or the kernels they time change, so decisions measured the old way are measured again.
-CALIBRATION_VERSION = 7
+CALIBRATION_VERSION = 8
 STEADY_RATIO = 1.3  # the steadiness workload's time may change this much across a probe and be cached
 
 # What runs when calibration is off: the fused kernels where they were written for (few tokens),
