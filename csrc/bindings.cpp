@@ -580,6 +580,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", [] {
     py::dict d;
     d["version"] = LOWRANK_VERSION;
+    d["source_hash"] = LOWRANK_SOURCE_HASH;  // a digest of csrc/ (CMakeLists.txt)
     d["cpu_variants_compiled"] = std::vector<std::string>{"portable", "avx2", "avx512"};
 #ifdef LOWRANK_WITH_CUDA
     d["cuda_compiled"] = true;

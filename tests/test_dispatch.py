@@ -5,11 +5,13 @@ can take gives the same numbers (the paths are interchangeable; only their speed
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
 import lowrank
+from lowrank import _C
 from lowrank.ops import _dispatch, _gemm, _runtime
 
 
@@ -137,6 +139,14 @@ def test_one_disturbed_set_does_not_decide(monkeypatch):
 def test_cache_key_names_the_calibration_version():
     """Decisions measured by older probes (which one noisy set could decide) are not reused."""
     assert f"calibration {_dispatch.CALIBRATION_VERSION}" in _dispatch.cache_key()
+
+
+def test_cache_key_names_the_kernel_sources():
+    """Nor decisions measured against other kernels, even in a build of the same version: the key holds
+    the build's digest of csrc/ (16 hex digits)."""
+    digest = _C.build_info()["source_hash"]
+    assert re.fullmatch(r"[0-9a-f]{16}", digest), digest
+    assert f"kernels {digest}" in _dispatch.cache_key()
 
 
 ZEN4 = {"model name": "AMD EPYC", "vendor_id": "AuthenticAMD", "cpu family": "25", "model": "17", "stepping": "1",

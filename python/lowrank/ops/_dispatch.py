@@ -104,7 +104,8 @@ import torch
 from .._info import cpu_identity
 
 UNBOUNDED = 1 << 62
-# Bumped when the probes or the kernels they time change, so decisions measured the old way are measured again.
+# Bumped when the probes change, so decisions measured the old way are measured again. (A change to the
+# kernels they time changes the build's source hash, also in the key.)
 CALIBRATION_VERSION = 8
 STEADY_RATIO = 1.3  # the steadiness workload's time may change this much across a probe and be cached
 
@@ -215,7 +216,7 @@ def cache_key() -> str:
     from .. import _C
 
     return " | ".join((
-        f"lowrank {_C.build_info()['version']} calibration {CALIBRATION_VERSION}",
+        f"lowrank {_C.build_info()['version']} kernels {_C.build_info()['source_hash']} calibration {CALIBRATION_VERSION}",
         f"torch {torch.__version__}",
         f"isa {_C.cpu_isa()}",
         f"threads {torch.get_num_threads()}",
