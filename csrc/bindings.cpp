@@ -581,7 +581,7 @@ PYBIND11_MODULE(_C, m) {
     py::dict d;
     d["version"] = LOWRANK_VERSION;
     d["source_hash"] = LOWRANK_SOURCE_HASH;  // a digest of csrc/ (CMakeLists.txt)
-    d["cpu_variants_compiled"] = std::vector<std::string>{"portable", "avx2", "avx512"};
+    d["cpu_variants_compiled"] = std::vector<std::string>{"portable", "avx2", "avx512", "avx512bf16"};
 #ifdef LOWRANK_WITH_CUDA
     d["cuda_compiled"] = true;
     d["cuda_architectures"] = std::string(LOWRANK_CUDA_ARCHS);

