@@ -86,6 +86,23 @@ def test_module_bits_in_bf16(cpu_isa):
     assert (out != torch_ops).float().mean() <= 1e-3
 
 
+def test_subnormal_results_round_as_torch_rounds_them(cpu_isa):
+    """Products below fp32's smallest normal (bf16 has the same range) are rounded, not flushed to zero —
+    the avx512bf16 variant's one-instruction conversion flushes them, so such vectors must go the exact
+    way: forward and the up gradient against torch's ops, bit for bit but in rare elements (the SiLU's own
+    rounding, as above)."""
+    gate, up = _inputs((16, 1536), torch.bfloat16)
+    up = (up.float() * 2.0**-130).to(torch.bfloat16)
+    out = silu_mul_forward(gate, up)
+    act = F.silu(gate.float()).to(torch.bfloat16).float()
+    torch_ops = (act * up.float()).to(torch.bfloat16)
+    assert (torch_ops.float().abs() < 2.0**-126).float().mean() > 0.5 and (torch_ops != 0).float().mean() > 0.5
+    assert (out != torch_ops).float().mean() <= 1e-3
+    dy = (torch.randn(16, 1536) * 2.0**-128).to(torch.bfloat16)
+    _, du = silu_mul_backward(dy, gate, torch.randn(16, 1536).to(torch.bfloat16))
+    assert ((du != (dy.float() * act).to(torch.bfloat16)).float().mean()) <= 1e-3
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 def test_poisoned_outputs_strided_rows_and_extremes(dtype, cpu_isa):
     """Every output element is written (NaN-filled buffers come back finite), rows with a leading dimension
