@@ -36,6 +36,22 @@ constexpr int64_t CHAIN = 32;        // the longest sequential fp32 sum of c (th
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// f(std::integral_constant<int, nb>{}) for a run-time nb in [1, 8]: the register blocks are templates on
+// their row count (cases past 4 run with AVX-512 only).
+template <class F>
+inline void with_rows(int nb, F&& f) {
+  switch (nb) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    case 8: return f(std::integral_constant<int, 8>{});
+  }
+}
+
 struct Plan {
   int64_t M, K, R, Rp;
   const float* y;  // [K, Rp] (row stride ldy) or null
@@ -85,19 +101,7 @@ inline void block(const float* xt, int64_t xs, int64_t kb, const float* y, int64
 template <bool HY, bool HU>
 inline void block_dispatch(int nb, const float* xt, int64_t xs, int64_t kb, const float* y, int64_t ldy,
                            const float* const* u_rows, float* const* c_rows, float* d, int64_t Rp) {
-  switch (nb) {  // nb <= MB: cases past 4 run with AVX-512 only
-#define LOWRANK_BLOCK_CASE(n) \
-  case n: return block<n, HY, HU>(xt, xs, kb, y, ldy, u_rows, c_rows, d, Rp);
-    LOWRANK_BLOCK_CASE(1)
-    LOWRANK_BLOCK_CASE(2)
-    LOWRANK_BLOCK_CASE(3)
-    LOWRANK_BLOCK_CASE(4)
-    LOWRANK_BLOCK_CASE(5)
-    LOWRANK_BLOCK_CASE(6)
-    LOWRANK_BLOCK_CASE(7)
-    LOWRANK_BLOCK_CASE(8)
-#undef LOWRANK_BLOCK_CASE
-  }
+  with_rows(nb, [&](auto n) { block<decltype(n)::value, HY, HU>(xt, xs, kb, y, ldy, u_rows, c_rows, d, Rp); });
 }
 
 #if defined(__AVX512F__)
@@ -158,19 +162,9 @@ template <bool HU>
 LOWRANK_BF16_DOT inline void block_dp_dispatch(int nb, const bf16_t* xr, int64_t ldx, const float* xt, int64_t xs,
                                                int64_t kb, const uint32_t* yp, int64_t Rp,
                                                const float* const* u_rows, float* const* c_rows, float* d) {
-  switch (nb) {
-#define LOWRANK_BLOCK_CASE(n) \
-  case n: return block_dp<n, HU>(xr, ldx, xt, xs, kb, yp, Rp, u_rows, c_rows, d);
-    LOWRANK_BLOCK_CASE(1)
-    LOWRANK_BLOCK_CASE(2)
-    LOWRANK_BLOCK_CASE(3)
-    LOWRANK_BLOCK_CASE(4)
-    LOWRANK_BLOCK_CASE(5)
-    LOWRANK_BLOCK_CASE(6)
-    LOWRANK_BLOCK_CASE(7)
-    LOWRANK_BLOCK_CASE(8)
-#undef LOWRANK_BLOCK_CASE
-  }
+  with_rows(nb, [&](auto n) LOWRANK_BF16_DOT {
+    block_dp<decltype(n)::value, HU>(xr, ldx, xt, xs, kb, yp, Rp, u_rows, c_rows, d);
+  });
 }
 #define LOWRANK_DP_TARGET LOWRANK_BF16_DOT
 #else
@@ -482,19 +476,9 @@ LOWRANK_TERM_TARGET void term_rows(const TermPlan& p, int64_t m0, int64_t m1) {
   const int64_t N = p.a->out.cols;
   for (int64_t n = 0; n < N; n += 2 * W) {
     for (int64_t mb = m0; mb < m1; mb += TM) {
-      switch (int(min64(TM, m1 - mb))) {  // cases past 4 run with AVX-512 only
-#define LOWRANK_TERM_CASE(k) \
-  case k: term_tile<k, TO, TB, CVT>(p, mb, n); break;
-        LOWRANK_TERM_CASE(1)
-        LOWRANK_TERM_CASE(2)
-        LOWRANK_TERM_CASE(3)
-        LOWRANK_TERM_CASE(4)
-        LOWRANK_TERM_CASE(5)
-        LOWRANK_TERM_CASE(6)
-        LOWRANK_TERM_CASE(7)
-        LOWRANK_TERM_CASE(8)
-#undef LOWRANK_TERM_CASE
-      }
+      with_rows(int(min64(TM, m1 - mb)), [&](auto k) LOWRANK_TERM_TARGET {
+        term_tile<decltype(k)::value, TO, TB, CVT>(p, mb, n);
+      });
     }
   }
 }

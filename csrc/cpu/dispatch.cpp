@@ -72,32 +72,21 @@ struct Variant {
   void (*silu_mul_backward)(const SiluMulBackwardArgs&, int);
 };
 
+// One variant's entry: its name and its namespace's kernels, in the struct's order.
+#define LOWRANK_VARIANT(ns)                                                                                   \
+  {#ns, &ns::lora_rows, &ns::lora_input_grad, &ns::adapter_products, &ns::adapter_term, &ns::nf4_quantize,      \
+   &ns::nf4_double_quant, &ns::nf4_dequantize, &ns::nf4_rows, &ns::nf4_input_grad, &ns::nf4_tile,               \
+   &ns::nf4_rows_tiled, &ns::nf4_tiled_supported, &ns::mixed_rows, &ns::cross_entropy,                          \
+   &ns::cross_entropy_backward, &ns::attention, &ns::attention_backward, &ns::rms_norm, &ns::rms_norm_backward, \
+   &ns::silu_mul, &ns::silu_mul_backward}
+// Lowest first: best_variant() takes the last one the CPU supports.
 static const Variant kVariants[] = {
-    {"portable", &portable::lora_rows, &portable::lora_input_grad, &portable::adapter_products, &portable::adapter_term, &portable::nf4_quantize, &portable::nf4_double_quant,
-     &portable::nf4_dequantize, &portable::nf4_rows, &portable::nf4_input_grad, &portable::nf4_tile, &portable::nf4_rows_tiled,
-     &portable::nf4_tiled_supported,
-     &portable::mixed_rows, &portable::cross_entropy, &portable::cross_entropy_backward,
-     &portable::attention, &portable::attention_backward, &portable::rms_norm, &portable::rms_norm_backward,
-     &portable::silu_mul, &portable::silu_mul_backward},
-    {"avx2", &avx2::lora_rows, &avx2::lora_input_grad, &avx2::adapter_products, &avx2::adapter_term, &avx2::nf4_quantize, &avx2::nf4_double_quant,
-     &avx2::nf4_dequantize, &avx2::nf4_rows, &avx2::nf4_input_grad, &avx2::nf4_tile, &avx2::nf4_rows_tiled,
-     &avx2::nf4_tiled_supported,
-     &avx2::mixed_rows, &avx2::cross_entropy, &avx2::cross_entropy_backward,
-     &avx2::attention, &avx2::attention_backward, &avx2::rms_norm, &avx2::rms_norm_backward,
-     &avx2::silu_mul, &avx2::silu_mul_backward},
-    {"avx512", &avx512::lora_rows, &avx512::lora_input_grad, &avx512::adapter_products, &avx512::adapter_term, &avx512::nf4_quantize, &avx512::nf4_double_quant,
-     &avx512::nf4_dequantize, &avx512::nf4_rows, &avx512::nf4_input_grad, &avx512::nf4_tile, &avx512::nf4_rows_tiled,
-     &avx512::nf4_tiled_supported,
-     &avx512::mixed_rows, &avx512::cross_entropy, &avx512::cross_entropy_backward,
-     &avx512::attention, &avx512::attention_backward, &avx512::rms_norm, &avx512::rms_norm_backward,
-     &avx512::silu_mul, &avx512::silu_mul_backward},
-    {"avx512bf16", &avx512bf16::lora_rows, &avx512bf16::lora_input_grad, &avx512bf16::adapter_products, &avx512bf16::adapter_term, &avx512bf16::nf4_quantize, &avx512bf16::nf4_double_quant,
-     &avx512bf16::nf4_dequantize, &avx512bf16::nf4_rows, &avx512bf16::nf4_input_grad, &avx512bf16::nf4_tile, &avx512bf16::nf4_rows_tiled,
-     &avx512bf16::nf4_tiled_supported,
-     &avx512bf16::mixed_rows, &avx512bf16::cross_entropy, &avx512bf16::cross_entropy_backward,
-     &avx512bf16::attention, &avx512bf16::attention_backward, &avx512bf16::rms_norm, &avx512bf16::rms_norm_backward,
-     &avx512bf16::silu_mul, &avx512bf16::silu_mul_backward},
+    LOWRANK_VARIANT(portable),
+    LOWRANK_VARIANT(avx2),
+    LOWRANK_VARIANT(avx512),
+    LOWRANK_VARIANT(avx512bf16),
 };
+#undef LOWRANK_VARIANT
 
 static bool cpu_supports(const std::string& name) {
 #if defined(__x86_64__) || defined(__i386__)
