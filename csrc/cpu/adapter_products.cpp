@@ -363,33 +363,20 @@ struct TermPlan {
   int64_t tasks;
 };
 
-// The term's functions carry AVX512-BF16 in the AVX-512 variant, so that a bf16 out can be stored with
-// its two-register conversion (CVT, chosen at run time where the CPU has it); without CVT they run on
-// any AVX-512 CPU (the target adds only instructions the compiler takes from intrinsics).
-#if defined(__AVX512F__)
-#define LOWRANK_TERM_TARGET LOWRANK_BF16_DOT
-#else
-#define LOWRANK_TERM_TARGET
-#endif
-
-// out[0, 2W) = lo, hi rounded as float_to_bf16 does. CVT: vcvtne2ps2bf16 rounds the same way (nearest
-// even, NaN quieted the same) but flushes subnormal inputs to zero: a pair that holds one goes the
-// exact way. (Zen 5, 512 x 1536 at r = 16: the rounding was ~40 % of the tile's instructions.)
-template <bool CVT>
-LOWRANK_TERM_TARGET inline void store_pair(bf16_t* out, Vec lo, Vec hi) {
-#if defined(__AVX512F__)
-  if constexpr (CVT) {
-    if ((_mm512_fpclass_ps_mask(lo.v, 0x20) | _mm512_fpclass_ps_mask(hi.v, 0x20)) == 0) {
-      _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(hi.v, lo.v));
-      return;
-    }
+// out[0, 2W) = lo, hi rounded as float_to_bf16 does. With AVX512-BF16 (the avx512bf16 variant), one
+// vcvtne2ps2bf16 for both: it rounds the same way (nearest even, NaN quieted the same) but flushes
+// subnormal inputs to zero, so a pair that holds one goes the exact way.
+inline void store_pair(bf16_t* out, Vec lo, Vec hi) {
+#if defined(__AVX512BF16__)
+  if ((_mm512_fpclass_ps_mask(lo.v, 0x20) | _mm512_fpclass_ps_mask(hi.v, 0x20)) == 0) {
+    _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(hi.v, lo.v));
+    return;
   }
 #endif
   vstore(out, lo);
   vstore(out + W, hi);
 }
-template <bool CVT>
-LOWRANK_TERM_TARGET inline void store_pair(float* out, Vec lo, Vec hi) {
+inline void store_pair(float* out, Vec lo, Vec hi) {
   vstore(out, lo);
   vstore(out + W, hi);
 }
@@ -409,8 +396,8 @@ void term_tail(const AdapterTermArgs& A, const float* sums, int nb, TO* out, int
 }
 
 // Rows [mb, mb + NB) of out, columns [n, n + 2W) (fewer at the right edge).
-template <int NB, class TO, class TB, bool CVT>
-LOWRANK_TERM_TARGET void term_tile(const TermPlan& p, int64_t mb, int64_t n) {
+template <int NB, class TO, class TB>
+void term_tile(const TermPlan& p, int64_t mb, int64_t n) {
   const AdapterTermArgs& A = *p.a;
   const int64_t N = A.out.cols, R = A.u.cols;
   const float* u = A.u.data<float>() + mb * A.u.ld;
@@ -432,11 +419,12 @@ LOWRANK_TERM_TARGET void term_tile(const TermPlan& p, int64_t mb, int64_t n) {
       acc[i][1] = vfma(ub, e1, acc[i][1]);
     }
   }
-  if (full) {  // (both loops unrolled: an indexed acc would live on the stack)
+  if (full) {  // (unrolled: an indexed acc would live on the stack; with it, and the stores above, the
+               // term at 512 x 1536, r = 16, went from 94 to 70 us on a Zen 5)
     const Vec sc0 = cs ? vmul(s, vload(cs + n)) : s, sc1 = cs ? vmul(s, vload(cs + n + W)) : s;
     const Vec bv0 = bias ? vload(bias + n) : vzero(), bv1 = bias ? vload(bias + n + W) : vzero();
 #pragma GCC unroll 8
-    for (int i = 0; i < NB; ++i) store_pair<CVT>(out + i * ldo + n, vfma(sc0, acc[i][0], bv0), vfma(sc1, acc[i][1], bv1));
+    for (int i = 0; i < NB; ++i) store_pair(out + i * ldo + n, vfma(sc0, acc[i][0], bv0), vfma(sc1, acc[i][1], bv1));
   } else {  // the last columns: through a buffer, element by element
     alignas(64) float tail[NB][2 * W];
 #pragma GCC unroll 8
@@ -451,8 +439,8 @@ LOWRANK_TERM_TARGET void term_tile(const TermPlan& p, int64_t mb, int64_t n) {
 // eᵀ's columns [0, full) in fp32, as rows of `full` floats: e [N, R] (or [R, N], transposed: widened a row
 // at a time). [N, R] is transposed in 16 x 64 blocks, so each block writes 64 rows of eᵀ a cache line
 // each (element by element over all of e, the writes strided by N, it had cost more than the products:
-// 1.7 ms of VeRA's 1536 x 256 term at M = 16 on a Zen 5; through a per-element accessor that chose the
-// dtype and layout, 13 us of an r = 16 term's 70 at 512 x 1536).
+// 1.7 ms of VeRA's 1536 x 256 term at M = 16 on a Zen 5). A 1536 x 16 bf16 e takes ~11 us here, the
+// fixed cost of the r = 16 term at few rows.
 template <class TE>
 void build_et(const TE* e, int64_t ld, bool transposed, int64_t R, int64_t full, float* et) {
   if (transposed) {
@@ -471,23 +459,21 @@ void build_et(const TE* e, int64_t ld, bool transposed, int64_t R, int64_t full,
 // with AVX-512) stays in L1 while every row block of the task passes it; the task's rows of u stay in
 // L2. Row blocks outermost had streamed all of eᵀ (1.5 MiB at 1536 x 256) from L2/L3 once per 8 rows:
 // VeRA's r = 256 term ran at ~35 G multiply-adds/s per core on a Zen 5.
-template <class TO, class TB, bool CVT>
-LOWRANK_TERM_TARGET void term_rows(const TermPlan& p, int64_t m0, int64_t m1) {
+template <class TO, class TB>
+void term_rows(const TermPlan& p, int64_t m0, int64_t m1) {
   const int64_t N = p.a->out.cols;
   for (int64_t n = 0; n < N; n += 2 * W) {
     for (int64_t mb = m0; mb < m1; mb += TM) {
-      with_rows(int(min64(TM, m1 - mb)), [&](auto k) LOWRANK_TERM_TARGET {
-        term_tile<decltype(k)::value, TO, TB, CVT>(p, mb, n);
-      });
+      with_rows(int(min64(TM, m1 - mb)), [&](auto k) { term_tile<decltype(k)::value, TO, TB>(p, mb, n); });
     }
   }
 }
 
-template <class TO, class TB, bool CVT>
-LOWRANK_TERM_TARGET void term_task(void* ctx, int64_t t) {
+template <class TO, class TB>
+void term_task(void* ctx, int64_t t) {
   const TermPlan& p = *static_cast<const TermPlan*>(ctx);
   const int64_t M = p.a->out.rows;
-  term_rows<TO, TB, CVT>(p, min64(M, p.blocks * t / p.tasks * TM), min64(M, p.blocks * (t + 1) / p.tasks * TM));
+  term_rows<TO, TB>(p, min64(M, p.blocks * t / p.tasks * TM), min64(M, p.blocks * (t + 1) / p.tasks * TM));
 }
 
 }  // namespace
@@ -530,14 +516,8 @@ void adapter_term(const AdapterTermArgs& a, int num_threads) {
   const int64_t threads = num_threads < 1 ? 1 : num_threads;
   p.tasks = min64(threads, p.blocks);
   const bool o16 = a.out.dtype == DType::bfloat16, b16 = a.bias.ptr && a.bias.dtype == DType::bfloat16;
-#if defined(__AVX512F__)
-  const bool cvt = o16 && cpu_has_bf16_dot();
-#else
-  const bool cvt = false;
-#endif
-  void (*task)(void*, int64_t) = o16 ? (cvt ? (b16 ? &term_task<bf16_t, bf16_t, true> : &term_task<bf16_t, float, true>)
-                                            : (b16 ? &term_task<bf16_t, bf16_t, false> : &term_task<bf16_t, float, false>))
-                                     : (b16 ? &term_task<float, bf16_t, false> : &term_task<float, float, false>);
+  void (*task)(void*, int64_t) = o16 ? (b16 ? &term_task<bf16_t, bf16_t> : &term_task<bf16_t, float>)
+                                     : (b16 ? &term_task<float, bf16_t> : &term_task<float, float>);
   parallel_for(p.tasks, num_threads, task, &p);
 }
 
