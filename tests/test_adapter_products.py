@@ -184,6 +184,17 @@ def test_adapter_term_bf16_is_its_fp32_sums_rounded_once(cpu_isa, m, n, r):
     assert (outs[torch.float32][3].abs() > 2.0**126).any() and torch.isnan(got[4]).all()
     same = (got.view(torch.int16) == want.view(torch.int16)) | (torch.isnan(got) & torch.isnan(want))
     assert same.all(), same.logical_not().nonzero()[:5]
+    if cpu_isa != "avx512bf16":
+        return
+    # every bit as the avx512 variant (the same sums, stored the exact way) writes it, NaN payloads included
+    u[5, 0] = torch.tensor(0x7F812345, dtype=torch.int32).view(torch.float32)  # a signalling NaN's payload
+    bits = {}
+    for isa in (cpu_isa, "avx512"):
+        _C.set_cpu_isa(isa)
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+        _C.adapter_term_cpu(matrix("out", out), matrix("u", u), matrix("e", e), None, 1.0, False, 2)
+        bits[isa] = out.view(torch.int16)
+    assert torch.equal(bits[cpu_isa], bits["avx512"])
 
 
 def test_adapter_term_argument_errors():
