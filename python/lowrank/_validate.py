@@ -105,6 +105,11 @@ def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
+def as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` as [rows, n] rows a kernel can take (a view where one will do, else a contiguous copy)."""
+    return last_dim_contiguous(t.reshape(-1, n))
+
+
 def cuda_stream(t: torch.Tensor) -> int:
     """The raw current stream of ``t``'s device (call under that device)."""
     return torch.cuda.current_stream(t.device).cuda_stream

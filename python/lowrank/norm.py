@@ -25,22 +25,20 @@ from torch import Tensor, nn
 
 from . import _C
 from ._patch import SourcePatch
-from ._validate import check_tensor, matrix
+from ._validate import as_rows, check_tensor, matrix
 from .ops import _direct, _runtime
 
 _NATIVE = (torch.float32, torch.bfloat16)
 
 
-def _rows(t: Tensor, h: int) -> Tensor:
-    """``t`` as [rows, h] with a contiguous last dimension (a view where it can be)."""
-    t2 = t.reshape(-1, h)
-    return t2 if t2.stride(-1) == 1 or h <= 1 else t2.contiguous()
+def _plain(x, weight) -> bool:
+    """The usual call: a CPU fp32/bf16 ``x`` (a plain tensor, not a subclass) and a ``weight`` [H] like it."""
+    return (type(x) is Tensor and x.dtype in _NATIVE and x.is_cpu and x.dim() >= 1 and isinstance(weight, Tensor)
+            and weight.dtype == x.dtype and weight.is_cpu and weight.shape == x.shape[-1:])  # fmt: skip
 
 
 def _check(x, weight, eps) -> None:
-    if (type(x) is Tensor and x.dtype in _NATIVE and x.is_cpu and x.dim() >= 1 and isinstance(weight, Tensor)
-            and weight.dtype == x.dtype and weight.is_cpu and weight.shape == x.shape[-1:]
-            and type(eps) is float and eps >= 0):  # fmt: skip
+    if _plain(x, weight) and type(eps) is float and eps >= 0:
         return  # the usual call: nothing to say
     check_tensor("x", x, dtypes=_NATIVE, device="cpu")  # raises, naming the argument
     if x.dim() < 1:
@@ -54,7 +52,7 @@ def rms_norm_forward(x: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Ten
     """``(out, rstd)``: :func:`rms_norm`'s output (x's shape and dtype) and each row's ``r`` (fp32, [rows])."""
     _check(x, weight, eps)
     h = x.shape[-1]
-    x2 = _rows(x, h)
+    x2 = as_rows(x, h)
     out = torch.empty(x.shape, dtype=x.dtype)
     rstd = torch.empty(x2.shape[0], dtype=torch.float32)
     _C.rms_norm_cpu(matrix("out", out.view(-1, h)), matrix("x", x2), matrix("weight", weight), matrix("rstd", rstd),
@@ -69,7 +67,7 @@ def rms_norm_backward(grad_out: Tensor, x: Tensor, weight: Tensor, rstd: Tensor,
     h = x.shape[-1]
     if not (type(grad_out) is Tensor and grad_out.dtype == x.dtype and grad_out.is_cpu and grad_out.shape == x.shape):
         check_tensor("grad_out", grad_out, dtypes=(x.dtype,), device="cpu", shape=tuple(x.shape))
-    x2, dy2 = _rows(x, h), _rows(grad_out, h)
+    x2, dy2 = as_rows(x, h), as_rows(grad_out, h)
     if not (type(rstd) is Tensor and rstd.dtype == torch.float32 and rstd.shape == x2.shape[:1]):
         check_tensor("rstd", rstd, dtypes=(torch.float32,), device="cpu", shape=(x2.shape[0],))
     dx = torch.empty(x.shape, dtype=x.dtype)
@@ -117,11 +115,8 @@ def _llama_rms_norm() -> type:
 
 
 def _fast_forward(module: nn.Module, hidden_states: Tensor) -> Tensor:
-    w = module.weight
-    if (type(hidden_states) is Tensor and hidden_states.is_cpu and hidden_states.dtype in _NATIVE
-            and isinstance(w, Tensor) and w.dtype == hidden_states.dtype and w.is_cpu
-            and hidden_states.dim() >= 1 and not torch.compiler.is_compiling()):  # fmt: skip
-        return rms_norm(hidden_states, w, module.variance_epsilon)
+    if _plain(hidden_states, module.weight) and not torch.compiler.is_compiling():
+        return rms_norm(hidden_states, module.weight, module.variance_epsilon)
     return type(module).forward(module, hidden_states)  # anything else: the module's own ops
 
 

@@ -14,26 +14,25 @@ and its backward is the exact derivative in fp32, each gradient rounded once.
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 
 from . import _C
 from ._patch import SourcePatch
-from ._validate import check_tensor, matrix
+from ._validate import as_rows, check_tensor, matrix
 from .ops import _direct, _runtime
 
 _NATIVE = (torch.float32, torch.bfloat16)
 
 
-def _rows(t: Tensor, n: int) -> Tensor:
-    t2 = t.reshape(-1, n)
-    return t2 if t2.stride(-1) == 1 or n <= 1 else t2.contiguous()
+def _plain(gate, up) -> bool:
+    """The usual call: CPU fp32/bf16 ``gate`` and ``up`` of one shape and dtype (plain tensors)."""
+    return (type(gate) is Tensor and gate.dtype in _NATIVE and gate.is_cpu and gate.dim() >= 1 and type(up) is Tensor
+            and up.dtype == gate.dtype and up.is_cpu and up.shape == gate.shape)  # fmt: skip
 
 
 def _check(gate, up) -> None:
-    if (type(gate) is Tensor and gate.dtype in _NATIVE and gate.is_cpu and gate.dim() >= 1 and type(up) is Tensor
-            and up.dtype == gate.dtype and up.is_cpu and up.shape == gate.shape):  # fmt: skip
+    if _plain(gate, up):
         return  # the usual call
     check_tensor("gate", gate, dtypes=_NATIVE, device="cpu")  # raises, naming the argument
     if gate.dim() < 1:
@@ -46,7 +45,7 @@ def silu_mul_forward(gate: Tensor, up: Tensor) -> Tensor:
     _check(gate, up)
     n = gate.shape[-1]
     out = torch.empty(gate.shape, dtype=gate.dtype)
-    _C.silu_mul_cpu(matrix("out", out.view(-1, n)), matrix("gate", _rows(gate, n)), matrix("up", _rows(up, n)),
+    _C.silu_mul_cpu(matrix("out", out.view(-1, n)), matrix("gate", as_rows(gate, n)), matrix("up", as_rows(up, n)),
                     _runtime.num_threads())  # fmt: skip
     return out
 
@@ -61,8 +60,8 @@ def silu_mul_backward(grad_out: Tensor, gate: Tensor, up: Tensor) -> tuple[Tenso
     dg = torch.empty(gate.shape, dtype=gate.dtype)
     du = torch.empty(gate.shape, dtype=gate.dtype)
     _C.silu_mul_backward_cpu(matrix("grad_gate", dg.view(-1, n)), matrix("grad_up", du.view(-1, n)),
-                             matrix("grad_out", _rows(grad_out, n)), matrix("gate", _rows(gate, n)),
-                             matrix("up", _rows(up, n)), _runtime.num_threads())  # fmt: skip
+                             matrix("grad_out", as_rows(grad_out, n)), matrix("gate", as_rows(gate, n)),
+                             matrix("up", as_rows(up, n)), _runtime.num_threads())  # fmt: skip
     return dg, du
 
 
@@ -115,16 +114,10 @@ def _silu_and_projections(module: nn.Module) -> bool:
     return _is_silu(getattr(module, "act_fn", None)) and all(isinstance(getattr(module, p, None), nn.Module) for p in parts)
 
 
-def _usable(gate: Tensor, up: Tensor) -> bool:
-    return (type(gate) is Tensor and type(up) is Tensor and gate.is_cpu and gate.dtype in _NATIVE
-            and up.dtype == gate.dtype and up.shape == gate.shape and gate.dim() >= 1
-            and not torch.compiler.is_compiling())  # fmt: skip
-
-
 def _fast_forward(module: nn.Module, x: Tensor) -> Tensor:
     gate = module.gate_proj(x)  # the module's order: gate, its activation, then up
     up = module.up_proj(x)
-    if _usable(gate, up):
+    if _plain(gate, up) and not torch.compiler.is_compiling():
         return module.down_proj(silu_mul(gate, up))
     return module.down_proj(module.act_fn(gate) * up)  # anything else: the module's own ops
 
