@@ -22,6 +22,23 @@ constexpr int64_t kTaskElements = 16384;  // rows per parallel task: at least th
 
 inline int64_t rows_per_task(int64_t H) { return H >= kTaskElements ? 1 : kTaskElements / (H > 0 ? H : 1); }
 
+// The rows [first, end) of task `task` among M rows in tasks of `per`.
+inline void task_rows(int64_t task, int64_t per, int64_t M, int64_t& first, int64_t& end) {
+  first = task * per;
+  end = std::min(M, first + per);
+}
+
+// The n <= W values at p (a row's last vector may be partial: no access past its end; pad lanes 0).
+template <class T>
+inline Vec load_part(const T* p, int64_t n) { return n == W ? vload(p) : vload_n(p, n, 0.0f); }
+template <class T>
+inline void store_part(T* p, Vec v, int64_t n) {
+  if (n == W)
+    vstore(p, v);
+  else
+    vstore_n(p, v, n);
+}
+
 // round(v) to T and back to fp32: the value a T tensor holds.
 inline float rounded(float v, float) { return v; }
 inline float rounded(float v, bf16_t) { return bf16_to_float(float_to_bf16(v)); }
@@ -74,8 +91,9 @@ struct ForwardJob {
     const RMSNormArgs& a = *job.a;
     const int64_t M = a.x.rows, H = a.x.cols;
     const T* w = a.weight.data<T>();
-    const int64_t end = std::min(M, (task + 1) * job.rows_per_task);
-    for (int64_t m = task * job.rows_per_task; m < end; ++m) {
+    int64_t first, end;
+    task_rows(task, job.rows_per_task, M, first, end);
+    for (int64_t m = first; m < end; ++m) {
       const T* x = a.x.data<T>() + m * a.x.ld;
       T* out = a.out.data<T>() + m * a.out.ld;
       const float r = 1.0f / std::sqrt(sum_squares(x, H) / float(H) + a.eps);
@@ -106,8 +124,9 @@ struct BackwardJob {
     float* dw = job.dw_partials ? job.dw_partials + task * H : nullptr;
     if (dw) std::fill(dw, dw + H, 0.0f);
     alignas(64) T normed[W];
-    const int64_t end = std::min(M, (task + 1) * job.rows_per_task);
-    for (int64_t m = task * job.rows_per_task; m < end; ++m) {
+    int64_t first, end;
+    task_rows(task, job.rows_per_task, M, first, end);
+    for (int64_t m = first; m < end; ++m) {
       const T* x = a.x.data<T>() + m * a.x.ld;
       const T* dy = a.grad_y.data<T>() + m * a.grad_y.ld;
       T* dx = a.grad_x.data<T>() + m * a.grad_x.ld;
@@ -162,23 +181,18 @@ struct SiluMulJob {
     const auto& job = *static_cast<const SiluMulJob*>(ctx);
     const SiluMulArgs& a = *job.a;
     const int64_t M = a.gate.rows, N = a.gate.cols;
-    const int64_t end = std::min(M, (task + 1) * job.rows_per_task);
-    for (int64_t m = task * job.rows_per_task; m < end; ++m) {
+    int64_t first, end;
+    task_rows(task, job.rows_per_task, M, first, end);
+    for (int64_t m = first; m < end; ++m) {
       const T* g = a.gate.data<T>() + m * a.gate.ld;
       const T* u = a.up.data<T>() + m * a.up.ld;
       T* out = a.out.data<T>() + m * a.out.ld;
       for (int64_t j = 0; j < N; j += W) {
-        const int64_t n = std::min<int64_t>(W, N - j);  // the row's last vector may be partial
-        const Vec gv = n == W ? vload(g + j) : vload_n(g + j, n, 0.0f);
-        const Vec uv = n == W ? vload(u + j) : vload_n(u + j, n, 0.0f);
+        const int64_t n = std::min<int64_t>(W, N - j);
+        const Vec gv = load_part(g + j, n);
         alignas(64) T act[W];  // silu(g) rounded to T (the module's act_fn output), read back
         vstore(act, vmul(gv, sigmoid(gv)));
-        const Vec h = vmul(vload(act), uv);
-        if (n == W) {
-          vstore(out + j, h);
-        } else {
-          vstore_n(out + j, h, n);
-        }
+        store_part(out + j, vmul(vload(act), load_part(u + j, n)), n);
       }
     }
   }
@@ -193,8 +207,9 @@ struct SiluMulBackwardJob {
     const auto& job = *static_cast<const SiluMulBackwardJob*>(ctx);
     const SiluMulBackwardArgs& a = *job.a;
     const int64_t M = a.gate.rows, N = a.gate.cols;
-    const int64_t end = std::min(M, (task + 1) * job.rows_per_task);
-    for (int64_t m = task * job.rows_per_task; m < end; ++m) {
+    int64_t first, end;
+    task_rows(task, job.rows_per_task, M, first, end);
+    for (int64_t m = first; m < end; ++m) {
       const T* g = a.gate.data<T>() + m * a.gate.ld;
       const T* u = a.up.data<T>() + m * a.up.ld;
       const T* dy = a.grad_out.data<T>() + m * a.grad_out.ld;
@@ -202,22 +217,13 @@ struct SiluMulBackwardJob {
       T* du = a.grad_up.data<T>() + m * a.grad_up.ld;
       for (int64_t j = 0; j < N; j += W) {
         const int64_t n = std::min<int64_t>(W, N - j);
-        const Vec gv = n == W ? vload(g + j) : vload_n(g + j, n, 0.0f);
-        const Vec uv = n == W ? vload(u + j) : vload_n(u + j, n, 0.0f);
-        const Vec dyv = n == W ? vload(dy + j) : vload_n(dy + j, n, 0.0f);
+        const Vec gv = load_part(g + j, n), dyv = load_part(dy + j, n);
         const Vec s = sigmoid(gv);
         alignas(64) T act[W];  // the forward's rounded silu(g), the factor up was multiplied by
         vstore(act, vmul(gv, s));
-        const Vec d_up = vmul(dyv, vload(act));
         const Vec slope = vmul(s, vadd(vset1(1.0f), vmul(gv, vsub(vset1(1.0f), s))));  // silu'(g)
-        const Vec d_gate = vmul(vmul(dyv, uv), slope);
-        if (n == W) {
-          vstore(dg + j, d_gate);
-          vstore(du + j, d_up);
-        } else {
-          vstore_n(dg + j, d_gate, n);
-          vstore_n(du + j, d_up, n);
-        }
+        store_part(dg + j, vmul(vmul(dyv, load_part(u + j, n)), slope), n);
+        store_part(du + j, vmul(dyv, vload(act)), n);
       }
     }
   }

@@ -115,8 +115,10 @@ inline Vec vexp(Vec x) {
 }
 inline void vprefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
 
-// AVX512-BF16 (vdpbf16ps, vcvtne2ps2bf16) is not part of this variant's baseline: the kernels that use
-// it carry this target attribute and run only where the CPU reports it (nf4.cpp, lora.cpp). A vdpbf16ps
+// AVX512-BF16 (vdpbf16ps, vcvtne2ps2bf16) is not part of the avx512 variant's baseline (the avx512bf16
+// variant, compiled with it, is that variant plus its one-instruction bf16 stores): the kernels that use
+// vdpbf16ps carry this target attribute and run it only where the CPU reports it (nf4.cpp, nf4_tiled.cpp,
+// lora.cpp, lora_input_grad.cpp, adapter_products.cpp), in both AVX-512 variants. A vdpbf16ps
 // zmm does 32 multiply-adds against an fp32 FMA's 16, at the same issue rate: the VM lscpu calls a Zen 4
 // (family 25 model 17) issued two of either per cycle, 273 vs 136 G multiply-adds/s on one core, in an
 // inline-asm loop of 16 independent register accumulators; torch's bf16 GEMM reaches 258 per core there
