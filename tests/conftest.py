@@ -226,6 +226,20 @@ def lora_forward_fp64(x, weight, bias, lora_a, lora_b, scale, adapter_input=None
     return y, u
 
 
+def count_calls(monkeypatch, owner, name: str) -> list:
+    """Wrap ``owner.name`` (a module-level function) for the test: each call still runs it and appends
+    to the returned list (its length: the number of calls)."""
+    calls = []
+    original = getattr(owner, name)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole-model helpers (transformers, imported when used)
 # ---------------------------------------------------------------------------------------------
@@ -265,3 +279,20 @@ def assert_same_training(got: list, want: list, dtype: torch.dtype) -> None:
     assert torch.allclose(got[0].float(), want[0].float(), rtol=2e-2 if bf16 else 1e-5, atol=2e-2 if bf16 else 1e-5)
     for a, b in zip(got[1:], want[1:]):
         assert torch.allclose(a.float(), b.float(), rtol=5e-2 if bf16 else 1e-4, atol=5e-3 if bf16 else 1e-6)
+
+
+def recompute_rebuilds(monkeypatch, base, recipe: str) -> int:
+    """Train ``base`` and a :func:`lowrank.recompute_pointwise` copy of it once on the same tokens: the same
+    loss and gradients bit for bit (asserted); returns how many outputs ``lowrank.recompute.<recipe>``
+    rebuilt in the copy's backward (every saved tensor considered: MIN_BYTES 0)."""
+    import copy
+
+    import lowrank
+
+    lean = lowrank.recompute_pointwise(copy.deepcopy(base))
+    rebuilt = count_calls(monkeypatch, lowrank.recompute, recipe)
+    monkeypatch.setattr(lowrank.recompute, "MIN_BYTES", 0)
+    ids = token_ids(4)
+    for a, b in zip(train_once(base, ids), train_once(lean, ids)):
+        assert torch.equal(a, b)
+    return len(rebuilt)

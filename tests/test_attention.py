@@ -16,7 +16,7 @@ import lowrank
 from lowrank import _C
 from lowrank.attention import attention_forward, causal_attention, fast_attention, transformers_attention
 
-from conftest import dtype_name
+from conftest import count_calls, dtype_name
 
 transformers = pytest.importorskip("transformers")
 
@@ -345,9 +345,7 @@ def test_fast_attention_leaves_masked_calls_to_sdpa(monkeypatch):
     function, unchanged."""
     model = fast_attention(_llama())
     sdpa = fast_attention(_llama(), enabled=False)
-    used = []
-    original = lowrank.attention.attention_forward
-    monkeypatch.setattr(lowrank.attention, "attention_forward", lambda *a: used.append(1) or original(*a))
+    used = count_calls(monkeypatch, lowrank.attention, "attention_forward")
     ids = _ids()
     mask = torch.ones_like(ids)
     mask[0, 3] = 0  # a hole

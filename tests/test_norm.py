@@ -16,7 +16,8 @@ from lowrank import _C
 from lowrank._validate import matrix
 from lowrank.norm import fast_norm, fast_norms, is_llama_rms_norm, rms_norm, rms_norm_backward, rms_norm_forward
 
-from conftest import assert_same_training, dtype_name, tiny_lora_llama, token_ids, train_once
+from conftest import (assert_same_training, count_calls, dtype_name, recompute_rebuilds, tiny_lora_llama, token_ids,
+                      train_once)
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
@@ -220,9 +221,7 @@ def test_fast_norm_on_a_transformers_model(dtype, monkeypatch):
     base = tiny_lora_llama(dtype)
     mine = fast_norm(copy.deepcopy(base))
     assert fast_norms(mine) == 5 and fast_norms(base) == 0
-    calls = []
-    original = lowrank.norm.rms_norm_forward
-    monkeypatch.setattr(lowrank.norm, "rms_norm_forward", lambda *a: calls.append(1) or original(*a))
+    calls = count_calls(monkeypatch, lowrank.norm, "rms_norm_forward")
     ids = token_ids(3)
     tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     with torch.no_grad():
@@ -261,15 +260,8 @@ def test_recompute_pointwise_rebuilds_the_norms(dtype, monkeypatch):
     """Under recompute_pointwise a fast norm's output is rebuilt from what its node saved, not stored: the
     same loss and gradients, bit for bit, each norm rebuilt in the backward."""
     base = fast_norm(tiny_lora_llama(dtype)).train()
-    lean = lowrank.recompute_pointwise(copy.deepcopy(base))
-    rebuilt = []
-    original = lowrank.recompute._rms_norm_again
-    monkeypatch.setattr(lowrank.recompute, "_rms_norm_again", lambda *a: rebuilt.append(1) or original(*a))
-    monkeypatch.setattr(lowrank.recompute, "MIN_BYTES", 0)
-    ids = token_ids(4)
-    for a, b in zip(train_once(base, ids), train_once(lean, ids)):
-        assert torch.equal(a, b)
+    rebuilt = recompute_rebuilds(monkeypatch, base, "_rms_norm_again")
     # Rebuilt: the norms whose output an adapter saves and that have a node. The first layer's first norm
     # reads the frozen embedding (nothing to differentiate: no node, its output is stored); the last feeds
     # the frozen head, which saves no input.
-    assert len(rebuilt) == 3
+    assert rebuilt == 3

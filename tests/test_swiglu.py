@@ -17,7 +17,8 @@ from lowrank import _C
 from lowrank._validate import matrix
 from lowrank.swiglu import fast_swiglu, fast_swiglus, is_llama_mlp, silu_mul, silu_mul_backward, silu_mul_forward
 
-from conftest import assert_same_training, dtype_name, tiny_lora_llama, token_ids, train_once
+from conftest import (assert_same_training, count_calls, dtype_name, recompute_rebuilds, tiny_lora_llama, token_ids,
+                      train_once)
 
 transformers = pytest.importorskip("transformers")
 
@@ -164,9 +165,7 @@ def test_fast_swiglu_on_a_transformers_model(dtype, monkeypatch):
     base = tiny_lora_llama(dtype)
     mine = fast_swiglu(copy.deepcopy(base))
     assert fast_swiglus(mine) == 2 and fast_swiglus(base) == 0
-    calls = []
-    original = lowrank.swiglu.silu_mul_forward
-    monkeypatch.setattr(lowrank.swiglu, "silu_mul_forward", lambda *a: calls.append(1) or original(*a))
+    calls = count_calls(monkeypatch, lowrank.swiglu, "silu_mul_forward")
     ids = token_ids(3)
     x = torch.randn(2, 9, 64).to(dtype)
     with torch.no_grad():
@@ -203,15 +202,7 @@ def test_recompute_pointwise_rebuilds_the_product(dtype, monkeypatch):
     """Under recompute_pointwise the product (saved by the down projection's adapter) is rebuilt from the
     gate and up its node saved: the same loss and gradients, bit for bit, once per layer."""
     base = lowrank.fast_norm(fast_swiglu(tiny_lora_llama(dtype))).train()
-    lean = lowrank.recompute_pointwise(copy.deepcopy(base))
-    rebuilt = []
-    original = lowrank.recompute._silu_mul_again
-    monkeypatch.setattr(lowrank.recompute, "_silu_mul_again", lambda *a: rebuilt.append(1) or original(*a))
-    monkeypatch.setattr(lowrank.recompute, "MIN_BYTES", 0)
-    ids = token_ids(4)
-    for a, b in zip(train_once(base, ids), train_once(lean, ids)):
-        assert torch.equal(a, b)
-    assert len(rebuilt) == 2
+    assert recompute_rebuilds(monkeypatch, base, "_silu_mul_again") == 2
 
 
 def test_fast_decoder_turns_all_three_on_and_off():
