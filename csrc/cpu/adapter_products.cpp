@@ -344,6 +344,36 @@ const float* padded(const Matrix& m, bool transposed, int64_t rows, int64_t R, i
   return scratch;
 }
 
+// A bf16 [K, R] operand (or [R, K], transposed) as pairs of k for block_dp: [ceil(K / 2), Rp] 32-bit
+// lanes, y[2j, r] in the low half, zero past R and past an odd K; in a per-thread buffer kept between calls.
+const uint32_t* bf16_pairs(const Matrix& m, bool transposed, int64_t K, int64_t R, int64_t Rp) {
+  const int64_t kp = (K + 1) / 2, ld = m.ld;
+  thread_local std::vector<uint32_t> pairs;
+  if (pairs.size() < size_t(kp * Rp)) pairs.resize(size_t(kp * Rp));
+  const bf16_t* y = m.data<bf16_t>();
+  uint32_t* yp = pairs.data();
+  std::memset(yp, 0, sizeof(uint32_t) * size_t(kp * Rp));
+  if (!transposed) {  // rows k = 2j and 2j + 1, interleaved
+    for (int64_t j = 0; j < kp; ++j) {
+      const bf16_t* lo = y + 2 * j * ld;
+      uint32_t* out = yp + j * Rp;
+      if (2 * j + 1 < K) {
+        const bf16_t* hi = lo + ld;
+        for (int64_t r = 0; r < R; ++r) out[r] = uint32_t(lo[r]) | (uint32_t(hi[r]) << 16);
+      } else {
+        for (int64_t r = 0; r < R; ++r) out[r] = lo[r];
+      }
+    }
+  } else {  // a pair is two neighbours in row r
+    for (int64_t r = 0; r < R; ++r) {
+      const bf16_t* row = y + r * ld;
+      for (int64_t j = 0; j < K / 2; ++j) yp[j * Rp + r] = uint32_t(row[2 * j]) | (uint32_t(row[2 * j + 1]) << 16);
+      if (K % 2) yp[(kp - 1) * Rp + r] = row[K - 1];
+    }
+  }
+  return yp;
+}
+
 // ---- adapter_term: out = bias + scale · col_scale ⊙ u eᵀ ----------------------------------
 // The bf16 many-token paths' adapter term (lora.h), computed before the base GEMM accumulates onto it.
 // An outer-product tile: TM rows of u (broadcast) against 2W columns of eᵀ (fp32), R steps of 2·TM
@@ -533,49 +563,22 @@ void adapter_products(const AdapterProductsArgs& a, int num_threads) {
   const int64_t threads = num_threads < 1 ? 1 : num_threads;
   p.tasks = p.split_rows ? min64(threads, (p.M + MB - 1) / MB) : min64(threads, (p.K + 63) / 64);
   if (p.tasks < 1) p.tasks = 1;
-  // One scratch buffer per calling thread, kept between calls: fresh pages each call would cost more
-  // than the products (the reason this kernel exists).
-  thread_local std::vector<float> scratch;
-  const int64_t y_n = want_c ? p.K * p.Rp : 0, u_n = want_d ? p.M * p.Rp : 0, c_n = want_c ? p.M * p.Rp : 0;
-  const int64_t d_n = want_d ? (p.split_rows ? p.tasks : 1) * p.K * p.Rp : 0;
-  const size_t need = size_t(y_n + u_n + c_n + d_n);
-  if (scratch.size() < need) scratch.resize(need);
-  float* s = scratch.data();
 #if defined(__AVX512F__)
   // bf16 x against bf16 y: c's products on AVX512-BF16 (block_dp), y packed in pairs of k.
   const bool dp = want_c && a.x.dtype == DType::bfloat16 && a.y.dtype == DType::bfloat16 && cpu_has_bf16_dot();
 #else
   const bool dp = false;
 #endif
-  if (dp) {
-    const int64_t kp = (p.K + 1) / 2;
-    thread_local std::vector<uint32_t> pairs;
-    if (pairs.size() < size_t(kp * p.Rp)) pairs.resize(size_t(kp * p.Rp));
-    const bf16_t* y = a.y.data<bf16_t>();
-    const int64_t ld = a.y.ld, R = p.R, Rp = p.Rp, K = p.K;
-    uint32_t* yp = pairs.data();
-    std::memset(yp, 0, sizeof(uint32_t) * size_t(kp * Rp));  // the padding lanes, and an odd K's last half
-    if (!a.y_transposed) {  // rows k = 2j and 2j + 1 of y [K, R], interleaved
-      for (int64_t j = 0; j < kp; ++j) {
-        const bf16_t* lo = y + 2 * j * ld;
-        uint32_t* out = yp + j * Rp;
-        if (2 * j + 1 < K) {
-          const bf16_t* hi = lo + ld;
-          for (int64_t r = 0; r < R; ++r) out[r] = uint32_t(lo[r]) | (uint32_t(hi[r]) << 16);
-        } else {
-          for (int64_t r = 0; r < R; ++r) out[r] = lo[r];
-        }
-      }
-    } else {  // y [R, K]: a pair is two neighbours in row r
-      for (int64_t r = 0; r < R; ++r) {
-        const bf16_t* row = y + r * ld;
-        for (int64_t j = 0; j < K / 2; ++j) yp[j * Rp + r] = uint32_t(row[2 * j]) | (uint32_t(row[2 * j + 1]) << 16);
-        if (K % 2) yp[(kp - 1) * Rp + r] = row[K - 1];
-      }
-    }
-    p.yp = yp;
-  }
-  p.y = want_c && !dp ? padded(a.y, a.y_transposed, p.K, p.R, p.Rp, s, &p.ldy) : nullptr;
+  // One scratch buffer per calling thread, kept between calls: fresh pages each call would cost more
+  // than the products (the reason this kernel exists).
+  thread_local std::vector<float> scratch;
+  const int64_t y_n = want_c && !dp ? p.K * p.Rp : 0, u_n = want_d ? p.M * p.Rp : 0, c_n = want_c ? p.M * p.Rp : 0;
+  const int64_t d_n = want_d ? (p.split_rows ? p.tasks : 1) * p.K * p.Rp : 0;
+  const size_t need = size_t(y_n + u_n + c_n + d_n);
+  if (scratch.size() < need) scratch.resize(need);
+  float* s = scratch.data();
+  if (dp) p.yp = bf16_pairs(a.y, a.y_transposed, p.K, p.R, p.Rp);
+  p.y = y_n ? padded(a.y, a.y_transposed, p.K, p.R, p.Rp, s, &p.ldy) : nullptr;
   p.u = want_d ? padded(a.u, false, p.M, p.R, p.Rp, s + y_n, &p.ldu) : nullptr;
   p.c = want_c ? s + y_n + u_n : nullptr;
   p.d = want_d ? s + y_n + u_n + c_n : nullptr;
