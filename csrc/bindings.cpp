@@ -148,6 +148,15 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<Matrix>(m, "Matrix", "A strided row-major view: element (i, j) at ptr + (i*ld + j)*itemsize")
       // Positional only: built several times per layer call, keyword matching would cost more.
+      // The seventh argument is the object that owns the memory (lowrank._validate.matrix passes the
+      // tensor): the Matrix keeps it alive, so a view of a temporary (a contiguous copy made for the
+      // call) cannot be freed, and its memory handed to the next temporary, before the kernel reads it.
+      .def(py::init([](std::uintptr_t ptr, int64_t rows, int64_t cols, int64_t ld, DType dtype, int device,
+                       const py::object&) {
+             LOWRANK_CHECK(rows >= 0 && cols >= 0, "Matrix: negative size");
+             return Matrix{ptr, rows, cols, ld, dtype, device};
+           }),
+           py::keep_alive<1, 8>())
       .def(py::init([](std::uintptr_t ptr, int64_t rows, int64_t cols, int64_t ld, DType dtype, int device) {
         LOWRANK_CHECK(rows >= 0 && cols >= 0, "Matrix: negative size");
         return Matrix{ptr, rows, cols, ld, dtype, device};

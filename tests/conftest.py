@@ -240,6 +240,37 @@ def count_calls(monkeypatch, owner, name: str) -> list:
     return calls
 
 
+def layouts(t: torch.Tensor) -> dict:
+    """``t``'s values (2-D or more) in other memory layouts, by name: a transposed view of column-major
+    storage (what the tiled NF4 forward returns), rows inside a wider buffer, every other row of a
+    buffer, and (3-D or more) the leading dimensions swapped. Each view holds the only
+    reference to its buffer, so a kernel wrapper's contiguous copy of it is a temporary: a wrapper that
+    lets a copy go before its kernel has read it reads freed memory (then the next copy's values)."""
+    n = t.shape[-1]
+    rows = t.reshape(-1, n)
+
+    def column_major():
+        store = torch.full((n, rows.shape[0]), float("nan"), dtype=t.dtype)
+        store.copy_(rows.t())
+        return store.t().reshape(t.shape)  # (a view: [rows, n] with strides (1, rows))
+
+    def wider():
+        store = torch.full((rows.shape[0], n + 7), float("nan"), dtype=t.dtype)
+        store[:, 3 : 3 + n] = rows
+        return store[:, 3 : 3 + n].view(t.shape)
+
+    def every_other_row():
+        store = torch.full((2 * rows.shape[0], n), float("nan"), dtype=t.dtype)
+        store[::2] = rows
+        return store[::2].view(t.shape)
+
+    out = {"column_major": column_major(), "wider": wider(), "every_other_row": every_other_row()}
+    if t.dim() >= 3:
+        store = t.transpose(0, 1).contiguous()
+        out["swapped"] = store.transpose(0, 1)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole-model helpers (transformers, imported when used)
 # ---------------------------------------------------------------------------------------------

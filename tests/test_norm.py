@@ -16,8 +16,8 @@ from lowrank import _C
 from lowrank._validate import matrix
 from lowrank.norm import fast_norm, fast_norms, is_llama_rms_norm, rms_norm, rms_norm_backward, rms_norm_forward
 
-from conftest import (assert_same_training, count_calls, dtype_name, recompute_rebuilds, tiny_lora_llama, token_ids,
-                      train_once)
+from conftest import (assert_same_training, count_calls, dtype_name, layouts, recompute_rebuilds, tiny_lora_llama,
+                      token_ids, train_once)
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
@@ -88,6 +88,26 @@ def test_forward_and_backward_match_float64(shape, dtype, cpu_isa):
     assert_close("grad_weight", dw, dw64, dtype, rel_sums=2e-6 * max(1, x.numel() // shape[-1]) ** 0.5, scale=dw_scale)
     dx_only, none = rms_norm_backward(dy, x, w, rstd, need_weight=False)
     assert none is None and torch.equal(dx_only, dx)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("shape", [(33, 37), (4, 16, 576)], ids=str)
+def test_any_layout_gives_the_contiguous_bits(shape, dtype, cpu_isa):
+    """x and grad_out in any memory layout (views whose buffers nothing else holds, copied to rows by the
+    wrapper) give the bits of contiguous arguments, forward, backward and through autograd."""
+    x, w = _inputs(shape, dtype)
+    dy = torch.randn(*shape).to(dtype)
+    want, want_rstd = rms_norm_forward(x, w, 1e-6)
+    want_dx, want_dw = rms_norm_backward(dy, x, w, want_rstd)
+    for name, xv in layouts(x).items():
+        out, rstd = rms_norm_forward(xv, w, 1e-6)
+        assert torch.equal(out, want) and torch.equal(rstd, want_rstd), name
+        dx, dw = rms_norm_backward(layouts(dy)[name], xv, w, rstd)
+        assert torch.equal(dx, want_dx) and torch.equal(dw, want_dw), name
+        x2, w2 = layouts(x)[name].requires_grad_(), w.clone().requires_grad_()
+        out = rms_norm(x2, w2, 1e-6)
+        out.backward(layouts(dy)[name])
+        assert torch.equal(out, want) and torch.equal(x2.grad, want_dx) and torch.equal(w2.grad, want_dw), name
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 import lowrank
 from lowrank import _C
 from lowrank._validate import matrix
+from lowrank.ops import _runtime
 from lowrank.swiglu import fast_swiglu, fast_swiglus, is_llama_mlp, silu_mul, silu_mul_backward, silu_mul_forward
 
-from conftest import (assert_same_training, count_calls, dtype_name, recompute_rebuilds, tiny_lora_llama, token_ids,
-                      train_once)
+from conftest import (assert_same_training, count_calls, dtype_name, layouts, recompute_rebuilds, tiny_lora_llama,
+                      token_ids, train_once)
 
 transformers = pytest.importorskip("transformers")
 
@@ -105,6 +106,30 @@ def test_subnormal_results_round_as_torch_rounds_them(cpu_isa):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("shape", [(33, 37), (4, 16, 128)], ids=str)
+def test_any_layout_gives_the_contiguous_bits(shape, dtype, cpu_isa):
+    """gate, up and grad_out in any memory layout (each a view whose buffer nothing else holds, copied to
+    rows by the wrapper) give the bits of contiguous arguments, forward, backward and through autograd.
+    (A copy let go before the kernel read it once gave silu(up)·up, or NaN: a bf16 QLoRA MLP's gate and up
+    come back as transposed views.)"""
+    gate, up = _inputs(shape, dtype)
+    dy = torch.randn(*shape).to(dtype)
+    want = silu_mul_forward(gate, up)
+    want_dg, want_du = silu_mul_backward(dy, gate, up)
+    for name, g in layouts(gate).items():
+        for up_name, u in (("same", layouts(up)[name]), ("contiguous", up.clone())):
+            case = f"gate {name}, up {up_name}"
+            assert torch.equal(silu_mul_forward(g, u), want), case
+            dg, du = silu_mul_backward(layouts(dy)[name], g, u)
+            assert torch.equal(dg, want_dg) and torch.equal(du, want_du), case
+            g2 = layouts(gate)[name].requires_grad_()
+            u2 = (layouts(up)[name] if up_name == "same" else up.clone()).requires_grad_()
+            out = silu_mul(g2, u2)
+            out.backward(dy)
+            assert torch.equal(out, want) and torch.equal(g2.grad, want_dg) and torch.equal(u2.grad, want_du), case
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 def test_poisoned_outputs_strided_rows_and_extremes(dtype, cpu_isa):
     """Every output element is written (NaN-filled buffers come back finite), rows with a leading dimension
     past their width (NaN past it) are read in place, and large |gate| gives silu's limits (g, and 0)."""
@@ -183,6 +208,30 @@ def test_fast_swiglu_on_a_transformers_model(dtype, monkeypatch):
     assert fast_swiglus(mine) == 0
     with pytest.raises(TypeError, match="^model: expected a torch.nn.Module"):
         fast_swiglu(None)
+
+
+def test_fast_swiglu_takes_a_qlora_mlps_transposed_products(monkeypatch):
+    """A bf16 QLoRA MLP's gate and up, their products decoded tile by tile into [n, M] buffers, come back as
+    transposed views (``cpu_tile_buffer_max_m`` forced on, as a machine may measure it; fp32 copies them
+    to rows); the kernel's MLP gives the module's own output from them (this once gave NaN: the wrapper's
+    row copies were let go before the kernel read them)."""
+    dtype = torch.bfloat16
+    monkeypatch.setattr(_runtime, "CPU_TILE_BUFFER_MAX_M", {torch.float32: 1 << 30, torch.bfloat16: 1 << 30})
+    torch.manual_seed(0)
+    plain = transformers.LlamaForCausalLM(tiny_lora_llama(dtype).config).to(dtype)
+    qlora = lowrank.inject(plain, lowrank.QLoRAConfig(r=4, alpha=8, quantize_base="all-linear"))
+    with torch.no_grad():
+        for name, p in qlora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    fast = fast_swiglu(copy.deepcopy(qlora))
+    x = torch.randn(3, 11, 64).to(dtype)
+    assert not fast.model.layers[0].mlp.gate_proj(x).is_contiguous()  # the training forward's layout
+    for i in range(2):
+        a, b = fast.model.layers[i].mlp(x).detach(), qlora.model.layers[i].mlp(x).detach()
+        assert torch.isfinite(a).all()
+        # the same roundings; a rare one-ulp difference from the SiLU's fp32 value allowed
+        assert (a != b).float().mean() < 0.02 and torch.allclose(a.float(), b.float(), rtol=2e-2, atol=2e-2)
 
 
 def test_only_silu_llama_mlps():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -19,6 +22,28 @@ def test_matrix_of_contiguous_and_sliced_views():
     row = matrix("bias", torch.randn(5, dtype=torch.bfloat16))
     assert (row.rows, row.cols, row.dtype) == (1, 5, _C.DType.bfloat16)
     assert matrix("x", torch.randn(0, 3)).rows == 0
+
+
+def test_matrix_holds_its_tensor():
+    """A view of a temporary (a contiguous copy made for one kernel call) keeps the copy alive while the
+    view lives, so its memory cannot go to the next temporary before the kernel reads it; a view made with
+    ``hold=False`` (cached between calls, keyed by address) does not keep a replaced tensor alive."""
+    t = torch.randn(8, 5)
+    copy = t.t().contiguous()
+    ref = weakref.ref(copy)
+    view = matrix("x", copy)
+    del copy
+    gc.collect()
+    assert ref() is not None
+    del view
+    gc.collect()
+    assert ref() is None
+    copy = t.t().contiguous()
+    ref = weakref.ref(copy)
+    view = matrix("x", copy, hold=False)
+    del copy
+    gc.collect()
+    assert ref() is None and view.rows == 5
 
 
 def test_matrix_rejects_non_contiguous_last_dim():

@@ -58,11 +58,19 @@ def check_tensor(
             raise ValueError(f"{name}: expected shape {want}, got {list(t.shape)}")
 
 
-def matrix(name: str, t: torch.Tensor, *, dtypes: Optional[Iterable[torch.dtype]] = None) -> "_C.Matrix":
+def matrix(name: str, t: torch.Tensor, *, dtypes: Optional[Iterable[torch.dtype]] = None,
+           hold: bool = True) -> "_C.Matrix":
     """A ``_C.Matrix`` view of a 1-D (one row) or 2-D tensor whose last dimension is contiguous.
 
     Row strides are passed as the leading dimension, so slices such as ``A[:r, :k]`` need no copy.
-    This runs several times per layer call, so it reads each tensor property once (~2 us a call).
+    This runs several times per layer call, so it reads each tensor property once (~1 us a call).
+
+    The view holds ``t`` (``hold``), so a view of a temporary — ``matrix("x", x.contiguous())`` — keeps
+    the copy alive until the kernel has read it (without it, the copy's memory went back to the
+    allocator when the call expression moved on, and the next temporary in the same argument list took
+    it: silu_mul read up's values as gate's). ``hold=False`` is for views a layer caches between calls
+    of tensors it does not own (``ops.lora.FrozenOperands``): those must not keep a replaced weight
+    alive, and are keyed by the tensors' addresses, so a freed one is never read.
     """
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -90,7 +98,7 @@ def matrix(name: str, t: torch.Tensor, *, dtypes: Optional[Iterable[torch.dtype]
         device = -1
     else:
         raise ValueError(f"{name}: lowrank kernels run on cpu or cuda tensors, got {t.device}")
-    return _C.Matrix(t.data_ptr(), rows, cols, ld, code, device)
+    return _C.Matrix(t.data_ptr(), rows, cols, ld, code, device, t if hold else None)
 
 
 def optional_matrix(name: str, t: Optional[torch.Tensor], **kw) -> "Optional[_C.Matrix]":

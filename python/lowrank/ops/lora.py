@@ -412,7 +412,9 @@ def _frozen_state(frozen: FrozenOperands, x, weight, bias, lora_a, lora_b, scale
 
 
 def _views(weight, bias, lora_a, lora_b) -> tuple:
-    return matrix("weight", weight), optional_matrix("bias", bias), matrix("lora_a", lora_a), matrix("lora_b", lora_b)
+    # (cached between calls, keyed by the tensors' addresses: the views must not keep replaced tensors alive)
+    return (matrix("weight", weight, hold=False), optional_matrix("bias", bias, hold=False),
+            matrix("lora_a", lora_a, hold=False), matrix("lora_b", lora_b, hold=False))
 
 
 def _fused_cpu(views: tuple, x, n: int, scale, u: Optional[Tensor]) -> Tensor:

@@ -727,7 +727,8 @@ def forward_fast(frozen: "Nf4Frozen", x, codes, absmax, absmax2, code2, offset, 
                 if not _lora.FrozenOperands.plain_cpu(codes, absmax, absmax2, code2, offset, bias, lora_a, lora_b,
                                                       contiguous=True):  # fmt: skip
                     return None
-                return _weight(*wargs), optional_matrix("bias", bias), optional_matrix("lora_b", lora_b)
+                return (_weight(*wargs), optional_matrix("bias", bias, hold=False),
+                        optional_matrix("lora_b", lora_b, hold=False))  # (cached: see lora._views)
 
             state = frozen.lookup(key, build)
             if state is None:
