@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import lowrank
 from lowrank import _C
 from lowrank._validate import matrix
-from lowrank.ops import _runtime
+from lowrank.ops import _gemm, _runtime
 from lowrank.swiglu import fast_swiglu, fast_swiglus, is_llama_mlp, silu_mul, silu_mul_backward, silu_mul_forward
 
 from conftest import (assert_same_training, count_calls, dtype_name, layouts, recompute_rebuilds, tiny_lora_llama,
@@ -212,10 +212,11 @@ def test_fast_swiglu_on_a_transformers_model(dtype, monkeypatch):
 
 def test_fast_swiglu_takes_a_qlora_mlps_transposed_products(monkeypatch):
     """A bf16 QLoRA MLP's gate and up, their products decoded tile by tile into [n, M] buffers, come back as
-    transposed views (``cpu_tile_buffer_max_m`` forced on, as a machine may measure it; fp32 copies them
-    to rows); the kernel's MLP gives the module's own output from them (this once gave NaN: the wrapper's
+    transposed views (bf16 tiles and ``cpu_tile_buffer_max_m`` forced on, as a machine may measure them;
+    fp32 copies them to rows); the kernel's MLP gives the module's own output from them (this once gave NaN: the wrapper's
     row copies were let go before the kernel read them)."""
     dtype = torch.bfloat16
+    monkeypatch.setattr(_gemm, "cpu_bf16_gemm_native", lambda: True)  # bf16 tiles (not x widened), as measured
     monkeypatch.setattr(_runtime, "CPU_TILE_BUFFER_MAX_M", {torch.float32: 1 << 30, torch.bfloat16: 1 << 30})
     torch.manual_seed(0)
     plain = transformers.LlamaForCausalLM(tiny_lora_llama(dtype).config).to(dtype)
