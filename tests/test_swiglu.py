@@ -212,11 +212,12 @@ def test_fast_swiglu_on_a_transformers_model(dtype, monkeypatch):
 
 def test_fast_swiglu_takes_a_qlora_mlps_transposed_products(monkeypatch):
     """A bf16 QLoRA MLP's gate and up, their products decoded tile by tile into [n, M] buffers, come back as
-    transposed views (bf16 tiles and ``cpu_tile_buffer_max_m`` forced on, as a machine may measure them;
-    fp32 copies them to rows); the kernel's MLP gives the module's own output from them (this once gave NaN: the wrapper's
+    transposed views (the tiles, in bf16, and ``cpu_tile_buffer_max_m`` forced on, as a machine may measure
+    them; fp32 copies them to rows); the kernel's MLP gives the module's own output from them (this once gave NaN: the wrapper's
     row copies were let go before the kernel read them)."""
     dtype = torch.bfloat16
-    monkeypatch.setattr(_gemm, "cpu_bf16_gemm_native", lambda: True)  # bf16 tiles (not x widened), as measured
+    monkeypatch.setattr(_runtime, "NF4_CPU_FUSED_MAX_M", 0)  # the tiles at any M (not the row kernel)
+    monkeypatch.setattr(_gemm, "cpu_bf16_gemm_native", lambda: True)  # bf16 tiles (not x widened)
     monkeypatch.setattr(_runtime, "CPU_TILE_BUFFER_MAX_M", {torch.float32: 1 << 30, torch.bfloat16: 1 << 30})
     torch.manual_seed(0)
     plain = transformers.LlamaForCausalLM(tiny_lora_llama(dtype).config).to(dtype)
