@@ -57,8 +57,11 @@ measurement on first use, of the two candidate paths on one probe shape, interle
   put each tile's product: the largest M at which an ``[n, M]`` buffer, returned as its transposed
   view, beats writing straight into the tile's columns of ``[M, n]`` (a strided ``out``). The same
   bits either way; the speed is the GEMM library's business (a Zen 4's fp32 GEMM ran 3× slower into
-  columns at M = 16 and 4 % faster at M = 512; its bf16 GEMM was never slower). Probe: 2048 × 2048
-  from a weight's row tiles, M = 16, 64, 256. The QLoRA bf16 input gradient's column tiles follow the
+  columns at M = 16 and 4 % faster at M = 512; its bf16 GEMM was never slower). The buffer's side is
+  timed with the copy into rows that its consumers make (the next projection, the SiLU product,
+  attention, the norm each take rows): timed without it, a Zen 5 measured the two a tie at M = 256
+  and chose the buffer, and a bf16 QLoRA training step of 2 × 128 tokens then ran 1.19× slower than
+  with rows. Probe: 2048 × 2048 from a weight's row tiles, M = 16, 64, 256. The QLoRA bf16 input gradient's column tiles follow the
   bf16 decision (products ``[M, cols]`` into dx's columns, or ``[cols, M]`` into a transposed buffer).
 
 - ``cpu_parallel_min_work``: the fewest multiply-adds a thread is given in the few-token kernels (LoRA
@@ -106,7 +109,7 @@ from .._info import cpu_identity
 UNBOUNDED = 1 << 62
 # Bumped when the probes change, so decisions measured the old way are measured again. (A change to the
 # kernels they time changes the build's source hash, also in the key.)
-CALIBRATION_VERSION = 8
+CALIBRATION_VERSION = 9
 STEADY_RATIO = 1.3  # the steadiness workload's time may change this much across a probe and be cached
 
 # What runs when calibration is off: the fused kernels where they were written for (few tokens),
@@ -696,7 +699,9 @@ def _probe_tile_layout(dtype: torch.dtype) -> tuple[int, dict]:
 
         def run():
             with _pinned("CPU_TILE_BUFFER_MAX_M", {dtype: limit}):
-                return _gemm.linear_tiles(x, n, k, fill)
+                # and the copy into rows the product's consumers make of a transposed view (the next
+                # projection's x, the SiLU product, attention's heads, the norm): its cost is the buffer's
+                return _gemm.linear_tiles(x, n, k, fill).contiguous()
 
         return run
 
