@@ -508,6 +508,11 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<Strided4>(m, "Strided4", "A 4-D view whose last dimension is contiguous: element (a, b, c, d) at "
                                       "ptr + (a*s0 + b*s1 + c*s2 + d)*itemsize")
+      // The sixth argument owns the memory (lowrank.attention passes the tensor): held, as Matrix's.
+      .def(py::init([](std::uintptr_t ptr, int64_t s0, int64_t s1, int64_t s2, DType dtype, const py::object&) {
+             return Strided4{ptr, s0, s1, s2, dtype};
+           }),
+           py::keep_alive<1, 7>())
       .def(py::init([](std::uintptr_t ptr, int64_t s0, int64_t s1, int64_t s2, DType dtype) {
         return Strided4{ptr, s0, s1, s2, dtype};
       }));

@@ -46,6 +46,21 @@ def test_matrix_holds_its_tensor():
     assert ref() is None and view.rows == 5
 
 
+def test_attention_view_holds_its_tensor():
+    """The attention kernels' 4-D views hold their tensors too (a head-rows copy made for the call)."""
+    from lowrank.attention import _view
+
+    copy = torch.randn(2, 3, 4, 5).transpose(1, 2).contiguous()
+    ref = weakref.ref(copy)
+    view = _view(copy)
+    del copy
+    gc.collect()
+    assert ref() is not None
+    del view
+    gc.collect()
+    assert ref() is None
+
+
 def test_matrix_rejects_non_contiguous_last_dim():
     with pytest.raises(ValueError, match=r"^w: .*last dimension must be contiguous"):
         matrix("w", torch.randn(5, 6).t())

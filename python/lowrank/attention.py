@@ -28,7 +28,8 @@ MAX_HEAD_DIM = 256
 
 
 def _view(t: Tensor) -> "_C.Strided4":
-    return _C.Strided4(t.data_ptr(), t.stride(0), t.stride(1), t.stride(2), _DTYPES[t.dtype])
+    """``t``'s kernel view, holding ``t`` (a copy made for the call lives until the kernel has read it)."""
+    return _C.Strided4(t.data_ptr(), t.stride(0), t.stride(1), t.stride(2), _DTYPES[t.dtype], t)
 
 
 def _head_rows(t: Tensor) -> Tensor:
