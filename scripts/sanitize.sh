@@ -11,7 +11,8 @@
 # Which tests: everything after `--` goes to pytest verbatim, e.g.
 #   scripts/sanitize.sh /tmp/lowrank-sanitize -- tests/test_nf4_ops.py -k "not compile"
 # or, without `--`, the environment: LOWRANK_SANITIZE_TESTS (space-separated files / node ids) and
-# LOWRANK_SANITIZE_K (a pytest -k expression). The defaults are the kernel-op tests minus
+# LOWRANK_SANITIZE_K (a pytest -k expression). The defaults are the kernel-op tests and the whole-model
+# decision sweep (every path a measurement may choose, through fast_decoder), minus
 # torch.compile (slow, and nothing of ours that the op tests do not already run).
 # The build directory is kept in DIR/build, so a second run only recompiles what changed.
 set -euo pipefail
@@ -24,7 +25,7 @@ if [ $# -gt 0 ] && [ "$1" = "--" ]; then shift; fi
 if [ $# -gt 0 ]; then
   pytest_args=("$@")
 else
-  read -r -a pytest_args <<<"${LOWRANK_SANITIZE_TESTS:-tests/test_lora_ops.py tests/test_adapter_products.py tests/test_lora_layer.py tests/test_nf4_ops.py tests/test_nf4_tiled.py tests/test_call_plan.py tests/test_attention.py tests/test_norm.py tests/test_swiglu.py tests/test_vera_ops.py tests/test_mixed.py tests/test_loss.py tests/test_validate.py tests/test_info.py}"
+  read -r -a pytest_args <<<"${LOWRANK_SANITIZE_TESTS:-tests/test_lora_ops.py tests/test_adapter_products.py tests/test_lora_layer.py tests/test_nf4_ops.py tests/test_nf4_tiled.py tests/test_call_plan.py tests/test_attention.py tests/test_norm.py tests/test_swiglu.py tests/test_vera_ops.py tests/test_mixed.py tests/test_loss.py tests/test_validate.py tests/test_info.py tests/test_decision_sweep.py}"
   pytest_args+=(-k "${LOWRANK_SANITIZE_K:-not compile}")
 fi
 mkdir -p "$dir"

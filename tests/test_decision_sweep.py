@@ -1,0 +1,104 @@
+"""Whole-model training under each extreme of the measured decisions (ops/_dispatch.py), pinned.
+
+Which code path a layer takes depends on what this machine measured: the fused row kernels or the GEMMs,
+bf16 GEMMs native or widened, the adapter-products kernel, tile products into a transposed buffer or
+into rows. Each path is tested against float64 on its own (test_lora_ops, test_nf4_ops, ...); this file
+tests how they meet the rest of a model: the outputs' layouts and dtypes going into lowrank's norms,
+SiLU products and attention (fast_decoder) and pointwise recompute. A bf16 QLoRA MLP whose products came
+back as transposed views once trained on NaN on a machine that measured the buffer faster — the
+wrapper of the SiLU product let its row copies go before the kernel read them — and only a finetune
+test on that machine saw it. Here every combination runs on every machine.
+
+Each pinned model, with fast_decoder and under PointwiseRecompute, gives the loss and gradients of the
+same model on transformers' own modules with the simplest paths pinned (GEMMs, rows)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lowrank
+from lowrank.ops import _dispatch, _runtime
+
+from conftest import assert_same_training, dtype_name, token_ids
+
+transformers = pytest.importorskip("transformers")
+
+ALWAYS, NEVER = 1 << 30, 0
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _pin(monkeypatch, *, kernels: bool, buffer: bool, native_bf16: bool) -> None:
+    """Every decision pinned: the few-token kernels at any M (``kernels``) or never, transposed tile
+    buffers at any M or never, torch's bf16 GEMM native or widened."""
+    limit = ALWAYS if kernels else NEVER
+    both = lambda v: {torch.float32: v, torch.bfloat16: v}  # noqa: E731
+    monkeypatch.setattr(_runtime, "CPU_FUSED_MAX_M", both(limit))
+    monkeypatch.setattr(_runtime, "CPU_INPUT_GRAD_MAX_M", both(limit))
+    monkeypatch.setattr(_runtime, "NF4_CPU_FUSED_MAX_M", limit)
+    monkeypatch.setattr(_runtime, "NF4_CPU_INPUT_GRAD_MAX_M", limit)
+    monkeypatch.setattr(_runtime, "CPU_ADAPTER_PRODUCTS", both(kernels))
+    for name in ("CPU_LORA_BF16_DOT", "CPU_INPUT_GRAD_BF16_DOT", "NF4_CPU_BF16_DOT"):
+        monkeypatch.setattr(_runtime, name, kernels)  # (a kernel variant without the products widens itself)
+    monkeypatch.setattr(_runtime, "CPU_TILE_BUFFER_MAX_M", both(ALWAYS if buffer else NEVER))
+    decision = _dispatch.Decision("native" if native_bf16 else "widen", "pinned")
+    monkeypatch.setitem(_dispatch._decisions, "cpu_bf16_gemm", decision)
+
+
+PINS = {
+    "gemms-rows": dict(kernels=False, buffer=False, native_bf16=False),
+    "gemms-buffers-native": dict(kernels=False, buffer=True, native_bf16=True),
+    "gemms-buffers-widened": dict(kernels=False, buffer=True, native_bf16=False),
+    "kernels-buffers-native": dict(kernels=True, buffer=True, native_bf16=True),
+}
+
+
+def _model(method: str, dtype: torch.dtype) -> torch.nn.Module:
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=97, bos_token_id=0, eos_token_id=1,
+                                      pad_token_id=1, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(dtype)
+    if method == "lora":
+        adapters = lowrank.LoRAConfig(r=4, alpha=8)
+    else:
+        adapters = lowrank.QLoRAConfig(r=4, alpha=8, quantize_base="all-linear")
+    model = lowrank.inject(model, adapters)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
+def _train(model, ids, recompute: bool) -> list:
+    model.train()
+    if recompute:
+        with lowrank.PointwiseRecompute():
+            loss = model(input_ids=ids, labels=ids).loss
+    else:
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    out = [loss.detach()] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("pins", list(PINS), ids=str)
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+def test_fast_decoder_trains_alike_under_every_decision(monkeypatch, dtype, method, pins):
+    base = _model(method, dtype)
+    fast = lowrank.fast_decoder(copy.deepcopy(base))
+    for tokens in ((2, 40), (1, 3)):  # many tokens (GEMMs, tiles) and few (the row kernels where pinned)
+        ids = token_ids(7, tokens)
+        with monkeypatch.context() as m:
+            _pin(m, **PINS["gemms-rows"])
+            want = _train(base, ids, recompute=False)
+        with monkeypatch.context() as m:
+            _pin(m, **PINS[pins])
+            got = _train(fast, ids, recompute=True)
+        assert all(torch.isfinite(t.float()).all() for t in got), (pins, tokens)
+        assert_same_training(got, want, dtype)
