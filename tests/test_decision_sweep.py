@@ -1,4 +1,4 @@
-"""Whole-model training under each extreme of the measured decisions (ops/_dispatch.py), pinned.
+"""Whole-model training (LoRA, QLoRA, VeRA, full fine-tuning) under each extreme of the measured decisions (ops/_dispatch.py), pinned.
 
 Which code path a layer takes depends on what this machine measured: the fused row kernels or the GEMMs,
 bf16 GEMMs native or widened, the adapter-products kernel, tile products into a transposed buffer or
@@ -61,14 +61,16 @@ def _model(method: str, dtype: torch.dtype) -> torch.nn.Module:
                                       pad_token_id=1, tie_word_embeddings=True)  # fmt: skip
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(dtype)
-    if method == "lora":
-        adapters = lowrank.LoRAConfig(r=4, alpha=8)
-    else:
-        adapters = lowrank.QLoRAConfig(r=4, alpha=8, quantize_base="all-linear")
+    adapters = {
+        "lora": lambda: lowrank.LoRAConfig(r=4, alpha=8),
+        "qlora": lambda: lowrank.QLoRAConfig(r=4, alpha=8, quantize_base="all-linear"),
+        "vera": lambda: lowrank.VeRAConfig(r=32),
+        "full": lambda: lowrank.FullConfig(),
+    }[method]()
     model = lowrank.inject(model, adapters)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:
+            if p.requires_grad and not name.endswith("lora_A.weight"):  # B, VeRA's b, full's ΔW: zero at init
                 p.normal_(0, 0.1)
     return model
 
@@ -87,7 +89,7 @@ def _train(model, ids, recompute: bool) -> list:
 
 
 @pytest.mark.parametrize("pins", list(PINS), ids=str)
-@pytest.mark.parametrize("method", ["lora", "qlora"])
+@pytest.mark.parametrize("method", ["lora", "qlora", "vera", "full"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
 def test_fast_decoder_trains_alike_under_every_decision(monkeypatch, dtype, method, pins):
     base = _model(method, dtype)
