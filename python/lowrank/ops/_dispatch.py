@@ -61,8 +61,9 @@ measurement on first use, of the two candidate paths on one probe shape, interle
   timed with the copy into rows that its consumers make (the next projection, the SiLU product,
   attention, the norm each take rows): timed without it, a Zen 5 measured the two a tie at M = 256
   and chose the buffer, and a bf16 QLoRA training step of 2 × 128 tokens then ran 1.19× slower than
-  with rows. Probe: 2048 × 2048 from a weight's row tiles, M = 16, 64, 256. The QLoRA bf16 input gradient's column tiles follow the
-  bf16 decision (products ``[M, cols]`` into dx's columns, or ``[cols, M]`` into a transposed buffer).
+  with rows. Probe: 2048 × 2048 from a weight's row tiles, M = 16, 64, 256. The QLoRA bf16 input
+  gradient's column tiles follow the bf16 decision (products ``[M, cols]`` into dx's columns, or
+  ``[cols, M]`` into a transposed buffer).
 
 - ``cpu_parallel_min_work``: the fewest multiply-adds a thread is given in the few-token kernels (LoRA
   and NF4 rows, input gradients, adapter products, attention; csrc/cpu/dispatch.cpp): a smaller call
