@@ -262,7 +262,7 @@ def test_eager_direct_calls_match_the_op_registry(monkeypatch, make):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("gemm", ["native", "widen"])
 def test_tile_output_layout_gives_the_same_bits(fresh, monkeypatch, dtype, gemm):
-    """``cpu_tile_buffer_max_m``: a tiled GEMM's products go to an [n, M] buffer (returned transposed) or
+    """``cpu_tile_buffer_max_m``: a tiled GEMM's products go to an [n, M] buffer (copied into rows) or
     straight into the output's columns. Only the speed may differ: QLoRA's many-token forward and input
     gradient (NF4 decoded tile by tile) and a widened bf16 LoRA weight give identical bits both ways,
     and those bits are within the dtype's precision of float64."""
@@ -289,6 +289,7 @@ def test_tile_output_layout_gives_the_same_bits(fresh, monkeypatch, dtype, gemm)
             x = x0.clone().requires_grad_()
             y = layer(x)
             y.backward(dy)
+            assert y.is_contiguous() and x.grad.is_contiguous(), (name, limit)  # rows either way, as nn.Linear's
             outs[name, limit] = (y.detach(), x.grad)
     for name in ("qlora", "lora"):
         for a, b in zip(outs[name, limits[0]], outs[name, limits[1]]):

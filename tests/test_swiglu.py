@@ -210,11 +210,12 @@ def test_fast_swiglu_on_a_transformers_model(dtype, monkeypatch):
         fast_swiglu(None)
 
 
-def test_fast_swiglu_takes_a_qlora_mlps_transposed_products(monkeypatch):
-    """A bf16 QLoRA MLP's gate and up, their products decoded tile by tile into [n, M] buffers, come back as
-    transposed views (the tiles, in bf16, and ``cpu_tile_buffer_max_m`` forced on, as a machine may measure
-    them; fp32 copies them to rows); the kernel's MLP gives the module's own output from them (this once gave NaN: the wrapper's
-    row copies were let go before the kernel read them)."""
+def test_fast_swiglu_on_a_qlora_mlp_with_tile_buffers(monkeypatch):
+    """A bf16 QLoRA MLP whose gate and up products went through [n, M] tile buffers (the tiles, in bf16,
+    and ``cpu_tile_buffer_max_m`` forced on, as a machine may measure them) gives rows, as nn.Linear does,
+    and the kernel's MLP the module's own output from them. (The buffers' transposed views had been
+    returned as they were, and the SiLU product's wrapper let its row copies of them go before the kernel
+    read them: NaN.)"""
     dtype = torch.bfloat16
     monkeypatch.setattr(_runtime, "NF4_CPU_FUSED_MAX_M", 0)  # the tiles at any M (not the row kernel)
     monkeypatch.setattr(_gemm, "cpu_bf16_gemm_native", lambda: True)  # bf16 tiles (not x widened)
@@ -228,7 +229,7 @@ def test_fast_swiglu_takes_a_qlora_mlps_transposed_products(monkeypatch):
                 p.normal_(0, 0.1)
     fast = fast_swiglu(copy.deepcopy(qlora))
     x = torch.randn(3, 11, 64).to(dtype)
-    assert not fast.model.layers[0].mlp.gate_proj(x).is_contiguous()  # the training forward's layout
+    assert fast.model.layers[0].mlp.gate_proj(x).is_contiguous()  # the training forward's output: rows
     for i in range(2):
         a, b = fast.model.layers[i].mlp(x).detach(), qlora.model.layers[i].mlp(x).detach()
         assert torch.isfinite(a).all()

@@ -54,16 +54,16 @@ measurement on first use, of the two candidate paths on one probe shape, interle
   spends its time on (M = 1 streams W either way). Not measured where the kernel variant has no
   AVX512-BF16 ("widen"). Measured before ``cpu_fused_max_m/bfloat16``, whose fused side runs it.
 - ``cpu_tile_buffer_max_m/<dtype>``: where the tiled GEMMs (a weight decoded or widened tile by tile)
-  put each tile's product: the largest M at which an ``[n, M]`` buffer, returned as its transposed
-  view, beats writing straight into the tile's columns of ``[M, n]`` (a strided ``out``). The same
+  put each tile's product: the largest M at which an ``[n, M]`` buffer, copied into rows at the end,
+  beats writing straight into the tile's columns of ``[M, n]`` (a strided ``out``). The same
   bits either way; the speed is the GEMM library's business (a Zen 4's fp32 GEMM ran 3× slower into
-  columns at M = 16 and 4 % faster at M = 512; its bf16 GEMM was never slower). The buffer's side is
-  timed with the copy into rows that its consumers make (the next projection, the SiLU product,
-  attention, the norm each take rows): timed without it, a Zen 5 measured the two a tie at M = 256
-  and chose the buffer, and a bf16 QLoRA training step of 2 × 128 tokens then ran 1.19× slower than
-  with rows. Probe: 2048 × 2048 from a weight's row tiles, M = 16, 64, 256. The QLoRA bf16 input
+  columns at M = 16 and 4 % faster at M = 512; its bf16 GEMM was never slower). The copy is part of
+  the op, so part of the probe: the buffer's transposed view had been returned as it was, every
+  consumer copied it (the next projection, the SiLU product, attention, the norm), and the probe,
+  timing the GEMMs alone, saw a tie at M = 256 on a Zen 5 and chose the buffer, under which a bf16
+  QLoRA training step of 2 × 128 tokens ran 1.19× slower than with rows. Probe: 2048 × 2048 from a weight's row tiles, M = 16, 64, 256. The QLoRA bf16 input
   gradient's column tiles follow the bf16 decision (products ``[M, cols]`` into dx's columns, or
-  ``[cols, M]`` into a transposed buffer).
+  ``[cols, M]`` into a buffer copied into rows).
 
 - ``cpu_parallel_min_work``: the fewest multiply-adds a thread is given in the few-token kernels (LoRA
   and NF4 rows, input gradients, adapter products, attention; csrc/cpu/dispatch.cpp): a smaller call
@@ -700,9 +700,7 @@ def _probe_tile_layout(dtype: torch.dtype) -> tuple[int, dict]:
 
         def run():
             with _pinned("CPU_TILE_BUFFER_MAX_M", {dtype: limit}):
-                # and the copy into rows the product's consumers make of a transposed view (the next
-                # projection's x, the SiLU product, attention's heads, the norm): its cost is the buffer's
-                return _gemm.linear_tiles(x, n, k, fill).contiguous()
+                return _gemm.linear_tiles(x, n, k, fill)  # (the buffer's side copies it into rows)
 
         return run
 

@@ -116,8 +116,8 @@ def _tile_rows(k: int) -> int:
 
 def linear_tiles_fp32(x32: torch.Tensor, n: int, k: int, fill: Callable[[int, torch.Tensor], None],
                       bias: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
-    """``x32 @ Wᵀ (+ bias)`` in fp32 ([M, n], contiguous or a transposed view as :func:`linear_tiles`
-    measured) for a weight [n, k] that ``fill(n0, tile)`` writes into fp32 row tiles."""
+    """``x32 @ Wᵀ (+ bias)`` in fp32 ([M, n], contiguous) for a weight [n, k] that ``fill(n0, tile)`` writes
+    into fp32 row tiles (:func:`linear_tiles`)."""
     return linear_tiles(x32, n, k, fill, bias=None if bias is None else bias.float())
 
 
@@ -127,10 +127,13 @@ def linear_tiles(x: torch.Tensor, n: int, k: int, fill: Callable[[int, torch.Ten
     row tiles of x's dtype (fp32, or bf16 where torch's bf16 GEMM is the faster one: fp32 accumulation
     inside, the bias (x's dtype) added to it as addmm's C, one rounding).
 
-    Each tile's product goes either into an ``[n, M]`` buffer, returned as its transposed view, or straight
+    Each tile's product goes either into an ``[n, M]`` buffer, copied into rows at the end, or straight
     into the tile's columns of a contiguous ``[M, n]`` (a strided ``out``): the same bits, at speeds that
     depend on the GEMM library, the dtype and M (a Zen 4: fp32 into columns 3x slower at M = 16, 1.9x
-    at 64, 4 % faster at 512; bf16 never slower), so measured per machine (``cpu_tile_buffer_max_m``).
+    at 64, 4 % faster at 512; bf16 never slower), so measured per machine (``cpu_tile_buffer_max_m``),
+    the copy included. The result is contiguous either way, as ``nn.Linear``'s: the buffer's transposed
+    view had been returned as it was, and every consumer copied it (the next projection, the SiLU
+    product, attention, the norm) or failed on it (a caller's ``.view(-1)``).
     """
     rows = _tile_rows(k)
     ws = _workspace(min(rows, n) * k, x.device, x.dtype)
@@ -161,7 +164,7 @@ def linear_tiles(x: torch.Tensor, n: int, k: int, fill: Callable[[int, torch.Ten
             torch.mm(tile, x.t(), out=y[n0:n1])
         else:
             torch.addmm(bias[n0:n1, None], tile, x.t(), out=y[n0:n1])
-    return y if direct else y.t()
+    return y if direct else y.t().contiguous()
 
 
 def matmul_tiles_fp32(
@@ -196,7 +199,7 @@ def _copy_rows(weight: torch.Tensor) -> Callable[[int, torch.Tensor], None]:
 
 
 def linear_t_fp32(x32: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x32 @ weight.T`` in fp32 ([M, N]; when tiled, possibly a transposed view: see
+    """``x32 @ weight.T`` in fp32 ([M, N], contiguous; tiled where ``weight`` is not fp32: see
     :func:`linear_tiles`) for any float ``weight`` [N, K]; x32 is fp32 [M, K]."""
     if weight.dtype == torch.float32:
         return linear(x32, weight)

@@ -291,8 +291,7 @@ def run(x, weight, bias, base_out, order, offsets, table, adapter_input=None, *,
         y.addmm_(x2, weight.t())
     else:
         # A 16-bit weight on a CPU whose 16-bit GEMM is slow: the base in fp32, rounded once at the end.
-        # (linear_t_fp32 may return a transposed view when tiled; the row kernel reads base_out row by row)
-        y32 = _gemm.linear_t_fp32(x_in, weight).contiguous()
+        y32 = _gemm.linear_t_fp32(x_in, weight)  # (rows: the row kernel reads base_out row by row)
         if c is not None:
             y32.add_(c)
         _rows(y, x_in, xa_in, None, bias, y32, order, offsets, h_rows, table, views)

@@ -871,7 +871,7 @@ def _backward_input_bf16_tiles(dy2: Tensor, w: "_C.Nf4Weight", n: int, k: int, g
             torch.mm(left, tile, out=dx[:, k0 : k0 + kt])
         else:
             torch.mm(tile.t(), left.t(), out=dx[k0 : k0 + kt])
-    return dx if direct else dx.t()
+    return dx if direct else dx.t().contiguous()  # (rows, as linear_tiles returns them)
 
 
 for _device in ("cpu", "cuda"):
