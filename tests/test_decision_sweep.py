@@ -21,6 +21,7 @@ import torch
 
 import lowrank
 from lowrank.ops import _dispatch, _runtime
+from lowrank.ops import nf4 as nf4_ops
 
 from conftest import assert_same_training, dtype_name, token_ids
 
@@ -43,6 +44,8 @@ def _pin(monkeypatch, *, kernels: bool, buffer: bool, native_bf16: bool) -> None
     for name in ("CPU_LORA_BF16_DOT", "CPU_INPUT_GRAD_BF16_DOT", "NF4_CPU_BF16_DOT"):
         monkeypatch.setattr(_runtime, name, kernels)  # (a kernel variant without the products widens itself)
     monkeypatch.setattr(_runtime, "CPU_TILE_BUFFER_MAX_M", both(ALWAYS if buffer else NEVER))
+    # NF4 inference: the tiled layout at any M (bf16 x widened up to M = 2), or never
+    monkeypatch.setattr(_runtime, "NF4_CPU_TILED_M", (1, ALWAYS, 2) if kernels else (0, 0, 0))
     decision = _dispatch.Decision("native" if native_bf16 else "widen", "pinned")
     monkeypatch.setitem(_dispatch._decisions, "cpu_bf16_gemm", decision)
 
@@ -104,3 +107,29 @@ def test_fast_decoder_trains_alike_under_every_decision(monkeypatch, dtype, meth
             got = _train(fast, ids, recompute=True)
         assert all(torch.isfinite(t.float()).all() for t in got), (pins, tokens)
         assert_same_training(got, want, dtype)
+
+
+@pytest.mark.parametrize("pins", list(PINS), ids=str)
+@pytest.mark.parametrize("method", ["lora", "qlora", "vera"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+def test_inference_alike_under_every_decision(monkeypatch, dtype, method, pins):
+    """Inference (eval, no gradients) through fast_decoder under each pinned extreme: the row kernels and
+    NF4's tiled layout, or the GEMMs; each call twice (the second through the layers' CallPlans)."""
+    base = _model(method, dtype).eval()
+    fast = lowrank.fast_decoder(copy.deepcopy(base)).eval()
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5)
+    for tokens in ((1, 1), (1, 2), (2, 5), (2, 40)):
+        ids = token_ids(11, tokens)
+        with torch.no_grad():
+            with monkeypatch.context() as m:
+                _pin(m, **PINS["gemms-rows"])
+                want = base(input_ids=ids).logits.float()
+            with monkeypatch.context() as m:
+                _pin(m, **PINS[pins])
+                for _ in range(2):
+                    got = fast(input_ids=ids).logits.float()
+                    assert torch.isfinite(got).all(), (pins, tokens)
+                    assert torch.allclose(got, want, **tol), (pins, tokens, (got - want).abs().max().item())
+    if method == "qlora" and PINS[pins]["kernels"] and nf4_ops.TiledWeight.supported((64, 64), 64, dtype):
+        frozen = [getattr(mod, "_frozen", None) for mod in fast.modules()]
+        assert any(getattr(f, "tiled", None) is not None for f in frozen)  # the tiled layout did run
