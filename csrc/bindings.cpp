@@ -148,8 +148,8 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<Matrix>(m, "Matrix", "A strided row-major view: element (i, j) at ptr + (i*ld + j)*itemsize")
       // Positional only: built several times per layer call, keyword matching would cost more.
-      // The seventh argument is the object that owns the memory (lowrank._validate.matrix passes the
-      // tensor): the Matrix keeps it alive, so a view of a temporary (a contiguous copy made for the
+      // The last argument is the object that owns the memory (lowrank._validate.matrix passes the tensor,
+      // or None): the Matrix keeps it alive, so a view of a temporary (a contiguous copy made for the
       // call) cannot be freed, and its memory handed to the next temporary, before the kernel reads it.
       .def(py::init([](std::uintptr_t ptr, int64_t rows, int64_t cols, int64_t ld, DType dtype, int device,
                        const py::object&) {
@@ -157,10 +157,6 @@ PYBIND11_MODULE(_C, m) {
              return Matrix{ptr, rows, cols, ld, dtype, device};
            }),
            py::keep_alive<1, 8>())
-      .def(py::init([](std::uintptr_t ptr, int64_t rows, int64_t cols, int64_t ld, DType dtype, int device) {
-        LOWRANK_CHECK(rows >= 0 && cols >= 0, "Matrix: negative size");
-        return Matrix{ptr, rows, cols, ld, dtype, device};
-      }))
       .def_readonly("rows", &Matrix::rows)
       .def_readonly("cols", &Matrix::cols)
       .def_readonly("ld", &Matrix::ld)
@@ -508,14 +504,11 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<Strided4>(m, "Strided4", "A 4-D view whose last dimension is contiguous: element (a, b, c, d) at "
                                       "ptr + (a*s0 + b*s1 + c*s2 + d)*itemsize")
-      // The sixth argument owns the memory (lowrank.attention passes the tensor): held, as Matrix's.
+      // The last argument owns the memory (lowrank.attention passes the tensor): held, as Matrix's.
       .def(py::init([](std::uintptr_t ptr, int64_t s0, int64_t s1, int64_t s2, DType dtype, const py::object&) {
              return Strided4{ptr, s0, s1, s2, dtype};
            }),
-           py::keep_alive<1, 7>())
-      .def(py::init([](std::uintptr_t ptr, int64_t s0, int64_t s1, int64_t s2, DType dtype) {
-        return Strided4{ptr, s0, s1, s2, dtype};
-      }));
+           py::keep_alive<1, 7>());
   m.def(
       "attention_cpu",
       [](const Strided4& q, const Strided4& k, const Strided4& v, const Strided4& out, std::uintptr_t lse,

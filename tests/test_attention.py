@@ -192,7 +192,7 @@ def test_bad_input_names_the_argument(change, match):
 
 def test_c_entry_point_checks_sizes():
     q, k, v = _inputs(1, 2, 1, 3, 3, 8, torch.float32)
-    view = lambda t: _C.Strided4(t.data_ptr(), t.stride(0), t.stride(1), t.stride(2), _C.DType.float32)  # noqa: E731
+    view = lowrank.attention._view
     lse = torch.empty(1, 2, 3)
     with pytest.raises(ValueError, match="^key: 2 key/value heads do not divide 3 query heads"):
         _C.attention_cpu(view(q), view(k), view(v), view(q.clone()), lse.data_ptr(), [1, 3, 2, 3, 3, 8], 1.0, 1)

@@ -451,7 +451,8 @@ def view(t, *, rows=None, cols=None, ld=None, ptr=None, dtype=None, device=-1):
     code = {torch.float32: F32, torch.bfloat16: BF16, torch.uint8: U8, torch.int32: I32}[t.dtype]
     r, c = (1, t.shape[0]) if t.dim() == 1 else tuple(t.shape)
     return _C.Matrix(t.data_ptr() if ptr is None else ptr, r if rows is None else rows, c if cols is None else cols,
-                     (t.stride(0) if t.dim() == 2 else c) if ld is None else ld, code if dtype is None else dtype, device)  # fmt: skip
+                     (t.stride(0) if t.dim() == 2 else c) if ld is None else ld, code if dtype is None else dtype, device,
+                     t)  # fmt: skip
 
 
 class Raw:
@@ -510,11 +511,11 @@ class Raw:
 
 RAW_CASES = [
     # sizes that cannot be: negative, or a pointer that is not a pointer
-    pytest.param(lambda R: _C.Matrix(R.x.data_ptr(), -1, 8, 8, F32, -1), ValueError, r"^Matrix: negative size", id="Matrix-rows-negative"),
-    pytest.param(lambda R: _C.Matrix(R.x.data_ptr(), 3, -8, 8, F32, -1), ValueError, r"^Matrix: negative size", id="Matrix-cols-negative"),
-    pytest.param(lambda R: _C.Matrix(-8, 3, 8, 8, F32, -1), TypeError, r"incompatible constructor arguments", id="Matrix-ptr-negative"),
-    pytest.param(lambda R: _C.Matrix(R.x.data_ptr(), 3.0, 8, 8, F32, -1), TypeError, r"incompatible constructor arguments", id="Matrix-rows-float"),
-    pytest.param(lambda R: _C.Matrix(R.x.data_ptr(), 1 << 64, 8, 8, F32, -1), TypeError, r"incompatible constructor arguments", id="Matrix-rows-beyond-int64"),
+    pytest.param(lambda R: _C.Matrix(R.x.data_ptr(), -1, 8, 8, F32, -1, None), ValueError, r"^Matrix: negative size", id="Matrix-rows-negative"),
+    pytest.param(lambda R: _C.Matrix(R.x.data_ptr(), 3, -8, 8, F32, -1, None), ValueError, r"^Matrix: negative size", id="Matrix-cols-negative"),
+    pytest.param(lambda R: _C.Matrix(-8, 3, 8, 8, F32, -1, None), TypeError, r"incompatible constructor arguments", id="Matrix-ptr-negative"),
+    pytest.param(lambda R: _C.Matrix(R.x.data_ptr(), 3.0, 8, 8, F32, -1, None), TypeError, r"incompatible constructor arguments", id="Matrix-rows-float"),
+    pytest.param(lambda R: _C.Matrix(R.x.data_ptr(), 1 << 64, 8, 8, F32, -1, None), TypeError, r"incompatible constructor arguments", id="Matrix-rows-beyond-int64"),
     pytest.param(lambda R: _C.Nf4Weight(R.codes.data_ptr(), -4, 64, 64, 0, R.qabsmax.data_ptr(), R.code2.data_ptr(), R.absmax2.data_ptr(),
                                         R.offset.data_ptr(), 256, -1), ValueError, r"^weight: negative shape", id="Nf4Weight-rows-negative"),  # fmt: skip
     pytest.param(lambda R: R.nf4_weight(cols=-64), ValueError, r"^weight: negative shape", id="Nf4Weight-cols-negative"),
@@ -683,7 +684,7 @@ def test_c_entry_point_refuses_undetectable_lie(call):
 
 def test_child_harness_sees_crashes_and_exceptions():
     """The fork harness itself: an exception, a clean return and a crash are told apart."""
-    assert _outcome_in_child(lambda: _C.Matrix(0, -1, 1, 1, F32, -1)).startswith("raised ValueError: Matrix: negative size")
+    assert _outcome_in_child(lambda: _C.Matrix(0, -1, 1, 1, F32, -1, None)).startswith("raised ValueError: Matrix: negative size")
     assert _outcome_in_child(lambda: None) == "returned"
     assert _outcome_in_child(lambda: os.kill(os.getpid(), signal.SIGKILL)) == "killed by SIGKILL"
 
