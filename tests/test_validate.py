@@ -24,41 +24,32 @@ def test_matrix_of_contiguous_and_sliced_views():
     assert matrix("x", torch.randn(0, 3)).rows == 0
 
 
-def test_matrix_holds_its_tensor():
-    """A view of a temporary (a contiguous copy made for one kernel call) keeps the copy alive while the
-    view lives, so its memory cannot go to the next temporary before the kernel reads it; a view made with
-    ``hold=False`` (cached between calls, keyed by address) does not keep a replaced tensor alive."""
-    t = torch.randn(8, 5)
-    copy = t.t().contiguous()
+def _keeps_alive(make_view, make_copy) -> bool:
+    """Whether the view ``make_view`` builds of a fresh ``make_copy()`` (nothing else holds it) keeps the
+    copy alive; the view, once dropped, must let it go either way."""
+    copy = make_copy()
     ref = weakref.ref(copy)
-    view = matrix("x", copy)
+    view = make_view(copy)
     del copy
     gc.collect()
-    assert ref() is not None
+    held = ref() is not None
     del view
     gc.collect()
     assert ref() is None
-    copy = t.t().contiguous()
-    ref = weakref.ref(copy)
-    view = matrix("x", copy, hold=False)
-    del copy
-    gc.collect()
-    assert ref() is None and view.rows == 5
+    return held
 
 
-def test_attention_view_holds_its_tensor():
-    """The attention kernels' 4-D views hold their tensors too (a head-rows copy made for the call)."""
+def test_views_hold_their_tensors():
+    """A kernel view of a temporary (a contiguous copy made for one kernel call) keeps the copy alive while
+    the view lives, so its memory cannot go to the next temporary before the kernel reads it: Matrix, and
+    attention's 4-D views. A Matrix made with ``hold=False`` (cached between calls, keyed by address) does
+    not keep a replaced tensor alive."""
     from lowrank.attention import _view
 
-    copy = torch.randn(2, 3, 4, 5).transpose(1, 2).contiguous()
-    ref = weakref.ref(copy)
-    view = _view(copy)
-    del copy
-    gc.collect()
-    assert ref() is not None
-    del view
-    gc.collect()
-    assert ref() is None
+    rows = lambda: torch.randn(8, 5).t().contiguous()  # noqa: E731
+    assert _keeps_alive(lambda t: matrix("x", t), rows)
+    assert not _keeps_alive(lambda t: matrix("x", t, hold=False), rows)
+    assert _keeps_alive(_view, lambda: torch.randn(2, 3, 4, 5).transpose(1, 2).contiguous())
 
 
 def test_matrix_rejects_non_contiguous_last_dim():
