@@ -242,7 +242,7 @@ def count_calls(monkeypatch, owner, name: str) -> list:
 
 def layouts(t: torch.Tensor) -> dict:
     """``t``'s values (2-D or more) in other memory layouts, by name: a transposed view of column-major
-    storage (what the tiled NF4 forward returns), rows inside a wider buffer, every other row of a
+    storage (what the tiled NF4 forward had returned), rows inside a wider buffer, every other row of a
     buffer, and (3-D or more) the leading dimensions swapped. Each view holds the only
     reference to its buffer, so a kernel wrapper's contiguous copy of it is a temporary: a wrapper that
     lets a copy go before its kernel has read it reads freed memory (then the next copy's values)."""
@@ -274,22 +274,30 @@ def layouts(t: torch.Tensor) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Whole-model helpers (transformers, imported when used)
 # ---------------------------------------------------------------------------------------------
-def tiny_lora_llama(dtype: torch.dtype):
-    """A 2-layer Llama (hidden 64) with LoRA r=4 on every projection, B drawn nonzero so the adapters matter."""
+def tiny_adapted_llama(dtype: torch.dtype, config=None):
+    """A 2-layer Llama (hidden 64) with ``config``'s adapter (default LoRA r=4) on every projection, each
+    trainable tensor that starts at zero (LoRA's B, full fine-tuning's ΔW) drawn nonzero, so the
+    adapters matter."""
     import transformers
 
     import lowrank
 
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=97, bos_token_id=0, eos_token_id=1,
-                                      pad_token_id=1, tie_word_embeddings=True)  # fmt: skip
+    llama = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=97, bos_token_id=0, eos_token_id=1,
+                                     pad_token_id=1, tie_word_embeddings=True)  # fmt: skip
     torch.manual_seed(0)
-    model = lowrank.inject(transformers.LlamaForCausalLM(config).to(dtype), lowrank.LoRAConfig(r=4, alpha=8))
+    model = transformers.LlamaForCausalLM(llama).to(dtype)
+    model = lowrank.inject(model, config if config is not None else lowrank.LoRAConfig(r=4, alpha=8))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "lora_B" in name:
+            if p.requires_grad and not name.endswith("lora_A.weight"):
                 p.normal_(0, 0.1)
     return model
+
+
+def tiny_lora_llama(dtype: torch.dtype):
+    """:func:`tiny_adapted_llama` with LoRA r=4."""
+    return tiny_adapted_llama(dtype)
 
 
 def token_ids(seed: int, shape=(2, 9)) -> torch.Tensor:

@@ -1,19 +1,22 @@
-"""Whole-model training (LoRA, QLoRA, VeRA, full fine-tuning) under each extreme of the measured decisions (ops/_dispatch.py), pinned.
+"""Whole models (LoRA, QLoRA, VeRA, full fine-tuning) trained and run under each extreme of the
+measured decisions (ops/_dispatch.py), pinned.
 
 Which code path a layer takes depends on what this machine measured: the fused row kernels or the GEMMs,
-bf16 GEMMs native or widened, the adapter-products kernel, tile products into a transposed buffer or
-into rows. Each path is tested against float64 on its own (test_lora_ops, test_nf4_ops, ...); this file
-tests how they meet the rest of a model: the outputs' layouts and dtypes going into lowrank's norms,
-SiLU products and attention (fast_decoder) and pointwise recompute. A bf16 QLoRA MLP whose products came
-back as transposed views once trained on NaN on a machine that measured the buffer faster — the
-wrapper of the SiLU product let its row copies go before the kernel read them — and only a finetune
-test on that machine saw it. Here every combination runs on every machine.
+bf16 GEMMs native or widened, the adapter-products kernel, tile products through an [n, M] buffer or
+straight into rows. Each path is tested against float64 on its own (test_lora_ops, test_nf4_ops, ...);
+this file tests how they meet the rest of a model: the outputs' layouts and dtypes going into lowrank's
+norms, SiLU products and attention (fast_decoder) and pointwise recompute. A bf16 QLoRA MLP whose
+products came back as transposed views once trained on NaN on a machine that measured the buffer
+faster — the wrapper of the SiLU product let its row copies go before the kernel read them — and only a
+finetune test on that machine saw it. Here every combination runs on every machine.
 
-Each pinned model, with fast_decoder and under PointwiseRecompute, gives the loss and gradients of the
-same model on transformers' own modules with the simplest paths pinned (GEMMs, rows)."""
+Each pinned model, with fast_decoder (and in training under PointwiseRecompute), gives the loss and
+gradients, or the logits, of the same model on transformers' own modules with the simplest paths pinned
+(GEMMs, rows)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -23,7 +26,7 @@ import lowrank
 from lowrank.ops import _dispatch, _runtime
 from lowrank.ops import nf4 as nf4_ops
 
-from conftest import assert_same_training, dtype_name, token_ids
+from conftest import assert_same_training, dtype_name, tiny_adapted_llama, token_ids
 
 transformers = pytest.importorskip("transformers")
 
@@ -32,8 +35,8 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _pin(monkeypatch, *, kernels: bool, buffer: bool, native_bf16: bool) -> None:
-    """Every decision pinned: the few-token kernels at any M (``kernels``) or never, transposed tile
-    buffers at any M or never, torch's bf16 GEMM native or widened."""
+    """Every decision pinned: the few-token kernels at any M (``kernels``) or never, tile buffers at any M
+    or never, torch's bf16 GEMM native or widened."""
     limit = ALWAYS if kernels else NEVER
     both = lambda v: {torch.float32: v, torch.bfloat16: v}  # noqa: E731
     monkeypatch.setattr(_runtime, "CPU_FUSED_MAX_M", both(limit))
@@ -59,31 +62,17 @@ PINS = {
 
 
 def _model(method: str, dtype: torch.dtype) -> torch.nn.Module:
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=97, bos_token_id=0, eos_token_id=1,
-                                      pad_token_id=1, tie_word_embeddings=True)  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).to(dtype)
-    adapters = {
+    return tiny_adapted_llama(dtype, {
         "lora": lambda: lowrank.LoRAConfig(r=4, alpha=8),
         "qlora": lambda: lowrank.QLoRAConfig(r=4, alpha=8, quantize_base="all-linear"),
         "vera": lambda: lowrank.VeRAConfig(r=32),
         "full": lambda: lowrank.FullConfig(),
-    }[method]()
-    model = lowrank.inject(model, adapters)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.requires_grad and not name.endswith("lora_A.weight"):  # B, VeRA's b, full's ΔW: zero at init
-                p.normal_(0, 0.1)
-    return model
+    }[method]())
 
 
 def _train(model, ids, recompute: bool) -> list:
     model.train()
-    if recompute:
-        with lowrank.PointwiseRecompute():
-            loss = model(input_ids=ids, labels=ids).loss
-    else:
+    with lowrank.PointwiseRecompute() if recompute else contextlib.nullcontext():
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     out = [loss.detach()] + [p.grad.clone() for p in model.parameters() if p.requires_grad]
