@@ -61,9 +61,9 @@ measurement on first use, of the two candidate paths on one probe shape, interle
   the op, so part of the probe: the buffer's transposed view had been returned as it was, every
   consumer copied it (the next projection, the SiLU product, attention, the norm), and the probe,
   timing the GEMMs alone, saw a tie at M = 256 on a Zen 5 and chose the buffer, under which a bf16
-  QLoRA training step of 2 × 128 tokens ran 1.19× slower than with rows. Probe: 2048 × 2048 from a weight's row tiles, M = 16, 64, 256. The QLoRA bf16 input
-  gradient's column tiles follow the bf16 decision (products ``[M, cols]`` into dx's columns, or
-  ``[cols, M]`` into a buffer copied into rows).
+  QLoRA training step of 2 × 128 tokens ran 1.19× slower than with rows. Probe: 2048 × 2048 from a
+  weight's row tiles, M = 16, 64, 256. The QLoRA bf16 input gradient's column tiles follow the bf16
+  decision (products ``[M, cols]`` into dx's columns, or ``[cols, M]`` into a buffer copied into rows).
 
 - ``cpu_parallel_min_work``: the fewest multiply-adds a thread is given in the few-token kernels (LoRA
   and NF4 rows, input gradients, adapter products, attention; csrc/cpu/dispatch.cpp): a smaller call
