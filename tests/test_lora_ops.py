@@ -230,7 +230,8 @@ def test_forward_random_shapes(m, k, n, r, dtypes, path, layout, bias, dropout, 
 # The fused path under every CPU kernel variant (portable / AVX2 / AVX-512 where supported)
 # ---------------------------------------------------------------------------------------------
 ISA_MS = (1, 2, 3, 4, 5, 17, 64, 130)  # every micro-tile remainder (3 and 4 rows); >64 rows: several passes
-# K = 2053 > KC = 1024 runs the K-blocked loop with a ragged last block; N = 257 spans five 64-row tasks.
+# K = 2053 runs the K-blocked loop with a ragged last block (KC = 1024; 2048 for bf16 products, whose
+# last block is then 5 long); N = 257 spans five 64-row tasks.
 ISA_SHAPES = ((7, 5), (129, 257), (2053, 67))
 # r: tail only, one vector, two-vector loop + vector + tail; with and without bias
 ISA_RANKS_BIAS = ((1, True), (8, False), (23, True))
@@ -251,7 +252,7 @@ def test_fused_forward_each_cpu_isa(cpu_isa, dtype, adapter_dtype, m, k, n, r, b
     assert ROW_KERNELS.intersection(kernel_calls), kernel_calls
 
 
-BF16_ROW_CASES = [(1, 7, 5), (3, 31, 9), (5, 33, 70), (16, 100, 41), (17, 1030, 13), (65, 64, 7)]
+BF16_ROW_CASES = [(1, 7, 5), (3, 31, 9), (5, 33, 70), (16, 100, 41), (17, 1030, 13), (9, 4171, 11), (65, 64, 7)]
 
 
 @pytest.mark.parametrize("dot", [True, False], ids=["dot", "widen"])
@@ -260,7 +261,7 @@ def test_fused_bf16_rows_either_choice(cpu_isa, dot, m, k, n, force_path, monkey
     """``cpu_lora_bf16_rows``: a bf16 x read as bf16 (AVX512-BF16 products against the bf16 W where the
     CPU and kernel variant have them, x widened in the kernel elsewhere) or widened in Python: within the
     contract of float64 either way — K not a multiple of the 32-wide chunk (masked tails), K past the
-    1024 block, M past the 64-row pass, bias, a bf16 or fp32 adapter."""
+    1024 and 2048 blocks (three of them, the last ragged), M past the 64-row pass, bias, a bf16 or fp32 adapter."""
     force_path("fused")
     monkeypatch.setattr(_runtime, "CPU_LORA_BF16_DOT", dot)
     for adapter_dtype, bias in ((torch.bfloat16, True), (torch.float32, False)):
