@@ -179,14 +179,16 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "lora_fused_cpu",
       [](const Matrix& out, const Matrix& x, const Matrix& w, const std::optional<Matrix>& bias, const Matrix& a,
-         const Matrix& e, const std::optional<Matrix>& u, float scale, int num_threads) {
-        LoraRowsArgs args = lora_rows_args(out, x, w, bias, std::nullopt, e, std::nullopt, std::nullopt, scale);
+         const Matrix& e, const std::optional<Matrix>& u, const std::optional<Matrix>& col_scale,
+         const std::optional<Matrix>& v_scale, float scale, int num_threads) {
+        LoraRowsArgs args = lora_rows_args(out, x, w, bias, std::nullopt, e, col_scale, v_scale, scale);
         const Matrix u_out = opt(u);
         py::gil_scoped_release nogil;
         lora_fused_cpu(args, a, u_out, num_threads);
       },
-      "u = x aᵀ (fp32; into `u` when given), then out = x wᵀ + scale * u eᵀ + bias: the fused LoRA forward in one "
-      "call (positional arguments: out, x, w, bias, a, e, u, scale, num_threads)");
+      "u = x aᵀ (fp32; into `u` when given, unscaled), then out = x wᵀ + scale * col_scale ⊙ (u ⊙ v_scale) eᵀ + "
+      "bias: the fused LoRA (and VeRA: col_scale b, v_scale d) forward in one call (positional arguments: out, x, w, "
+      "bias, a, e, u, col_scale, v_scale, scale, num_threads)");
 
   m.def(
       "lora_input_grad_cpu",

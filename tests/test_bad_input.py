@@ -495,7 +495,7 @@ class Raw:
     def lora_fused(self, out=None, x=None, w=None, a=None, e=None, u=None, threads=1):
         """u = x aᵀ into ``u`` (or a scratch buffer), then out = x wᵀ + u eᵀ: a = self.a ([2, 8])."""
         return _C.lora_fused_cpu(out or view(self.out), x or view(self.x), w or view(self.w), None, a or view(self.a),
-                                 e or view(self.e), u, 1.0, threads)  # fmt: skip
+                                 e or view(self.e), u, None, None, 1.0, threads)  # fmt: skip
 
     def adapters(self, a=None, e=None, n=2):
         a = a if a is not None else [view(t) for t in self.a_list[:n]]

@@ -25,7 +25,7 @@ from conftest import (HAS_CUDA, absolute, assert_error_within, device_dtype_para
 
 forward = torch.ops.lowrank.vera_linear_forward
 backward_adapter = torch.ops.lowrank.vera_linear_backward_adapter
-ROW_KERNELS = {"lora_rows_cpu", "lora_rows_cuda"}
+ROW_KERNELS = {"lora_rows_cpu", "lora_fused_cpu", "lora_rows_cuda"}  # lora_fused_cpu: h and the rows in one call
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,20 +153,19 @@ def test_forward_reads_projection_slices_in_place(kernel_calls, force_path):
     force_path("fused")
     x, w, b, a, bb, d, lb, _ = make_inputs((3,), 40, 30, 6, torch.float32)
     seen = []
-    original = _C.lora_rows_cpu
+    original = _C.lora_fused_cpu
 
-    def spy(out, x_, w_, bias, v, e, col_scale, v_scale, scale, threads):
-        seen.append((w_.ld, None if e is None else e.ld))
-        return original(out, x_, w_, bias, v, e, col_scale, v_scale, scale, threads)
+    def spy(out, x_, w_, bias, a_, e, h, col_scale, v_scale, scale, threads):
+        seen.append((w_.ld, a_.ld, e.ld))
+        return original(out, x_, w_, bias, a_, e, h, col_scale, v_scale, scale, threads)
 
-    _C.lora_rows_cpu = spy
+    _C.lora_fused_cpu = spy
     try:
         check_forward(x, w, b, a, bb, d, lb, None)
     finally:
-        _C.lora_rows_cpu = original
-    # the row kernel reads B's slice through its leading dimension; h = x A_sᵀ is torch's GEMM over A's
-    # slice view (a transposed stride, no copy) — ops/lora.py down_projection
-    assert seen == [(w.stride(0), bb.stride(0))]
+        _C.lora_fused_cpu = original
+    # one call makes h = x A_sᵀ and the rows, reading both slices through their leading dimensions
+    assert seen == [(w.stride(0), a.stride(0), bb.stride(0))]
     assert a.stride(0) > a.shape[1] and bb.stride(0) > bb.shape[1]
 
 
@@ -204,7 +203,8 @@ ISA_SHAPES = ((17, 9), (300, 37))
 def test_fused_forward_each_cpu_isa(cpu_isa, dtype, adapter_dtype, m, k, n, with_weight, force_path, kernel_calls):
     force_path("fused")
     check_forward(*make_inputs((m,), k, n, 19, dtype, adapter_dtype=adapter_dtype, with_weight=with_weight))
-    assert "lora_rows_cpu" in kernel_calls
+    # h and the rows in one call over a dense W; without one, the adapter term alone (rows with K = 0)
+    assert ("lora_fused_cpu" if with_weight else "lora_rows_cpu") in kernel_calls, kernel_calls
 
 
 @pytest.mark.parametrize("path", ["fused", "gemm"])

@@ -199,7 +199,7 @@ void lora_fused_cpu(const LoraRowsArgs& args, const Matrix& a, const Matrix& u, 
   }
   LoraRowsArgs up = args;
   if (R == 0) {  // no adapter term: the rows kernel alone (e is [N, 0], often with no data pointer)
-    up.e = Matrix{};
+    up.e = up.col_scale = up.v_scale = Matrix{};
     validate_lora_rows(up, /*cuda=*/false);
     if (M > 0 && up.out.cols > 0) cpu::active()->lora_rows(up, num_threads);
     return;

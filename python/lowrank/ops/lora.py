@@ -427,7 +427,7 @@ def _fused_cpu(views: tuple, x, n: int, scale, u: Optional[Tensor]) -> Tensor:
     y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
     x_in = rows_input(x, m, k)  # held here until the kernel returns: a Matrix is only its address
     _C.lora_fused_cpu(matrix("out", y), matrix("x", x_in), mw, mb, ma, me, None if u is None else matrix("u", u),
-                      float(scale), _runtime.num_threads())  # fmt: skip
+                      None, None, float(scale), _runtime.num_threads())  # fmt: skip
     return y
 
 

@@ -40,7 +40,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .._validate import check_tensor, last_dim_contiguous
+from .. import _C
+from .._validate import check_tensor, last_dim_contiguous, matrix, optional_matrix
 from . import _direct, _gemm, _runtime
 from . import lora as _lora
 
@@ -196,9 +197,18 @@ def _forward_native(x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter
         # The CPU kernels read a bf16 x as it is where their bf16 products are the measured choice, else
         # widened once (M*K, small here), as LoRA's (ops/lora.py rows_input); CUDA reads x in w's dtype.
         x_in = _lora.rows_input(x2, m, k) if cpu else x2
+        y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
+        if cpu and weight is not None and adapter_input is None:
+            # h = x A_sᵀ by the row kernel and the rows after it in one call, as LoRA's fused forward (the
+            # h of torch's fp32 GEMM cost a widened x and A_s and ~70 µs at 4096 -> 4096, M = 16, bf16)
+            h = _runtime.empty(m, r, dtype=torch.float32, device=x.device)
+            _C.lora_fused_cpu(matrix("out", y), matrix("x", x_in), matrix("weight", weight),
+                              optional_matrix("bias", bias), matrix("vera_a", vera_a), matrix("vera_b", vera_b),
+                              matrix("h", h), matrix("lambda_b", b32), matrix("lambda_d", d32.contiguous()), 1.0,
+                              _runtime.num_threads())  # fmt: skip
+            return y.reshape(lead + (n,)), h.reshape(lead + (r,))
         xa_in = x_in if adapter_input is None else (_lora.rows_input(xa2, m, k) if cpu else xa2)
         h = _lora.down_projection(xa_in, vera_a, x.dtype, names=("vera_a", "h", "vera_b"))
-        y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
         if weight is None:
             # Adapter term only: the row kernel with an empty base product (K = 0).
             x_in, weight_in = x_in[:, :0], torch.empty(n, 0, dtype=x.dtype, device=x.device)
