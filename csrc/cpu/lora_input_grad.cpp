@@ -74,15 +74,6 @@ inline void fold_dispatch(int nb, float* P, const T* const* rows, const float* c
   }
 }
 
-// widen(dst, src, n) that also requests src[j + ahead] as it reads src[j], a 64-byte line at a time.
-template <class T>
-inline void widen_ahead(float* dst, const T* src, int64_t n, int64_t ahead) {
-  constexpr int64_t line = 64 / int64_t(sizeof(T));
-  for (int64_t j = 0; j < n; j += line) {
-    if (ahead) vprefetch(src + j + ahead);
-    widen(dst + j, src + j, min64(line, n - j));
-  }
-}
 
 // P[M, K] += coef[:, r0:r1] · src[r0:r1, :]
 template <class T>

@@ -355,6 +355,17 @@ inline void widen(float* dst, const T* src, int64_t n) {
   for (; k < n; ++k) dst[k] = load_scalar(src + k);
 }
 
+// widen, also requesting src[j + ahead] as it reads src[j], a 64-byte line at a time (ahead 0: nothing):
+// the row kernels widen a block of w while the block after it comes in (lora.cpp, lora_input_grad.cpp).
+template <class T>
+inline void widen_ahead(float* dst, const T* src, int64_t n, int64_t ahead) {
+  constexpr int64_t line = 64 / int64_t(sizeof(T));
+  for (int64_t j = 0; j < n; j += line) {
+    if (ahead) vprefetch(src + j + ahead);
+    widen(dst + j, src + j, n - j < line ? n - j : line);
+  }
+}
+
 // The n < Vec::width elements at p as one vector, the lanes past them `pad`; and the first n lanes of v
 // stored at p (a row's last partial vector: no access past its end).
 template <class T>
