@@ -51,7 +51,8 @@ plain model's: below 1, lowrank is faster or smaller):
   what glibc's adaptive heap kept, which made the same step read up to 1.34x more in one process
   than another);
 - decode: greedy ``generate`` of 32 new tokens after a 16-token prompt, batch 1, eval, ``no_grad``,
-  reported per new token (the prompt's prefill, about one decode step's cost, is in the time);
+  reported per new token (the prompt's prefill, about one decode step's cost, is in the time); and the
+  same for a batch of 8 (each layer call then has 8 tokens), for the methods without their variants;
 - prefill: one forward of 1 x 512 tokens, eval, ``no_grad``, logits of the last position only
   (``logits_to_keep=1``, as ``generate`` prefills), reported in tokens/s (its ratios are of time);
   decode and prefill also for each lowrank model with ``lowrank.fast_attention`` (and, for the Llama, that
@@ -122,6 +123,7 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 STEP_TOKENS = (2, 16) if QUICK else (4, 128)  # (batch, sequence) of a training step
 PROMPT_TOKENS, NEW_TOKENS = (8, 4) if QUICK else (16, 32)  # decode: batch 1
+DECODE_BATCH = 2 if QUICK else 8  # batched decode: each layer call has this many tokens
 PREFILL_TOKENS = (1, 32) if QUICK else (1, 512)
 MEMORY_TIMEOUT_S = 600.0  # one method's fresh process (build, warm-up step, measured step): 4-7 s at full size
 TRAIN_TIMEOUT_S = 1800.0  # one case's training steps, every method interleaved: ~3-5 min at full size
@@ -334,14 +336,15 @@ def build_all(arch: str, dtype: torch.dtype, methods: list[str]) -> dict[str, nn
 # ---------------------------------------------------------------------------------------------
 # Timed calls
 # ---------------------------------------------------------------------------------------------
-def decode_call(model: nn.Module, arch: str) -> Callable[[], torch.Tensor]:
-    ids = token_ids((1, PROMPT_TOKENS), shape(arch))
+def decode_call(model: nn.Module, arch: str, batch: int = 1) -> Callable[[], torch.Tensor]:
+    ids = token_ids((batch, PROMPT_TOKENS), shape(arch))
+    mask = torch.ones_like(ids)
 
     def decode():
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return model.generate(input_ids=ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
-                                  do_sample=False, pad_token_id=0)  # fmt: skip
+            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS,
+                                  min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)  # fmt: skip
 
     return decode
 
@@ -376,6 +379,7 @@ METRICS = {
     "decode": f"decode {PROMPT_TOKENS}+{NEW_TOKENS}, ms/token",
     "decode_attention": f"decode {PROMPT_TOKENS}+{NEW_TOKENS}, lowrank.fast_attention, ms/token",
     "decode_norm": f"decode {PROMPT_TOKENS}+{NEW_TOKENS}, that + fast_norm + fast_swiglu, ms/token",
+    "decode_batch": f"decode {DECODE_BATCH} x {PROMPT_TOKENS}+{NEW_TOKENS}, ms/token (all {DECODE_BATCH})",
     "prefill": f"prefill {tokens_label(PREFILL_TOKENS)}, tokens/s",
     "prefill_attention": f"prefill {tokens_label(PREFILL_TOKENS)}, lowrank.fast_attention, tokens/s",
     "prefill_norm": f"prefill {tokens_label(PREFILL_TOKENS)}, that + fast_norm + fast_swiglu, tokens/s",
@@ -699,3 +703,15 @@ def test_decode(inference_models, summary_tables):
 
 def test_prefill(inference_models, summary_tables):
     _inference("prefill", inference_models, summary_tables)
+
+
+def test_decode_batch(inference_models, summary_tables):
+    """Decoding DECODE_BATCH sequences at once: each layer call has that many tokens, the range where the
+    fused few-token kernels meet the GEMMs (the measured crossover). The methods themselves, without the
+    attention and norm variants."""
+    arch, dtype, models = inference_models
+    bases = {m: model for m, model in models.items() if not m.endswith((ATTENTION, NORM))}
+    calls = {m: decode_call(model, arch, DECODE_BATCH) for m, model in bases.items()}
+    rounds = interleaved_rounds_warmed_once(calls)
+    median = interleaved_medians(calls, rounds)
+    add_rows(model_table(summary_tables, arch), "decode_batch", dtype, median, PLAIN_INFERENCE, str(rounds))
