@@ -49,17 +49,12 @@ inline void tile_rows(const T* base, int64_t ld, int64_t n0, int nr, const T* ro
   for (int i = 0; i < NR; ++i) rows[i] = base + (n0 + (i < nr ? i : 0)) * ld;
 }
 
-// The many-token passes (M > MR) over a tile of NR rows of w read each K block [k0, k1) once per m-group,
-// from L1 after the first. The first group's pass requests the block the tile reads next — its own next
-// block, else the next tile's first (none after the task's last rows) — as an offset from the current
-// rows ("ahead" of the row kernels' loops), so no group waits on memory: without it the first group of
-// each block did (a few rows are too short a stream for the hardware prefetcher to run ahead).
-// With one group (M <= MR) the first pass is the only one, and it takes the rows' own `ahead`.
+// Past MR token rows a tile of NR rows of w is read per K block once per m-group, from L1 after the first
+// group, whose pass requests the tile's next block (next_block_offset, through the loops' `ahead`); with
+// one group (M <= MR) the only pass takes the rows' own `ahead`.
 inline int64_t first_group_ahead(int64_t ld, int64_t n0, int64_t n_end, int64_t k0, int64_t k1, int64_t K,
                                  int64_t M, int64_t ahead) {
-  if (M <= MR) return ahead;
-  if (k1 < K) return k1 - k0;
-  return n0 + NR < n_end ? NR * ld - k0 : 0;
+  return M <= MR ? ahead : next_block_offset(k0, k1, K, NR * ld, n0 + NR < n_end);
 }
 
 // Zeroes the [m-group][row][m] sums of the M token rows.
@@ -132,9 +127,9 @@ struct RowsJob {
         const int64_t k1 = min64(K, k0 + kc);
         if (widen_block) {
           // Several x-row groups will pass over this block: widen bf16 to fp32 once, not per group, and
-          // request the next block meanwhile, as first_group_ahead says (bf16 4096 -> 4096, fp32 x, M = 8,
-          // one thread of a Zen 5: AVX2 variant 4.7-5.3 -> 3.1-3.2 ms, AVX-512 3.6-3.8 -> 2.1-2.3 ms).
-          const int64_t next = first_group_ahead(A.w.ld, n0, n_end, k0, k1, K, M, 0);
+          // request the next block meanwhile (bf16 4096 -> 4096, fp32 x, M = 8, one thread of a Zen 5: AVX2
+          // variant 4.7-5.3 -> 3.1-3.2 ms, AVX-512 3.6-3.8 -> 2.1-2.3 ms).
+          const int64_t next = next_block_offset(k0, k1, K, NR * A.w.ld, n0 + NR < n_end);
           for (int i = 0; i < NR; ++i) widen_ahead(wide[i], wrow[i] + k0, k1 - k0, next);
           const float* wide_rows[NR] = {wide[0], wide[1], wide[2], wide[3]};
           for (int64_t m0 = 0, g = 0; m0 < M; m0 += MR, ++g)

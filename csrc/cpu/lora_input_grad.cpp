@@ -74,7 +74,6 @@ inline void fold_dispatch(int nb, float* P, const T* const* rows, const float* c
   }
 }
 
-
 // P[M, K] += coef[:, r0:r1] · src[r0:r1, :]
 template <class T>
 void fold_range(float* P, int64_t M, int64_t K, const T* src, int64_t ld_src, const float* coef, int64_t ld_coef,
@@ -87,12 +86,11 @@ void fold_range(float* P, int64_t M, int64_t K, const T* src, int64_t ld_src, co
     for (int i = 0; i < nb; ++i) rows[i] = src + (n0 + i) * ld_src;
     for (int64_t k0 = 0; k0 < K; k0 += KB) {
       const int64_t kb = min64(KB, K - k0);
-      // Several token rows pass over this block, from L1/L2 after the first; the first pass (or the
-      // widening) requests the block read next, this row group's next or the next group's first, so the
-      // first pass of each block does not wait on memory (4096 -> 4096, one thread of a Zen 5: fp32 M = 16
-      // 6.7 -> 4.8 ms; bf16 rows widened for a widened dy, M = 8, 4.6-4.7 -> 2.7-2.8 ms, AVX2 variant
-      // 5.7-6.4 -> 3.6 ms).
-      const int64_t next = M == 1 ? 0 : k0 + KB < K ? KB : n0 + NB < r1 ? NB * ld_src - k0 : 0;
+      // Every token row passes over this block, from L1/L2 after the first; the first pass (or the
+      // widening) requests the block read next (next_block_offset: 4096 -> 4096, one thread of a Zen 5:
+      // fp32 M = 16 6.7 -> 4.8 ms; bf16 rows widened for a widened dy, M = 8, 4.6-4.7 -> 2.7-2.8 ms, AVX2
+      // variant 5.7-6.4 -> 3.6 ms).
+      const int64_t next = M == 1 ? 0 : next_block_offset(k0, k0 + kb, K, NB * ld_src, n0 + NB < r1);
       const float* wide_rows[NB];
       if (widen_block)
         for (int i = 0; i < nb; ++i) {

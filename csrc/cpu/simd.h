@@ -355,8 +355,19 @@ inline void widen(float* dst, const T* src, int64_t n) {
   for (; k < n; ++k) dst[k] = load_scalar(src + k);
 }
 
+// The row kernels' many-token passes (lora.cpp, lora_input_grad.cpp) read a block [k0, k1) of K of a
+// group of w's rows once per token row or group, from L1/L2 after the first pass, which requests the
+// block read next meanwhile: the offset, in elements, from the current block to it — the group's next
+// block, else the next group's first (group_stride elements on, where `next_group` says there is one),
+// 0 when there is none. Without it the first pass of every block waited on memory: a few rows are too
+// short a stream for the hardware prefetcher to run ahead.
+inline int64_t next_block_offset(int64_t k0, int64_t k1, int64_t K, int64_t group_stride, bool next_group) {
+  if (k1 < K) return k1 - k0;
+  return next_group ? group_stride - k0 : 0;
+}
+
 // widen, also requesting src[j + ahead] as it reads src[j], a 64-byte line at a time (ahead 0: nothing):
-// the row kernels widen a block of w while the block after it comes in (lora.cpp, lora_input_grad.cpp).
+// the row kernels widen a block of w while the block after it comes in (next_block_offset).
 template <class T>
 inline void widen_ahead(float* dst, const T* src, int64_t n, int64_t ahead) {
   constexpr int64_t line = 64 / int64_t(sizeof(T));
