@@ -88,8 +88,8 @@ def test_off_and_process_modes(fresh, monkeypatch):
     assert all("off" in d["source"] for d in _dispatch.report().values())
     _dispatch.reset()
     monkeypatch.setenv("LOWRANK_CALIBRATION", "process")
-    monkeypatch.setitem(_dispatch._PROBES, "nf4_cpu_input_grad_max_m", lambda: (4, {}))
-    assert _dispatch.decide("nf4_cpu_input_grad_max_m") == 4
+    monkeypatch.setitem(_dispatch._PROBES, "nf4_cpu_input_grad_max_m/float32", lambda: (4, {}))
+    assert _dispatch.decide("nf4_cpu_input_grad_max_m/float32") == 4
     assert not (fresh / "calibration.json").exists()
     monkeypatch.setenv("LOWRANK_CALIBRATION", "sometimes")
     _dispatch.reset()

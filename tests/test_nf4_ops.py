@@ -13,6 +13,7 @@ import torch
 
 import lowrank
 from lowrank import _C
+from lowrank._validate import matrix
 from lowrank.ops import _runtime
 from lowrank.ops import nf4 as nf4_ops
 
@@ -405,6 +406,29 @@ def test_backward_input_vs_float64(cpu_isa, nf4_path, lead, n, k, dtype, path, b
             plain = dy @ w16 + (gg.to(dtype) @ aa if gg is not None else 0)
             dxr = plain if max_error(plain, exact) > max_error(dxr, exact) else dxr
         assert_error_within("grad_x", dx, dxr, exact, mag)
+
+
+@pytest.mark.parametrize("m,n,k,blocksize", [(13, 300, 640, 32), (25, 129, 192, 64), (12, 65, 1024, 256),
+                                             (40, 71, 128, 64), (7, 1000, 64, 64)], ids=str)
+def test_backward_input_kernel_tiles(cpu_isa, nf4_path, m, n, k, blocksize):
+    """The few-token input-gradient kernel past its tile sizes: dy rows split into tiles of at most 12
+    (13 -> 7 + 6, 25 -> 3 tiles, 40 -> 4), more rows of W per task than one block of 64 (a partial last
+    block), a dy view with a longer leading dimension, and a workspace poisoned before the call."""
+    nf4_path("fused")
+    args, _, _, _, _, _ = _inputs((m,), n, k, 4, torch.float32, blocksize=blocksize)
+    dy = torch.randn(m, n + 3)[:, 1 : n + 1]
+    assert not dy.is_contiguous()
+    w = nf4_ops.nf4_dequantize_reference(*args, torch.float32).double()
+    exact, mag = fp64(dy) @ w, absolute(dy) @ w.abs()
+    dxr = nf4_ops.nf4_linear_backward_input_reference(dy, *args, None, None)
+    assert_error_within("grad_x", backward_input(dy, *args, None, None), dxr, exact, mag)
+    # the kernel itself, on a poisoned workspace and output
+    tasks = 2
+    workspace = torch.full((tasks * m, k), float("nan"))
+    out = torch.full((m, k), float("nan"))
+    _C.nf4_input_grad_cpu(matrix("out", out), matrix("grad_y", dy), nf4_ops._weight(*args), matrix("workspace", workspace),
+                          tasks)  # fmt: skip
+    assert_error_within("grad_x", out, dxr, exact, mag)
 
 
 @pytest.mark.parametrize("k,blocksize", [(576, 64), (200, 64), (192, 128), (640, 32), (4096, 4096)], ids=str)

@@ -32,8 +32,11 @@ measurement on first use, of the two candidate paths on one probe shape, interle
   1536 → 1536, r = 16, 64, 256 (a skinny product is the kernel's business, a VeRA-sized one a GEMM's:
   a Zen 4 measured fp32 0.30 against 0.62 ms at r=16, 4.8 against 3.1 ms at r=256). Every other use of
   the kernel follows it: the QLoRA and VeRA backward and the bf16 many-token forwards' ``u = x_a Aᵀ``.
-- ``nf4_cpu_fused_max_m/<dtype>`` / ``nf4_cpu_input_grad_max_m``: the NF4 fused dequant kernels
-  (4096 × 4096) against dequantizing tile by tile for the GEMM; M = 1, 16, 64, 256 and 1, 2, 4, 8, 16.
+- ``nf4_cpu_fused_max_m/<dtype>`` / ``nf4_cpu_input_grad_max_m/<dtype>``: the NF4 fused dequant kernels
+  (4096 × 4096) against dequantizing tile by tile for the GEMM; M = 1, 16, 64, 256 and 1, 4, 8, 16, 32,
+  64. The input gradient's kernel takes fp32 products (a bf16 grad_y widened), its GEMM side torch's bf16
+  GEMM over bf16 tiles where that is the fast one: a Zen 4 measured the kernel faster up to M ≈ 64 for
+  fp32 and ≈ 8 for bf16, so each dtype has its own crossover.
 - ``nf4_cpu_bf16_rows``: for a bf16 x in the NF4 rows kernel, ``"dot"`` (AVX512-BF16 products over W
   decoded in fp32 and rounded once to bf16, DESIGN's contract for a 16-bit compute dtype) or
   ``"widen"`` (x widened to fp32 against the exact fp32 W). Probe: 4096 × 4096 at M = 1 and 16; "dot"
@@ -127,7 +130,8 @@ DEFAULTS: dict[str, Any] = {
     "cpu_adapter_products_max_r/bfloat16": 0,
     "nf4_cpu_fused_max_m/float32": 64,
     "nf4_cpu_fused_max_m/bfloat16": 64,
-    "nf4_cpu_input_grad_max_m": 8,
+    "nf4_cpu_input_grad_max_m/float32": 8,
+    "nf4_cpu_input_grad_max_m/bfloat16": 8,
     "nf4_cpu_bf16_rows": "widen",
     "nf4_cpu_tiled_m/float32": [0, 0, 0],
     "nf4_cpu_tiled_m/bfloat16": [0, 0, 0],
@@ -637,21 +641,21 @@ def _probe_nf4_tiled(dtype: torch.dtype) -> tuple[list, dict]:
     return [probes[first], probes[last], widen_to], timings
 
 
-def _probe_nf4_input_grad() -> tuple[int, dict]:
+def _probe_nf4_input_grad(dtype: torch.dtype) -> tuple[int, dict]:
     from . import nf4
 
     g, weights, _, n = _nf4_probe_weights()
 
     def call(m: int, limit: int):
-        dy = torch.randn(m, n, generator=g)
+        dy = torch.randn(m, n, generator=g).to(dtype)
 
         def run():
-            with _pinned("NF4_CPU_INPUT_GRAD_MAX_M", limit):
+            with _pinned("NF4_CPU_INPUT_GRAD_MAX_M", {dtype: limit}):
                 return nf4._backward_input_native(dy, *weights(), None, None)
 
         return run
 
-    return _crossover([1, 2, 4, 8, 16], lambda m: call(m, UNBOUNDED), lambda m: call(m, 0), tie=FUSED_TIE)
+    return _crossover([1, 4, 8, 16, 32, 64], lambda m: call(m, UNBOUNDED), lambda m: call(m, 0), tie=FUSED_TIE)
 
 
 def _probe_bf16_dot(limit: str, flag: str, make: Callable[[int], Callable[[], Any]]) -> tuple[str, dict]:
@@ -760,7 +764,8 @@ _PROBES: dict[str, Callable[[], tuple[Any, dict]]] = {
     "cpu_adapter_products_max_r/bfloat16": lambda: _probe_adapter_products(torch.bfloat16),
     "nf4_cpu_fused_max_m/float32": lambda: _probe_nf4_fused(torch.float32),
     "nf4_cpu_fused_max_m/bfloat16": lambda: _probe_nf4_fused(torch.bfloat16),
-    "nf4_cpu_input_grad_max_m": _probe_nf4_input_grad,
+    "nf4_cpu_input_grad_max_m/float32": lambda: _probe_nf4_input_grad(torch.float32),
+    "nf4_cpu_input_grad_max_m/bfloat16": lambda: _probe_nf4_input_grad(torch.bfloat16),
     "nf4_cpu_bf16_rows": _probe_nf4_bf16_rows,
     "nf4_cpu_tiled_m/float32": lambda: _probe_nf4_tiled(torch.float32),
     "nf4_cpu_tiled_m/bfloat16": lambda: _probe_nf4_tiled(torch.bfloat16),

@@ -4,7 +4,7 @@ few-token/many-token crossovers."""
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -46,7 +46,7 @@ CPU_FUSED_MAX_M: Optional[dict] = None  # {dtype: largest M for the fused LoRA/V
 CPU_INPUT_GRAD_MAX_M: Optional[dict] = None  # {dtype: largest M for the dx = dy W + g A kernel}
 NF4_CPU_FUSED_MAX_M: Optional[int] = None  # largest M for the fused NF4 dequant-GEMV rows kernel (every dtype)
 NF4_CPU_BF16_DOT: Optional[bool] = None  # bf16 x in the NF4 rows kernel: AVX512-BF16 products (True) or widened
-NF4_CPU_INPUT_GRAD_MAX_M: Optional[int] = None  # largest M for the NF4 dx = dy W kernel
+NF4_CPU_INPUT_GRAD_MAX_M: Optional[Union[int, dict]] = None  # largest M for the NF4 dx = dy W kernel ({dtype: M}, or one M for both)
 NF4_CPU_TILED_M: Optional[tuple] = None  # (lo, hi, w): inference M in [lo, hi] takes the tiled NF4 layout, bf16 x widened to M = w
 CPU_ADAPTER_PRODUCTS: Optional[dict] = None  # {dtype: True for csrc/cpu/adapter_products.cpp, False for GEMMs}
 CPU_LORA_BF16_DOT: Optional[bool] = None  # bf16 x in the LoRA rows kernel: AVX512-BF16 products (True) or widened
@@ -133,10 +133,14 @@ def nf4_cpu_tiled(dtype: torch.dtype, m: int) -> tuple[bool, bool]:
 _NF4_TILED_DECISION = ("nf4_cpu_tiled_m/float32", "nf4_cpu_tiled_m/bfloat16")
 
 
-def nf4_cpu_input_grad_max_m() -> int:
-    if NF4_CPU_INPUT_GRAD_MAX_M is not None:
-        return NF4_CPU_INPUT_GRAD_MAX_M
-    return _dispatch.decide("nf4_cpu_input_grad_max_m")
+def nf4_cpu_input_grad_max_m(dtype: torch.dtype) -> int:
+    """The largest M at which the NF4 input gradient of a ``dtype`` grad_y takes the few-token kernel
+    (fp32 products: a bf16 grad_y is widened for it, where the GEMM path it competes with runs torch's
+    bf16 GEMM over bf16 tiles, so each dtype has its own crossover)."""
+    pinned = NF4_CPU_INPUT_GRAD_MAX_M
+    if pinned is not None:
+        return pinned if isinstance(pinned, int) else pinned[dtype]
+    return _dispatch.decide(f"nf4_cpu_input_grad_max_m/{'bfloat16' if dtype == torch.bfloat16 else 'float32'}")
 
 
 # CUDA: one warp per output row re-reads W once per 8 x rows; above ~16 rows cuBLAS should win

@@ -810,14 +810,14 @@ def _backward_input_native(grad_y, codes, absmax, absmax2, code2, offset, shape,
     if (
         cpu
         and grad_y.dtype == torch.bfloat16
-        and m > _runtime.nf4_cpu_input_grad_max_m()
+        and m > _runtime.nf4_cpu_input_grad_max_m(torch.bfloat16)
         and _gemm.cpu_bf16_gemm_native()
     ):
         return _backward_input_bf16_tiles(grad_y.reshape(m, n), w, n, k, g, lora_a).reshape(lead + (k,))
     dy32 = grad_y.reshape(m, n).float()
     if (
         cpu
-        and m <= _runtime.nf4_cpu_input_grad_max_m()
+        and m <= _runtime.nf4_cpu_input_grad_max_m(grad_y.dtype)
         and k % 64 == 0
         and (blocksize >= 64 or blocksize == 32)
         and _C.cpu_isa() != "portable"
