@@ -430,12 +430,17 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "nf4_input_grad_cpu",
-      [](const Matrix& out, const Matrix& dy, const Nf4Weight& w, const Matrix& workspace, int num_threads) {
-        Nf4InputGradArgs a{out, dy, w, workspace};
+      [](const Matrix& out, const Matrix& dy, const Nf4Weight& w, const Matrix& workspace, int num_threads,
+         bool bf16_dot) {
+        Nf4InputGradArgs a{out, dy, w, workspace, bf16_dot};
         py::gil_scoped_release nogil;
         nf4_input_grad_cpu(a, num_threads);
       },
-      "out = dy · dequant(W) in fp32, W streamed once (workspace: fp32 [tasks*M, K])");
+      "out = dy · dequant(W) with fp32 sums, W streamed once (workspace: fp32 [tasks*M, K]; a bf16 dy is read "
+      "as it is by AVX512-BF16 products over W rounded once to bf16 where the CPU has them and bf16_dot is set, "
+      "else widened against the exact fp32 W)",
+      py::arg("out"), py::arg("dy"), py::arg("w"), py::arg("workspace"), py::arg("num_threads"),
+      py::arg("bf16_dot") = true);
 
 #ifdef LOWRANK_WITH_CUDA
   m.def(

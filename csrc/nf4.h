@@ -217,15 +217,17 @@ inline void validate_nf4_double_quant(const Nf4DoubleQuantArgs& a, bool cuda) {
   LOWRANK_CHECK(cuda ? a.device >= 0 : a.device == -1, "absmax: on the wrong device for this launcher");
 }
 
-// ---- input gradient for few tokens: out = dy · dequant(W) (fp32) ----------------------------------
+// ---- input gradient for few tokens: out = dy · dequant(W) (fp32 sums; dy fp32 or bf16) ------------
 // W is streamed once by rows, decoded in registers; each of the workspace's tasks accumulates the
 // rows it was given into its own fp32 [M, K] slice, and the slices are summed at the end. CPU only,
 // and only for in_features % 64 == 0 with blocksize >= 64 or 32 (nf4_input_grad_supported).
 struct Nf4InputGradArgs {
   Matrix out;        // [M, K] float32
-  Matrix dy;         // [M, N] float32
+  Matrix dy;         // [M, N] float32 or bfloat16
   Nf4Weight w;       // [N, K]
   Matrix workspace;  // [tasks * M, K] float32; its row count picks the task count
+  bool bf16_dot = true;  // a bf16 dy: AVX512-BF16 products over W rounded once to bf16 where the kernel
+                         // variant has them, else dy widened against the exact fp32 W
 };
 
 inline bool nf4_input_grad_supported(const Nf4Weight& w) {
@@ -238,8 +240,8 @@ inline void validate_nf4_input_grad(const Nf4InputGradArgs& a) {
   LOWRANK_CHECK(nf4_input_grad_supported(a.w), "weight: the few-token input-gradient kernel needs in_features % 64 == 0");
   check_matrix(a.dy, "dy", M, N);
   check_matrix(a.out, "out", M, K);
-  LOWRANK_CHECK(a.dy.dtype == DType::float32 && a.out.dtype == DType::float32 && a.workspace.dtype == DType::float32,
-        "dy, out, workspace: expected float32");
+  LOWRANK_CHECK(a.dy.dtype == DType::float32 || a.dy.dtype == DType::bfloat16, "dy: expected float32 or bfloat16");
+  LOWRANK_CHECK(a.out.dtype == DType::float32 && a.workspace.dtype == DType::float32, "out, workspace: expected float32");
   LOWRANK_CHECK(M > 0 && a.workspace.rows >= M && a.workspace.rows % M == 0,
         "workspace: expected [tasks * M, K] rows");
   check_matrix(a.workspace, "workspace", a.workspace.rows, K);

@@ -44,7 +44,7 @@ def _pin(monkeypatch, *, kernels: bool, buffer: bool, native_bf16: bool) -> None
     monkeypatch.setattr(_runtime, "NF4_CPU_FUSED_MAX_M", limit)
     monkeypatch.setattr(_runtime, "NF4_CPU_INPUT_GRAD_MAX_M", limit)
     monkeypatch.setattr(_runtime, "CPU_ADAPTER_PRODUCTS", both(kernels))
-    for name in ("CPU_LORA_BF16_DOT", "CPU_INPUT_GRAD_BF16_DOT", "NF4_CPU_BF16_DOT"):
+    for name in ("CPU_LORA_BF16_DOT", "CPU_INPUT_GRAD_BF16_DOT", "NF4_CPU_BF16_DOT", "NF4_CPU_INPUT_GRAD_BF16_DOT"):
         monkeypatch.setattr(_runtime, name, kernels)  # (a kernel variant without the products widens itself)
     monkeypatch.setattr(_runtime, "CPU_TILE_BUFFER_MAX_M", both(ALWAYS if buffer else NEVER))
     # NF4 inference: the tiled layout at any M (bf16 x widened up to M = 2), or never

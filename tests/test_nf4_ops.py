@@ -431,6 +431,39 @@ def test_backward_input_kernel_tiles(cpu_isa, nf4_path, m, n, k, blocksize):
     assert_error_within("grad_x", out, dxr, exact, mag)
 
 
+@pytest.mark.parametrize("m,n,k,blocksize", [(1, 37, 128, 64), (3, 130, 192, 32), (13, 301, 640, 64), (25, 64, 256, 256),
+                                             (10, 65, 1024, 64)], ids=str)
+@pytest.mark.parametrize("dot", [True, False], ids=["dot", "widen"])
+def test_backward_input_kernel_bf16(cpu_isa, nf4_path, monkeypatch, m, n, k, blocksize, dot):
+    """A bf16 dy read as it is by the few-token kernel: AVX512-BF16 products over W rounded once to bf16
+    (row pairs; an odd row count ends with a zero row), or widened against the exact fp32 W (also what a
+    kernel variant without the products does when asked for them). Either is within the error of the
+    reference or of a bf16 GEMM over W decoded to bf16, whichever is farther from the exact result; the
+    output is poisoned before the call."""
+    nf4_path("fused")
+    monkeypatch.setattr(_runtime, "NF4_CPU_INPUT_GRAD_BF16_DOT", dot)
+    args, _, _, la, _, _ = _inputs((m,), n, k, 4, torch.bfloat16, blocksize=blocksize)
+    dy = torch.randn(m, n).bfloat16()
+    g = torch.randn(m, 4)
+    w = nf4_ops.nf4_dequantize_reference(*args, torch.float32).double()
+    for gg, aa in [(g, la), (None, None)]:
+        exact, mag = fp64(dy) @ w, absolute(dy) @ w.abs()
+        if gg is not None:
+            exact, mag = exact + fp64(gg) @ fp64(aa), mag + absolute(gg) @ absolute(aa)
+        dxr = nf4_ops.nf4_linear_backward_input_reference(dy, *args, gg, aa)
+        plain = dy @ nf4_ops.nf4_dequantize_reference(*args, torch.bfloat16) + (gg.bfloat16() @ aa if gg is not None else 0)
+        dxr = plain if max_error(plain, exact) > max_error(dxr, exact) else dxr
+        assert_error_within("grad_x", backward_input(dy, *args, gg, aa), dxr, exact, mag)
+    # the kernel alone (fp32 sums, no adapter term, not rounded): against the exact sum, poisoned output
+    out = torch.full((m, k), float("nan"))
+    _C.nf4_input_grad_cpu(matrix("out", out), matrix("grad_y", dy), nf4_ops._weight(*args),
+                          matrix("workspace", torch.full((2 * m, k), float("nan"))), 2, dot)  # fmt: skip
+    exact = fp64(dy) @ w
+    bound = (absolute(dy) @ w.abs()) * 2.0**-8 + 1e-30  # W rounded once to bf16 (dot), else fp32 sums
+    assert torch.isfinite(out).all()
+    assert ((out.double() - exact).abs() <= bound).all()
+
+
 @pytest.mark.parametrize("k,blocksize", [(576, 64), (200, 64), (192, 128), (640, 32), (4096, 4096)], ids=str)
 @pytest.mark.parametrize("adapter", [True, False], ids=["adapter", "base"])
 def test_bf16_input_grad_column_tiles(cpu_isa, nf4_path, monkeypatch, k, blocksize, adapter):

@@ -1152,6 +1152,11 @@ void nf4_rows(const Nf4RowsArgs& a, int num_threads) {
 // =================================================================================================
 // Input gradient for few tokens: out = dy · W (fp32)
 // =================================================================================================
+// dy[m, n] as fp32, from an fp32 or bf16 dy (the AVX2 and portable kernels widen per value).
+inline float dy_value(const Matrix& dy, int64_t m, int64_t n) {
+  return dy.dtype == DType::bfloat16 ? bf16_to_float(dy.data<bf16_t>()[m * dy.ld + n]) : dy.data<float>()[m * dy.ld + n];
+}
+
 struct InputGradCtx {
   const Nf4InputGradArgs* a;
   int64_t tasks;
@@ -1217,6 +1222,78 @@ static void ig_tile_n(std::integer_sequence<int, Ns...>, int mr, const uint8_t* 
   ((mr == Ns + 1 ? ig_tile<Ns + 1>(codes, row_bytes, rows, scale, sld, dyt, sums, lds, table) : void()), ...);
 }
 
+#if defined(__AVX512BF16__)
+// A bf16 dy with AVX512-BF16 (Nf4InputGradArgs::bf16_dot): W rounded once to bf16 (DESIGN's contract for
+// a 16-bit compute dtype, as the GEMM path's bf16 tiles), two rows of W at a time. Each row's chunk is
+// decoded as above, the pair rounded by one vcvtne2ps2bf16 and interleaved by one vpermw so that dword j
+// holds (row r, row r + 1) at column j; one vdpbf16ps per dy row against its broadcast pair
+// (dy[r], dy[r + 1]) then adds 32 exact products to 16 fp32 sums. 10 dy rows per tile (the pair's
+// decode takes more registers).
+constexpr int kIgMRDot = 10;
+alignas(64) static const uint16_t kPairWords[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                    8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+
+template <int MR>
+static void ig_tile_dot(const uint8_t* codes, int64_t row_bytes, int64_t rows, const float* scale, int64_t sld,
+                        const uint32_t* dyp, float* sums, int64_t lds, __m512 table) {
+  constexpr int U = MR >= 4 ? 1 : MR == 1 ? 4 : 2;  // sets of sums over alternate row pairs (ig_tile)
+  const __m512i pairs = _mm512_load_si512(kPairWords);
+  __m512 e[U][MR], o[U][MR];
+  for (int i = 0; i < MR; ++i) {
+    e[0][i] = _mm512_loadu_ps(sums + i * lds);
+    o[0][i] = _mm512_loadu_ps(sums + i * lds + 16);
+    for (int u = 1; u < U; ++u) e[u][i] = o[u][i] = _mm512_setzero_ps();
+  }
+  auto decode = [&](int64_t r, __m512& we, __m512& wo) {
+    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + r * row_bytes)));
+    const __m512 s = _mm512_set1_ps(scale[r * sld]);
+    we = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table), s);
+    wo = _mm512_mul_ps(_mm512_permutexvar_ps(d, table), s);
+  };
+  auto pair = [&](int u, int64_t r) {  // rows r and r + 1 (a zero row past the end)
+    __m512 we0, wo0, we1 = _mm512_setzero_ps(), wo1 = _mm512_setzero_ps();
+    decode(r, we0, wo0);
+    if (r + 1 < rows) decode(r + 1, we1, wo1);
+    const __m512bh E = (__m512bh)_mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(we1, we0));
+    const __m512bh O = (__m512bh)_mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(wo1, wo0));
+    const uint32_t* dp = dyp + (r / 2) * kIgMRDot;
+#pragma GCC unroll 10
+    for (int i = 0; i < MR; ++i) {
+      // (vbroadcastss: a broadcast load alone; the compiler's vpbroadcastd for set1_epi32 may take a shuffle)
+      const __m512bh b = (__m512bh)_mm512_broadcastss_ps(_mm_load_ss(reinterpret_cast<const float*>(dp + i)));
+      e[u][i] = _mm512_dpbf16_ps(e[u][i], E, b);
+      o[u][i] = _mm512_dpbf16_ps(o[u][i], O, b);
+    }
+  };
+  int64_t r = 0;
+  for (; r + 2 * U <= rows; r += 2 * U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) pair(u, r + 2 * u);
+  }
+  for (; r < rows; r += 2) pair(0, r);
+  for (int i = 0; i < MR; ++i) {
+    for (int u = 1; u < U; ++u) {
+      e[0][i] = _mm512_add_ps(e[0][i], e[u][i]);
+      o[0][i] = _mm512_add_ps(o[0][i], o[u][i]);
+    }
+    _mm512_storeu_ps(sums + i * lds, e[0][i]);
+    _mm512_storeu_ps(sums + i * lds + 16, o[0][i]);
+  }
+}
+
+template <int... Ns>
+static void ig_tile_dot_n(std::integer_sequence<int, Ns...>, int mr, const uint8_t* codes, int64_t row_bytes,
+                          int64_t rows, const float* scale, int64_t sld, const uint32_t* dyp, float* sums, int64_t lds,
+                          __m512 table) {
+  ((mr == Ns + 1 ? ig_tile_dot<Ns + 1>(codes, row_bytes, rows, scale, sld, dyp, sums, lds, table) : void()), ...);
+}
+constexpr bool kIgDot = true;
+constexpr int kIgMRDotOr12 = kIgMRDot;
+#else
+constexpr bool kIgDot = false;
+constexpr int kIgMRDotOr12 = kIgMR;
+#endif
+
 // Task t accumulates rows [n0, n1) of W into its workspace slice, in group order.
 static void input_grad_task(void* p, int64_t t) {
   const __m512 table = table512();
@@ -1228,19 +1305,40 @@ static void input_grad_task(void* p, int64_t t) {
   float* acc = a.workspace.data<float>() + t * M * a.workspace.ld;
   const int64_t ld = a.workspace.ld;
   for (int64_t m = 0; m < M; ++m) std::memset(acc + m * ld, 0, sizeof(float) * size_t(K));
-  // dy's rows in near-equal tiles of at most kIgMR (each tile decodes W again)
-  const int64_t tiles = (M + kIgMR - 1) / kIgMR;
+  // bf16 products (a bf16 dy, the measured choice, a variant with AVX512-BF16), else fp32 ones
+  const bool dot = kIgDot && a.dy.dtype == DType::bfloat16 && a.bf16_dot;
+  const int mr_max = dot ? kIgMRDotOr12 : kIgMR;
+  // dy's rows in near-equal tiles of at most mr_max (each tile decodes W again)
+  const int64_t tiles = (M + mr_max - 1) / mr_max;
   thread_local std::vector<float> scales, dyt;
   if (scales.size() < size_t(2 * kIgRows * G)) scales.resize(size_t(2 * kIgRows * G));
-  // dy's values for the block's rows, tile by tile: [tile][row][i] (one pointer and fixed offsets for
-  // the broadcasts; read from dy's rows in place, their addresses had taken more registers than there are)
-  if (dyt.size() < size_t(tiles * kIgRows * kIgMR)) dyt.resize(size_t(tiles * kIgRows * kIgMR));
+  // dy's values for the block's rows, tile by tile: [tile][row][i] as fp32 (one pointer and fixed offsets
+  // for the broadcasts; read from dy's rows in place, their addresses had taken more registers than there
+  // are), or for bf16 products [tile][row pair][i] as (dy[r], dy[r + 1]) bf16 pairs
+  const int64_t tile_values = kIgRows * kIgMR;
+  if (dyt.size() < size_t(tiles * tile_values)) dyt.resize(size_t(tiles * tile_values));
   float* s0 = scales.data();  // [row][group]: the scale of the group's first 32 values
   float* s1 = s0 + kIgRows * G;  // ... and of its last 32
   alignas(64) uint8_t packed[kIgRows * 64];
   ScaleCursor sc(w);
   const uint8_t* codes = w.codes_ptr();
-  const float* dy = a.dy.data<float>();
+  const bool dy16 = a.dy.dtype == DType::bfloat16;
+  const float* dy32 = dy16 ? nullptr : a.dy.data<float>();
+  const bf16_t* dyh = dy16 ? a.dy.data<bf16_t>() : nullptr;
+  auto tile = [&](int64_t tm, const uint8_t* cc, int64_t row_bytes, int64_t rows, const float* scale, int64_t ch) {
+    const int64_t m0 = M * tm / tiles, m1 = M * (tm + 1) / tiles;
+    const float* d = dyt.data() + tm * tile_values;
+    float* sums = acc + m0 * ld + 32 * ch;
+#if defined(__AVX512BF16__)
+    if (dot) {
+      ig_tile_dot_n(std::make_integer_sequence<int, kIgMRDot>{}, int(m1 - m0), cc, row_bytes, rows, scale, G,
+                    reinterpret_cast<const uint32_t*>(d), sums, ld, table);
+      return;
+    }
+#endif
+    ig_tile_n(std::make_integer_sequence<int, kIgMR>{}, int(m1 - m0), cc, row_bytes, rows, scale, G, d, sums, ld,
+              table);
+  };
   for (int64_t nb = n0; nb < n1; nb += kIgRows) {
     const int64_t rows = min64(kIgRows, n1 - nb);
     for (int64_t r = 0; r < rows; ++r) {
@@ -1249,9 +1347,19 @@ static void input_grad_task(void* p, int64_t t) {
     }
     for (int64_t tm = 0; tm < tiles; ++tm) {
       const int64_t m0 = M * tm / tiles, m1 = M * (tm + 1) / tiles;
-      float* d = dyt.data() + tm * kIgRows * kIgMR;
-      for (int64_t m = m0; m < m1; ++m)
-        for (int64_t r = 0; r < rows; ++r) d[r * kIgMR + (m - m0)] = dy[m * a.dy.ld + nb + r];
+      float* d = dyt.data() + tm * tile_values;
+      if (dot) {
+        uint32_t* dp = reinterpret_cast<uint32_t*>(d);
+        for (int64_t m = m0; m < m1; ++m) {
+          const bf16_t* row = dyh + m * a.dy.ld + nb;
+          for (int64_t r = 0; r < rows; r += 2)
+            dp[(r / 2) * kIgMRDotOr12 + (m - m0)] = uint32_t(row[r]) | (r + 1 < rows ? uint32_t(row[r + 1]) << 16 : 0u);
+        }
+      } else {
+        for (int64_t m = m0; m < m1; ++m)
+          for (int64_t r = 0; r < rows; ++r)
+            d[r * kIgMR + (m - m0)] = dy16 ? bf16_to_float(dyh[m * a.dy.ld + nb + r]) : dy32[m * a.dy.ld + nb + r];
+      }
     }
     for (int64_t line = 0; line < K / 128; ++line) {
       // The block's 64-byte lines of these 128 columns, packed: rows K/2 bytes apart share few L1 sets
@@ -1265,21 +1373,13 @@ static void input_grad_task(void* p, int64_t t) {
       for (int64_t q = 0; q < 4; ++q) {
         const int64_t ch = 4 * line + q;
         const float* scale = ((ch & 1) ? s1 : s0) + ch / 2;
-        for (int64_t tm = 0; tm < tiles; ++tm) {
-          const int64_t m0 = M * tm / tiles, m1 = M * (tm + 1) / tiles;
-          ig_tile_n(std::make_integer_sequence<int, kIgMR>{}, int(m1 - m0), packed + 16 * q, 64, rows, scale, G,
-                    dyt.data() + tm * kIgRows * kIgMR, acc + m0 * ld + 32 * ch, ld, table);
-        }
+        for (int64_t tm = 0; tm < tiles; ++tm) tile(tm, packed + 16 * q, 64, rows, scale, ch);
       }
     }
     if (K % 128) {  // the last 64 columns: two chunks read in place
       for (int64_t ch = K / 32 - 2; ch < K / 32; ++ch) {
         const float* scale = ((ch & 1) ? s1 : s0) + ch / 2;
-        for (int64_t tm = 0; tm < tiles; ++tm) {
-          const int64_t m0 = M * tm / tiles, m1 = M * (tm + 1) / tiles;
-          ig_tile_n(std::make_integer_sequence<int, kIgMR>{}, int(m1 - m0), codes + nb * (K / 2) + 16 * ch, K / 2,
-                    rows, scale, G, dyt.data() + tm * kIgRows * kIgMR, acc + m0 * ld + 32 * ch, ld, table);
-        }
+        for (int64_t tm = 0; tm < tiles; ++tm) tile(tm, codes + nb * (K / 2) + 16 * ch, K / 2, rows, scale, ch);
       }
     }
   }
@@ -1300,7 +1400,6 @@ static void input_grad_task(void* p, int64_t t) {
   for (int64_t m = 0; m < M; ++m) std::memset(acc + m * ld, 0, sizeof(float) * size_t(K));
   const __m256i m4 = _mm256_set1_epi8(15);
   const uint8_t* codes = w.codes_ptr();
-  const float* dy = a.dy.data<float>();
   ScaleCursor sc(w);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = codes + n * K / 2;
@@ -1313,7 +1412,7 @@ static void input_grad_task(void* p, int64_t t) {
         lookup32(P, h ? _mm256_and_si256(by, m4) : _mm256_and_si256(_mm256_srli_epi16(by, 4), m4), v);
         for (int j = 0; j < 4; ++j) v[j] = _mm256_mul_ps(v[j], s);  // the exact fp32 weight
         for (int64_t m = 0; m < M; ++m) {
-          const __m256 d = _mm256_set1_ps(dy[m * a.dy.ld + n]);
+          const __m256 d = _mm256_set1_ps(dy_value(a.dy, m, n));
           float* dst = acc + m * ld + g + 32 * h;
           for (int j = 0; j < 4; ++j)
             _mm256_storeu_ps(dst + 8 * j, _mm256_fmadd_ps(d, v[j], _mm256_loadu_ps(dst + 8 * j)));
@@ -1359,7 +1458,7 @@ void nf4_input_grad(const Nf4InputGradArgs& a, int num_threads) {
   for (int64_t n = 0; n < N; ++n) {
     decode_span_scalar(a.w, n, 0, K, row.data());
     for (int64_t m = 0; m < M; ++m) {
-      const float d = a.dy.data<float>()[m * a.dy.ld + n];
+      const float d = dy_value(a.dy, m, n);
       float* o = a.out.data<float>() + m * a.out.ld;
       for (int64_t k = 0; k < K; ++k) o[k] += d * row[size_t(k)];
     }

@@ -37,6 +37,10 @@ measurement on first use, of the two candidate paths on one probe shape, interle
   64. The input gradient's kernel takes fp32 products (a bf16 grad_y widened), its GEMM side torch's bf16
   GEMM over bf16 tiles where that is the fast one: a Zen 4 measured the kernel faster up to M ≈ 64 for
   fp32 and ≈ 8 for bf16, so each dtype has its own crossover.
+- ``nf4_cpu_input_grad_bf16_rows``: for a bf16 dy in that kernel, ``"dot"`` (AVX512-BF16 products over W
+  rounded once to bf16, two rows of W per instruction) or ``"widen"`` (dy widened against the exact fp32
+  W). Probe: 4096 × 4096 at M = 16. Not measured where the kernel variant has no AVX512-BF16 ("widen").
+  Measured before ``nf4_cpu_input_grad_max_m/bfloat16``, whose kernel side runs it.
 - ``nf4_cpu_bf16_rows``: for a bf16 x in the NF4 rows kernel, ``"dot"`` (AVX512-BF16 products over W
   decoded in fp32 and rounded once to bf16, DESIGN's contract for a 16-bit compute dtype) or
   ``"widen"`` (x widened to fp32 against the exact fp32 W). Probe: 4096 × 4096 at M = 1 and 16; "dot"
@@ -133,6 +137,7 @@ DEFAULTS: dict[str, Any] = {
     "nf4_cpu_input_grad_max_m/float32": 8,
     "nf4_cpu_input_grad_max_m/bfloat16": 8,
     "nf4_cpu_bf16_rows": "widen",
+    "nf4_cpu_input_grad_bf16_rows": "widen",
     "nf4_cpu_tiled_m/float32": [0, 0, 0],
     "nf4_cpu_tiled_m/bfloat16": [0, 0, 0],
     "cpu_lora_bf16_rows": "widen",
@@ -645,6 +650,10 @@ def _probe_nf4_input_grad(dtype: torch.dtype) -> tuple[int, dict]:
     from . import nf4
 
     g, weights, _, n = _nf4_probe_weights()
+    if dtype == torch.bfloat16:
+        from . import _runtime
+
+        _runtime.nf4_cpu_input_grad_bf16_dot()  # decided first: the kernel side of this probe runs what it chose
 
     def call(m: int, limit: int):
         dy = torch.randn(m, n, generator=g).to(dtype)
@@ -656,6 +665,17 @@ def _probe_nf4_input_grad(dtype: torch.dtype) -> tuple[int, dict]:
         return run
 
     return _crossover([1, 4, 8, 16, 32, 64], lambda m: call(m, UNBOUNDED), lambda m: call(m, 0), tie=FUSED_TIE)
+
+
+def _probe_nf4_input_grad_bf16_rows() -> tuple[str, dict]:
+    from . import nf4
+
+    def make(m: int):
+        g, weights, _, n = _nf4_probe_weights()
+        dy = torch.randn(m, n, generator=g).bfloat16()
+        return lambda: nf4._backward_input_native(dy, *weights(), None, None)
+
+    return _probe_bf16_dot("NF4_CPU_INPUT_GRAD_MAX_M", "NF4_CPU_INPUT_GRAD_BF16_DOT", make)
 
 
 def _probe_bf16_dot(limit: str, flag: str, make: Callable[[int], Callable[[], Any]]) -> tuple[str, dict]:
@@ -767,6 +787,7 @@ _PROBES: dict[str, Callable[[], tuple[Any, dict]]] = {
     "nf4_cpu_input_grad_max_m/float32": lambda: _probe_nf4_input_grad(torch.float32),
     "nf4_cpu_input_grad_max_m/bfloat16": lambda: _probe_nf4_input_grad(torch.bfloat16),
     "nf4_cpu_bf16_rows": _probe_nf4_bf16_rows,
+    "nf4_cpu_input_grad_bf16_rows": _probe_nf4_input_grad_bf16_rows,
     "nf4_cpu_tiled_m/float32": lambda: _probe_nf4_tiled(torch.float32),
     "nf4_cpu_tiled_m/bfloat16": lambda: _probe_nf4_tiled(torch.bfloat16),
     "cpu_lora_bf16_rows": _probe_lora_bf16_rows,

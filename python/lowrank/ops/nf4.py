@@ -814,7 +814,6 @@ def _backward_input_native(grad_y, codes, absmax, absmax2, code2, offset, shape,
         and _gemm.cpu_bf16_gemm_native()
     ):
         return _backward_input_bf16_tiles(grad_y.reshape(m, n), w, n, k, g, lora_a).reshape(lead + (k,))
-    dy32 = grad_y.reshape(m, n).float()
     if (
         cpu
         and m <= _runtime.nf4_cpu_input_grad_max_m(grad_y.dtype)
@@ -822,14 +821,17 @@ def _backward_input_native(grad_y, codes, absmax, absmax2, code2, offset, shape,
         and (blocksize >= 64 or blocksize == 32)
         and _C.cpu_isa() != "portable"
     ):
-        # Few tokens: W streamed once by rows, decoded in registers (csrc/cpu/nf4.cpp).
-        dy32 = last_dim_contiguous(dy32)
+        # Few tokens: W decoded in registers, the sums of up to 12 dy rows kept there (csrc/cpu/nf4.cpp). A
+        # bf16 dy is read as it is: by AVX512-BF16 products where this machine measured them faster, else
+        # widened by the kernel.
+        dy = last_dim_contiguous(grad_y.reshape(m, n) if grad_y.dtype == torch.bfloat16 else grad_y.reshape(m, n).float())
         tasks = _runtime.num_threads()
         workspace = torch.empty(tasks * m, k, dtype=torch.float32)
         dx32 = _runtime.empty(m, k, dtype=torch.float32, device=grad_y.device)
-        _C.nf4_input_grad_cpu(matrix("out", dx32), matrix("grad_y", dy32), w, matrix("workspace", workspace), tasks)
+        _C.nf4_input_grad_cpu(matrix("out", dx32), matrix("grad_y", dy), w, matrix("workspace", workspace), tasks,
+                              dy.dtype == torch.bfloat16 and _runtime.nf4_cpu_input_grad_bf16_dot())  # fmt: skip
     else:
-        dx32 = _gemm.matmul_tiles_fp32(dy32, n, k, _tile_filler(w))
+        dx32 = _gemm.matmul_tiles_fp32(grad_y.reshape(m, n).float(), n, k, _tile_filler(w))
     if g is not None:
         dx32.addmm_(g.reshape(m, -1), lora_a.float())
     return dx32.to(grad_y.dtype).reshape(lead + (k,))
