@@ -562,6 +562,8 @@ RAW_CASES = [
     pytest.param(lambda R: _C.nf4_rows_cpu(view(R.out), view(R.x64, cols=63), R.nf4_weight(), None, None, None, 1.0, 1), ValueError, r"^x: expected shape \[3, 64\], got \[3, 63\]", id="nf4_rows-x-cols"),
     pytest.param(lambda R: _C.nf4_input_grad_cpu(view(R.x64), view(R.out), R.nf4_weight(cols=48, codes=R.codes.data_ptr()), view(R.x64), 1),
                  ValueError, r"^weight: the few-token input-gradient kernel needs in_features % 64 == 0", id="nf4_input_grad-cols"),
+    pytest.param(lambda R: _C.nf4_input_grad_cpu(view(R.x64), view(R.out, dtype=U8), R.nf4_weight(), view(R.x64), 1),
+                 ValueError, r"^dy: expected float32 or bfloat16", id="nf4_input_grad-dy-dtype"),
     pytest.param(lambda R: R.adapters(a=[view(R.a_list[0])], e=[]), ValueError, r"^adapters: a, e, v_scale, col_scale and scale must have one entry per adapter", id="MixedAdapters-lists-disagree"),
     pytest.param(lambda R: R.adapters(a=[], e=[]), ValueError, r"^adapters: expected at least one adapter", id="MixedAdapters-empty"),
     pytest.param(lambda R: R.adapters(a=[view(R.a_list[0], rows=0)], e=[view(R.e_list[0], cols=0)]), ValueError, r"^adapter 0: a: expected at least one row", id="MixedAdapters-rank-0"),
