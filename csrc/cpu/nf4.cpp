@@ -1175,11 +1175,20 @@ struct InputGradCtx {
 constexpr int64_t kIgRows = 64;
 constexpr int kIgMR = 12;
 
-template <int MR>
-static void ig_tile(const uint8_t* codes, int64_t row_bytes, int64_t rows, const float* scale, int64_t sld,
-                    const float* dyt, float* sums, int64_t lds, __m512 table) {
-  // U sets of sums over alternate rows of W: with few dy rows, one set's FMAs would wait on each other
-  // (each sum gains one per row of W), so U·MR·2 independent chains, added at the end.
+// Row r's chunk of W (16 bytes of codes): its 16 even and 16 odd elements, exact fp32.
+__attribute__((always_inline)) inline void ig_decode(const uint8_t* codes, int64_t row_bytes, const float* scale,
+                                                     int64_t sld, int64_t r, __m512 table, __m512& we, __m512& wo) {
+  const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + r * row_bytes)));
+  const __m512 s = _mm512_set1_ps(scale[r * sld]);
+  we = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table), s);
+  wo = _mm512_mul_ps(_mm512_permutexvar_ps(d, table), s);
+}
+
+// A tile's sums: 2·MR registers loaded from `sums`, then step(e, o, r) for r = 0, Step, 2·Step, ... < rows,
+// added up and stored. With few dy rows, one set's FMAs would wait on each other (each sum gains one per
+// step), so U sets take alternate steps (U·2·MR independent chains) and are added at the end.
+template <int MR, int Step, class F>
+__attribute__((always_inline)) inline void ig_sums(float* sums, int64_t lds, int64_t rows, F&& step) {
   constexpr int U = MR >= 4 ? 1 : MR == 1 ? 4 : 2;
   __m512 e[U][MR], o[U][MR];
   for (int i = 0; i < MR; ++i) {
@@ -1187,24 +1196,12 @@ static void ig_tile(const uint8_t* codes, int64_t row_bytes, int64_t rows, const
     o[0][i] = _mm512_loadu_ps(sums + i * lds + 16);
     for (int u = 1; u < U; ++u) e[u][i] = o[u][i] = _mm512_setzero_ps();
   }
-  auto row = [&](int u, int64_t r) {
-    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + r * row_bytes)));
-    const __m512 s = _mm512_set1_ps(scale[r * sld]);
-    const __m512 we = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table), s);  // exact fp32 W
-    const __m512 wo = _mm512_mul_ps(_mm512_permutexvar_ps(d, table), s);
-#pragma GCC unroll 12
-    for (int i = 0; i < MR; ++i) {
-      const __m512 b = _mm512_set1_ps(dyt[r * kIgMR + i]);
-      e[u][i] = _mm512_fmadd_ps(b, we, e[u][i]);
-      o[u][i] = _mm512_fmadd_ps(b, wo, o[u][i]);
-    }
-  };
   int64_t r = 0;
-  for (; r + U <= rows; r += U) {
+  for (; r + Step * U <= rows; r += Step * U) {
 #pragma GCC unroll 4
-    for (int u = 0; u < U; ++u) row(u, r + u);
+    for (int u = 0; u < U; ++u) step(e[u], o[u], r + Step * u);
   }
-  for (; r < rows; ++r) row(0, r);
+  for (; r < rows; r += Step) step(e[0], o[0], r);
   for (int i = 0; i < MR; ++i) {
     for (int u = 1; u < U; ++u) {
       e[0][i] = _mm512_add_ps(e[0][i], e[u][i]);
@@ -1213,6 +1210,21 @@ static void ig_tile(const uint8_t* codes, int64_t row_bytes, int64_t rows, const
     _mm512_storeu_ps(sums + i * lds, e[0][i]);
     _mm512_storeu_ps(sums + i * lds + 16, o[0][i]);
   }
+}
+
+template <int MR>
+static void ig_tile(const uint8_t* codes, int64_t row_bytes, int64_t rows, const float* scale, int64_t sld,
+                    const float* dyt, float* sums, int64_t lds, __m512 table) {
+  ig_sums<MR, 1>(sums, lds, rows, [&](__m512 (&e)[MR], __m512 (&o)[MR], int64_t r) {
+    __m512 we, wo;
+    ig_decode(codes, row_bytes, scale, sld, r, table, we, wo);
+#pragma GCC unroll 12
+    for (int i = 0; i < MR; ++i) {
+      const __m512 b = _mm512_set1_ps(dyt[r * kIgMR + i]);
+      e[i] = _mm512_fmadd_ps(b, we, e[i]);
+      o[i] = _mm512_fmadd_ps(b, wo, o[i]);
+    }
+  });
 }
 
 template <int... Ns>
@@ -1236,24 +1248,11 @@ alignas(64) static const uint16_t kPairWords[32] = {0, 16, 1, 17, 2, 18, 3, 19, 
 template <int MR>
 static void ig_tile_dot(const uint8_t* codes, int64_t row_bytes, int64_t rows, const float* scale, int64_t sld,
                         const uint32_t* dyp, float* sums, int64_t lds, __m512 table) {
-  constexpr int U = MR >= 4 ? 1 : MR == 1 ? 4 : 2;  // sets of sums over alternate row pairs (ig_tile)
   const __m512i pairs = _mm512_load_si512(kPairWords);
-  __m512 e[U][MR], o[U][MR];
-  for (int i = 0; i < MR; ++i) {
-    e[0][i] = _mm512_loadu_ps(sums + i * lds);
-    o[0][i] = _mm512_loadu_ps(sums + i * lds + 16);
-    for (int u = 1; u < U; ++u) e[u][i] = o[u][i] = _mm512_setzero_ps();
-  }
-  auto decode = [&](int64_t r, __m512& we, __m512& wo) {
-    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + r * row_bytes)));
-    const __m512 s = _mm512_set1_ps(scale[r * sld]);
-    we = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table), s);
-    wo = _mm512_mul_ps(_mm512_permutexvar_ps(d, table), s);
-  };
-  auto pair = [&](int u, int64_t r) {  // rows r and r + 1 (a zero row past the end)
+  ig_sums<MR, 2>(sums, lds, rows, [&](__m512 (&e)[MR], __m512 (&o)[MR], int64_t r) {  // rows r, r + 1 (zero past the end)
     __m512 we0, wo0, we1 = _mm512_setzero_ps(), wo1 = _mm512_setzero_ps();
-    decode(r, we0, wo0);
-    if (r + 1 < rows) decode(r + 1, we1, wo1);
+    ig_decode(codes, row_bytes, scale, sld, r, table, we0, wo0);
+    if (r + 1 < rows) ig_decode(codes, row_bytes, scale, sld, r + 1, table, we1, wo1);
     const __m512bh E = (__m512bh)_mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(we1, we0));
     const __m512bh O = (__m512bh)_mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(wo1, wo0));
     const uint32_t* dp = dyp + (r / 2) * kIgMRDot;
@@ -1261,24 +1260,10 @@ static void ig_tile_dot(const uint8_t* codes, int64_t row_bytes, int64_t rows, c
     for (int i = 0; i < MR; ++i) {
       // (vbroadcastss: a broadcast load alone; the compiler's vpbroadcastd for set1_epi32 may take a shuffle)
       const __m512bh b = (__m512bh)_mm512_broadcastss_ps(_mm_load_ss(reinterpret_cast<const float*>(dp + i)));
-      e[u][i] = _mm512_dpbf16_ps(e[u][i], E, b);
-      o[u][i] = _mm512_dpbf16_ps(o[u][i], O, b);
+      e[i] = _mm512_dpbf16_ps(e[i], E, b);
+      o[i] = _mm512_dpbf16_ps(o[i], O, b);
     }
-  };
-  int64_t r = 0;
-  for (; r + 2 * U <= rows; r += 2 * U) {
-#pragma GCC unroll 4
-    for (int u = 0; u < U; ++u) pair(u, r + 2 * u);
-  }
-  for (; r < rows; r += 2) pair(0, r);
-  for (int i = 0; i < MR; ++i) {
-    for (int u = 1; u < U; ++u) {
-      e[0][i] = _mm512_add_ps(e[0][i], e[u][i]);
-      o[0][i] = _mm512_add_ps(o[0][i], o[u][i]);
-    }
-    _mm512_storeu_ps(sums + i * lds, e[0][i]);
-    _mm512_storeu_ps(sums + i * lds + 16, o[0][i]);
-  }
+  });
 }
 
 template <int... Ns>
