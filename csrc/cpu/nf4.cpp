@@ -1162,19 +1162,47 @@ struct InputGradCtx {
   int64_t tasks;
 };
 
-#if defined(__AVX512F__)
-// AVX-512: the sums stay in registers. A tile of up to kIgMR rows of dy by one 32-column chunk of W
-// (16 bytes of codes per row of W: its even elements from the high nibbles, its odd ones from the low,
-// the group order below) holds 2·MR accumulators while the task's rows of W go by, kIgRows at a time:
-// per row, one load, one shift, two vpermps and two multiplies give the chunk's exact fp32 weights,
-// then 2·MR FMAs against dy's broadcast values. The block of kIgRows rows' codes (64 x K/2 bytes) stays
-// in L1/L2 while its chunks are taken in turn; the rows' scales are decoded ahead, once per block.
-// (It replaced a loop that, per decoded group of 64, loaded, added into and stored each dy row's sums
-// from the workspace: one load and one store per FMA, 4096 x 4096 on a Zen 4, 2 threads, M = 8: 9.9 ms
-// against 5.2 for the tiled GEMM, so that kernel had taken only M <= 4.)
+#if defined(__AVX2__)
+// The sums stay in registers. A tile of up to kIgMR rows of dy by one chunk of W's columns (kIgChunk:
+// 32 with AVX-512, 16 with AVX2; kIgChunk / 2 bytes of codes per row of W: its even elements from the
+// high nibbles, its odd ones from the low) holds 2·MR accumulators while the task's rows of W go by,
+// kIgRows at a time: per row, one load, one shift, the table lookups and two multiplies give the chunk's
+// exact fp32 weights, then 2·MR FMAs against dy's broadcast values. The block of kIgRows rows' codes
+// (64 x K/2 bytes) stays in L1/L2 while its chunks are taken in turn; the rows' scales are decoded
+// ahead, once per block. The workspace holds each chunk's even elements, then its odd ones
+// (ig_order). (It replaced a loop that, per decoded group of 64, loaded, added into and stored each dy
+// row's sums from the workspace: one load and one store per FMA; 4096 x 4096 on a Zen 4, 2 threads,
+// M = 8: 9.9 ms against 5.2 for the tiled GEMM, so that kernel had taken only M <= 4.)
 constexpr int64_t kIgRows = 64;
+#if defined(__AVX512F__)
+constexpr int kIgChunk = 32;
 constexpr int kIgMR = 12;
+using IgTable = __m512;
+inline IgTable ig_table() { return table512(); }
+#else
+constexpr int kIgChunk = 16;
+constexpr int kIgMR = 4;  // 8 sums, 2 table halves, the decoded chunk and its temporaries in 16 registers
+struct IgTable {
+  __m256 lo, hi;
+};
+inline IgTable ig_table() { return {_mm256_loadu_ps(kTable), _mm256_loadu_ps(kTable + 8)}; }
+#endif
 
+// Workspace slot s of a group of 64 holds element ig_order()[s] of the group.
+inline const std::array<int, 64>& ig_order() {
+  static const std::array<int, 64> order = [] {
+    std::array<int, 64> o{};
+    for (int s = 0; s < 64; ++s) {
+      const int c = s / kIgChunk, j = s % kIgChunk, h = j / (kIgChunk / 2), i = j % (kIgChunk / 2);
+      o[size_t(s)] = kIgChunk * c + 2 * i + h;
+    }
+    return o;
+  }();
+  return order;
+}
+#endif
+
+#if defined(__AVX512F__)
 // Row r's chunk of W (16 bytes of codes): its 16 even and 16 odd elements, exact fp32.
 __attribute__((always_inline)) inline void ig_decode(const uint8_t* codes, int64_t row_bytes, const float* scale,
                                                      int64_t sld, int64_t r, __m512 table, __m512& we, __m512& wo) {
@@ -1278,10 +1306,55 @@ constexpr int kIgMRDotOr12 = kIgMRDot;
 constexpr bool kIgDot = false;
 constexpr int kIgMRDotOr12 = kIgMR;
 #endif
+#elif defined(__AVX2__)
+constexpr bool kIgDot = false;
+constexpr int kIgMRDotOr12 = kIgMR;
+#endif
 
-// Task t accumulates rows [n0, n1) of W into its workspace slice, in group order.
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// AVX2: a 16-entry lookup is two 8-entry vpermps and a blend on the index's bit 3 (moved to the sign).
+inline __m256 ig_lookup8(const IgTable& t, __m256i idx) {
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.lo, idx), _mm256_permutevar8x32_ps(t.hi, idx),
+                          _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+template <int MR>
+static void ig_tile(const uint8_t* codes, int64_t row_bytes, int64_t rows, const float* scale, int64_t sld,
+                    const float* dyt, float* sums, int64_t lds, const IgTable& table) {
+  __m256 e[MR], o[MR];
+  for (int i = 0; i < MR; ++i) {
+    e[i] = _mm256_loadu_ps(sums + i * lds);
+    o[i] = _mm256_loadu_ps(sums + i * lds + 8);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const __m256i d = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + r * row_bytes)));
+    const __m256 s = _mm256_broadcast_ss(scale + r * sld);
+    const __m256 we = _mm256_mul_ps(ig_lookup8(table, _mm256_srli_epi32(d, 4)), s);  // exact fp32 W
+    const __m256 wo = _mm256_mul_ps(ig_lookup8(table, d), s);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 b = _mm256_broadcast_ss(dyt + r * kIgMR + i);
+      e[i] = _mm256_fmadd_ps(b, we, e[i]);
+      o[i] = _mm256_fmadd_ps(b, wo, o[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    _mm256_storeu_ps(sums + i * lds, e[i]);
+    _mm256_storeu_ps(sums + i * lds + 8, o[i]);
+  }
+}
+
+template <int... Ns>
+static void ig_tile_n(std::integer_sequence<int, Ns...>, int mr, const uint8_t* codes, int64_t row_bytes,
+                      int64_t rows, const float* scale, int64_t sld, const float* dyt, float* sums, int64_t lds,
+                      const IgTable& table) {
+  ((mr == Ns + 1 ? ig_tile<Ns + 1>(codes, row_bytes, rows, scale, sld, dyt, sums, lds, table) : void()), ...);
+}
+#endif
+
+#if defined(__AVX2__)
+// Task t accumulates rows [n0, n1) of W into its workspace slice (ig_order).
 static void input_grad_task(void* p, int64_t t) {
-  const __m512 table = table512();
+  const IgTable table = ig_table();
   const auto& c = *static_cast<InputGradCtx*>(p);
   const Nf4InputGradArgs& a = *c.a;
   const Nf4Weight& w = a.w;
@@ -1310,10 +1383,12 @@ static void input_grad_task(void* p, int64_t t) {
   const bool dy16 = a.dy.dtype == DType::bfloat16;
   const float* dy32 = dy16 ? nullptr : a.dy.data<float>();
   const bf16_t* dyh = dy16 ? a.dy.data<bf16_t>() : nullptr;
+  // the scale of chunk ch (of row 0; rows G apart): its group's, first or last 32 values
+  auto chunk_scale = [&](int64_t ch) { return ((ch * kIgChunk) % 64 < 32 ? s0 : s1) + ch * kIgChunk / 64; };
   auto tile = [&](int64_t tm, const uint8_t* cc, int64_t row_bytes, int64_t rows, const float* scale, int64_t ch) {
     const int64_t m0 = M * tm / tiles, m1 = M * (tm + 1) / tiles;
     const float* d = dyt.data() + tm * tile_values;
-    float* sums = acc + m0 * ld + 32 * ch;
+    float* sums = acc + m0 * ld + kIgChunk * ch;
 #if defined(__AVX512BF16__)
     if (dot) {
       ig_tile_dot_n(std::make_integer_sequence<int, kIgMRDot>{}, int(m1 - m0), cc, row_bytes, rows, scale, G,
@@ -1353,68 +1428,27 @@ static void input_grad_task(void* p, int64_t t) {
       const uint8_t* src = codes + nb * (K / 2) + 64 * line;
       for (int64_t r = 0; r < rows; ++r) {
         _mm_prefetch(reinterpret_cast<const char*>(src + r * (K / 2) + 64), _MM_HINT_T0);
-        _mm512_storeu_si512(packed + 64 * r, _mm512_loadu_si512(src + r * (K / 2)));
+        std::memcpy(packed + 64 * r, src + r * (K / 2), 64);
       }
-      for (int64_t q = 0; q < 4; ++q) {
-        const int64_t ch = 4 * line + q;
-        const float* scale = ((ch & 1) ? s1 : s0) + ch / 2;
-        for (int64_t tm = 0; tm < tiles; ++tm) tile(tm, packed + 16 * q, 64, rows, scale, ch);
+      for (int64_t q = 0; q < 128 / kIgChunk; ++q) {
+        const int64_t ch = (128 / kIgChunk) * line + q;
+        for (int64_t tm = 0; tm < tiles; ++tm) tile(tm, packed + (kIgChunk / 2) * q, 64, rows, chunk_scale(ch), ch);
       }
     }
-    if (K % 128) {  // the last 64 columns: two chunks read in place
-      for (int64_t ch = K / 32 - 2; ch < K / 32; ++ch) {
-        const float* scale = ((ch & 1) ? s1 : s0) + ch / 2;
-        for (int64_t tm = 0; tm < tiles; ++tm) tile(tm, codes + nb * (K / 2) + 16 * ch, K / 2, rows, scale, ch);
-      }
+    if (K % 128) {  // the last 64 columns: their chunks read in place
+      for (int64_t ch = (K - 64) / kIgChunk; ch < K / kIgChunk; ++ch)
+        for (int64_t tm = 0; tm < tiles; ++tm)
+          tile(tm, codes + nb * (K / 2) + (kIgChunk / 2) * ch, K / 2, rows, chunk_scale(ch), ch);
     }
   }
 }
-#elif defined(__AVX2__)
-// Task t accumulates rows [n0, n1) of W into its workspace slice, in group order: per decoded group of
-// 64, each dy row's sums are loaded, added into and stored (AVX2 has 16 registers; the AVX-512 kernel
-// above keeps its sums in them).
-static void input_grad_task(void* p, int64_t t) {
-  static const Planes P;
-  const auto& c = *static_cast<InputGradCtx*>(p);
-  const Nf4InputGradArgs& a = *c.a;
-  const Nf4Weight& w = a.w;
-  const int64_t M = a.dy.rows, N = w.rows, K = w.cols;
-  const int64_t n0 = N * t / c.tasks, n1 = N * (t + 1) / c.tasks;
-  float* acc = a.workspace.data<float>() + t * M * a.workspace.ld;
-  const int64_t ld = a.workspace.ld;
-  for (int64_t m = 0; m < M; ++m) std::memset(acc + m * ld, 0, sizeof(float) * size_t(K));
-  const __m256i m4 = _mm256_set1_epi8(15);
-  const uint8_t* codes = w.codes_ptr();
-  ScaleCursor sc(w);
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = codes + n * K / 2;
-    sc.start(n);
-    for (int64_t g = 0; g < K; g += 64) {
-      const __m256i by = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + g / 2));
-      const __m256 s = sc.next();
-      for (int h = 0; h < 2; ++h) {
-        __m256 v[4];
-        lookup32(P, h ? _mm256_and_si256(by, m4) : _mm256_and_si256(_mm256_srli_epi16(by, 4), m4), v);
-        for (int j = 0; j < 4; ++j) v[j] = _mm256_mul_ps(v[j], s);  // the exact fp32 weight
-        for (int64_t m = 0; m < M; ++m) {
-          const __m256 d = _mm256_set1_ps(dy_value(a.dy, m, n));
-          float* dst = acc + m * ld + g + 32 * h;
-          for (int j = 0; j < 4; ++j)
-            _mm256_storeu_ps(dst + 8 * j, _mm256_fmadd_ps(d, v[j], _mm256_loadu_ps(dst + 8 * j)));
-        }
-      }
-    }
-  }
-}
-#endif
 
-#if defined(__AVX2__)
-// Sum the task slices and unscramble group order into natural order, one (m, group) per step.
+// Sum the task slices and unscramble their order (ig_order) into natural order, one (m, group) per step.
 static void input_grad_reduce(void* p, int64_t m) {
   const auto& c = *static_cast<InputGradCtx*>(p);
   const Nf4InputGradArgs& a = *c.a;
   const int64_t M = a.dy.rows, K = a.w.cols, ld = a.workspace.ld;
-  const std::array<int, 64>& order = group_order();
+  const std::array<int, 64>& order = ig_order();
   float* out = a.out.data<float>() + m * a.out.ld;
   const float* ws = a.workspace.data<float>();
   alignas(32) float sum[64];
