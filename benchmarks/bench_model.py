@@ -70,7 +70,7 @@ generate 1.7-2.6 s, a 512-token prefill 0.5-1.7 s, a memory process 4-7 s; each 
 one warm-up call and 3 rounds). A fifth variant since 2026-12-06 (with lowrank.fast_attention): ``-k llama``
 took 7.6 minutes on a Zen 5; with the Llama's sixth (fast_norm + fast_swiglu), its training, decode and
 prefill rows (``-k "llama and (test_train_step[ or decode or prefill)"``) took 6.7 minutes there. The
-batched-decode rows (``-k decode_batch``, since 2026-12-06) are not yet timed on their own.
+batched-decode rows (``-k "decode_batch and llama"``, since 2026-12-06) took 3.7 minutes on a Zen 4.
 
     pytest benchmarks/bench_model.py -s                                  # everything
     pytest benchmarks/bench_model.py -s -k llama                         # one model
