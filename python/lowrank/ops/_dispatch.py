@@ -34,9 +34,9 @@ measurement on first use, of the two candidate paths on one probe shape, interle
   the kernel follows it: the QLoRA and VeRA backward and the bf16 many-token forwards' ``u = x_a Aᵀ``.
 - ``nf4_cpu_fused_max_m/<dtype>`` / ``nf4_cpu_input_grad_max_m/<dtype>``: the NF4 fused dequant kernels
   (4096 × 4096) against dequantizing tile by tile for the GEMM; M = 1, 16, 64, 256 and 1, 4, 8, 16, 32,
-  64. The input gradient's kernel takes fp32 products (a bf16 grad_y widened), its GEMM side torch's bf16
-  GEMM over bf16 tiles where that is the fast one: a Zen 4 measured the kernel faster up to M ≈ 64 for
-  fp32 and ≈ 8 for bf16, so each dtype has its own crossover.
+  64. For a bf16 grad_y the input gradient's GEMM side is torch's bf16 GEMM over bf16 tiles where that
+  is the fast one, its kernel side fp32 products or the bf16 ones below: a Zen 4 measured the kernel
+  faster up to M = 64 for fp32 and 16 for bf16, so each dtype has its own crossover.
 - ``nf4_cpu_input_grad_bf16_rows``: for a bf16 dy in that kernel, ``"dot"`` (AVX512-BF16 products over W
   rounded once to bf16, two rows of W per instruction) or ``"widen"`` (dy widened against the exact fp32
   W). Probe: 4096 × 4096 at M = 16. Not measured where the kernel variant has no AVX512-BF16 ("widen").

@@ -145,8 +145,8 @@ _NF4_TILED_DECISION = ("nf4_cpu_tiled_m/float32", "nf4_cpu_tiled_m/bfloat16")
 
 def nf4_cpu_input_grad_max_m(dtype: torch.dtype) -> int:
     """The largest M at which the NF4 input gradient of a ``dtype`` grad_y takes the few-token kernel
-    (fp32 products: a bf16 grad_y is widened for it, where the GEMM path it competes with runs torch's
-    bf16 GEMM over bf16 tiles, so each dtype has its own crossover)."""
+    rather than the GEMM path, which for bf16 runs torch's bf16 GEMM over bf16 tiles where that is the
+    fast one: each dtype has its own crossover."""
     pinned = NF4_CPU_INPUT_GRAD_MAX_M
     if pinned is not None:
         return pinned if isinstance(pinned, int) else pinned[dtype]

@@ -824,7 +824,8 @@ def _backward_input_native(grad_y, codes, absmax, absmax2, code2, offset, shape,
         # Few tokens: W decoded in registers, the sums of up to 12 dy rows kept there (csrc/cpu/nf4.cpp). A
         # bf16 dy is read as it is: by AVX512-BF16 products where this machine measured them faster, else
         # widened by the kernel.
-        dy = last_dim_contiguous(grad_y.reshape(m, n) if grad_y.dtype == torch.bfloat16 else grad_y.reshape(m, n).float())
+        dy = grad_y.reshape(m, n)
+        dy = last_dim_contiguous(dy if dy.dtype == torch.bfloat16 else dy.float())
         tasks = _runtime.num_threads()
         workspace = torch.empty(tasks * m, k, dtype=torch.float32)
         dx32 = _runtime.empty(m, k, dtype=torch.float32, device=grad_y.device)
