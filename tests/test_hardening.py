@@ -56,7 +56,7 @@ def _pinned_crossovers(monkeypatch):
     monkeypatch.setattr(_runtime, "NF4_CPU_BF16_DOT", d["nf4_cpu_bf16_rows"] == "dot")
     monkeypatch.setattr(_runtime, "CPU_LORA_BF16_DOT", d["cpu_lora_bf16_rows"] == "dot")
     monkeypatch.setattr(_runtime, "CPU_INPUT_GRAD_BF16_DOT", d["cpu_input_grad_bf16_rows"] == "dot")
-    monkeypatch.setattr(_runtime, "NF4_CPU_INPUT_GRAD_BF16_DOT", d["nf4_cpu_input_grad_bf16_rows"] == "dot")
+    monkeypatch.setattr(_runtime, "NF4_CPU_INPUT_GRAD_BF16_DOT", d["nf4_cpu_input_grad_bf16_dot_from_m"])
     monkeypatch.setattr(_runtime, "NF4_CPU_INPUT_GRAD_MAX_M", {torch.float32: d["nf4_cpu_input_grad_max_m/float32"],
                                                                torch.bfloat16: d["nf4_cpu_input_grad_max_m/bfloat16"]})  # fmt: skip
 

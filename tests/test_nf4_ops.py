@@ -464,6 +464,37 @@ def test_backward_input_kernel_bf16(cpu_isa, nf4_path, monkeypatch, m, n, k, blo
     assert ((out.double() - exact).abs() <= bound).all()
 
 
+def test_backward_input_bf16_dot_from_m(monkeypatch, kernel_flags):
+    """The bf16 products are taken from the measured M on (0: never; a bool pins every M), and the kernel
+    receives that choice."""
+    monkeypatch.setattr(_runtime, "NF4_CPU_INPUT_GRAD_BF16_DOT", 4)
+    assert [_runtime.nf4_cpu_input_grad_bf16_dot(m) for m in (1, 3, 4, 16)] == [False, False, True, True]
+    monkeypatch.setattr(_runtime, "NF4_CPU_INPUT_GRAD_BF16_DOT", 0)
+    assert not any(_runtime.nf4_cpu_input_grad_bf16_dot(m) for m in (1, 4, 1 << 20))
+    monkeypatch.setattr(_runtime, "NF4_CPU_INPUT_GRAD_BF16_DOT", True)
+    assert _runtime.nf4_cpu_input_grad_bf16_dot(1)
+    monkeypatch.setattr(_runtime, "NF4_CPU_INPUT_GRAD_MAX_M", 1 << 30)
+    monkeypatch.setattr(_runtime, "NF4_CPU_INPUT_GRAD_BF16_DOT", 4)
+    args, _, _, _, _, _ = _inputs((1,), 16, 64, 4, torch.bfloat16)
+    for m, dot in [(3, False), (4, True)]:
+        kernel_flags.clear()
+        backward_input(torch.randn(m, 16).bfloat16(), *args, None, None)
+        assert kernel_flags == [dot]
+
+
+@pytest.fixture
+def kernel_flags(monkeypatch):
+    """The bf16_dot argument of each _C.nf4_input_grad_cpu call made during the test."""
+    flags, original = [], _C.nf4_input_grad_cpu
+
+    def spy(*args):
+        flags.append(args[5])
+        return original(*args)
+
+    monkeypatch.setattr(_C, "nf4_input_grad_cpu", spy)
+    return flags
+
+
 @pytest.mark.parametrize("k,blocksize", [(576, 64), (200, 64), (192, 128), (640, 32), (4096, 4096)], ids=str)
 @pytest.mark.parametrize("adapter", [True, False], ids=["adapter", "base"])
 def test_bf16_input_grad_column_tiles(cpu_isa, nf4_path, monkeypatch, k, blocksize, adapter):

@@ -37,10 +37,13 @@ measurement on first use, of the two candidate paths on one probe shape, interle
   64. For a bf16 grad_y the input gradient's GEMM side is torch's bf16 GEMM over bf16 tiles where that
   is the fast one, its kernel side fp32 products or the bf16 ones below: a Zen 4 measured the kernel
   faster up to M = 64 for fp32 and 16 for bf16, so each dtype has its own crossover.
-- ``nf4_cpu_input_grad_bf16_rows``: for a bf16 dy in that kernel, ``"dot"`` (AVX512-BF16 products over W
-  rounded once to bf16, two rows of W per instruction) or ``"widen"`` (dy widened against the exact fp32
-  W). Probe: 4096 × 4096 at M = 16. Not measured where the kernel variant has no AVX512-BF16 ("widen").
-  Measured before ``nf4_cpu_input_grad_max_m/bfloat16``, whose kernel side runs it.
+- ``nf4_cpu_input_grad_bf16_dot_from_m``: for a bf16 dy in that kernel, the fewest dy rows from which it
+  takes AVX512-BF16 products over W rounded once to bf16 (two rows of W per instruction; below, dy is
+  widened against the exact fp32 W), 0 for never. The products' decode costs more per row of W and is
+  shared by the tile's dy rows: a Zen 4 measured them 10 % slower at M = 1 and 17 % faster at M = 16.
+  Probe: 4096 × 4096 at M = 1, 2, 4, 16; the smallest M from which they won at every larger probe. Not
+  measured where the kernel variant has no AVX512-BF16 (0). Measured before
+  ``nf4_cpu_input_grad_max_m/bfloat16``, whose kernel side runs it.
 - ``nf4_cpu_bf16_rows``: for a bf16 x in the NF4 rows kernel, ``"dot"`` (AVX512-BF16 products over W
   decoded in fp32 and rounded once to bf16, DESIGN's contract for a 16-bit compute dtype) or
   ``"widen"`` (x widened to fp32 against the exact fp32 W). Probe: 4096 × 4096 at M = 1 and 16; "dot"
@@ -137,7 +140,7 @@ DEFAULTS: dict[str, Any] = {
     "nf4_cpu_input_grad_max_m/float32": 8,
     "nf4_cpu_input_grad_max_m/bfloat16": 8,
     "nf4_cpu_bf16_rows": "widen",
-    "nf4_cpu_input_grad_bf16_rows": "widen",
+    "nf4_cpu_input_grad_bf16_dot_from_m": 0,
     "nf4_cpu_tiled_m/float32": [0, 0, 0],
     "nf4_cpu_tiled_m/bfloat16": [0, 0, 0],
     "cpu_lora_bf16_rows": "widen",
@@ -653,7 +656,7 @@ def _probe_nf4_input_grad(dtype: torch.dtype) -> tuple[int, dict]:
     if dtype == torch.bfloat16:
         from . import _runtime
 
-        _runtime.nf4_cpu_input_grad_bf16_dot()  # decided first: the kernel side of this probe runs what it chose
+        _runtime.nf4_cpu_input_grad_bf16_dot(1)  # decided first: the kernel side of this probe runs what it chose
 
     def call(m: int, limit: int):
         dy = torch.randn(m, n, generator=g).to(dtype)
@@ -667,15 +670,32 @@ def _probe_nf4_input_grad(dtype: torch.dtype) -> tuple[int, dict]:
     return _crossover([1, 4, 8, 16, 32, 64], lambda m: call(m, UNBOUNDED), lambda m: call(m, 0), tie=FUSED_TIE)
 
 
-def _probe_nf4_input_grad_bf16_rows() -> tuple[str, dict]:
+def _probe_nf4_input_grad_bf16_dot() -> tuple[int, dict]:
+    from .. import _C
     from . import nf4
 
-    def make(m: int):
-        g, weights, _, n = _nf4_probe_weights()
-        dy = torch.randn(m, n, generator=g).bfloat16()
-        return lambda: nf4._backward_input_native(dy, *weights(), None, None)
+    if not _C.cpu_bf16_dot():
+        return 0, {}
+    g, weights, _, n = _nf4_probe_weights()
 
-    return _probe_bf16_dot("NF4_CPU_INPUT_GRAD_MAX_M", "NF4_CPU_INPUT_GRAD_BF16_DOT", make)
+    def call(m: int, dot: bool):
+        dy = torch.randn(m, n, generator=g).bfloat16()
+
+        def run():
+            with _pinned("NF4_CPU_INPUT_GRAD_MAX_M", {torch.bfloat16: UNBOUNDED}):
+                with _pinned("NF4_CPU_INPUT_GRAD_BF16_DOT", dot):
+                    return nf4._backward_input_native(dy, *weights(), None, None)
+
+        return run
+
+    timings, wins = {}, []
+    probes = [16, 4, 2, 1]  # largest first: below the first loss, the products are not taken
+    for m in probes:
+        t = timings[str(m)] = _compared_ms({"dot": call(m, True), "widen": call(m, False)})
+        if t["dot"] >= t["widen"]:
+            break
+        wins.append(m)
+    return (wins[-1] if wins else 0), timings
 
 
 def _probe_bf16_dot(limit: str, flag: str, make: Callable[[int], Callable[[], Any]]) -> tuple[str, dict]:
@@ -787,7 +807,7 @@ _PROBES: dict[str, Callable[[], tuple[Any, dict]]] = {
     "nf4_cpu_input_grad_max_m/float32": lambda: _probe_nf4_input_grad(torch.float32),
     "nf4_cpu_input_grad_max_m/bfloat16": lambda: _probe_nf4_input_grad(torch.bfloat16),
     "nf4_cpu_bf16_rows": _probe_nf4_bf16_rows,
-    "nf4_cpu_input_grad_bf16_rows": _probe_nf4_input_grad_bf16_rows,
+    "nf4_cpu_input_grad_bf16_dot_from_m": _probe_nf4_input_grad_bf16_dot,
     "nf4_cpu_tiled_m/float32": lambda: _probe_nf4_tiled(torch.float32),
     "nf4_cpu_tiled_m/bfloat16": lambda: _probe_nf4_tiled(torch.bfloat16),
     "cpu_lora_bf16_rows": _probe_lora_bf16_rows,

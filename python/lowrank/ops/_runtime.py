@@ -47,7 +47,7 @@ CPU_INPUT_GRAD_MAX_M: Optional[dict] = None  # {dtype: largest M for the dx = dy
 NF4_CPU_FUSED_MAX_M: Optional[int] = None  # largest M for the fused NF4 dequant-GEMV rows kernel (every dtype)
 NF4_CPU_BF16_DOT: Optional[bool] = None  # bf16 x in the NF4 rows kernel: AVX512-BF16 products (True) or widened
 NF4_CPU_INPUT_GRAD_MAX_M: Optional[Union[int, dict]] = None  # largest M for the NF4 dx = dy W kernel ({dtype: M}, or one M for both)
-NF4_CPU_INPUT_GRAD_BF16_DOT: Optional[bool] = None  # bf16 dy in the NF4 dx = dy W kernel: AVX512-BF16 products or widened
+NF4_CPU_INPUT_GRAD_BF16_DOT: Optional[Union[bool, int]] = None  # bf16 dy in the NF4 dx = dy W kernel: AVX512-BF16 products at every M (True), none (False), or from this M
 NF4_CPU_TILED_M: Optional[tuple] = None  # (lo, hi, w): inference M in [lo, hi] takes the tiled NF4 layout, bf16 x widened to M = w
 CPU_ADAPTER_PRODUCTS: Optional[dict] = None  # {dtype: True for csrc/cpu/adapter_products.cpp, False for GEMMs}
 CPU_LORA_BF16_DOT: Optional[bool] = None  # bf16 x in the LoRA rows kernel: AVX512-BF16 products (True) or widened
@@ -119,13 +119,16 @@ def nf4_cpu_bf16_dot() -> bool:
     return _dispatch.decide("nf4_cpu_bf16_rows") == "dot"
 
 
-def nf4_cpu_input_grad_bf16_dot() -> bool:
-    """Whether a bf16 dy in the NF4 input gradient's few-token kernel takes AVX512-BF16 products over W
-    rounded once to bf16 (the GEMM path's bf16 tiles' contract) rather than being widened against the
-    exact fp32 W: measured where the kernel variant has them ("widen" elsewhere, as the kernel does)."""
-    if NF4_CPU_INPUT_GRAD_BF16_DOT is not None:
-        return NF4_CPU_INPUT_GRAD_BF16_DOT
-    return _dispatch.decide("nf4_cpu_input_grad_bf16_rows") == "dot"
+def nf4_cpu_input_grad_bf16_dot(m: int) -> bool:
+    """Whether ``m`` bf16 dy rows in the NF4 input gradient's few-token kernel take AVX512-BF16 products over
+    W rounded once to bf16 (the GEMM path's bf16 tiles' contract) rather than being widened against the
+    exact fp32 W: from the measured M on, where the kernel variant has them (never elsewhere; the kernel
+    itself widens where they are missing)."""
+    pinned = NF4_CPU_INPUT_GRAD_BF16_DOT
+    if isinstance(pinned, bool):
+        return pinned
+    from_m = pinned if pinned is not None else _dispatch.decide("nf4_cpu_input_grad_bf16_dot_from_m")
+    return 0 < from_m <= m
 
 
 def nf4_cpu_tiled(dtype: torch.dtype, m: int) -> tuple[bool, bool]:

@@ -822,15 +822,15 @@ def _backward_input_native(grad_y, codes, absmax, absmax2, code2, offset, shape,
         and _C.cpu_isa() != "portable"
     ):
         # Few tokens: W decoded in registers, the sums of up to 12 dy rows kept there (csrc/cpu/nf4.cpp). A
-        # bf16 dy is read as it is: by AVX512-BF16 products where this machine measured them faster, else
-        # widened by the kernel.
+        # bf16 dy is read as it is: by AVX512-BF16 products from the M at which this machine measured them
+        # faster, else widened by the kernel.
         dy = grad_y.reshape(m, n)
         dy = last_dim_contiguous(dy if dy.dtype == torch.bfloat16 else dy.float())
         tasks = _runtime.num_threads()
         workspace = torch.empty(tasks * m, k, dtype=torch.float32)
         dx32 = _runtime.empty(m, k, dtype=torch.float32, device=grad_y.device)
         _C.nf4_input_grad_cpu(matrix("out", dx32), matrix("grad_y", dy), w, matrix("workspace", workspace), tasks,
-                              dy.dtype == torch.bfloat16 and _runtime.nf4_cpu_input_grad_bf16_dot())  # fmt: skip
+                              dy.dtype == torch.bfloat16 and _runtime.nf4_cpu_input_grad_bf16_dot(m))  # fmt: skip
     else:
         dx32 = _gemm.matmul_tiles_fp32(grad_y.reshape(m, n).float(), n, k, _tile_filler(w))
     if g is not None:
