@@ -36,22 +36,6 @@ constexpr int64_t CHAIN = 32;        // the longest sequential fp32 sum of c (th
 
 inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-// f(std::integral_constant<int, nb>{}) for a run-time nb in [1, 8]: the register blocks are templates on
-// their row count (cases past 4 run with AVX-512 only).
-template <class F>
-inline void with_rows(int nb, F&& f) {
-  switch (nb) {
-    case 1: return f(std::integral_constant<int, 1>{});
-    case 2: return f(std::integral_constant<int, 2>{});
-    case 3: return f(std::integral_constant<int, 3>{});
-    case 4: return f(std::integral_constant<int, 4>{});
-    case 5: return f(std::integral_constant<int, 5>{});
-    case 6: return f(std::integral_constant<int, 6>{});
-    case 7: return f(std::integral_constant<int, 7>{});
-    case 8: return f(std::integral_constant<int, 8>{});
-  }
-}
-
 struct Plan {
   int64_t M, K, R, Rp;
   const float* y;  // [K, Rp] (row stride ldy) or null
@@ -101,7 +85,7 @@ inline void block(const float* xt, int64_t xs, int64_t kb, const float* y, int64
 template <bool HY, bool HU>
 inline void block_dispatch(int nb, const float* xt, int64_t xs, int64_t kb, const float* y, int64_t ldy,
                            const float* const* u_rows, float* const* c_rows, float* d, int64_t Rp) {
-  with_rows(nb, [&](auto n) { block<decltype(n)::value, HY, HU>(xt, xs, kb, y, ldy, u_rows, c_rows, d, Rp); });
+  with_count<8>(nb, [&](auto n) { block<decltype(n)::value, HY, HU>(xt, xs, kb, y, ldy, u_rows, c_rows, d, Rp); });
 }
 
 #if defined(__AVX512F__)
@@ -162,7 +146,7 @@ template <bool HU>
 LOWRANK_BF16_DOT inline void block_dp_dispatch(int nb, const bf16_t* xr, int64_t ldx, const float* xt, int64_t xs,
                                                int64_t kb, const uint32_t* yp, int64_t Rp,
                                                const float* const* u_rows, float* const* c_rows, float* d) {
-  with_rows(nb, [&](auto n) LOWRANK_BF16_DOT {
+  with_count<8>(nb, [&](auto n) LOWRANK_BF16_DOT {
     block_dp<decltype(n)::value, HU>(xr, ldx, xt, xs, kb, yp, Rp, u_rows, c_rows, d);
   });
 }
@@ -494,7 +478,7 @@ void term_rows(const TermPlan& p, int64_t m0, int64_t m1) {
   const int64_t N = p.a->out.cols;
   for (int64_t n = 0; n < N; n += 2 * W) {
     for (int64_t mb = m0; mb < m1; mb += TM) {
-      with_rows(int(min64(TM, m1 - mb)), [&](auto k) { term_tile<decltype(k)::value, TO, TB>(p, mb, n); });
+      with_count<8>(int(min64(TM, m1 - mb)), [&](auto k) { term_tile<decltype(k)::value, TO, TB>(p, mb, n); });
     }
   }
 }

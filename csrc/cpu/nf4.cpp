@@ -24,7 +24,6 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <utility>
 #include <vector>
 
 #include "cpu/parallel_for.h"
@@ -338,14 +337,19 @@ inline void decode_group(const Planes& P, const uint8_t* p, __m256 v[8]) {
 // (high nibbles), then the 16 odd ones.
 inline __m512 table512() { return _mm512_loadu_ps(kTable); }
 
+// 32 values (16 bytes of codes) -> their 16 even (high nibbles) and 16 odd elements: unscaled table
+// values, exact.
+inline void decode_chunk512(__m512 table, const uint8_t* p, __m512& even, __m512& odd) {
+  const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  even = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table);
+  odd = _mm512_permutexvar_ps(d, table);
+}
+
 // One group of 64 (32 bytes) -> v[0] even and v[1] odd elements of its first 32 values, v[2], v[3]
 // those of the last 32: unscaled table values, exact.
 inline void decode_group512(__m512 table, const uint8_t* p, __m512 v[4]) {
-  for (int c = 0; c < 2; ++c) {
-    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * c)));
-    v[2 * c] = _mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table);
-    v[2 * c + 1] = _mm512_permutexvar_ps(d, table);
-  }
+  decode_chunk512(table, p, v[0], v[1]);
+  decode_chunk512(table, p + 16, v[2], v[3]);
 }
 
 // bf16 decoding: the 16 values a block can take, table[q]·s rounded once to bf16, are a code book of
@@ -1152,7 +1156,7 @@ void nf4_rows(const Nf4RowsArgs& a, int num_threads) {
 // =================================================================================================
 // Input gradient for few tokens: out = dy · W (fp32)
 // =================================================================================================
-// dy[m, n] as fp32, from an fp32 or bf16 dy (the AVX2 and portable kernels widen per value).
+// dy[m, n] as fp32, from an fp32 or bf16 dy.
 inline float dy_value(const Matrix& dy, int64_t m, int64_t n) {
   return dy.dtype == DType::bfloat16 ? bf16_to_float(dy.data<bf16_t>()[m * dy.ld + n]) : dy.data<float>()[m * dy.ld + n];
 }
@@ -1187,6 +1191,14 @@ struct IgTable {
 };
 inline IgTable ig_table() { return {_mm256_loadu_ps(kTable), _mm256_loadu_ps(kTable + 8)}; }
 #endif
+// bf16 products for a bf16 dy (AVX512-BF16 variant only), in tiles of at most kIgMRDot dy rows
+#if defined(__AVX512BF16__)
+constexpr bool kIgDot = true;
+constexpr int kIgMRDot = 10;
+#else
+constexpr bool kIgDot = false;
+constexpr int kIgMRDot = kIgMR;
+#endif
 
 // Workspace slot s of a group of 64 holds element ig_order()[s] of the group.
 inline const std::array<int, 64>& ig_order() {
@@ -1206,10 +1218,10 @@ inline const std::array<int, 64>& ig_order() {
 // Row r's chunk of W (16 bytes of codes): its 16 even and 16 odd elements, exact fp32.
 __attribute__((always_inline)) inline void ig_decode(const uint8_t* codes, int64_t row_bytes, const float* scale,
                                                      int64_t sld, int64_t r, __m512 table, __m512& we, __m512& wo) {
-  const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + r * row_bytes)));
+  decode_chunk512(table, codes + r * row_bytes, we, wo);
   const __m512 s = _mm512_set1_ps(scale[r * sld]);
-  we = _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(d, 4), table), s);
-  wo = _mm512_mul_ps(_mm512_permutexvar_ps(d, table), s);
+  we = _mm512_mul_ps(we, s);
+  wo = _mm512_mul_ps(wo, s);
 }
 
 // A tile's sums: 2·MR registers loaded from `sums`, then step(e, o, r) for r = 0, Step, 2·Step, ... < rows,
@@ -1255,13 +1267,6 @@ static void ig_tile(const uint8_t* codes, int64_t row_bytes, int64_t rows, const
   });
 }
 
-template <int... Ns>
-static void ig_tile_n(std::integer_sequence<int, Ns...>, int mr, const uint8_t* codes, int64_t row_bytes,
-                      int64_t rows, const float* scale, int64_t sld, const float* dyt, float* sums, int64_t lds,
-                      __m512 table) {
-  ((mr == Ns + 1 ? ig_tile<Ns + 1>(codes, row_bytes, rows, scale, sld, dyt, sums, lds, table) : void()), ...);
-}
-
 #if defined(__AVX512BF16__)
 // A bf16 dy with AVX512-BF16 (Nf4InputGradArgs::bf16_dot): W rounded once to bf16 (DESIGN's contract for
 // a 16-bit compute dtype, as the GEMM path's bf16 tiles), two rows of W at a time. Each row's chunk is
@@ -1269,7 +1274,6 @@ static void ig_tile_n(std::integer_sequence<int, Ns...>, int mr, const uint8_t* 
 // holds (row r, row r + 1) at column j; one vdpbf16ps per dy row against its broadcast pair
 // (dy[r], dy[r + 1]) then adds 32 exact products to 16 fp32 sums. 10 dy rows per tile (the pair's
 // decode takes more registers).
-constexpr int kIgMRDot = 10;
 alignas(64) static const uint16_t kPairWords[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
                                                     8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
 
@@ -1293,23 +1297,8 @@ static void ig_tile_dot(const uint8_t* codes, int64_t row_bytes, int64_t rows, c
     }
   });
 }
-
-template <int... Ns>
-static void ig_tile_dot_n(std::integer_sequence<int, Ns...>, int mr, const uint8_t* codes, int64_t row_bytes,
-                          int64_t rows, const float* scale, int64_t sld, const uint32_t* dyp, float* sums, int64_t lds,
-                          __m512 table) {
-  ((mr == Ns + 1 ? ig_tile_dot<Ns + 1>(codes, row_bytes, rows, scale, sld, dyp, sums, lds, table) : void()), ...);
-}
-constexpr bool kIgDot = true;
-constexpr int kIgMRDotOr12 = kIgMRDot;
-#else
-constexpr bool kIgDot = false;
-constexpr int kIgMRDotOr12 = kIgMR;
-#endif
-#elif defined(__AVX2__)
-constexpr bool kIgDot = false;
-constexpr int kIgMRDotOr12 = kIgMR;
-#endif
+#endif  // __AVX512BF16__
+#endif  // __AVX512F__
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
 // AVX2: a 16-entry lookup is two 8-entry vpermps and a blend on the index's bit 3 (moved to the sign).
@@ -1342,13 +1331,6 @@ static void ig_tile(const uint8_t* codes, int64_t row_bytes, int64_t rows, const
     _mm256_storeu_ps(sums + i * lds + 8, o[i]);
   }
 }
-
-template <int... Ns>
-static void ig_tile_n(std::integer_sequence<int, Ns...>, int mr, const uint8_t* codes, int64_t row_bytes,
-                      int64_t rows, const float* scale, int64_t sld, const float* dyt, float* sums, int64_t lds,
-                      const IgTable& table) {
-  ((mr == Ns + 1 ? ig_tile<Ns + 1>(codes, row_bytes, rows, scale, sld, dyt, sums, lds, table) : void()), ...);
-}
 #endif
 
 #if defined(__AVX2__)
@@ -1365,7 +1347,7 @@ static void input_grad_task(void* p, int64_t t) {
   for (int64_t m = 0; m < M; ++m) std::memset(acc + m * ld, 0, sizeof(float) * size_t(K));
   // bf16 products (a bf16 dy, the measured choice, a variant with AVX512-BF16), else fp32 ones
   const bool dot = kIgDot && a.dy.dtype == DType::bfloat16 && a.bf16_dot;
-  const int mr_max = dot ? kIgMRDotOr12 : kIgMR;
+  const int mr_max = dot ? kIgMRDot : kIgMR;
   // dy's rows in near-equal tiles of at most mr_max (each tile decodes W again)
   const int64_t tiles = (M + mr_max - 1) / mr_max;
   thread_local std::vector<float> scales, dyt;
@@ -1380,9 +1362,6 @@ static void input_grad_task(void* p, int64_t t) {
   alignas(64) uint8_t packed[kIgRows * 64];
   ScaleCursor sc(w);
   const uint8_t* codes = w.codes_ptr();
-  const bool dy16 = a.dy.dtype == DType::bfloat16;
-  const float* dy32 = dy16 ? nullptr : a.dy.data<float>();
-  const bf16_t* dyh = dy16 ? a.dy.data<bf16_t>() : nullptr;
   // the scale of chunk ch (of row 0; rows G apart): its group's, first or last 32 values
   auto chunk_scale = [&](int64_t ch) { return ((ch * kIgChunk) % 64 < 32 ? s0 : s1) + ch * kIgChunk / 64; };
   auto tile = [&](int64_t tm, const uint8_t* cc, int64_t row_bytes, int64_t rows, const float* scale, int64_t ch) {
@@ -1391,13 +1370,16 @@ static void input_grad_task(void* p, int64_t t) {
     float* sums = acc + m0 * ld + kIgChunk * ch;
 #if defined(__AVX512BF16__)
     if (dot) {
-      ig_tile_dot_n(std::make_integer_sequence<int, kIgMRDot>{}, int(m1 - m0), cc, row_bytes, rows, scale, G,
-                    reinterpret_cast<const uint32_t*>(d), sums, ld, table);
+      with_count<kIgMRDot>(int(m1 - m0), [&](auto n) {
+        ig_tile_dot<decltype(n)::value>(cc, row_bytes, rows, scale, G, reinterpret_cast<const uint32_t*>(d), sums,
+                                        ld, table);
+      });
       return;
     }
 #endif
-    ig_tile_n(std::make_integer_sequence<int, kIgMR>{}, int(m1 - m0), cc, row_bytes, rows, scale, G, d, sums, ld,
-              table);
+    with_count<kIgMR>(int(m1 - m0), [&](auto n) {
+      ig_tile<decltype(n)::value>(cc, row_bytes, rows, scale, G, d, sums, ld, table);
+    });
   };
   for (int64_t nb = n0; nb < n1; nb += kIgRows) {
     const int64_t rows = min64(kIgRows, n1 - nb);
@@ -1411,14 +1393,14 @@ static void input_grad_task(void* p, int64_t t) {
       if (dot) {
         uint32_t* dp = reinterpret_cast<uint32_t*>(d);
         for (int64_t m = m0; m < m1; ++m) {
-          const bf16_t* row = dyh + m * a.dy.ld + nb;
+          const bf16_t* row = a.dy.data<bf16_t>() + m * a.dy.ld + nb;
           for (int64_t r = 0; r < rows; r += 2)
-            dp[(r / 2) * kIgMRDotOr12 + (m - m0)] = uint32_t(row[r]) | (r + 1 < rows ? uint32_t(row[r + 1]) << 16 : 0u);
+            dp[(r / 2) * kIgMRDot + (m - m0)] = uint32_t(row[r]) | (r + 1 < rows ? uint32_t(row[r + 1]) << 16 : 0u);
         }
       } else {
         for (int64_t m = m0; m < m1; ++m)
           for (int64_t r = 0; r < rows; ++r)
-            d[r * kIgMR + (m - m0)] = dy16 ? bf16_to_float(dyh[m * a.dy.ld + nb + r]) : dy32[m * a.dy.ld + nb + r];
+            d[r * kIgMR + (m - m0)] = dy_value(a.dy, m, nb + r);
       }
     }
     for (int64_t line = 0; line < K / 128; ++line) {

@@ -7,6 +7,8 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 #if !defined(LOWRANK_ISA)
 #error "LOWRANK_ISA must name the instruction set namespace (portable, avx2, avx512)"
@@ -353,6 +355,17 @@ inline void widen(float* dst, const T* src, int64_t n) {
   int64_t k = 0;
   for (; k + Vec::width <= n; k += Vec::width) vstore(dst + k, vload(src + k));
   for (; k < n; ++k) dst[k] = load_scalar(src + k);
+}
+
+// f(std::integral_constant<int, n>{}) for a run-time n in [1, N]: register tiles are templates on their
+// row count, and a call picks the one for the rows it has (nothing happens for n outside [1, N]).
+template <int N, class F, int... Is>
+inline void with_count_impl(int n, F& f, std::integer_sequence<int, Is...>) {
+  ((n == Is + 1 ? f(std::integral_constant<int, Is + 1>{}) : void()), ...);
+}
+template <int N, class F>
+inline void with_count(int n, F&& f) {
+  with_count_impl<N>(n, f, std::make_integer_sequence<int, N>{});
 }
 
 // The row kernels' many-token passes (lora.cpp, lora_input_grad.cpp) read a block [k0, k1) of K of a
