@@ -436,7 +436,7 @@ PYBIND11_MODULE(_C, m) {
         py::gil_scoped_release nogil;
         nf4_input_grad_cpu(a, num_threads);
       },
-      "out = dy · dequant(W) with fp32 sums, W streamed once (workspace: fp32 [tasks*M, K]; a bf16 dy is read "
+      "out = dy · dequant(W) with fp32 sums, W decoded once per tile of dy rows (workspace: fp32 [tasks*M, K]; a bf16 dy is read "
       "as it is by AVX512-BF16 products over W rounded once to bf16 where the CPU has them and bf16_dot is set, "
       "else widened against the exact fp32 W)",
       py::arg("out"), py::arg("dy"), py::arg("w"), py::arg("workspace"), py::arg("num_threads"),

@@ -218,8 +218,9 @@ inline void validate_nf4_double_quant(const Nf4DoubleQuantArgs& a, bool cuda) {
 }
 
 // ---- input gradient for few tokens: out = dy · dequant(W) (fp32 sums; dy fp32 or bf16) ------------
-// W is streamed once by rows, decoded in registers; each of the workspace's tasks accumulates the
-// rows it was given into its own fp32 [M, K] slice, and the slices are summed at the end. CPU only,
+// W is decoded in registers once per tile of dy rows (up to 12 with AVX-512, 10 for bf16 products, 4 with
+// AVX2: cpu/nf4.cpp); each of the workspace's tasks accumulates the rows of W it was given into its own
+// fp32 [M, K] slice, and the slices are summed at the end. CPU only,
 // and only for in_features % 64 == 0 with blocksize >= 64 or 32 (nf4_input_grad_supported).
 struct Nf4InputGradArgs {
   Matrix out;        // [M, K] float32

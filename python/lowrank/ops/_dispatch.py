@@ -40,7 +40,7 @@ measurement on first use, of the two candidate paths on one probe shape, interle
 - ``nf4_cpu_input_grad_bf16_dot_from_m``: for a bf16 dy in that kernel, the fewest dy rows from which it
   takes AVX512-BF16 products over W rounded once to bf16 (two rows of W per instruction; below, dy is
   widened against the exact fp32 W), 0 for never. The products' decode costs more per row of W and is
-  shared by the tile's dy rows: a Zen 4 measured them 10 % slower at M = 1 and 17 % faster at M = 16.
+  shared by the tile's dy rows: a Zen 4 measured them 7-10 % slower at M = 1 and 11-21 % faster at M = 16.
   Probe: 4096 × 4096 at M = 1, 2, 4, 16; the smallest M from which they won at every larger probe. Not
   measured where the kernel variant has no AVX512-BF16 (0). Measured before
   ``nf4_cpu_input_grad_max_m/bfloat16``, whose kernel side runs it.

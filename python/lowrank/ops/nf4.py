@@ -821,7 +821,7 @@ def _backward_input_native(grad_y, codes, absmax, absmax2, code2, offset, shape,
         and (blocksize >= 64 or blocksize == 32)
         and _C.cpu_isa() != "portable"
     ):
-        # Few tokens: W decoded in registers, the sums of up to 12 dy rows kept there (csrc/cpu/nf4.cpp). A
+        # Few tokens: W decoded in registers, a tile of dy rows' sums kept there (csrc/cpu/nf4.cpp). A
         # bf16 dy is read as it is: by AVX512-BF16 products from the M at which this machine measured them
         # faster, else widened by the kernel.
         dy = grad_y.reshape(m, n)

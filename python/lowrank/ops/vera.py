@@ -28,8 +28,9 @@ Kernels: few tokens take ``h = x_a A_sᵀ``, then the fused row kernel with W st
 adapter term ``b ⊙ ((d ⊙ h) B_sᵀ)`` added in the same pass (d and b are the kernel's per-rank and
 per-column scales: both diagonal scalings fused, h kept unscaled for the backward). On the CPU, over a
 dense W without dropout, h comes from the row kernel too, in the same call (``lora_fused_cpu``, as
-LoRA's); otherwise from ``down_projection`` (ops/lora.py). Many tokens take the best GEMM with the adapter term ``u (b ⊙ B_s)ᵀ`` (the small
-``(b ⊙ B_s)`` copy) accumulated with it by ``addmm``, as LoRA's (ops/lora.py). dtypes: fp32/bf16 on CPU,
+LoRA's); otherwise from ``down_projection`` (ops/lora.py). Many tokens take the best GEMM with the
+adapter term ``u (b ⊙ B_s)ᵀ`` (the small ``(b ⊙ B_s)`` copy; bf16 on the CPU passes b to ``adapter_term`` as
+its column scale instead) accumulated with it by ``addmm``, as LoRA's (ops/lora.py). dtypes: fp32/bf16 on CPU,
 fp32/bf16/fp16 on CUDA; anything else (fp16 on CPU, fp64, other devices) runs the reference.
 """
 
