@@ -345,9 +345,10 @@ def _crossover(
     ms: list[int], fused: Callable[[int], Callable], other: Callable[[int], Callable], names=("fused", "gemm"),
     tie: float = 0.0,
 ) -> tuple[int, dict]:
-    """Largest probed M where ``fused`` beat ``other`` (or came within ``tie`` of its time) at it and every
-    smaller probe (never beyond the largest probe: what was not measured is not assumed). ``names``: the
-    two as the timings call them."""
+    """The last of ``ms``, in the order probed, where ``fused`` beat ``other`` (or came within ``tie`` of its
+    time) at it and every earlier probe; 0 if it lost the first. Ascending ``ms`` give the largest M up to
+    which ``fused`` wins (never beyond the largest probe: what was not measured is not assumed), descending
+    ones the smallest M from which it does. ``names``: the two as the timings call them."""
     limit, timings = 0, {}
     for m in ms:
         t = _compared_ms({names[0]: fused(m), names[1]: other(m)})
@@ -688,14 +689,8 @@ def _probe_nf4_input_grad_bf16_dot() -> tuple[int, dict]:
 
         return run
 
-    timings, wins = {}, []
-    probes = [16, 4, 2, 1]  # largest first: below the first loss, the products are not taken
-    for m in probes:
-        t = timings[str(m)] = _compared_ms({"dot": call(m, True), "widen": call(m, False)})
-        if t["dot"] >= t["widen"]:
-            break
-        wins.append(m)
-    return (wins[-1] if wins else 0), timings
+    # largest first: from the first loss down, the products are not taken
+    return _crossover([16, 4, 2, 1], lambda m: call(m, True), lambda m: call(m, False), names=("dot", "widen"))
 
 
 def _probe_bf16_dot(limit: str, flag: str, make: Callable[[int], Callable[[], Any]]) -> tuple[str, dict]:
