@@ -4,6 +4,7 @@ transformers models and PEFT parity: test_adapters_hf.py.)"""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -393,6 +394,79 @@ def test_switching_runs_no_tensor_operation():
     with Record() as sanity:  # the recorder does see tensor work
         model(_ids())
     assert len(sanity.ops) > 10
+
+
+def _aten_ops(fn):
+    """The aten ops ``fn()`` runs, and its result."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    with Record() as record:
+        out = fn()
+    return record.ops, out
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_head_takes_rows_not_a_weight_copy_per_batch_entry(dtype, batch):
+    """Transformers' prefill gives the output head ``hidden[:, -1:, :]``, whose leading dimensions are no
+    view of rows. With the head frozen (inject freezes it), torch's matmul would run a batched matmul
+    over the weight expanded to every batch entry (a copy of the whole weight per entry); lowrank's
+    pre-hook gives it rows instead: the same values, one GEMM."""
+    model = _model(dtype=dtype)
+    lowrank.inject(model, LoRAConfig(r=4, alpha=8))
+    lowrank.inject(model, VeRAConfig(r=8), adapter_name="second")  # the hook goes on once
+    head = model.lm_head
+    assert not head.weight.requires_grad
+    assert sum(h is lowrank.adapters.layer.fold_rows_pre_hook for h in head._forward_pre_hooks.values()) == 1
+    hidden = torch.randn(batch, 7, 24, dtype=dtype)
+    x = hidden[:, -1:, :]  # strides [7·24, 24, 1]: at batch 1 contiguous, yet no view of rows for matmul
+    expected = (x.double().reshape(batch, 24) @ head.weight.double().t()).reshape(batch, 1, 37)
+    with torch.no_grad():
+        ops, y = _aten_ops(lambda: head(x))
+    assert torch.ops.aten.bmm.default not in ops, ops
+    tol = 8 * torch.finfo(dtype).eps * expected.abs().max().item()
+    assert y.shape == (batch, 1, 37) and (y.double() - expected).abs().max().item() <= tol
+    # the copy keeps it, and gradients flow through it to x
+    copied = copy.deepcopy(model)
+    ops, _ = _aten_ops(lambda: copied.lm_head(x))
+    assert torch.ops.aten.bmm.default not in ops
+    xg = x.detach().clone().requires_grad_(True)
+    head(xg).float().sum().backward()
+    assert torch.allclose(xg.grad.double(), head.weight.double().sum(0).expand(batch, 1, 24), atol=tol)
+    # an adapted layer's base alone (adapters disabled) gets rows too
+    q = model.layers[0].q_proj
+    with torch.no_grad(), lowrank.disable_adapters(model):
+        ops, y = _aten_ops(lambda: q(x))
+    assert torch.ops.aten.bmm.default not in ops
+    ref = x.double().reshape(batch, 24) @ q.base_layer.weight.double().t() + q.base_layer.bias.double()
+    assert (y.double().reshape(batch, 24) - ref).abs().max().item() <= 8 * torch.finfo(dtype).eps * ref.abs().max().item()
+
+
+@pytest.mark.skipif(torch.__version__.split("+")[0] != "2.13.0", reason="records torch 2.13.0's matmul")
+def test_torch_runs_a_frozen_linear_on_unfoldable_input_as_a_batched_matmul():
+    """Why the test above matters: torch 2.13.0's own nn.Linear, frozen, takes the batched matmul over
+    the expanded weight for such an input (and folds it into rows once the weight requires grad). When
+    this fails, torch folds by itself and ``fold_rows`` has become redundant (it stays harmless)."""
+    for batch in (1, 5):
+        plain = nn.Linear(24, 37, bias=False)
+        x = torch.randn(batch, 7, 24)[:, -1:, :]
+        with torch.no_grad():
+            trainable_ops, _ = _aten_ops(lambda: plain(x))
+            plain.requires_grad_(False)
+            frozen_ops, _ = _aten_ops(lambda: plain(x))
+            contiguous_ops, _ = _aten_ops(lambda: plain(x.contiguous()))
+        assert torch.ops.aten.bmm.default not in trainable_ops
+        assert torch.ops.aten.bmm.default in frozen_ops
+        assert (torch.ops.aten.bmm.default in contiguous_ops) == (batch == 1)  # contiguous() keeps batch 1's strides
 
 
 def test_delete_adapter():

@@ -75,10 +75,10 @@ class MixedBatch:
         if layer.merged_adapters:
             raise RuntimeError(f"mixed_batch: adapters {layer.merged_adapters} are merged into a base; unmerge first")
         if layer.adapters_disabled:
-            return layer.base_layer(x)
+            return layer.base_forward(x)
         present = self.present(layer.adapters.keys())
         if not present:
-            return layer.base_layer(x)
+            return layer.base_forward(x)
         self._check_rows(x, "a layer")
         base = layer.base_layer
         if layer.kind == "linear":

@@ -18,6 +18,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from .._hooks import has_forward_pre_hook
 from ..layers.lora import check_rank_fits
 from ..layers.nf4 import NF4Linear
 from ..layers.vera import vera_shared_projections
@@ -31,6 +32,7 @@ from .layer import (
     base_features,
     base_kind,
     check_adapter_name,
+    fold_rows_pre_hook,
     is_conv1d,
 )
 
@@ -204,6 +206,19 @@ def _freeze_base(model: nn.Module) -> None:
     for p in model.parameters():
         if id(p) not in keep:
             p.requires_grad_(False)
+    _fold_head_inputs(model)
+
+
+def _fold_head_inputs(model: nn.Module) -> None:
+    """An output head left a plain ``nn.Linear``, now frozen, gets its input through ``fold_rows`` (a
+    forward pre-hook, once): torch's matmul would copy a frozen weight once per batch entry for the
+    ``hidden[:, -1:, :]`` that transformers' prefill gives the head (see ``fold_rows``). Only the head:
+    the hook costs ~4 µs a call, and the layers inside a decoder get their inputs as rows."""
+    for name in _output_head_names(model):
+        head = model.get_submodule(name)
+        frozen = isinstance(head, nn.Linear) and not head.weight.requires_grad
+        if frozen and type(head).forward is nn.Linear.forward and not has_forward_pre_hook(head, fold_rows_pre_hook):
+            head.register_forward_pre_hook(fold_rows_pre_hook)
 
 
 _ORDER = itertools.count()  # adapters remember when they were added, so names list in that order
