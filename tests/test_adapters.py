@@ -442,6 +442,12 @@ def test_frozen_head_takes_rows_not_a_weight_copy_per_batch_entry(dtype, batch):
     xg = x.detach().clone().requires_grad_(True)
     head(xg).float().sum().backward()
     assert torch.allclose(xg.grad.double(), head.weight.double().sum(0).expand(batch, 1, 24), atol=tol)
+    # a head kept per adapter (modules_to_save): its frozen original, which runs with adapters disabled
+    saved = _model(dtype=dtype)
+    lowrank.inject(saved, LoRAConfig(r=4, alpha=8, modules_to_save=["lm_head"]))
+    with torch.no_grad(), lowrank.disable_adapters(saved):
+        ops, y = _aten_ops(lambda: saved.lm_head(x))
+    assert torch.ops.aten.bmm.default not in ops and y.shape == (batch, 1, 37)
     # an adapted layer's base alone (adapters disabled) gets rows too
     q = model.layers[0].q_proj
     with torch.no_grad(), lowrank.disable_adapters(model):

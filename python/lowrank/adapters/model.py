@@ -216,6 +216,8 @@ def _fold_head_inputs(model: nn.Module) -> None:
     the hook costs ~4 µs a call, and the layers inside a decoder get their inputs as rows."""
     for name in _output_head_names(model):
         head = model.get_submodule(name)
+        if isinstance(head, ModulesToSave):  # the frozen original runs with adapters disabled
+            head = head.original_module
         frozen = isinstance(head, nn.Linear) and not head.weight.requires_grad
         if frozen and type(head).forward is nn.Linear.forward and not has_forward_pre_hook(head, fold_rows_pre_hook):
             head.register_forward_pre_hook(fold_rows_pre_hook)
