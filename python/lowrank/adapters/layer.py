@@ -48,7 +48,7 @@ def fold_rows(x: Tensor) -> Tensor:
     leading dimensions that are no view of rows it takes a batched matmul instead, over ``Wᵀ`` expanded
     to every batch entry, which on the CPU copies the whole weight once per entry. Transformers'
     prefill hands the output head just that: ``hidden[:, -1:, :]``, strides ``[T·K, K, 1]``. SmolLM2-135M's
-    head (49152 × 576, bf16, a Zen 4, 2 threads) took 55 ms that way at batch 1 and 478 ms at batch 8,
+    head (49152 × 576, bf16, a Zen 4, 2 threads) took 39-55 ms that way at batch 1 and 478 ms at batch 8,
     against 4-5 ms over rows (PyTorch issue 186148). The copy made here has the plain strides of its
     shape (``contiguous()`` would keep batch 1's ``[T·K, K, 1]``: a size-1 dimension's stride does not
     make a tensor non-contiguous, but it does stop the fold) and costs next to nothing beside that:
