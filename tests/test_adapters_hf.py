@@ -229,3 +229,57 @@ def test_modules_to_save_file_matches_peft(tmp_path):
     lowrank.load_adapter(ours, tmp_path / "a")
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("config", [pytest.param(LoRAConfig(r=4, alpha=8, target_modules="all-linear"), id="lora"),
+                                    pytest.param(VeRAConfig(r=8, target_modules="all-linear"), id="vera")])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpt2_conv1d_bases_take_the_fused_kernels(tmp_path, config, dtype):
+    """GPT-2's Conv1D weights ([in, out]) are re-laid in memory as [out, in] rows when injected (same
+    shape, values and parameter), so the adapters run the fused kernels, as over nn.Linear: no torch
+    GEMM over the Conv1D weight in a few-token forward, outputs as a float64 reference, the state
+    dict's values unchanged, and merge_and_unload gives back contiguous [in, out] weights that
+    safetensors saves as they are."""
+    from safetensors.torch import save_file
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lowrank.adapters.layer import dense_base_weight
+
+    model = _gpt2(dtype=dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    params = {n: p for n, p in model.named_parameters()}
+    lowrank.inject(model, config)
+    _randomize(model)
+    layers = dict(lowrank.adapted_layers(model))
+    assert layers and all(layer.kind == "conv1d" for layer in layers.values())
+    for name, layer in layers.items():
+        w = layer.base_layer.weight
+        assert w is params[f"{name}.weight"] and w.shape == before[f"{name}.weight"].shape
+        assert torch.equal(w, before[f"{name}.weight"]) and dense_base_weight(layer.base_layer).is_contiguous()
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default):
+                self.shapes.append(tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor)))
+            return func(*args, **(kwargs or {}))
+
+    layer = layers["transformer.h.0.mlp.c_fc"]
+    x = torch.randn(3, 48, dtype=dtype)
+    with torch.no_grad(), Record() as record:
+        y = layer(x)
+    assert not any((48, 192) in shapes for shapes in record.shapes), record.shapes  # the base's [in, out] weight
+    w = layer.base_layer.weight.double()
+    expected = x.double() @ (w + layer.delta_weight(lowrank.active_adapter(model)).double().t()) + layer.base_layer.bias.double()
+    tol = 16 * torch.finfo(dtype).eps * expected.abs().max().item()
+    assert (y.double() - expected).abs().max().item() <= tol
+    # training goes through them too: the adapter gets a gradient, the base none
+    layer(x.requires_grad_(True)).float().sum().backward()
+    assert layer.base_layer.weight.grad is None and all(p.grad is not None for p in layer.adapters.parameters() if p.requires_grad)
+    plain = lowrank.merge_and_unload(model)
+    conv = plain.get_submodule("transformer.h.0.mlp.c_fc")
+    assert conv.weight.is_contiguous() and conv.weight.shape == (48, 192)
+    save_file({k: v for k, v in plain.state_dict().items() if "c_fc" in k}, str(tmp_path / "w.safetensors"))

@@ -112,6 +112,42 @@ def dense_base_weight(base: nn.Module) -> Tensor:
     return base.weight.t() if is_conv1d(base) else base.weight
 
 
+@torch.no_grad()
+def rows_layout(conv: nn.Module) -> None:
+    """A GPT-2 ``Conv1D``'s weight (``[in, out]``, ``x W + b``) re-laid in memory as ``W``'s ``[out, in]``
+    rows, in place: the parameter keeps its shape, values and identity (``.data`` swapped; strides
+    ``(1, in)``), so ``Conv1D.forward``'s ``addmm`` and its state dict read the same numbers, while
+    ``dense_base_weight`` becomes a contiguous ``[out, in]`` view the fused kernels take as they take an
+    ``nn.Linear``'s. No memory is added beyond the one layer's copy while it is made. (A state dict
+    written with ``safetensors.torch.save_file`` directly then needs ``.contiguous()``, as safetensors says;
+    transformers' ``save_pretrained`` does that itself, and ``merge_and_unload`` restores the layout.)
+    GPT-2 small, 8 rows decoding, fp32 (Zen 4): 92.6 → 58.1 ms per token with LoRA, PEFT 93.7."""
+    w = conv.weight
+    if w.dim() == 2 and w.is_contiguous() and w.shape[0] > 1 and w.shape[1] > 1:
+        w.data = w.detach().t().contiguous().t()
+
+
+@torch.no_grad()
+def plain_layout(conv: nn.Module) -> None:
+    """Undoes :func:`rows_layout`: the ``Conv1D`` weight contiguous in its own ``[in, out]`` shape again."""
+    w = conv.weight
+    if not w.is_contiguous():
+        w.data = w.detach().contiguous()
+
+
+def _dense_rows(layer: "AdaptedLinear") -> Optional[Tensor]:
+    """The base weight as ``[out, in]`` rows the fused kernels take (an ``nn.Linear``'s, or a ``Conv1D``'s
+    re-laid by :func:`rows_layout`), or None where the base has none (NF4, or a ``Conv1D`` whose weight
+    was not re-laid)."""
+    base = submodule(layer, "base_layer")
+    if layer.kind == "linear":
+        return param(base, "weight")
+    if layer.kind == "conv1d":
+        w = param(base, "weight").t()
+        return w if w.is_contiguous() else None
+    return None
+
+
 def _adapter_input(dropout: nn.Module, x: Tensor, training: bool) -> Optional[Tensor]:
     return dropout(x) if isinstance(dropout, nn.Dropout) and training else None
 
@@ -134,8 +170,9 @@ class LoRA(LoRAAdapter, nn.Module):
         adapter_input = _adapter_input(submodule(self, "lora_dropout"), x, self.training) if self.training else None
         if layer.kind == "nf4":
             return base._forward(x, a, b, self.scaling, adapter_input)
-        if layer.kind == "linear":
-            args = (x, param(base, "weight"), param(base, "bias"), a, b, self.scaling, adapter_input)
+        weight = _dense_rows(layer)
+        if weight is not None:  # nn.Linear, or Conv1D re-laid as rows: the fused kernels
+            args = (x, weight, param(base, "bias"), a, b, self.scaling, adapter_input)
             if torch.is_grad_enabled():
                 return _direct.apply(LoRALinearFunction, *args, self._frozen)[0]
             if adapter_input is None:  # inference: this adapter's views of base and factors built once
@@ -173,10 +210,11 @@ class VeRA(SharedProjections, nn.Module):
     def forward(self, layer: "AdaptedLinear", x: Tensor) -> Tensor:
         adapter_input = _adapter_input(self.vera_dropout, x, self.training)
         vera_a, vera_b = self.projection_slices()
-        fused = layer.kind == "linear"
+        rows = _dense_rows(layer)
+        fused = rows is not None
         base = layer.base_layer
         y_base = None if fused else base(x)  # a base with no dense W adds its own x Wᵀ; the op adds the term
-        weight, bias = (base.weight, base.bias) if fused else (None, None)
+        weight, bias = (rows, base.bias) if fused else (None, None)
         args = (x, weight, bias, vera_a, vera_b, self.vera_lambda_d, self.vera_lambda_b, adapter_input)
         if torch.is_grad_enabled():
             y = _direct.apply(VeRALinearFunction, *args)[0]
@@ -244,6 +282,8 @@ class AdaptedLinear(nn.Module):
             )
         self.base_layer = base_layer.requires_grad_(False)
         self.kind = kind
+        if kind == "conv1d":
+            rows_layout(base_layer)
         self.in_features, self.out_features = base_features(base_layer)
         self.adapters = nn.ModuleDict()
         self.active_adapter: Optional[str] = None

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .._validate import last_dim_contiguous, matrix, optional_matrix
 from ..ops import _direct
 from ..ops import mixed as _ops
-from .layer import BASE_ONLY, AdaptedLinear, ModulesToSave
+from .layer import BASE_ONLY, AdaptedLinear, ModulesToSave, _dense_rows
 
 _METHODS = ("lora", "vera")
 
@@ -81,9 +81,10 @@ class MixedBatch:
             return layer.base_forward(x)
         self._check_rows(x, "a layer")
         base = layer.base_layer
-        if layer.kind == "linear":
-            weight, bias, base_out = base.weight, base.bias, None
-        else:  # Conv1D or 4-bit: the base runs itself; its output enters the kernel's accumulator
+        rows = _dense_rows(layer)
+        if rows is not None:  # nn.Linear, or a Conv1D re-laid as [out, in] rows (layer.py's rows_layout)
+            weight, bias, base_out = rows, base.bias, None
+        else:  # 4-bit (or a Conv1D left as it was): the base runs itself; its output enters the kernel's accumulator
             weight, bias, base_out = None, None, base(x).float()
         m = x.numel() // x.shape[-1] if x.shape[-1] else 0
         order, offsets, order_m, offsets_m = self.plan(present, m, x.device)

@@ -34,6 +34,7 @@ from .layer import (
     check_adapter_name,
     fold_rows_pre_hook,
     is_conv1d,
+    plain_layout,
 )
 
 # ---------------------------------------------------------------------------------------------
@@ -501,6 +502,8 @@ def _merged_module(layer: AdaptedLinear, name: str) -> nn.Module:
         return dense.requires_grad_(False)
     if pending:
         layer.merge(name)
+    if layer.kind == "conv1d":
+        plain_layout(base)  # its own [in, out] layout again (see rows_layout)
     return base
 
 
