@@ -5,8 +5,9 @@ and holds each adapter under its name in ``adapters``. Each method is one small 
 three things — how its term enters the fused kernels (``forward``), what dense update it stands for
 (``delta_weight``), and what its file keys are (``file_tensors`` / ``load_file_tensors``):
 
-- ``LoRA``:  ``y = x Wᵀ + b + s·B(A x)``; over an ``nn.Linear`` the fused LoRA kernels, over NF4 the
-  fused dequant kernels with the adapter in the same pass, over anything else ``base(x)`` + the term.
+- ``LoRA``:  ``y = x Wᵀ + b + s·B(A x)``; over an ``nn.Linear`` (or a GPT-2 ``Conv1D``, its weight re-laid in
+  memory as ``W``'s rows: ``rows_layout``) the fused LoRA kernels, over NF4 the fused dequant kernels with
+  the adapter in the same pass, over anything else ``base(x)`` + the term.
 - ``VeRA``:  ``y = x Wᵀ + b + Λ_b B_s Λ_d A_s x`` with ``A, B`` shared by every layer of the adapter.
 - ``FullDelta``: full fine-tuning. It holds the fine-tuned weight ``W0 + ΔW`` as one trainable tensor
   (so the forward is one plain GEMM, exactly plain PyTorch's step) while the base keeps ``W0`` frozen;
