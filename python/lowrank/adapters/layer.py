@@ -124,7 +124,7 @@ def rows_layout(conv: nn.Module) -> None:
     transformers' ``save_pretrained`` does that itself, and ``merge_and_unload`` restores the layout.)
     GPT-2 small, 8 rows decoding, fp32 (Zen 4): 92.6 → 58.1 ms per token with LoRA, PEFT 93.7."""
     w = conv.weight
-    if w.dim() == 2 and w.is_contiguous() and w.shape[0] > 1 and w.shape[1] > 1:
+    if w.dim() == 2 and not w.t().is_contiguous():
         w.data = w.detach().t().contiguous().t()
 
 
@@ -136,10 +136,11 @@ def plain_layout(conv: nn.Module) -> None:
         w.data = w.detach().contiguous()
 
 
-def _dense_rows(layer: "AdaptedLinear") -> Optional[Tensor]:
-    """The base weight as ``[out, in]`` rows the fused kernels take (an ``nn.Linear``'s, or a ``Conv1D``'s
-    re-laid by :func:`rows_layout`), or None where the base has none (NF4, or a ``Conv1D`` whose weight
-    was not re-laid)."""
+def dense_rows(layer: "AdaptedLinear") -> Optional[Tensor]:
+    """:func:`dense_base_weight` where the fused kernels take it, on the per-call path (``param`` and
+    ``submodule``: no ``Module.__getattr__``): an ``nn.Linear``'s weight, or a ``Conv1D``'s ``[out, in]``
+    view once :func:`rows_layout` made it rows; None for an NF4 base (its own kernels) and a ``Conv1D``
+    whose view is not rows."""
     base = submodule(layer, "base_layer")
     if layer.kind == "linear":
         return param(base, "weight")
@@ -171,7 +172,7 @@ class LoRA(LoRAAdapter, nn.Module):
         adapter_input = _adapter_input(submodule(self, "lora_dropout"), x, self.training) if self.training else None
         if layer.kind == "nf4":
             return base._forward(x, a, b, self.scaling, adapter_input)
-        weight = _dense_rows(layer)
+        weight = dense_rows(layer)
         if weight is not None:  # nn.Linear, or Conv1D re-laid as rows: the fused kernels
             args = (x, weight, param(base, "bias"), a, b, self.scaling, adapter_input)
             if torch.is_grad_enabled():
@@ -211,7 +212,7 @@ class VeRA(SharedProjections, nn.Module):
     def forward(self, layer: "AdaptedLinear", x: Tensor) -> Tensor:
         adapter_input = _adapter_input(self.vera_dropout, x, self.training)
         vera_a, vera_b = self.projection_slices()
-        rows = _dense_rows(layer)
+        rows = dense_rows(layer)
         fused = rows is not None
         base = layer.base_layer
         y_base = None if fused else base(x)  # a base with no dense W adds its own x Wᵀ; the op adds the term

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .._validate import last_dim_contiguous, matrix, optional_matrix
 from ..ops import _direct
 from ..ops import mixed as _ops
-from .layer import BASE_ONLY, AdaptedLinear, ModulesToSave, _dense_rows
+from .layer import BASE_ONLY, AdaptedLinear, ModulesToSave, dense_rows
 
 _METHODS = ("lora", "vera")
 
@@ -81,7 +81,7 @@ class MixedBatch:
             return layer.base_forward(x)
         self._check_rows(x, "a layer")
         base = layer.base_layer
-        rows = _dense_rows(layer)
+        rows = dense_rows(layer)
         if rows is not None:  # nn.Linear, or a Conv1D re-laid as [out, in] rows (layer.py's rows_layout)
             weight, bias, base_out = rows, base.bias, None
         else:  # 4-bit (or a Conv1D left as it was): the base runs itself; its output enters the kernel's accumulator
