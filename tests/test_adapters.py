@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 
 import pytest
 import torch
@@ -354,7 +355,9 @@ def test_named_adapters_switch_and_match_each_alone():
             base = model(ids)
         assert lowrank.active_adapter(model) == "full" or True
     with torch.no_grad():
-        torch.testing.assert_close(base, _model()(ids), rtol=0, atol=0)
+        # the base model's logits, summed in another order: the frozen head (FrozenLinear) and the bases
+        # (frozen_linear) take the row kernel for these few tokens, the plain model torch's GEMM
+        torch.testing.assert_close(base, _model()(ids))
         torch.testing.assert_close(model(ids), outs["full"], rtol=0, atol=0)  # re-enabled on exit
 
 
@@ -414,44 +417,123 @@ def _within_linear_rounding(y, x, w, bias=None) -> bool:
     return bool(((y.double().reshape(exact.shape) - exact).abs() <= bound).all())
 
 
+_GEMMS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+          torch.ops.aten.linear.default, torch.ops.mkldnn._linear_pointwise.default)  # fmt: skip
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["row-kernel", "gemm"])
 @pytest.mark.parametrize("batch", [1, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_frozen_head_takes_rows_not_a_weight_copy_per_batch_entry(dtype, batch):
+def test_frozen_head_takes_rows_not_a_weight_copy_per_batch_entry(dtype, batch, kernel, monkeypatch):
     """Transformers' prefill gives the output head ``hidden[:, -1:, :]``, whose leading dimensions are no
     view of rows. With the head frozen (inject freezes it), torch's matmul would run a batched matmul
-    over the weight expanded to every batch entry (a copy of the whole weight per entry); lowrank's
-    pre-hook gives it rows instead: the same values, one GEMM."""
+    over the weight expanded to every batch entry (a copy of the whole weight per entry). lowrank makes
+    the head a FrozenLinear (its class changed, nothing else): a few tokens without gradients take the
+    row kernel (streaming W once), anything else one GEMM over rows. Both paths are pinned in turn."""
+    from lowrank.ops import _runtime
+
+    monkeypatch.setattr(_runtime, "CPU_ROWS_MAX_M", {dtype: 1 << 20 if kernel else 0})
     model = _model(dtype=dtype)
+    keys = list(model.state_dict())
+    weight = model.lm_head.weight
     lowrank.inject(model, LoRAConfig(r=4, alpha=8))
-    lowrank.inject(model, VeRAConfig(r=8), adapter_name="second")  # the hook goes on once
+    lowrank.inject(model, VeRAConfig(r=8), adapter_name="second")
     head = model.lm_head
-    assert not head.weight.requires_grad
-    assert sum(h is lowrank.adapters.layer.fold_rows_pre_hook for h in head._forward_pre_hooks.values()) == 1
+    assert type(head) is lowrank.FrozenLinear and isinstance(head, nn.Linear) and head.weight is weight
+    assert not head.weight.requires_grad and not head._forward_pre_hooks
+    assert [k for k in model.state_dict() if k.startswith("lm_head.")] == [k for k in keys if k.startswith("lm_head.")]
     hidden = torch.randn(batch, 7, 24, dtype=dtype)
     x = hidden[:, -1:, :]  # strides [7·24, 24, 1]: at batch 1 contiguous, yet no view of rows for matmul
+
+    def path_ok(ops) -> bool:  # the row kernel: no GEMM at all; else one GEMM (torch's or oneDNN's), no bmm
+        found = [op for op in ops if op in _GEMMS]
+        return found == [] if kernel else len(found) == 1 and torch.ops.aten.bmm.default not in found
+
     with torch.no_grad():
+        head(x)  # (any measured choice the call needs is taken now, not while recording)
         ops, y = _aten_ops(lambda: head(x))
-    assert torch.ops.aten.bmm.default not in ops, ops
+    assert path_ok(ops), ops
     assert y.shape == (batch, 1, 37) and _within_linear_rounding(y, x, head.weight)
-    # the copy keeps it, and gradients flow through it to x
-    copied = copy.deepcopy(model)
-    ops, _ = _aten_ops(lambda: copied.lm_head(x))
-    assert torch.ops.aten.bmm.default not in ops
+    # copies keep the class (deepcopy, pickle)
+    for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert type(copied.lm_head) is lowrank.FrozenLinear
+        with torch.no_grad():
+            ops, y2 = _aten_ops(lambda: copied.lm_head(x))
+        assert path_ok(ops) and torch.equal(y2, y)
+    # gradients wanted: torch's GEMM over rows, and they reach x
     xg = x.detach().clone().requires_grad_(True)
-    head(xg).sum().backward()  # dx = 1·W: each row the column sums of W
+    ops, yg = _aten_ops(lambda: head(xg))
+    assert torch.ops.aten.bmm.default not in ops and _within_linear_rounding(yg.detach(), x, head.weight)
+    yg.sum().backward()  # dx = 1·W: each row the column sums of W
     assert _within_linear_rounding(xg.grad, torch.ones(batch, 37, dtype=dtype), head.weight.t())
     # a head kept per adapter (modules_to_save): its frozen original, which runs with adapters disabled
     saved = _model(dtype=dtype)
     lowrank.inject(saved, LoRAConfig(r=4, alpha=8, modules_to_save=["lm_head"]))
+    assert type(saved.lm_head.original_module) is lowrank.FrozenLinear
     with torch.no_grad(), lowrank.disable_adapters(saved):
         ops, y = _aten_ops(lambda: saved.lm_head(x))
-    assert torch.ops.aten.bmm.default not in ops and _within_linear_rounding(y, x, saved.lm_head.original_module.weight)
-    # an adapted layer's base alone (adapters disabled) gets rows too
+    assert path_ok(ops) and _within_linear_rounding(y, x, saved.lm_head.original_module.weight)
+    # an adapted layer's base alone (adapters disabled) takes the same paths
     q = model.layers[0].q_proj
     with torch.no_grad(), lowrank.disable_adapters(model):
         ops, y = _aten_ops(lambda: q(x))
-    assert torch.ops.aten.bmm.default not in ops
+    assert path_ok(ops), ops
     assert _within_linear_rounding(y, x, q.base_layer.weight, q.base_layer.bias)
+    # merge_and_unload leaves no lowrank class behind
+    lowrank.merge_and_unload(model)
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is weight
+
+
+def test_a_frozen_head_of_a_linear_subclass_keeps_its_class_and_takes_rows():
+    """A head whose class is an ``nn.Linear`` subclass (forward unchanged) keeps its class; the rows come
+    from a forward pre-hook, put on once."""
+
+    class Head(nn.Linear):
+        pass
+
+    model = _model()
+    model.lm_head = Head(24, 37, bias=False)
+    lowrank.inject(model, LoRAConfig(r=4, alpha=8))
+    lowrank.inject(model, VeRAConfig(r=8), adapter_name="second")
+    head = model.lm_head
+    assert type(head) is Head
+    assert sum(h is lowrank.adapters.layer.fold_rows_pre_hook for h in head._forward_pre_hooks.values()) == 1
+    x = torch.randn(5, 7, 24)[:, -1:, :]
+    with torch.no_grad():
+        ops, y = _aten_ops(lambda: head(x))
+    assert torch.ops.aten.bmm.default not in ops and _within_linear_rounding(y, x, head.weight)
+
+
+def test_frozen_linear_matches_a_float64_reference_and_rejects_what_linear_rejects():
+    """``ops/lora.py``'s ``frozen_linear`` on odd shapes, with and without bias, both dtypes, on the row
+    kernel and the GEMM: fp32 sums rounded once. Bad arguments raise torch's own errors."""
+    from lowrank.ops import _runtime
+    from lowrank.ops.lora import frozen_linear
+
+    gen = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.bfloat16):
+        for n, k, lead in ((37, 24, (3,)), (129, 67, (2, 5)), (1, 1, (1,)), (300, 129, (17,))):
+            w = (torch.randn(n, k, generator=gen) * 0.3).to(dtype)
+            b = torch.randn(n, generator=gen).to(dtype)
+            x = torch.randn(*lead, k, generator=gen).to(dtype)
+            for limit in (0, 1 << 20):
+                _runtime.CPU_ROWS_MAX_M = {dtype: limit}
+                try:
+                    for bias in (None, b):
+                        with torch.no_grad():
+                            y = frozen_linear(x, w, bias)
+                        assert y.shape == (*lead, n) and y.dtype == dtype
+                        assert _within_linear_rounding(y, x, w, bias), (dtype, n, k, lead, limit)
+                finally:
+                    _runtime.CPU_ROWS_MAX_M = None
+    w = torch.randn(5, 4)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError):
+            frozen_linear(torch.randn(3, 6), w)  # width
+        with pytest.raises(RuntimeError):
+            frozen_linear(torch.randn(3, 4, dtype=torch.float64), w)  # dtype
+        with pytest.raises(RuntimeError):
+            frozen_linear(torch.randn(3, 4), w, torch.randn(4))  # bias length
 
 
 @pytest.mark.skipif(torch.__version__.split("+")[0] != "2.13.0", reason="records torch 2.13.0's matmul")
@@ -478,8 +560,8 @@ def test_delete_adapter():
     lowrank.delete_adapter(model, "vera")
     assert lowrank.adapter_names(model) == ["lora", "full"]
     assert lowrank.active_adapter(model) is None  # the active one went: the base runs
-    with torch.no_grad():
-        torch.testing.assert_close(model(_ids()), _model()(_ids()), rtol=0, atol=0)
+    with torch.no_grad():  # (summed in another order where the frozen head and bases take the row kernel)
+        torch.testing.assert_close(model(_ids()), _model()(_ids()))
     lowrank.delete_adapter(model, "full")
     lowrank.delete_adapter(model, "lora")
     assert _adapted_names(model) == [] and isinstance(model.layers[0].q_proj, nn.Linear)

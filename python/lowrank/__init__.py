@@ -25,13 +25,14 @@ from .swiglu import SiLUMulFunction, fast_swiglu, silu_mul
 from .decoder import fast_decoder, fast_decoder_report
 from .loss import CrossEntropyFunction, causal_lm_loss, cross_entropy, fast_loss, linear_cross_entropy
 from .recompute import PointwiseRecompute, recompute_pointwise, recomputes_pointwise
-from .layers import LoRALinear, NF4Linear, QLoRALinear, VeRALinear, quantize_nf4, vera_shared_projections
+from .layers import FrozenLinear, LoRALinear, NF4Linear, QLoRALinear, VeRALinear, quantize_nf4, vera_shared_projections
 from .adapters import *  # noqa: F401,F403  (the model-level API: inject, set_adapter, save_adapter, ...)
 from .adapters import __all__ as _adapters_all
 
 __version__ = _C.build_info()["version"]
 
 __all__ = [
+    "FrozenLinear",
     "LoRALinear",
     "LoRALinearFunction",
     "NF4Linear",

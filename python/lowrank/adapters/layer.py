@@ -35,35 +35,16 @@ from ..ops import _direct, _gemm
 from ..ops._direct import param, submodule
 from ..ops import lora as _lora_ops
 from ..ops import vera as _vera_ops
+from ..layers.frozen import LINEAR_FORWARDS, FrozenLinear
+from ..ops.lora import fold_rows, frozen_linear
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 BASE_ONLY = "__base__"
 
 
-def fold_rows(x: Tensor) -> Tensor:
-    """``x`` as a frozen ``nn.Linear`` should be given it: as it is, or copied into plain row-major strides
-    where its leading dimensions are no view of rows.
-
-    torch's matmul (2.13) runs ``[..., K] @ Wᵀ`` as one GEMM over ``x`` viewed as ``[M, K]`` rows when
-    that view exists, or when ``W`` requires grad (copying ``x`` into rows). For a frozen ``W`` and
-    leading dimensions that are no view of rows it takes a batched matmul instead, over ``Wᵀ`` expanded
-    to every batch entry, which on the CPU copies the whole weight once per entry. Transformers'
-    prefill hands the output head just that: ``hidden[:, -1:, :]``, strides ``[T·K, K, 1]``. SmolLM2-135M's
-    head (49152 × 576, bf16, a Zen 4, 2 threads) took 39-55 ms that way at batch 1 and 478 ms at batch 8,
-    against 4-5 ms over rows (PyTorch issue 186148). The copy made here has the plain strides of its
-    shape (``contiguous()`` would keep batch 1's ``[T·K, K, 1]``: a size-1 dimension's stride does not
-    make a tensor non-contiguous, but it does stop the fold) and costs next to nothing beside that:
-    ``M × K`` values."""
-    if x.dim() > 2:
-        sizes, strides = x.shape, x.stride()
-        for i in range(x.dim() - 2):
-            if strides[i] != strides[i + 1] * sizes[i + 1]:
-                return x.clone(memory_format=torch.contiguous_format)
-    return x
-
-
 def fold_rows_pre_hook(module: nn.Module, args: tuple):
-    """Forward pre-hook of a frozen ``nn.Linear`` that lowrank leaves as it is (the output head):
+    """Forward pre-hook of a frozen ``nn.Linear`` subclass that lowrank leaves as it is (an output head
+    of a class of its own, whose forward is ``nn.Linear``'s; a plain one becomes a :class:`FrozenLinear`):
     its input through :func:`fold_rows`."""
     if args and type(args[0]) is Tensor:
         x = fold_rows(args[0])
@@ -310,9 +291,13 @@ class AdaptedLinear(nn.Module):
         return submodule(self, "adapters")[name](self, x)  # (_modules, not Module.__getattr__: ~0.4 µs a lookup)
 
     def base_forward(self, x: Tensor) -> Tensor:
-        """The base layer alone (no adapter, or merged ones): an ``nn.Linear`` base, frozen, gets ``x``
-        through :func:`fold_rows`."""
-        return self.base_layer(fold_rows(x) if self.kind == "linear" else x)
+        """The base layer alone (no adapter, or merged ones): an ``nn.Linear`` base (frozen) through
+        :func:`frozen_linear`, as a frozen head; any other base (or a Linear subclass with a forward of
+        its own) as it is."""
+        base = self.base_layer
+        if self.kind == "linear" and type(base).forward in LINEAR_FORWARDS:
+            return frozen_linear(x, base.weight, base.bias)
+        return base(x)
 
     # ---- the dense update an adapter stands for, in [out, in] fp32 --------------------------------
     def delta_weight(self, name: str) -> Tensor:

@@ -25,6 +25,7 @@ from ..layers.vera import vera_shared_projections
 from .config import AdapterConfig, FullConfig, LoRAConfig, QLoRAConfig, VeRAConfig
 from .layer import (
     AdaptedLinear,
+    FrozenLinear,
     FullDelta,
     LoRA,
     ModulesToSave,
@@ -211,17 +212,29 @@ def _freeze_base(model: nn.Module) -> None:
 
 
 def _fold_head_inputs(model: nn.Module) -> None:
-    """An output head left a plain ``nn.Linear``, now frozen, gets its input through ``fold_rows`` (a
-    forward pre-hook, once): torch's matmul would copy a frozen weight once per batch entry for the
-    ``hidden[:, -1:, :]`` that transformers' prefill gives the head (see ``fold_rows``). Only the head:
-    the hook costs ~4 µs a call, and the layers inside a decoder get their inputs as rows."""
+    """An output head left a plain ``nn.Linear``, now frozen, becomes a :class:`FrozenLinear` (its class
+    changed, nothing else): rows for torch's GEMM, the row kernel for a few tokens without gradients.
+    torch's matmul would copy a frozen weight once per batch entry for the ``hidden[:, -1:, :]`` that
+    transformers' prefill gives the head (see ``fold_rows``). A head of a ``nn.Linear`` subclass whose
+    forward is ``nn.Linear``'s keeps its class and gets ``fold_rows`` as a forward pre-hook (once). Only
+    the head: the layers inside a decoder get their inputs as rows."""
     for name in _output_head_names(model):
         head = model.get_submodule(name)
         if isinstance(head, ModulesToSave):  # the frozen original runs with adapters disabled
             head = head.original_module
-        frozen = isinstance(head, nn.Linear) and not head.weight.requires_grad
-        if frozen and type(head).forward is nn.Linear.forward and not has_forward_pre_hook(head, fold_rows_pre_hook):
+        if not isinstance(head, nn.Linear) or head.weight.requires_grad:
+            continue
+        if type(head) is nn.Linear:
+            head.__class__ = FrozenLinear
+        elif type(head).forward is nn.Linear.forward and not has_forward_pre_hook(head, fold_rows_pre_hook):
             head.register_forward_pre_hook(fold_rows_pre_hook)
+
+
+def _plain_heads(model: nn.Module) -> None:
+    """Every :class:`FrozenLinear` an ``nn.Linear`` again (``merge_and_unload``: no lowrank class stays)."""
+    for module in model.modules():
+        if type(module) is FrozenLinear:
+            module.__class__ = nn.Linear
 
 
 _ORDER = itertools.count()  # adapters remember when they were added, so names list in that order
@@ -484,6 +497,7 @@ def merge_and_unload(model: nn.Module, adapter_name: Optional[str] = None) -> nn
         elif isinstance(module, ModulesToSave):
             keep = module.copies[name] if name in module.copies else module.original_module
             setattr(parent, attr, keep)
+    _plain_heads(model)
     return model
 
 

@@ -28,6 +28,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from ..autograd import VeRALinearFunction
 from ..ops import _direct
 from ..ops import vera as _vera_ops
+from .frozen import LINEAR_FORWARDS
 from .lora import check_linear_args, check_probability
 
 _PROJECTION_NAMES = ("vera_A", "vera_B")
@@ -83,7 +84,7 @@ def _has_dense_weight(base: nn.Module) -> bool:
     """True for an nn.Linear (or subclass) that computes a plain ``F.linear`` with a float weight."""
     return (
         isinstance(base, nn.Linear)
-        and type(base).forward is nn.Linear.forward
+        and type(base).forward in LINEAR_FORWARDS
         and isinstance(base.weight, Tensor)
         and base.weight.dtype.is_floating_point
     )

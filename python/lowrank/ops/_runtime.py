@@ -43,6 +43,7 @@ _applied_min_work = 0  # the value _C holds (its own default: 0, every call take
 # (None: the measured value).
 PARALLEL_MIN_WORK: Optional[int] = None  # fewest multiply-adds per thread in the few-token kernels (0: no limit)
 CPU_FUSED_MAX_M: Optional[dict] = None  # {dtype: largest M for the fused LoRA/VeRA row kernel}
+CPU_ROWS_MAX_M: Optional[dict] = None  # {dtype: largest M for the row kernel over a frozen weight alone (ops/lora.py frozen_linear)}
 CPU_INPUT_GRAD_MAX_M: Optional[dict] = None  # {dtype: largest M for the dx = dy W + g A kernel}
 NF4_CPU_FUSED_MAX_M: Optional[int] = None  # largest M for the fused NF4 dequant-GEMV rows kernel (every dtype)
 NF4_CPU_BF16_DOT: Optional[bool] = None  # bf16 x in the NF4 rows kernel: AVX512-BF16 products (True) or widened
@@ -64,6 +65,14 @@ def cpu_fused_max_m(dtype: torch.dtype) -> int:
     if CPU_FUSED_MAX_M is not None:
         return CPU_FUSED_MAX_M[dtype]
     return _dispatch.decide(f"cpu_fused_max_m/{_name(dtype)}")
+
+
+def cpu_rows_max_m(dtype: torch.dtype) -> int:
+    """The largest M at which a frozen weight's product alone, no adapter and no gradient (an output
+    head, a merged layer), takes the row kernel rather than the GEMM."""
+    if CPU_ROWS_MAX_M is not None:
+        return CPU_ROWS_MAX_M[dtype]
+    return _dispatch.decide(f"cpu_rows_max_m/{_name(dtype)}")
 
 
 def cpu_input_grad_max_m(dtype: torch.dtype) -> int:
