@@ -465,9 +465,36 @@ def test_fused_head_trains_the_same_model(arch, dtype, monkeypatch):
     assert type(fused.get_output_embeddings()) is not torch.nn.Linear
     assert "lm_head.weight" in fused.state_dict() or "transformer.wte.weight" in fused.state_dict()
     lowrank.fast_loss(fused, enabled=False)
-    assert type(fused.get_output_embeddings()) is torch.nn.Linear
+    assert type(fused.get_output_embeddings()) is lowrank.FrozenLinear  # the class inject gave it
     assert not fused._forward_pre_hooks and not fused._forward_hooks
     assert fused.loss_function is ForCausalLMLoss
+
+
+@pytest.mark.parametrize("inject_first", [True, False])
+def test_fused_head_and_inject_in_either_order(inject_first):
+    """``fast_loss(keep_logits=False)`` and ``inject`` both change the head's class: in either order the
+    head's eval forward is the frozen head's (the row kernel for a few tokens without gradients),
+    ``fast_loss(enabled=False)`` gives back the class ``inject`` made, and ``merge_and_unload`` leaves a
+    plain ``nn.Linear`` once the fused head is undone."""
+    model = _tiny("llama")
+    config = lowrank.LoRAConfig(r=4, target_modules="all-linear")
+    if inject_first:
+        lowrank.fast_loss(lowrank.inject(model, config), keep_logits=False)
+    else:
+        lowrank.inject(lowrank.fast_loss(model, keep_logits=False), config)
+    head = model.get_output_embeddings()
+    assert type(head) is lowrank.loss._StandInHead and head._unfused_class is lowrank.FrozenLinear
+    ids = torch.randint(0, 517, (3, 7))
+    labels = ids.clone()
+    assert model.train()(input_ids=ids, labels=labels).logits is None
+    with torch.no_grad():
+        logits = model.eval()(input_ids=ids).logits
+        plain = lowrank.FrozenLinear.forward(head, model.model(input_ids=ids).last_hidden_state)
+    assert torch.equal(logits, plain)
+    lowrank.merge_and_unload(model)
+    assert type(head) is lowrank.loss._StandInHead and head._unfused_class is torch.nn.Linear
+    lowrank.fast_loss(model, enabled=False)
+    assert type(model.get_output_embeddings()) is torch.nn.Linear
 
 
 def test_fused_head_with_a_trainable_head():

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ._hooks import remove_forward_hooks
 from ._validate import check_tensor
+from .layers.frozen import FrozenLinear
 from .ops import _direct, _gemm
 from .ops import loss as _loss
 
@@ -204,11 +205,12 @@ class _StandInHead(nn.Linear):
     """The output head of a model under ``fast_loss(model, keep_logits=False)`` (the same module, its
     class swapped: the same parameters, state-dict keys and tying). Inside a training forward with
     labels it returns a stand-in for its logits, NaN and of their shape, that carries its input; the
-    loss then runs the head itself (HeadLossFunction). Any other call is nn.Linear's."""
+    loss then runs the head itself (HeadLossFunction). Any other call is the forward of the class it
+    had (``_unfused_class``: nn.Linear, or lowrank's FrozenLinear for a head ``inject`` froze)."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not getattr(_head_state, "defer", False):
-            return super().forward(x)
+            return self.__dict__.get("_unfused_class", nn.Linear).forward(self, x)
         _head_state.defer = False
         stand_in = x.new_full((), float("nan")).expand(*x.shape[:-1], self.out_features)
         stand_in._lowrank_head = (x, self.weight, self.bias)
@@ -294,7 +296,7 @@ def _unfuse_head(model: nn.Module) -> None:
     remove_forward_hooks(model, _defer_head_pre_hook, _defer_head_hook)
     head = model.get_output_embeddings()
     if type(head) is _StandInHead:
-        head.__class__ = nn.Linear
+        head.__class__ = head.__dict__.pop("_unfused_class", nn.Linear)
 
 
 def fast_loss(model: nn.Module, enabled: bool = True, keep_logits: bool = True) -> nn.Module:
@@ -330,14 +332,16 @@ def fast_loss(model: nn.Module, enabled: bool = True, keep_logits: bool = True) 
         raise ValueError(f"model: its loss is {loss_type!r}, not a causal language model's cross-entropy")
     if not keep_logits:
         head = model.get_output_embeddings()
-        if type(head) not in (nn.Linear, _StandInHead):
+        if type(head) not in (nn.Linear, FrozenLinear, _StandInHead):
             raise ValueError(
                 f"keep_logits: the fused head needs an nn.Linear output head, this model's is {type(head).__name__}"
             )
     model.loss_function = causal_lm_loss
     _unfuse_head(model)
     if not keep_logits:
-        model.get_output_embeddings().__class__ = _StandInHead
+        head = model.get_output_embeddings()
+        head._unfused_class = type(head)  # (a plain attribute: restored by _unfuse_head)
+        head.__class__ = _StandInHead
         model.register_forward_pre_hook(_defer_head_pre_hook, with_kwargs=True)
         model.register_forward_hook(_defer_head_hook, with_kwargs=True)
     return model

@@ -226,15 +226,20 @@ def _fold_head_inputs(model: nn.Module) -> None:
             continue
         if type(head) is nn.Linear:
             head.__class__ = FrozenLinear
+        elif getattr(head, "_unfused_class", None) is nn.Linear:  # under fast_loss(model, keep_logits=False)
+            head._unfused_class = FrozenLinear
         elif type(head).forward is nn.Linear.forward and not has_forward_pre_hook(head, fold_rows_pre_hook):
             head.register_forward_pre_hook(fold_rows_pre_hook)
 
 
 def _plain_heads(model: nn.Module) -> None:
-    """Every :class:`FrozenLinear` an ``nn.Linear`` again (``merge_and_unload``: no lowrank class stays)."""
+    """Every :class:`FrozenLinear` an ``nn.Linear`` again (``merge_and_unload``: no lowrank class stays; a
+    head under ``fast_loss(model, keep_logits=False)`` stays under it, an ``nn.Linear`` when undone)."""
     for module in model.modules():
         if type(module) is FrozenLinear:
             module.__class__ = nn.Linear
+        elif getattr(module, "_unfused_class", None) is FrozenLinear:
+            module._unfused_class = nn.Linear
 
 
 _ORDER = itertools.count()  # adapters remember when they were added, so names list in that order
