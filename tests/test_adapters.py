@@ -470,6 +470,9 @@ def test_frozen_head_takes_rows_not_a_weight_copy_per_batch_entry(dtype, batch, 
     saved = _model(dtype=dtype)
     lowrank.inject(saved, LoRAConfig(r=4, alpha=8, modules_to_save=["lm_head"]))
     assert type(saved.lm_head.original_module) is lowrank.FrozenLinear
+    lowrank.inject(saved, LoRAConfig(r=2, modules_to_save=["lm_head"]), adapter_name="two")
+    assert type(saved.lm_head.copies["two"]) is nn.Linear  # a trainable copy is a plain one, made after it too
+    lowrank.set_adapter(saved, "default")
     with torch.no_grad(), lowrank.disable_adapters(saved):
         ops, y = _aten_ops(lambda: saved.lm_head(x))
     assert path_ok(ops) and _within_linear_rounding(y, x, saved.lm_head.original_module.weight)
@@ -502,6 +505,44 @@ def test_a_frozen_head_of_a_linear_subclass_keeps_its_class_and_takes_rows():
     with torch.no_grad():
         ops, y = _aten_ops(lambda: head(x))
     assert torch.ops.aten.bmm.default not in ops and _within_linear_rounding(y, x, head.weight)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["bf16-gemm", "widened"])
+def test_frozen_bf16_linear_with_gradients_on_either_gemm(native, monkeypatch):
+    """A frozen bf16 head in training (x requires grad, M above the row kernel's crossover): torch's bf16
+    GEMM where this machine measured it the faster, else fp32 GEMMs over W widened tile by tile (an AVX2
+    CPU), both directions: each output and each input-gradient element fp32 sums rounded once to bf16."""
+    from lowrank.ops import _gemm, _runtime
+    from lowrank.ops.lora import frozen_linear
+
+    monkeypatch.setattr(_gemm, "cpu_bf16_gemm_native", lambda: native)
+    monkeypatch.setattr(_runtime, "CPU_ROWS_MAX_M", {torch.bfloat16: 0, torch.float32: 0})
+    gen = torch.Generator().manual_seed(5)
+    w = (torch.randn(301, 67, generator=gen) * 0.3).bfloat16()
+    bias = torch.randn(301, generator=gen).bfloat16()
+    x = torch.randn(2, 9, 67, generator=gen).bfloat16().requires_grad_(True)
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class GemmDtypes(TorchDispatchMode):  # the dtype of each GEMM's operands
+        def __init__(self):
+            super().__init__()
+            self.dtypes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in _GEMMS:
+                self.dtypes.append({a.dtype for a in args if isinstance(a, torch.Tensor)})
+            return func(*args, **(kwargs or {}))
+
+    with GemmDtypes() as forward:
+        y = frozen_linear(x, w, bias)
+    assert forward.dtypes == ([{torch.bfloat16}] if native else [{torch.float32}] * len(forward.dtypes))
+    assert forward.dtypes  # (a GEMM ran)
+    assert y.dtype == torch.bfloat16 and y.requires_grad and _within_linear_rounding(y.detach(), x.detach(), w, bias)
+    dy = torch.randn(2, 9, 301, generator=gen).bfloat16()
+    with GemmDtypes() as backward:
+        y.backward(dy)
+    assert backward.dtypes and all(d == {torch.bfloat16 if native else torch.float32} for d in backward.dtypes)
+    assert x.grad.dtype == torch.bfloat16 and _within_linear_rounding(x.grad, dy, w.t())
 
 
 def test_frozen_linear_matches_a_float64_reference_and_rejects_what_linear_rejects():

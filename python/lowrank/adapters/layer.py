@@ -372,6 +372,8 @@ class ModulesToSave(nn.Module):
         import copy
 
         clone = copy.deepcopy(self.original_module).requires_grad_(True)
+        if type(clone) is FrozenLinear:  # a trainable copy of a head inject froze: a plain nn.Linear again
+            clone.__class__ = nn.Linear
         self.copies[name] = clone
         return clone
 

@@ -239,6 +239,32 @@ class DenseLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+class WidenedFrozenLinearFunction(torch.autograd.Function):
+    """``x Wᵀ + b`` for a bf16 CPU ``x`` and a frozen bf16 ``W`` (and bias) on a machine where torch's bf16
+    GEMM is the slow one (``cpu_bf16_gemm``: "widen", an AVX2 CPU): ``x`` widened to fp32, ``W`` widened
+    tile by tile into the reused workspace, fp32 GEMMs (:func:`linear_t_fp32`), the sum rounded once to
+    bf16; the backward ``dx = dy W`` the same way (:func:`matmul_fp32`). ``W`` and the bias take no
+    gradient (a frozen output head: ops/lora.py's ``frozen_linear``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(weight)
+        ctx.x_shape = x.shape
+        y32 = linear_t_fp32(x2.float(), weight)
+        if bias is not None:
+            y32.add_(bias)
+        return y32.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        dy32 = grad_y.reshape(-1, grad_y.shape[-1]).float()
+        grad_x = matmul_fp32(dy32, weight).to(grad_y.dtype).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None
+
+
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear``, with :class:`DenseLinearFunction` where it helps: fp32 CPU tensors on a machine whose
     measured fp32 GEMM is oneDNN's, outside torch.compile (anything else: ``F.linear`` itself)."""

@@ -405,8 +405,11 @@ def frozen_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> T
     layer's base with its adapters merged or disabled). Where no gradient is wanted (inference; nothing
     involved requires grad) and this machine measured it faster for x's token count
     (``cpu_rows_max_m``), the row kernel streams W once: fp32 sums, one rounding (a bf16 x read as it is
-    or widened, as the fused LoRA rows choose). Else the GEMM: ``_gemm.dense_linear`` (the measured fp32
-    GEMM, with its own backward; torch's for bf16), over ``x`` as :func:`fold_rows` gives it. Anything
+    or widened, as the fused LoRA rows choose). Else the GEMM, over ``x`` as :func:`fold_rows` gives it:
+    ``_gemm.dense_linear`` (the measured fp32 GEMM, with its own backward; torch's for bf16), or for bf16
+    where this machine measured torch's bf16 GEMM slower than widening (``cpu_bf16_gemm``, an AVX2 CPU)
+    and W and the bias are frozen, fp32 GEMMs over W widened tile by tile, rounded once
+    (``_gemm.WidenedFrozenLinearFunction``, ``dx = dy W`` the same way). Anything
     the kernel does not take (another device or dtype, a tensor subclass, mismatched shapes, torch.compile)
     goes to the GEMM path, which raises on bad arguments as ``F.linear`` does."""
     x = fold_rows(x)
@@ -433,6 +436,22 @@ def frozen_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> T
             _C.lora_rows_cpu(matrix("out", y), matrix("x", x_in), matrix("weight", weight),
                              optional_matrix("bias", bias), None, None, None, None, 1.0, _runtime.num_threads())  # fmt: skip
             return y.view(*x.shape[:-1], n)
+    if (
+        x.dtype is torch.bfloat16
+        and type(x) is Tensor
+        and x.is_cpu
+        and type(weight) in _PLAIN
+        and weight.dtype is torch.bfloat16
+        and weight.dim() == 2
+        and x.shape[-1] == weight.shape[1]
+        and not weight.requires_grad
+        and (bias is None or (type(bias) in _PLAIN and bias.dtype is torch.bfloat16 and not bias.requires_grad
+                              and bias.shape == weight.shape[:1]))  # fmt: skip
+        and not torch.compiler.is_compiling()
+        and x.numel() > 0
+        and not _gemm.cpu_bf16_gemm_native()
+    ):
+        return _gemm.WidenedFrozenLinearFunction.apply(x, weight, bias)
     return _gemm.dense_linear(x, weight, bias)
 
 
