@@ -500,15 +500,18 @@ def kernel_flags(monkeypatch):
 
 @pytest.mark.parametrize("k,blocksize", [(576, 64), (200, 64), (192, 128), (640, 32), (4096, 4096)], ids=str)
 @pytest.mark.parametrize("adapter", [True, False], ids=["adapter", "base"])
-def test_bf16_input_grad_column_tiles(cpu_isa, nf4_path, monkeypatch, k, blocksize, adapter):
-    """Many bf16 tokens where torch's bf16 GEMM is the fast one: W decoded to bf16 in column tiles of
-    every row, one GEMM per tile with the adapter as extra reduction rows. Tiles forced to 64 columns
-    here (many tiles, a short last one for k = 200; k % 64 != 0 decodes by the scalar path, k = 192 with
-    blocksize 128 has blocks straddling rows); each output against float64 over the bf16 W: one fp32
-    accumulation rounded once."""
+@pytest.mark.parametrize("direct", [True, False], ids=["into-rows", "buffer"])
+def test_bf16_input_grad_column_tiles(cpu_isa, nf4_path, monkeypatch, k, blocksize, adapter, direct):
+    """Many bf16 tokens where torch's bf16 GEMM is the fast one: the adapter's share ``g·A`` first (fp32
+    sums rounded once to bf16), then W decoded to bf16 in column tiles of every row, one GEMM per tile
+    adding ``dY·W`` onto it in its fp32 accumulator. Tiles forced to 64 columns here (many tiles, a short
+    last one for k = 200; k % 64 != 0 decodes by the scalar path, k = 192 with blocksize 128 has blocks
+    straddling rows), products straight into dx's columns or into a transposed buffer; each output
+    against float64 over the bf16 W: one fp32 accumulation rounded once, after the term's own rounding."""
     nf4_path("gemm")
     monkeypatch.setattr(nf4_ops, "_COLUMN_TILE_VALUES", 1)  # -> 64-column tiles
     monkeypatch.setattr(nf4_ops._gemm, "cpu_bf16_gemm_native", lambda: True)
+    monkeypatch.setattr(_runtime, "CPU_TILE_BUFFER_MAX_M", {torch.bfloat16: 0 if direct else 1 << 20})
     n, m = 75, 37
     args, _, _, la, _, _ = _inputs((m,), n, k, 4, torch.bfloat16, blocksize=blocksize)
     dy = torch.randn(m, n).bfloat16()
@@ -516,12 +519,45 @@ def test_bf16_input_grad_column_tiles(cpu_isa, nf4_path, monkeypatch, k, blocksi
     a = la if adapter else None
     dx = backward_input(dy, *args, g, a)
     w16 = nf4_ops.nf4_dequantize_reference(*args, torch.bfloat16).double()
-    exact, mag = fp64(dy) @ w16, absolute(dy) @ w16.abs()
+    exact, mag, term = fp64(dy) @ w16, absolute(dy) @ w16.abs(), 0.0
     if adapter:
-        exact, mag = exact + fp64(g) @ fp64(a), mag + absolute(g) @ absolute(a)
+        term = fp64(g) @ fp64(a)
+        exact, mag = exact + term, mag + absolute(g) @ absolute(a)
     assert dx.shape == (m, k) and dx.dtype == torch.bfloat16 and torch.isfinite(dx).all()
-    bound = 2**-8 * exact.abs() + (n + 16) * 2**-24 * mag
+    bound = 2**-8 * exact.abs() + 2**-8 * abs(term) + (n + 16) * 2**-24 * mag
     assert ((dx.double() - exact).abs() <= bound).all(), ((dx.double() - exact).abs() - bound).max().item()
+
+
+@pytest.mark.parametrize("n,k,blocksize", [(75, 576, 64), (200, 64, 64), (130, 192, 128), (33, 640, 32)], ids=str)
+@pytest.mark.parametrize("adapter,bias", [(True, True), (True, False), (False, True), (False, False)],
+                         ids=["adapter-bias", "adapter", "bias", "base"])  # fmt: skip
+@pytest.mark.parametrize("direct", [True, False], ids=["into-rows", "buffer"])
+def test_bf16_forward_row_tiles(cpu_isa, nf4_path, monkeypatch, n, k, blocksize, adapter, bias, direct):
+    """Many bf16 tokens where torch's bf16 GEMM is the fast one: the adapter term and bias first,
+    ``c = bias + s·u Bᵀ`` (fp32 sums rounded once to bf16), then W decoded to bf16 in row tiles, one GEMM
+    per tile adding ``x·Wᵀ`` onto c's columns in its fp32 accumulator. Tiles forced to 16 rows here (a
+    short last one for most n), products straight into the output's columns or into a transposed
+    buffer; each output against float64 over the bf16 W."""
+    nf4_path("gemm")
+    monkeypatch.setattr(nf4_ops._gemm, "_TILE_FLOATS", 1)  # -> 16-row tiles
+    monkeypatch.setattr(nf4_ops._gemm, "cpu_bf16_gemm_native", lambda: True)
+    monkeypatch.setattr(_runtime, "CPU_TILE_BUFFER_MAX_M", {torch.bfloat16: 0 if direct else 1 << 20})
+    m = 37
+    args, x, b, la, lb, _ = _inputs((m,), n, k, 4, torch.bfloat16, blocksize=blocksize, bias=bias, adapter=adapter)
+    y, u = forward(x, *args, b, la, lb, SCALE, None)
+    w16 = nf4_ops.nf4_dequantize_reference(*args, torch.bfloat16).double()
+    exact, mag, term = fp64(x) @ w16.t(), absolute(x) @ w16.abs().t(), 0.0
+    if adapter:
+        u64 = fp64(x) @ fp64(la).t()
+        term = SCALE * (u64 @ fp64(lb).t())
+        mag = mag + SCALE * (u64.abs() @ absolute(lb).t())
+        assert u.dtype == torch.float32 and torch.allclose(u.double(), u64, rtol=1e-5, atol=1e-5)
+    if bias:
+        term, mag = term + fp64(b), mag + absolute(b)
+    exact = exact + term
+    assert y.shape == (m, n) and y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    bound = 2**-8 * exact.abs() + 2**-8 * abs(term) + (k + 16) * 2**-24 * mag
+    assert ((y.double() - exact).abs() <= bound).all(), ((y.double() - exact).abs() - bound).max().item()
 
 
 def test_dequantize_to_bf16_rounds_like_torch(cpu_isa):

@@ -122,10 +122,12 @@ def linear_tiles_fp32(x32: torch.Tensor, n: int, k: int, fill: Callable[[int, to
 
 
 def linear_tiles(x: torch.Tensor, n: int, k: int, fill: Callable[[int, torch.Tensor], None],
-                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
+                 bias: Optional[torch.Tensor] = None, into: Optional[torch.Tensor] = None) -> torch.Tensor:  # fmt: skip
     """``x @ Wᵀ (+ bias)`` ([M, n] of x's dtype) for a weight [n, k] that ``fill(n0, tile)`` writes into
     row tiles of x's dtype (fp32, or bf16 where torch's bf16 GEMM is the faster one: fp32 accumulation
-    inside, the bias (x's dtype) added to it as addmm's C, one rounding).
+    inside, the bias (x's dtype) added to it as addmm's C, one rounding). ``into`` (contiguous [M, n] of
+    x's dtype, no ``bias`` with it): ``into + x @ Wᵀ``, ``into`` entering the GEMM's accumulator as addmm's
+    C, written into ``into`` and returned.
 
     Each tile's product goes either into an ``[n, M]`` buffer, copied into rows at the end, or straight
     into the tile's columns of a contiguous ``[M, n]`` (a strided ``out``): the same bits, at speeds that
@@ -135,36 +137,50 @@ def linear_tiles(x: torch.Tensor, n: int, k: int, fill: Callable[[int, torch.Ten
     view had been returned as it was, and every consumer copied it (the next projection, the SiLU
     product, attention, the norm) or failed on it (a caller's ``.view(-1)``).
     """
+    if into is not None and bias is not None:
+        raise ValueError("bias: fold it into `into` (linear_tiles takes one or the other)")
     rows = _tile_rows(k)
     ws = _workspace(min(rows, n) * k, x.device, x.dtype)
     if onednn_for(x, ws):  # oneDNN writes fresh outputs: one per tile
-        if n <= rows:
+        if n <= rows and into is None:
             tile = ws.view(n, k)
             fill(0, tile)
             return linear(x, tile, bias=bias)
-        y = torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+        y = into if into is not None else torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
         for n0 in range(0, n, rows):
             n1 = min(n, n0 + rows)
             tile = ws[: (n1 - n0) * k].view(n1 - n0, k)
             fill(n0, tile)
-            y[:, n0:n1] = linear(x, tile, bias=None if bias is None else bias[n0:n1])
+            add = None if into is None else into[:, n0:n1]
+            y[:, n0:n1] = linear(x, tile, bias=None if bias is None else bias[n0:n1], add=add)
         return y
     direct = x.shape[0] > _runtime.cpu_tile_buffer_max_m(x.dtype)
-    y = torch.empty((x.shape[0], n) if direct else (n, x.shape[0]), dtype=x.dtype, device=x.device)
+    if direct:
+        y = into if into is not None else torch.empty((x.shape[0], n), dtype=x.dtype, device=x.device)
+    else:
+        y = torch.empty((n, x.shape[0]), dtype=x.dtype, device=x.device)
     for n0 in range(0, n, rows):
         n1 = min(n, n0 + rows)
         tile = ws[: (n1 - n0) * k].view(n1 - n0, k)
         fill(n0, tile)
         if direct:
-            if bias is None:
+            if into is not None:
+                y[:, n0:n1].addmm_(x, tile.t())
+            elif bias is None:
                 torch.mm(x, tile.t(), out=y[:, n0:n1])
             else:
                 torch.addmm(bias[n0:n1], x, tile.t(), out=y[:, n0:n1])
+        elif into is not None:
+            torch.addmm(into[:, n0:n1].t(), tile, x.t(), out=y[n0:n1])
         elif bias is None:
             torch.mm(tile, x.t(), out=y[n0:n1])
         else:
             torch.addmm(bias[n0:n1, None], tile, x.t(), out=y[n0:n1])
-    return y if direct else y.t().contiguous()
+    if direct:
+        return y
+    if into is not None:
+        return into.copy_(y.t())
+    return y.t().contiguous()
 
 
 def matmul_tiles_fp32(

@@ -763,37 +763,28 @@ def forward_fast(frozen: "Nf4Frozen", x, codes, absmax, absmax2, code2, offset, 
 
 
 def _forward_bf16_tiles(x2, xa2, w, n, k, bias, lora_a, lora_b, scale, lead):
-    """Many bf16 tokens where torch's bf16 GEMM is the fast one: W decoded tile by tile to bf16, and the
-    adapter rides in the same GEMM as extra reduction columns and the bias as its C (added to the fp32
-    accumulator), so each output is one fp32 accumulation rounded once (the contract), not a rounded
-    base plus a second rounding:
+    """Many bf16 tokens where torch's bf16 GEMM is the fast one: the adapter term and the bias first,
+    ``c = bias + s·u Bᵀ`` (``u = x_a Aᵀ`` in fp32; fp32 products and sums rounded once to bf16:
+    ``adapter_term``), then W decoded tile by tile to bf16 for the GEMM, which adds ``x Wᵀ`` onto ``c`` in
+    its fp32 accumulator (addmm's C), so the large sum is rounded once (only c's own, much smaller,
+    rounding comes before it) — LoRA's bf16 path (ops/lora.py ``_base_after_adapter``).
 
-        [x | s·u_hi | s·u_lo | s·u_hi] · [W | B_hi | B_hi | B_lo]ᵀ + bias,   u = x_a Aᵀ in fp32
-
-    (``s·u ≈ hi + lo`` and ``B ≈ B_hi + B_lo`` in bf16; the dropped ``lo·lo`` term is below fp32's
-    rounding of the sum.) The bias had been one more column, of ones against it: that cost a column of
-    x's cat per call, where addmm's C costs the GEMM what the column did (3 % faster here, 576→1536 at
-    M = 512 on a Zen 5)."""
+    It had been one GEMM with the adapter as extra reduction columns,
+    ``[x | s·u_hi | s·u_lo | s·u_hi] · [W | B_hi | B_hi | B_lo]ᵀ + bias`` (u and B split into bf16
+    halves): the copy of x that the columns need and the 3r extra columns cost more than the term
+    (a SmolLM2-shaped bf16 QLoRA training step on a Zen 4: 37 ms in ``torch.cat``, 23 in the columns)."""
     m = x2.shape[0]
-    r = 0 if lora_a is None else lora_a.shape[0]
-    u = x2.new_empty((m, 0), dtype=torch.float32)
-    blocks = []  # (x columns, weight columns) appended after x / W
-    if lora_a is not None:
-        u = _lora.down_projection_many(x2 if xa2 is None else xa2, lora_a)
-        us_hi, us_lo = _lora.split_16bit(u * scale, torch.bfloat16)
-        b_hi, b_lo = _lora.split_16bit(lora_b, torch.bfloat16)
-        blocks += [(us_hi, b_hi), (us_lo, b_hi)] + ([(us_hi, b_lo)] if b_lo is not None else [])
-    width = k + sum(b[0].shape[1] for b in blocks)
-    x_aug = torch.cat([x2] + [b[0] for b in blocks], 1) if blocks else x2
-    extra = torch.cat([b[1] for b in blocks], 1) if blocks else None  # [n, width - k]: one copy per tile
 
     def fill(n0: int, tile: Tensor) -> None:
-        _dequantize_into(tile[:, :k], w, n0)
-        if extra is not None:
-            tile[:, k:] = extra[n0 : n0 + tile.shape[0]]
+        _dequantize_into(tile, w, n0)
 
-    y = _gemm.linear_tiles(x_aug, n, width, fill, bias=None if bias is None else bias.to(torch.bfloat16))
-    return y.reshape(lead + (n,)), u.reshape(lead + (r,))
+    if lora_a is None:
+        y = _gemm.linear_tiles(x2, n, k, fill, bias=None if bias is None else bias.to(torch.bfloat16))
+        return y.reshape(lead + (n,)), x2.new_empty(lead + (0,), dtype=torch.float32)
+    u = _lora.down_projection_many(x2 if xa2 is None else xa2, lora_a)
+    c = _lora.adapter_term(_runtime.empty(m, n, dtype=torch.bfloat16, device=x2.device), u, lora_b, bias, scale)
+    y = _gemm.linear_tiles(x2, n, k, fill, into=c)
+    return y.reshape(lead + (n,)), u.reshape(lead + (lora_a.shape[0],))
 
 
 def _backward_input_native(grad_y, codes, absmax, absmax2, code2, offset, shape, blocksize, blocksize2, g, lora_a):
@@ -844,36 +835,40 @@ _COLUMN_TILE_VALUES = 1 << 22
 
 def _backward_input_bf16_tiles(dy2: Tensor, w: "_C.Nf4Weight", n: int, k: int, g, lora_a) -> Tensor:
     """``dY·W + g·A`` for many bf16 tokens where torch's bf16 GEMM is the fast one (measured:
-    ``cpu_bf16_gemm``). W is decoded to bf16 by column tiles that hold every row, so each output is one
-    fp32 accumulation over all of N, rounded once — row tiles would round every partial sum (hence the
-    fp32 tiles elsewhere). The adapter rides in the same GEMM as extra reduction rows,
-    ``[dY | g_hi | g_lo | g_hi] · [W; A_hi; A_hi; A_lo]`` (the fp32 g and A split into bf16 halves, as the
-    forward splits u and B). Column tiles of 256 values and more ran at 0.9-1.0x the time of one whole
-    GEMM (4096 x 4096 and 11008 x 4096 at M = 512, Zen 4), against ~2.5x for the fp32 GEMM there."""
+    ``cpu_bf16_gemm``). The adapter's share first, ``g·A`` (fp32 products and sums rounded once to bf16:
+    ``adapter_term``), then W decoded to bf16 by column tiles that hold every row, the GEMM adding
+    ``dY·W`` onto it in its fp32 accumulator, so each output is one fp32 accumulation over all of N,
+    rounded once — row tiles would round every partial sum (hence the fp32 tiles elsewhere). (It had
+    been one GEMM with the adapter as extra reduction rows, ``[dY | g_hi | g_lo | g_hi]``, a copy of dY
+    per call, as the forward's columns.) Column tiles of 256 values and more ran at 0.9-1.0x the time
+    of one whole GEMM (4096 x 4096 and 11008 x 4096 at M = 512, Zen 4), against ~2.5x for the fp32 GEMM
+    there."""
     m = dy2.shape[0]
-    blocks = []  # (dY columns, W rows) appended after dY / W
+    dy2 = last_dim_contiguous(dy2)
+    c = None
     if g is not None:
-        g_hi, g_lo = _lora.split_16bit(g.reshape(m, -1).float(), torch.bfloat16)
-        a_hi, a_lo = _lora.split_16bit(lora_a, torch.bfloat16)
-        blocks = [(g_hi, a_hi), (g_lo, a_hi)] + ([(g_hi, a_lo)] if a_lo is not None else [])
-    left = torch.cat([dy2] + [b[0] for b in blocks], 1) if blocks else last_dim_contiguous(dy2)
-    rows = left.shape[1]
-    cols = min(k, max(64, _COLUMN_TILE_VALUES // rows // 64 * 64))
-    ws = _gemm._workspace(rows * cols, dy2.device, torch.bfloat16)
+        c = _lora.adapter_term(_runtime.empty(m, k, dtype=torch.bfloat16, device=dy2.device), g.reshape(m, -1).float(),
+                               lora_a, e_transposed=True)  # fmt: skip
+    cols = min(k, max(64, _COLUMN_TILE_VALUES // n // 64 * 64))
+    ws = _gemm._workspace(n * cols, dy2.device, torch.bfloat16)
     direct = m > _runtime.cpu_tile_buffer_max_m(torch.bfloat16)  # where products go: see _gemm.linear_tiles
-    dx = torch.empty((m, k) if direct else (k, m), dtype=torch.bfloat16, device=dy2.device)
+    if direct:
+        dx = c if c is not None else torch.empty((m, k), dtype=torch.bfloat16, device=dy2.device)
+    else:
+        dx = torch.empty((k, m), dtype=torch.bfloat16, device=dy2.device)
     for k0 in range(0, k, cols):
         kt = min(cols, k - k0)
-        tile = ws[: rows * kt].view(rows, kt)
-        _C.nf4_dequantize_cpu(w, 0, matrix("out", tile[:n]), _runtime.num_threads(), k0)
-        r0 = n
-        for _, a_rows in blocks:
-            tile[r0 : r0 + a_rows.shape[0]] = a_rows[:, k0 : k0 + kt]
-            r0 += a_rows.shape[0]
+        tile = ws[: n * kt].view(n, kt)
+        _C.nf4_dequantize_cpu(w, 0, matrix("out", tile), _runtime.num_threads(), k0)
         if direct:
-            torch.mm(left, tile, out=dx[:, k0 : k0 + kt])
+            if c is not None:
+                dx[:, k0 : k0 + kt].addmm_(dy2, tile)
+            else:
+                torch.mm(dy2, tile, out=dx[:, k0 : k0 + kt])
+        elif c is not None:
+            torch.addmm(c[:, k0 : k0 + kt].t(), tile.t(), dy2.t(), out=dx[k0 : k0 + kt])
         else:
-            torch.mm(tile.t(), left.t(), out=dx[k0 : k0 + kt])
+            torch.mm(tile.t(), dy2.t(), out=dx[k0 : k0 + kt])
     return dx if direct else dx.t().contiguous()  # (rows, as linear_tiles returns them)
 
 
