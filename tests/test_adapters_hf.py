@@ -234,7 +234,7 @@ def test_modules_to_save_file_matches_peft(tmp_path):
 @pytest.mark.parametrize("config", [pytest.param(LoRAConfig(r=4, alpha=8, target_modules="all-linear"), id="lora"),
                                     pytest.param(VeRAConfig(r=8, target_modules="all-linear"), id="vera")])  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpt2_conv1d_bases_take_the_fused_kernels(tmp_path, config, dtype):
+def test_gpt2_conv1d_bases_take_the_fused_kernels(tmp_path, config, dtype, monkeypatch):
     """GPT-2's Conv1D weights ([in, out]) are re-laid in memory as [out, in] rows when injected (same
     shape, values and parameter), so the adapters run the fused kernels, as over nn.Linear: no torch
     GEMM over the Conv1D weight in a few-token forward, outputs as a float64 reference, the state
@@ -281,6 +281,15 @@ def test_gpt2_conv1d_bases_take_the_fused_kernels(tmp_path, config, dtype):
     bound = terms * (48 + 16) * 2.0**-24 + expected.abs() * (2.0**-8 if dtype == torch.bfloat16 else 0.0)
     assert ((y.double() - expected).abs() <= bound).all()
     assert ((x.double() @ layer.base_layer.weight.double() + bias - expected).abs() > bound).any()
+    # the base alone (adapters disabled): the row kernel over the same rows for these few tokens
+    monkeypatch.setattr(lowrank.ops._runtime, "CPU_ROWS_MAX_M", {dtype: 16})
+    with torch.no_grad(), lowrank.disable_adapters(model), Record() as record:
+        y0 = layer(x)
+    assert not any((48, 192) in shapes for shapes in record.shapes), record.shapes
+    expected0 = x.double() @ layer.base_layer.weight.double() + bias
+    terms0 = x.double().abs() @ layer.base_layer.weight.double().abs() + bias.abs()
+    bound0 = terms0 * (48 + 16) * 2.0**-24 + expected0.abs() * (2.0**-8 if dtype == torch.bfloat16 else 0.0)
+    assert ((y0.double() - expected0).abs() <= bound0).all()
     # training goes through them too: the adapter gets a gradient, the base none
     layer(x.requires_grad_(True)).float().sum().backward()
     assert layer.base_layer.weight.grad is None and all(p.grad is not None for p in layer.adapters.parameters() if p.requires_grad)

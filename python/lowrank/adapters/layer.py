@@ -292,11 +292,15 @@ class AdaptedLinear(nn.Module):
 
     def base_forward(self, x: Tensor) -> Tensor:
         """The base layer alone (no adapter, or merged ones): an ``nn.Linear`` base (frozen) through
-        :func:`frozen_linear`, as a frozen head; any other base (or a Linear subclass with a forward of
-        its own) as it is."""
+        :func:`frozen_linear`, as a frozen head, and a ``Conv1D`` through it over its ``[out, in]`` rows;
+        any other base (or a Linear subclass with a forward of its own) as it is."""
         base = self.base_layer
         if self.kind == "linear" and type(base).forward in LINEAR_FORWARDS:
             return frozen_linear(x, base.weight, base.bias)
+        if self.kind == "conv1d":
+            w = dense_rows(self)  # (its [out, in] rows: rows_layout)
+            if w is not None:
+                return frozen_linear(x, w, base.bias)
         return base(x)
 
     # ---- the dense update an adapter stands for, in [out, in] fp32 --------------------------------
