@@ -567,6 +567,12 @@ def test_frozen_linear_matches_a_float64_reference_and_rejects_what_linear_rejec
                         assert _within_linear_rounding(y, x, w, bias), (dtype, n, k, lead, limit)
                 finally:
                     _runtime.CPU_ROWS_MAX_M = None
+    # under autocast, autocast's dtype (as nn.Linear's), in inference and training
+    w, x = torch.randn(37, 24), torch.randn(3, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            assert frozen_linear(x, w).dtype == torch.bfloat16
+        assert frozen_linear(x.requires_grad_(True), w).dtype == torch.bfloat16
     w = torch.randn(5, 4)
     with torch.no_grad():
         with pytest.raises(RuntimeError):

@@ -411,8 +411,11 @@ def frozen_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> T
     and W and the bias are frozen, fp32 GEMMs over W widened tile by tile, rounded once
     (``_gemm.WidenedFrozenLinearFunction``, ``dx = dy W`` the same way). Anything
     the kernel does not take (another device or dtype, a tensor subclass, mismatched shapes, torch.compile)
-    goes to the GEMM path, which raises on bad arguments as ``F.linear`` does."""
+    goes to the GEMM path, which raises on bad arguments as ``F.linear`` does. Under autocast it is
+    ``F.linear`` itself, whose output dtype autocast decides."""
     x = fold_rows(x)
+    if torch.is_autocast_enabled(x.device.type):  # autocast's casts are F.linear's (lowrank's kernels take none)
+        return torch.nn.functional.linear(x, weight, bias)
     if (
         eager_cpu(x)
         and type(weight) in _PLAIN
