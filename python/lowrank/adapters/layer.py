@@ -35,7 +35,7 @@ from ..ops import _direct, _gemm
 from ..ops._direct import param, submodule
 from ..ops import lora as _lora_ops
 from ..ops import vera as _vera_ops
-from ..layers.frozen import LINEAR_FORWARDS, FrozenLinear
+from ..layers.frozen import FrozenLinear
 from ..ops.lora import fold_rows, frozen_linear
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -291,17 +291,12 @@ class AdaptedLinear(nn.Module):
         return submodule(self, "adapters")[name](self, x)  # (_modules, not Module.__getattr__: ~0.4 µs a lookup)
 
     def base_forward(self, x: Tensor) -> Tensor:
-        """The base layer alone (no adapter, or merged ones): an ``nn.Linear`` base (frozen) through
-        :func:`frozen_linear`, as a frozen head, and a ``Conv1D`` through it over its ``[out, in]`` rows;
-        any other base (or a Linear subclass with a forward of its own) as it is."""
+        """The base layer alone (no adapter, or merged ones): a dense base (``nn.Linear``, or a ``Conv1D``
+        over its ``[out, in]`` rows: :func:`dense_rows`) through :func:`frozen_linear`, as a frozen head;
+        an NF4 base as it is."""
         base = self.base_layer
-        if self.kind == "linear" and type(base).forward in LINEAR_FORWARDS:
-            return frozen_linear(x, base.weight, base.bias)
-        if self.kind == "conv1d":
-            w = dense_rows(self)  # (its [out, in] rows: rows_layout)
-            if w is not None:
-                return frozen_linear(x, w, base.bias)
-        return base(x)
+        w = dense_rows(self)
+        return base(x) if w is None else frozen_linear(x, w, base.bias)
 
     # ---- the dense update an adapter stands for, in [out, in] fp32 --------------------------------
     def delta_weight(self, name: str) -> Tensor:

@@ -89,8 +89,8 @@ def completion_loss(model, ids, attn, target, reduction="mean"):
     """Cross-entropy of the completion tokens, the output head applied to their positions only, fused
     with the loss where the head is a plain ``nn.Linear`` or the FrozenLinear ``inject`` makes of one
     (``lowrank.linear_cross_entropy``: fp32, as F.cross_entropy(logits.float(), ...), the head's GEMMs
-    the measured fastest, no logits kept). The
-    batch is right-padded (``collate``): under ``lowrank.fast_attention`` its mask runs on the kernel."""
+    the measured fastest, no logits kept). The batch is right-padded (``collate``): under
+    ``lowrank.fast_attention`` its mask runs on the kernel."""
     hidden = model.get_decoder()(input_ids=ids, attention_mask=attn).last_hidden_state
     sel = target[:, 1:]
     rows, labels = hidden[:, :-1][sel], ids[:, 1:][sel]

@@ -402,17 +402,19 @@ def fold_rows(x: Tensor) -> Tensor:
 
 def frozen_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear(x, weight, bias)`` for a frozen weight alone, no adapter (an output head lowrank froze, a
-    layer's base with its adapters merged or disabled). Where no gradient is wanted (inference; nothing
-    involved requires grad) and this machine measured it faster for x's token count
-    (``cpu_rows_max_m``), the row kernel streams W once: fp32 sums, one rounding (a bf16 x read as it is
-    or widened, as the fused LoRA rows choose). Else the GEMM, over ``x`` as :func:`fold_rows` gives it:
-    ``_gemm.dense_linear`` (the measured fp32 GEMM, with its own backward; torch's for bf16), or for bf16
-    where this machine measured torch's bf16 GEMM slower than widening (``cpu_bf16_gemm``, an AVX2 CPU)
-    and W and the bias are frozen, fp32 GEMMs over W widened tile by tile, rounded once
-    (``_gemm.WidenedFrozenLinearFunction``, ``dx = dy W`` the same way). Anything
-    the kernel does not take (another device or dtype, a tensor subclass, mismatched shapes, torch.compile)
-    goes to the GEMM path, which raises on bad arguments as ``F.linear`` does. Under autocast it is
-    ``F.linear`` itself, whose output dtype autocast decides."""
+    layer's base with its adapters merged or disabled), over ``x`` as :func:`fold_rows` gives it. With W
+    and the bias frozen, a plain CPU fp32/bf16 call:
+
+    - no gradient wanted of ``x`` and a token count this machine measured the row kernel faster at
+      (``cpu_rows_max_m``): the row kernel streams W once (fp32 sums, one rounding; a bf16 x read as
+      it is or widened, as the fused LoRA rows choose);
+    - bf16 where this machine measured torch's bf16 GEMM slower than widening (``cpu_bf16_gemm``, an
+      AVX2 CPU): fp32 GEMMs over W widened tile by tile, rounded once, ``dx = dy W`` the same way
+      (``_gemm.WidenedFrozenLinearFunction``).
+
+    Anything else goes to ``_gemm.dense_linear`` (the measured fp32 GEMM, with its own backward; torch's
+    otherwise), which raises on bad arguments as ``F.linear`` does; under autocast it is ``F.linear``
+    itself, whose output dtype autocast decides."""
     x = fold_rows(x)
     if torch.is_autocast_enabled(x.device.type):  # autocast's casts are F.linear's (lowrank's kernels take none)
         return torch.nn.functional.linear(x, weight, bias)
@@ -422,39 +424,28 @@ def frozen_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> T
         and weight.dtype is x.dtype
         and weight.is_cpu
         and weight.dim() == 2
-        and weight.stride(-1) == 1
-        and weight.stride(0) >= weight.shape[1]
         and x.shape[-1] == weight.shape[1]
         and weight.shape[0] > 0
-        and (bias is None or (type(bias) in _PLAIN and bias.dtype is x.dtype and bias.is_cpu and bias.dim() == 1
-                              and bias.shape[0] == weight.shape[0]))  # fmt: skip
-        and not (torch.is_grad_enabled()
-                 and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)))  # fmt: skip
+        and (bias is None or (type(bias) in _PLAIN and bias.dtype is x.dtype and bias.is_cpu
+                              and bias.shape == weight.shape[:1]))  # fmt: skip
     ):
         n, k = weight.shape
         m = x.numel() // k if k else 0
-        if 0 < m <= _runtime.cpu_rows_max_m(x.dtype):
+        frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+        if (
+            0 < m <= _runtime.cpu_rows_max_m(x.dtype)
+            and frozen
+            and not (torch.is_grad_enabled() and x.requires_grad)
+            and weight.stride(-1) == 1
+            and weight.stride(0) >= k
+        ):
             x_in = rows_input(x, m, k)  # held here until the kernel returns: a Matrix is only its address
             y = _runtime.empty(m, n, dtype=x.dtype, device=x.device)
             _C.lora_rows_cpu(matrix("out", y), matrix("x", x_in), matrix("weight", weight),
                              optional_matrix("bias", bias), None, None, None, None, 1.0, _runtime.num_threads())  # fmt: skip
             return y.view(*x.shape[:-1], n)
-    if (
-        x.dtype is torch.bfloat16
-        and type(x) is Tensor
-        and x.is_cpu
-        and type(weight) in _PLAIN
-        and weight.dtype is torch.bfloat16
-        and weight.dim() == 2
-        and x.shape[-1] == weight.shape[1]
-        and not weight.requires_grad
-        and (bias is None or (type(bias) in _PLAIN and bias.dtype is torch.bfloat16 and not bias.requires_grad
-                              and bias.shape == weight.shape[:1]))  # fmt: skip
-        and not torch.compiler.is_compiling()
-        and x.numel() > 0
-        and not _gemm.cpu_bf16_gemm_native()
-    ):
-        return _gemm.WidenedFrozenLinearFunction.apply(x, weight, bias)
+        if x.dtype is torch.bfloat16 and frozen and m > 0 and not _gemm.cpu_bf16_gemm_native():
+            return _gemm.WidenedFrozenLinearFunction.apply(x, weight, bias)
     return _gemm.dense_linear(x, weight, bias)
 
 
