@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from lowrank import _C  # noqa: E402  (imported after the env var above, so poisoning is on)
-from lowrank.ops import _runtime  # noqa: E402
+from lowrank.ops import _gemm, _runtime  # noqa: E402
 from lowrank.ops import lora as lora_ops  # noqa: E402
 
 _runtime.poison_outputs = True  # in case lowrank was imported before this file ran
@@ -238,6 +238,42 @@ def count_calls(monkeypatch, owner, name: str) -> list:
 
     monkeypatch.setattr(owner, name, spy)
     return calls
+
+
+# torch's GEMMs, and oneDNN's (ops/_gemm.py's op; None in a torch built without it)
+GEMM_OPS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+            torch.ops.aten.linear.default, _gemm._LINEAR)  # fmt: skip
+
+
+def aten_calls(fn):
+    """``(calls, result)`` of ``fn()``: each aten op it ran with the shapes and dtypes of its tensor
+    arguments, ``(op, ((shape, dtype), ...))``, in order (lowrank's own kernels, called through ``_C``,
+    are no aten ops and do not appear)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls.append((func, tuple((tuple(a.shape), a.dtype) for a in args if isinstance(a, torch.Tensor))))
+            return func(*args, **(kwargs or {}))
+
+    with Record() as record:
+        out = fn()
+    return record.calls, out
+
+
+def within_linear_rounding(y, x, w, bias=None) -> bool:
+    """``y`` is ``x wᵀ + bias`` summed in fp32 and rounded once to y's dtype: each element within
+    (K + 2) fp32 roundings of its |terms| plus half an ulp of y's dtype (0 for fp32) of itself."""
+    x2, w2 = x.double().reshape(-1, x.shape[-1]), w.double()
+    exact = x2 @ w2.t() + (0.0 if bias is None else bias.double())
+    terms = x2.abs() @ w2.abs().t() + (0.0 if bias is None else bias.double().abs())
+    half_ulp = 2.0**-8 if y.dtype == torch.bfloat16 else 0.0
+    bound = terms * (x.shape[-1] + 2) * 2.0**-24 + exact.abs() * half_ulp
+    return bool(((y.double().reshape(exact.shape) - exact).abs() <= bound).all())
 
 
 def layouts(t: torch.Tensor) -> dict:

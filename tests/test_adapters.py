@@ -15,6 +15,8 @@ from torch import nn
 import lowrank
 from lowrank import AdaptedLinear, FullConfig, LoRAConfig, ModulesToSave, QLoRAConfig, VeRAConfig
 
+from conftest import GEMM_OPS, aten_calls, within_linear_rounding
+
 ALL_CONFIGS = [
     pytest.param(LoRAConfig(r=4, alpha=8), id="lora"),
     pytest.param(LoRAConfig(r=3, alpha=5, use_rslora=True), id="lora-rslora"),
@@ -375,20 +377,8 @@ def test_switching_never_touches_the_base():
 
 def _aten_ops(fn):
     """The aten ops ``fn()`` runs, and its result."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func)
-            return func(*args, **(kwargs or {}))
-
-    with Record() as record:
-        out = fn()
-    return record.ops, out
+    calls, out = aten_calls(fn)
+    return [op for op, _ in calls], out
 
 
 def test_switching_runs_no_tensor_operation():
@@ -404,21 +394,6 @@ def test_switching_runs_no_tensor_operation():
 
     assert _aten_ops(switch)[0] == []
     assert len(_aten_ops(lambda: model(_ids()))[0]) > 10  # the recorder does see tensor work
-
-
-def _within_linear_rounding(y, x, w, bias=None) -> bool:
-    """``y`` is ``x wᵀ + bias`` summed in fp32 and rounded once to y's dtype: each element within
-    (K + 2) fp32 roundings of its |terms| plus half an ulp of y's dtype (0 for fp32) of itself."""
-    x2, w2 = x.double().reshape(-1, x.shape[-1]), w.double()
-    exact = x2 @ w2.t() + (0.0 if bias is None else bias.double())
-    terms = x2.abs() @ w2.abs().t() + (0.0 if bias is None else bias.double().abs())
-    half_ulp = 2.0**-8 if y.dtype == torch.bfloat16 else 0.0
-    bound = terms * (x.shape[-1] + 2) * 2.0**-24 + exact.abs() * half_ulp
-    return bool(((y.double().reshape(exact.shape) - exact).abs() <= bound).all())
-
-
-_GEMMS = (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-          torch.ops.aten.linear.default, torch.ops.mkldnn._linear_pointwise.default)  # fmt: skip
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["row-kernel", "gemm"])
@@ -446,14 +421,14 @@ def test_frozen_head_takes_rows_not_a_weight_copy_per_batch_entry(dtype, batch, 
     x = hidden[:, -1:, :]  # strides [7·24, 24, 1]: at batch 1 contiguous, yet no view of rows for matmul
 
     def path_ok(ops) -> bool:  # the row kernel: no GEMM at all; else one GEMM (torch's or oneDNN's), no bmm
-        found = [op for op in ops if op in _GEMMS]
+        found = [op for op in ops if op in GEMM_OPS]
         return found == [] if kernel else len(found) == 1 and torch.ops.aten.bmm.default not in found
 
     with torch.no_grad():
         head(x)  # (any measured choice the call needs is taken now, not while recording)
         ops, y = _aten_ops(lambda: head(x))
     assert path_ok(ops), ops
-    assert y.shape == (batch, 1, 37) and _within_linear_rounding(y, x, head.weight)
+    assert y.shape == (batch, 1, 37) and within_linear_rounding(y, x, head.weight)
     # copies keep the class (deepcopy, pickle)
     for copied in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert type(copied.lm_head) is lowrank.FrozenLinear
@@ -463,9 +438,9 @@ def test_frozen_head_takes_rows_not_a_weight_copy_per_batch_entry(dtype, batch, 
     # gradients wanted: torch's GEMM over rows, and they reach x
     xg = x.detach().clone().requires_grad_(True)
     ops, yg = _aten_ops(lambda: head(xg))
-    assert torch.ops.aten.bmm.default not in ops and _within_linear_rounding(yg.detach(), x, head.weight)
+    assert torch.ops.aten.bmm.default not in ops and within_linear_rounding(yg.detach(), x, head.weight)
     yg.sum().backward()  # dx = 1·W: each row the column sums of W
-    assert _within_linear_rounding(xg.grad, torch.ones(batch, 37, dtype=dtype), head.weight.t())
+    assert within_linear_rounding(xg.grad, torch.ones(batch, 37, dtype=dtype), head.weight.t())
     # a head kept per adapter (modules_to_save): its frozen original, which runs with adapters disabled
     saved = _model(dtype=dtype)
     lowrank.inject(saved, LoRAConfig(r=4, alpha=8, modules_to_save=["lm_head"]))
@@ -475,13 +450,13 @@ def test_frozen_head_takes_rows_not_a_weight_copy_per_batch_entry(dtype, batch, 
     lowrank.set_adapter(saved, "default")
     with torch.no_grad(), lowrank.disable_adapters(saved):
         ops, y = _aten_ops(lambda: saved.lm_head(x))
-    assert path_ok(ops) and _within_linear_rounding(y, x, saved.lm_head.original_module.weight)
+    assert path_ok(ops) and within_linear_rounding(y, x, saved.lm_head.original_module.weight)
     # an adapted layer's base alone (adapters disabled) takes the same paths
     q = model.layers[0].q_proj
     with torch.no_grad(), lowrank.disable_adapters(model):
         ops, y = _aten_ops(lambda: q(x))
     assert path_ok(ops), ops
-    assert _within_linear_rounding(y, x, q.base_layer.weight, q.base_layer.bias)
+    assert within_linear_rounding(y, x, q.base_layer.weight, q.base_layer.bias)
     # merge_and_unload leaves no lowrank class behind
     lowrank.merge_and_unload(model)
     assert type(model.lm_head) is nn.Linear and model.lm_head.weight is weight
@@ -504,7 +479,7 @@ def test_a_frozen_head_of_a_linear_subclass_keeps_its_class_and_takes_rows():
     x = torch.randn(5, 7, 24)[:, -1:, :]
     with torch.no_grad():
         ops, y = _aten_ops(lambda: head(x))
-    assert torch.ops.aten.bmm.default not in ops and _within_linear_rounding(y, x, head.weight)
+    assert torch.ops.aten.bmm.default not in ops and within_linear_rounding(y, x, head.weight)
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["bf16-gemm", "widened"])
@@ -521,28 +496,19 @@ def test_frozen_bf16_linear_with_gradients_on_either_gemm(native, monkeypatch):
     w = (torch.randn(301, 67, generator=gen) * 0.3).bfloat16()
     bias = torch.randn(301, generator=gen).bfloat16()
     x = torch.randn(2, 9, 67, generator=gen).bfloat16().requires_grad_(True)
-    from torch.utils._python_dispatch import TorchDispatchMode
 
-    class GemmDtypes(TorchDispatchMode):  # the dtype of each GEMM's operands
-        def __init__(self):
-            super().__init__()
-            self.dtypes = []
+    def gemm_dtypes(calls) -> list:  # the dtypes of each GEMM's operands
+        return [{dtype for _, dtype in args} for op, args in calls if op in GEMM_OPS]
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in _GEMMS:
-                self.dtypes.append({a.dtype for a in args if isinstance(a, torch.Tensor)})
-            return func(*args, **(kwargs or {}))
-
-    with GemmDtypes() as forward:
-        y = frozen_linear(x, w, bias)
-    assert forward.dtypes == ([{torch.bfloat16}] if native else [{torch.float32}] * len(forward.dtypes))
-    assert forward.dtypes  # (a GEMM ran)
-    assert y.dtype == torch.bfloat16 and y.requires_grad and _within_linear_rounding(y.detach(), x.detach(), w, bias)
+    calls, y = aten_calls(lambda: frozen_linear(x, w, bias))
+    forward = gemm_dtypes(calls)
+    assert forward and forward == [{torch.bfloat16 if native else torch.float32}] * len(forward)
+    assert len(forward) == 1 or not native
+    assert y.dtype == torch.bfloat16 and y.requires_grad and within_linear_rounding(y.detach(), x.detach(), w, bias)
     dy = torch.randn(2, 9, 301, generator=gen).bfloat16()
-    with GemmDtypes() as backward:
-        y.backward(dy)
-    assert backward.dtypes and all(d == {torch.bfloat16 if native else torch.float32} for d in backward.dtypes)
-    assert x.grad.dtype == torch.bfloat16 and _within_linear_rounding(x.grad, dy, w.t())
+    backward = gemm_dtypes(aten_calls(lambda: y.backward(dy))[0])
+    assert backward and backward == [{torch.bfloat16 if native else torch.float32}] * len(backward)
+    assert x.grad.dtype == torch.bfloat16 and within_linear_rounding(x.grad, dy, w.t())
 
 
 def test_frozen_linear_matches_a_float64_reference_and_rejects_what_linear_rejects():
@@ -564,7 +530,7 @@ def test_frozen_linear_matches_a_float64_reference_and_rejects_what_linear_rejec
                         with torch.no_grad():
                             y = frozen_linear(x, w, bias)
                         assert y.shape == (*lead, n) and y.dtype == dtype
-                        assert _within_linear_rounding(y, x, w, bias), (dtype, n, k, lead, limit)
+                        assert within_linear_rounding(y, x, w, bias), (dtype, n, k, lead, limit)
                 finally:
                     _runtime.CPU_ROWS_MAX_M = None
     # under autocast, autocast's dtype (as nn.Linear's), in inference and training

@@ -12,6 +12,8 @@ import torch
 import lowrank
 from lowrank import FullConfig, LoRAConfig, QLoRAConfig, VeRAConfig
 
+from conftest import GEMM_OPS, aten_calls, within_linear_rounding
+
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
@@ -241,7 +243,6 @@ def test_gpt2_conv1d_bases_take_the_fused_kernels(tmp_path, config, dtype, monke
     dict's values unchanged, and merge_and_unload gives back contiguous [in, out] weights that
     safetensors saves as they are."""
     from safetensors.torch import save_file
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from lowrank.adapters.layer import dense_base_weight
 
@@ -257,39 +258,29 @@ def test_gpt2_conv1d_bases_take_the_fused_kernels(tmp_path, config, dtype, monke
         assert w is params[f"{name}.weight"] and w.shape == before[f"{name}.weight"].shape
         assert torch.equal(w, before[f"{name}.weight"]) and dense_base_weight(layer.base_layer).is_contiguous()
 
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.shapes = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default):
-                self.shapes.append(tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor)))
-            return func(*args, **(kwargs or {}))
+    def gemm_over_the_conv1d_weight(calls) -> bool:  # its [in, out] = (48, 192) as a GEMM's operand
+        return any(op in GEMM_OPS and ((48, 192), dtype) in args for op, args in calls)
 
     layer = layers["transformer.h.0.mlp.c_fc"]
     x = torch.randn(3, 48, dtype=dtype)
-    with torch.no_grad(), Record() as record:
-        y = layer(x)
-    assert not any((48, 192) in shapes for shapes in record.shapes), record.shapes  # the base's [in, out] weight
+    with torch.no_grad():
+        calls, y = aten_calls(lambda: layer(x))
+    assert not gemm_over_the_conv1d_weight(calls), calls
     # within fp32 sums of the terms (and the term's own products) and one rounding to the dtype; the
     # adapter's share is larger than that bound, so a missing or wrong term fails
-    w = layer.base_layer.weight.double() + layer.delta_weight(lowrank.active_adapter(model)).double().t()
-    bias = layer.base_layer.bias.double()
-    expected = x.double() @ w + bias
-    terms = x.double().abs() @ w.abs() + bias.abs()
+    bias = layer.base_layer.bias
+    w64 = layer.base_layer.weight.double() + layer.delta_weight(lowrank.active_adapter(model)).double().t()
+    expected = x.double() @ w64 + bias.double()
+    terms = x.double().abs() @ w64.abs() + bias.double().abs()
     bound = terms * (48 + 16) * 2.0**-24 + expected.abs() * (2.0**-8 if dtype == torch.bfloat16 else 0.0)
     assert ((y.double() - expected).abs() <= bound).all()
-    assert ((x.double() @ layer.base_layer.weight.double() + bias - expected).abs() > bound).any()
+    assert ((x.double() @ layer.base_layer.weight.double() + bias.double() - expected).abs() > bound).any()
     # the base alone (adapters disabled): the row kernel over the same rows for these few tokens
     monkeypatch.setattr(lowrank.ops._runtime, "CPU_ROWS_MAX_M", {dtype: 16})
-    with torch.no_grad(), lowrank.disable_adapters(model), Record() as record:
-        y0 = layer(x)
-    assert not any((48, 192) in shapes for shapes in record.shapes), record.shapes
-    expected0 = x.double() @ layer.base_layer.weight.double() + bias
-    terms0 = x.double().abs() @ layer.base_layer.weight.double().abs() + bias.abs()
-    bound0 = terms0 * (48 + 16) * 2.0**-24 + expected0.abs() * (2.0**-8 if dtype == torch.bfloat16 else 0.0)
-    assert ((y0.double() - expected0).abs() <= bound0).all()
+    with torch.no_grad(), lowrank.disable_adapters(model):
+        calls, y0 = aten_calls(lambda: layer(x))
+    assert not gemm_over_the_conv1d_weight(calls), calls
+    assert within_linear_rounding(y0, x, layer.base_layer.weight.t(), bias)
     # training goes through them too: the adapter gets a gradient, the base none
     layer(x.requires_grad_(True)).float().sum().backward()
     assert layer.base_layer.weight.grad is None and all(p.grad is not None for p in layer.adapters.parameters() if p.requires_grad)

@@ -224,3 +224,21 @@ def test_dense_linear_double_backward_raises(engine):
     else:  # F.linear: twice differentiable
         (gw,) = torch.autograd.grad(gx.sum(), w)
         assert gw.shape == w.shape
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["into-rows", "buffer"])
+def test_linear_tiles_into_matches_float64_either_engine(engine, direct, monkeypatch):
+    """``linear_tiles(..., into=c)``: ``c + x Wᵀ`` written into ``c``, ``c`` entering each tile's GEMM as
+    its accumulator (oneDNN's sum post-op, addmm's C), over many row tiles (a short last one), with the
+    products straight into c's columns or into a transposed buffer."""
+    monkeypatch.setattr(_gemm, "_TILE_FLOATS", 1)  # -> 16-row tiles
+    monkeypatch.setattr(_runtime, "CPU_TILE_BUFFER_MAX_M", {torch.float32: 0 if direct else 1 << 20})
+    m, k, n = 37, 129, 70
+    x, w, c = torch.randn(m, k), torch.randn(n, k), torch.randn(m, n)
+    exact = x.double() @ w.double().t() + c.double()
+    into = c.clone()
+    y = _gemm.linear_tiles(x, n, k, lambda n0, tile: tile.copy_(w[n0 : n0 + tile.shape[0]]), into=into)
+    assert y.data_ptr() == into.data_ptr() and y.is_contiguous()
+    assert (y.double() - exact).abs().max().item() <= _bound(x, w, c)
+    with pytest.raises(ValueError, match="bias"):
+        _gemm.linear_tiles(x, n, k, lambda n0, tile: None, bias=torch.zeros(n), into=into)
