@@ -4,6 +4,8 @@ gradcheck, torch.compile, and whole models (Llama, GPT-2, QLoRA) against running
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -344,6 +346,43 @@ def test_model_logits_and_generate(arch, dtype):
                 out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
             ref = _per_row(model, ids, names, lambda t: model.generate(t, max_new_tokens=6, do_sample=False, pad_token_id=0))
             assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qlora"])
+def test_model_under_autocast(arch):
+    """An fp32 model's mixed batch under autocast: bf16 logits, each row its own adapter's (as autocast
+    computes that adapter alone), and gradients from a step inside autocast as far from the fp32 ones as
+    autocast's own (each adapter alone under autocast) are."""
+    model = _llama()
+    lowrank.inject(model, (lowrank.QLoRAConfig if arch == "qlora" else lowrank.LoRAConfig)(r=4, alpha=8), "a")
+    lowrank.inject(model, lowrank.LoRAConfig(r=6, alpha=6, target_modules=["q_proj", "v_proj"]), "b")
+    _randomize_adapters(model)
+    names = ["a", "__base__", "b", "a"]
+    ids = torch.randint(1, 97, (len(names), 9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with lowrank.mixed_batch(model, names):
+            got = model(ids).logits
+        want = _per_row(model, ids, names, lambda t: model(t).logits)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.05, atol=0.05)
+
+    def grads(autocast: bool, mixed: bool) -> dict:
+        model.train().zero_grad()
+        rows = [(ids, None)] if mixed else [(ids[i : i + 1], n) for i, n in enumerate(names) if n != "__base__"]
+        for t, name in rows:
+            if name is not None:
+                lowrank.set_adapter(model, name)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                with lowrank.mixed_batch(model, names) if mixed else contextlib.nullcontext():
+                    model(t).logits.float().sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    mixed, alone, exact = grads(True, True), grads(True, False), grads(False, False)
+    assert set(mixed) == set(alone) == set(exact) and len(mixed) > 0
+    for n, g in mixed.items():
+        assert g.dtype == torch.float32
+        err, err_alone = (g - exact[n]).norm(), (alone[n] - exact[n]).norm()
+        assert err <= 2 * err_alone + 1e-3 * exact[n].norm(), (n, float(err), float(err_alone))
 
 
 def test_model_training_gradients():

@@ -19,7 +19,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import _C
+from . import _C, _autocast
+from ._autocast import off_in_backward
 from ._validate import _DTYPES, check_tensor
 from .ops import _direct, _runtime
 
@@ -118,6 +119,7 @@ class CausalAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @off_in_backward
     def backward(ctx, grad_out):
         query, key, value, lse, key_ranges = ctx.saved_tensors
         dq, dk, dv = attention_backward(grad_out, query, key, value, lse, ctx.scale, key_ranges)
@@ -198,6 +200,12 @@ def transformers_attention(module: nn.Module, query: Tensor, key: Tensor, value:
     left padding in batched generation), a causal decoder module, no dropout in training, CPU fp32/bf16 —
     and transformers' own SDPA function otherwise (packed or other masks, sliding windows, other
     devices, ``torch.compile``)."""
+    dtype = _autocast.dtype_for(query)
+    if dtype is not None:  # autocast casts SDPA's query, key and value to its dtype: so here too
+        query, key, value = (_autocast.cast(t, dtype) for t in (query, key, value))
+        with _autocast.off(query):
+            return transformers_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                                          **kwargs)  # fmt: skip
     usable = _usable(module, query, key, value, attention_mask, dropout, is_causal, kwargs)
     ranges = None
     if usable and attention_mask is not None:

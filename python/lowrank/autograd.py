@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._autocast import off_in_backward
 from .ops import _direct
 from .ops import lora as _lora
 from .ops import nf4 as _nf4
@@ -51,6 +52,7 @@ class LoRALinearFunction(torch.autograd.Function):
         _lora.forward_setup_context(ctx, inputs, output)
 
     @staticmethod
+    @off_in_backward
     def backward(ctx, grad_y: Tensor, grad_u: Optional[Tensor]):
         return _lora.forward_backward(ctx, grad_y, grad_u) + (None,)  # (none for frozen)
 
@@ -78,6 +80,7 @@ class NF4LinearFunction(torch.autograd.Function):
         _nf4.forward_setup_context(ctx, inputs, output)
 
     @staticmethod
+    @off_in_backward
     def backward(ctx, grad_y: Tensor, grad_u: Optional[Tensor]):
         return _nf4.forward_backward(ctx, grad_y, grad_u)
 
@@ -111,5 +114,6 @@ class VeRALinearFunction(torch.autograd.Function):
         _vera.forward_setup_context(ctx, inputs, output)
 
     @staticmethod
+    @off_in_backward
     def backward(ctx, grad_y: Tensor, grad_h: Optional[Tensor]):
         return _vera.forward_backward(ctx, grad_y, grad_h)

@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from . import _autocast
+from ._autocast import off_in_backward
 from ._hooks import remove_forward_hooks
 from ._validate import check_tensor
 from .layers.frozen import FrozenLinear
@@ -46,6 +48,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         _loss.forward_setup_context(ctx, inputs, output)
 
     @staticmethod
+    @off_in_backward
     def backward(ctx, grad_loss: Optional[Tensor], grad_lse: Optional[Tensor]):
         return _loss.forward_backward(ctx, grad_loss, grad_lse)
 
@@ -147,6 +150,7 @@ class HeadLossFunction(torch.autograd.Function):
         return total * scale
 
     @staticmethod
+    @off_in_backward
     def backward(ctx, grad: Tensor):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
@@ -191,7 +195,20 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, bias: O
     n = labels.numel()
     flat = labels.reshape(n).contiguous()
     scale = 1.0 if reduction == "sum" else _mean_scale(flat, ignore_index)
-    return HeadLossFunction.apply(hidden.reshape(n, h).contiguous(), weight, bias, flat, int(ignore_index), scale)
+    return _head_loss_function(hidden.reshape(n, h), weight, bias, flat, int(ignore_index), scale)
+
+
+def _head_loss_function(hidden: Tensor, weight: Tensor, bias: Optional[Tensor], labels: Tensor, ignore_index: int,
+                        scale: float) -> Tensor:  # fmt: skip
+    """:class:`HeadLossFunction` on ``hidden`` [N, H]. Under ``torch.autocast`` the head's operands are cast
+    to autocast's dtype first, as ``F.linear`` casts them (the loss stays fp32, as autocast's
+    cross-entropy), and the function runs with autocast off (lowrank/_autocast.py)."""
+    dtype = _autocast.dtype_for(hidden)
+    if dtype is not None:
+        hidden, weight, bias = (_autocast.cast(t, dtype) for t in (hidden, weight, bias))
+        with _autocast.off(hidden):
+            return HeadLossFunction.apply(hidden.contiguous(), weight, bias, labels, ignore_index, scale)
+    return HeadLossFunction.apply(hidden.contiguous(), weight, bias, labels, ignore_index, scale)
 
 
 def _mean_scale(labels: Tensor, ignore_index: int) -> float:
@@ -241,8 +258,7 @@ def _head_loss(head, labels: Tensor, ignore_index: int, num_items_in_batch, shif
         raise ValueError(f"labels: {list(shift_labels.shape)} labels for hidden states of shape {list(hidden.shape)}")
     labels2 = shift_labels.reshape(n).contiguous()
     scale = _mean_scale(labels2, ignore_index) if num_items_in_batch is None else 1.0 / float(num_items_in_batch)
-    return HeadLossFunction.apply(hidden.reshape(n, hidden.shape[-1]).contiguous(), weight, bias, labels2,
-                                  ignore_index, scale)  # fmt: skip
+    return _head_loss_function(hidden.reshape(n, hidden.shape[-1]), weight, bias, labels2, ignore_index, scale)
 
 
 def causal_lm_loss(

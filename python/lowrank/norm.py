@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _C
+from ._autocast import off_in_backward
 from ._patch import SourcePatch
 from ._validate import as_rows, check_tensor, matrix
 from .ops import _direct, _runtime
@@ -90,6 +91,7 @@ class RMSNormFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @off_in_backward
     def backward(ctx, grad_out):
         x, weight, rstd = ctx.saved_tensors
         dx, dw = rms_norm_backward(grad_out.contiguous(), x, weight, rstd, need_weight=ctx.needs_input_grad[1])

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _C
+from ._autocast import off_in_backward
 from ._patch import SourcePatch
 from ._validate import as_rows, check_tensor, matrix
 from .ops import _direct, _runtime
@@ -76,6 +77,7 @@ class SiLUMulFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @off_in_backward
     def backward(ctx, grad_out):
         gate, up = ctx.saved_tensors
         dg, du = silu_mul_backward(grad_out.contiguous(), gate, up)

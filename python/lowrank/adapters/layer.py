@@ -27,14 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..autograd import LoRALinearFunction, VeRALinearFunction
-from ..layers.lora import LoRAAdapter
+from ..layers.lora import LoRAAdapter, lora_call
 from ..layers.nf4 import NF4Linear
-from ..layers.vera import SharedProjections, _has_dense_weight
-from ..ops import _direct, _gemm
+from ..layers.vera import SharedProjections, _has_dense_weight, vera_call
+from ..ops import _gemm
 from ..ops._direct import param, submodule
 from ..ops import lora as _lora_ops
-from ..ops import vera as _vera_ops
 from ..layers.frozen import FrozenLinear
 from ..ops.lora import fold_rows, frozen_linear
 
@@ -155,12 +153,7 @@ class LoRA(LoRAAdapter, nn.Module):
             return base._forward(x, a, b, self.scaling, adapter_input)
         weight = dense_rows(layer)
         if weight is not None:  # nn.Linear, or Conv1D re-laid as rows: the fused kernels
-            args = (x, weight, param(base, "bias"), a, b, self.scaling, adapter_input)
-            if torch.is_grad_enabled():
-                return _direct.apply(LoRALinearFunction, *args, self._frozen)[0]
-            if adapter_input is None:  # inference: this adapter's views of base and factors built once
-                return _lora_ops.forward_fast(self._frozen, *args[:6])
-            return (_lora_ops._forward_native if _direct.ok(x) else torch.ops.lowrank.lora_linear_forward)(*args)[0]
+            return lora_call((x, weight, param(base, "bias"), a, b, self.scaling, adapter_input), self._frozen)
         y = base(x)
         xa = x if adapter_input is None else adapter_input
         return y + (F.linear(F.linear(xa.to(a.dtype), a), b) * self.scaling).to(y.dtype)
@@ -198,11 +191,7 @@ class VeRA(SharedProjections, nn.Module):
         base = layer.base_layer
         y_base = None if fused else base(x)  # a base with no dense W adds its own x Wᵀ; the op adds the term
         weight, bias = (rows, base.bias) if fused else (None, None)
-        args = (x, weight, bias, vera_a, vera_b, self.vera_lambda_d, self.vera_lambda_b, adapter_input)
-        if torch.is_grad_enabled():
-            y = _direct.apply(VeRALinearFunction, *args)[0]
-        else:
-            y = (_vera_ops._forward_native if _direct.ok(x) else torch.ops.lowrank.vera_linear_forward)(*args)[0]
+        y = vera_call((x, weight, bias, vera_a, vera_b, self.vera_lambda_d, self.vera_lambda_b, adapter_input))
         return y if fused else y_base + y
 
     def file_tensors(self) -> dict[str, Tensor]:

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import _autocast
 from .._validate import last_dim_contiguous, matrix, optional_matrix
 from ..ops import _direct
 from ..ops import mixed as _ops
@@ -80,15 +81,25 @@ class MixedBatch:
         if not present:
             return layer.base_forward(x)
         self._check_rows(x, "a layer")
+        autocast = _autocast.dtype_for(x)
+        if autocast is not None:  # F.linear's casts, the kernels without autocast (lowrank/_autocast.py)
+            with _autocast.off(x):
+                return self._product(layer, present, _autocast.cast(x, autocast), autocast)
+        return self._product(layer, present, x, None)
+
+    def _product(self, layer: AdaptedLinear, present: tuple[str, ...], x: Tensor, autocast) -> Tensor:
         base = layer.base_layer
         rows = dense_rows(layer)
         if rows is not None:  # nn.Linear, or a Conv1D re-laid as [out, in] rows (layer.py's rows_layout)
             weight, bias, base_out = rows, base.bias, None
+            if autocast is not None:
+                weight, bias = _autocast.cast(weight, autocast), _autocast.cast(bias, autocast)
         else:  # 4-bit (or a Conv1D left as it was): the base runs itself; its output enters the kernel's accumulator
             weight, bias, base_out = None, None, base(x).float()
         m = x.numel() // x.shape[-1] if x.shape[-1] else 0
         order, offsets, order_m, offsets_m = self.plan(present, m, x.device)
-        if not torch.is_grad_enabled() and _direct.ok(x) and _ops.runs_native(x):
+        # (the cached table keeps views of W: not of a copy cast for one call)
+        if not torch.is_grad_enabled() and _direct.ok(x) and _ops.runs_native(x) and autocast is None:
             key = (id(layer), present, x.dtype)
             cached = self._tables.get(key)
             if cached is None:

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _autocast
 from ..autograd import LoRALinearFunction
 from ..ops import _direct
 from ..ops._direct import param, submodule
@@ -25,6 +26,30 @@ def check_probability(name: str, value) -> None:
     """A dropout probability: a number in [0, 1)."""
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= float(value) < 1.0:
         raise ValueError(f"{name}: expected a probability in [0, 1), got {value!r}")
+
+
+def lora_call(args: tuple, frozen: Optional[_lora_ops.FrozenOperands]) -> Tensor:
+    """A LoRA layer's output for ``args`` = ``(x, weight, bias, lora_a, lora_b, scale, adapter_input)``
+    (``frozen``: the layer's kernel views of the same base and factors, built once): the autograd
+    Function where a gradient may be wanted, else the kernel itself. Under ``torch.autocast`` x, W, the
+    bias and the adapter input are cast to autocast's dtype first, as ``F.linear`` casts them, and the
+    kernels run with autocast off (lowrank/_autocast.py)."""
+    x = args[0]
+    dtype = _autocast.dtype_for(x)
+    if dtype is not None:
+        x, weight, bias, lora_a, lora_b, scale, adapter_input = args
+        cast = tuple(_autocast.cast(t, dtype) for t in (x, weight, bias, adapter_input))
+        if cast[1] is not weight:
+            frozen = None  # a fresh copy of W each call: nothing to keep views of
+        args = (*cast[:3], *_autocast.cast_adapter(dtype, lora_a, lora_b), scale, cast[3])
+        with _autocast.off(x):
+            return lora_call(args, frozen)
+    if torch.is_grad_enabled():
+        return _direct.apply(LoRALinearFunction, *args, frozen)[0]
+    if args[6] is None and frozen is not None:  # inference: the kernel with the layer's views built once
+        return _lora_ops.forward_fast(frozen, *args[:6])
+    # the op's kernel itself, without the autograd.Function (ops/_direct.py)
+    return (_lora_ops._forward_native if _direct.ok(x) else torch.ops.lowrank.lora_linear_forward)(*args)[0]
 
 
 def check_rank_fits(r: int, in_features: int, out_features: int) -> None:
@@ -203,13 +228,7 @@ class LoRALinear(LoRAAdapter, nn.Module):
             adapter_input = self.lora_dropout(x)
         lora_a, lora_b = param(submodule(self, "lora_A"), "weight"), param(submodule(self, "lora_B"), "weight")
         args = (x, param(self, "weight"), param(self, "bias"), lora_a, lora_b, self.scaling, adapter_input)
-        if torch.is_grad_enabled():
-            y, _ = _direct.apply(LoRALinearFunction, *args, self._frozen)
-        elif adapter_input is None:  # inference: the kernel with this layer's views built once (ops/lora.py)
-            y = _lora_ops.forward_fast(self._frozen, *args[:6])
-        else:  # the op's kernel itself, without the autograd.Function (ops/_direct.py)
-            y, _ = (_lora_ops._forward_native if _direct.ok(x) else torch.ops.lowrank.lora_linear_forward)(*args)
-        return y
+        return lora_call(args, self._frozen)
 
     def extra_repr(self) -> str:
         return (

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .. import _autocast
 from ..autograd import NF4LinearFunction
 from ..ops import _direct
 from ..ops import nf4 as _ops
@@ -220,11 +221,23 @@ class NF4Linear(nn.Module):
     def _forward(self, x: Tensor, lora_a, lora_b, scale: float, adapter_input) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        autocast = _autocast.dtype_for(x)
+        if autocast is not None:  # computes and returns in autocast's dtype, as F.linear (lowrank/_autocast.py)
+            x, adapter_input = _autocast.cast(x, autocast), _autocast.cast(adapter_input, autocast)
+            if lora_a is not None:
+                lora_a, lora_b = _autocast.cast_adapter(autocast, lora_a, lora_b)
+            with _autocast.off(x):  # (autocast's dtype, not compute_dtype, as bitsandbytes' Linear4bit)
+                return self._product(x, lora_a, lora_b, scale, adapter_input)
         in_dtype = x.dtype
         if self.compute_dtype is not None and x.dtype != self.compute_dtype:
             x = x.to(self.compute_dtype)
             if adapter_input is not None:
                 adapter_input = adapter_input.to(self.compute_dtype)
+        y = self._product(x, lora_a, lora_b, scale, adapter_input)
+        return y if y.dtype == in_dtype else y.to(in_dtype)
+
+    def _product(self, x: Tensor, lora_a, lora_b, scale: float, adapter_input) -> Tensor:
+        """The product in x's dtype (the bias and the factors cast to it where the kernels need)."""
         bias = param(self, "bias")
         if bias is not None and bias.dtype not in (x.dtype, torch.float32):
             bias = bias.to(x.dtype)
@@ -240,7 +253,7 @@ class NF4Linear(nn.Module):
             y = _ops.forward_fast(frozen, *args[:13], tiled=self.tiled_inference)
         else:
             y, _ = (_ops._forward_native if _direct.ok(x) else torch.ops.lowrank.nf4_linear_forward)(*args)
-        return y if y.dtype == in_dtype else y.to(in_dtype)
+        return y
 
     def forward(self, x: Tensor) -> Tensor:
         return self._forward(x, None, None, 1.0, None)

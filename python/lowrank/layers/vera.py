@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from .. import _autocast
 from ..autograd import VeRALinearFunction
 from ..ops import _direct
 from ..ops import vera as _vera_ops
@@ -88,6 +89,27 @@ def _has_dense_weight(base: nn.Module) -> bool:
         and isinstance(base.weight, Tensor)
         and base.weight.dtype.is_floating_point
     )
+
+
+def vera_call(args: tuple) -> Tensor:
+    """A VeRA layer's output (or, with ``weight=None``, its term) for ``args`` = ``(x, weight, bias, vera_a,
+    vera_b, lambda_d, lambda_b, adapter_input)``: the autograd Function where a gradient may be wanted,
+    else the op's kernel itself. Under ``torch.autocast`` x, W, the bias and the adapter input are cast to
+    autocast's dtype, as ``F.linear`` casts them, and the kernels run with autocast off
+    (lowrank/_autocast.py)."""
+    x = args[0]
+    dtype = _autocast.dtype_for(x)
+    if dtype is not None:
+        x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input = args
+        x, weight, bias, adapter_input = (_autocast.cast(t, dtype) for t in (x, weight, bias, adapter_input))
+        (lambda_d,), (lambda_b,) = _autocast.cast_adapter(dtype, lambda_d), _autocast.cast_adapter(dtype, lambda_b)
+        args = (x, weight, bias, *_autocast.cast_adapter(dtype, vera_a, vera_b), lambda_d, lambda_b, adapter_input)
+        with _autocast.off(x):
+            return vera_call(args)
+    if torch.is_grad_enabled():
+        return _direct.apply(VeRALinearFunction, *args)[0]
+    # inference: the op itself, without the autograd.Function's Python overhead
+    return (_vera_ops._forward_native if _direct.ok(x) else torch.ops.lowrank.vera_linear_forward)(*args)[0]
 
 
 class SharedProjections:
@@ -325,10 +347,7 @@ class VeRALinear(SharedProjections, nn.Module):
         if self.weight is None:
             base_out = self.base_layer(x)
         args = (x, self.weight, self.bias, vera_a, vera_b, self.vera_lambda_d, self.vera_lambda_b, adapter_input)
-        if torch.is_grad_enabled():
-            y, _ = _direct.apply(VeRALinearFunction, *args)
-        else:  # inference: the op itself, without the autograd.Function's Python overhead
-            y, _ = (_vera_ops._forward_native if _direct.ok(x) else torch.ops.lowrank.vera_linear_forward)(*args)
+        y = vera_call(args)
         return y if base_out is None else base_out + y
 
     def extra_repr(self) -> str:

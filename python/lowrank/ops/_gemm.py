@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from .._autocast import off_in_backward
 from . import _dispatch, _runtime
 
 # Workspace size: 1 Mi floats (4 MiB) per tile; it stays in the 16 MiB L3 while the GEMM packs it.
@@ -245,6 +246,7 @@ class DenseLinearFunction(torch.autograd.Function):
         return linear(x2, weight, bias=bias).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @off_in_backward
     @once_differentiable  # (oneDNN's op has no derivative of its own: a double backward raises, naming this)
     def backward(ctx, grad_y: torch.Tensor):
         x2, weight = ctx.saved_tensors
@@ -273,6 +275,7 @@ class WidenedFrozenLinearFunction(torch.autograd.Function):
         return y32.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
+    @off_in_backward
     @once_differentiable
     def backward(ctx, grad_y: torch.Tensor):
         (weight,) = ctx.saved_tensors
@@ -283,7 +286,9 @@ class WidenedFrozenLinearFunction(torch.autograd.Function):
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``F.linear``, with :class:`DenseLinearFunction` where it helps: fp32 CPU tensors on a machine whose
-    measured fp32 GEMM is oneDNN's, outside torch.compile (anything else: ``F.linear`` itself)."""
-    if not torch.compiler.is_compiling() and onednn_for(x, weight, *([] if bias is None else [bias])):
+    measured fp32 GEMM is oneDNN's, outside torch.compile and autocast (anything else: ``F.linear``
+    itself)."""
+    if (not torch.compiler.is_compiling() and not torch._C._is_any_autocast_enabled()
+            and onednn_for(x, weight, *([] if bias is None else [bias]))):  # fmt: skip
         return DenseLinearFunction.apply(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .. import _C
+from .._autocast import off_in_backward
 from .._validate import _DTYPES, check_tensor, cuda_stream, last_dim_contiguous, matrix, optional_matrix
 from . import _direct, _gemm, _runtime
 
@@ -923,6 +924,10 @@ def _backward_input_backward(ctx, gg_x):
     return d_dy, d_w, d_g, d_a
 
 
-lora_linear_forward.register_autograd(forward_backward, setup_context=forward_setup_context)
-lora_linear_backward_adapter.register_autograd(_backward_adapter_backward, setup_context=_backward_adapter_setup_context)
-lora_linear_backward_input.register_autograd(_backward_input_backward, setup_context=_backward_input_setup_context)
+lora_linear_forward.register_autograd(off_in_backward(forward_backward), setup_context=forward_setup_context)
+lora_linear_backward_adapter.register_autograd(
+    off_in_backward(_backward_adapter_backward), setup_context=_backward_adapter_setup_context
+)
+lora_linear_backward_input.register_autograd(
+    off_in_backward(_backward_input_backward), setup_context=_backward_input_setup_context
+)

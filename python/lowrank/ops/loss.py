@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .. import _C
+from .._autocast import off_in_backward
 from .._validate import check_tensor, cuda_stream, last_dim_contiguous, matrix
 from . import _direct, _runtime
 
@@ -263,4 +264,4 @@ def forward_backward(ctx, grad_loss, grad_lse):
     return op(grad_loss, logits, labels, lse, ctx.ignore_index), None, None
 
 
-cross_entropy_forward.register_autograd(forward_backward, setup_context=forward_setup_context)
+cross_entropy_forward.register_autograd(off_in_backward(forward_backward), setup_context=forward_setup_context)

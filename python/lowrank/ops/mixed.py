@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .. import _C
+from .._autocast import off_in_backward
 from .._validate import check_tensor, cuda_stream, last_dim_contiguous, matrix, optional_matrix
 from . import _gemm, _runtime
 
@@ -396,4 +397,4 @@ def _backward(ctx, grad_y: Tensor, _grad_h: Optional[Tensor]):
     )
 
 
-mixed_linear_forward.register_autograd(_backward, setup_context=_setup_context)
+mixed_linear_forward.register_autograd(off_in_backward(_backward), setup_context=_setup_context)

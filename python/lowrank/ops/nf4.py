@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from .. import _C
+from .._autocast import off_in_backward
 from .._validate import check_tensor, cuda_stream, last_dim_contiguous, matrix, optional_matrix
 from . import _direct, _gemm, _runtime
 from . import lora as _lora
@@ -962,5 +963,7 @@ def _backward_input_backward(ctx, gg):
     return (d_dy,) + (None,) * _N_WEIGHT_ARGS + (d_g, d_a)
 
 
-nf4_linear_forward.register_autograd(forward_backward, setup_context=forward_setup_context)
-nf4_linear_backward_input.register_autograd(_backward_input_backward, setup_context=_backward_input_setup_context)
+nf4_linear_forward.register_autograd(off_in_backward(forward_backward), setup_context=forward_setup_context)
+nf4_linear_backward_input.register_autograd(
+    off_in_backward(_backward_input_backward), setup_context=_backward_input_setup_context
+)

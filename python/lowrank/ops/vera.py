@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from .. import _C
+from .._autocast import off_in_backward
 from .._validate import check_tensor, last_dim_contiguous, matrix, optional_matrix
 from . import _direct, _gemm, _runtime
 from . import lora as _lora
@@ -345,4 +346,4 @@ def forward_backward(ctx, grad_y: Tensor, _grad_h: Optional[Tensor]):
     return grad_x, grad_w, grad_bias, None, None, grad_d if need_d else None, grad_b if need_b else None, grad_xa
 
 
-vera_linear_forward.register_autograd(forward_backward, setup_context=forward_setup_context)
+vera_linear_forward.register_autograd(off_in_backward(forward_backward), setup_context=forward_setup_context)

@@ -1,0 +1,74 @@
+"""lowrank's layers under ``torch.autocast``: they cast as ``F.linear`` does there.
+
+Inside ``torch.autocast(device, dtype)`` an ``nn.Linear`` casts its input, weight and bias to autocast's
+dtype and returns its output in that dtype (fp64 inputs stay fp64). lowrank's kernels take no casts
+from the dispatcher, and several of them mix dtypes on purpose (an fp32 adapter over a bf16 base, ``u``
+in fp32), so a layer does those casts itself before its kernels run, and then runs them with autocast
+off: its own fp32 products (``u``, an fp32 GEMM's adapter term) must not be recast to 16 bits behind
+its back. What a layer keeps as it is: the adapter's own parameters where the kernels take them as they
+are (fp32, or autocast's dtype already), so their gradients arrive in their own dtype, in full
+precision. The backward of each ``autograd.Function`` runs with autocast off too (:func:`off_in_backward`),
+as ``torch.amp.custom_bwd`` does for a forward that ran without it: a ``loss.backward()`` called inside
+the autocast region computes what one called outside it computes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_DEVICES = ("cpu", "cuda")  # the devices lowrank's kernels run on; autocast elsewhere is left to torch
+
+
+def dtype_for(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast runs a linear layer on ``x`` in, or None where it does not apply: autocast off
+    for x's device, or x not a tensor autocast casts (fp64, integers)."""
+    if not torch._C._is_any_autocast_enabled():  # the usual call: one C call, ~0.2 µs
+        return None
+    device = x.device.type
+    if device not in _DEVICES or not torch.is_autocast_enabled(device):
+        return None
+    if not x.is_floating_point() or x.dtype is torch.float64:
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+def cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """``t`` in ``dtype`` as autocast casts an argument: None, fp64 and non-floating tensors as they are."""
+    if t is None or t.dtype is dtype or t.dtype is torch.float64 or not t.is_floating_point():
+        return t
+    return t.to(dtype)
+
+
+def cast_adapter(dtype: torch.dtype, *factors: Optional[Tensor]) -> tuple:
+    """An adapter's parameters as the kernels take them beside a ``dtype`` input: as they are where they
+    are fp32 or ``dtype`` already (all alike), else all cast to ``dtype``."""
+    present = [t for t in factors if t is not None]
+    if all(t.dtype in (torch.float32, dtype) for t in present) and len({t.dtype for t in present}) <= 1:
+        return factors
+    return tuple(cast(t, dtype) for t in factors)
+
+
+def off(x: Tensor) -> torch.autocast:
+    """A context with autocast off for ``x``'s device."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def off_in_backward(backward):
+    """Decorate an ``autograd.Function``'s ``backward`` to run with autocast off for its gradient's device,
+    where it is on (a ``loss.backward()`` inside an autocast region)."""
+
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        if not torch._C._is_any_autocast_enabled():
+            return backward(ctx, *grads)
+        device = next((g.device.type for g in grads if isinstance(g, Tensor)), None)
+        if device in _DEVICES and torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return backward(ctx, *grads)
+        return backward(ctx, *grads)
+
+    return run

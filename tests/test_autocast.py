@@ -1,0 +1,277 @@
+"""lowrank's layers and model-level kernels under ``torch.autocast``: the casts ``F.linear`` makes there.
+
+Inside ``torch.autocast("cpu", torch.bfloat16)`` an ``nn.Linear`` casts its input, weight and bias to
+bf16 and returns bf16. A lowrank layer must do the same (it used to raise on the bf16 activations that
+autocast's SDPA hands the next projection, and to compute an fp32 model's layers in fp32): x, the
+dense base and its bias are cast, the adapter's own parameters are kept where the kernels take them
+(fp32), and the kernels run with autocast off, so none of their fp32 products is recast to bf16 behind
+their back. So the oracle for a layer is the same layer called without autocast on those cast tensors:
+the same kernels on the same inputs, the same bits (its kernels are checked against float64 in the
+other test modules), forward and every gradient, with ``backward()`` inside autocast or outside.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lowrank
+from lowrank import LoRAConfig, FullConfig, QLoRAConfig, VeRAConfig
+
+from conftest import token_ids, tiny_adapted_llama
+
+BF16 = torch.bfloat16
+
+
+class _Holder(nn.Module):
+    """One projection, for the model-level layers (``inject``), and an output head it leaves alone."""
+
+    def __init__(self, k, n, bias, dtype):
+        super().__init__()
+        self.proj = nn.Linear(k, n, bias=bias, dtype=dtype)
+
+
+def _randomize(module: nn.Module, seed: int = 3) -> None:
+    """Every trainable tensor drawn nonzero (LoRA's B and VeRA's b start at zero), so each term counts."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * 0.2 + 0.05)
+
+
+def _layer(kind: str, k: int, n: int, bias: bool, dtype: torch.dtype, dropout: float = 0.0) -> nn.Module:
+    linear = nn.Linear(k, n, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.normal_(0, k**-0.5)
+        if bias:
+            linear.bias.normal_(0, 0.5)
+    if kind == "lora":
+        layer = lowrank.LoRALinear.from_linear(linear, r=4, alpha=8, dropout=dropout)
+    elif kind == "vera":
+        layer = lowrank.VeRALinear.from_linear(linear, r=8, dropout=dropout)
+    elif kind == "qlora":
+        layer = lowrank.QLoRALinear.from_linear(linear, r=4, alpha=8, dropout=dropout)
+    elif kind == "nf4":
+        layer = lowrank.NF4Linear.from_linear(linear)
+    else:  # the model-level layers, "inject-lora" / "inject-vera" / "inject-qlora"
+        holder = _Holder(k, n, bias, dtype)
+        holder.proj.load_state_dict(linear.state_dict())
+        config = {
+            "inject-lora": LoRAConfig(r=4, alpha=8, dropout=dropout, target_modules=["proj"]),
+            "inject-vera": VeRAConfig(r=8, dropout=dropout, target_modules=["proj"]),
+            "inject-qlora": QLoRAConfig(r=4, alpha=8, dropout=dropout, target_modules=["proj"]),
+        }[kind]
+        layer = lowrank.inject(holder, config).proj
+    _randomize(layer)
+    return layer
+
+
+def _twin(layer: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``layer`` with its dense frozen base (weight, bias) stored in ``dtype``: what autocast's casts make
+    of it; its trainable tensors stay as they are."""
+    twin = copy.deepcopy(layer)
+    base = getattr(twin, "base_layer", None)
+    owner = base if isinstance(base, nn.Linear) else twin
+    for name in ("weight", "bias"):
+        t = getattr(owner, name, None) if isinstance(owner, (nn.Linear, lowrank.LoRALinear, lowrank.VeRALinear)) else None
+        if isinstance(t, torch.Tensor) and not t.requires_grad and t.is_floating_point():
+            t.data = t.data.to(dtype)
+    return twin
+
+
+def _grads(layer: nn.Module) -> dict:
+    return {n: p.grad for n, p in layer.named_parameters() if p.requires_grad}
+
+
+KINDS = ["lora", "vera", "qlora", "nf4", "inject-lora", "inject-vera", "inject-qlora"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("model_dtype", [torch.float32, BF16], ids=["fp32-model", "bf16-model"])
+@pytest.mark.parametrize("x_dtype", [torch.float32, BF16], ids=["fp32-x", "bf16-x"])
+@pytest.mark.parametrize("m", [1, 70])  # the few-token row kernels, and the many-token GEMM paths
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_a_layer_under_autocast_is_the_layer_on_autocasts_casts(kind, model_dtype, x_dtype, m, bias):
+    _check_layer(kind, model_dtype, x_dtype, m, bias)
+
+
+@pytest.mark.parametrize("kind", ["lora", "vera", "qlora", "inject-lora"])
+@pytest.mark.parametrize("products", ["kernel", "gemm"])
+@pytest.mark.parametrize("bf16_gemm", ["native", "widen"])
+def test_every_many_token_path_runs_without_autocast(monkeypatch, adapter_products, kind, products, bf16_gemm):
+    """The paths other machines measure faster (torch's GEMMs for the adapter's products; bf16 widened
+    to fp32 for an fp32 GEMM) are torch ops, which autocast would recast to bf16 if the kernels ran
+    inside it: pinned here, each must still give the bits of the layer on the cast tensors."""
+    from lowrank.ops import _dispatch, _gemm
+
+    adapter_products(products == "kernel")
+    monkeypatch.setattr(_gemm, "cpu_bf16_gemm_native", lambda: bf16_gemm == "native")
+    # torch.mm for the fp32 products: an autocast op (oneDNN's, where measured faster, is none)
+    monkeypatch.setitem(_dispatch._decisions, "cpu_fp32_gemm", _dispatch.Decision("torch", "pinned"))
+    _check_layer(kind, torch.float32, torch.float32, 70, True)
+
+
+def _check_layer(kind, model_dtype, x_dtype, m, bias):
+    k, n = 45, 37
+    layer = _layer(kind, k, n, bias, model_dtype).train()
+    twin = _twin(layer, BF16).train()
+    x = torch.randn(2, m, k, dtype=x_dtype)
+    dy = torch.randn(2, m, n, dtype=BF16)
+    for inside in (False, True):  # backward outside the autocast region, then inside it
+        layer.zero_grad(set_to_none=True), twin.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=BF16):
+            y = layer(xg)
+            linear_dtype = torch.nn.functional.linear(xg, torch.randn(n, k)).dtype
+            if inside:
+                y.backward(dy)
+        if not inside:
+            y.backward(dy)
+        assert y.dtype == linear_dtype == BF16
+        xt = x.to(BF16, copy=True).requires_grad_()
+        want = twin(xt)
+        want.backward(dy)
+        assert torch.equal(y, want), (y - want).abs().max()
+        assert xg.grad.dtype == x_dtype and torch.equal(xg.grad, xt.grad.to(x_dtype))
+        got_grads, want_grads = _grads(layer), _grads(twin)
+        assert got_grads.keys() == want_grads.keys() and (got_grads or kind == "nf4")
+        for name, g in got_grads.items():
+            assert g.dtype == dict(layer.named_parameters())[name].dtype, name
+            assert torch.equal(g, want_grads[name]), name
+    with torch.no_grad():  # inference (the layers' own few-token shortcuts)
+        with torch.autocast("cpu", dtype=BF16):
+            y = layer.eval()(x)
+        assert y.dtype == BF16 and torch.equal(y, twin.eval()(x.to(BF16)))
+
+
+class _Drawn(nn.Dropout):
+    """A dropout that returns the adapter input drawn beforehand."""
+
+    def __init__(self, drawn):
+        super().__init__(0.3)
+        self.drawn = drawn
+
+    def forward(self, x):
+        return self.drawn
+
+
+@pytest.mark.parametrize("kind", ["lora", "vera", "inject-lora"])
+def test_dropout_under_autocast(kind):
+    """Dropout runs on the input as it comes (autocast does not cast dropout), then the dropped input is
+    cast with x, as PEFT's ``lora_A(dropout(x))`` is under autocast."""
+    layer = _layer(kind, 33, 29, True, torch.float32, dropout=0.3).train()
+    twin = _twin(layer, BF16).train()
+    x = torch.randn(5, 33)
+    torch.manual_seed(11)
+    drawn = torch.nn.functional.dropout(x, 0.3, training=True).to(BF16)
+    for parent in list(twin.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Dropout):
+                setattr(parent, name, _Drawn(drawn))
+    torch.manual_seed(11)
+    with torch.autocast("cpu", dtype=BF16):
+        y = layer(x)
+    assert torch.equal(y, twin(x.to(BF16)))
+
+
+def test_autocast_leaves_float64_alone():
+    layer = _layer("lora", 21, 13, True, torch.float64)
+    x = torch.randn(4, 21, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=BF16):
+        y = layer(x)
+    assert y.dtype == torch.float64 and torch.equal(y, layer(x))
+
+
+def test_merged_and_full_layers_are_f_linear_under_autocast():
+    """A merged layer and full fine-tuning's layer run F.linear's own product: autocast's bits."""
+    x = torch.randn(7, 40)
+    merged = _layer("lora", 40, 24, True, torch.float32)
+    merged.merge()
+    holder = lowrank.inject(_Holder(40, 24, True, torch.float32), FullConfig(target_modules=["proj"]))
+    _randomize(holder)
+    for layer, (w, b) in ((merged, (merged.weight, merged.bias)),
+                          (holder.proj, (holder.proj.adapters["default"].weight, holder.proj.adapters["default"].bias))):  # fmt: skip
+        with torch.autocast("cpu", dtype=BF16):
+            assert torch.equal(layer(x), torch.nn.functional.linear(x, w, b))
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole models: a training step under autocast, every method, and lowrank's fused model kernels
+# ---------------------------------------------------------------------------------------------
+def _autocast_step(model, ids):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=BF16):
+        out = model.train()(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _close(got, want, rel: float) -> bool:
+    return float((got.float() - want.float()).norm()) <= rel * float(want.float().norm())
+
+
+@pytest.mark.parametrize("config", [
+    pytest.param(LoRAConfig(r=4, alpha=8), id="lora"),
+    pytest.param(VeRAConfig(r=8), id="vera"),
+    pytest.param(QLoRAConfig(r=4, alpha=8, quantize_base="all-linear"), id="qlora"),
+    pytest.param(FullConfig(), id="full"),
+])  # fmt: skip
+@pytest.mark.parametrize("kernels", ["model", "fast-loss", "fused-head", "fast-decoder"])
+def test_a_training_step_under_autocast(config, kernels):
+    """An fp32 model's step under autocast: its layers compute in bf16 (what their fp32 step gives, to
+    bf16's precision), and lowrank's fused loss, head and decoder kernels give what the model's own
+    modules give under autocast (their casts, within bf16 rounding in other orders)."""
+    pytest.importorskip("transformers")
+    model = tiny_adapted_llama(torch.float32, config)
+    ids = token_ids(4)
+    plain_loss, plain_grads = _autocast_step(model, ids)
+    fp32_loss = model.train()(input_ids=ids, labels=ids).loss.detach()
+    assert abs(plain_loss - fp32_loss) <= 2e-2 * abs(fp32_loss)  # bf16 layers, not fp32 ones, nor garbage
+    if kernels == "fast-loss":
+        lowrank.fast_loss(model)
+    elif kernels == "fused-head":
+        lowrank.fast_loss(model, keep_logits=False)
+    elif kernels == "fast-decoder":
+        lowrank.fast_decoder(model)
+    if kernels != "model":
+        loss, grads = _autocast_step(model, ids)
+        assert abs(loss - plain_loss) <= 1e-2 * abs(plain_loss)
+        assert grads.keys() == plain_grads.keys()
+        for name, g in grads.items():
+            assert g.dtype == torch.float32 and _close(g, plain_grads[name], 5e-2), name
+
+
+def test_lora_under_autocast_matches_peft_under_autocast():
+    peft = pytest.importorskip("peft")
+    ours = tiny_adapted_llama(torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(_plain_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    theirs_params = [p for p in theirs.parameters() if p.requires_grad]
+    ours_params = [p for _, p in lowrank.adapter_parameters(ours)]
+    assert len(ours_params) == len(theirs_params)
+    with torch.no_grad():
+        for p, q in zip(ours_params, theirs_params):
+            q.copy_(p)
+    ids = token_ids(5)
+    loss, grads = _autocast_step(ours, ids)
+    their_loss, their_grads = _autocast_step(theirs, ids)
+    assert abs(loss - their_loss) <= 1e-2 * abs(their_loss)
+    for p, q in zip(ours_params, theirs_params):
+        assert p.grad.dtype == q.grad.dtype == torch.float32 and _close(p.grad, q.grad, 5e-2)
+
+
+def _plain_llama():
+    """The transformers model of ``tiny_adapted_llama``, without adapters (the same seed, the same weights)."""
+    import transformers
+
+    llama = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=97, bos_token_id=0, eos_token_id=1,
+                                     pad_token_id=1, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(llama)
