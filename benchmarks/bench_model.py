@@ -43,6 +43,10 @@ plain model's: below 1, lowrank is faster or smaller):
   that with the attention on ``lowrank.fast_attention`` (lowrank's causal attention kernels in place of
   torch's SDPA); and, for the Llama, that with its RMSNorms and its MLPs' SiLU products on
   ``lowrank.fast_norm`` and ``lowrank.fast_swiglu``;
+- train step under autocast: the fp32 models' step with the forward and loss under
+  ``torch.autocast("cpu", torch.bfloat16)`` (the backward and AdamW outside it), every method against its
+  peer, in a fresh process per model (``test_train_step_autocast``): mixed precision as transformers'
+  Trainer with ``bf16=True`` runs it on a CPU;
 - train step peak (fp32 only; bf16 halves what is stored): the step's peak resident memory (VmHWM)
   above the baseline, the model included, each method in a fresh process forked from a server that
   has only imported the libraries (so no process pays peft's 6 s import): after a tiny warm-up step of
@@ -70,13 +74,15 @@ generate 1.7-2.6 s, a 512-token prefill 0.5-1.7 s, a memory process 4-7 s; each 
 one warm-up call and 3 rounds). A fifth variant since 2026-12-06 (with lowrank.fast_attention): ``-k llama``
 took 7.6 minutes on a Zen 5; with the Llama's sixth (fast_norm + fast_swiglu), its training, decode and
 prefill rows (``-k "llama and (test_train_step[ or decode or prefill)"``) took 6.7 minutes there. The
-batched-decode rows (``-k "decode_batch and llama"``, since 2026-12-06) took 3.7 minutes on a Zen 4.
+batched-decode rows (``-k "decode_batch and llama"``, since 2026-12-06) took 3.7 minutes on a Zen 4; the
+autocast training rows of both models (``-k test_train_step_autocast``, since 2026-12-07) 3.4 minutes.
 
     pytest benchmarks/bench_model.py -s                                  # everything
     pytest benchmarks/bench_model.py -s -k llama                         # one model
     pytest benchmarks/bench_model.py -s -k "fp32 and not memory"         # fp32 timings only
     pytest benchmarks/bench_model.py -s -k "decode or prefill"           # inference
     pytest benchmarks/bench_model.py -s -k "test_train_step and llama-fp32"   # one timed case (~2 min)
+    pytest benchmarks/bench_model.py -s -k test_train_step_autocast      # mixed precision (~3.5 min)
     pytest benchmarks/bench_model.py -k same                             # the peers' checks
     LOWRANK_BENCH_QUICK=1 pytest benchmarks/bench_model.py -q            # CI: 2 layers, hidden 64, each call once
 
@@ -371,6 +377,7 @@ METRICS = {
     "train_lean": f"train step {tokens_label(STEP_TOKENS)}, keep_logits=False + recompute_pointwise, ms",
     "train_attention": f"train step {tokens_label(STEP_TOKENS)}, that + lowrank.fast_attention, ms",
     "train_norm": f"train step {tokens_label(STEP_TOKENS)}, that + fast_norm + fast_swiglu, ms",
+    "train_autocast": f"train step {tokens_label(STEP_TOKENS)}, forward under torch.autocast(bf16), ms",
     "memory": f"train step {tokens_label(STEP_TOKENS)} peak, MB",
     "memory_fast": f"train step {tokens_label(STEP_TOKENS)} peak, lowrank.fast_loss, MB",
     "memory_fused": f"train step {tokens_label(STEP_TOKENS)} peak, fast_loss(keep_logits=False), MB",
@@ -578,6 +585,37 @@ def test_train_step(case, summary_tables):
     if has_rms_norms(arch):
         add_rows(table, "train_norm", dtype, variant_values(median, dtype, LEAN + ATTENTION + NORM), PLAIN_TRAIN,
                  str(rounds))  # fmt: skip
+
+
+def autocast_step_call(model: nn.Module, arch: str) -> Callable[[], torch.Tensor]:
+    """:func:`step_call`'s training step with the forward and loss under ``torch.autocast("cpu", bf16)``
+    (the backward and the optimizer outside it): an fp32 model trained in mixed precision, as
+    transformers' Trainer with ``bf16=True`` runs one on a CPU."""
+    step = step_call(model, STEP_TOKENS, shape(arch))
+    forward = model.forward
+
+    def autocast_forward(*args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return forward(*args, **kwargs)
+
+    model.forward = autocast_forward
+    return step
+
+
+def train_autocast_medians(arch: str) -> tuple[dict[str, float], int]:
+    """:func:`train_medians` for fp32 models whose forward runs under autocast (bf16)."""
+    models = build_all(arch, torch.float32, methods_for(torch.float32, PLAIN_TRAIN, training=True))
+    calls = {m: autocast_step_call(model.train(), arch) for m, model in models.items()}
+    rounds = interleaved_rounds_warmed_once(calls)
+    return interleaved_medians(calls, rounds), rounds
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_train_step_autocast(arch, summary_tables):
+    """The fp32 training step under autocast, every method against its peer, in a process of its own
+    (as :func:`test_train_step`)."""
+    median, rounds = in_fresh_process(train_autocast_medians, arch, timeout_s=TRAIN_TIMEOUT_S)
+    add_rows(model_table(summary_tables, arch), "train_autocast", torch.float32, median, PLAIN_TRAIN, str(rounds))
 
 
 def step_memory(arch: str, method: str, dtype: torch.dtype, tiny: bool) -> dict:

@@ -72,8 +72,8 @@ def _layer(kind: str, k: int, n: int, bias: bool, dtype: torch.dtype, dropout: f
 
 
 def _twin(layer: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """``layer`` with its dense frozen base (weight, bias) stored in ``dtype``: what autocast's casts make
-    of it; its trainable tensors stay as they are."""
+    """``layer`` with its dense frozen base (weight, bias) and VeRA's frozen projections stored in
+    ``dtype``: what autocast's casts make of it; its trainable tensors stay as they are."""
     twin = copy.deepcopy(layer)
     base = getattr(twin, "base_layer", None)
     owner = base if isinstance(base, nn.Linear) else twin
@@ -81,6 +81,10 @@ def _twin(layer: nn.Module, dtype: torch.dtype) -> nn.Module:
         t = getattr(owner, name, None) if isinstance(owner, (nn.Linear, lowrank.LoRALinear, lowrank.VeRALinear)) else None
         if isinstance(t, torch.Tensor) and not t.requires_grad and t.is_floating_point():
             t.data = t.data.to(dtype)
+    for module in twin.modules():  # VeRA's frozen projections: cast as a weight is
+        for name in ("vera_A", "vera_B"):
+            if isinstance(module._buffers.get(name), torch.Tensor):
+                module._buffers[name] = module._buffers[name].to(dtype)
     return twin
 
 

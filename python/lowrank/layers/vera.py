@@ -94,16 +94,18 @@ def _has_dense_weight(base: nn.Module) -> bool:
 def vera_call(args: tuple) -> Tensor:
     """A VeRA layer's output (or, with ``weight=None``, its term) for ``args`` = ``(x, weight, bias, vera_a,
     vera_b, lambda_d, lambda_b, adapter_input)``: the autograd Function where a gradient may be wanted,
-    else the op's kernel itself. Under ``torch.autocast`` x, W, the bias and the adapter input are cast to
-    autocast's dtype, as ``F.linear`` casts them, and the kernels run with autocast off
+    else the op's kernel itself. Under ``torch.autocast`` x, W, the bias, the adapter input and the frozen
+    projections are cast to autocast's dtype, as ``F.linear`` casts its operands (PEFT's VeRA is two of
+    them), the trainable scalings kept as the kernels take them, and the kernels run with autocast off
     (lowrank/_autocast.py)."""
     x = args[0]
     dtype = _autocast.dtype_for(x)
     if dtype is not None:
         x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input = args
-        x, weight, bias, adapter_input = (_autocast.cast(t, dtype) for t in (x, weight, bias, adapter_input))
+        cast = (_autocast.cast(t, dtype) for t in (x, weight, bias, vera_a, vera_b, adapter_input))
+        x, weight, bias, vera_a, vera_b, adapter_input = cast
         (lambda_d,), (lambda_b,) = _autocast.cast_adapter(dtype, lambda_d), _autocast.cast_adapter(dtype, lambda_b)
-        args = (x, weight, bias, *_autocast.cast_adapter(dtype, vera_a, vera_b), lambda_d, lambda_b, adapter_input)
+        args = (x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input)
         with _autocast.off(x):
             return vera_call(args)
     if torch.is_grad_enabled():
