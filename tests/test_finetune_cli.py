@@ -264,3 +264,31 @@ def test_training_loss_is_the_sdpa_unfused_loss(method, monkeypatch):
     assert abs(loss.item() - want.item()) <= 2.0**-20 * abs(want.item())
     for g, e in zip(got, expected):
         assert (g - e).abs().max() <= 2.0**-16 * e.abs().max()
+
+
+def test_amp_trains_each_forward_under_autocast(tiny, tmp_path, monkeypatch):
+    """--dtype amp: fp32 weights (the adapters saved in fp32), every training forward under
+    torch.autocast(bf16), the held-out loss outside it; each method's loss falls as in fp32."""
+    from lowrank.finetune import train as T
+
+    seen = []
+    original = T.completion_loss
+
+    def spy(model, *args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(T, "completion_loss", spy)
+    out = tmp_path / "amp"
+    argv = ["finetune", "--model", str(tiny), "--method", "full,lora,qlora", "--out", str(out), "--dtype", "amp",
+            "--no-demo", *FAST]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert "amp" in results["settings"]
+    steps = 3
+    assert seen.count(True) == 3 * steps and seen.count(False) > 0  # training forwards; held-out losses
+    for method in ("full", "lora", "qlora"):
+        r = results["methods"][method]
+        assert all(math.isfinite(v) for v in r["losses"]) and r["losses"][-1] < r["losses"][0], (method, r["losses"])
+        _, saved = lowrank.read_adapter(out / method)
+        assert saved and all(t.dtype == torch.float32 for t in saved.values()), method

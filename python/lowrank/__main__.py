@@ -73,7 +73,9 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the data set, the shuffle and the adapters' init")
     p.add_argument("--out", type=Path, default=Path("lowrank-finetune"), help="output directory (default ./lowrank-finetune)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="the base model's dtype (default fp32)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "amp"), default="fp32",
+                   help="the base model's dtype (default fp32); amp: fp32 weights, each training forward in bf16 "
+                        "under torch.autocast (mixed precision)")  # fmt: skip
     p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="a short run (6 facts, 6 steps of 8 examples): under a minute")
     p.add_argument("--no-demo", action="store_true", help="skip the closing demo (adapters swapped, one mixed batch)")

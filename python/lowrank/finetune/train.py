@@ -44,6 +44,8 @@ class Settings:
     out: Path = Path("lowrank-finetune")
     device: str = "cpu"
     progress: bool = True
+    dtype: str = "fp32"  # the base's dtype, fp32 or bf16; or "amp": fp32 weights, each training forward under
+    # torch.autocast in bf16 (mixed precision, as transformers' Trainer with bf16=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,7 +238,8 @@ def run_method(method: str, base, tokenizer, data: Dataset, enc_train: Encoded, 
         ids, attn, target = collate(enc_train, index, pad, device)
         start_bytes = _step_start(device) if step > 0 else None
         start = time.perf_counter()
-        with lowrank.PointwiseRecompute():  # the same gradients, less activation memory held to the backward
+        # PointwiseRecompute: the same gradients, less activation memory held to the backward
+        with lowrank.PointwiseRecompute(), torch.autocast(device.type, torch.bfloat16, enabled=s.dtype == "amp"):
             loss = completion_loss(model, ids, attn, target)
         loss.backward()
         opt.step()
