@@ -150,7 +150,21 @@ def _check_layer(kind, model_dtype, x_dtype, m, bias):
     with torch.no_grad():  # inference (the layers' own few-token shortcuts)
         with torch.autocast("cpu", dtype=BF16):
             y = layer.eval()(x)
-        assert y.dtype == BF16 and torch.equal(y, twin.eval()(x.to(BF16)))
+        if _decodes_on_fp32_rows(kind, model_dtype, x):  # W read as it is: x and y rounded as autocast's
+            want = layer(x.to(BF16).float()).to(BF16)
+        else:
+            want = twin.eval()(x.to(BF16))
+        assert y.dtype == BF16 and torch.equal(y, want)
+
+
+def _decodes_on_fp32_rows(kind, model_dtype, x) -> bool:
+    """Whether a layer's inference call under autocast reads its fp32 dense W as it is (few tokens:
+    ops/lora.py's fp32_rows_under_autocast) rather than a copy cast for the call."""
+    from lowrank.ops import _runtime
+
+    m = x.numel() // x.shape[-1]
+    dense = kind in ("lora", "vera", "inject-lora", "inject-vera")
+    return dense and model_dtype == torch.float32 and m <= _runtime.cpu_fused_max_m(torch.float32)
 
 
 class _Drawn(nn.Dropout):
@@ -181,6 +195,41 @@ def test_dropout_under_autocast(kind):
     with torch.autocast("cpu", dtype=BF16):
         y = layer(x)
     assert torch.equal(y, twin(x.to(BF16)))
+
+
+@pytest.mark.parametrize("kind", ["lora", "vera", "head"])
+def test_decoding_under_autocast_reads_an_fp32_weight_as_it_is(kind):
+    """A few-token inference call over an fp32 W under autocast: no bf16 copy of W (autocast's would be a
+    pass over W as large as the product's), the row kernel over W as it is, x and the output rounded
+    to bf16 as autocast rounds them; the result within fp32 sums rounded once of the float64 product of
+    the rounded x. With gradients the call casts as F.linear does."""
+    from conftest import aten_calls, within_linear_rounding
+
+    from lowrank.ops.lora import frozen_linear
+
+    k, n = 300, 257
+    layer = None if kind == "head" else _layer(kind, k, n, True, torch.float32).eval()
+    w, b = (torch.randn(n, k) * k**-0.5, torch.randn(n)) if kind == "head" else (layer.weight, layer.bias)
+    x = torch.randn(1, 2, k)
+
+    def call(t):
+        return frozen_linear(t, w, b) if kind == "head" else layer(t)
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        calls, _ = aten_calls(lambda: call(x))  # (a dispatch mode may send the call another way: recorded apart)
+        y = call(x)
+    assert y.dtype == BF16
+    def w_copies(calls):
+        return [c for c in calls if c[0] is torch.ops.aten._to_copy.default and c[1][0][0] == (n, k)]
+
+    assert not w_copies(calls)
+    with torch.no_grad():
+        assert torch.equal(y, call(x.to(BF16).float()).to(BF16))
+    if kind == "head":
+        assert within_linear_rounding(y, x.to(BF16), w, b)
+    with torch.autocast("cpu", dtype=BF16):
+        calls, y = aten_calls(lambda: call(x.requires_grad_()))
+    assert y.dtype == BF16 and w_copies(calls)
 
 
 def test_autocast_leaves_float64_alone():

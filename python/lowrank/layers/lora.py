@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .. import _autocast
 from ..autograd import LoRALinearFunction
-from ..ops import _direct
+from ..ops import _direct, _runtime
 from ..ops._direct import param, submodule
 from ..ops import lora as _lora_ops
 
@@ -33,11 +33,19 @@ def lora_call(args: tuple, frozen: Optional[_lora_ops.FrozenOperands]) -> Tensor
     (``frozen``: the layer's kernel views of the same base and factors, built once): the autograd
     Function where a gradient may be wanted, else the kernel itself. Under ``torch.autocast`` x, W, the
     bias and the adapter input are cast to autocast's dtype first, as ``F.linear`` casts them, and the
-    kernels run with autocast off (lowrank/_autocast.py)."""
+    kernels run with autocast off (lowrank/_autocast.py); decoding over an fp32 W reads W as it is
+    (``ops.lora.fp32_rows_under_autocast``)."""
     x = args[0]
     dtype = _autocast.dtype_for(x)
     if dtype is not None:
         x, weight, bias, lora_a, lora_b, scale, adapter_input = args
+        if adapter_input is None and _lora_ops.fp32_rows_under_autocast(x, weight, _runtime.cpu_fused_max_m):
+            # decoding: the fused rows over the fp32 W as it is, x and the output rounded as autocast rounds them
+            a, b = _autocast.cast(lora_a, torch.float32), _autocast.cast(lora_b, torch.float32)
+            with _autocast.off(x):
+                y = lora_call((x.to(dtype).float(), weight, _autocast.cast(bias, torch.float32), a, b, scale, None),
+                              frozen if a is lora_a else None)  # fmt: skip
+            return y.to(dtype)
         cast = tuple(_autocast.cast(t, dtype) for t in (x, weight, bias, adapter_input))
         if cast[1] is not weight:
             frozen = None  # a fresh copy of W each call: nothing to keep views of

@@ -27,7 +27,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .. import _autocast
 from ..autograd import VeRALinearFunction
-from ..ops import _direct
+from ..ops import _direct, _runtime
+from ..ops.lora import fp32_rows_under_autocast
 from ..ops import vera as _vera_ops
 from .frozen import LINEAR_FORWARDS
 from .lora import check_linear_args, check_probability
@@ -97,11 +98,18 @@ def vera_call(args: tuple) -> Tensor:
     else the op's kernel itself. Under ``torch.autocast`` x, W, the bias, the adapter input and the frozen
     projections are cast to autocast's dtype, as ``F.linear`` casts its operands (PEFT's VeRA is two of
     them), the trainable scalings kept as the kernels take them, and the kernels run with autocast off
-    (lowrank/_autocast.py)."""
+    (lowrank/_autocast.py); decoding over an fp32 W reads W as it is
+    (``ops.lora.fp32_rows_under_autocast``)."""
     x = args[0]
     dtype = _autocast.dtype_for(x)
     if dtype is not None:
         x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input = args
+        few_rows = weight is not None and fp32_rows_under_autocast(x, weight, _runtime.cpu_fused_max_m)
+        if few_rows and adapter_input is None:
+            # decoding: the fused rows over the fp32 W as it is, x and the output rounded as autocast rounds them
+            fp32 = tuple(_autocast.cast(t, torch.float32) for t in (bias, vera_a, vera_b, lambda_d, lambda_b))
+            with _autocast.off(x):
+                return vera_call((x.to(dtype).float(), weight, *fp32, None)).to(dtype)
         cast = (_autocast.cast(t, dtype) for t in (x, weight, bias, vera_a, vera_b, adapter_input))
         x, weight, bias, vera_a, vera_b, adapter_input = cast
         (lambda_d,), (lambda_b,) = _autocast.cast_adapter(dtype, lambda_d), _autocast.cast_adapter(dtype, lambda_b)

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from .. import _C
+from .. import _C, _autocast
 from .._autocast import off_in_backward
 from .._validate import _DTYPES, check_tensor, cuda_stream, last_dim_contiguous, matrix, optional_matrix
 from . import _direct, _gemm, _runtime
@@ -414,10 +414,16 @@ def frozen_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> T
       (``_gemm.WidenedFrozenLinearFunction``).
 
     Anything else goes to ``_gemm.dense_linear`` (the measured fp32 GEMM, with its own backward; torch's
-    otherwise), which raises on bad arguments as ``F.linear`` does; under autocast it is ``F.linear``
-    itself, whose output dtype autocast decides."""
+    otherwise), which raises on bad arguments as ``F.linear`` does. Under autocast it is ``F.linear``
+    itself (autocast's casts and output dtype), but for a few tokens without gradients over an fp32 W,
+    which take the row kernel on W as it is (:func:`fp32_rows_under_autocast`)."""
     x = fold_rows(x)
-    if torch.is_autocast_enabled(x.device.type):  # autocast's casts are F.linear's (lowrank's kernels take none)
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = _autocast.dtype_for(x)
+        if (dtype is not None and not weight.requires_grad and (bias is None or not bias.requires_grad)
+                and fp32_rows_under_autocast(x, weight, _runtime.cpu_rows_max_m)):  # fmt: skip
+            with _autocast.off(x):
+                return frozen_linear(x.to(dtype).float(), weight, _autocast.cast(bias, torch.float32)).to(dtype)
         return torch.nn.functional.linear(x, weight, bias)
     if (
         eager_cpu(x)
@@ -448,6 +454,22 @@ def frozen_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> T
         if x.dtype is torch.bfloat16 and frozen and m > 0 and not _gemm.cpu_bf16_gemm_native():
             return _gemm.WidenedFrozenLinearFunction.apply(x, weight, bias)
     return _gemm.dense_linear(x, weight, bias)
+
+
+def fp32_rows_under_autocast(x: Tensor, weight: Tensor, max_m: Callable[[torch.dtype], int]) -> bool:
+    """Whether a call under autocast reads an fp32 ``weight`` as it is rather than in autocast's dtype: a
+    plain CPU call of ``0 < M <= max_m(torch.float32)`` tokens (the row kernel's measured crossover:
+    ``_runtime.cpu_fused_max_m`` or ``cpu_rows_max_m``) without gradients (decoding under autocast). Autocast
+    would copy W to bf16 for that one call, a pass over W that costs more than the product it feeds (the
+    row kernel streams W once); instead x is rounded to autocast's dtype as autocast rounds it, the row
+    kernel sums in fp32 over the fp32 W, and the output is rounded once to autocast's dtype. Few-token
+    calls over a bf16 W, and every call with gradients, cast as ``F.linear`` casts."""
+    if torch.is_grad_enabled() or type(weight) not in _PLAIN or weight.dtype is not torch.float32:
+        return False
+    if not (weight.is_cpu and eager_cpu(x) and x.shape[-1] == weight.shape[-1]):
+        return False
+    k = x.shape[-1]
+    return 0 < (x.numel() // k if k else 0) <= max_m(torch.float32)
 
 
 def rows_fp32(x: Tensor, m: int, k: int) -> Tensor:
