@@ -28,7 +28,7 @@ BF16 = torch.bfloat16
 
 
 class _Holder(nn.Module):
-    """One projection, for the model-level layers (``inject``), and an output head it leaves alone."""
+    """One projection, for the model-level layers (``inject``)."""
 
     def __init__(self, k, n, bias, dtype):
         super().__init__()
