@@ -382,7 +382,10 @@ def test_model_under_autocast(arch):
     for n, g in mixed.items():
         assert g.dtype == torch.float32
         err, err_alone = (g - exact[n]).norm(), (alone[n] - exact[n]).norm()
-        assert err <= 2 * err_alone + 1e-3 * exact[n].norm(), (n, float(err), float(err_alone))
+        # bf16 noise, a few times autocast's own: the mixed path rounds a 4-bit base's output to bf16 before
+        # the adapters' terms join it (one rounding more than the layer alone, as in a bf16 model without
+        # autocast). A row on the wrong adapter, or a term missing, errs by the gradient's own size.
+        assert err <= max(3 * err_alone, 0.05 * exact[n].norm()), (n, float(err), float(err_alone))
 
 
 def test_model_training_gradients():
