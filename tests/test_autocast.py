@@ -198,14 +198,20 @@ def test_dropout_under_autocast(kind):
 
 
 @pytest.mark.parametrize("kind", ["lora", "vera", "head"])
-def test_decoding_under_autocast_reads_an_fp32_weight_as_it_is(kind):
+def test_decoding_under_autocast_reads_an_fp32_weight_as_it_is(monkeypatch, kind):
     """A few-token inference call over an fp32 W under autocast: no bf16 copy of W (autocast's would be a
     pass over W as large as the product's), the row kernel over W as it is, x and the output rounded
     to bf16 as autocast rounds them; the result within fp32 sums rounded once of the float64 product of
-    the rounded x. With gradients the call casts as F.linear does."""
+    the rounded x. With gradients, or more tokens than the row kernel's measured crossover (pinned
+    here), the call casts as F.linear does."""
     from conftest import aten_calls, within_linear_rounding
 
+    from lowrank.ops import _runtime
     from lowrank.ops.lora import frozen_linear
+
+    limits = {torch.float32: 2, BF16: 2}
+    monkeypatch.setattr(_runtime, "CPU_FUSED_MAX_M", limits)
+    monkeypatch.setattr(_runtime, "CPU_ROWS_MAX_M", limits)
 
     k, n = 300, 257
     layer = None if kind == "head" else _layer(kind, k, n, True, torch.float32).eval()
@@ -227,6 +233,9 @@ def test_decoding_under_autocast_reads_an_fp32_weight_as_it_is(kind):
         assert torch.equal(y, call(x.to(BF16).float()).to(BF16))
     if kind == "head":
         assert within_linear_rounding(y, x.to(BF16), w, b)
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        calls, y = aten_calls(lambda: call(torch.cat([x, x], 1)))  # 4 tokens: past the crossover
+    assert y.dtype == BF16 and w_copies(calls)
     with torch.autocast("cpu", dtype=BF16):
         calls, y = aten_calls(lambda: call(x.requires_grad_()))
     assert y.dtype == BF16 and w_copies(calls)
