@@ -5,11 +5,13 @@ dtype and returns its output in that dtype (fp64 inputs stay fp64). lowrank's ke
 from the dispatcher, and several of them mix dtypes on purpose (an fp32 adapter over a bf16 base, ``u``
 in fp32), so a layer does those casts itself before its kernels run, and then runs them with autocast
 off: its own fp32 products (``u``, an fp32 GEMM's adapter term) must not be recast to 16 bits behind
-its back. What a layer keeps as it is: the adapter's own parameters where the kernels take them as they
-are (fp32, or autocast's dtype already), so their gradients arrive in their own dtype, in full
-precision. The backward of each ``autograd.Function`` runs with autocast off too (:func:`off_in_backward`),
-as ``torch.amp.custom_bwd`` does for a forward that ran without it: a ``loss.backward()`` called inside
-the autocast region computes what one called outside it computes.
+its back. What a layer keeps as it is: the adapter's trainable parameters where the kernels take them
+as they are (fp32, or autocast's dtype already), so their gradients arrive in their own dtype, in full
+precision (VeRA's frozen projections are cast, as a weight is). The backward of each
+``autograd.Function`` runs with autocast off too (:func:`off_in_backward`), as ``torch.amp.custom_bwd``
+does for a forward that ran without it: a ``loss.backward()`` called inside the autocast region computes
+what one called outside it computes. One exception to the casts, decoding: a few tokens without
+gradients over an fp32 W read W as it is (``ops.lora.fp32_rows_under_autocast``).
 """
 
 from __future__ import annotations
