@@ -73,14 +73,14 @@ def _layer(kind: str, k: int, n: int, bias: bool, dtype: torch.dtype, dropout: f
 
 def _twin(layer: nn.Module, dtype: torch.dtype) -> nn.Module:
     """``layer`` with its dense frozen base (weight, bias) and VeRA's frozen projections stored in
-    ``dtype``: what autocast's casts make of it; its trainable tensors stay as they are."""
+    ``dtype``: what autocast's casts make of it; its trainable tensors stay as they are, and so does an
+    NF4 base (its codes, and its bias: the NF4 kernels take an fp32 one)."""
     twin = copy.deepcopy(layer)
-    base = getattr(twin, "base_layer", None)
-    owner = base if isinstance(base, nn.Linear) else twin
-    for name in ("weight", "bias"):
-        t = getattr(owner, name, None) if isinstance(owner, (nn.Linear, lowrank.LoRALinear, lowrank.VeRALinear)) else None
-        if isinstance(t, torch.Tensor) and not t.requires_grad and t.is_floating_point():
-            t.data = t.data.to(dtype)
+    base = getattr(twin, "base_layer", None) or twin
+    if not isinstance(base, lowrank.NF4Linear):
+        for t in (base.weight, base.bias):
+            if t is not None:
+                t.data = t.data.to(dtype)
     for module in twin.modules():  # VeRA's frozen projections: cast as a weight is
         for name in ("vera_A", "vera_B"):
             if isinstance(module._buffers.get(name), torch.Tensor):
@@ -308,7 +308,11 @@ def test_a_training_step_under_autocast(config, kernels):
             assert g.dtype == torch.float32 and _close(g, plain_grads[name], 5e-2), name
 
 
-def test_lora_under_autocast_matches_peft_under_autocast():
+def test_lora_under_autocast_is_as_close_to_fp32_as_peft_under_autocast():
+    """PEFT under autocast is the peer and the fp32 step the oracle: each of lowrank's gradients under
+    autocast within twice PEFT's own distance from the fp32 one (plus 1e-3 of its norm), the loss
+    within one bf16 rounding of the fp32 loss. (Measured on a Zen 4: 1.6 % and 1.5 % from fp32 in the
+    worst parameter's norm, and 0.9e-4 of the loss.)"""
     peft = pytest.importorskip("peft")
     ours = tiny_adapted_llama(torch.float32)
     with warnings.catch_warnings():
@@ -323,9 +327,15 @@ def test_lora_under_autocast_matches_peft_under_autocast():
     ids = token_ids(5)
     loss, grads = _autocast_step(ours, ids)
     their_loss, their_grads = _autocast_step(theirs, ids)
-    assert abs(loss - their_loss) <= 1e-2 * abs(their_loss)
-    for p, q in zip(ours_params, theirs_params):
-        assert p.grad.dtype == q.grad.dtype == torch.float32 and _close(p.grad, q.grad, 5e-2)
+    ours.zero_grad(set_to_none=True)
+    exact = ours.train()(input_ids=ids, labels=ids).loss
+    exact.backward()
+    for got in (loss, their_loss):
+        assert abs(got - exact.detach()) <= 2.0**-8 * abs(exact.detach())
+    for g, h, p in zip(grads.values(), their_grads.values(), ours_params):
+        assert g.dtype == h.dtype == torch.float32
+        err, err_peft = (g - p.grad).norm(), (h - p.grad).norm()
+        assert err <= 2 * err_peft + 1e-3 * p.grad.norm(), (float(err), float(err_peft))
 
 
 def _plain_llama():

@@ -21,7 +21,8 @@ measurement on first use, of the two candidate paths on one probe shape, interle
 - ``cpu_rows_max_m/<dtype>``: the same for a frozen weight's product alone, no adapter and no gradient
   wanted (ops/lora.py's ``frozen_linear``: an output head lowrank froze, a layer's base with its adapters
   merged or disabled): the row kernel against the GEMM path it would otherwise take (the measured fp32
-  GEMM; for bf16 torch's, or W widened where ``cpu_bf16_gemm`` chose that). Probe: a head-like 1024 → 16384 (cold), M = 1, 8, 16, 64.
+  GEMM; for bf16 torch's, or W widened where ``cpu_bf16_gemm`` chose that). Probe: a head-like
+  1024 → 16384 (cold), M = 1, 8, 16, 64.
   A Zen 4 ran SmolLM2's bf16 head (576 → 49152) at M = 1 in 3.6 ms against torch's 5.6 and GPT-2's
   fp32 one (768 → 50257) at M = 8 in 8.6 against 26, but lost at M = 32 in bf16.
 - ``cpu_input_grad_max_m/<dtype>``: the same for the few-token ``dx = dy W + g A`` kernel; M = 1, 4,
