@@ -54,6 +54,9 @@ plain model's: below 1, lowrank is faster or smaller):
   own mmap so freed memory leaves at once (as benchmarks/_memory_step.py: the memory in use, not
   what glibc's adaptive heap kept, which made the same step read up to 1.34x more in one process
   than another);
+- train step peak under autocast (``test_train_step_autocast_memory``): the reading above for the
+  step under autocast, every method against its peer (``F.linear`` under autocast keeps a bf16 copy
+  of each W until the backward; lowrank's layers keep none of a frozen one);
 - decode: greedy ``generate`` of 32 new tokens after a 16-token prompt, batch 1, eval, ``no_grad``,
   reported per new token (the prompt's prefill, about one decode step's cost, is in the time); and the
   same for a batch of 8 (each layer call then has 8 tokens), for the methods without their variants;
@@ -82,7 +85,7 @@ autocast training rows of both models (``-k test_train_step_autocast``, since 20
     pytest benchmarks/bench_model.py -s -k "fp32 and not memory"         # fp32 timings only
     pytest benchmarks/bench_model.py -s -k "decode or prefill"           # inference
     pytest benchmarks/bench_model.py -s -k "test_train_step and llama-fp32"   # one timed case (~2 min)
-    pytest benchmarks/bench_model.py -s -k test_train_step_autocast      # mixed precision (~3.5 min)
+    pytest benchmarks/bench_model.py -s -k test_train_step_autocast      # mixed precision (~4.5 min)
     pytest benchmarks/bench_model.py -k same                             # the peers' checks
     LOWRANK_BENCH_QUICK=1 pytest benchmarks/bench_model.py -q            # CI: 2 layers, hidden 64, each call once
 
@@ -384,6 +387,7 @@ METRICS = {
     "memory_lean": f"train step {tokens_label(STEP_TOKENS)} peak, keep_logits=False + recompute_pointwise, MB",
     "memory_attention": f"train step {tokens_label(STEP_TOKENS)} peak, that + lowrank.fast_attention, MB",
     "memory_norm": f"train step {tokens_label(STEP_TOKENS)} peak, that + fast_norm + fast_swiglu, MB",
+    "memory_autocast": f"train step {tokens_label(STEP_TOKENS)} peak, forward under torch.autocast(bf16), MB",
     "decode": f"decode {PROMPT_TOKENS}+{NEW_TOKENS}, ms/token",
     "decode_attention": f"decode {PROMPT_TOKENS}+{NEW_TOKENS}, lowrank.fast_attention, ms/token",
     "decode_norm": f"decode {PROMPT_TOKENS}+{NEW_TOKENS}, that + fast_norm + fast_swiglu, ms/token",
@@ -592,14 +596,19 @@ def autocast_step_call(model: nn.Module, arch: str) -> Callable[[], torch.Tensor
     (the backward and the optimizer outside it): an fp32 model trained in mixed precision, as
     transformers' Trainer with ``bf16=True`` runs one on a CPU."""
     step = step_call(model, STEP_TOKENS, shape(arch))
+    autocast_forward(model)
+    return step
+
+
+def autocast_forward(model: nn.Module) -> None:
+    """``model``'s forward (and so the loss it computes) run under ``torch.autocast("cpu", bf16)`` from now on."""
     forward = model.forward
 
-    def autocast_forward(*args, **kwargs):
+    def forward_under_autocast(*args, **kwargs):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return forward(*args, **kwargs)
 
-    model.forward = autocast_forward
-    return step
+    model.forward = forward_under_autocast
 
 
 def train_autocast_medians(arch: str) -> tuple[dict[str, float], int]:
@@ -618,17 +627,25 @@ def test_train_step_autocast(arch, summary_tables):
     add_rows(model_table(summary_tables, arch), "train_autocast", torch.float32, median, PLAIN_TRAIN, str(rounds))
 
 
-def step_memory(arch: str, method: str, dtype: torch.dtype, tiny: bool) -> dict:
+def step_memory(arch: str, method: str, dtype: torch.dtype, tiny: bool, autocast: bool = False) -> dict:
     """One training step of ``method`` in this (fresh) process: its peak resident memory above the
     baseline, in MB (see benchmarks/_memory_step.py: large allocations are each their own mmap here, so
-    the reading is memory in use, not what glibc's heap kept)."""
+    the reading is memory in use, not what glibc's heap kept). ``autocast``: the step of
+    :func:`autocast_step_call` (an fp32 model, its forward under autocast)."""
     fixed_allocator()
+
+    def step_of(model, tokens, tiny_shape):
+        step = step_call(model, tokens, shape(arch, tiny_shape))
+        if autocast:
+            autocast_forward(model)
+        return step
+
     # a tiny step of the same method first: code pages, thread pools, caches go into the baseline
-    step_call(build(method, base_model(arch, dtype, tiny=True)).train(), (2, 8), shape(arch, tiny=True))()
+    step_of(build(method, base_model(arch, dtype, tiny=True)).train(), (2, 8), True)()
     gc.collect()
     baseline_kb = _status_kb("VmRSS")
     model = build(method, base_model(arch, dtype, tiny)).train()
-    step = step_call(model, STEP_TOKENS, shape(arch, tiny))
+    step = step_of(model, STEP_TOKENS, tiny)
     gc.collect()
     model_kb = _status_kb("VmRSS") - baseline_kb
     _reset_peak()
@@ -686,7 +703,7 @@ def _fresh_process_server_early(request):
     """Quick mode (CI), where no time counts: when a training or memory test is selected, the fresh
     processes' server starts its imports at the file's first test, in the background, rather than when
     the first such test waits for it."""
-    fresh = ("test_train_step", "test_train_step_memory")
+    fresh = ("test_train_step", "test_train_step_memory", "test_train_step_autocast", "test_train_step_autocast_memory")
     if QUICK and any(getattr(item, "originalname", None) in fresh for item in request.session.items):
         _fresh_process_context()
         multiprocessing.forkserver.ensure_running()
@@ -708,6 +725,19 @@ def test_train_step_memory(arch, summary_tables):
     add_rows(table, "memory_attention", dtype, variant_values(peak, dtype, LEAN + ATTENTION), PLAIN_TRAIN, "fresh")
     if has_rms_norms(arch):
         add_rows(table, "memory_norm", dtype, variant_values(peak, dtype, LEAN + ATTENTION + NORM), PLAIN_TRAIN, "fresh")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_train_step_autocast_memory(arch, summary_tables):
+    """The peak of :func:`test_train_step_autocast`'s step, each method in a fresh process (as
+    :func:`test_train_step_memory`): an fp32 model whose forward runs under autocast, where every
+    ``F.linear`` (PEFT's, the plain model's) keeps its bf16 copy of W until the backward, and lowrank's
+    layers keep none of a frozen W (lowrank/_autocast.py's ``cast_frozen``)."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc (VmHWM)")
+    methods = methods_for(torch.float32, PLAIN_TRAIN, training=True)
+    peak = {m: in_fresh_process(step_memory, arch, m, torch.float32, QUICK, True)["peak_mb"] for m in methods}
+    add_rows(model_table(summary_tables, arch), "memory_autocast", torch.float32, peak, PLAIN_TRAIN, "fresh")
 
 
 # ---------------------------------------------------------------------------------------------

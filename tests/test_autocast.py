@@ -262,6 +262,99 @@ def test_merged_and_full_layers_are_f_linear_under_autocast():
             assert torch.equal(layer(x), torch.nn.functional.linear(x, w, b))
 
 
+def _frozen_operands(layer: nn.Module) -> list:
+    """The frozen dense tensors a layer's Function saves: its base W and, for VeRA, its projections' slices."""
+    base = getattr(layer, "base_layer", None) or layer
+    tensors = [base.weight]
+    for module in layer.modules():
+        if hasattr(module, "projection_slices"):
+            tensors += list(module.projection_slices())
+    return tensors
+
+
+def _saving_layer(kind: str, bias: bool) -> nn.Module:
+    """A layer of ``kind`` over an fp32 base, in training mode: the adapters, an injected one merged into
+    its base ("inject-merged"), or a frozen output head ("head"); the last two run lowrank's frozen path
+    (``ops.lora.frozen_linear``)."""
+    if kind == "head":
+        from lowrank.layers.frozen import FrozenLinear
+
+        layer = nn.Linear(45, 37, bias=bias).requires_grad_(False)
+        layer.__class__ = FrozenLinear
+        return layer
+    inject = {"inject-merged": "inject-lora", "mixed": "inject-lora"}.get(kind, kind)
+    layer = _layer(inject, 45, 37, bias, torch.float32).train()
+    if kind == "inject-merged":
+        layer.merge("default")
+    if kind == "mixed":  # a second adapter, and rows that take either (or none): lowrank.mixed_batch's kernels
+        holder = _Holder(45, 37, bias, torch.float32)
+        holder.proj = layer
+        lowrank.inject(holder, VeRAConfig(r=8, target_modules=["proj"]), "other")
+        _randomize(holder)
+        names = ["default", "other"]
+
+        def forward(x):
+            with lowrank.mixed_batch(holder, names):
+                return holder.proj(x)
+
+        layer.mixed_forward = forward
+    return layer
+
+
+def _call(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return layer.mixed_forward(x) if hasattr(layer, "mixed_forward") else layer(x)
+
+
+KEEPERS = ["lora", "vera", "inject-lora", "inject-vera", "inject-merged", "head", "mixed"]
+
+
+@pytest.mark.parametrize("kind", KEEPERS)
+def test_a_frozen_weight_is_saved_as_it_is_not_as_autocasts_copy(kind):
+    """Autocast copies an fp32 W to bf16 for each call; F.linear's backward keeps that copy from the
+    forward to the backward (half of W's fp32 size for every layer, for the whole step). lowrank's layers
+    save the frozen tensor itself and cast it again in the backward: the same bits (the oracle tests
+    above, and F.linear's own for the frozen path here), no copy held."""
+    layer = _saving_layer(kind, True)
+    frozen = _frozen_operands(layer)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x = torch.randn(2, 70, 45, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=BF16):
+            y = _call(layer, x)
+    assert saved and y.dtype == BF16
+    for t in frozen:
+        assert not any(s.dtype == BF16 and s.shape == t.shape for s in saved), "a bf16 copy of a frozen tensor is kept"
+        assert any(s.data_ptr() == t.data_ptr() for s in saved), "the frozen tensor itself is saved"
+    dy = torch.randn(y.shape, dtype=BF16)
+    y.backward(dy)
+    if kind in ("inject-merged", "head"):  # F.linear's product under autocast, x's gradient included
+        base = getattr(layer, "base_layer", None) or layer
+        xt = x.detach().clone().requires_grad_()
+        with torch.autocast("cpu", dtype=BF16):
+            want = torch.nn.functional.linear(xt, base.weight, base.bias)
+        want.backward(dy)
+        assert torch.equal(y, want) and torch.equal(x.grad, xt.grad)
+
+
+@pytest.mark.parametrize("kind", KEEPERS)
+def test_a_frozen_weight_changed_between_forward_and_backward_raises(kind):
+    """The backward reads the frozen W itself, so W changed in place after the forward raises autograd's
+    error, as it does for a weight used without autocast (it does not silently use the new W)."""
+    layer = _saving_layer(kind, False)
+    x = torch.randn(2, 70, 45, requires_grad=True)
+    with torch.autocast("cpu", dtype=BF16):
+        y = _call(layer, x)
+    with torch.no_grad():
+        _frozen_operands(layer)[0].mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.float().sum().backward()
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole models: a training step under autocast, every method, and lowrank's fused model kernels
 # ---------------------------------------------------------------------------------------------

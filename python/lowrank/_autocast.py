@@ -7,7 +7,8 @@ in fp32), so a layer does those casts itself before its kernels run, and then ru
 off: its own fp32 products (``u``, an fp32 GEMM's adapter term) must not be recast to 16 bits behind
 its back. What a layer keeps as it is: the adapter's trainable parameters where the kernels take them
 as they are (fp32, or autocast's dtype already), so their gradients arrive in their own dtype, in full
-precision (VeRA's frozen projections are cast, as a weight is). The backward of each
+precision (VeRA's frozen projections are cast, as a weight is; a frozen operand's copy is not kept for
+the backward, which casts it again: :func:`cast_frozen`). The backward of each
 ``autograd.Function`` runs with autocast off too (:func:`off_in_backward`), as ``torch.amp.custom_bwd``
 does for a forward that ran without it: a ``loss.backward()`` called inside the autocast region computes
 what one called outside it computes. One exception to the casts, decoding: a few tokens without
@@ -43,6 +44,35 @@ def cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     if t is None or t.dtype is dtype or t.dtype is torch.float64 or not t.is_floating_point():
         return t
     return t.to(dtype)
+
+
+# The attribute a per-call copy made by :func:`cast_frozen` names its source by.
+_SOURCE = "_lowrank_cast_of"
+
+
+def cast_frozen(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """``cast(t, dtype)`` for a frozen operand an ``autograd.Function`` saves for its backward (a base weight,
+    VeRA's projections). The copy names ``t`` as its source, so the Function saves ``t`` itself and casts
+    it again in its backward (:func:`saved`, :func:`restored`) rather than holding a 16-bit copy of every
+    frozen weight from the forward to the backward (as ``F.linear`` under autocast does). A cast is
+    deterministic: the backward reads the bits the forward read. ``t`` modified in place between the two
+    raises autograd's error, as it does for a weight used as it is."""
+    c = cast(t, dtype)
+    if c is not t and not t.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        setattr(c, _SOURCE, t)
+    return c
+
+
+def saved(t: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[torch.dtype]]:
+    """``(what a Function saves for t, the dtype to cast it back to)``: ``(t, None)``, or for a copy made by
+    :func:`cast_frozen`, its source and the copy's dtype."""
+    source = None if t is None else getattr(t, _SOURCE, None)
+    return (t, None) if source is None else (source, t.dtype)
+
+
+def restored(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+    """A tensor :func:`saved` gave, as the forward read it."""
+    return t if dtype is None or t is None else t.to(dtype)
 
 
 def cast_adapter(dtype: torch.dtype, *factors: Optional[Tensor]) -> tuple:

@@ -93,7 +93,7 @@ class MixedBatch:
         if rows is not None:  # nn.Linear, or a Conv1D re-laid as [out, in] rows (layer.py's rows_layout)
             weight, bias, base_out = rows, base.bias, None
             if autocast is not None:
-                weight, bias = _autocast.cast(weight, autocast), _autocast.cast(bias, autocast)
+                weight, bias = _autocast.cast_frozen(weight, autocast), _autocast.cast(bias, autocast)
         else:  # 4-bit (or a Conv1D left as it was): the base runs itself; its output enters the kernel's accumulator
             weight, bias, base_out = None, None, base(x).float()
         m = x.numel() // x.shape[-1] if x.shape[-1] else 0

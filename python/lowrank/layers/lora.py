@@ -46,7 +46,8 @@ def lora_call(args: tuple, frozen: Optional[_lora_ops.FrozenOperands]) -> Tensor
                 y = lora_call((x.to(dtype).float(), weight, _autocast.cast(bias, torch.float32), a, b, scale, None),
                               frozen if a is lora_a else None)  # fmt: skip
             return y.to(dtype)
-        cast = tuple(_autocast.cast(t, dtype) for t in (x, weight, bias, adapter_input))
+        cast = (_autocast.cast(x, dtype), _autocast.cast_frozen(weight, dtype), _autocast.cast(bias, dtype),
+                _autocast.cast(adapter_input, dtype))  # fmt: skip
         if cast[1] is not weight:
             frozen = None  # a fresh copy of W each call: nothing to keep views of
         args = (*cast[:3], *_autocast.cast_adapter(dtype, lora_a, lora_b), scale, cast[3])

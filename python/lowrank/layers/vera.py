@@ -110,8 +110,8 @@ def vera_call(args: tuple) -> Tensor:
             fp32 = tuple(_autocast.cast(t, torch.float32) for t in (bias, vera_a, vera_b, lambda_d, lambda_b))
             with _autocast.off(x):
                 return vera_call((x.to(dtype).float(), weight, *fp32, None)).to(dtype)
-        cast = (_autocast.cast(t, dtype) for t in (x, weight, bias, vera_a, vera_b, adapter_input))
-        x, weight, bias, vera_a, vera_b, adapter_input = cast
+        x, bias, adapter_input = (_autocast.cast(t, dtype) for t in (x, bias, adapter_input))
+        weight, vera_a, vera_b = (_autocast.cast_frozen(t, dtype) for t in (weight, vera_a, vera_b))
         (lambda_d,), (lambda_b,) = _autocast.cast_adapter(dtype, lambda_d), _autocast.cast_adapter(dtype, lambda_b)
         args = (x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input)
         with _autocast.off(x):

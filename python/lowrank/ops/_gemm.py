@@ -257,6 +257,28 @@ class DenseLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b
 
 
+class CastFrozenLinearFunction(torch.autograd.Function):
+    """``F.linear`` under autocast for a frozen ``W`` (and bias) that autocast copies to ``dtype`` for the
+    call: the same casts and the same product, but the backward, which needs only ``dx = dy W``, casts W
+    again rather than holding the forward's 16-bit copy until then (lowrank/_autocast.py's
+    ``cast_frozen``). Called with autocast off."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+        ctx.save_for_backward(weight)
+        ctx.dtype, ctx.x_dtype = dtype, x.dtype
+        b = None if bias is None else bias.to(dtype)
+        return torch.nn.functional.linear(x.to(dtype), weight.to(dtype), b)
+
+    @staticmethod
+    @off_in_backward
+    def backward(ctx, grad_y: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        grad_x = torch.matmul(grad_y, weight.to(ctx.dtype)).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None
+
+
 class WidenedFrozenLinearFunction(torch.autograd.Function):
     """``x Wᵀ + b`` for a bf16 CPU ``x`` and a frozen bf16 ``W`` (and bias) on a machine where torch's bf16
     GEMM is the slow one (``cpu_bf16_gemm``: "widen", an AVX2 CPU): ``x`` widened to fp32, ``W`` widened

@@ -416,14 +416,21 @@ def frozen_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> T
     Anything else goes to ``_gemm.dense_linear`` (the measured fp32 GEMM, with its own backward; torch's
     otherwise), which raises on bad arguments as ``F.linear`` does. Under autocast it is ``F.linear``
     itself (autocast's casts and output dtype), but for a few tokens without gradients over an fp32 W,
-    which take the row kernel on W as it is (:func:`fp32_rows_under_autocast`)."""
+    which take the row kernel on W as it is (:func:`fp32_rows_under_autocast`), and with a gradient of x
+    wanted, where the backward casts W again rather than keeping the forward's copy
+    (``_gemm.CastFrozenLinearFunction``)."""
     x = fold_rows(x)
     if torch.is_autocast_enabled(x.device.type):
         dtype = _autocast.dtype_for(x)
-        if (dtype is not None and not weight.requires_grad and (bias is None or not bias.requires_grad)
-                and fp32_rows_under_autocast(x, weight, _runtime.cpu_rows_max_m)):  # fmt: skip
+        fp32_frozen = (dtype is not None and weight.dtype is torch.float32 and not weight.requires_grad
+                       and (bias is None or (not bias.requires_grad and bias.is_floating_point()
+                                             and bias.dtype is not torch.float64)))  # fmt: skip
+        if fp32_frozen and fp32_rows_under_autocast(x, weight, _runtime.cpu_rows_max_m):
             with _autocast.off(x):
                 return frozen_linear(x.to(dtype).float(), weight, _autocast.cast(bias, torch.float32)).to(dtype)
+        if fp32_frozen and torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
+            with _autocast.off(x):  # F.linear's casts, without keeping the copy of W for the backward
+                return _gemm.CastFrozenLinearFunction.apply(x, weight, bias, dtype)
         return torch.nn.functional.linear(x, weight, bias)
     if (
         eager_cpu(x)
@@ -825,7 +832,9 @@ def forward_setup_context(ctx, inputs, output) -> None:
     ctx.has_bias = bias is not None
     ctx.x_shape = tuple(x.shape)
     xa = x if adapter_input is None else adapter_input
-    # x itself only when W needs a gradient; the adapter needs x_a and u. Nothing the size of y.
+    # x itself only when W needs a gradient; the adapter needs x_a and u. Nothing the size of y, and no
+    # per-call 16-bit copy of a frozen W under autocast: its source, cast again in the backward.
+    weight, ctx.weight_cast = _autocast.saved(weight)
     ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, xa, weight, lora_a, lora_b, u)
 
 
@@ -879,6 +888,7 @@ def forward_backward(ctx, grad_y: Tensor, _grad_u: Optional[Tensor]):
         backward_adapter = _backward_adapter_checked if direct else torch.ops.lowrank.lora_linear_backward_adapter
         grad_a, grad_b, g = backward_adapter(grad_y, xa, u, lora_a, lora_b, ctx.scale)
     if need_x and fast is None:
+        weight = _autocast.restored(weight, ctx.weight_cast)
         backward_input = _backward_input_checked if direct else torch.ops.lowrank.lora_linear_backward_input
         if ctx.has_dropout:  # the adapter's gradient flows to dropout(x), not to x directly
             grad_x = backward_input(grad_y, weight, None, None)

@@ -32,7 +32,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _C
+from .. import _C, _autocast
 from .._autocast import off_in_backward
 from .._validate import check_tensor, cuda_stream, last_dim_contiguous, matrix, optional_matrix
 from . import _gemm, _runtime
@@ -321,6 +321,7 @@ def _setup_context(ctx, inputs, output) -> None:
     xa = x if adapter_input is None else adapter_input
     ds = [d for d in v_scale if d is not None]
     cs = [c for c in col_scale if c is not None]
+    weight, ctx.weight_cast = _autocast.saved(weight)  # a frozen W autocast copied: its source, cast again
     ctx.save_for_backward(x, xa, weight, order, offsets, h, *lora_a, *lora_b, *ds, *cs)
 
 
@@ -369,6 +370,7 @@ def _backward(ctx, grad_y: Tensor, _grad_h: Optional[Tensor]):
             dx_adapter.index_add_(0, rows, g @ a.to(acc))
     grad_x = grad_xa = grad_w = grad_bias = grad_base = None
     if need_x:
+        weight = _autocast.restored(weight, ctx.weight_cast)
         grad_x = dy @ weight.to(acc) if has_w else torch.zeros(m, k, dtype=acc, device=x.device)
         if not has_xa:
             grad_x = grad_x + dx_adapter

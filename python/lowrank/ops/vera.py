@@ -42,7 +42,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _C
+from .. import _C, _autocast
 from .._autocast import off_in_backward
 from .._validate import check_tensor, last_dim_contiguous, matrix, optional_matrix
 from . import _direct, _gemm, _runtime
@@ -310,6 +310,9 @@ def forward_setup_context(ctx, inputs, output) -> None:
     ctx.has_bias = bias is not None
     ctx.x_shape = tuple(x.shape)
     ctx.x_dtype = x.dtype
+    # Frozen operands autocast copied for this call are saved as their sources, cast again in the backward.
+    (weight, w_cast), (vera_a, a_cast), (vera_b, b_cast) = (_autocast.saved(t) for t in (weight, vera_a, vera_b))
+    ctx.casts = (w_cast, a_cast, b_cast)
     ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight, vera_a, vera_b, lambda_d, lambda_b, h)
 
 
@@ -317,6 +320,7 @@ def forward_backward(ctx, grad_y: Tensor, _grad_h: Optional[Tensor]):
     if grad_y is None:  # only u / h had a gradient (grads are not materialized): it reaches nothing
         return (None,) * 8
     x, weight, vera_a, vera_b, lambda_d, lambda_b, h = ctx.saved_tensors
+    vera_a, vera_b = _autocast.restored(vera_a, ctx.casts[1]), _autocast.restored(vera_b, ctx.casts[2])
     need_x, need_w, need_bias, _, _, need_d, need_b, need_xa = ctx.needs_input_grad
     grad_y = grad_y.contiguous()
     grad_x = grad_w = grad_bias = grad_d = grad_b = grad_xa = None
@@ -327,6 +331,7 @@ def forward_backward(ctx, grad_y: Tensor, _grad_h: Optional[Tensor]):
         grad_d, grad_b, g = backward_adapter(grad_y, h, vera_b, lambda_d, lambda_b)
     adapter_grad_to_x = need_x and not ctx.has_dropout
     if need_x and weight is not None:
+        weight = _autocast.restored(weight, ctx.casts[0])
         backward_input = _lora._backward_input_checked if direct else torch.ops.lowrank.lora_linear_backward_input
         if ctx.has_dropout:  # the adapter's gradient flows to dropout(x), not to x directly
             grad_x = backward_input(grad_y, weight, None, None)
