@@ -58,8 +58,9 @@ def cast_frozen(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     deterministic: the backward reads the bits the forward read. ``t`` modified in place between the two
     raises autograd's error, as it does for a weight used as it is."""
     c = cast(t, dtype)
-    if c is not t and not t.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        setattr(c, _SOURCE, t)
+    if (c is not t and type(c) is Tensor and not t.requires_grad and torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()):  # fmt: skip
+        setattr(c, _SOURCE, t)  # (a tensor subclass's copy is saved as it is)
     return c
 
 
