@@ -197,7 +197,7 @@ def test_dropout_under_autocast(kind):
     assert torch.equal(y, twin(x.to(BF16)))
 
 
-@pytest.mark.parametrize("kind", ["lora", "vera", "head"])
+@pytest.mark.parametrize("kind", ["lora", "vera", "head", "merged"])
 def test_decoding_under_autocast_reads_an_fp32_weight_as_it_is(monkeypatch, kind):
     """A few-token inference call over an fp32 W under autocast: no bf16 copy of W (autocast's would be a
     pass over W as large as the product's), the row kernel over W as it is, x and the output rounded
@@ -214,7 +214,9 @@ def test_decoding_under_autocast_reads_an_fp32_weight_as_it_is(monkeypatch, kind
     monkeypatch.setattr(_runtime, "CPU_ROWS_MAX_M", limits)
 
     k, n = 300, 257
-    layer = None if kind == "head" else _layer(kind, k, n, True, torch.float32).eval()
+    layer = None if kind == "head" else _layer("lora" if kind == "merged" else kind, k, n, True, torch.float32).eval()
+    if kind == "merged":  # a merged layer runs its base alone, as a frozen head
+        layer.merge()
     w, b = (torch.randn(n, k) * k**-0.5, torch.randn(n)) if kind == "head" else (layer.weight, layer.bias)
     x = torch.randn(1, 2, k)
 
@@ -231,7 +233,7 @@ def test_decoding_under_autocast_reads_an_fp32_weight_as_it_is(monkeypatch, kind
     assert not w_copies(calls)
     with torch.no_grad():
         assert torch.equal(y, call(x.to(BF16).float()).to(BF16))
-    if kind == "head":
+    if kind in ("head", "merged"):
         assert within_linear_rounding(y, x.to(BF16), w, b)
     with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
         calls, y = aten_calls(lambda: call(torch.cat([x, x], 1)))  # 4 tokens: past the crossover
@@ -249,17 +251,23 @@ def test_autocast_leaves_float64_alone():
     assert y.dtype == torch.float64 and torch.equal(y, layer(x))
 
 
-def test_merged_and_full_layers_are_f_linear_under_autocast():
-    """A merged layer and full fine-tuning's layer run F.linear's own product: autocast's bits."""
-    x = torch.randn(7, 40)
-    merged = _layer("lora", 40, 24, True, torch.float32)
+@pytest.mark.parametrize("kind", ["lora", "vera"])
+def test_merged_and_full_layers_are_f_linear_under_autocast(kind):
+    """A merged layer and full fine-tuning's layer run F.linear's own product where a gradient is wanted:
+    autocast's bits, forward and x's gradient (a merged layer decoding reads W as it is: the test above)."""
+    merged = _layer(kind, 40, 24, True, torch.float32)
     merged.merge()
     holder = lowrank.inject(_Holder(40, 24, True, torch.float32), FullConfig(target_modules=["proj"]))
     _randomize(holder)
     for layer, (w, b) in ((merged, (merged.weight, merged.bias)),
                           (holder.proj, (holder.proj.adapters["default"].weight, holder.proj.adapters["default"].bias))):  # fmt: skip
+        x = torch.randn(7, 40, requires_grad=True)
+        xt = x.detach().clone().requires_grad_()
         with torch.autocast("cpu", dtype=BF16):
-            assert torch.equal(layer(x), torch.nn.functional.linear(x, w, b))
+            y, want = layer(x), torch.nn.functional.linear(xt, w, b)
+        dy = torch.randn(y.shape, dtype=BF16)
+        y.backward(dy), want.backward(dy)
+        assert torch.equal(y, want) and torch.equal(x.grad, xt.grad)
 
 
 def _frozen_operands(layer: nn.Module) -> list:
@@ -273,19 +281,21 @@ def _frozen_operands(layer: nn.Module) -> list:
 
 
 def _saving_layer(kind: str, bias: bool) -> nn.Module:
-    """A layer of ``kind`` over an fp32 base, in training mode: the adapters, an injected one merged into
-    its base ("inject-merged"), or a frozen output head ("head"); the last two run lowrank's frozen path
-    (``ops.lora.frozen_linear``)."""
+    """A layer of ``kind`` over an fp32 base, in training mode: the adapters, a LoRA layer merged into its
+    base ("merged", "inject-merged"), a frozen output head ("head"): the last three run lowrank's frozen
+    path (``ops.lora.frozen_linear``); or a mixed batch over two adapters ("mixed")."""
     if kind == "head":
         from lowrank.layers.frozen import FrozenLinear
 
         layer = nn.Linear(45, 37, bias=bias).requires_grad_(False)
         layer.__class__ = FrozenLinear
         return layer
-    inject = {"inject-merged": "inject-lora", "mixed": "inject-lora"}.get(kind, kind)
+    inject = {"inject-merged": "inject-lora", "mixed": "inject-lora", "merged": "lora"}.get(kind, kind)
     layer = _layer(inject, 45, 37, bias, torch.float32).train()
     if kind == "inject-merged":
         layer.merge("default")
+    if kind == "merged":
+        layer.merge()
     if kind == "mixed":  # a second adapter, and rows that take either (or none): lowrank.mixed_batch's kernels
         holder = _Holder(45, 37, bias, torch.float32)
         holder.proj = layer
@@ -305,7 +315,7 @@ def _call(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer.mixed_forward(x) if hasattr(layer, "mixed_forward") else layer(x)
 
 
-KEEPERS = ["lora", "vera", "inject-lora", "inject-vera", "inject-merged", "head", "mixed"]
+KEEPERS = ["lora", "vera", "inject-lora", "inject-vera", "merged", "inject-merged", "head", "mixed"]
 
 
 @pytest.mark.parametrize("kind", KEEPERS)
@@ -332,7 +342,7 @@ def test_a_frozen_weight_is_saved_as_it_is_not_as_autocasts_copy(kind):
         assert any(s.data_ptr() == t.data_ptr() for s in saved), "the frozen tensor itself is saved"
     dy = torch.randn(y.shape, dtype=BF16)
     y.backward(dy)
-    if kind in ("inject-merged", "head"):  # F.linear's product under autocast, x's gradient included
+    if kind in ("merged", "inject-merged", "head"):  # F.linear's product under autocast, x's gradient included
         base = getattr(layer, "base_layer", None) or layer
         xt = x.detach().clone().requires_grad_()
         with torch.autocast("cpu", dtype=BF16):

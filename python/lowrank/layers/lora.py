@@ -12,7 +12,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import _autocast
@@ -230,8 +229,8 @@ class LoRALinear(LoRAAdapter, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-        if self.merged:
-            return F.linear(x, self.weight, self.bias)
+        if self.merged:  # the base alone, as a frozen head: the row kernel when decoding (ops/lora.py)
+            return _lora_ops.frozen_linear(x, param(self, "weight"), param(self, "bias"))
         adapter_input = None
         if self.training and isinstance(self.lora_dropout, nn.Dropout):
             adapter_input = self.lora_dropout(x)

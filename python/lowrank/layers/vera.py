@@ -21,7 +21,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -29,6 +28,7 @@ from .. import _autocast
 from ..autograd import VeRALinearFunction
 from ..ops import _direct, _runtime
 from ..ops.lora import fp32_rows_under_autocast
+from ..ops import lora as _lora_ops
 from ..ops import vera as _vera_ops
 from .frozen import LINEAR_FORWARDS
 from .lora import check_linear_args, check_probability
@@ -347,8 +347,8 @@ class VeRALinear(SharedProjections, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-        if self.merged:
-            return F.linear(x, self.weight, self.bias)
+        if self.merged:  # the base alone, as a frozen head: the row kernel when decoding (ops/lora.py)
+            return _lora_ops.frozen_linear(x, self.weight, self.bias)
         adapter_input = None
         if isinstance(self.vera_dropout, nn.Dropout) and self.training:
             adapter_input = self.vera_dropout(x)
