@@ -251,25 +251,6 @@ def test_autocast_leaves_float64_alone():
     assert y.dtype == torch.float64 and torch.equal(y, layer(x))
 
 
-@pytest.mark.parametrize("kind", ["lora", "vera"])
-def test_merged_and_full_layers_are_f_linear_under_autocast(kind):
-    """A merged layer and full fine-tuning's layer run F.linear's own product where a gradient is wanted:
-    autocast's bits, forward and x's gradient (a merged layer decoding reads W as it is: the test above)."""
-    merged = _layer(kind, 40, 24, True, torch.float32)
-    merged.merge()
-    holder = lowrank.inject(_Holder(40, 24, True, torch.float32), FullConfig(target_modules=["proj"]))
-    _randomize(holder)
-    for layer, (w, b) in ((merged, (merged.weight, merged.bias)),
-                          (holder.proj, (holder.proj.adapters["default"].weight, holder.proj.adapters["default"].bias))):  # fmt: skip
-        x = torch.randn(7, 40, requires_grad=True)
-        xt = x.detach().clone().requires_grad_()
-        with torch.autocast("cpu", dtype=BF16):
-            y, want = layer(x), torch.nn.functional.linear(xt, w, b)
-        dy = torch.randn(y.shape, dtype=BF16)
-        y.backward(dy), want.backward(dy)
-        assert torch.equal(y, want) and torch.equal(x.grad, xt.grad)
-
-
 def _frozen_operands(layer: nn.Module) -> list:
     """The frozen dense tensors a layer's Function saves: its base W and, for VeRA, its projections' slices."""
     base = getattr(layer, "base_layer", None) or layer
@@ -322,8 +303,8 @@ KEEPERS = ["lora", "vera", "inject-lora", "inject-vera", "merged", "inject-merge
 def test_a_frozen_weight_is_saved_as_it_is_not_as_autocasts_copy(kind):
     """Autocast copies an fp32 W to bf16 for each call; F.linear's backward keeps that copy from the
     forward to the backward (half of W's fp32 size for every layer, for the whole step). lowrank's layers
-    save the frozen tensor itself and cast it again in the backward: the same bits (the oracle tests
-    above, and F.linear's own for the frozen path here), no copy held."""
+    save the frozen tensor itself and cast it again in the backward: the same bits (the twin oracle
+    above; F.linear's own for the frozen path below), no copy held."""
     layer = _saving_layer(kind, True)
     frozen = _frozen_operands(layer)
     saved = []
@@ -340,15 +321,33 @@ def test_a_frozen_weight_is_saved_as_it_is_not_as_autocasts_copy(kind):
     for t in frozen:
         assert not any(s.dtype == BF16 and s.shape == t.shape for s in saved), "a bf16 copy of a frozen tensor is kept"
         assert any(s.data_ptr() == t.data_ptr() for s in saved), "the frozen tensor itself is saved"
-    dy = torch.randn(y.shape, dtype=BF16)
-    y.backward(dy)
-    if kind in ("merged", "inject-merged", "head"):  # F.linear's product under autocast, x's gradient included
+
+
+@pytest.mark.parametrize("kind", ["merged", "vera-merged", "inject-merged", "head", "full"])
+def test_frozen_paths_and_full_layers_are_f_linear_under_autocast(kind):
+    """A base alone (a merged LoRA or VeRA layer, an injected layer merged, the head ``inject`` froze) and full
+    fine-tuning's layer run F.linear's own product where a gradient is wanted: autocast's bits, forward
+    and x's gradient (decoding reads W as it is: test_decoding_under_autocast_reads_an_fp32_weight_as_it_is)."""
+    if kind == "full":
+        holder = lowrank.inject(_Holder(45, 37, True, torch.float32), FullConfig(target_modules=["proj"]))
+        _randomize(holder)
+        layer = holder.proj
+        w, b = layer.adapters["default"].weight, layer.adapters["default"].bias
+    else:
+        if kind == "vera-merged":
+            layer = _layer("vera", 45, 37, True, torch.float32)
+            layer.merge()
+        else:
+            layer = _saving_layer(kind, True)
         base = getattr(layer, "base_layer", None) or layer
-        xt = x.detach().clone().requires_grad_()
-        with torch.autocast("cpu", dtype=BF16):
-            want = torch.nn.functional.linear(xt, base.weight, base.bias)
-        want.backward(dy)
-        assert torch.equal(y, want) and torch.equal(x.grad, xt.grad)
+        w, b = base.weight, base.bias
+    x = torch.randn(2, 70, 45, requires_grad=True)
+    xt = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=BF16):
+        y, want = layer(x), torch.nn.functional.linear(xt, w, b)
+    dy = torch.randn(y.shape, dtype=BF16)
+    y.backward(dy), want.backward(dy)
+    assert torch.equal(y, want) and torch.equal(x.grad, xt.grad)
 
 
 @pytest.mark.parametrize("kind", KEEPERS)

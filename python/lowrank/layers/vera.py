@@ -27,7 +27,6 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .. import _autocast
 from ..autograd import VeRALinearFunction
 from ..ops import _direct, _runtime
-from ..ops.lora import fp32_rows_under_autocast
 from ..ops import lora as _lora_ops
 from ..ops import vera as _vera_ops
 from .frozen import LINEAR_FORWARDS
@@ -104,7 +103,7 @@ def vera_call(args: tuple) -> Tensor:
     dtype = _autocast.dtype_for(x)
     if dtype is not None:
         x, weight, bias, vera_a, vera_b, lambda_d, lambda_b, adapter_input = args
-        few_rows = weight is not None and fp32_rows_under_autocast(x, weight, _runtime.cpu_fused_max_m)
+        few_rows = weight is not None and _lora_ops.fp32_rows_under_autocast(x, weight, _runtime.cpu_fused_max_m)
         if few_rows and adapter_input is None:
             # decoding: the fused rows over the fp32 W as it is, x and the output rounded as autocast rounds them
             fp32 = tuple(_autocast.cast(t, torch.float32) for t in (bias, vera_a, vera_b, lambda_d, lambda_b))
