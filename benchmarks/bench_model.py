@@ -78,14 +78,15 @@ one warm-up call and 3 rounds). A fifth variant since 2026-12-06 (with lowrank.f
 took 7.6 minutes on a Zen 5; with the Llama's sixth (fast_norm + fast_swiglu), its training, decode and
 prefill rows (``-k "llama and (test_train_step[ or decode or prefill)"``) took 6.7 minutes there. The
 batched-decode rows (``-k "decode_batch and llama"``, since 2026-12-06) took 3.7 minutes on a Zen 4; the
-autocast training rows of both models (``-k test_train_step_autocast``, since 2026-12-07) 3.4 minutes.
+autocast training rows of both models (``-k "test_train_step_autocast and not memory"``, since 2026-12-07)
+3.4 minutes, their peak-memory rows (``-k test_train_step_autocast_memory``, 16 fresh processes) 1.6.
 
     pytest benchmarks/bench_model.py -s                                  # everything
     pytest benchmarks/bench_model.py -s -k llama                         # one model
     pytest benchmarks/bench_model.py -s -k "fp32 and not memory"         # fp32 timings only
     pytest benchmarks/bench_model.py -s -k "decode or prefill"           # inference
     pytest benchmarks/bench_model.py -s -k "test_train_step and llama-fp32"   # one timed case (~2 min)
-    pytest benchmarks/bench_model.py -s -k test_train_step_autocast      # mixed precision (~4.5 min)
+    pytest benchmarks/bench_model.py -s -k test_train_step_autocast      # mixed precision (~5 min)
     pytest benchmarks/bench_model.py -k same                             # the peers' checks
     LOWRANK_BENCH_QUICK=1 pytest benchmarks/bench_model.py -q            # CI: 2 layers, hidden 64, each call once
 
